@@ -1,0 +1,192 @@
+"""Records that travel through the pipeline, mirroring the Avro schemas in ``avro/``.
+
+Timestamps are integer microseconds since the Unix epoch (UTC) so that encoding needs no
+``datetime`` conversion on the hot path. Field order equals the Avro field order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ENVELOPE_VERSION",
+    "CompletionSource",
+    "Outcome",
+    "RunCompletion",
+    "StepReceipt",
+    "Verdict",
+    "run_key",
+]
+
+ENVELOPE_VERSION = "chio-temporal/v1"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICRO = timedelta(microseconds=1)
+
+
+class Verdict(str, enum.Enum):
+    """Policy decision carried by a step receipt."""
+
+    UNKNOWN = "UNKNOWN"
+    ALLOW = "ALLOW"
+    DENY = "DENY"
+
+
+class Outcome(str, enum.Enum):
+    """How a workflow run closed."""
+
+    UNKNOWN = "UNKNOWN"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    CANCELLED = "CANCELLED"
+    TERMINATED = "TERMINATED"
+    TIMED_OUT = "TIMED_OUT"
+    CONTINUED_AS_NEW = "CONTINUED_AS_NEW"
+
+
+class CompletionSource(str, enum.Enum):
+    """Who emitted a run-completion event."""
+
+    UNKNOWN = "UNKNOWN"
+    WATCHER = "WATCHER"
+    FINALIZE = "FINALIZE"
+
+
+def run_key(namespace: str, workflow_id: str, run_id: str) -> str:
+    """The Kafka key of every event of one run: ``namespace/workflow_id/run_id``."""
+    return f"{namespace}/{workflow_id}/{run_id}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepReceipt:
+    """One signed decision for one activity attempt (schema ``StepReceipt``)."""
+
+    receipt_id: str
+    namespace: str
+    workflow_id: str
+    run_id: str
+    workflow_type: str
+    task_queue: str
+    activity_id: str
+    activity_type: str
+    attempt: int
+    is_local: bool
+    tool_server: str
+    tool: str
+    action: str
+    resource: str
+    subject: str
+    capability_id: str
+    capability_chain: tuple[str, ...]
+    scope: tuple[str, ...]
+    verdict: Verdict
+    reason: str
+    argument_digest: str
+    argument_key_id: str
+    scheduled_at: int
+    started_at: int
+    evaluated_at: int
+    latency_us: int
+    worker_identity: str
+    prev_hash: bytes = b""
+    key_id: str = ""
+    signature: bytes = field(default=b"", repr=False)
+
+    @property
+    def run_key(self) -> str:
+        """Kafka key of this receipt's run."""
+        return run_key(self.namespace, self.workflow_id, self.run_id)
+
+    @property
+    def allowed(self) -> bool:
+        """True when the verdict is ALLOW."""
+        return self.verdict is Verdict.ALLOW
+
+    def to_avro(self) -> dict[str, Any]:
+        """The record as the dict fastavro encodes (enums as symbols, sequences as lists)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["verdict"] = self.verdict.value
+        d["capability_chain"] = list(self.capability_chain)
+        d["scope"] = list(self.scope)
+        return d
+
+    @classmethod
+    def from_avro(cls, d: dict[str, Any]) -> StepReceipt:
+        """Build from a decoded Avro dict (ids as str, timestamps as int microseconds)."""
+        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        kw["receipt_id"] = str(d["receipt_id"])
+        kw["verdict"] = _enum(Verdict, d["verdict"])
+        kw["capability_chain"] = tuple(d["capability_chain"])
+        kw["scope"] = tuple(d["scope"])
+        for ts in ("scheduled_at", "started_at", "evaluated_at"):
+            kw[ts] = _micros(d[ts])
+        return cls(**kw)
+
+    def with_signature(self, *, key_id: str, signature: bytes) -> StepReceipt:
+        """A copy carrying ``signature`` made with ``key_id``."""
+        return dataclasses.replace(self, key_id=key_id, signature=signature)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunCompletion:
+    """A workflow run closed, or was finalized explicitly (schema ``RunCompletion``)."""
+
+    event_id: str
+    namespace: str
+    workflow_id: str
+    run_id: str
+    workflow_type: str
+    task_queue: str
+    outcome: Outcome
+    started_at: int
+    closed_at: int
+    parent_workflow_ids: tuple[str, ...] = ()
+    parent_run_id: str | None = None
+    continued_from_run_id: str | None = None
+    continued_as_new_run_id: str | None = None
+    expected_steps: int | None = None
+    source: CompletionSource = CompletionSource.UNKNOWN
+    emitted_at: int = 0
+
+    @property
+    def run_key(self) -> str:
+        """Kafka key of this event's run."""
+        return run_key(self.namespace, self.workflow_id, self.run_id)
+
+    def to_avro(self) -> dict[str, Any]:
+        """The record as the dict fastavro encodes."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["outcome"] = self.outcome.value
+        d["source"] = self.source.value
+        d["parent_workflow_ids"] = list(self.parent_workflow_ids)
+        return d
+
+    @classmethod
+    def from_avro(cls, d: dict[str, Any]) -> RunCompletion:
+        """Build from a decoded Avro dict."""
+        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        kw["event_id"] = str(d["event_id"])
+        kw["outcome"] = _enum(Outcome, d["outcome"])
+        kw["source"] = _enum(CompletionSource, d.get("source", "UNKNOWN"))
+        kw["parent_workflow_ids"] = tuple(d["parent_workflow_ids"])
+        for ts in ("started_at", "closed_at", "emitted_at"):
+            if ts in d:
+                kw[ts] = _micros(d[ts])
+        return cls(**kw)
+
+
+def _enum(kind: type[Any], value: Any) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        return kind("UNKNOWN")
+
+
+def _micros(value: Any) -> int:
+    """Accept int microseconds or a datetime (fastavro's logical-type reader)."""
+    if isinstance(value, int):
+        return value
+    return (value - _EPOCH) // _MICRO
