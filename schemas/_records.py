@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from datetime import UTC, datetime, timedelta
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 __all__ = [
@@ -27,7 +27,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICRO = timedelta(microseconds=1)
 
 
-class Verdict(str, enum.Enum):
+class Verdict(enum.StrEnum):
     """Policy decision carried by a step receipt."""
 
     UNKNOWN = "UNKNOWN"
@@ -35,7 +35,7 @@ class Verdict(str, enum.Enum):
     DENY = "DENY"
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     """How a workflow run closed."""
 
     UNKNOWN = "UNKNOWN"
@@ -47,7 +47,7 @@ class Outcome(str, enum.Enum):
     CONTINUED_AS_NEW = "CONTINUED_AS_NEW"
 
 
-class CompletionSource(str, enum.Enum):
+class CompletionSource(enum.StrEnum):
     """Who emitted a run-completion event."""
 
     UNKNOWN = "UNKNOWN"
