@@ -189,4 +189,4 @@ def _micros(value: Any) -> int:
     """Accept int microseconds or a datetime (fastavro's logical-type reader)."""
     if isinstance(value, int):
         return value
-    return (value - _EPOCH) // _MICRO
+    return int((value - _EPOCH) // _MICRO)

@@ -1,0 +1,49 @@
+"""The local stack: a real Temporal dev server, a real Kafka broker, ClickHouse via chDB.
+
+One module for the CLI and the test fixtures; no Docker needed.
+"""
+
+from __future__ import annotations
+
+from chio_receipts.stack._clickhouse import connect_clickhouse, default_clickhouse_dsn, is_chdb
+from chio_receipts.stack._errors import PortBusyError, StackError
+from chio_receipts.stack._kafka import (
+    KAFKA_VERSION,
+    KafkaBroker,
+    KafkaConfig,
+    ensure_kafka_jars,
+    java_binary,
+)
+from chio_receipts.stack._process import free_port
+from chio_receipts.stack._stack import (
+    LocalStack,
+    StackConfig,
+    StackState,
+    port_open,
+    read_state,
+    stop_recorded,
+)
+from chio_receipts.stack._temporal import TemporalConfig, TemporalServer, temporal_binary
+
+__all__ = [
+    "KAFKA_VERSION",
+    "KafkaBroker",
+    "KafkaConfig",
+    "LocalStack",
+    "PortBusyError",
+    "StackConfig",
+    "StackError",
+    "StackState",
+    "TemporalConfig",
+    "TemporalServer",
+    "connect_clickhouse",
+    "default_clickhouse_dsn",
+    "ensure_kafka_jars",
+    "free_port",
+    "is_chdb",
+    "java_binary",
+    "port_open",
+    "read_state",
+    "stop_recorded",
+    "temporal_binary",
+]
