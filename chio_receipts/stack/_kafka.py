@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import re
 import shutil
@@ -220,6 +221,16 @@ class KafkaBroker:
 
     async def wait_ready(self) -> None:
         """Poll with an admin client until the broker answers, dies, or the timeout passes."""
+        # Refused connections are expected while the JVM starts: keep aiokafka quiet meanwhile.
+        quiet = logging.getLogger("aiokafka")
+        previous = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            await self._poll_ready()
+        finally:
+            quiet.setLevel(previous)
+
+    async def _poll_ready(self) -> None:
         deadline = time.monotonic() + self.config.ready_timeout
         last = ""
         while time.monotonic() < deadline:

@@ -1,0 +1,134 @@
+"""The ``chio-receipts`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from chio_receipts._config import load_config
+from chio_receipts.stack import (
+    KAFKA_VERSION,
+    LocalStack,
+    StackConfig,
+    StackError,
+    ensure_kafka_jars,
+    java_binary,
+    port_open,
+    read_state,
+    stop_recorded,
+    temporal_binary,
+)
+
+__all__ = ["app", "main"]
+
+T = TypeVar("T")
+console = Console()
+err = Console(stderr=True)
+
+app = typer.Typer(
+    help="Signed receipts for every Temporal activity, streamed through Kafka into ClickHouse.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+dev = typer.Typer(help="The local stack: Temporal dev server + Kafka broker + chDB.")
+app.add_typer(dev, name="dev")
+
+
+def run_or_exit(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine; a StackError becomes one clear message and exit code 1."""
+    try:
+        return asyncio.run(main())
+    except StackError as exc:
+        err.print(f"[bold red]error[/]: {exc.render()}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@dev.command("fetch")
+def dev_fetch() -> None:
+    """Check Java and download the Kafka jars (Maven) and check the Temporal binary."""
+    cfg = load_config()
+    try:
+        java = java_binary()
+        libs = ensure_kafka_jars(cfg.cache_dir)
+        temporal = temporal_binary()
+    except StackError as exc:
+        err.print(f"[bold red]error[/]: {exc.render()}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"java: {java}\nkafka {KAFKA_VERSION} jars: {libs}\ntemporal: {temporal}")
+
+
+@dev.command("up")
+def dev_up(
+    temporal_port: Annotated[int, typer.Option(help="Temporal gRPC port (0 = free)")] = 7233,
+    kafka_port: Annotated[int, typer.Option(help="Kafka port (0 = free)")] = 9092,
+) -> None:
+    """Start the local stack in the background and record it in <data dir>/stack.json."""
+    cfg = load_config()
+    state = read_state(cfg.data_dir)
+    if state is not None and port_open(state.kafka_bootstrap):
+        console.print(f"already running: {state}")
+        return
+
+    async def up() -> None:
+        stack = LocalStack(
+            StackConfig(
+                data_dir=cfg.data_dir,
+                cache_dir=cfg.cache_dir,
+                temporal_port=temporal_port,
+                kafka_port=kafka_port,
+                clickhouse_dsn=cfg.clickhouse_dsn,
+            )
+        )
+        await stack.start()
+        stack.write_state()
+        console.print(
+            f"temporal: {stack.temporal_address}\nkafka:    {stack.kafka_bootstrap}\n"
+            f"clickhouse: {stack.clickhouse_dsn}\nlogs:     {cfg.data_dir}/*/*.log\n"
+            "stop with: chio-receipts dev down"
+        )
+
+    run_or_exit(up)
+
+
+@dev.command("down")
+def dev_down() -> None:
+    """Stop the stack started by `dev up`."""
+    stopped = stop_recorded(load_config().data_dir)
+    console.print("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
+
+
+@dev.command("status")
+def dev_status() -> None:
+    """Show whether the stack started by `dev up` is up."""
+    state = read_state(load_config().data_dir)
+    if state is None:
+        console.print("not running (no stack.json)")
+        raise typer.Exit(3)
+    table = Table("component", "address", "up")
+    table.add_row("temporal", state.temporal_address, str(port_open(state.temporal_address)))
+    table.add_row("kafka", state.kafka_bootstrap, str(port_open(state.kafka_bootstrap)))
+    table.add_row("clickhouse", state.clickhouse_dsn, "embedded")
+    console.print(table)
+
+
+@app.command("demo")
+def demo_command(
+    keep: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = False,
+) -> None:
+    """The main job: start the local stack, run the demo workflows, show the receipts."""
+    from chio_receipts.demo import run_demo
+
+    cfg = load_config()
+    run_or_exit(lambda: run_demo(cfg, keep=keep, console=console))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
