@@ -1,0 +1,102 @@
+"""Worker-side surface: gate every Temporal activity attempt through a policy sidecar.
+
+``ChioActivityInterceptor`` evaluates each attempt (regular and local activities, every retry)
+against the capability of the run's ``WorkflowGrant`` before the body runs, publishes the signed
+``StepReceipt`` to a ``ReceiptSink`` and aggregates the run's steps into a ``WorkflowReceipt``
+(``chio-temporal/v1`` envelope). A deny fails the attempt with a non-retryable
+``ApplicationError(type=DENIED_ERROR_TYPE)``; a sidecar failure with a retryable
+``ApplicationError(type=SIDECAR_ERROR_TYPE)``, never an allow.
+"""
+
+from __future__ import annotations
+
+from interceptor._client import ChioClient
+from interceptor._digest import ArgumentKey, argument_digest, canonical_arguments
+from interceptor._errors import (
+    CONFIG_ERROR_TYPE,
+    DENIED_ERROR_TYPE,
+    SIDECAR_ERROR_TYPE,
+    SINK_ERROR_TYPE,
+    ChioSidecarError,
+    ChioSidecarProtocolError,
+    ChioSidecarRejected,
+    ChioSidecarUnavailable,
+    ChioTemporalConfigError,
+    ChioTemporalError,
+    ScopeWidening,
+    UnknownCapability,
+    UnknownRunError,
+)
+from interceptor._evaluator import Evaluator
+from interceptor._grants import ActivityGrantOverride, GrantResolver, WorkflowGrant
+from interceptor._interceptor import ChioActivityInterceptor, InterceptorStats
+from interceptor._model import (
+    CapabilityToken,
+    EvaluationRequest,
+    Scope,
+    SignedReceipt,
+    scope_for,
+    uuid7,
+)
+from interceptor._receipt import (
+    ENVELOPE_KEYS,
+    WorkflowReceipt,
+    WorkflowStepReceipt,
+    envelope_to_json,
+)
+from interceptor._sidecar_app import (
+    SidecarServer,
+    create_sidecar_app,
+    openapi_document,
+    serve_sidecar,
+)
+from interceptor._sidecar_http import HttpSidecar
+from interceptor._sidecar_local import LocalSidecar
+from interceptor._sink import InMemoryReceiptSink
+from interceptor._worker import build_chio_worker
+from schemas import verify_receipt
+
+__all__ = [
+    "CONFIG_ERROR_TYPE",
+    "DENIED_ERROR_TYPE",
+    "ENVELOPE_KEYS",
+    "SIDECAR_ERROR_TYPE",
+    "SINK_ERROR_TYPE",
+    "ActivityGrantOverride",
+    "ArgumentKey",
+    "CapabilityToken",
+    "ChioActivityInterceptor",
+    "ChioClient",
+    "ChioSidecarError",
+    "ChioSidecarProtocolError",
+    "ChioSidecarRejected",
+    "ChioSidecarUnavailable",
+    "ChioTemporalConfigError",
+    "ChioTemporalError",
+    "EvaluationRequest",
+    "Evaluator",
+    "GrantResolver",
+    "HttpSidecar",
+    "InMemoryReceiptSink",
+    "InterceptorStats",
+    "LocalSidecar",
+    "Scope",
+    "ScopeWidening",
+    "SidecarServer",
+    "SignedReceipt",
+    "UnknownCapability",
+    "UnknownRunError",
+    "WorkflowGrant",
+    "WorkflowReceipt",
+    "WorkflowStepReceipt",
+    "argument_digest",
+    "build_chio_worker",
+    "canonical_arguments",
+    "create_sidecar_app",
+    "envelope_to_json",
+    "openapi_document",
+    "scope_for",
+    "serve_sidecar",
+    "uuid7",
+    "verify_receipt",
+]

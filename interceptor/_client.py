@@ -1,0 +1,131 @@
+"""``ChioClient``: the seed's sidecar client, over HTTP or around any evaluator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+from interceptor._errors import ChioTemporalConfigError
+from interceptor._evaluator import Evaluator
+from interceptor._model import CapabilityToken, EvaluationRequest, SignedReceipt, now_us
+from interceptor._sidecar_http import HttpSidecar
+
+__all__ = ["ChioClient"]
+
+
+class ChioClient:
+    """Client of the chio policy sidecar.
+
+    ``ChioClient("http://127.0.0.1:9090")`` talks to a served sidecar through
+    :class:`HttpSidecar`; ``ChioClient(LocalSidecar())`` (or any :class:`Evaluator`) keeps it in
+    process. An idempotent async context manager: closing it closes an HTTP sidecar it created.
+    """
+
+    def __init__(self, sidecar: str | Evaluator, **http_options: Any) -> None:
+        if isinstance(sidecar, str):
+            self._evaluator: Evaluator = HttpSidecar(sidecar, **http_options)
+            self._owned = True
+        elif isinstance(sidecar, Evaluator):
+            if http_options:
+                raise ChioTemporalConfigError("HTTP options need a sidecar URL")
+            self._evaluator = sidecar
+            self._owned = False
+        else:
+            raise ChioTemporalConfigError(
+                f"ChioClient needs a sidecar URL or an Evaluator, got {type(sidecar).__name__}"
+            )
+
+    def __repr__(self) -> str:
+        return f"ChioClient({self._evaluator!r})"
+
+    @property
+    def evaluator(self) -> Evaluator:
+        """The evaluator this client delegates to."""
+        return self._evaluator
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP sidecar this client created (idempotent)."""
+        if self._owned and isinstance(self._evaluator, HttpSidecar):
+            await self._evaluator.aclose()
+
+    async def create_capability(
+        self,
+        subject: str,
+        scope: Iterable[str],
+        ttl_seconds: float,
+        *,
+        parent_id: str | None = None,
+    ) -> CapabilityToken:
+        """Mint a capability for ``subject`` allowing ``scope`` for ``ttl_seconds``."""
+        return await self._evaluator.create_capability(
+            subject, scope, ttl_seconds, parent_id=parent_id
+        )
+
+    async def attenuate(
+        self,
+        capability_id: str,
+        *,
+        scope: Iterable[str],
+        ttl_seconds: float | None = None,
+    ) -> CapabilityToken:
+        """Mint a child capability with a subset of the parent's scope."""
+        return await self._evaluator.attenuate(capability_id, scope=scope, ttl_seconds=ttl_seconds)
+
+    async def get_capability(self, capability_id: str) -> CapabilityToken:
+        """The capability with this id."""
+        return await self._evaluator.get_capability(capability_id)
+
+    async def revoke(self, capability_id: str) -> None:
+        """Revoke a capability (and so its descendants)."""
+        await self._evaluator.revoke(capability_id)
+
+    async def public_keys(self) -> Mapping[str, bytes]:
+        """The sidecar's Ed25519 public keys by key id."""
+        return await self._evaluator.public_keys()
+
+    async def evaluate(self, request: EvaluationRequest) -> SignedReceipt:
+        """Evaluate a full request (what the interceptor sends)."""
+        return await self._evaluator.evaluate(request)
+
+    async def evaluate_tool_call(
+        self,
+        capability_id: str,
+        tool_server: str,
+        tool: str,
+        *,
+        argument_digest: str = "",
+        argument_key_id: str = "",
+        **context: Any,
+    ) -> SignedReceipt:
+        """Evaluate one tool call directly, outside the interceptor (e.g. inside an activity).
+
+        ``context`` may carry any other :class:`EvaluationRequest` field (``workflow_id``,
+        ``run_id``, ``activity_id``...). Pass a digest, never the arguments themselves.
+        """
+        now = now_us()
+        context.setdefault("scheduled_at", now)
+        context.setdefault("started_at", now)
+        try:
+            request = EvaluationRequest(
+                capability_id=capability_id,
+                tool_server=tool_server,
+                tool=tool,
+                argument_digest=argument_digest,
+                argument_key_id=argument_key_id,
+                **context,
+            )
+        except TypeError as exc:
+            raise ChioTemporalConfigError(f"evaluate_tool_call: {exc}") from exc
+        return await self._evaluator.evaluate(request)

@@ -1,0 +1,82 @@
+"""Keyed digest of activity arguments: arguments are never stored, only this HMAC.
+
+The canonical encoding is Temporal's own payload encoding of the arguments (the default JSON
+converter sorts keys and uses compact separators), each payload framed as
+``len(metadata) metadata len(data) data`` with metadata entries sorted by key, so equal
+arguments give equal digests on every worker. The key is a secret from configuration: without it
+a digest cannot be brute-forced from guessed arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import temporalio.converter
+
+__all__ = ["ArgumentKey", "argument_digest", "canonical_arguments"]
+
+
+@dataclass(frozen=True, slots=True)
+class ArgumentKey:
+    """An HMAC-SHA256 key with its id. The secret never prints."""
+
+    key_id: str
+    secret: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.secret) < 16:
+            raise ValueError("an argument key needs at least 16 bytes of secret")
+
+    @classmethod
+    def generate(cls, key_id: str = "args-ephemeral") -> ArgumentKey:
+        """A random key (digests are then comparable only within this process)."""
+        return cls(key_id, os.urandom(32))
+
+    @classmethod
+    def from_hex(cls, key_id: str, secret_hex: str) -> ArgumentKey:
+        """A key from configuration (hex-encoded secret)."""
+        return cls(key_id, bytes.fromhex(secret_hex))
+
+
+def _frame(out: bytearray, part: bytes) -> None:
+    out += len(part).to_bytes(4, "big")
+    out += part
+
+
+def canonical_arguments(
+    args: Sequence[Any],
+    converter: temporalio.converter.PayloadConverter | None = None,
+) -> bytes:
+    """The canonical byte encoding of ``args`` that the digest covers."""
+    conv = converter or temporalio.converter.default().payload_converter
+    out = bytearray(b"chio-args-v1")
+    try:
+        payloads = conv.to_payloads(list(args))
+    except Exception as exc:  # noqa: BLE001 - any converter failure gives a typed marker
+        # Unencodable arguments still get a deterministic digest, by their types only.
+        _frame(out, f"unencodable:{type(exc).__name__}".encode())
+        for arg in args:
+            _frame(out, type(arg).__qualname__.encode())
+        return bytes(out)
+    _frame(out, len(payloads).to_bytes(4, "big"))
+    for payload in payloads:
+        for key in sorted(payload.metadata):
+            _frame(out, key.encode())
+            _frame(out, payload.metadata[key])
+        _frame(out, b"")
+        _frame(out, payload.data)
+    return bytes(out)
+
+
+def argument_digest(
+    key: ArgumentKey,
+    args: Sequence[Any],
+    converter: temporalio.converter.PayloadConverter | None = None,
+) -> str:
+    """Hex HMAC-SHA256 of the canonical encoding of ``args`` under ``key``."""
+    return hmac.new(key.secret, canonical_arguments(args, converter), hashlib.sha256).hexdigest()

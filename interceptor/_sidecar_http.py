@@ -1,0 +1,250 @@
+"""``HttpSidecar``: the evaluator protocol over HTTP (httpx), for a remote policy sidecar.
+
+One pooled ``httpx.AsyncClient`` per instance, explicit timeouts, bounded retries (tenacity) on
+connection-level errors only. httpx errors never escape: they become
+:class:`~interceptor.ChioSidecarUnavailable` (retry later) or
+:class:`~interceptor.ChioSidecarRejected` (the request is wrong). Every returned receipt is
+checked: its wire body must be the canonical encoding of the returned fields, and its signature
+must verify under the sidecar's published keys.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType, TracebackType
+from typing import Any, Self
+
+import httpx
+import tenacity
+
+from interceptor._errors import (
+    ChioSidecarError,
+    ChioSidecarProtocolError,
+    ChioSidecarRejected,
+    ChioSidecarUnavailable,
+    ChioTemporalConfigError,
+    ScopeWidening,
+    UnknownCapability,
+)
+from interceptor._model import (
+    CapabilityToken,
+    EvaluationRequest,
+    SignedReceipt,
+    receipt_from_json,
+)
+from schemas import EncodeError, step_body, verify_body
+
+__all__ = ["HttpSidecar"]
+
+_log = logging.getLogger(__name__)
+_RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+
+
+class HttpSidecar:
+    """Client of a remote chio sidecar (for example ``chio-receipts sidecar serve``).
+
+    An idempotent async context manager; it also works without ``async with`` (the client is
+    opened on first use) and must then be closed with :meth:`aclose`.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        timeout: float = 2.0,
+        connect_timeout: float = 1.0,
+        retries: int = 2,
+        retry_wait: float = 0.05,
+        max_connections: int = 32,
+        verify_signatures: bool = True,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
+        self._limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        self._retries = max(0, retries)
+        self._retry_wait = retry_wait
+        self._verify = verify_signatures
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._keys: dict[str, bytes] = {}
+
+    def __repr__(self) -> str:
+        return f"HttpSidecar({self.base_url!r})"
+
+    async def __aenter__(self) -> Self:
+        self._open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _open(self) -> httpx.AsyncClient:
+        if self._client is None or self._client.is_closed:
+            headers = {"accept": "application/json"}
+            if self._token:
+                headers["authorization"] = f"Bearer {self._token}"
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url,
+                timeout=self._timeout,
+                limits=self._limits,
+                headers=headers,
+                transport=self._transport,
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the connection pool (idempotent)."""
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    # -- transport -----------------------------------------------------------------------------
+
+    async def _request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        client = self._open()
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(self._retries + 1),
+            wait=tenacity.wait_exponential(multiplier=self._retry_wait, max=1.0),
+            retry=tenacity.retry_if_exception_type(_RETRYABLE),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    response = await client.request(method, path, json=body)
+        except httpx.TimeoutException as exc:
+            raise ChioSidecarUnavailable(f"sidecar {self.base_url} timed out: {exc!r}") from exc
+        except httpx.HTTPError as exc:
+            raise ChioSidecarUnavailable(
+                f"sidecar {self.base_url} unreachable: {type(exc).__name__}: {exc}"
+            ) from exc
+        return self._decode(response)
+
+    def _decode(self, response: httpx.Response) -> Any:
+        status = response.status_code
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if status >= 500:
+            raise ChioSidecarUnavailable(f"sidecar {self.base_url} answered {status}")
+        if status >= 400:
+            error = payload.get("error", "rejected") if isinstance(payload, dict) else "rejected"
+            reason = payload.get("reason", "") if isinstance(payload, dict) else response.text
+            message = f"sidecar rejected the request ({status} {error}): {reason}"
+            if error == "unknown_capability":
+                raise UnknownCapability(message)
+            if error == "scope_widening":
+                raise ScopeWidening(message)
+            if error == "invalid_capability":
+                raise ChioTemporalConfigError(message)
+            raise ChioSidecarRejected(message, status=status, error=str(error))
+        if payload is None:
+            raise ChioSidecarProtocolError(f"sidecar answered {status} with a non-JSON body")
+        return payload
+
+    # -- Evaluator -----------------------------------------------------------------------------
+
+    def _token_from(self, payload: Any) -> CapabilityToken:
+        try:
+            return CapabilityToken.from_json(payload)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ChioSidecarProtocolError(f"malformed capability from sidecar: {exc!r}") from exc
+
+    async def create_capability(
+        self,
+        subject: str,
+        scope: Iterable[str],
+        ttl_seconds: float,
+        *,
+        parent_id: str | None = None,
+    ) -> CapabilityToken:
+        """Mint a capability (``POST /v1/capabilities``)."""
+        body: dict[str, Any] = {
+            "subject": subject,
+            "scope": list(scope),
+            "ttl_seconds": ttl_seconds,
+        }
+        if parent_id is not None:
+            body["parent_id"] = parent_id
+        return self._token_from(await self._request("POST", "/v1/capabilities", body))
+
+    async def attenuate(
+        self,
+        capability_id: str,
+        *,
+        scope: Iterable[str],
+        ttl_seconds: float | None = None,
+    ) -> CapabilityToken:
+        """Mint a narrower child (``POST /v1/capabilities/{id}/attenuate``)."""
+        body: dict[str, Any] = {"scope": list(scope)}
+        if ttl_seconds is not None:
+            body["ttl_seconds"] = ttl_seconds
+        path = f"/v1/capabilities/{_segment(capability_id)}/attenuate"
+        return self._token_from(await self._request("POST", path, body))
+
+    async def get_capability(self, capability_id: str) -> CapabilityToken:
+        """Fetch a capability (``GET /v1/capabilities/{id}``)."""
+        path = f"/v1/capabilities/{_segment(capability_id)}"
+        return self._token_from(await self._request("GET", path))
+
+    async def revoke(self, capability_id: str) -> None:
+        """Revoke a capability (``POST /v1/capabilities/{id}/revoke``)."""
+        await self._request("POST", f"/v1/capabilities/{_segment(capability_id)}/revoke", {})
+
+    async def public_keys(self) -> Mapping[str, bytes]:
+        """The sidecar's public keys (``GET /v1/keys``)."""
+        payload = await self._request("GET", "/v1/keys")
+        try:
+            keys = {str(k["key_id"]): bytes.fromhex(k["public_key"]) for k in payload["keys"]}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ChioSidecarProtocolError(f"malformed key list from sidecar: {exc!r}") from exc
+        self._keys.update(keys)
+        return MappingProxyType(keys)
+
+    async def evaluate(self, request: EvaluationRequest) -> SignedReceipt:
+        """Decide one attempt (``POST /v1/evaluate``) and check the signed answer."""
+        payload = await self._request("POST", "/v1/evaluate", request.to_json())
+        try:
+            receipt = receipt_from_json(payload["receipt"])
+            body = base64.b64decode(payload["body"], validate=True)
+        except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
+            raise ChioSidecarProtocolError(f"malformed receipt from sidecar: {exc!r}") from exc
+        try:
+            canonical = step_body(receipt)
+        except EncodeError as exc:
+            raise ChioSidecarProtocolError(f"receipt from sidecar does not encode: {exc}") from exc
+        if canonical != body:
+            raise ChioSidecarProtocolError("the sidecar's wire body is not its receipt's encoding")
+        if self._verify:
+            await self._check_signature(receipt.key_id, body)
+        return SignedReceipt(receipt=receipt, body=body)
+
+    async def _check_signature(self, key_id: str, body: bytes) -> None:
+        key = self._keys.get(key_id)
+        if key is None:
+            await self.public_keys()
+            key = self._keys.get(key_id)
+        if key is None or not verify_body(body, key):
+            raise ChioSidecarProtocolError(
+                f"receipt signature does not verify under the sidecar's key {key_id!r}"
+            )
+
+
+def _segment(value: str) -> str:
+    if not value or "/" in value or value in {".", ".."}:
+        raise ChioSidecarError(f"invalid capability id {value!r}")
+    return value

@@ -1,0 +1,84 @@
+"""``build_chio_worker``: mint (or fetch) a capability, build the interceptor, the worker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import temporalio.client
+import temporalio.worker
+
+from interceptor._client import ChioClient
+from interceptor._errors import ChioTemporalConfigError
+from interceptor._grants import WorkflowGrant
+from interceptor._interceptor import ChioActivityInterceptor
+from schemas import ReceiptSink
+
+__all__ = ["build_chio_worker"]
+
+
+async def build_chio_worker(
+    client: temporalio.client.Client,
+    *,
+    task_queue: str,
+    activities: Sequence[Callable[..., Any]] = (),
+    workflows: Sequence[type] = (),
+    chio_client: ChioClient,
+    workflow_id: str,
+    capability_id: str | None = None,
+    scope: Iterable[str] | None = None,
+    subject: str | None = None,
+    ttl_seconds: float = 3600,
+    default_tool_server: str = "default",
+    activity_tool_server_map: Mapping[str, str] | None = None,
+    receipt_sink: ReceiptSink | None = None,
+    run_id: str | None = None,
+    tool_server: str | None = None,
+    interceptor_options: Mapping[str, Any] | None = None,
+    **worker_options: Any,
+) -> tuple[temporalio.worker.Worker, ChioActivityInterceptor, WorkflowGrant]:
+    """Build ``(worker, interceptor, grant)`` in one call.
+
+    Pass either ``capability_id`` (a capability minted earlier; fetched from the sidecar) or
+    ``scope`` + ``subject`` (the builder mints one for ``ttl_seconds``), not both. The grant is
+    pinned to ``workflow_id`` (and ``run_id`` if given) and registered on the interceptor.
+    ``interceptor_options`` go to :class:`ChioActivityInterceptor` (for example
+    ``argument_key=``); other keyword arguments go to ``temporalio.worker.Worker``.
+    """
+    if (capability_id is None) == (scope is None):
+        raise ChioTemporalConfigError(
+            "build_chio_worker needs either capability_id= or scope= (with subject=), not both"
+        )
+    if capability_id is not None:
+        token = await chio_client.get_capability(capability_id)
+    else:
+        assert scope is not None  # noqa: S101 - checked above
+        if not subject:
+            raise ChioTemporalConfigError("build_chio_worker: scope= needs subject=")
+        token = await chio_client.create_capability(subject, scope, ttl_seconds)
+    grant = WorkflowGrant(
+        workflow_id=workflow_id,
+        token=token,
+        tool_server=tool_server or default_tool_server,
+        run_id=run_id,
+    )
+    options = dict(interceptor_options or {})
+    options.setdefault("identity", client.identity)
+    interceptor = ChioActivityInterceptor(
+        chio_client=chio_client,
+        default_tool_server=default_tool_server,
+        activity_tool_server_map=activity_tool_server_map,
+        receipt_sink=receipt_sink,
+        **options,
+    )
+    interceptor.register_workflow_grant(grant)
+    extra = list(worker_options.pop("interceptors", ()))
+    worker = temporalio.worker.Worker(
+        client,
+        task_queue=task_queue,
+        activities=list(activities),
+        workflows=list(workflows),
+        interceptors=[interceptor, *extra],
+        **worker_options,
+    )
+    return worker, interceptor, grant
