@@ -7,10 +7,20 @@ from __future__ import annotations
 
 from schemas._avro import SCHEMA_FILES, encode_body, parsed_schema, raw_schema
 from schemas._codec import SINGLE_OBJECT_MAGIC, Decoded, decode, encode, frame, schema_fingerprint
+from schemas._compat import check_backward, incompatibilities, released_schemas
+from schemas._confluent import (
+    CONFLUENT_MAGIC,
+    Codec,
+    WireFormat,
+    confluent_frame,
+    confluent_schema_id,
+    standalone_schema,
+)
 from schemas._errors import (
     DecodeError,
     EncodeError,
     MalformedBody,
+    RegistryError,
     SchemaError,
     UnknownFormat,
     UnknownSchema,
@@ -24,6 +34,7 @@ from schemas._records import (
     Verdict,
     run_key,
 )
+from schemas._registry import SchemaRegistryClient, SubjectStrategy, subject_name
 from schemas._signing import (
     SIGNATURE_SIZE,
     STEP_SCHEMA,
@@ -39,11 +50,13 @@ from schemas._signing import (
 from schemas._sink import ReceiptSink, ReceiptSinkError
 
 __all__ = [
+    "CONFLUENT_MAGIC",
     "ENVELOPE_VERSION",
     "SCHEMA_FILES",
     "SIGNATURE_SIZE",
     "SINGLE_OBJECT_MAGIC",
     "STEP_SCHEMA",
+    "Codec",
     "CompletionSource",
     "DecodeError",
     "Decoded",
@@ -53,25 +66,36 @@ __all__ = [
     "Outcome",
     "ReceiptSink",
     "ReceiptSinkError",
+    "RegistryError",
     "RunCompletion",
     "SchemaError",
+    "SchemaRegistryClient",
     "StepReceipt",
+    "SubjectStrategy",
     "UnknownFormat",
     "UnknownSchema",
     "Verdict",
+    "WireFormat",
     "chain_root",
+    "check_backward",
+    "confluent_frame",
+    "confluent_schema_id",
     "decode",
     "encode",
     "encode_body",
     "frame",
+    "incompatibilities",
     "parsed_schema",
     "raw_schema",
     "receipt_hash",
+    "released_schemas",
     "run_key",
     "schema_fingerprint",
     "sign_receipt",
     "signed_body",
+    "standalone_schema",
     "step_body",
+    "subject_name",
     "verify_body",
     "verify_receipt",
 ]

@@ -5,9 +5,11 @@
     │   ├── UnknownFormat        first byte is neither single-object (C3 01) nor Confluent (00)
     │   ├── UnknownSchema        fingerprint / schema id names no known writer schema
     │   └── MalformedBody        the Avro body does not decode, or has trailing bytes
-    └── EncodeError              a record that does not match its schema (a bug upstream)
+    ├── EncodeError              a record that does not match its schema (a bug upstream)
+    └── RegistryError            the schema registry is unreachable or refused a request
+                                 (operational: ``retriable = True``)
 
-All are data errors: retrying the same bytes cannot help (``retriable = False``).
+All but RegistryError are data errors: retrying the same bytes cannot help (``retriable = False``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ __all__ = [
     "DecodeError",
     "EncodeError",
     "MalformedBody",
+    "RegistryError",
     "SchemaError",
     "UnknownFormat",
     "UnknownSchema",
@@ -46,3 +49,13 @@ class MalformedBody(DecodeError):
 
 class EncodeError(SchemaError):
     """A record does not match its schema."""
+
+
+class RegistryError(SchemaError):
+    """The schema registry could not be reached or answered with an error (retry later)."""
+
+    retriable = True
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status

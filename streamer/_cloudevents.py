@@ -1,0 +1,98 @@
+"""Kafka records for receipts: keys, Avro values and CloudEvents binary-mode headers (pure).
+
+CloudEvents Kafka binding, binary mode: the value is the event data (Avro bytes) and the
+attributes travel as ``ce_*`` headers plus ``content-type``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import schemas
+from streamer._spool import SpoolRecord
+
+__all__ = [
+    "COMPLETION_TYPE",
+    "CONTENT_TYPE",
+    "ENVELOPE_SCHEMA",
+    "ENVELOPE_TYPE",
+    "RUN_COMPLETION_SCHEMA",
+    "STEP_TYPE",
+    "completion_record",
+    "envelope_id",
+    "envelope_record",
+    "headers",
+    "step_record",
+]
+
+STEP_TYPE = "dev.chio.receipts.step.v1"
+COMPLETION_TYPE = "dev.chio.receipts.run_completion.v1"
+ENVELOPE_TYPE = "dev.chio.receipts.workflow_receipt.v1"
+CONTENT_TYPE = b"application/avro"
+RUN_COMPLETION_SCHEMA = "dev.chio.receipts.v1.RunCompletion"
+ENVELOPE_SCHEMA = "dev.chio.receipts.v1.WorkflowReceipt"
+
+
+def headers(
+    *, event_id: str, event_type: str, source: str, subject: str
+) -> tuple[tuple[str, bytes], ...]:
+    """CloudEvents binary-mode headers of one event."""
+    return (
+        ("ce_specversion", b"1.0"),
+        ("ce_id", event_id.encode()),
+        ("ce_type", event_type.encode()),
+        ("ce_source", source.encode()),
+        ("ce_subject", subject.encode()),
+        ("content-type", CONTENT_TYPE),
+    )
+
+
+def step_record(
+    receipt: schemas.StepReceipt, body: bytes, *, topic: str, source: str
+) -> SpoolRecord:
+    """The Kafka record of a signed step receipt; ``body`` is framed, never re-encoded."""
+    key = receipt.run_key
+    return SpoolRecord(
+        topic=topic,
+        key=key.encode(),
+        value=schemas.frame(schemas.STEP_SCHEMA, body),
+        headers=headers(
+            event_id=receipt.receipt_id, event_type=STEP_TYPE, source=source, subject=key
+        ),
+    )
+
+
+def completion_record(event: schemas.RunCompletion, *, topic: str, source: str) -> SpoolRecord:
+    """The Kafka record of a run-completion event."""
+    key = event.run_key
+    return SpoolRecord(
+        topic=topic,
+        key=key.encode(),
+        value=schemas.encode(RUN_COMPLETION_SCHEMA, event.to_avro()),
+        headers=headers(
+            event_id=event.event_id, event_type=COMPLETION_TYPE, source=source, subject=key
+        ),
+    )
+
+
+def envelope_id(envelope: Mapping[str, Any]) -> str:
+    """The event id of an envelope revision: ``workflow_id/run_id/revision``."""
+    revision = dict(envelope.get("metadata") or {}).get("revision", "0")
+    return f"{envelope['workflow_id']}/{envelope['run_id']}/{revision}"
+
+
+def envelope_record(envelope: Mapping[str, Any], *, topic: str, source: str) -> SpoolRecord:
+    """The Kafka record of a ``chio-temporal/v1`` envelope, keyed by its run key."""
+    metadata = dict(envelope.get("metadata") or {})
+    key = schemas.run_key(
+        str(metadata.get("namespace", "")), str(envelope["workflow_id"]), str(envelope["run_id"])
+    )
+    return SpoolRecord(
+        topic=topic,
+        key=key.encode(),
+        value=schemas.encode(ENVELOPE_SCHEMA, dict(envelope)),
+        headers=headers(
+            event_id=envelope_id(envelope), event_type=ENVELOPE_TYPE, source=source, subject=key
+        ),
+    )

@@ -1,0 +1,131 @@
+"""Configuration of the streamer: topics and the producer, as frozen dataclasses.
+
+Environment variables are read by the entry points (``chio_receipts``), never here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["Compression", "Durability", "StreamerConfig", "TopicSettings", "TopicsConfig"]
+
+Durability = Literal["before_execute", "queued"]
+Compression = Literal["lz4", "zstd", "gzip", "snappy", "none"]
+
+_DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TopicSettings:
+    """Partitions, replication and topic-level configs of one topic."""
+
+    partitions: int = 6
+    replication_factor: int = 1
+    retention_ms: int = 7 * _DAY_MS
+    cleanup_policy: str = "delete"
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def configs(self) -> dict[str, str]:
+        """The topic configs sent to Kafka on create."""
+        out = {"retention.ms": str(self.retention_ms), "cleanup.policy": self.cleanup_policy}
+        out.update(dict(self.extra))
+        return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TopicsConfig:
+    """The four topics of the pipeline. Names get ``prefix`` prepended (tests use a unique one).
+
+    Steps and runs are co-partitioned (both keyed by run key): they always share ``partitions``.
+    """
+
+    prefix: str = ""
+    steps_name: str = "chio.receipts.steps.v1"
+    runs_name: str = "chio.receipts.runs.v1"
+    envelopes_name: str = "chio.receipts.envelopes.v1"
+    dlq_name: str = "chio.receipts.dlq.v1"
+    partitions: int = 6
+    replication_factor: int = 1
+    steps_retention_ms: int = 30 * _DAY_MS
+    runs_retention_ms: int = 30 * _DAY_MS
+    envelopes: TopicSettings = field(
+        default_factory=lambda: TopicSettings(
+            partitions=6, cleanup_policy="compact,delete", retention_ms=90 * _DAY_MS
+        )
+    )
+    dlq: TopicSettings = field(
+        default_factory=lambda: TopicSettings(partitions=1, retention_ms=90 * _DAY_MS)
+    )
+
+    @property
+    def steps(self) -> str:
+        """Full name of the step-receipts topic."""
+        return self.prefix + self.steps_name
+
+    @property
+    def runs(self) -> str:
+        """Full name of the run-completion topic."""
+        return self.prefix + self.runs_name
+
+    @property
+    def envelopes_topic(self) -> str:
+        """Full name of the envelopes topic."""
+        return self.prefix + self.envelopes_name
+
+    @property
+    def dlq_topic(self) -> str:
+        """Full name of the dead-letter topic."""
+        return self.prefix + self.dlq_name
+
+    def settings(self) -> dict[str, TopicSettings]:
+        """Topic name -> settings, for every topic."""
+        rf = self.replication_factor
+        return {
+            self.steps: TopicSettings(
+                partitions=self.partitions,
+                replication_factor=rf,
+                retention_ms=self.steps_retention_ms,
+            ),
+            self.runs: TopicSettings(
+                partitions=self.partitions,
+                replication_factor=rf,
+                retention_ms=self.runs_retention_ms,
+            ),
+            self.envelopes_topic: self.envelopes,
+            self.dlq_topic: self.dlq,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamerConfig:
+    """How :class:`~streamer.ReceiptStreamer` produces and where it spools.
+
+    ``durability``: ``"before_execute"`` appends every receipt to the spool with fsync (group
+    commit) before ``publish_step`` returns, so it is on local disk before the activity body
+    runs; ``"queued"`` hands it to a bounded in-memory queue and spools only when the queue is
+    full or Kafka is unreachable (a process crash can lose what is still in memory).
+    """
+
+    bootstrap_servers: str
+    spool_dir: str
+    topics: TopicsConfig = field(default_factory=TopicsConfig)
+    durability: Durability = "before_execute"
+    source: str = "urn:chio-receipts:streamer"
+    client_id: str = "chio-receipts-streamer"
+    compression: Compression = "lz4"
+    linger_ms: int = 5
+    max_batch_size: int = 256 * 1024
+    max_request_size: int = 4 * 1024 * 1024
+    request_timeout_ms: int = 10_000
+    queue_size: int = 10_000
+    send_batch: int = 500
+    send_timeout_s: float = 5.0
+    delivery_timeout_s: float = 15.0
+    start_timeout_s: float = 10.0
+    stop_timeout_s: float = 10.0
+    retry_backoff_s: float = 0.5
+    max_retry_backoff_s: float = 5.0
+    spool_max_bytes: int = 1 << 30
+    spool_segment_bytes: int = 16 << 20
+    security_protocol: str = "PLAINTEXT"

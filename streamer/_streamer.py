@@ -1,0 +1,430 @@
+"""``ReceiptStreamer``: the Kafka implementation of ``schemas.ReceiptSink``.
+
+Nothing on the activity path waits on Kafka. ``publish_*`` builds the Kafka record (pure, see
+``_cloudevents``) and either appends it to the spool (``durability="before_execute"``, fsync'd,
+group commit) or puts it in a bounded in-memory queue (``"queued"``); one tracked background task,
+the sender, drains the queue first and then the spool, in order, through an idempotent
+``acks="all"`` aiokafka producer with the partition computed once per run key (murmur2, as Java).
+
+Failure handling, all inside the sender:
+
+- a batch that is not acknowledged within ``delivery_timeout_s`` (broker down, slow, cut off) or
+  fails with any Kafka error is written to the spool (queue records) or left there (spool
+  records), and the producer is recreated: aiokafka's idempotent producer retries forever and
+  keeps its buffer, so after a timeout it is dropped rather than trusted;
+- a non-retriable producer state (out-of-order sequence, fenced, illegal state) recreates it too;
+- while the spool holds records, new queued-mode records go to the spool as well, so the order
+  per run key holds across an outage (the one exception: a queue batch in flight when the broker
+  failed is spooled behind records spooled meanwhile; consumers order steps by receipt id);
+- a record Kafka rejects for its size is moved to ``rejected.spool`` in the spool directory and
+  counted as failed, so it cannot block the spool forever.
+
+Replays send the same bytes (same receipt id, same signature): downstream deduplicates by receipt
+id. ``stop()`` is bounded by ``stop_timeout_s``: it drains for part of it, then persists whatever
+is still in memory to the spool, then stops the producer (abandoning it if that hangs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
+
+import schemas
+from streamer._cloudevents import completion_record, envelope_record, step_record
+from streamer._config import StreamerConfig
+from streamer._errors import SpoolError, StreamerClosed
+from streamer._metrics import StreamerMetrics
+from streamer._partition import PartitionCache
+from streamer._spool import AsyncSpool, Spool, SpoolRecord
+
+__all__ = ["ReceiptStreamer"]
+
+log = logging.getLogger(__name__)
+
+
+class ReceiptStreamer:
+    """Produces step receipts, run completions and envelopes to Kafka; never loses one.
+
+    An idempotent async context manager. Implements :class:`schemas.ReceiptSink`.
+    """
+
+    def __init__(self, config: StreamerConfig, *, metrics: StreamerMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics if metrics is not None else StreamerMetrics()
+        self._spool = AsyncSpool(
+            Spool(
+                config.spool_dir,
+                max_bytes=config.spool_max_bytes,
+                segment_bytes=config.spool_segment_bytes,
+            )
+        )
+        self._queue: collections.deque[SpoolRecord] = collections.deque()
+        self._inflight: list[SpoolRecord] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._producer: AIOKafkaProducer | None = None
+        self._partitions: dict[str, int] = {}
+        self._partition_cache = PartitionCache()
+        self._sender: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._closed = False
+        self._stopping = False
+        self._kafka_ok = False
+        self._spool_dirty = False
+        self._backoff = config.retry_backoff_s
+        self._rejected = Spool(Path(config.spool_dir) / "rejected", max_bytes=1 << 62)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> ReceiptStreamer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Open the spool (replaying what a previous process left) and start the sender.
+
+        Does not wait for Kafka: with the broker down, receipts go to the spool until it is back.
+        """
+        if self._started:
+            return
+        self._started = True
+        await self._spool.start()
+        self._update_gauges()
+        self._sender = asyncio.create_task(self._run(), name="chio-streamer-sender")
+
+    async def stop(self) -> None:
+        """Drain for up to half of ``stop_timeout_s``, persist the rest, stop the producer."""
+        if not self._started or self._stopping:
+            return
+        self._closed = True
+        self._stopping = True
+        self._wake.set()
+        budget = self.config.stop_timeout_s
+        deadline = time.monotonic() + budget
+        if self._sender is not None:
+            done, _ = await asyncio.wait({self._sender}, timeout=budget / 2)
+            if not done:
+                self._sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({self._sender}, timeout=1.0)
+            elif not self._sender.cancelled() and self._sender.exception() is not None:
+                log.error("streamer sender failed", exc_info=self._sender.exception())
+        leftover = [*self._inflight, *self._queue]
+        self._inflight.clear()
+        self._queue.clear()
+        if leftover:
+            try:
+                await self._spool.append_many(leftover, fsync=True)
+                self.metrics.spooled.labels("shutdown").inc(len(leftover))
+                log.info(
+                    "streamer stop: %d undelivered records persisted to the spool", len(leftover)
+                )
+            except SpoolError:
+                log.exception("streamer stop: %d records could not be spooled", len(leftover))
+        await self._close_producer(max(0.5, deadline - time.monotonic()))
+        await self._spool.stop()
+        self._update_gauges()
+
+    # -- ReceiptSink -----------------------------------------------------------------------------
+
+    async def publish_step(self, receipt: schemas.StepReceipt, body: bytes) -> None:
+        """Accept a signed step receipt (``body`` is its signed Avro body, sent as is)."""
+        await self._accept(
+            step_record(receipt, body, topic=self.config.topics.steps, source=self.config.source)
+        )
+
+    async def publish_completion(self, event: schemas.RunCompletion) -> None:
+        """Accept a run-completion event (runs topic, keyed by run key)."""
+        await self._accept(
+            completion_record(event, topic=self.config.topics.runs, source=self.config.source)
+        )
+
+    async def publish_envelope(self, envelope: Mapping[str, Any]) -> None:
+        """Accept a finalized ``chio-temporal/v1`` envelope (envelopes topic)."""
+        await self._accept(
+            envelope_record(
+                envelope, topic=self.config.topics.envelopes_topic, source=self.config.source
+            )
+        )
+
+    async def _accept(self, record: SpoolRecord) -> None:
+        if self._closed or not self._started:
+            self.metrics.rejected.inc()
+            raise StreamerClosed("the receipt streamer is not running")
+        try:
+            if self.config.durability == "before_execute":
+                await self._spool.append(record, fsync=True)
+                self.metrics.spooled.labels("write_ahead").inc()
+            elif (
+                not self._kafka_ok
+                or self._spool.depth
+                or len(self._queue) >= self.config.queue_size
+            ):
+                await self._spool.append(record, fsync=False)
+                self._spool_dirty = True
+                self.metrics.spooled.labels("spill").inc()
+            else:
+                self._queue.append(record)
+        except SpoolError:
+            self.metrics.rejected.inc()
+            raise
+        self._idle.clear()
+        self._wake.set()
+        self._update_gauges()
+
+    # -- observation -----------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True while the last interaction with Kafka succeeded."""
+        return self._kafka_ok
+
+    @property
+    def pending(self) -> int:
+        """Records accepted and not yet acknowledged by Kafka (queue + in flight + spool)."""
+        return len(self._queue) + len(self._inflight) + self._spool.depth
+
+    async def flush(self, wait_s: float) -> bool:
+        """Wait until everything accepted so far is acknowledged; False on timeout."""
+        deadline = time.monotonic() + wait_s
+        while self.pending:
+            self._wake.set()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), min(remaining, 0.1))
+        return True
+
+    def _update_gauges(self) -> None:
+        self.metrics.spool_depth.set(self._spool.depth)
+        self.metrics.queue_depth.set(len(self._queue))
+
+    # -- the sender ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        drain_deadline: float | None = None
+        while True:
+            if self._stopping:
+                if drain_deadline is None:
+                    drain_deadline = time.monotonic() + self.config.stop_timeout_s / 2 - 0.5
+                if not self.pending or time.monotonic() >= drain_deadline:
+                    return
+            if self._spool_dirty:
+                self._spool_dirty = False
+                await self._spool.sync()
+            producer = await self._ensure_producer()
+            if producer is None:
+                await self._spill_queue("kafka_unavailable")
+                await self._pause(self._next_backoff())
+                continue
+            if self._queue:
+                n = min(len(self._queue), self.config.send_batch)
+                self._inflight = [self._queue.popleft() for _ in range(n)]
+                self._update_gauges()
+                if await self._send(producer, self._inflight):
+                    self._inflight = []
+                else:
+                    batch, self._inflight = self._inflight, []
+                    await self._spool_records(batch, "send_failed")
+                    await self._spill_queue("send_failed")
+                continue
+            spooled = await self._spool.read(self.config.send_batch)
+            if spooled is not None:
+                if await self._send(producer, spooled.records):
+                    await self._spool.ack(spooled.end)
+                    self.metrics.replayed.inc(len(spooled.records))
+                    self._update_gauges()
+                else:
+                    await self._pause(self._next_backoff())
+                continue
+            self._idle.set()
+            await self._pause(1.0)
+
+    async def _pause(self, seconds: float) -> None:
+        self._wake.clear()
+        if self._stopping and not self._kafka_ok:
+            seconds = min(seconds, 0.2)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    def _next_backoff(self) -> float:
+        b = self._backoff
+        self._backoff = min(self._backoff * 2, self.config.max_retry_backoff_s)
+        return b
+
+    async def _spool_records(self, records: Sequence[SpoolRecord], reason: str) -> None:
+        try:
+            await self._spool.append_many(records, fsync=True)
+        except SpoolError:
+            # Cannot persist: keep them in memory at the front of the queue and retry later.
+            log.exception("streamer: cannot spool %d records, keeping them queued", len(records))
+            self._queue.extendleft(reversed(records))
+            await self._pause(self._next_backoff())
+            return
+        self.metrics.spooled.labels(reason).inc(len(records))
+        self._update_gauges()
+
+    async def _spill_queue(self, reason: str) -> None:
+        if self._queue:
+            records = list(self._queue)
+            self._queue.clear()
+            await self._spool_records(records, reason)
+
+    async def _send(self, producer: AIOKafkaProducer, records: Sequence[SpoolRecord]) -> bool:
+        """Send ``records`` and wait for every acknowledgement; False (and why logged) if not."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for r in records:
+                partition = await self._partition(producer, r.topic, r.key)
+                try:
+                    fut = await asyncio.wait_for(
+                        producer.send(
+                            r.topic,
+                            r.value,
+                            key=r.key,
+                            partition=partition,
+                            headers=list(r.headers),
+                        ),
+                        cfg.send_timeout_s,
+                    )
+                except (MessageSizeTooLargeError, RecordTooLargeError) as exc:
+                    self._reject(r, exc)
+                    continue
+                futures.append(fut)
+            if futures:
+                done, not_done = await asyncio.wait(futures, timeout=cfg.delivery_timeout_s)
+                _raise_first_failure(done, not_done)
+        except (TimeoutError, KafkaError) as exc:
+            self._on_failure(exc)
+            for f in futures:
+                # Retrieve late outcomes so the loop never logs "exception never retrieved".
+                f.add_done_callback(lambda fut: fut.cancelled() or fut.exception())
+            return False
+        self.metrics.send_latency.observe(time.perf_counter() - t0)
+        for r in records:
+            self.metrics.produced.labels(r.topic).inc()
+        self._kafka_ok = True
+        self._backoff = cfg.retry_backoff_s
+        return True
+
+    def _on_failure(self, exc: BaseException) -> None:
+        self._kafka_ok = False
+        self.metrics.failed.labels(type(exc).__name__).inc()
+        retriable = bool(getattr(exc, "retriable", False))
+        log.warning(
+            "streamer: send failed (%s: %s); records kept for retry, producer recreated%s",
+            type(exc).__name__,
+            exc,
+            "" if retriable else " (fatal producer state)",
+        )
+        # Timeouts and non-retriable states both mean the producer cannot be trusted: aiokafka's
+        # idempotent producer retries its buffer forever, so a fresh one replays from the spool.
+        self._drop_producer()
+
+    def _reject(self, record: SpoolRecord, exc: Exception) -> None:
+        self.metrics.failed.labels(type(exc).__name__).inc()
+        log.error(
+            "streamer: Kafka refuses a %d-byte record for %s (%s); kept in rejected.spool",
+            len(record.value),
+            record.topic,
+            exc,
+        )
+        self._rejected.open()
+        self._rejected.append([record], fsync=True)
+
+    async def _partition(self, producer: AIOKafkaProducer, topic: str, key: bytes) -> int:
+        n = self._partitions.get(topic)
+        if n is None:
+            parts = await asyncio.wait_for(
+                producer.partitions_for(topic), self.config.send_timeout_s
+            )
+            if not parts:
+                raise KafkaError(f"topic {topic} has no partitions")
+            n = self._partitions[topic] = len(parts)
+        return self._partition_cache.get(key, n)
+
+    # -- producer lifecycle ----------------------------------------------------------------------
+
+    async def _ensure_producer(self) -> AIOKafkaProducer | None:
+        if self._producer is not None:
+            return self._producer
+        cfg = self.config
+        producer = AIOKafkaProducer(
+            bootstrap_servers=cfg.bootstrap_servers,
+            client_id=cfg.client_id,
+            acks="all",
+            enable_idempotence=True,
+            compression_type=None if cfg.compression == "none" else cfg.compression,
+            linger_ms=cfg.linger_ms,
+            max_batch_size=cfg.max_batch_size,
+            max_request_size=cfg.max_request_size,
+            request_timeout_ms=cfg.request_timeout_ms,
+            security_protocol=cfg.security_protocol,
+        )
+        try:
+            await asyncio.wait_for(producer.start(), cfg.start_timeout_s)
+        except (TimeoutError, KafkaError, OSError) as exc:
+            self._kafka_ok = False
+            self.metrics.failed.labels(type(exc).__name__).inc()
+            log.warning("streamer: Kafka unavailable (%s: %s); spooling", type(exc).__name__, exc)
+            await _stop_producer(producer, 1.0)
+            return None
+        self._producer = producer
+        self._partitions.clear()
+        self._kafka_ok = True
+        return producer
+
+    def _drop_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            self.metrics.producer_restarts.inc()
+            task = asyncio.create_task(_stop_producer(producer, self.config.stop_timeout_s / 2))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _close_producer(self, wait_s: float) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await _stop_producer(producer, wait_s)
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=wait_s)
+
+
+def _raise_first_failure(
+    done: set[asyncio.Future[Any]], not_done: set[asyncio.Future[Any]]
+) -> None:
+    if not_done:
+        raise TimeoutError(f"{len(not_done)} records not acknowledged in time")
+    for f in done:
+        failure = f.exception()
+        if failure is not None:
+            raise failure
+
+
+async def _stop_producer(producer: AIOKafkaProducer, wait_s: float) -> None:
+    """Stop a producer within ``wait_s``; abandon it (cancel its sender) if that hangs."""
+    try:
+        await asyncio.wait_for(producer.stop(), wait_s)
+    except (TimeoutError, KafkaError, OSError) as exc:
+        log.warning("streamer: producer stop did not finish (%s); abandoning it", exc)
+        sender = getattr(getattr(producer, "_sender", None), "sender_task", None)
+        if sender is not None:
+            sender.cancel()
+        with contextlib.suppress(TimeoutError, KafkaError, OSError):
+            await asyncio.wait_for(producer.client.close(), 1.0)
