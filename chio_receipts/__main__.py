@@ -1,0 +1,7 @@
+"""``python -m chio_receipts`` runs the CLI."""
+
+from __future__ import annotations
+
+from chio_receipts.cli import main
+
+main()

@@ -1,0 +1,82 @@
+"""A component that cannot start says which, why and what to do, in one message."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from chio_receipts.cli import app
+from chio_receipts.stack import (
+    KafkaBroker,
+    KafkaConfig,
+    PortBusyError,
+    StackError,
+    TemporalConfig,
+    TemporalServer,
+    java_binary,
+)
+
+
+@pytest.fixture
+def busy_port() -> object:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        yield s.getsockname()[1]
+
+
+@pytest.mark.unit
+def test_busy_temporal_port_names_the_port_and_the_fix(busy_port: int, tmp_path: Path) -> None:
+    with pytest.raises(PortBusyError) as info:
+        TemporalServer(TemporalConfig(data_dir=tmp_path, port=busy_port))
+    text = str(info.value)
+    assert text.startswith(f"temporal: port {busy_port} busy")
+    assert "--temporal-port 0" in text
+
+
+@pytest.mark.unit
+def test_busy_kafka_port_names_the_port_and_the_fix(busy_port: int, tmp_path: Path) -> None:
+    with pytest.raises(PortBusyError) as info:
+        KafkaBroker(KafkaConfig(data_dir=tmp_path, cache_dir=tmp_path, port=busy_port))
+    assert str(info.value).startswith(f"kafka: port {busy_port} busy")
+
+
+@pytest.mark.unit
+def test_missing_java_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-jdk-here"))
+    with pytest.raises(StackError) as info:
+        java_binary()
+    assert str(info.value).startswith("kafka: java not found")
+    assert "JDK 17+" in str(info.value)
+
+
+@pytest.mark.unit
+def test_cli_prints_one_line_error_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-jdk-here"))
+    monkeypatch.setenv("CHIO_CACHE_DIR", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["dev", "fetch"])
+    assert result.exit_code == 1
+    assert "java not found" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.unit
+def test_cli_status_without_a_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHIO_DATA_DIR", str(tmp_path))
+    result = CliRunner().invoke(app, ["dev", "status"])
+    assert result.exit_code == 3
+    assert "not running" in result.output
+
+
+@pytest.mark.unit
+def test_every_command_has_help() -> None:
+    runner = CliRunner()
+    for argv in (["--help"], ["dev", "--help"], ["dev", "up", "--help"], ["demo", "--help"]):
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 0, argv
+        assert "Usage" in result.output
