@@ -44,7 +44,13 @@ from interceptor._errors import (
 from interceptor._model import EvaluationRequest, receipt_to_json
 from interceptor._sidecar_local import LocalSidecar
 
-__all__ = ["SidecarServer", "create_sidecar_app", "openapi_document", "serve_sidecar"]
+__all__ = [
+    "DEFAULT_MAX_BODY",
+    "SidecarServer",
+    "create_sidecar_app",
+    "openapi_document",
+    "serve_sidecar",
+]
 
 _log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY = 64 * 1024

@@ -1,0 +1,357 @@
+"""Fast unit tests of the interceptor package's pure parts (no Temporal, no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+import interceptor
+from interceptor import (
+    DENIED_ERROR_TYPE,
+    ENVELOPE_KEYS,
+    SIDECAR_ERROR_TYPE,
+    SINK_ERROR_TYPE,
+    ArgumentKey,
+    ChioActivityInterceptor,
+    ChioClient,
+    ChioTemporalConfigError,
+    EvaluationRequest,
+    InMemoryReceiptSink,
+    LocalSidecar,
+    ScopeWidening,
+    UnknownRunError,
+    WorkflowGrant,
+    WorkflowReceipt,
+    WorkflowStepReceipt,
+    argument_digest,
+    envelope_to_json,
+    scope_for,
+    uuid7,
+    verify_receipt,
+)
+from schemas import ReceiptSinkError, Verdict, encode, receipt_hash
+
+pytestmark = pytest.mark.unit
+
+
+def test_public_surface_matches_all() -> None:
+    exported = {n for n in dir(interceptor) if not n.startswith("_")}
+    assert set(interceptor.__all__) <= exported
+    assert interceptor.DENIED_ERROR_TYPE == "ChioCapabilityDenied"
+    assert interceptor.SIDECAR_ERROR_TYPE == "ChioSidecarError"
+    for name in (
+        "ChioActivityInterceptor",
+        "WorkflowGrant",
+        "WorkflowReceipt",
+        "WorkflowStepReceipt",
+        "build_chio_worker",
+        "ActivityGrantOverride",
+        "ChioTemporalError",
+        "ChioTemporalConfigError",
+        "ChioClient",
+        "CapabilityToken",
+        "scope_for",
+        "verify_receipt",
+        "Evaluator",
+        "HttpSidecar",
+        "LocalSidecar",
+        "InMemoryReceiptSink",
+        "GrantResolver",
+        "create_sidecar_app",
+    ):
+        assert name in interceptor.__all__, name
+
+
+def test_scope_for_sorts_and_deduplicates() -> None:
+    assert scope_for("b", "a", "b") == ("a", "b")
+    with pytest.raises(ChioTemporalConfigError):
+        scope_for("")
+
+
+def test_uuid7_is_version_7_and_sorts_in_creation_order() -> None:
+    ids = [uuid7() for _ in range(5000)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    parsed = uuid.UUID(ids[0])
+    assert parsed.version == 7
+    assert parsed.variant == uuid.RFC_4122
+
+
+# -- LocalSidecar ------------------------------------------------------------------------------
+
+
+def _request(cap_id: str, tool: str = "read", **kw: object) -> EvaluationRequest:
+    return EvaluationRequest(capability_id=cap_id, tool_server="srv", tool=tool, **kw)  # type: ignore[arg-type]
+
+
+async def test_local_sidecar_allows_in_scope_and_denies_out_of_scope() -> None:
+    side = LocalSidecar()
+    cap = await side.create_capability("agent:a", scope_for("read", "write"), 60)
+    allowed = await side.evaluate(_request(cap.id, "read", workflow_id="wf", attempt=3))
+    assert allowed.receipt.verdict is Verdict.ALLOW
+    assert allowed.receipt.subject == "agent:a"
+    assert allowed.receipt.scope == ("read", "write")
+    assert allowed.receipt.attempt == 3
+    assert allowed.receipt.resource == "srv/read"
+    denied = await side.evaluate(_request(cap.id, "delete"))
+    assert denied.receipt.verdict is Verdict.DENY
+    assert "not in the scope" in denied.receipt.reason
+    keys = await side.public_keys()
+    assert verify_receipt(allowed.receipt, keys)
+    assert verify_receipt(denied.receipt, keys)
+    assert encode("dev.chio.receipts.v1.StepReceipt", allowed.receipt.to_avro())[:2] == b"\xc3\x01"
+
+
+async def test_local_sidecar_expiry_revocation_unknown_and_requested_deny() -> None:
+    side = LocalSidecar()
+    cap = await side.create_capability("agent:a", ["read"], 60)
+    verdict, reason, _ = side.decide(_request(cap.id), cap.expires_at)
+    assert verdict is Verdict.DENY
+    assert "expired" in reason
+    child = await side.attenuate(cap.id, scope=["read"])
+    assert child.chain == (cap.id,)
+    assert child.expires_at <= cap.expires_at
+    await side.revoke(cap.id)
+    signed = await side.evaluate(_request(child.id))
+    assert signed.receipt.verdict is Verdict.DENY
+    assert "revoked" in signed.receipt.reason
+    assert signed.receipt.capability_chain == (cap.id,)
+    unknown = await side.evaluate(_request("cap-nope"))
+    assert unknown.receipt.verdict is Verdict.DENY
+    other = await side.create_capability("agent:b", ["read"], 60)
+    forced = await side.evaluate(_request(other.id, deny_reason="worker says no"))
+    assert forced.receipt.verdict is Verdict.DENY
+    assert forced.receipt.reason == "worker says no"
+
+
+async def test_attenuation_must_be_a_subset() -> None:
+    side = LocalSidecar()
+    cap = await side.create_capability("agent:a", ["read", "write"], 60)
+    grant = WorkflowGrant(workflow_id="wf", token=cap, tool_server="t")
+    narrower = await grant.attenuate_for_activity(side, new_scope=["read"], tool_server="ro")
+    assert narrower.scope == ("read",)
+    assert narrower.tool_server == "ro"
+    assert narrower.token.parent_id == cap.id
+    assert narrower.workflow_id == "wf"
+    with pytest.raises(ChioTemporalConfigError):
+        await grant.attenuate_for_activity(side, new_scope=["read", "admin"])
+    with pytest.raises(ChioTemporalConfigError):
+        await grant.attenuate_for_activity(side, new_scope=["admin"])
+    with pytest.raises(ScopeWidening):
+        await side.attenuate(cap.id, scope=["admin"])
+
+
+# -- digest ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Transfer:
+    source: str
+    amount: int
+
+
+def test_argument_digest_is_keyed_canonical_and_secret() -> None:
+    key = ArgumentKey.from_hex("k1", "11" * 32)
+    other = ArgumentKey.from_hex("k2", "22" * 32)
+    a = argument_digest(key, [_Transfer("acct-1", 5), {"b": 1, "a": 2}])
+    assert a == argument_digest(key, [_Transfer("acct-1", 5), {"a": 2, "b": 1}])
+    assert a != argument_digest(key, [_Transfer("acct-1", 6), {"a": 2, "b": 1}])
+    assert a != argument_digest(other, [_Transfer("acct-1", 5), {"b": 1, "a": 2}])
+    assert len(a) == 64
+    assert "11" * 8 not in repr(key)
+    assert argument_digest(key, [object()]) == argument_digest(key, [object()])
+
+
+# -- envelope ----------------------------------------------------------------------------------
+
+
+async def test_workflow_receipt_envelope_has_exactly_the_seed_fields() -> None:
+    side = LocalSidecar()
+    cap = await side.create_capability("agent:a", ["read"], 60)
+    wr = WorkflowReceipt(workflow_id="wf", run_id="r1")
+    for tool in ("read", "write", "read"):
+        s = await side.evaluate(
+            _request(cap.id, tool, workflow_id="wf", run_id="r1", scheduled_at=7, namespace="ns")
+        )
+        wr.add_step(WorkflowStepReceipt(receipt=s.receipt, body=s.body))
+    wr.finalize("failure", 99)
+    env = wr.to_envelope()
+    assert tuple(env) == ENVELOPE_KEYS
+    assert env["version"] == "chio-temporal/v1"
+    assert (env["step_count"], env["allow_count"], env["deny_count"]) == (3, 2, 1)
+    assert env["outcome"] == "failure"
+    assert env["completed_at"] == 99
+    assert env["started_at"] == 7
+    assert [s["receipt_id"] for s in env["steps"]] == sorted(s["receipt_id"] for s in env["steps"])
+    assert env["metadata"]["namespace"] == "ns"
+    # The envelope is a valid Avro WorkflowReceipt record.
+    assert encode("dev.chio.receipts.v1.WorkflowReceipt", env)[:2] == b"\xc3\x01"
+    assert '"version":"chio-temporal/v1"' in envelope_to_json(env)
+    with pytest.raises(ValueError, match="outcome"):
+        wr.finalize("exploded", 1)
+
+
+# -- the interceptor without a worker ---------------------------------------------------------
+
+
+def _info(**kw: object) -> object:
+    base = ActivityEnvironment.default_info()
+    defaults: dict[str, object] = {
+        "workflow_id": "wf-1",
+        "workflow_run_id": "run-1",
+        "workflow_type": "Wf",
+        "activity_type": "read",
+        "namespace": "default",
+        "current_attempt_scheduled_time": datetime(2026, 1, 1, tzinfo=UTC),
+    }
+    defaults.update(kw)
+    return dataclasses.replace(base, **defaults)  # type: ignore[arg-type]
+
+
+def test_constructor_rejects_scope_map_and_missing_sidecar() -> None:
+    with pytest.raises(TypeError):
+        ChioActivityInterceptor(evaluator=LocalSidecar(), scope_map={"a": "b"})  # type: ignore[call-arg]
+    with pytest.raises(ChioTemporalConfigError):
+        ChioActivityInterceptor()
+
+
+async def test_no_grant_denies_with_a_receipt_and_a_fix_in_the_reason() -> None:
+    sink = InMemoryReceiptSink()
+    icp = ChioActivityInterceptor(evaluator=LocalSidecar(), receipt_sink=sink)
+    with pytest.raises(ApplicationError) as err:
+        await icp.before_attempt(_info(), ["x"])  # type: ignore[arg-type]
+    assert err.value.type == DENIED_ERROR_TYPE
+    assert err.value.non_retryable
+    details = err.value.details[0]
+    assert "register_workflow_grant" in details["reason"]
+    assert [r.receipt_id for r, _ in sink.steps] == [details["receipt_id"]]
+    assert sink.steps[0][0].verdict is Verdict.DENY
+
+
+async def test_allow_chains_receipts_and_flush_frees_the_run() -> None:
+    side = LocalSidecar()
+    sink = InMemoryReceiptSink()
+    icp = ChioActivityInterceptor(
+        chio_client=ChioClient(side),
+        default_tool_server="tools",
+        activity_tool_server_map={"write": "db"},
+        receipt_sink=sink,
+    )
+    cap = await side.create_capability("agent:a", ["read", "write"], 60)
+    icp.register_workflow_grant(WorkflowGrant(workflow_id="wf-1", token=cap))
+    await icp.before_attempt(_info(activity_type="read"), [1])  # type: ignore[arg-type]
+    await icp.before_attempt(_info(activity_type="write", attempt=2), [2])  # type: ignore[arg-type]
+    (r1, b1), (r2, _) = sink.steps
+    assert r1.prev_hash == b""
+    assert r2.prev_hash == receipt_hash(b1)
+    assert (r1.tool_server, r2.tool_server) == ("tools", "db")
+    assert r2.attempt == 2
+    icp.finalize_workflow(workflow_id="wf-1", run_id="run-1", outcome="success")
+    env = await icp.flush_workflow_receipt(workflow_id="wf-1", run_id="run-1")
+    assert env["step_count"] == 2
+    assert env["outcome"] == "success"
+    assert sink.envelopes[-1] is env
+    assert [c.run_id for c in sink.completions] == ["run-1"]
+    assert sink.completions[0].source.value == "FINALIZE"
+    assert icp.open_runs == 0
+    with pytest.raises(UnknownRunError, match="already flushed"):
+        await icp.flush_workflow_receipt(workflow_id="wf-1", run_id="run-1")
+
+
+async def test_run_pinned_grant_does_not_cover_other_runs_and_resolver_is_a_fallback() -> None:
+    side = LocalSidecar()
+    cap = await side.create_capability("agent:a", ["read"], 60)
+    resolved: list[str] = []
+
+    def resolver(info: object) -> WorkflowGrant | None:
+        resolved.append(info.workflow_run_id)  # type: ignore[attr-defined]
+        return None
+
+    icp = ChioActivityInterceptor(evaluator=side, grant_resolver=resolver)
+    icp.register_workflow_grant(WorkflowGrant(workflow_id="wf-1", token=cap, run_id="run-1"))
+    await icp.before_attempt(_info(), [])  # type: ignore[arg-type]
+    with pytest.raises(ApplicationError) as err:
+        await icp.before_attempt(_info(workflow_run_id="run-2"), [])  # type: ignore[arg-type]
+    assert err.value.type == DENIED_ERROR_TYPE
+    assert resolved == ["run-2"]
+
+
+async def test_sink_error_is_retryable_and_records_nothing() -> None:
+    class FullSink(InMemoryReceiptSink):
+        async def publish_step(self, receipt: object, body: bytes) -> None:
+            raise ReceiptSinkError("spool full")
+
+    side = LocalSidecar()
+    cap = await side.create_capability("agent:a", ["read"], 60)
+    icp = ChioActivityInterceptor(evaluator=side, receipt_sink=FullSink())
+    icp.register_workflow_grant(WorkflowGrant(workflow_id="wf-1", token=cap))
+    with pytest.raises(ApplicationError) as err:
+        await icp.before_attempt(_info(), [])  # type: ignore[arg-type]
+    assert err.value.type == SINK_ERROR_TYPE
+    assert not err.value.non_retryable
+    assert icp.workflow_receipt(workflow_id="wf-1", run_id="run-1").step_count == 0
+
+
+async def test_unreachable_sidecar_is_a_retryable_error_never_an_allow() -> None:
+    icp = ChioActivityInterceptor(sidecar_url="http://127.0.0.1:9", receipt_sink=None)
+    side = LocalSidecar()
+    cap = await side.create_capability("agent:a", ["read"], 60)
+    icp.register_workflow_grant(WorkflowGrant(workflow_id="wf-1", token=cap))
+    with pytest.raises(ApplicationError) as err:
+        await icp.before_attempt(_info(), [])  # type: ignore[arg-type]
+    assert err.value.type == SIDECAR_ERROR_TYPE
+    assert not err.value.non_retryable
+    assert icp.stats.sidecar_errors == 1
+    await icp.aclose()
+
+
+async def test_concurrent_runs_keep_separate_steps_and_state_is_bounded() -> None:
+    side = LocalSidecar()
+    cap = await side.create_capability("agent:a", ["read"], 60)
+    icp = ChioActivityInterceptor(evaluator=side, max_runs=8)
+    for i in range(8):
+        icp.register_workflow_grant(WorkflowGrant(workflow_id=f"wf-{i}", token=cap))
+    await asyncio.gather(
+        *(
+            icp.before_attempt(_info(workflow_id=f"wf-{i % 8}", activity_id=str(j)), [j])  # type: ignore[arg-type]
+            for i in range(8)
+            for j in range(3)
+        )
+    )
+    for i in range(8):
+        wr = icp.workflow_receipt(workflow_id=f"wf-{i}", run_id="run-1")
+        assert wr.step_count == 3
+        assert {s.receipt.workflow_id for s in wr.steps} == {f"wf-{i}"}
+        hashes = [s.hash for s in wr.steps]
+        assert [s.receipt.prev_hash for s in wr.steps] == [b"", *hashes[:-1]]
+    icp.register_workflow_grant(WorkflowGrant(workflow_id="wf-new", token=cap))
+    await icp.before_attempt(_info(workflow_id="wf-new"), [])  # type: ignore[arg-type]
+    assert icp.open_runs == 8
+    assert icp.stats.evicted_runs == 1
+    with pytest.raises(UnknownRunError):
+        icp.workflow_receipt(workflow_id="wf-0", run_id="run-1")
+
+
+async def test_wider_override_is_a_config_error_with_a_deny_receipt() -> None:
+    side = LocalSidecar()
+    sink = InMemoryReceiptSink()
+    wide = await side.create_capability("agent:a", ["read", "admin"], 60)
+    base = await side.create_capability("agent:a", ["read"], 60)
+    icp = ChioActivityInterceptor(evaluator=side, receipt_sink=sink)
+    icp.register_workflow_grant(WorkflowGrant(workflow_id="wf-1", token=base))
+    icp.register_activity_grant_override(
+        "read", lambda info: WorkflowGrant(workflow_id="wf-1", token=wide)
+    )
+    with pytest.raises(ApplicationError) as err:
+        await icp.before_attempt(_info(), [])  # type: ignore[arg-type]
+    assert err.value.type == "ChioTemporalConfigError"
+    assert err.value.non_retryable
+    assert sink.steps[-1][0].verdict is Verdict.DENY
+    assert "not a subset" in sink.steps[-1][0].reason
