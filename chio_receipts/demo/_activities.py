@@ -1,0 +1,111 @@
+"""The demo's tools: small activities whose calls the interceptor gates and receipts.
+
+They are deliberately trivial; what the demo shows is the receipts around them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+__all__ = [
+    "ALL_ACTIVITIES",
+    "call_tool",
+    "check_balance",
+    "credit_account",
+    "debit_account",
+    "execute_action",
+    "flaky_tool",
+    "notify_rejection",
+    "read_database",
+    "refund_account",
+    "send_email",
+    "summarize",
+]
+
+
+@activity.defn
+async def debit_account(account: str, amount: int) -> str:
+    """Take ``amount`` from ``account``."""
+    return f"debited {amount} from {account}"
+
+
+@activity.defn
+async def credit_account(account: str, amount: int) -> str:
+    """Give ``amount`` to ``account`` (denied by the demo's transfer grant)."""
+    return f"credited {amount} to {account}"
+
+
+@activity.defn
+async def refund_account(account: str, amount: int) -> str:
+    """Compensation: give a debited ``amount`` back."""
+    return f"refunded {amount} to {account}"
+
+
+@activity.defn
+async def check_balance(account: str) -> int:
+    """Read a balance."""
+    return 1000 + len(account)
+
+
+@activity.defn
+async def call_tool(name: str) -> str:
+    """A generic agent tool call (the fan-out runs many in parallel)."""
+    await asyncio.sleep(0.01)
+    return f"tool {name} ok"
+
+
+@activity.defn
+async def read_database(query: str) -> int:
+    """Read-only query."""
+    return len(query)
+
+
+@activity.defn
+async def summarize(parts: list[str]) -> str:
+    """Fold results into one line."""
+    return "; ".join(parts)
+
+
+@activity.defn
+async def send_email(to: str) -> str:
+    """Outbound email."""
+    return f"mail to {to}"
+
+
+@activity.defn
+async def execute_action(action: str) -> str:
+    """The action a human approved."""
+    return f"executed {action}"
+
+
+@activity.defn
+async def notify_rejection(action: str) -> str:
+    """Tell the requester that a human rejected the action."""
+    return f"rejected {action}"
+
+
+@activity.defn
+async def flaky_tool(name: str) -> str:
+    """Fails on its first two attempts, then succeeds: every attempt gets a receipt."""
+    attempt = activity.info().attempt
+    if attempt < 3:
+        raise ApplicationError(f"{name}: transient failure on attempt {attempt}")
+    return f"{name} ok on attempt {attempt}"
+
+
+ALL_ACTIVITIES = [
+    debit_account,
+    credit_account,
+    refund_account,
+    check_balance,
+    call_tool,
+    read_database,
+    summarize,
+    send_email,
+    execute_action,
+    notify_rejection,
+    flaky_tool,
+]
