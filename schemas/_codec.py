@@ -67,10 +67,12 @@ def _writers() -> dict[bytes, _Writer]:
             if full not in SCHEMA_FILES:
                 continue
             named: dict[str, Any] = {}
-            # Released schemas may refer to named types of other current schemas.
+            # Released schemas may refer to named types of the current schemas parsed before
+            # them (SCHEMA_FILES is in dependency order); parse up to the released one.
             for other in SCHEMA_FILES:
-                if other != full:
-                    fastavro.parse_schema(raw_schema(other), named_schemas=named)
+                if other == full:
+                    break
+                fastavro.parse_schema(raw_schema(other), named_schemas=named)
             schema = fastavro.parse_schema(raw, named_schemas=named)
             writers.setdefault(schema_fingerprint(schema), _Writer(full, schema))
     return writers

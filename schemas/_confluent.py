@@ -136,6 +136,16 @@ class Codec:
             return frame(name, body)
         return confluent_frame(await self.schema_id(name, topic), body)
 
+    def frame_known(self, name: str, body: bytes, topic: str) -> bytes:
+        """Like :meth:`frame` without I/O: the schema must already be registered for ``topic``
+        (call :meth:`schema_id` first); :class:`UnknownSchema` otherwise."""
+        if self.wire_format == "single_object":
+            return frame(name, body)
+        schema_id = self._ids.get((name, topic))
+        if schema_id is None:
+            raise UnknownSchema(f"{name} is not registered for topic {topic}")
+        return confluent_frame(schema_id, body)
+
     async def encode(self, name: str, record: dict[str, Any], *, topic: str) -> bytes:
         """Encode ``record`` with current schema ``name`` in this codec's format."""
         try:

@@ -6,7 +6,7 @@ attributes travel as ``ce_*`` headers plus ``content-type``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import schemas
@@ -19,10 +19,12 @@ __all__ = [
     "ENVELOPE_TYPE",
     "RUN_COMPLETION_SCHEMA",
     "STEP_TYPE",
+    "Framer",
     "completion_record",
     "envelope_id",
     "envelope_record",
     "headers",
+    "single_object",
     "step_record",
 ]
 
@@ -32,6 +34,21 @@ ENVELOPE_TYPE = "dev.chio.receipts.workflow_receipt.v1"
 CONTENT_TYPE = b"application/avro"
 RUN_COMPLETION_SCHEMA = "dev.chio.receipts.v1.RunCompletion"
 ENVELOPE_SCHEMA = "dev.chio.receipts.v1.WorkflowReceipt"
+
+Framer = Callable[[str, bytes, str], bytes]
+"""``(schema name, schemaless body, topic) -> value bytes``: the wire format's frame."""
+
+
+def single_object(name: str, body: bytes, topic: str) -> bytes:
+    """The default :data:`Framer`: Avro single-object encoding (no registry)."""
+    return schemas.frame(name, body)
+
+
+def _body(name: str, record: dict[str, Any]) -> bytes:
+    try:
+        return schemas.encode_body(name, record)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise schemas.EncodeError(f"{name}: {exc}") from exc
 
 
 def headers(
@@ -49,27 +66,34 @@ def headers(
 
 
 def step_record(
-    receipt: schemas.StepReceipt, body: bytes, *, topic: str, source: str
+    receipt: schemas.StepReceipt,
+    body: bytes,
+    *,
+    topic: str,
+    source: str,
+    framer: Framer = single_object,
 ) -> SpoolRecord:
     """The Kafka record of a signed step receipt; ``body`` is framed, never re-encoded."""
     key = receipt.run_key
     return SpoolRecord(
         topic=topic,
         key=key.encode(),
-        value=schemas.frame(schemas.STEP_SCHEMA, body),
+        value=framer(schemas.STEP_SCHEMA, body, topic),
         headers=headers(
             event_id=receipt.receipt_id, event_type=STEP_TYPE, source=source, subject=key
         ),
     )
 
 
-def completion_record(event: schemas.RunCompletion, *, topic: str, source: str) -> SpoolRecord:
+def completion_record(
+    event: schemas.RunCompletion, *, topic: str, source: str, framer: Framer = single_object
+) -> SpoolRecord:
     """The Kafka record of a run-completion event."""
     key = event.run_key
     return SpoolRecord(
         topic=topic,
         key=key.encode(),
-        value=schemas.encode(RUN_COMPLETION_SCHEMA, event.to_avro()),
+        value=framer(RUN_COMPLETION_SCHEMA, _body(RUN_COMPLETION_SCHEMA, event.to_avro()), topic),
         headers=headers(
             event_id=event.event_id, event_type=COMPLETION_TYPE, source=source, subject=key
         ),
@@ -82,7 +106,9 @@ def envelope_id(envelope: Mapping[str, Any]) -> str:
     return f"{envelope['workflow_id']}/{envelope['run_id']}/{revision}"
 
 
-def envelope_record(envelope: Mapping[str, Any], *, topic: str, source: str) -> SpoolRecord:
+def envelope_record(
+    envelope: Mapping[str, Any], *, topic: str, source: str, framer: Framer = single_object
+) -> SpoolRecord:
     """The Kafka record of a ``chio-temporal/v1`` envelope, keyed by its run key."""
     metadata = dict(envelope.get("metadata") or {})
     key = schemas.run_key(
@@ -91,7 +117,7 @@ def envelope_record(envelope: Mapping[str, Any], *, topic: str, source: str) -> 
     return SpoolRecord(
         topic=topic,
         key=key.encode(),
-        value=schemas.encode(ENVELOPE_SCHEMA, dict(envelope)),
+        value=framer(ENVELOPE_SCHEMA, _body(ENVELOPE_SCHEMA, dict(envelope)), topic),
         headers=headers(
             event_id=envelope_id(envelope), event_type=ENVELOPE_TYPE, source=source, subject=key
         ),

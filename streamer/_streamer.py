@@ -39,9 +39,17 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
 import schemas
-from streamer._cloudevents import completion_record, envelope_record, step_record
+from streamer._cloudevents import (
+    ENVELOPE_SCHEMA,
+    RUN_COMPLETION_SCHEMA,
+    Framer,
+    completion_record,
+    envelope_record,
+    single_object,
+    step_record,
+)
 from streamer._config import StreamerConfig
-from streamer._errors import SpoolError, StreamerClosed
+from streamer._errors import SpoolError, StreamerClosed, StreamerError
 from streamer._metrics import StreamerMetrics
 from streamer._partition import PartitionCache
 from streamer._spool import AsyncSpool, Spool, SpoolRecord
@@ -57,8 +65,16 @@ class ReceiptStreamer:
     An idempotent async context manager. Implements :class:`schemas.ReceiptSink`.
     """
 
-    def __init__(self, config: StreamerConfig, *, metrics: StreamerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: StreamerConfig,
+        *,
+        metrics: StreamerMetrics | None = None,
+        codec: schemas.Codec | None = None,
+    ) -> None:
         self.config = config
+        self.codec = codec
+        self._framer: Framer = codec.frame_known if codec is not None else single_object
         self.metrics = metrics if metrics is not None else StreamerMetrics()
         self._spool = AsyncSpool(
             Spool(
@@ -100,10 +116,26 @@ class ReceiptStreamer:
         """
         if self._started:
             return
+        if self.codec is not None and self.codec.wire_format == "confluent":
+            await self._register_schemas(self.codec)
         self._started = True
         await self._spool.start()
         self._update_gauges()
         self._sender = asyncio.create_task(self._run(), name="chio-streamer-sender")
+
+    async def _register_schemas(self, codec: schemas.Codec) -> None:
+        """Register every schema for its topic once, so publishing never waits on the registry."""
+        t = self.config.topics
+        pairs = (
+            (schemas.STEP_SCHEMA, t.steps),
+            (RUN_COMPLETION_SCHEMA, t.runs),
+            (ENVELOPE_SCHEMA, t.envelopes_topic),
+        )
+        try:
+            for name, topic in pairs:
+                await codec.schema_id(name, topic)
+        except schemas.SchemaError as exc:
+            raise StreamerError(f"cannot register schemas: {exc}") from exc
 
     async def stop(self) -> None:
         """Drain for up to half of ``stop_timeout_s``, persist the rest, stop the producer."""
@@ -143,20 +175,34 @@ class ReceiptStreamer:
     async def publish_step(self, receipt: schemas.StepReceipt, body: bytes) -> None:
         """Accept a signed step receipt (``body`` is its signed Avro body, sent as is)."""
         await self._accept(
-            step_record(receipt, body, topic=self.config.topics.steps, source=self.config.source)
+            step_record(
+                receipt,
+                body,
+                topic=self.config.topics.steps,
+                source=self.config.source,
+                framer=self._framer,
+            )
         )
 
     async def publish_completion(self, event: schemas.RunCompletion) -> None:
         """Accept a run-completion event (runs topic, keyed by run key)."""
         await self._accept(
-            completion_record(event, topic=self.config.topics.runs, source=self.config.source)
+            completion_record(
+                event,
+                topic=self.config.topics.runs,
+                source=self.config.source,
+                framer=self._framer,
+            )
         )
 
     async def publish_envelope(self, envelope: Mapping[str, Any]) -> None:
         """Accept a finalized ``chio-temporal/v1`` envelope (envelopes topic)."""
         await self._accept(
             envelope_record(
-                envelope, topic=self.config.topics.envelopes_topic, source=self.config.source
+                envelope,
+                topic=self.config.topics.envelopes_topic,
+                source=self.config.source,
+                framer=self._framer,
             )
         )
 
