@@ -1,0 +1,84 @@
+"""Consumers: the receipt builder (Kafka -> ClickHouse envelopes, exactly once), the dead-letter
+topic, the SIEM exporter and the read-side tools (``query``, ``verify``).
+
+Never imports temporalio or interceptor; depends on ``schemas`` only.
+"""
+
+from __future__ import annotations
+
+from consumers._builder import ReceiptBuilder, RunState, StepEntry
+from consumers._clickhouse import (
+    ClickHouseConfig,
+    ClickHouseSink,
+    chdb_path,
+    open_client,
+    owner_pid,
+)
+from consumers._consumer import BuilderConfig, ReceiptBuilderService, Topics, check_copartitioned
+from consumers._dlq import DLQ_HEADER_PREFIX, DeadLetter, Reason, parse_dead_letter_headers
+from consumers._envelope import Envelope, verify_envelope_signature
+from consumers._errors import (
+    ConfigError,
+    ConsumerError,
+    DatabaseBusy,
+    FailpointError,
+    KeyResolutionError,
+    OutputError,
+    OutputRejected,
+    OutputUnavailable,
+    SinkDataError,
+    SinkError,
+    SinkUnavailable,
+)
+from consumers._failpoints import failpoint
+from consumers._keys import KeyRing, decode_public_key, fetch_public_keys, load_keys_file
+from consumers._metrics import ConsumerMetrics
+from consumers._ocsf import OCSF_VERSION, envelope_to_ocsf, step_to_ocsf
+from consumers._rows import envelope_row, receipt_from_row, step_row
+from consumers._verify import VerifyReport, verify_run
+
+__all__ = [
+    "DLQ_HEADER_PREFIX",
+    "OCSF_VERSION",
+    "BuilderConfig",
+    "ClickHouseConfig",
+    "ClickHouseSink",
+    "ConfigError",
+    "ConsumerError",
+    "ConsumerMetrics",
+    "DatabaseBusy",
+    "DeadLetter",
+    "Envelope",
+    "FailpointError",
+    "KeyResolutionError",
+    "KeyRing",
+    "OutputError",
+    "OutputRejected",
+    "OutputUnavailable",
+    "Reason",
+    "ReceiptBuilder",
+    "ReceiptBuilderService",
+    "RunState",
+    "SinkDataError",
+    "SinkError",
+    "SinkUnavailable",
+    "StepEntry",
+    "Topics",
+    "VerifyReport",
+    "chdb_path",
+    "check_copartitioned",
+    "decode_public_key",
+    "envelope_row",
+    "envelope_to_ocsf",
+    "failpoint",
+    "fetch_public_keys",
+    "load_keys_file",
+    "open_client",
+    "owner_pid",
+    "parse_dead_letter_headers",
+    "receipt_from_row",
+    "step_row",
+    "step_to_ocsf",
+    "verify_envelope_signature",
+    "verify_run",
+]

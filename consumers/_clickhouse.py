@@ -1,0 +1,424 @@
+"""The ClickHouse side: client lifecycle, migrations, idempotent batch inserts, read-backs.
+
+One client per process, driven from one worker thread (the chDB engine releases the GIL, so
+inserts overlap decoding on the event loop). clickhouse-connect errors never escape: they become
+:class:`SinkDataError` (the rows are bad: dead-letter them) or :class:`SinkUnavailable` (retry,
+commit nothing). An embedded ``chdb://`` path is owned by one process; the owner holds an
+advisory lock file ``chio-owner.lock`` in the data directory so other processes can say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+from urllib.parse import urlparse
+
+import clickhouse_connect
+from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, DataError
+
+from consumers._errors import DatabaseBusy, SinkDataError, SinkError, SinkUnavailable
+from consumers._failpoints import failpoint
+from consumers._rows import ENVELOPE_COLUMNS, STEP_COLUMNS, STEP_FIELDS
+
+__all__ = [
+    "ClickHouseConfig",
+    "ClickHouseSink",
+    "chdb_path",
+    "migrations",
+    "open_client",
+    "owner_pid",
+]
+
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+LOCK_NAME = "chio-owner.lock"
+# Server error codes meaning "these rows are wrong" (retrying the same rows cannot help).
+_DATA_CODES = frozenset({6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 190, 349, 354, 395, 691})
+_CODE_RE = re.compile(r"Code: (\d+)")
+
+_BINARY = {"prev_hash": "bytes", "signature": "bytes", "wire": "bytes", "chain_root": "bytes"}
+_STEP_SELECT = ", ".join(
+    (
+        "toString(receipt_id)"
+        if c == "receipt_id"
+        else f"toUnixTimestamp64Micro({c})"
+        if c in ("scheduled_at", "started_at", "evaluated_at")
+        else f"toString({c})"
+        if c == "verdict"
+        else c
+    )
+    for c in (*STEP_FIELDS, "wire")
+)
+_ENVELOPE_SELECT = ", ".join(
+    f"toUnixTimestamp64Micro({c})"
+    if c == "started_at"
+    else "if(isNull(completed_at), NULL, toUnixTimestamp64Micro(assumeNotNull(completed_at)))"
+    if c == "completed_at"
+    else c
+    for c in ENVELOPE_COLUMNS
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClickHouseConfig:
+    """Where and how to write. ``dsn``: ``chdb:///path`` (embedded) or ``http(s)://...``."""
+
+    dsn: str
+    ttl_days: int | None = None
+    apply_roles: bool = True
+    connect_timeout: float = 10.0
+    send_receive_timeout: float = 60.0
+
+    @property
+    def embedded(self) -> bool:
+        """True for a chDB DSN."""
+        return self.dsn.startswith("chdb:")
+
+
+def chdb_path(dsn: str) -> Path | None:
+    """The on-disk path of a ``chdb:///path`` DSN (None for memory or a server DSN)."""
+    if not dsn.startswith("chdb:"):
+        return None
+    parsed = urlparse(dsn)
+    location = parsed.path if not parsed.netloc else ""
+    if location in ("", "memory", ":memory:"):
+        return None
+    return Path(location)
+
+
+def owner_pid(path: Path) -> int | None:
+    """The pid of the live process owning chDB ``path``, or None when nobody holds it."""
+    lock = path / LOCK_NAME
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _busy_message(path: Path, pid: int | None) -> str:
+    who = f"the running consumer (pid {pid})" if pid and pid > 0 else "another process"
+    return (
+        f"the ClickHouse database at {path} is owned by {who}; "
+        "stop it first or point at a ClickHouse server DSN"
+    )
+
+
+def translate(exc: Exception, what: str) -> SinkError:
+    """Map a clickhouse-connect (or serialization) error to the package's tree."""
+    text = str(exc)
+    if "EmbeddedServer" in text or "Unable to open the chdb engine" in text:
+        return DatabaseBusy(f"{what}: the chDB path is owned by another process")
+    if isinstance(exc, DataError | TypeError | ValueError | OverflowError | KeyError):
+        return SinkDataError(f"{what}: {type(exc).__name__}: {text[:500]}")
+    if isinstance(exc, DatabaseError):
+        code = getattr(exc, "code", None)
+        if code is None:
+            found = _CODE_RE.search(text)
+            code = int(found.group(1)) if found else None
+        if code is not None and int(code) in _DATA_CODES:
+            return SinkDataError(f"{what}: {text[:500]}")
+    return SinkUnavailable(f"{what}: {type(exc).__name__}: {text[:500]}")
+
+
+def open_client(dsn: str, *, connect_timeout: float = 10.0, timeout: float = 60.0) -> Any:
+    """A clickhouse-connect client for ``dsn`` (blocking; errors translated)."""
+    path = chdb_path(dsn)
+    if path is not None:
+        pid = owner_pid(path)
+        if pid is not None and pid != os.getpid():
+            raise DatabaseBusy(_busy_message(path, pid))
+        path.mkdir(parents=True, exist_ok=True)
+    try:
+        if dsn.startswith("chdb:"):
+            return clickhouse_connect.get_client(dsn=dsn)
+        return clickhouse_connect.get_client(
+            dsn=dsn, connect_timeout=connect_timeout, send_receive_timeout=timeout
+        )
+    except (ClickHouseError, OSError, RuntimeError) as exc:
+        err = translate(exc, "connect")
+        if isinstance(err, DatabaseBusy) and path is not None:
+            raise DatabaseBusy(_busy_message(path, owner_pid(path))) from exc
+        raise err from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()[:16]
+
+
+def migrations() -> list[_Migration]:
+    """The numbered migration files of ``consumers/sql`` in order."""
+    found: list[_Migration] = []
+    for item in resources.files("consumers").joinpath("sql").iterdir():
+        name = item.name
+        if name.endswith(".sql") and name[:4].isdigit():
+            found.append(_Migration(int(name[:4]), name, item.read_text("utf-8")))
+    return sorted(found, key=lambda m: m.version)
+
+
+def split_statements(sql: str) -> list[str]:
+    """Statements of a SQL file (``;`` at line end separates; ``--`` comments dropped)."""
+    lines = [ln for ln in sql.splitlines() if not ln.lstrip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";\n") if s.strip().rstrip(";").strip()]
+
+
+class ClickHouseSink:
+    """Owns the ClickHouse client: migrations at start, batch inserts, read-backs."""
+
+    def __init__(self, config: ClickHouseConfig) -> None:
+        self._config = config
+        self._client: Any = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock_fd: int | None = None
+        self._step_types: Any = None
+        self._envelope_types: Any = None
+
+    @property
+    def client(self) -> Any:
+        """The underlying clickhouse-connect client (for read-only tools)."""
+        return self._client
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Take ownership (embedded), connect and migrate. Idempotent."""
+        if self._client is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
+        try:
+            await self._run(self._start_sync)
+        except BaseException:
+            await self.close()
+            raise
+
+    def _start_sync(self) -> None:
+        path = chdb_path(self._config.dsn)
+        if path is not None:
+            path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise DatabaseBusy(_busy_message(path, owner_pid(path))) from None
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self._lock_fd = fd
+        self._client = open_client(
+            self._config.dsn,
+            connect_timeout=self._config.connect_timeout,
+            timeout=self._config.send_receive_timeout,
+        )
+        self._migrate_sync()
+        ctx = self._call(lambda: self._client.create_insert_context("step_receipts", STEP_COLUMNS))
+        self._step_types = ctx.column_types
+        ctx = self._call(
+            lambda: self._client.create_insert_context("workflow_receipts", ENVELOPE_COLUMNS)
+        )
+        self._envelope_types = ctx.column_types
+
+    def _call(self, fn: Callable[[], _T], what: str = "clickhouse") -> _T:
+        try:
+            return fn()
+        except (ClickHouseError, OSError, TypeError, ValueError, OverflowError, KeyError) as exc:
+            raise translate(exc, what) from exc
+
+    def _migrate_sync(self) -> None:
+        c = self._client
+        self._call(
+            lambda: c.command(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
+                "checksum String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
+                "ENGINE = ReplacingMergeTree ORDER BY version"
+            ),
+            "migrate",
+        )
+        done = {
+            int(r[0])
+            for r in self._call(
+                lambda: c.query("SELECT version FROM schema_migrations FINAL").result_rows,
+                "migrate",
+            )
+        }
+        for migration in migrations():
+            if migration.version in done:
+                continue
+            for statement in split_statements(migration.sql):
+                self._call(partial(c.command, statement), f"migration {migration.name}")
+            self._call(
+                partial(
+                    c.insert,
+                    "schema_migrations",
+                    [(migration.version, migration.name, migration.checksum)],
+                    column_names=("version", "name", "checksum"),
+                ),
+                "migrate",
+            )
+            _log.info("applied migration %s", migration.name)
+        if self._config.ttl_days:
+            days = int(self._config.ttl_days)
+            self._call(
+                lambda: c.command(
+                    "ALTER TABLE step_receipts MODIFY TTL "
+                    f"toDateTime(evaluated_at) + INTERVAL {days} DAY"
+                ),
+                "ttl",
+            )
+            self._call(
+                lambda: c.command(
+                    "ALTER TABLE workflow_receipts MODIFY TTL "
+                    f"toDateTime(started_at) + INTERVAL {days} DAY"
+                ),
+                "ttl",
+            )
+        if not self._config.embedded and self._config.apply_roles:
+            db = self._call(lambda: c.command("SELECT currentDatabase()"), "roles")
+            text = resources.files("consumers").joinpath("sql", "roles.sql").read_text("utf-8")
+            for statement in split_statements(text.replace("{db}", str(db))):
+                try:
+                    c.command(statement)
+                except ClickHouseError as exc:
+                    # Roles need access management rights; a plain user still ingests.
+                    _log.warning("roles not applied (%s): %s", statement.split("\n")[0], exc)
+                    break
+
+    async def _run(self, fn: Callable[[], _T]) -> _T:
+        if self._executor is None:
+            raise SinkUnavailable("the ClickHouse sink is not started")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def insert_steps(self, rows: Sequence[Sequence[Any]], token: str) -> None:
+        """Insert step rows in one statement, deduplicated by ``token``."""
+        await self._run(lambda: self._insert("step_receipts", rows, token, self._step_types))
+
+    async def insert_envelopes(self, rows: Sequence[Sequence[Any]], token: str) -> None:
+        """Insert envelope rows in one statement, deduplicated by ``token``."""
+        await self._run(
+            lambda: self._insert("workflow_receipts", rows, token, self._envelope_types)
+        )
+
+    def _insert(self, table: str, rows: Sequence[Sequence[Any]], token: str, types: Any) -> None:
+        if not rows:
+            return
+        failpoint("clickhouse.insert")
+        columns = STEP_COLUMNS if table == "step_receipts" else ENVELOPE_COLUMNS
+        self._call(
+            lambda: self._client.insert(
+                table,
+                rows,
+                column_names=columns,
+                column_types=types,
+                settings={
+                    "insert_deduplication_token": token,
+                    # A deduplicated block must not feed the materialized views again.
+                    "deduplicate_blocks_in_dependent_materialized_views": 1,
+                },
+            ),
+            f"insert into {table}",
+        )
+
+    async def query(
+        self, sql: str, parameters: Mapping[str, Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Run a read query; returns (column names, rows)."""
+
+        def run() -> tuple[list[str], list[tuple[Any, ...]]]:
+            result = self._call(
+                lambda: self._client.query(sql, parameters=parameters, column_formats=_BINARY),
+                "query",
+            )
+            return list(result.column_names), [tuple(r) for r in result.result_rows]
+
+        return await self._run(run)
+
+    async def load_runs(
+        self, keys: Sequence[tuple[str, str, str]]
+    ) -> tuple[dict[tuple[str, str, str], list[tuple[Any, ...]]], dict[tuple[str, str, str], Any]]:
+        """Stored step rows (STEP_FIELDS + wire) and the latest envelope row of each run."""
+        return await self._run(lambda: load_runs_sync(self._client, keys))
+
+    async def close(self) -> None:
+        """Close the client, release ownership. Idempotent."""
+        client, self._client = self._client, None
+        executor, self._executor = self._executor, None
+        if client is not None and executor is not None:
+            with contextlib.suppress(ClickHouseError, OSError, RuntimeError):
+                await asyncio.get_running_loop().run_in_executor(executor, client.close)
+        if executor is not None:
+            executor.shutdown(wait=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def load_runs_sync(
+    client: Any, keys: Sequence[tuple[str, str, str]]
+) -> tuple[dict[tuple[str, str, str], list[tuple[Any, ...]]], dict[tuple[str, str, str], Any]]:
+    """Blocking form of :meth:`ClickHouseSink.load_runs` (also used by ``verify``)."""
+    steps: dict[tuple[str, str, str], list[tuple[Any, ...]]] = {}
+    envelopes: dict[tuple[str, str, str], Any] = {}
+    if not keys:
+        return steps, envelopes
+    params = {"keys": list(keys)}
+    try:
+        result = client.query(
+            f"SELECT {_STEP_SELECT} FROM step_receipts "  # noqa: S608 - constant columns
+            "WHERE (namespace, workflow_id, run_id) IN {keys:Array(Tuple(String, String, String))}",
+            parameters=params,
+            column_formats=_BINARY,
+        )
+        for row in result.result_rows:
+            steps.setdefault((row[1], row[2], row[3]), []).append(tuple(row))
+        result = client.query(
+            f"SELECT {_ENVELOPE_SELECT} FROM workflow_receipts "  # noqa: S608 - constant columns
+            "WHERE (namespace, workflow_id, run_id) IN {keys:Array(Tuple(String, String, String))} "
+            "ORDER BY revision DESC LIMIT 1 BY namespace, workflow_id, run_id",
+            parameters=params,
+            column_formats=_BINARY,
+        )
+        for row in result.result_rows:
+            envelopes[(row[0], row[1], row[2])] = tuple(row)
+    except (ClickHouseError, OSError, TypeError, ValueError) as exc:
+        raise translate(exc, "load runs") from exc
+    return steps, envelopes
+
+
+STEP_SELECT = _STEP_SELECT
+ENVELOPE_SELECT = _ENVELOPE_SELECT
+BINARY_FORMATS = _BINARY

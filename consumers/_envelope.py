@@ -1,0 +1,150 @@
+"""The ``chio-temporal/v1`` envelope of one run, its canonical encoding and its signature.
+
+Canonical encoding (what the builder signs): the schemaless Avro body of ``WorkflowReceipt`` whose
+``steps`` are the step receipts in receipt-id order and whose ``metadata`` map holds every entry
+except ``signature``, in ascending key order, in one map block. Avro is deterministic for a given
+record, and the steps' bytes inside it are exactly their current-schema bodies, so the envelope is
+encoded by splicing the step bodies (no re-encoding) and a verifier can rebuild the same bytes from
+stored rows. The signature (Ed25519, hex) is then added to ``metadata["signature"]``; the
+published Avro envelope carries the same sorted map with the signature in it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import nacl.exceptions
+import nacl.signing
+
+from consumers._wire import (
+    ENVELOPE_SCHEMA,
+    STEP_SCHEMA,
+    avro_long,
+    avro_string,
+    encode_plain,
+    read_plain,
+)
+from schemas import ENVELOPE_VERSION, KeyPair, frame
+
+__all__ = ["Envelope", "verify_envelope_signature"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Envelope:
+    """One revision of a run's envelope; ``steps`` are current-schema step bodies in
+    receipt-id order, ``receipt_ids`` the matching ids."""
+
+    namespace: str
+    workflow_id: str
+    run_id: str
+    workflow_type: str
+    parent_workflow_ids: tuple[str, ...]
+    started_at: int
+    completed_at: int | None
+    outcome: str
+    revision: int
+    complete: bool
+    missing_steps: int
+    expected_steps: int | None
+    allow_count: int
+    deny_count: int
+    receipt_ids: tuple[str, ...]
+    steps: tuple[bytes, ...] = field(repr=False)
+    chain_root: bytes
+    extra: tuple[tuple[str, str], ...] = ()
+    key_id: str = ""
+    signature: bytes = field(default=b"", repr=False)
+
+    @property
+    def step_count(self) -> int:
+        """Number of steps in this revision."""
+        return len(self.steps)
+
+    def metadata(self, *, signed: bool = True) -> dict[str, str]:
+        """The metadata map in ascending key order (with ``signature`` when ``signed``)."""
+        meta = {
+            "namespace": self.namespace,
+            "workflow_type": self.workflow_type,
+            "revision": str(self.revision),
+            "complete": "true" if self.complete else "false",
+            "missing_steps": str(self.missing_steps),
+            "expected_steps": "" if self.expected_steps is None else str(self.expected_steps),
+            "chain_root": self.chain_root.hex(),
+            "key_id": self.key_id,
+            **dict(self.extra),
+        }
+        if signed:
+            meta["signature"] = self.signature.hex()
+        return dict(sorted(meta.items()))
+
+    def _header(self) -> dict[str, Any]:
+        return {
+            "version": ENVELOPE_VERSION,
+            "workflow_id": self.workflow_id,
+            "run_id": self.run_id,
+            "parent_workflow_ids": list(self.parent_workflow_ids),
+            "started_at": self.started_at,
+            "completed_at": self.completed_at,
+            "outcome": self.outcome,
+            "step_count": self.step_count,
+            "allow_count": self.allow_count,
+            "deny_count": self.deny_count,
+            "steps": [],
+            "metadata": {},
+        }
+
+    def avro_body(self, *, signed: bool = True) -> bytes:
+        """Schemaless Avro body; ``signed=False`` gives the canonical bytes that are signed."""
+        # Empty steps and metadata end the body with two 0x00 terminators: splice there.
+        prefix = encode_plain(ENVELOPE_SCHEMA, self._header())[:-2]
+        steps = (
+            avro_long(len(self.steps)) + b"".join(self.steps) + b"\x00" if self.steps else b"\x00"
+        )
+        meta = self.metadata(signed=signed)
+        encoded_meta = b"".join(avro_string(k) + avro_string(v) for k, v in meta.items())
+        meta_bytes = avro_long(len(meta)) + encoded_meta + b"\x00" if meta else b"\x00"
+        return prefix + steps + meta_bytes
+
+    def signed_by(self, key: KeyPair) -> Envelope:
+        """A copy signed by ``key`` (the builder's key)."""
+        unsigned = replace(self, key_id=key.key_id, signature=b"")
+        return replace(unsigned, signature=key.sign(unsigned.avro_body(signed=False)))
+
+    def framed(self) -> bytes:
+        """The envelope in Avro single-object encoding, for the envelopes topic."""
+        return frame(ENVELOPE_SCHEMA, self.avro_body())
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``chio-temporal/v1`` JSON envelope (steps decoded, bytes as hex)."""
+        steps: list[dict[str, Any]] = []
+        for body in self.steps:
+            record = read_plain(STEP_SCHEMA, body)
+            record["prev_hash"] = record["prev_hash"].hex()
+            record["signature"] = record["signature"].hex()
+            steps.append(record)
+        return {
+            "version": ENVELOPE_VERSION,
+            "workflow_id": self.workflow_id,
+            "run_id": self.run_id,
+            "parent_workflow_ids": list(self.parent_workflow_ids),
+            "started_at": self.started_at,
+            "completed_at": self.completed_at,
+            "outcome": self.outcome,
+            "step_count": self.step_count,
+            "allow_count": self.allow_count,
+            "deny_count": self.deny_count,
+            "steps": steps,
+            "metadata": self.metadata(),
+        }
+
+
+def verify_envelope_signature(envelope: Envelope, public_key: bytes) -> bool:
+    """True when ``envelope.signature`` is the builder's signature of its canonical bytes."""
+    try:
+        nacl.signing.VerifyKey(public_key).verify(
+            envelope.avro_body(signed=False), envelope.signature
+        )
+    except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
+        return False
+    return True

@@ -1,0 +1,149 @@
+"""Decoding of the input topics on the hot path, and the Avro primitives the envelope needs.
+
+``schemas.decode`` converts logical types (uuid, timestamp-micros) into Python objects, which
+doubles the codec's cost. Messages written with the *current* schema are therefore read here with
+a copy of the schema stripped of logical types (ids stay strings, timestamps stay int
+microseconds, exactly what the ClickHouse rows need); any other writer schema goes through
+``schemas.decode`` (schema resolution) and is normalized to the same plain form.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import fastavro
+from fastavro.types import Schema
+
+from schemas import (
+    SCHEMA_FILES,
+    SINGLE_OBJECT_MAGIC,
+    MalformedBody,
+    RunCompletion,
+    StepReceipt,
+    UnknownFormat,
+    decode,
+    parsed_schema,
+    raw_schema,
+    schema_fingerprint,
+)
+
+__all__ = [
+    "ENVELOPE_SCHEMA",
+    "RUN_SCHEMA",
+    "STEP_SCHEMA",
+    "Plain",
+    "avro_long",
+    "avro_string",
+    "decode_plain",
+    "encode_plain",
+    "envelope_step_body",
+    "read_plain",
+]
+
+STEP_SCHEMA = "dev.chio.receipts.v1.StepReceipt"
+RUN_SCHEMA = "dev.chio.receipts.v1.RunCompletion"
+ENVELOPE_SCHEMA = "dev.chio.receipts.v1.WorkflowReceipt"
+_HEADER = len(SINGLE_OBJECT_MAGIC) + 8
+
+
+@dataclass(frozen=True, slots=True)
+class Plain:
+    """A decoded input event: schema name, plain record (no logical types), body as sent, and
+    whether the body was written with the current schema."""
+
+    schema_name: str
+    record: dict[str, Any]
+    body: bytes
+    current: bool
+
+
+def _strip(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip(v) for k, v in node.items() if k != "logicalType"}
+    if isinstance(node, list):
+        return [_strip(v) for v in node]
+    return node
+
+
+@cache
+def _plain_schemas() -> dict[str, Schema]:
+    named: dict[str, Any] = {}
+    out: dict[str, Schema] = {}
+    for name in SCHEMA_FILES:
+        out[name] = fastavro.parse_schema(_strip(raw_schema(name)), named_schemas=named)
+    return out
+
+
+@cache
+def _current() -> dict[bytes, str]:
+    return {schema_fingerprint(parsed_schema(name)): name for name in SCHEMA_FILES}
+
+
+def decode_plain(value: bytes) -> Plain:
+    """Decode a framed event; raises the ``schemas.DecodeError`` subclasses for bad input."""
+    if len(value) < _HEADER or value[:2] != SINGLE_OBJECT_MAGIC:
+        raise UnknownFormat(
+            f"not an Avro single-object message (first bytes {value[:2].hex() or 'none'})"
+        )
+    name = _current().get(value[2:_HEADER])
+    if name is None:
+        # Another writer version (resolution) or an unknown fingerprint (UnknownSchema).
+        decoded = decode(value)
+        record = decoded.record
+        if decoded.schema_name == STEP_SCHEMA:
+            record = StepReceipt.from_avro(record).to_avro()
+        elif decoded.schema_name == RUN_SCHEMA:
+            record = RunCompletion.from_avro(record).to_avro()
+        return Plain(decoded.schema_name, record, decoded.body, False)
+    body = value[_HEADER:]
+    buf = io.BytesIO(body)
+    try:
+        read: object = fastavro.schemaless_reader(buf, _plain_schemas()[name], None)
+    except Exception as exc:  # fastavro raises anything on corrupt input
+        raise MalformedBody(f"{name}: {type(exc).__name__}: {exc}") from exc
+    if buf.tell() != len(body):
+        raise MalformedBody(f"{name}: {len(body) - buf.tell()} trailing bytes after the record")
+    if not isinstance(read, dict):
+        raise MalformedBody(f"{name}: decoded to {type(read).__name__}")
+    return Plain(name, read, body, True)
+
+
+def encode_plain(name: str, record: dict[str, Any]) -> bytes:
+    """Schemaless body of a plain record (ids as strings, timestamps as int microseconds)."""
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, _plain_schemas()[name], record, strict=True)
+    return buf.getvalue()
+
+
+def read_plain(name: str, body: bytes) -> dict[str, Any]:
+    """Read a current-schema body known to be valid (e.g. one this process encoded)."""
+    record: object = fastavro.schemaless_reader(io.BytesIO(body), _plain_schemas()[name], None)
+    if not isinstance(record, dict):
+        raise MalformedBody(f"{name}: decoded to {type(record).__name__}")
+    return record
+
+
+def envelope_step_body(plain: Plain) -> bytes:
+    """The bytes of a step inside an envelope: its current-schema body. That is the wire body
+    itself for the current writer schema, a re-encoding otherwise."""
+    return plain.body if plain.current else encode_plain(STEP_SCHEMA, plain.record)
+
+
+def avro_long(n: int) -> bytes:
+    """Avro zig-zag varint of ``n``."""
+    z = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while z > 0x7F:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
+
+
+def avro_string(s: str) -> bytes:
+    """Avro encoding of a string."""
+    raw = s.encode("utf-8")
+    return avro_long(len(raw)) + raw
