@@ -48,8 +48,37 @@ def parsed_schema(name: str) -> Schema:
     return parsed
 
 
+def _strip_logical(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip_logical(v) for k, v in node.items() if k != "logicalType"}
+    if isinstance(node, list):
+        return [_strip_logical(v) for v in node]
+    return node
+
+
+@cache
+def _plain_schemas() -> dict[str, Schema]:
+    """The schemas without logical types, parsed once: same bytes, no conversion per field."""
+    named: dict[str, Any] = {}
+    return {
+        name: fastavro.parse_schema(_strip_logical(raw_schema(name)), named_schemas=named)
+        for name in SCHEMA_FILES
+    }
+
+
 def encode_body(name: str, record: dict[str, Any]) -> bytes:
-    """Schemaless Avro encoding of ``record`` with schema ``name``; strict (no extra fields)."""
+    """Schemaless Avro encoding of ``record`` with schema ``name``; strict (no extra fields).
+
+    Records of plain values (ids as ``str``, timestamps as ``int`` microseconds, as the records
+    of this package hold them) are written with the schema stripped of logical types: the bytes
+    are identical and the per-field conversion is skipped. A value the plain writer refuses (a
+    ``datetime`` or ``UUID``) is written by the logical-type schema, which also raises for a
+    record that is wrong.
+    """
     buf = io.BytesIO()
-    fastavro.schemaless_writer(buf, parsed_schema(name), record, strict=True)
+    try:
+        fastavro.schemaless_writer(buf, _plain_schemas()[name], record, strict=True)
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError):
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, parsed_schema(name), record, strict=True)
     return buf.getvalue()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import operator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -107,7 +108,8 @@ class StepReceipt:
 
     def to_avro(self) -> dict[str, Any]:
         """The record as the dict fastavro encodes (enums as symbols, sequences as lists)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        # Hot path (every receipt): one C-level attrgetter instead of dataclasses.fields().
+        d = dict(zip(_STEP_NAMES, _step_values(self), strict=True))
         d["verdict"] = self.verdict.value
         d["capability_chain"] = list(self.capability_chain)
         d["scope"] = list(self.scope)
@@ -116,7 +118,7 @@ class StepReceipt:
     @classmethod
     def from_avro(cls, d: dict[str, Any]) -> StepReceipt:
         """Build from a decoded Avro dict (ids as str, timestamps as int microseconds)."""
-        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        kw = {name: d[name] for name in _STEP_NAMES if name in d}
         kw["receipt_id"] = str(d["receipt_id"])
         kw["verdict"] = _enum(Verdict, d["verdict"])
         kw["capability_chain"] = tuple(d["capability_chain"])
@@ -127,7 +129,12 @@ class StepReceipt:
 
     def with_signature(self, *, key_id: str, signature: bytes) -> StepReceipt:
         """A copy carrying ``signature`` made with ``key_id``."""
-        return dataclasses.replace(self, key_id=key_id, signature=signature)
+        # Equivalent to dataclasses.replace (no __post_init__, every field is an init field)
+        # at a third of its cost: it runs once per signed receipt.
+        kw = dict(zip(_STEP_NAMES, _step_values(self), strict=True))
+        kw["key_id"] = key_id
+        kw["signature"] = signature
+        return StepReceipt(**kw)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,7 +165,7 @@ class RunCompletion:
 
     def to_avro(self) -> dict[str, Any]:
         """The record as the dict fastavro encodes."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = dict(zip(_RUN_NAMES, _run_values(self), strict=True))
         d["outcome"] = self.outcome.value
         d["source"] = self.source.value
         d["parent_workflow_ids"] = list(self.parent_workflow_ids)
@@ -167,7 +174,7 @@ class RunCompletion:
     @classmethod
     def from_avro(cls, d: dict[str, Any]) -> RunCompletion:
         """Build from a decoded Avro dict."""
-        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        kw = {name: d[name] for name in _RUN_NAMES if name in d}
         kw["event_id"] = str(d["event_id"])
         kw["outcome"] = _enum(Outcome, d["outcome"])
         kw["source"] = _enum(CompletionSource, d.get("source", "UNKNOWN"))
@@ -176,6 +183,13 @@ class RunCompletion:
             if ts in d:
                 kw[ts] = _micros(d[ts])
         return cls(**kw)
+
+
+# Field names in Avro order, computed once (dataclasses.fields() costs microseconds per call).
+_STEP_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(StepReceipt))
+_step_values = operator.attrgetter(*_STEP_NAMES)
+_RUN_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunCompletion))
+_run_values = operator.attrgetter(*_RUN_NAMES)
 
 
 def _enum(kind: type[Any], value: Any) -> Any:

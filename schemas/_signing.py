@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import nacl.exceptions
 import nacl.signing
@@ -73,10 +74,14 @@ def step_body(receipt: StepReceipt) -> bytes:
 
 def sign_receipt(receipt: StepReceipt, key: KeyPair) -> tuple[StepReceipt, bytes]:
     """Sign ``receipt``; returns the signed receipt and its wire body (encoded once)."""
-    unsigned = receipt.with_signature(key_id=key.key_id, signature=b"")
-    to_sign = step_body(unsigned)
+    # The record to sign is the receipt with this key id and an empty signature; build its dict
+    # directly instead of an intermediate unsigned copy (one record copy per receipt, not two).
+    record = receipt.to_avro()
+    record["key_id"] = key.key_id
+    record["signature"] = b""
+    to_sign = encode_body(STEP_SCHEMA, record)
     signature = key.sign(to_sign)
-    return unsigned.with_signature(key_id=key.key_id, signature=signature), (
+    return receipt.with_signature(key_id=key.key_id, signature=signature), (
         to_sign[:-1] + _SIG_PREFIX + signature
     )
 
@@ -95,10 +100,16 @@ def verify_body(body: bytes, public_key: bytes) -> bool:
         return False
     message, signature = parts
     try:
-        nacl.signing.VerifyKey(public_key).verify(message, signature)
+        _verify_key(bytes(public_key)).verify(message, signature)
     except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
         return False
     return True
+
+
+@lru_cache(maxsize=64)
+def _verify_key(public_key: bytes) -> nacl.signing.VerifyKey:
+    # A consumer verifies every step with one of a handful of keys: build each VerifyKey once.
+    return nacl.signing.VerifyKey(public_key)
 
 
 def verify_receipt(receipt: StepReceipt, public_keys: Mapping[str, bytes]) -> bool:
