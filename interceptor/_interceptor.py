@@ -61,6 +61,7 @@ from interceptor._evaluator import Evaluator
 from interceptor._grants import ActivityGrantOverride, GrantResolver, WorkflowGrant
 from interceptor._model import EvaluationRequest, SignedReceipt, is_subset, now_us, uuid7
 from interceptor._receipt import WorkflowReceipt, WorkflowStepReceipt, parse_outcome
+from interceptor._workflow_side import DenialUnwrappingWorkflowInterceptor
 from schemas import (
     CompletionSource,
     ReceiptSink,
@@ -125,7 +126,9 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
     key when omitted, so digests only compare within the process), ``grant_resolver`` (fallback
     grant lookup from ``activity.Info``), ``identity`` (worker identity in receipts),
     ``max_runs`` (bound of in-process run state), ``payload_converter`` (canonical argument
-    encoding; Temporal's default converter when omitted).
+    encoding; Temporal's default converter when omitted), ``unwrap_denials`` (workflow code
+    sees a denied activity as the ``ApplicationError`` itself rather than wrapped in
+    ``ActivityError``, so the seed's ``except ApplicationError`` saga matches it; default on).
 
     There is deliberately no ``scope_map``: scope travels with the grant's capability.
     """
@@ -144,6 +147,7 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
         identity: str | None = None,
         max_runs: int = 10_000,
         payload_converter: temporalio.converter.PayloadConverter | None = None,
+        unwrap_denials: bool = True,
     ) -> None:
         self._owned_client: ChioClient | None = None
         if evaluator is not None:
@@ -165,6 +169,7 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
         self.receipt_sink = receipt_sink
         self.identity = identity or f"{os.getpid()}@{socket.gethostname()}"
         self.stats = InterceptorStats()
+        self._unwrap_denials = unwrap_denials
         self._argument_key = argument_key or ArgumentKey.generate()
         self._converter = payload_converter or temporalio.converter.default().payload_converter
         self._resolver = grant_resolver
@@ -189,6 +194,12 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
     ) -> temporalio.worker.ActivityInboundInterceptor:
         """Wrap every activity with the gate."""
         return _ActivityInbound(next, self)
+
+    def workflow_interceptor_class(
+        self, input: temporalio.worker.WorkflowInterceptorClassInput
+    ) -> type[temporalio.worker.WorkflowInboundInterceptor] | None:
+        """Unwrap denials for workflow code (see ``unwrap_denials``)."""
+        return DenialUnwrappingWorkflowInterceptor if self._unwrap_denials else None
 
     # -- grants ----------------------------------------------------------------------------------
 

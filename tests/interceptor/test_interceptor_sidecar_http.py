@@ -1,0 +1,235 @@
+"""The sidecar HTTP API: in-process over httpx's ASGI transport, and served on a real port."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import pytest
+
+from interceptor import (
+    ChioClient,
+    ChioSidecarProtocolError,
+    ChioSidecarRejected,
+    ChioSidecarUnavailable,
+    ChioTemporalConfigError,
+    EvaluationRequest,
+    HttpSidecar,
+    LocalSidecar,
+    SidecarServer,
+    UnknownCapability,
+    create_sidecar_app,
+    verify_receipt,
+)
+from schemas import Verdict
+
+
+def _client(side: LocalSidecar, token: str | None = None) -> httpx.AsyncClient:
+    app = create_sidecar_app(side, token=token, max_body_bytes=4096)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sidecar")
+
+
+@pytest.mark.unit
+async def test_bad_requests_get_4xx_json_never_500() -> None:
+    side = LocalSidecar()
+    cap = side.mint("agent:a", ["read"], 60)
+    async with _client(side) as http:
+        cases = [
+            (await http.post("/v1/capabilities", content=b"{not json"), 400, "malformed_json"),
+            (await http.post("/v1/capabilities", content=b"[1, 2]"), 422, "invalid_request"),
+            (await http.post("/v1/capabilities", json={"scope": ["a"]}), 422, "missing_field"),
+            (
+                await http.post(
+                    "/v1/capabilities", json={"subject": 1, "scope": ["a"], "ttl_seconds": 5}
+                ),
+                422,
+                "invalid_field",
+            ),
+            (
+                await http.post(
+                    "/v1/capabilities", json={"subject": "s", "scope": [1], "ttl_seconds": 5}
+                ),
+                422,
+                "invalid_field",
+            ),
+            (
+                await http.post(
+                    "/v1/capabilities", json={"subject": "s", "scope": ["a"], "ttl_seconds": -1}
+                ),
+                422,
+                "invalid_capability",
+            ),
+            (
+                await http.post(
+                    "/v1/capabilities",
+                    json={"subject": "s", "scope": ["a"], "ttl_seconds": True},
+                ),
+                422,
+                "invalid_field",
+            ),
+            (await http.post("/v1/evaluate", content=b"x" * 5000), 413, "too_large"),
+            (await http.post("/v1/evaluate", json={"tool": "a"}), 422, "missing_field"),
+            (
+                await http.post(
+                    "/v1/evaluate",
+                    json={
+                        "capability_id": cap.id,
+                        "tool_server": "s",
+                        "tool": "read",
+                        "attempt": "one",
+                    },
+                ),
+                422,
+                "invalid_field",
+            ),
+            (
+                await http.post(
+                    "/v1/evaluate",
+                    json={
+                        "capability_id": cap.id,
+                        "tool_server": "s",
+                        "tool": "read",
+                        "prev_hash": "zz",
+                    },
+                ),
+                422,
+                "invalid_field",
+            ),
+            (
+                await http.post(
+                    "/v1/evaluate",
+                    json={
+                        "capability_id": cap.id,
+                        "tool_server": "s",
+                        "tool": "read",
+                        "attempt": 2**80,
+                    },
+                ),
+                422,
+                "invalid_field",
+            ),
+            (await http.get("/v1/capabilities/cap-missing"), 404, "unknown_capability"),
+            (
+                await http.post(f"/v1/capabilities/{cap.id}/attenuate", json={"scope": ["admin"]}),
+                409,
+                "scope_widening",
+            ),
+            (await http.get("/v1/nothing-here"), 404, "not_found"),
+            (await http.get("/v1/evaluate"), 405, "method_not_allowed"),
+        ]
+        for response, status, error in cases:
+            assert response.status_code == status, (response.request.url, response.text)
+            body = response.json()
+            assert body["error"] == error, body
+            assert body["reason"]
+
+
+@pytest.mark.unit
+async def test_bearer_token_guards_everything_but_keys_health_and_openapi() -> None:
+    side = LocalSidecar()
+    async with _client(side, token="s3cret") as http:
+        denied = await http.post(
+            "/v1/capabilities", json={"subject": "s", "scope": ["a"], "ttl_seconds": 5}
+        )
+        assert denied.status_code == 401
+        assert denied.json()["error"] == "unauthorized"
+        ok = await http.post(
+            "/v1/capabilities",
+            json={"subject": "s", "scope": ["a"], "ttl_seconds": 5},
+            headers={"authorization": "Bearer s3cret"},
+        )
+        assert ok.status_code == 201
+        assert (await http.get("/healthz")).json()["status"] == "ok"
+        keys = (await http.get("/v1/keys")).json()
+        assert keys["keys"][0]["public_key"] == side_public_hex(side)
+        doc = (await http.get("/openapi.json")).json()
+        assert doc["openapi"].startswith("3.")
+        assert {
+            "/v1/capabilities",
+            "/v1/capabilities/{cap_id}/attenuate",
+            "/v1/evaluate",
+            "/v1/keys",
+            "/healthz",
+        } <= set(doc["paths"])
+
+
+def side_public_hex(side: LocalSidecar) -> str:
+    return next(iter(side._public.values())).hex()
+
+
+@pytest.mark.unit
+async def test_http_sidecar_round_trip_and_errors_translated() -> None:
+    side = LocalSidecar()
+    transport = httpx.ASGITransport(app=create_sidecar_app(side))
+    async with HttpSidecar("http://sidecar", transport=transport) as http:
+        chio = ChioClient(http)
+        cap = await chio.create_capability("agent:a", ["read", "write"], 60)
+        child = await chio.attenuate(cap.id, scope=["read"])
+        assert child.parent_id == cap.id
+        assert (await chio.get_capability(child.id)).scope == ("read",)
+        signed = await chio.evaluate_tool_call(child.id, "srv", "read", workflow_id="wf")
+        assert signed.receipt.verdict is Verdict.ALLOW
+        assert signed.receipt.workflow_id == "wf"
+        assert verify_receipt(signed.receipt, await chio.public_keys())
+        with pytest.raises(ChioTemporalConfigError):
+            await chio.attenuate(cap.id, scope=["admin"])
+        with pytest.raises(UnknownCapability):
+            await chio.get_capability("cap-nope")
+        await chio.revoke(cap.id)
+        revoked = await chio.evaluate_tool_call(child.id, "srv", "read")
+        assert revoked.receipt.verdict is Verdict.DENY
+
+
+@pytest.mark.unit
+async def test_http_sidecar_rejects_a_tampered_answer() -> None:
+    side = LocalSidecar()
+    cap = side.mint("agent:a", ["read"], 60)
+    app = create_sidecar_app(side)
+
+    async def tamper(request: httpx.Request) -> httpx.Response:
+        inner = httpx.ASGITransport(app=app)
+        response = await inner.handle_async_request(request)
+        await response.aread()
+        if request.url.path != "/v1/evaluate":
+            return httpx.Response(response.status_code, content=response.content)
+        data = json.loads(response.content)
+        data["receipt"]["verdict"] = "ALLOW"
+        data["receipt"]["tool"] = "read"
+        body = base64.b64decode(data["body"])
+        data["body"] = base64.b64encode(body[:-1] + bytes([body[-1] ^ 1])).decode()
+        return httpx.Response(200, json=data)
+
+    async with HttpSidecar("http://sidecar", transport=httpx.MockTransport(tamper)) as http:
+        with pytest.raises(ChioSidecarProtocolError):
+            await http.evaluate(EvaluationRequest(capability_id=cap.id, tool_server="s", tool="x"))
+
+
+@pytest.mark.integration
+async def test_served_sidecar_on_a_real_port_stops_and_comes_back() -> None:
+    side = LocalSidecar()
+    server = SidecarServer(side)
+    await server.start()
+    http = HttpSidecar(server.url, timeout=1.0, retries=1, retry_wait=0.01)
+    try:
+        cap = await http.create_capability("agent:a", ["read"], 60)
+        raw = httpx.AsyncClient(base_url=server.url)
+        async with raw:
+            big = await raw.post("/v1/evaluate", content=b"{" + b" " * 70_000 + b"}")
+            assert big.status_code == 413
+            assert big.json()["error"] == "too_large"
+        await server.stop()
+        request = EvaluationRequest(capability_id=cap.id, tool_server="s", tool="read")
+        with pytest.raises(ChioSidecarUnavailable):
+            await http.evaluate(request)
+        await server.start()
+        signed = await http.evaluate(
+            EvaluationRequest(capability_id=cap.id, tool_server="s", tool="read")
+        )
+        assert signed.receipt.verdict is Verdict.ALLOW
+        async with HttpSidecar(server.url) as other:
+            with pytest.raises(ChioSidecarRejected):
+                await other.revoke("cap-unknown-id")
+    finally:
+        await http.aclose()
+        await server.stop()
