@@ -1,0 +1,209 @@
+"""ReceiptStreamer and ensure_topics against the session's real Kafka broker."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from kafka_helpers import config, consume, receipt_id_of
+
+import schemas
+import streamer
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "schemas"))
+from avro_strategies import sample_run, sample_step  # noqa: E402
+from test_schemas_wire import FakeRegistry  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+KEY = schemas.KeyPair.generate("test-key")
+
+
+def _signed(run: str, i: int) -> tuple[schemas.StepReceipt, bytes]:
+    r = sample_step(
+        receipt_id=str(uuid.uuid4()), workflow_id=f"wf-{run}", run_id=run, activity_id=str(i)
+    )
+    return schemas.sign_receipt(r, KEY)
+
+
+def _envelope(run: str) -> dict[str, Any]:
+    step, _ = _signed(run, 0)
+    return {
+        "version": "chio-temporal/v1", "workflow_id": f"wf-{run}", "run_id": run,
+        "parent_workflow_ids": [], "started_at": 1, "completed_at": 2, "outcome": "success",
+        "step_count": 1, "allow_count": 1, "deny_count": 0, "steps": [step.to_avro()],
+        "metadata": {"namespace": "default", "revision": "1"},
+    }
+
+
+async def test_ensure_topics_is_idempotent_and_refuses_broken_co_partitioning(
+    kafka_bootstrap: str, unique: Callable[[str], str]
+) -> None:
+    cfg = streamer.TopicsConfig(prefix=unique("t") + ".", partitions=3)
+    first = await streamer.ensure_topics(kafka_bootstrap, cfg)
+    assert {s.partitions for n, s in first.items() if n in (cfg.steps, cfg.runs)} == {3}
+    assert all(s.created for s in first.values())
+    assert first[cfg.dlq_topic].partitions == 1
+    again = await streamer.ensure_topics(kafka_bootstrap, cfg)
+    assert not any(s.created for s in again.values())
+
+    bad = streamer.TopicsConfig(prefix=unique("bad") + ".", partitions=3)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(bad.runs, num_partitions=2, replication_factor=1)])
+    finally:
+        await admin.close()
+    with pytest.raises(streamer.TopicMismatch):
+        await streamer.ensure_topics(kafka_bootstrap, bad)
+
+
+@pytest.mark.parametrize("wire_format", ["single_object", "confluent"])
+async def test_every_event_type_round_trips_through_kafka(
+    kafka_bootstrap: str, unique: Callable[[str], str], tmp_path: Path, wire_format: str
+) -> None:
+    cfg = config(kafka_bootstrap, str(tmp_path / "spool"), unique("rt") + ".", durability="queued")
+    await streamer.ensure_topics(kafka_bootstrap, cfg.topics)
+    fake = FakeRegistry()
+    registry = schemas.SchemaRegistryClient(
+        "http://registry.test", transport=httpx.MockTransport(fake.handler)
+    )
+    codec = schemas.Codec(registry, wire_format=wire_format)  # type: ignore[arg-type]
+    step, body = _signed("run-rt", 1)
+    event = sample_run(run_id="run-rt", workflow_id="wf-run-rt")
+    envelope = _envelope("run-rt")
+    async with streamer.ReceiptStreamer(cfg, codec=codec) as s:
+        await s.publish_step(step, body)
+        await s.publish_completion(event)
+        await s.publish_envelope(envelope)
+        assert await s.flush(30)
+    t = cfg.topics
+    got = await consume(kafka_bootstrap, [t.steps, t.runs, t.envelopes_topic], 3)
+    by_topic = {r.topic: r for r in got}
+    assert set(by_topic) == {t.steps, t.runs, t.envelopes_topic}
+    reader = schemas.Codec(
+        schemas.SchemaRegistryClient(
+            "http://registry.test", transport=httpx.MockTransport(fake.handler)
+        )
+    )
+    for r in got:
+        assert r.value[0] == (0 if wire_format == "confluent" else 0xC3)
+        headers = dict(r.headers)
+        assert headers["ce_specversion"] == b"1.0"
+        assert headers["content-type"] == b"application/avro"
+        n = cfg.topics.settings()[r.topic].partitions
+        assert r.partition == streamer.partition_for(r.key, n)
+    s_rec = by_topic[t.steps]
+    decoded = await reader.decode_async(s_rec.value)
+    assert decoded.body == body  # the signed body travels unchanged
+    assert schemas.verify_body(decoded.body, KEY.public_key)
+    assert schemas.StepReceipt.from_avro(decoded.record) == step
+    assert dict(s_rec.headers)["ce_id"] == step.receipt_id.encode()
+    assert s_rec.key == step.run_key.encode()
+    run = schemas.RunCompletion.from_avro((await reader.decode_async(by_topic[t.runs].value)).record)
+    assert run == event
+    env = (await reader.decode_async(by_topic[t.envelopes_topic].value)).record
+    assert env["run_id"] == "run-rt"
+    assert len(env["steps"]) == 1
+    await registry.aclose()
+
+
+@pytest.mark.parametrize("durability", ["queued", "before_execute"])
+async def test_order_per_run_key_is_kept(
+    kafka_bootstrap: str, unique: Callable[[str], str], tmp_path: Path, durability: str
+) -> None:
+    cfg = config(kafka_bootstrap, str(tmp_path / "spool"), unique("ord") + ".",
+                 durability=durability)
+    await streamer.ensure_topics(kafka_bootstrap, cfg.topics)
+    sent: dict[bytes, list[str]] = defaultdict(list)
+    async with streamer.ReceiptStreamer(cfg) as s:
+        for i in range(300):
+            step, body = _signed(f"run-{i % 5}", i)
+            sent[step.run_key.encode()].append(step.receipt_id)
+            await s.publish_step(step, body)
+            if i % 50 == 0:
+                await asyncio.sleep(0)  # let the sender interleave with publishing
+        assert await s.flush(30)
+        produced = s.metrics.registry.get_sample_value(
+            "chio_streamer_produced_total", {"topic": cfg.topics.steps}
+        )
+        assert produced == 300
+    got = await consume(kafka_bootstrap, [cfg.topics.steps], 300)
+    received: dict[bytes, list[str]] = defaultdict(list)
+    for r in sorted(got, key=lambda r: (r.partition, r.offset)):
+        received[r.key].append(receipt_id_of(r.value))
+    assert received == sent
+
+
+async def test_unreachable_broker_spools_and_stop_is_bounded(
+    unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    cfg = config("127.0.0.1:1", str(tmp_path / "spool"), unique("down") + ".",
+                 durability="queued", stop_timeout_s=3.0)
+    s = streamer.ReceiptStreamer(cfg)
+    await s.start()
+    for i in range(20):
+        await s.publish_step(*_signed("run-down", i))
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await s.stop()
+    assert loop.time() - t0 < 5.0
+    with streamer.Spool(tmp_path / "spool") as spool:
+        assert spool.depth == 20
+    full = config("127.0.0.1:1", str(tmp_path / "full"), "x.", durability="before_execute",
+                  spool_max_bytes=2000, stop_timeout_s=2.0)
+    async with streamer.ReceiptStreamer(full) as s2:
+        with pytest.raises(schemas.ReceiptSinkError):
+            for i in range(50):
+                await s2.publish_step(*_signed("run-full", i))
+        assert s2.metrics.registry.get_sample_value("chio_streamer_rejected_total") == 1
+
+
+async def test_broker_kill_9_mid_stream_loses_no_receipt(
+    stack: Any, kafka_bootstrap: str, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    cfg = config(kafka_bootstrap, str(tmp_path / "spool"), unique("kill") + ".",
+                 durability="queued")
+    await streamer.ensure_topics(kafka_bootstrap, cfg.topics)
+    produced: set[str] = set()
+    loop = asyncio.get_running_loop()
+    async with streamer.ReceiptStreamer(cfg) as s:
+
+        async def publish(n: int, start: int) -> None:
+            for i in range(start, start + n):
+                step, body = _signed(f"run-{i % 11}", i)
+                await s.publish_step(step, body)
+                produced.add(step.receipt_id)
+                if i % 20 == 0:
+                    await asyncio.sleep(0.02)
+
+        await publish(300, 0)
+        stack.kafka.kill()
+        killed_at = loop.time()
+        # Keep producing while the broker is down (about 10 s): the spool takes it.
+        while loop.time() - killed_at < 10:
+            await publish(20, len(produced))
+            await asyncio.sleep(0.2)
+        assert s.pending > 0
+        await stack.kafka.restart()
+        await publish(200, len(produced))
+        assert await s.flush(90), f"still pending: {s.pending}"
+        spooled = sum(
+            m.value
+            for metric in s.metrics.registry.collect()
+            if metric.name == "chio_streamer_spooled"
+            for m in metric.samples
+            if m.name.endswith("_total")
+        )
+        assert spooled > 0
+    got = await consume(kafka_bootstrap, [cfg.topics.steps], len(produced), timeout=60)
+    received = {receipt_id_of(r.value) for r in got}
+    assert received == produced
