@@ -19,6 +19,10 @@ Per attempt (regular and local activities, every retry):
 
 Receipts never enter workflow history: activity results are returned untouched.
 
+Workflow side: a denied activity reaches workflow code as the ``ApplicationError`` itself (not
+wrapped in ``ActivityError``), so the seed's ``except ApplicationError`` saga matches it; see
+``_workflow_side`` and ``unwrap_denials``.
+
 Memory: per-run state (the in-process ``WorkflowReceipt`` and the chain head) lives until
 ``flush_workflow_receipt``; runs that are never flushed are evicted least-recently-used beyond
 ``max_runs`` (their receipts already went to the sink; only the in-process envelope is lost,
