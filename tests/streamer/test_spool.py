@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamer import AsyncSpool, Spool, SpoolFull, SpoolRecord
@@ -80,7 +80,9 @@ def test_ack_position_survives_reopen(tmp_path: Path) -> None:
         assert _drain(spool) == records[4:]
 
 
-def test_torn_tail_is_truncated_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_torn_tail_is_truncated_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     records = [_rec(i) for i in range(5)]
     with Spool(tmp_path) as spool:
         spool.append(records, fsync=True)
@@ -147,7 +149,8 @@ _CHILD = textwrap.dedent(
     spool.open()
     i = 0
     while True:
-        rec = SpoolRecord(topic="t", key=b"k", value=b"v" * (i % 300), headers=(("n", str(i).encode()),))
+        n = str(i).encode()
+        rec = SpoolRecord(topic="t", key=b"k", value=b"v" * (i % 300), headers=(("n", n),))
         spool.append([rec], fsync=True)
         print(i, flush=True)  # acknowledged to the parent only after the fsync'd append
         i += 1

@@ -19,8 +19,8 @@ import schemas
 import streamer
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "schemas"))
-from avro_strategies import sample_run, sample_step  # noqa: E402
-from test_schemas_wire import FakeRegistry  # noqa: E402
+from avro_strategies import sample_run, sample_step
+from test_schemas_wire import FakeRegistry
 
 pytestmark = pytest.mark.integration
 
@@ -37,9 +37,17 @@ def _signed(run: str, i: int) -> tuple[schemas.StepReceipt, bytes]:
 def _envelope(run: str) -> dict[str, Any]:
     step, _ = _signed(run, 0)
     return {
-        "version": "chio-temporal/v1", "workflow_id": f"wf-{run}", "run_id": run,
-        "parent_workflow_ids": [], "started_at": 1, "completed_at": 2, "outcome": "success",
-        "step_count": 1, "allow_count": 1, "deny_count": 0, "steps": [step.to_avro()],
+        "version": "chio-temporal/v1",
+        "workflow_id": f"wf-{run}",
+        "run_id": run,
+        "parent_workflow_ids": [],
+        "started_at": 1,
+        "completed_at": 2,
+        "outcome": "success",
+        "step_count": 1,
+        "allow_count": 1,
+        "deny_count": 0,
+        "steps": [step.to_avro()],
         "metadata": {"namespace": "default", "revision": "1"},
     }
 
@@ -108,7 +116,9 @@ async def test_every_event_type_round_trips_through_kafka(
     assert schemas.StepReceipt.from_avro(decoded.record) == step
     assert dict(s_rec.headers)["ce_id"] == step.receipt_id.encode()
     assert s_rec.key == step.run_key.encode()
-    run = schemas.RunCompletion.from_avro((await reader.decode_async(by_topic[t.runs].value)).record)
+    run = schemas.RunCompletion.from_avro(
+        (await reader.decode_async(by_topic[t.runs].value)).record
+    )
     assert run == event
     env = (await reader.decode_async(by_topic[t.envelopes_topic].value)).record
     assert env["run_id"] == "run-rt"
@@ -120,8 +130,9 @@ async def test_every_event_type_round_trips_through_kafka(
 async def test_order_per_run_key_is_kept(
     kafka_bootstrap: str, unique: Callable[[str], str], tmp_path: Path, durability: str
 ) -> None:
-    cfg = config(kafka_bootstrap, str(tmp_path / "spool"), unique("ord") + ".",
-                 durability=durability)
+    cfg = config(
+        kafka_bootstrap, str(tmp_path / "spool"), unique("ord") + ".", durability=durability
+    )
     await streamer.ensure_topics(kafka_bootstrap, cfg.topics)
     sent: dict[bytes, list[str]] = defaultdict(list)
     async with streamer.ReceiptStreamer(cfg) as s:
@@ -146,8 +157,13 @@ async def test_order_per_run_key_is_kept(
 async def test_unreachable_broker_spools_and_stop_is_bounded(
     unique: Callable[[str], str], tmp_path: Path
 ) -> None:
-    cfg = config("127.0.0.1:1", str(tmp_path / "spool"), unique("down") + ".",
-                 durability="queued", stop_timeout_s=3.0)
+    cfg = config(
+        "127.0.0.1:1",
+        str(tmp_path / "spool"),
+        unique("down") + ".",
+        durability="queued",
+        stop_timeout_s=3.0,
+    )
     s = streamer.ReceiptStreamer(cfg)
     await s.start()
     for i in range(20):
@@ -158,20 +174,31 @@ async def test_unreachable_broker_spools_and_stop_is_bounded(
     assert loop.time() - t0 < 5.0
     with streamer.Spool(tmp_path / "spool") as spool:
         assert spool.depth == 20
-    full = config("127.0.0.1:1", str(tmp_path / "full"), "x.", durability="before_execute",
-                  spool_max_bytes=2000, stop_timeout_s=2.0)
+    full = config(
+        "127.0.0.1:1",
+        str(tmp_path / "full"),
+        "x.",
+        durability="before_execute",
+        spool_max_bytes=2000,
+        stop_timeout_s=2.0,
+    )
     async with streamer.ReceiptStreamer(full) as s2:
-        with pytest.raises(schemas.ReceiptSinkError):
+
+        async def fill() -> None:
             for i in range(50):
                 await s2.publish_step(*_signed("run-full", i))
+
+        with pytest.raises(schemas.ReceiptSinkError):
+            await fill()
         assert s2.metrics.registry.get_sample_value("chio_streamer_rejected_total") == 1
 
 
 async def test_broker_kill_9_mid_stream_loses_no_receipt(
     stack: Any, kafka_bootstrap: str, unique: Callable[[str], str], tmp_path: Path
 ) -> None:
-    cfg = config(kafka_bootstrap, str(tmp_path / "spool"), unique("kill") + ".",
-                 durability="queued")
+    cfg = config(
+        kafka_bootstrap, str(tmp_path / "spool"), unique("kill") + ".", durability="queued"
+    )
     await streamer.ensure_topics(kafka_bootstrap, cfg.topics)
     produced: set[str] = set()
     loop = asyncio.get_running_loop()

@@ -17,7 +17,7 @@ import streamer
 from streamer._history import completion_event_id, outcome_of
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "schemas"))
-from avro_strategies import sample_run, sample_step  # noqa: E402
+from avro_strategies import sample_run, sample_step
 
 pytestmark = pytest.mark.unit
 
@@ -75,9 +75,17 @@ def test_completion_and_envelope_records() -> None:
     assert schemas.RunCompletion.from_avro(schemas.decode(rec.value).record) == event
     assert dict(rec.headers)["ce_id"] == event.event_id.encode()
     envelope = {
-        "version": "chio-temporal/v1", "workflow_id": "w", "run_id": "r",
-        "parent_workflow_ids": [], "started_at": 1, "completed_at": 2, "outcome": "success",
-        "step_count": 0, "allow_count": 0, "deny_count": 0, "steps": [],
+        "version": "chio-temporal/v1",
+        "workflow_id": "w",
+        "run_id": "r",
+        "parent_workflow_ids": [],
+        "started_at": 1,
+        "completed_at": 2,
+        "outcome": "success",
+        "step_count": 0,
+        "allow_count": 0,
+        "deny_count": 0,
+        "steps": [],
         "metadata": {"namespace": "ns", "revision": "3"},
     }
     rec = streamer.envelope_record(envelope, topic="env", source="s")
@@ -109,14 +117,22 @@ def test_history_facts_count_attempts_markers_and_links() -> None:
                 "parent_workflow_execution": {"workflow_id": "parent", "run_id": "prun"},
             },
         ),
-        _ev(EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED,
-            activity_task_started_event_attributes={"attempt": 3}),
-        _ev(EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED,
-            activity_task_started_event_attributes={"attempt": 1}),
-        _ev(EventType.EVENT_TYPE_MARKER_RECORDED,
-            marker_recorded_event_attributes={"marker_name": "core_local_activity"}),
-        _ev(EventType.EVENT_TYPE_MARKER_RECORDED,
-            marker_recorded_event_attributes={"marker_name": "core_patch"}),
+        _ev(
+            EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED,
+            activity_task_started_event_attributes={"attempt": 3},
+        ),
+        _ev(
+            EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED,
+            activity_task_started_event_attributes={"attempt": 1},
+        ),
+        _ev(
+            EventType.EVENT_TYPE_MARKER_RECORDED,
+            marker_recorded_event_attributes={"marker_name": "core_local_activity"},
+        ),
+        _ev(
+            EventType.EVENT_TYPE_MARKER_RECORDED,
+            marker_recorded_event_attributes={"marker_name": "core_patch"},
+        ),
         _ev(
             EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW,
             workflow_execution_continued_as_new_event_attributes={"new_execution_run_id": "next"},
@@ -137,9 +153,16 @@ def test_completion_event_maps_outcomes_and_ids_are_deterministic() -> None:
     facts = streamer.history_facts([])
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     ev = streamer.completion_event(
-        namespace="ns", workflow_id="w", run_id="r", workflow_type="T", task_queue="q",
-        status=WorkflowExecutionStatus.TERMINATED, start_time=t0,
-        close_time=t0 + timedelta(seconds=1), facts=facts, parent_workflow_ids=("p",),
+        namespace="ns",
+        workflow_id="w",
+        run_id="r",
+        workflow_type="T",
+        task_queue="q",
+        status=WorkflowExecutionStatus.TERMINATED,
+        start_time=t0,
+        close_time=t0 + timedelta(seconds=1),
+        facts=facts,
+        parent_workflow_ids=("p",),
         emitted_at=5,
     )
     assert ev.outcome is schemas.Outcome.TERMINATED
@@ -171,8 +194,10 @@ def test_topics_config_co_partitions_steps_and_runs() -> None:
     s = cfg.settings()
     assert s["x.chio.receipts.steps.v1"].partitions == s["x.chio.receipts.runs.v1"].partitions == 3
     assert set(s) == {
-        "x.chio.receipts.steps.v1", "x.chio.receipts.runs.v1",
-        "x.chio.receipts.envelopes.v1", "x.chio.receipts.dlq.v1",
+        "x.chio.receipts.steps.v1",
+        "x.chio.receipts.runs.v1",
+        "x.chio.receipts.envelopes.v1",
+        "x.chio.receipts.dlq.v1",
     }
     assert s["x.chio.receipts.envelopes.v1"].configs()["cleanup.policy"] == "compact,delete"
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -15,6 +17,7 @@ from kafka_helpers import config, consume
 from temporalio import activity, workflow
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
 from temporalio.worker import (
     ActivityInboundInterceptor,
     ExecuteActivityInput,
@@ -81,15 +84,18 @@ class Retrying:
         a = await workflow.execute_activity(flaky, 2, retry_policy=policy, **_OPTS)
         b = await workflow.execute_activity(flaky, 0, retry_policy=policy, **_OPTS)
         await workflow.execute_local_activity(quick, **_OPTS)
-        try:
+        # The failure is the point: three receipted attempts, then the workflow goes on.
+        with contextlib.suppress(ActivityError):
             await workflow.execute_activity(
-                flaky, 99, retry_policy=RetryPolicy(
-                    initial_interval=timedelta(milliseconds=50), backoff_coefficient=1.0,
+                flaky,
+                99,
+                retry_policy=RetryPolicy(
+                    initial_interval=timedelta(milliseconds=50),
+                    backoff_coefficient=1.0,
                     maximum_attempts=3,
-                ), **_OPTS,
+                ),
+                **_OPTS,
             )
-        except Exception:  # noqa: S110 - the failure is the point: three receipted attempts
-            pass
         return a + b
 
 
@@ -133,12 +139,16 @@ async def test_watcher_emits_every_closed_run_once_with_links(
     cfg = config(kafka_bootstrap, str(tmp_path / "spool"), unique("w") + ".")
     await streamer.ensure_topics(kafka_bootstrap, cfg.topics)
     async with Worker(
-        temporal_client, task_queue=tq, workflows=[Sleeper, Parent, Child, Chain],
+        temporal_client,
+        task_queue=tq,
+        workflows=[Sleeper, Parent, Child, Chain],
         activities=[quick],
     ):
         term = await temporal_client.start_workflow(Sleeper.run, id=unique("term"), task_queue=tq)
         timed = await temporal_client.start_workflow(
-            Sleeper.run, id=unique("timeout"), task_queue=tq,
+            Sleeper.run,
+            id=unique("timeout"),
+            task_queue=tq,
             execution_timeout=timedelta(seconds=1),
         )
         parent_id, child_id, chain_id = unique("parent"), unique("child"), unique("chain")
@@ -183,10 +193,12 @@ async def test_watcher_emits_every_closed_run_once_with_links(
     assert by_wf[parent_id][0].parent_workflow_ids == ()
     chain = sorted(by_wf[chain_id], key=lambda e: e.started_at)
     assert [e.outcome for e in chain] == [
-        schemas.Outcome.CONTINUED_AS_NEW, schemas.Outcome.CONTINUED_AS_NEW, schemas.Outcome.SUCCESS
+        schemas.Outcome.CONTINUED_AS_NEW,
+        schemas.Outcome.CONTINUED_AS_NEW,
+        schemas.Outcome.SUCCESS,
     ]
     assert chain[0].continued_from_run_id is None
-    for prev, nxt in zip(chain, chain[1:], strict=False):
+    for prev, nxt in itertools.pairwise(chain):
         assert prev.continued_as_new_run_id == nxt.run_id
         assert nxt.continued_from_run_id == prev.run_id
     assert all(e.expected_steps == 1 for e in chain)
@@ -212,11 +224,15 @@ async def test_expected_steps_equals_receipted_attempts_with_retries(
     tq = unique("tq")
     counting = _Counting()
     async with Worker(
-        temporal_client, task_queue=tq, workflows=[Retrying], activities=[flaky, quick],
+        temporal_client,
+        task_queue=tq,
+        workflows=[Retrying],
+        activities=[flaky, quick],
         interceptors=[counting],
     ):
-        handle = await temporal_client.start_workflow(Retrying.run, id=unique("retry"),
-                                                      task_queue=tq)
+        handle = await temporal_client.start_workflow(
+            Retrying.run, id=unique("retry"), task_queue=tq
+        )
         assert await asyncio.wait_for(handle.result(), 60) == 4
     sink = _ListSink()
     watcher = _watcher(temporal_client, sink, tmp_path, tq)

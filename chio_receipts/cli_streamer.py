@@ -1,0 +1,188 @@
+"""CLI commands of the streaming side: ``watch`` (the completion watcher) and ``topics ensure``.
+
+The root app registers them with :func:`register`. Environment variables are read here (typer
+``envvar``), nowhere deeper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from prometheus_client import CollectorRegistry
+from rich.console import Console
+from temporalio.client import Client
+
+from streamer import (
+    CompletionWatcher,
+    ReceiptStreamer,
+    StreamerConfig,
+    StreamerError,
+    StreamerMetrics,
+    TopicsConfig,
+    WatcherConfig,
+    ensure_topics,
+    start_metrics_server,
+)
+
+__all__ = ["ensure", "register", "topics_app", "watch"]
+
+log = logging.getLogger(__name__)
+_err = Console(stderr=True, highlight=False)
+
+Bootstrap = Annotated[
+    str, typer.Option("--bootstrap", envvar="CHIO_KAFKA_BOOTSTRAP", help="Kafka bootstrap servers")
+]
+Prefix = Annotated[
+    str,
+    typer.Option(envvar="CHIO_TOPIC_PREFIX", help="Prefix prepended to every topic name."),
+]
+Partitions = Annotated[
+    int,
+    typer.Option(
+        envvar="CHIO_TOPIC_PARTITIONS",
+        min=1,
+        help="Partitions of the steps and runs topics (always equal: co-partitioning).",
+    ),
+]
+
+topics_app = typer.Typer(help="Kafka topics of the pipeline.", no_args_is_help=True)
+
+
+@topics_app.callback()
+def _topics() -> None:
+    """Kafka topics of the pipeline."""
+
+
+@topics_app.command("ensure")
+def ensure(
+    bootstrap: Bootstrap = "127.0.0.1:9092",
+    prefix: Prefix = "",
+    partitions: Partitions = 6,
+    replication_factor: Annotated[int, typer.Option(min=1)] = 1,
+    retention_days: Annotated[
+        int, typer.Option(min=1, help="Retention of the steps and runs topics.")
+    ] = 30,
+) -> None:
+    """Create the steps, runs, envelopes and dead-letter topics if missing (idempotent)."""
+    day_ms = 24 * 3600 * 1000
+    config = TopicsConfig(
+        prefix=prefix,
+        partitions=partitions,
+        replication_factor=replication_factor,
+        steps_retention_ms=retention_days * day_ms,
+        runs_retention_ms=retention_days * day_ms,
+    )
+    try:
+        states = asyncio.run(ensure_topics(bootstrap, config))
+    except StreamerError as exc:
+        _err.print(f"[red]topics ensure failed:[/red] {exc}")
+        raise typer.Exit(1) from None
+    for name, state in states.items():
+        # One plain line per topic: greppable, never wrapped.
+        typer.echo(f"{name}\t{state.partitions}\t{'created' if state.created else 'exists'}")
+
+
+def watch(
+    bootstrap: Bootstrap = "127.0.0.1:9092",
+    temporal: Annotated[
+        str, typer.Option(envvar="CHIO_TEMPORAL_ADDRESS", help="Temporal frontend host:port")
+    ] = "127.0.0.1:7233",
+    namespace: Annotated[str, typer.Option(envvar="CHIO_TEMPORAL_NAMESPACE")] = "default",
+    prefix: Prefix = "",
+    state_dir: Annotated[
+        Path,
+        typer.Option(
+            envvar="CHIO_WATCHER_DIR",
+            help="Checkpoint and spool of the watcher (kept across runs).",
+        ),
+    ] = Path(".data/watcher"),
+    poll_seconds: Annotated[float, typer.Option(min=0.1)] = 2.0,
+    lookback_hours: Annotated[
+        float | None,
+        typer.Option(help="On first start, emit runs closed this recently (default: all)."),
+    ] = None,
+    query_filter: Annotated[
+        str, typer.Option(help="Extra visibility filter ANDed to the query, e.g. TaskQueue=...")
+    ] = "",
+    metrics_port: Annotated[
+        int | None, typer.Option(envvar="CHIO_METRICS_PORT", help="Prometheus port (127.0.0.1)")
+    ] = None,
+    once: Annotated[bool, typer.Option(help="Poll once and exit.")] = False,
+) -> None:
+    """Emit a run-completion event for every workflow run that closes on the Temporal server."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    start_from = (
+        datetime.now(UTC) - timedelta(hours=lookback_hours) if lookback_hours is not None else None
+    )
+    streamer_config = StreamerConfig(
+        bootstrap_servers=bootstrap,
+        spool_dir=str(state_dir / "spool"),
+        topics=TopicsConfig(prefix=prefix),
+        client_id="chio-receipts-watcher",
+        source="urn:chio-receipts:watcher",
+        durability="before_execute",
+    )
+    watcher_config = WatcherConfig(
+        checkpoint_path=str(state_dir / "checkpoint.json"),
+        poll_interval_s=poll_seconds,
+        start_from=start_from,
+        query_filter=query_filter,
+    )
+    registry = CollectorRegistry(auto_describe=True)
+    metrics = StreamerMetrics(registry)
+    if metrics_port is not None:
+        start_metrics_server(metrics_port, registry)
+    try:
+        asyncio.run(_watch(temporal, namespace, streamer_config, watcher_config, metrics, once))
+    except StreamerError as exc:
+        _err.print(f"[red]watcher failed:[/red] {exc}")
+        raise typer.Exit(1) from None
+
+
+async def _watch(
+    address: str,
+    namespace: str,
+    streamer_config: StreamerConfig,
+    watcher_config: WatcherConfig,
+    metrics: StreamerMetrics,
+    once: bool,
+) -> None:
+    try:
+        client = await asyncio.wait_for(Client.connect(address, namespace=namespace), 30)
+    except (TimeoutError, RuntimeError, OSError) as exc:
+        _err.print(f"[red]cannot connect to Temporal at {address}:[/red] {exc}")
+        raise typer.Exit(1) from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with ReceiptStreamer(streamer_config, metrics=metrics) as sink:
+        watcher = CompletionWatcher(client, sink, watcher_config, metrics=metrics)
+        if once:
+            n = await watcher.poll_once()
+            typer.echo(f"emitted {n} run completions")
+            if not await sink.flush(30):
+                _err.print(f"{sink.pending} completions left in the spool for the next run")
+        else:
+            await watcher.run(stop)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``watch`` and ``topics ensure`` to ``app``."""
+    app.command("watch")(watch)
+    app.add_typer(topics_app, name="topics")
+
+
+if __name__ == "__main__":  # a standalone entry for child processes in tests
+    _app = typer.Typer(add_completion=False)
+    register(_app)
+    _app(sys.argv[1:])
