@@ -178,6 +178,7 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
         self._converter = payload_converter or temporalio.converter.default().payload_converter
         self._resolver = grant_resolver
         self._grants: dict[tuple[str, str | None], WorkflowGrant] = {}
+        self._prune_grants_at = 1024
         self._overrides: dict[str, ActivityGrantOverride] = {}
         self._runs: OrderedDict[tuple[str, str], _Run] = OrderedDict()
         self._max_runs = max_runs
@@ -209,9 +210,16 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
 
     def register_workflow_grant(self, grant: WorkflowGrant) -> None:
         """Register ``grant`` for its workflow_id (and run_id, if pinned). Replaces an earlier
-        grant for the same key."""
+        grant for the same key. Grants whose capability expired are pruned as the table grows."""
         with self._lock:
             self._grants[(grant.workflow_id, grant.run_id)] = grant
+            if len(self._grants) > self._prune_grants_at:
+                # Grants are registered per workflow and never flushed: drop expired ones
+                # whenever the table doubles, so a long-lived worker stays bounded.
+                now = now_us()
+                for key in [k for k, g in self._grants.items() if g.token.expired(now)]:
+                    del self._grants[key]
+                self._prune_grants_at = max(1024, 2 * len(self._grants))
 
     def unregister_workflow_grant(self, workflow_id: str, run_id: str | None = None) -> None:
         """Forget a registered grant (no error if absent)."""

@@ -23,6 +23,8 @@ from interceptor import (
     ChioClient,
     ChioTemporalConfigError,
     EvaluationRequest,
+    Evaluator,
+    HttpSidecar,
     InMemoryReceiptSink,
     LocalSidecar,
     ScopeWidening,
@@ -36,7 +38,7 @@ from interceptor import (
     uuid7,
     verify_receipt,
 )
-from schemas import ReceiptSinkError, Verdict, encode, receipt_hash
+from schemas import ReceiptSink, ReceiptSinkError, Verdict, encode, receipt_hash
 
 pytestmark = pytest.mark.unit
 
@@ -355,3 +357,22 @@ async def test_wider_override_is_a_config_error_with_a_deny_receipt() -> None:
     assert err.value.non_retryable
     assert sink.steps[-1][0].verdict is Verdict.DENY
     assert "not a subset" in sink.steps[-1][0].reason
+
+
+def test_implementations_satisfy_their_protocols() -> None:
+    assert isinstance(InMemoryReceiptSink(), ReceiptSink)
+    assert isinstance(LocalSidecar(), Evaluator)
+    assert isinstance(HttpSidecar("http://127.0.0.1:1"), Evaluator)
+
+
+async def test_expired_grants_are_pruned_as_the_table_grows() -> None:
+    side = LocalSidecar()
+    live = side.mint("agent:a", ["read"], 600)
+    dead = dataclasses.replace(live, id="cap-dead", expires_at=1)
+    icp = ChioActivityInterceptor(evaluator=side)
+    for i in range(1500):
+        icp.register_workflow_grant(WorkflowGrant(workflow_id=f"old-{i}", token=dead))
+    icp.register_workflow_grant(WorkflowGrant(workflow_id="live", token=live))
+    assert icp.workflow_grant_for("live", None) is not None
+    assert icp.workflow_grant_for("old-0", None) is None
+    assert icp.workflow_grant_for("old-1499", None) is not None
