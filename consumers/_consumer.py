@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
@@ -99,15 +100,29 @@ class BuilderConfig:
     max_poll_interval_ms: int = 900_000
 
 
-async def check_copartitioned(consumer: AIOKafkaConsumer, steps: str, runs: str) -> int:
+async def check_copartitioned(
+    bootstrap_servers: str, steps: str, runs: str, *, request_timeout_ms: int = 30_000
+) -> int:
     """The shared partition count of ``steps`` and ``runs``; ConfigError when they differ."""
-    await consumer.topics()
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap_servers, request_timeout_ms=request_timeout_ms
+    )
     counts: dict[str, int] = {}
+    await admin.start()
+    try:
+        # A topic created a moment ago may not be in the metadata yet: ask a few times.
+        for attempt in range(10):
+            for item in await admin.describe_topics([steps, runs]):
+                if item.get("partitions"):
+                    counts[item["topic"]] = len(item["partitions"])
+            if steps in counts and runs in counts:
+                break
+            await asyncio.sleep(0.2 * (attempt + 1))
+    finally:
+        await admin.close()
     for topic in (steps, runs):
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
+        if topic not in counts:
             raise ConfigError(f"topic {topic} does not exist")
-        counts[topic] = len(partitions)
     if counts[steps] != counts[runs]:
         raise ConfigError(
             f"steps topic {steps} has {counts[steps]} partitions but runs topic {runs} has "
@@ -195,8 +210,13 @@ class ReceiptBuilderService:
                 isolation_level="read_committed",
             )
             self._consumer = consumer
+            await check_copartitioned(
+                cfg.bootstrap_servers,
+                cfg.topics.steps,
+                cfg.topics.runs,
+                request_timeout_ms=cfg.request_timeout_ms,
+            )
             await consumer.start()
-            await check_copartitioned(consumer, cfg.topics.steps, cfg.topics.runs)
             await self._keys.refresh(force=False)
             await self.sink.start()
             self._producer = AIOKafkaProducer(

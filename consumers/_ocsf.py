@@ -7,6 +7,7 @@ digest of them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["OCSF_VERSION", "envelope_to_ocsf", "is_deny", "step_to_ocsf"]
@@ -38,7 +39,7 @@ def _base(activity_name: str, time_ms: int, allowed: bool) -> dict[str, Any]:
     }
 
 
-def is_deny(event: dict[str, Any]) -> bool:
+def is_deny(event: Mapping[str, Any]) -> bool:
     """True for an OCSF event this module made from a denial."""
     return event.get("action_id") == 2
 

@@ -1,0 +1,335 @@
+"""CLI commands of the consumer side: ``consume``, ``siem-export``, ``query``, ``verify``.
+
+The root app registers them with :func:`register`. Environment variables are read here (typer
+``envvar``), nowhere deeper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from consumers import (
+    BuilderConfig,
+    ClickHouseConfig,
+    ConsumerError,
+    DatabaseBusy,
+    KeyRing,
+    ReceiptBuilderService,
+    Topics,
+    chdb_path,
+    load_keys_file,
+    open_client,
+    owner_pid,
+    verify_run,
+)
+from schemas import KeyPair
+
+__all__ = [
+    "builder_key",
+    "consume",
+    "query",
+    "register",
+    "siem_export",
+    "verify",
+]
+
+_log = logging.getLogger(__name__)
+_err = Console(stderr=True, highlight=False)
+_out = Console(highlight=False)
+
+
+def _default_dsn() -> str:
+    return f"chdb://{Path('.data/clickhouse').resolve()}"
+
+
+Bootstrap = Annotated[
+    str, typer.Option("--bootstrap", envvar="CHIO_KAFKA_BOOTSTRAP", help="Kafka bootstrap servers")
+]
+Dsn = Annotated[
+    str | None,
+    typer.Option(
+        "--dsn",
+        envvar="CHIO_CLICKHOUSE_DSN",
+        help="chdb:///path (embedded, default .data/clickhouse) or http(s)://user:pw@host:port/db",
+    ),
+]
+KeysFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--keys",
+        envvar="CHIO_KEYS_FILE",
+        help='JSON public keys: {"keys":[{"key_id","public_key"}]} or {key_id: public_key}',
+    ),
+]
+KeyUrl = Annotated[
+    str | None,
+    typer.Option("--key-url", envvar="CHIO_SIDECAR_URL", help="sidecar serving GET /v1/keys"),
+]
+BuilderKeyFile = Annotated[
+    Path,
+    typer.Option(
+        "--builder-key",
+        envvar="CHIO_BUILDER_KEY_FILE",
+        help="the builder's Ed25519 key (JSON key_id + seed); created when missing",
+    ),
+]
+_BUILDER_KEY_DEFAULT = Path(".data/builder-key.json")
+_TOPICS = Topics()
+
+
+def builder_key(path: Path, *, create: bool = True) -> KeyPair:
+    """The builder's signing key from ``path`` (created with mode 0600 when missing), and its
+    public half written next to it as ``<name>.pub.json`` (a ``--keys`` file)."""
+    if not path.exists():
+        if not create:
+            raise ConsumerError(f"builder key file {path} does not exist")
+        seed = os.urandom(32)
+        key_id = (
+            "builder-" + hashlib.sha256(KeyPair.from_seed("x", seed).public_key).hexdigest()[:12]
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump({"key_id": key_id, "seed": seed.hex()}, fh)
+    try:
+        doc = json.loads(path.read_text("utf-8"))
+        key = KeyPair.from_seed(str(doc["key_id"]), bytes.fromhex(str(doc["seed"])))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConsumerError(f"cannot read builder key file {path}: {exc}") from exc
+    pub = path.with_name(path.stem + ".pub.json")
+    document = {"keys": [{"key_id": key.key_id, "public_key": key.public_key.hex()}]}
+    if not pub.exists():
+        pub.write_text(json.dumps(document), "utf-8")
+    return key
+
+
+def _builder_public(path: Path) -> dict[str, bytes]:
+    pub = path.with_name(path.stem + ".pub.json")
+    if pub.exists():
+        return load_keys_file(pub)
+    if path.exists():
+        key = builder_key(path, create=False)
+        return {key.key_id: key.public_key}
+    return {}
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    _err.print(f"error: {message}", markup=False)
+    return typer.Exit(code)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("CHIO_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def _run_until_signalled(service: ReceiptBuilderService) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with service:
+        await service.run(stop)
+
+
+def consume(
+    bootstrap: Bootstrap = "127.0.0.1:9092",
+    dsn: Dsn = None,
+    keys: KeysFile = None,
+    key_url: KeyUrl = None,
+    builder_key_file: BuilderKeyFile = _BUILDER_KEY_DEFAULT,
+    group: Annotated[str, typer.Option(help="consumer group id")] = "chio-receipt-builder",
+    steps_topic: Annotated[str, typer.Option()] = _TOPICS.steps,
+    runs_topic: Annotated[str, typer.Option()] = _TOPICS.runs,
+    envelopes_topic: Annotated[str, typer.Option()] = _TOPICS.envelopes,
+    dlq_topic: Annotated[str, typer.Option()] = _TOPICS.dlq,
+    grace_seconds: Annotated[
+        float, typer.Option(help="wait this long for missing steps before an incomplete envelope")
+    ] = 60.0,
+    ttl_days: Annotated[int | None, typer.Option(help="ClickHouse TTL of receipts")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(envvar="CHIO_METRICS_PORT", help="Prometheus port (127.0.0.1)")
+    ] = None,
+) -> None:
+    """Build signed workflow envelopes from the receipt topics into ClickHouse (exactly once)."""
+    _setup_logging()
+    try:
+        public = load_keys_file(keys) if keys else {}
+        config = BuilderConfig(
+            bootstrap_servers=bootstrap,
+            clickhouse=ClickHouseConfig(dsn=dsn or _default_dsn(), ttl_days=ttl_days),
+            builder_key=builder_key(builder_key_file),
+            public_keys=public,
+            key_url=key_url,
+            topics=Topics(
+                steps=steps_topic, runs=runs_topic, envelopes=envelopes_topic, dlq=dlq_topic
+            ),
+            group_id=group,
+            grace_seconds=grace_seconds,
+        )
+        service = ReceiptBuilderService(config)
+        if metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            start_http_server(metrics_port, addr="127.0.0.1", registry=service.metrics.registry)
+        asyncio.run(_run_until_signalled(service))
+    except ConsumerError as exc:
+        raise _fail(str(exc)) from None
+
+
+def siem_export(
+    bootstrap: Bootstrap = "127.0.0.1:9092",
+    output: Annotated[
+        str,
+        typer.Option(
+            help="jsonl:<path>|jsonl:- (stdout) | hec:<url> | elastic:<url> | "
+            "syslog+tcp://host:port | syslog+udp://host:port"
+        ),
+    ] = "jsonl:-",
+    hec_token: Annotated[
+        str | None, typer.Option(envvar="CHIO_HEC_TOKEN", help="Splunk HEC token")
+    ] = None,
+    index: Annotated[str | None, typer.Option(help="Elastic index / Splunk index")] = None,
+    group: Annotated[str, typer.Option()] = "chio-siem-exporter",
+    steps_topic: Annotated[str, typer.Option()] = _TOPICS.steps,
+    envelopes_topic: Annotated[str | None, typer.Option(help="also export envelopes")] = None,
+    deny_only: Annotated[bool, typer.Option(help="export denials only")] = False,
+    drop_denies: Annotated[
+        bool, typer.Option(help="explicitly drop denials too (otherwise never dropped)")
+    ] = False,
+) -> None:
+    """Export receipts as OCSF API Activity events to a file, Splunk, Elastic or syslog."""
+    _setup_logging()
+    from consumers._siem import ExporterConfig, SiemExporter, parse_output
+
+    try:
+        config = ExporterConfig(
+            bootstrap_servers=bootstrap,
+            output=parse_output(output, token=hec_token, index=index),
+            group_id=group,
+            steps_topic=steps_topic,
+            envelopes_topic=envelopes_topic,
+            deny_only=deny_only,
+            drop_denies=drop_denies,
+        )
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError):
+                    loop.add_signal_handler(sig, stop.set)
+            async with SiemExporter(config) as exporter:
+                await exporter.run(stop)
+
+        asyncio.run(main())
+    except ConsumerError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _open_for_read(dsn: str) -> Any:
+    path = chdb_path(dsn)
+    if path is not None:
+        if not path.exists():
+            raise _fail(f"no ClickHouse database at {path} (has the consumer run yet?)")
+        pid = owner_pid(path)
+        if pid is not None:
+            who = f"the running consumer (pid {pid})" if pid > 0 else "another process"
+            raise _fail(
+                f"the ClickHouse database at {path} is in use by {who}; "
+                "chDB allows one process per path: stop it, or use a ClickHouse server DSN"
+            )
+    try:
+        return open_client(dsn)
+    except DatabaseBusy as exc:
+        raise _fail(str(exc)) from None
+    except ConsumerError as exc:
+        raise _fail(f"cannot open ClickHouse: {exc}") from None
+
+
+def query(
+    sql: Annotated[str, typer.Argument(help="the SQL to run (read-only use)")],
+    dsn: Dsn = None,
+) -> None:
+    """Run a SQL query on the receipt database and print the result as a table."""
+    client = _open_for_read(dsn or _default_dsn())
+    try:
+        result = client.query(sql)
+    except Exception as exc:  # noqa: BLE001 - any engine error becomes one line, no traceback
+        raise _fail(str(exc).strip().splitlines()[0][:500]) from None
+    finally:
+        with contextlib.suppress(Exception):
+            client.close()
+    table = Table(show_lines=False)
+    for name in result.column_names:
+        table.add_column(str(name))
+    for row in result.result_rows:
+        table.add_row(*(_cell(v) for v in row))
+    _out.print(table)
+    _out.print(f"{len(result.result_rows)} row(s)", style="dim")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+def verify(
+    workflow_id: Annotated[str, typer.Option("--workflow-id", help="workflow id to verify")],
+    run_id: Annotated[str | None, typer.Option("--run-id", help="only this run")] = None,
+    dsn: Dsn = None,
+    keys: KeysFile = None,
+    key_url: KeyUrl = None,
+    builder_key_file: BuilderKeyFile = _BUILDER_KEY_DEFAULT,
+) -> None:
+    """Check every step signature, the chain, and the envelope root and signature of a workflow
+    from ClickHouse rows alone; prints OK or exactly what is wrong."""
+    try:
+        ring = KeyRing(load_keys_file(keys) if keys else {}, url=key_url)
+        if key_url:
+            asyncio.run(ring.refresh(force=True))
+        all_keys = {**ring.keys, **_builder_public(builder_key_file)}
+    except ConsumerError as exc:
+        raise _fail(str(exc)) from None
+    client = _open_for_read(dsn or _default_dsn())
+    try:
+        report = verify_run(client, workflow_id, run_id, keys=all_keys)
+    except ConsumerError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        with contextlib.suppress(Exception):
+            client.close()
+    _out.print(report.summary(), markup=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``consume``, ``siem-export``, ``query`` and ``verify`` to ``app``."""
+    app.command("consume")(consume)
+    app.command("siem-export")(siem_export)
+    app.command("query")(query)
+    app.command("verify")(verify)
+
+
+if __name__ == "__main__":  # a standalone entry for child processes in tests
+    _app = typer.Typer(add_completion=False)
+    register(_app)
+    _app(sys.argv[1:])

@@ -1,0 +1,221 @@
+"""The receipt builder on the real broker and ClickHouse (chDB by default)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from _helpers import eventually
+from consumer_factory import completion, completion_value, signed_run
+from kafka_topics import create_topics, make_topics, produce, read_all
+
+from consumers import (
+    BuilderConfig,
+    ClickHouseConfig,
+    ConfigError,
+    ReceiptBuilderService,
+    Topics,
+    parse_dead_letter_headers,
+    verify_run,
+)
+from consumers._wire import ENVELOPE_SCHEMA
+from schemas import KeyPair, decode
+
+pytestmark = pytest.mark.integration
+WORKER = KeyPair.generate("worker-1")
+BUILDER = KeyPair.generate("builder-1")
+KEYS = {WORKER.key_id: WORKER.public_key, BUILDER.key_id: BUILDER.public_key}
+
+
+def _config(bootstrap: str, dsn: str, topics: Topics, **kw: Any) -> BuilderConfig:
+    return BuilderConfig(
+        bootstrap_servers=bootstrap,
+        clickhouse=ClickHouseConfig(dsn=dsn),
+        builder_key=BUILDER,
+        public_keys={WORKER.key_id: WORKER.public_key},
+        topics=topics,
+        group_id=f"g-{topics.steps}",
+        poll_timeout_ms=100,
+        **kw,
+    )
+
+
+class Running:
+    """A builder service running in this process until the context exits."""
+
+    def __init__(self, config: BuilderConfig) -> None:
+        self.service = ReceiptBuilderService(config)
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Running:
+        await self.service.start()
+        self._task = asyncio.create_task(self.service.run(self._stop))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.wait_for(self._task, 30)
+        await self.service.stop()
+
+    async def scalar(self, sql: str) -> Any:
+        _, rows = await self.service.sink.query(sql)
+        return rows[0][0]
+
+    def check(self) -> None:
+        if self._task is not None and self._task.done():
+            self._task.result()  # surface a crash of the loop
+
+
+def _run_messages(n_runs: int, steps: int, prefix: str) -> tuple[list[Any], list[Any]]:
+    step_msgs: list[Any] = []
+    run_msgs: list[Any] = []
+    for r in range(n_runs):
+        wf, rid = f"{prefix}-{r}", f"run-{r}"
+        key = f"default/{wf}/{rid}".encode()
+        for _, wire in signed_run(WORKER, wf, rid, steps, deny=(r % steps,) if r % 7 == 0 else ()):
+            step_msgs.append((key, wire, None))
+        run_msgs.append((key, completion_value(completion(wf, rid, expected=steps)), None))
+    return step_msgs, run_msgs
+
+
+async def test_200_runs_from_two_producers_give_200_envelopes_and_1000_rows(
+    kafka_bootstrap: str, clickhouse_dsn: str, unique: Callable[[str], str]
+) -> None:
+    topics = await make_topics(kafka_bootstrap, unique)
+    steps, runs = _run_messages(200, 5, unique("wf"))
+    # Two producer tasks, like two workers, each with half of the runs' steps interleaved.
+    await asyncio.gather(
+        produce(kafka_bootstrap, topics.steps, steps[0::2]),
+        produce(kafka_bootstrap, topics.steps, steps[1::2]),
+    )
+    await produce(kafka_bootstrap, topics.runs, runs)
+    async with Running(_config(kafka_bootstrap, clickhouse_dsn, topics)) as running:
+
+        async def envelopes() -> bool:
+            running.check()
+            return await running.scalar("SELECT count() FROM workflow_receipts") >= 200
+
+        await eventually(envelopes, timeout=60)
+        assert await running.scalar("SELECT count() FROM step_receipts") == 1000
+        assert await running.scalar("SELECT count() FROM workflow_receipts") == 200
+        assert await running.scalar("SELECT uniqExact(workflow_id) FROM workflow_receipts") == 200
+        assert await running.scalar("SELECT sum(step_count) FROM workflow_receipts") == 1000
+        assert await running.scalar("SELECT countIf(NOT complete) FROM workflow_receipts") == 0
+        assert await running.scalar("SELECT max(revision) FROM workflow_receipts") == 1
+        report = verify_run(
+            running.service.sink.client, steps[0][0].decode().split("/")[1], keys=KEYS
+        )
+        assert report.ok, report.summary()
+
+        async def drained() -> bool:
+            return await running.service.lag() == 0
+
+        await eventually(drained, timeout=10)
+    published = await read_all(kafka_bootstrap, topics.envelopes, 200)
+    assert len(published) == 200
+    env = decode(published[0].value)
+    assert env.schema_name == ENVELOPE_SCHEMA
+    assert env.record["metadata"]["key_id"] == BUILDER.key_id
+    assert env.record["step_count"] == 5
+
+
+async def test_refuses_to_start_when_not_copartitioned(
+    kafka_bootstrap: str, clickhouse_dsn: str, unique: Callable[[str], str]
+) -> None:
+    topics = Topics(
+        steps=unique("steps"), runs=unique("runs"), envelopes=unique("e"), dlq=unique("d")
+    )
+    await create_topics(kafka_bootstrap, [topics.steps], 4)
+    await create_topics(kafka_bootstrap, [topics.runs], 2)
+    service = ReceiptBuilderService(_config(kafka_bootstrap, clickhouse_dsn, topics))
+    with pytest.raises(ConfigError, match="co-partitioned"):
+        await service.start()
+    await service.stop()
+
+
+async def test_poison_messages_go_to_the_dlq_and_the_consumer_keeps_going(
+    kafka_bootstrap: str, clickhouse_dsn: str, unique: Callable[[str], str]
+) -> None:
+    topics = await make_topics(kafka_bootstrap, unique, partitions=1)
+    good = signed_run(WORKER, "wf-good", "r", 2)
+    _, wire = signed_run(WORKER, "wf-bad", "r", 1)[0]
+    tampered = bytearray(wire)
+    tampered[wire.index(b"allowed by scope")] ^= 0x01  # a signed field changed
+    foreign = KeyPair.generate(WORKER.key_id)  # same key id, wrong key
+    _, forged = signed_run(foreign, "wf-bad", "r2", 1)[0]
+    poison = [
+        (b"k", random.Random(1).randbytes(40), [("origin", b"test")]),
+        (b"k", wire[: len(wire) // 2], None),
+        (b"k", b"\xc3\x01" + b"\x11" * 8 + wire[10:], None),
+        (b"k", bytes(tampered), None),
+        (b"k", forged, None),
+    ]
+    key = b"default/wf-good/r"
+    msgs = [(key, good[0][1], None), *poison, (key, good[1][1], None)]
+    await produce(kafka_bootstrap, topics.steps, msgs)
+    await produce(
+        kafka_bootstrap,
+        topics.runs,
+        [(key, completion_value(completion("wf-good", "r", expected=2)), None)],
+    )
+    async with Running(_config(kafka_bootstrap, clickhouse_dsn, topics)) as running:
+
+        async def written() -> bool:
+            running.check()
+            return await running.scalar("SELECT count() FROM workflow_receipts") == 1
+
+        await eventually(written, timeout=30)
+        assert await running.scalar("SELECT count() FROM step_receipts") == 2
+    dead = await read_all(kafka_bootstrap, topics.dlq, len(poison))
+    assert len(dead) == len(poison)
+    reasons = []
+    for msg, (_, value, _) in zip(sorted(dead, key=lambda m: m.offset), poison, strict=True):
+        headers = parse_dead_letter_headers(msg.headers)
+        assert msg.value == value  # original bytes
+        assert headers["topic"] == topics.steps
+        assert headers["partition"] == "0"
+        assert int(headers["offset"]) >= 1
+        assert headers["error_class"]
+        reasons.append(headers["reason"])
+    assert reasons == [
+        "unknown_format",
+        "malformed",
+        "unknown_schema",
+        "bad_signature",
+        "bad_signature",
+    ]
+    assert ("origin", b"test") in sorted(dead, key=lambda m: m.offset)[0].headers
+
+
+async def test_late_step_gives_revision_2(
+    kafka_bootstrap: str, clickhouse_dsn: str, unique: Callable[[str], str]
+) -> None:
+    topics = await make_topics(kafka_bootstrap, unique, partitions=2)
+    run = signed_run(WORKER, "wf-late", "r", 3)
+    key = b"default/wf-late/r"
+    await produce(kafka_bootstrap, topics.steps, [(key, w, None) for _, w in run[:2]])
+    await produce(
+        kafka_bootstrap,
+        topics.runs,
+        [(key, completion_value(completion("wf-late", "r", expected=3)), None)],
+    )
+    cfg = _config(kafka_bootstrap, clickhouse_dsn, topics, grace_seconds=0.5)
+    async with Running(cfg) as running:
+        sql = "SELECT max(revision), argMax(complete, revision), argMax(missing_steps, revision) FROM workflow_receipts"
+
+        async def rev(expected: tuple[int, bool, int]) -> bool:
+            running.check()
+            _, rows = await running.service.sink.query(sql)
+            return tuple(rows[0]) == expected
+
+        await eventually(lambda: rev((1, False, 1)), timeout=30)
+        await produce(kafka_bootstrap, topics.steps, [(key, run[2][1], None)])
+        await eventually(lambda: rev((2, True, 0)), timeout=30)
+        assert await running.scalar("SELECT count() FROM workflow_receipts FINAL") == 1
+        report = verify_run(running.service.sink.client, "wf-late", keys=KEYS)
+        assert report.ok, report.summary()

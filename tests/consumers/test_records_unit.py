@@ -1,0 +1,156 @@
+"""Rows, OCSF mapping, dead-letter records, decoding, keys and failpoints (pure)."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import pytest
+from consumer_factory import completion, completion_value, signed_run
+
+from consumers import (
+    DeadLetter,
+    FailpointError,
+    KeyResolutionError,
+    Reason,
+    decode_public_key,
+    envelope_to_ocsf,
+    parse_dead_letter_headers,
+    receipt_from_row,
+    step_row,
+    step_to_ocsf,
+)
+from consumers._failpoints import failpoint, reset_failpoints
+from consumers._ocsf import is_deny
+from consumers._rows import STEP_COLUMNS, plain_from_row
+from consumers._wire import RUN_SCHEMA, STEP_SCHEMA, decode_plain, encode_plain
+from schemas import KeyPair, MalformedBody, UnknownFormat, UnknownSchema, verify_receipt
+
+pytestmark = pytest.mark.unit
+KEY = KeyPair.generate("worker-1")
+
+
+def test_step_row_round_trips_to_a_verifiable_receipt() -> None:
+    [(signed, wire)] = signed_run(KEY, "wf-1", "run-1", 1)
+    plain = decode_plain(wire)
+    assert plain.current
+    assert plain.schema_name == STEP_SCHEMA
+    assert isinstance(plain.record["receipt_id"], str)
+    assert isinstance(plain.record["evaluated_at"], int)
+    row = step_row(plain.record, wire, 3, 42)
+    assert len(row) == len(STEP_COLUMNS)
+    assert row[-3:] == (wire, 3, 42)
+    back = receipt_from_row(row)
+    assert back == signed
+    assert verify_receipt(back, {"worker-1": KEY.public_key})
+    assert encode_plain(STEP_SCHEMA, plain_from_row(row)) == plain.body
+
+
+def test_completion_decodes_plain() -> None:
+    event = completion("wf", "run", expected=4)
+    plain = decode_plain(completion_value(event))
+    assert plain.schema_name == RUN_SCHEMA
+    assert plain.record["expected_steps"] == 4
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (os.urandom(64).replace(b"\xc3", b"\x00"), UnknownFormat),
+        (b"\xc3\x01" + b"\x00" * 8 + b"abc", UnknownSchema),
+        (b"", UnknownFormat),
+    ],
+)
+def test_poison_bytes_raise_typed_errors(value: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        decode_plain(value)
+
+
+def test_truncated_avro_is_malformed() -> None:
+    [(_, wire)] = signed_run(KEY, "wf", "run", 1)
+    with pytest.raises(MalformedBody):
+        decode_plain(wire[: len(wire) // 2])
+
+
+def test_ocsf_step_mapping() -> None:
+    [(_, allow_wire), (_, deny_wire)] = signed_run(KEY, "wf-9", "run-9", 2, deny=(1,))
+    allow = step_to_ocsf(decode_plain(allow_wire).record)
+    deny_rec = decode_plain(deny_wire).record
+    deny = step_to_ocsf(deny_rec)
+    assert (allow["class_uid"], allow["category_uid"], allow["type_uid"]) == (6003, 6, 600399)
+    assert (allow["action"], allow["action_id"]) == ("Allowed", 1)
+    assert (deny["action"], deny["action_id"]) == ("Denied", 2)
+    assert is_deny(deny)
+    assert not is_deny(allow)
+    assert deny["metadata"]["uid"] == deny_rec["receipt_id"]
+    assert deny["time"] == deny_rec["evaluated_at"] // 1000
+    assert deny["actor"]["user"]["name"] == "agent:test"
+    assert deny["api"]["operation"] == deny_rec["activity_type"]
+    assert deny["api"]["service"]["name"] == "agent-tools"
+    assert deny["resources"][0]["name"] == deny_rec["tool"]
+    assert "argument" not in str(deny["unmapped"].keys() - {"argument_digest"})
+
+
+def test_ocsf_envelope_mapping() -> None:
+    record = {
+        "workflow_id": "wf",
+        "run_id": "r",
+        "started_at": 1_000_000,
+        "completed_at": 2_000_000,
+        "outcome": "failure",
+        "step_count": 2,
+        "allow_count": 1,
+        "deny_count": 1,
+        "metadata": {"revision": "2", "workflow_type": "T", "complete": "true"},
+    }
+    event = envelope_to_ocsf(record)
+    assert event["class_uid"] == 6003
+    assert event["metadata"]["uid"] == "wf/r/2"
+    assert event["action"] == "Denied"
+    assert event["time"] == 2000
+
+
+def test_dead_letter_headers_keep_origin_and_original_headers() -> None:
+    letter = DeadLetter.of(
+        topic="steps",
+        partition=2,
+        offset=17,
+        key=b"k",
+        value=b"\x00bad",
+        headers=[("trace", b"abc")],
+        error=UnknownFormat("not avro"),
+        reason=Reason.UNKNOWN_FORMAT,
+    )
+    headers = letter.kafka_headers()
+    assert headers[0] == ("trace", b"abc")
+    parsed = parse_dead_letter_headers(headers)
+    assert parsed == {
+        "topic": "steps",
+        "partition": "2",
+        "offset": "17",
+        "error_class": "UnknownFormat",
+        "reason": "unknown_format",
+        "detail": "not avro",
+    }
+    assert letter.value == b"\x00bad"
+
+
+def test_public_keys_in_hex_and_base64() -> None:
+    raw = KEY.public_key
+    assert decode_public_key(raw.hex()) == raw
+    assert decode_public_key(base64.b64encode(raw).decode()) == raw
+    assert decode_public_key(base64.urlsafe_b64encode(raw).decode().rstrip("=")) == raw
+    with pytest.raises(KeyResolutionError):
+        decode_public_key("not a key")
+
+
+def test_failpoints_fire_on_the_configured_hit() -> None:
+    reset_failpoints("unit.point@2=raise")
+    try:
+        failpoint("unit.point")
+        failpoint("other.point")
+        with pytest.raises(FailpointError):
+            failpoint("unit.point")
+        failpoint("unit.point")  # fires once
+    finally:
+        reset_failpoints("")
