@@ -345,7 +345,7 @@ async def test_run_id_pinning_and_expired_capability(
         with pytest.raises(WorkflowFailureError) as too_late:
             await temporal_client.execute_workflow(
                 PlanWorkflow.run,
-                Plan(steps=["call_tool"]),
+                Plan(steps=["local:call_tool"]),
                 id=exp_id,
                 task_queue=tq,
                 execution_timeout=EXEC_TIMEOUT,
@@ -356,11 +356,13 @@ async def test_run_id_pinning_and_expired_capability(
     assert [r.verdict for r in denied] == [Verdict.DENY]
     assert "register_workflow_grant" in denied[0].reason
     for failure in (unpinned, too_late):
-        cause = _cause(failure.value)
+        # Denials reach workflow code unwrapped (regular and local activities alike).
+        cause = failure.value.cause
         assert isinstance(cause, ApplicationError)
         assert cause.type == DENIED_ERROR_TYPE
+    assert isinstance(unpinned.value.cause.__cause__, ActivityError)
     late = sink.receipts_for(exp_id)
-    assert [r.verdict for r in late] == [Verdict.DENY]
+    assert [(r.verdict, r.is_local) for r in late] == [(Verdict.DENY, True)]
     assert "expired" in late[0].reason
 
 
