@@ -127,7 +127,7 @@ def _builder_public(path: Path) -> dict[str, bytes]:
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    _err.print(f"error: {message}", markup=False)
+    _err.print(f"error: {message}", markup=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -316,7 +316,7 @@ def verify(
     finally:
         with contextlib.suppress(Exception):
             client.close()
-    _out.print(report.summary(), markup=False)
+    _out.print(report.summary(), markup=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(1)
 

@@ -334,11 +334,12 @@ class ReceiptBuilderService:
             self._builder.add_completion(run, event, msg.offset, now)
         for tp, part in step_parts.items():
             await self._insert_steps(tp, part)
-        await self._write_due(now)
+        wrote_envelopes = await self._write_due(now)
         await self._send_dead_letters([*step_parts.values(), *run_parts.values()])
         for tp, part in run_parts.items():
             self._runs_next[tp.partition] = part.last + 1
-        failpoint("consumer.after_insert_before_commit")
+        if any(part.rows for part in step_parts.values()) or wrote_envelopes:
+            failpoint("consumer.after_insert_before_commit")
         await self._commit({tp: part.last + 1 for tp, part in step_parts.items()})
         return total
 
@@ -492,13 +493,13 @@ class ReceiptBuilderService:
             )
         )
 
-    async def _write_due(self, now: int) -> None:
+    async def _write_due(self, now: int) -> bool:
         due: list[tuple[RunState, Envelope]] = [
             (run, envelope.signed_by(self._config.builder_key))
             for run, envelope in self._builder.due(now)
         ]
         if not due:
-            return
+            return False
         rows = [envelope_row(envelope) for _, envelope in due]
         ident = "\n".join(f"{r.key}@{e.revision}:{e.chain_root.hex()}" for r, e in due)
         token = "envelopes:" + hashlib.sha256(ident.encode()).hexdigest()
@@ -528,6 +529,7 @@ class ReceiptBuilderService:
             await self._kafka(asyncio.gather(*futures))
         for run, envelope in due:
             self._builder.mark_written(run, envelope, now)
+        return True
 
     async def _send_dead_letters(self, parts: Sequence[_Partial]) -> None:
         producer = self._producer
