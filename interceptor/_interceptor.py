@@ -174,6 +174,11 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
         self.identity = identity or f"{os.getpid()}@{socket.gethostname()}"
         self.stats = InterceptorStats()
         self._unwrap_denials = unwrap_denials
+        if argument_key is None:
+            _log.info(
+                "no argument_key configured: argument digests use a random per-process key and "
+                "compare only within this process"
+            )
         self._argument_key = argument_key or ArgumentKey.generate()
         self._converter = payload_converter or temporalio.converter.default().payload_converter
         self._resolver = grant_resolver

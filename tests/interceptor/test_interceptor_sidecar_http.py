@@ -233,3 +233,30 @@ async def test_served_sidecar_on_a_real_port_stops_and_comes_back() -> None:
     finally:
         await http.aclose()
         await server.stop()
+
+
+@pytest.mark.unit
+async def test_http_sidecar_translates_5xx_timeouts_and_retries_connect_errors() -> None:
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if request.url.path == "/v1/keys":
+            raise httpx.ConnectError("connection refused", request=request)
+        if request.url.path == "/v1/evaluate":
+            raise httpx.ReadTimeout("slow", request=request)
+        return httpx.Response(503, json={"error": "overloaded", "reason": "try later"})
+
+    async with HttpSidecar(
+        "http://sidecar", transport=httpx.MockTransport(handler), retries=2, retry_wait=0.001
+    ) as http:
+        with pytest.raises(ChioSidecarUnavailable, match="503"):
+            await http.get_capability("cap-1")
+        with pytest.raises(ChioSidecarUnavailable, match="timed out"):
+            await http.evaluate(EvaluationRequest(capability_id="c", tool_server="s", tool="t"))
+        with pytest.raises(ChioSidecarUnavailable, match="unreachable"):
+            await http.public_keys()
+    # Connection errors are retried (bounded); a timeout or a 5xx is answered at once.
+    assert calls.count("/v1/keys") == 3
+    assert calls.count("/v1/evaluate") == 1
+    assert calls.count("/v1/capabilities/cap-1") == 1
