@@ -206,7 +206,10 @@ async def test_late_step_gives_revision_2(
     )
     cfg = _config(kafka_bootstrap, clickhouse_dsn, topics, grace_seconds=0.5)
     async with Running(cfg) as running:
-        sql = "SELECT max(revision), argMax(complete, revision), argMax(missing_steps, revision) FROM workflow_receipts"
+        sql = (
+            "SELECT max(revision), argMax(complete, revision), argMax(missing_steps, revision) "
+            "FROM workflow_receipts"
+        )
 
         async def rev(expected: tuple[int, bool, int]) -> bool:
             running.check()

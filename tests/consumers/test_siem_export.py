@@ -1,0 +1,217 @@
+"""SIEM export on the real broker: Splunk HEC to a local HTTP receiver, and to a file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _helpers import eventually
+from consumer_factory import signed_run
+from kafka_topics import create_topics, produce
+
+from consumers._siem import (
+    ElasticOutput,
+    ExporterConfig,
+    SiemExporter,
+    SyslogOutput,
+    parse_output,
+)
+from consumers._wire import decode_plain
+from schemas import KeyPair
+
+KEY = KeyPair.generate("worker-siem")
+
+
+class Receiver:
+    """A minimal HTTP/1.1 server on 127.0.0.1 recording requests (keep-alive aware)."""
+
+    def __init__(
+        self, status: list[int] | None = None, reply: Callable[[bytes], bytes] | None = None
+    ):
+        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
+        self._status = status or []
+        self._reply = reply or (lambda body: b'{"text":"Success","code":0}')
+        self._server: asyncio.base_events.Server | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> Receiver:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                method, path, _ = line.decode().split(" ", 2)
+                headers: dict[str, str] = {}
+                while (h := await reader.readline()) not in (b"\r\n", b""):
+                    k, _, v = h.decode().partition(":")
+                    headers[k.strip().lower()] = v.strip()
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                status = self._status.pop(0) if self._status else 200
+                self.requests.append((method, path, headers, body))
+                reply = self._reply(body) if status == 200 else b'{"text":"busy","code":9}'
+                writer.write(
+                    f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(reply)}\r\n\r\n".encode()
+                    + reply
+                )
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _steps_topic(bootstrap: str, unique: Callable[[str], str]) -> tuple[str, list[bytes]]:
+    topic = unique("steps")
+    await create_topics(bootstrap, [topic], 2)
+    run = signed_run(KEY, "wf-siem", "r1", 4, deny=(2,))
+    await produce(bootstrap, topic, [(b"default/wf-siem/r1", w, None) for _, w in run])
+    return topic, [w for _, w in run]
+
+
+async def _export_until(config: ExporterConfig, done: Callable[[], Any]) -> None:
+    stop = asyncio.Event()
+    async with SiemExporter(config) as exporter:
+        task = asyncio.create_task(exporter.run(stop))
+        try:
+
+            def check() -> Any:
+                if task.done():
+                    task.result()
+                return done()
+
+            await eventually(check, timeout=30)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+
+
+@pytest.mark.integration
+async def test_hec_export_to_a_local_receiver_with_retry(
+    kafka_bootstrap: str, unique: Callable[[str], str]
+) -> None:
+    topic, wires = await _steps_topic(kafka_bootstrap, unique)
+    async with Receiver(status=[503]) as receiver:  # first attempt: unavailable -> retried
+        config = ExporterConfig(
+            bootstrap_servers=kafka_bootstrap,
+            output=parse_output(f"hec:{receiver.url}", token="tok-123", index="chio"),
+            group_id=unique("g"),
+            steps_topic=topic,
+            retry_initial_seconds=0.05,
+        )
+
+        def events() -> list[dict[str, Any]]:
+            out = []
+            for _, _, _, body in receiver.requests[1:]:
+                out += [json.loads(line) for line in body.decode().splitlines() if line]
+            return out if len(out) >= 4 else []
+
+        await _export_until(config, events)
+        method, path, headers, _ = receiver.requests[1]
+        assert (method, path) == ("POST", "/services/collector/event")
+        assert headers["authorization"] == "Splunk tok-123"
+        docs = events()
+        assert len(docs) == 4  # the 503 batch was retried, not duplicated after success
+        by_uid = {d["event"]["metadata"]["uid"]: d for d in docs}
+        records = {decode_plain(w).record["receipt_id"]: decode_plain(w).record for w in wires}
+        assert set(by_uid) == set(records)
+        for uid, doc in by_uid.items():
+            rec = records[uid]
+            assert doc["sourcetype"] == "ocsf:api_activity"
+            assert doc["source"] == "chio-receipts"
+            assert doc["index"] == "chio"
+            assert doc["time"] == pytest.approx(rec["evaluated_at"] / 1_000_000, abs=0.001)
+            event = doc["event"]
+            assert event["class_uid"] == 6003
+            assert event["action"] == ("Denied" if rec["verdict"] == "DENY" else "Allowed")
+            assert event["actor"]["user"]["name"] == rec["subject"]
+            assert event["api"]["operation"] == rec["activity_type"]
+            assert event["resources"][0]["uid"] == rec["resource"]
+            assert event["time"] == rec["evaluated_at"] // 1000
+        assert sum(d["event"]["action"] == "Denied" for d in docs) == 1
+
+
+@pytest.mark.integration
+async def test_file_export_deny_only_keeps_denies(
+    kafka_bootstrap: str, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    topic, _ = await _steps_topic(kafka_bootstrap, unique)
+    out = tmp_path / "ocsf.jsonl"
+    config = ExporterConfig(
+        bootstrap_servers=kafka_bootstrap,
+        output=parse_output(f"jsonl:{out}"),
+        group_id=unique("g"),
+        steps_topic=topic,
+        deny_only=True,
+    )
+    await _export_until(config, lambda: out.exists() and out.read_text().count("\n") >= 1)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 1
+    assert lines[0]["action"] == "Denied"
+    assert lines[0]["class_uid"] == 6003
+
+
+@pytest.mark.integration
+async def test_elastic_bulk_uses_create_with_receipt_id() -> None:
+    def reply(body: bytes) -> bytes:
+        n = body.count(b"\n") // 2
+        items = [{"create": {"status": 201 if i else 409}} for i in range(n)]
+        return json.dumps({"errors": True, "items": items}).encode()
+
+    async with Receiver(reply=reply) as receiver, ElasticOutput(receiver.url, index="ix") as out:
+        events = [
+            {"metadata": {"uid": f"id-{i}"}, "class_uid": 6003, "action_id": 1} for i in range(3)
+        ]
+        await out.send(events)  # 409 = already there: accepted (idempotent replay)
+        _, path, headers, body = receiver.requests[0]
+        assert path == "/_bulk"
+        assert headers["content-type"] == "application/x-ndjson"
+        lines = [json.loads(line) for line in body.decode().splitlines()]
+        assert lines[0] == {"create": {"_index": "ix", "_id": "id-0"}}
+        assert lines[1]["metadata"]["uid"] == "id-0"
+
+
+@pytest.mark.integration
+async def test_syslog_tcp_rfc5424_octet_counting() -> None:
+    received: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.read(65536))
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with SyslogOutput(f"syslog+tcp://127.0.0.1:{port}") as out:
+            event = {
+                "metadata": {"uid": "r-1"},
+                "time": 1_700_000_000_000,
+                "action_id": 2,
+                "action": "Denied",
+                "class_uid": 6003,
+            }
+            await out.send([event])
+            await eventually(lambda: received and received[0], timeout=10)
+    finally:
+        server.close()
+        await server.wait_closed()
+    length, _, message = received[0].partition(b" ")
+    assert int(length) == len(message)
+    assert message.startswith(b"<132>1 2023-11-14T22:13:20.000+00:00 ")  # local0.warning
+    assert b'[chio@32473 uid="r-1" action="Denied"]' in message
+    assert json.loads(message.split(b"\xef\xbb\xbf", 1)[1])["class_uid"] == 6003
