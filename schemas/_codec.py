@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -21,7 +22,15 @@ from fastavro.types import Schema
 from schemas._avro import SCHEMA_FILES, encode_body, parsed_schema, raw_schema
 from schemas._errors import EncodeError, MalformedBody, UnknownFormat, UnknownSchema
 
-__all__ = ["SINGLE_OBJECT_MAGIC", "Decoded", "decode", "encode", "frame", "schema_fingerprint"]
+__all__ = [
+    "SINGLE_OBJECT_MAGIC",
+    "Decoded",
+    "decode",
+    "encode",
+    "frame",
+    "read_body",
+    "schema_fingerprint",
+]
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 _HEADER = len(SINGLE_OBJECT_MAGIC) + 8
@@ -102,16 +111,75 @@ def decode(data: bytes) -> Decoded:
     writer = _writers().get(fp)
     if writer is None:
         raise UnknownSchema(f"unknown writer schema fingerprint {fp.hex()}")
-    body = data[_HEADER:]
+    return read_body(writer.reader_name, writer.schema, data[_HEADER:])
+
+
+def read_body(reader_name: str, writer_schema: Schema, body: bytes) -> Decoded:
+    """Read a schemaless ``body`` written with ``writer_schema`` as current schema ``reader_name``.
+
+    Shared by every wire format; anything wrong with the bytes becomes a :class:`MalformedBody`.
+    """
     buf = io.BytesIO(body)
     try:
-        record = fastavro.schemaless_reader(buf, writer.schema, parsed_schema(writer.reader_name))
+        record = fastavro.schemaless_reader(buf, writer_schema, parsed_schema(reader_name))
     except Exception as exc:
-        raise MalformedBody(f"{writer.reader_name}: {type(exc).__name__}: {exc}") from exc
+        raise MalformedBody(f"{reader_name}: {type(exc).__name__}: {exc}") from exc
     if buf.tell() != len(body):
         raise MalformedBody(
-            f"{writer.reader_name}: {len(body) - buf.tell()} trailing bytes after the record"
+            f"{reader_name}: {len(body) - buf.tell()} trailing bytes after the record"
         )
     if not isinstance(record, dict):
-        raise MalformedBody(f"{writer.reader_name}: decoded to {type(record).__name__}")
-    return Decoded(writer.reader_name, record, body)
+        raise MalformedBody(f"{reader_name}: decoded to {type(record).__name__}")
+    bad = _int_check(reader_name)(record)
+    if bad is not None:
+        raise MalformedBody(f"{reader_name}: field {bad} is outside the Avro int range")
+    return Decoded(reader_name, record, body)
+
+
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+_Check = Callable[[Any], "str | None"]
+
+
+def _compile_int_check(schema: Any, path: str) -> _Check | None:
+    """A function that returns the path of an Avro ``int`` outside int32, or None.
+
+    fastavro reads an ``int`` with its ``long`` decoder, so an overlong varint decodes to a
+    value no Avro int can hold; the check walks only the parts of the schema that contain ints.
+    """
+    if schema == "int" or (isinstance(schema, dict) and schema.get("type") == "int"):
+        return lambda v: None if _INT_MIN <= v <= _INT_MAX else path
+    if isinstance(schema, list):
+        branches = [_compile_int_check(b, path) for b in schema]
+        live = [b for b in branches if b is not None]
+        if not live:
+            return None
+        return lambda v: next((r for b in live if isinstance(v, int) and (r := b(v))), None)
+    if not isinstance(schema, dict):
+        return None
+    kind = schema.get("type")
+    if kind == "record":
+        fields = [
+            (f["name"], c)
+            for f in schema["fields"]
+            if (c := _compile_int_check(f["type"], f"{path}.{f['name']}".lstrip(".")))
+        ]
+        if not fields:
+            return None
+        return lambda v: next((r for n, c in fields if (r := c(v.get(n)))), None)
+    if kind == "array":
+        item = _compile_int_check(schema["items"], f"{path}[]")
+        if item is None:
+            return None
+        return lambda v: next((r for x in v if (r := item(x))), None)
+    if kind == "map":
+        value = _compile_int_check(schema["values"], f"{path}{{}}")
+        if value is None:
+            return None
+        return lambda v: next((r for x in v.values() if (r := value(x))), None)
+    return None
+
+
+@cache
+def _int_check(name: str) -> _Check:
+    check = _compile_int_check(parsed_schema(name), "")
+    return check if check is not None else (lambda _v: None)

@@ -13,7 +13,6 @@ already cached; ``Codec.decode_async`` fetches unknown ids first.
 from __future__ import annotations
 
 import copy
-import io
 import struct
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,8 +21,8 @@ import fastavro
 from fastavro.types import Schema
 
 from schemas._avro import SCHEMA_FILES, encode_body, parsed_schema, raw_schema
-from schemas._codec import SINGLE_OBJECT_MAGIC, Decoded, decode, frame
-from schemas._errors import EncodeError, MalformedBody, UnknownFormat, UnknownSchema
+from schemas._codec import SINGLE_OBJECT_MAGIC, Decoded, decode, frame, read_body
+from schemas._errors import EncodeError, UnknownFormat, UnknownSchema
 from schemas._registry import SchemaRegistryClient
 
 __all__ = [
@@ -188,15 +187,4 @@ def _writer_from(schema: dict[str, Any]) -> _Writer:
 
 
 def _read(writer: _Writer, body: bytes) -> Decoded:
-    buf = io.BytesIO(body)
-    try:
-        record = fastavro.schemaless_reader(buf, writer.schema, parsed_schema(writer.reader_name))
-    except Exception as exc:  # any fastavro failure on hostile bytes is a data error
-        raise MalformedBody(f"{writer.reader_name}: {type(exc).__name__}: {exc}") from exc
-    if buf.tell() != len(body):
-        raise MalformedBody(
-            f"{writer.reader_name}: {len(body) - buf.tell()} trailing bytes after the record"
-        )
-    if not isinstance(record, dict):
-        raise MalformedBody(f"{writer.reader_name}: decoded to {type(record).__name__}")
-    return Decoded(writer.reader_name, record, body)
+    return read_body(writer.reader_name, writer.schema, body)
