@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from chio_receipts import cli_consumers, cli_sidecar, cli_streamer
 from chio_receipts._config import load_config
 from chio_receipts.stack import (
     KAFKA_VERSION,
@@ -38,6 +39,9 @@ app = typer.Typer(
 )
 dev = typer.Typer(help="The local stack: Temporal dev server + Kafka broker + chDB.")
 app.add_typer(dev, name="dev")
+app.add_typer(cli_sidecar.app, name="sidecar")
+cli_streamer.register(app)
+cli_consumers.register(app)
 
 
 def run_or_exit(main: Callable[[], Coroutine[Any, Any, T]]) -> T:

@@ -73,10 +73,28 @@ def test_cli_status_without_a_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert "not running" in result.output
 
 
+HELP_COMMANDS = [
+    ["--help"],
+    ["dev", "--help"],
+    ["dev", "up", "--help"],
+    ["dev", "down", "--help"],
+    ["dev", "status", "--help"],
+    ["dev", "fetch", "--help"],
+    ["demo", "--help"],
+    ["sidecar", "serve", "--help"],
+    ["topics", "ensure", "--help"],
+    ["watch", "--help"],
+    ["consume", "--help"],
+    ["siem-export", "--help"],
+    ["query", "--help"],
+    ["verify", "--help"],
+]
+
+
 @pytest.mark.unit
 def test_every_command_has_help() -> None:
     runner = CliRunner()
-    for argv in (["--help"], ["dev", "--help"], ["dev", "up", "--help"], ["demo", "--help"]):
+    for argv in HELP_COMMANDS:
         result = runner.invoke(app, argv)
         assert result.exit_code == 0, argv
         assert "Usage" in result.output
