@@ -129,12 +129,14 @@ class StepReceipt:
 
     def with_signature(self, *, key_id: str, signature: bytes) -> StepReceipt:
         """A copy carrying ``signature`` made with ``key_id``."""
-        # Equivalent to dataclasses.replace (no __post_init__, every field is an init field)
-        # at a third of its cost: it runs once per signed receipt.
-        kw = dict(zip(_STEP_NAMES, _step_values(self), strict=True))
-        kw["key_id"] = key_id
-        kw["signature"] = signature
-        return StepReceipt(**kw)
+        # Equivalent to dataclasses.replace (every field is an init field, there is no
+        # __post_init__) at a third of its cost: it runs once per signed receipt.
+        copy = _new(StepReceipt)
+        for name, value in zip(_STEP_NAMES, _step_values(self), strict=True):
+            _set(copy, name, value)
+        _set(copy, "key_id", key_id)
+        _set(copy, "signature", signature)
+        return copy
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -188,6 +190,8 @@ class RunCompletion:
 # Field names in Avro order, computed once (dataclasses.fields() costs microseconds per call).
 _STEP_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(StepReceipt))
 _step_values = operator.attrgetter(*_STEP_NAMES)
+_new = object.__new__
+_set = object.__setattr__  # frozen dataclasses initialise their fields the same way
 _RUN_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunCompletion))
 _run_values = operator.attrgetter(*_RUN_NAMES)
 

@@ -1,0 +1,280 @@
+"""Interceptor benchmarks.
+
+1. CPU time per attempt inside the gate (``ChioActivityInterceptor.before_attempt``: grant
+   lookup, argument digest, LocalSidecar decision, signing, Avro encoding, hand-off to the sink),
+   activity body excluded, with three sinks: none (a no-op sink), ``ReceiptStreamer`` in
+   ``queued`` mode and in ``before_execute`` mode (fsync'd spool, group commit). Baseline: the
+   irreducible floor of one attempt, ``sign_receipt`` of a ready-made receipt.
+2. Activities per second on the real Temporal dev server: the same workflows on a worker with
+   the interceptor (each durability mode, receipts to the real Kafka broker) vs without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import temporalio.activity
+import temporalio.common
+from temporalio.worker import Worker
+
+from bench._common import Size, percentiles, sample_receipt
+from bench._env import Env
+from bench._workflows import BenchWorkflow, bench_step
+from interceptor import ArgumentKey, ChioActivityInterceptor, LocalSidecar, WorkflowGrant
+from schemas import KeyPair, RunCompletion, StepReceipt, sign_receipt
+from streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
+
+__all__ = ["bench_attempt_cpu", "bench_worker_throughput", "run"]
+
+_ARG_KEY = ArgumentKey("args-bench", bytes(range(32)))
+_ARGS = [{"order_id": "o-123456", "amount_cents": 12_500, "currency": "EUR", "items": [1, 2, 3]}]
+
+
+class NullSink:
+    """A sink that accepts everything and does nothing (the gate's own cost)."""
+
+    async def publish_step(self, receipt: StepReceipt, body: bytes) -> None:
+        """Drop the receipt."""
+
+    async def publish_completion(self, event: RunCompletion) -> None:
+        """Drop the event."""
+
+    async def publish_envelope(self, envelope: Mapping[str, Any]) -> None:
+        """Drop the envelope."""
+
+
+def _info(i: int, run: int) -> temporalio.activity.Info:
+    now = datetime.now(UTC)
+    return temporalio.activity.Info(
+        activity_id=str(i),
+        activity_type="charge_card",
+        attempt=1,
+        current_attempt_scheduled_time=now,
+        heartbeat_details=[],
+        heartbeat_timeout=None,
+        is_local=False,
+        namespace="default",
+        schedule_to_close_timeout=None,
+        scheduled_time=now,
+        start_to_close_timeout=timedelta(seconds=30),
+        started_time=now,
+        task_queue="orders",
+        task_token=b"token",
+        workflow_id=f"order-{run}",
+        workflow_namespace="default",
+        workflow_run_id=f"0f9e8d7c-6b5a-4c3d-9e2f-{run:012d}",
+        workflow_type="OrderWorkflow",
+        priority=temporalio.common.Priority.default,
+        retry_policy=None,
+    )
+
+
+async def _gate_samples(
+    interceptor: ChioActivityInterceptor, n: int, *, steps_per_run: int = 10
+) -> tuple[list[float], list[float], float]:
+    """Per-attempt wall and loop-thread CPU microseconds, and attempts/s over the block."""
+    infos = [_info(i, i // steps_per_run) for i in range(n)]
+    wall: list[float] = []
+    cpu: list[float] = []
+    perf = time.perf_counter_ns
+    thread = time.thread_time_ns
+    t_start = time.perf_counter()
+    busy = 0.0
+    for info in infos:
+        w0, c0 = perf(), thread()
+        await interceptor.before_attempt(info, _ARGS)
+        c1, w1 = thread(), perf()
+        wall.append((w1 - w0) / 1000)
+        cpu.append((c1 - c0) / 1000)
+        busy += (w1 - w0) / 1e9
+        # Let the streamer's sender run between attempts, as it would between activities.
+        await asyncio.sleep(0)
+    elapsed = time.perf_counter() - t_start
+    _ = elapsed
+    return wall, cpu, n / busy if busy else 0.0
+
+
+def _interceptor(sidecar: LocalSidecar, grant: WorkflowGrant, sink: Any) -> ChioActivityInterceptor:
+    return ChioActivityInterceptor(
+        evaluator=sidecar,
+        receipt_sink=sink,
+        grant_resolver=lambda info: grant,
+        identity="4242@worker-a",
+        argument_key=_ARG_KEY,
+        max_runs=1_000_000,
+    )
+
+
+async def bench_attempt_cpu(size: Size, env: Env | None) -> dict[str, Any]:
+    """CPU per attempt inside the gate, per sink, vs the signing floor."""
+    sidecar = LocalSidecar()
+    token = sidecar.mint("svc-orders", ["charge_card", "refund_card"], 3600)
+    grant = WorkflowGrant(workflow_id="*", token=token)
+    key = KeyPair.generate("floor")
+    receipt = sample_receipt(1)
+    n = size.attempts
+
+    floor: list[float] = []
+    for _ in range(max(1, size.reps)):
+        t0 = time.perf_counter_ns()
+        for _ in range(n):
+            sign_receipt(receipt, key)
+        floor.append((time.perf_counter_ns() - t0) / 1000 / n)
+    floor_us = statistics.median(floor)
+
+    out: dict[str, Any] = {"floor_sign_receipt_us": floor_us, "attempts": n, "sinks": {}}
+    sinks: list[tuple[str, Any]] = [("none", None)]
+    if env is not None:
+        sinks += [("streamer_queued", "queued"), ("streamer_before_execute", "before_execute")]
+    for name, durability in sinks:
+        streamer: ReceiptStreamer | None = None
+        sink: Any = NullSink()
+        if durability is not None:
+            assert env is not None
+            topics = TopicsConfig(prefix=env.unique("bench-gate") + ".", partitions=6)
+            await ensure_topics(env.kafka_bootstrap, topics)
+            streamer = ReceiptStreamer(
+                StreamerConfig(
+                    bootstrap_servers=env.kafka_bootstrap,
+                    spool_dir=str(env.directory("spool")),
+                    topics=topics,
+                    durability=durability,
+                )
+            )
+            await streamer.start()
+            sink = streamer
+        try:
+            gate = _interceptor(sidecar, grant, sink)
+            await _gate_samples(gate, min(200, n))  # warm-up
+            walls: list[float] = []
+            cpus: list[float] = []
+            rates: list[float] = []
+            cpu_medians: list[float] = []
+            for _ in range(max(1, size.reps)):
+                gate = _interceptor(sidecar, grant, sink)
+                wall, cpu, rate = await _gate_samples(gate, n)
+                walls += wall
+                cpus += cpu
+                rates.append(rate)
+                cpu_medians.append(statistics.median(cpu))
+            if streamer is not None:
+                await streamer.flush(30.0)
+            out["sinks"][name] = {
+                "cpu_us": percentiles(cpus),
+                "wall_us": percentiles(walls),
+                "cpu_median_us_per_rep": cpu_medians,
+                "gate_attempts_per_s": statistics.median(rates),
+                "ratio_cpu_vs_floor": statistics.median(cpus) / floor_us,
+                "target_median_us": 75.0,
+                "target_met": statistics.median(cpus) <= 75.0,
+            }
+        finally:
+            if streamer is not None:
+                await streamer.stop()
+    return out
+
+
+async def _run_workflows(env: Env, task_queue: str, size: Size) -> float:
+    """Start the workflows on ``task_queue`` and return activities/s until all finished."""
+    client = env.temporal_client
+    count = size.activities_per_workflow
+    t0 = time.perf_counter()
+    handles = [
+        await client.start_workflow(
+            BenchWorkflow.run,
+            count,
+            id=env.unique("bench-wf"),
+            task_queue=task_queue,
+            execution_timeout=timedelta(minutes=5),
+        )
+        for _ in range(size.workflows)
+    ]
+    results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 300)
+    elapsed = time.perf_counter() - t0
+    assert sum(results) == size.workflows * count
+    return size.workflows * count / elapsed
+
+
+async def _throughput(env: Env, size: Size, durability: str | None) -> tuple[float, int]:
+    task_queue = env.unique("bench-tq")
+    interceptors: list[Any] = []
+    streamer: ReceiptStreamer | None = None
+    gate: ChioActivityInterceptor | None = None
+    if durability is not None:
+        topics = TopicsConfig(prefix=env.unique("bench-wk") + ".", partitions=6)
+        await ensure_topics(env.kafka_bootstrap, topics)
+        streamer = ReceiptStreamer(
+            StreamerConfig(
+                bootstrap_servers=env.kafka_bootstrap,
+                spool_dir=str(env.directory("spool")),
+                topics=topics,
+                durability=durability,  # type: ignore[arg-type]
+            )
+        )
+        await streamer.start()
+        sidecar = LocalSidecar()
+        token = sidecar.mint("svc-bench", ["bench_step"], 3600)
+        grant = WorkflowGrant(workflow_id="*", token=token)
+        gate = _interceptor(sidecar, grant, streamer)
+        interceptors.append(gate)
+    try:
+        async with Worker(
+            env.temporal_client,
+            task_queue=task_queue,
+            workflows=[BenchWorkflow],
+            activities=[bench_step],
+            interceptors=interceptors,
+            max_concurrent_activities=200,
+        ):
+            rate = await _run_workflows(env, task_queue, size)
+        allowed = gate.stats.allowed if gate is not None else 0
+        if streamer is not None:
+            await streamer.flush(30.0)
+        return rate, allowed
+    finally:
+        if streamer is not None:
+            await streamer.stop()
+
+
+async def bench_worker_throughput(size: Size, env: Env) -> dict[str, Any]:
+    """Activities/s on the dev server with the interceptor (both durability modes) vs without."""
+    modes: dict[str, str | None] = {
+        "without_interceptor": None,
+        "queued": "queued",
+        "before_execute": "before_execute",
+    }
+    await _throughput(env, Size.of("small"), None)  # warm the server and the worker code
+    rates: dict[str, list[float]] = {m: [] for m in modes}
+    receipts: dict[str, int] = {}
+    for _ in range(max(1, min(size.reps, 3))):
+        for mode, durability in modes.items():  # interleaved: noise hits every mode alike
+            rate, allowed = await _throughput(env, size, durability)
+            rates[mode].append(rate)
+            receipts[mode] = allowed
+    base = statistics.median(rates["without_interceptor"])
+    out: dict[str, Any] = {
+        "workflows": size.workflows,
+        "activities_per_workflow": size.activities_per_workflow,
+        "activities_per_s": {m: statistics.median(r) for m, r in rates.items()},
+        "runs_per_mode": {m: r for m, r in rates.items()},
+        "receipts_allowed_last_rep": receipts,
+    }
+    out["ratio_vs_without"] = {
+        m: statistics.median(r) / base for m, r in rates.items() if m != "without_interceptor"
+    }
+    out["target_ratio"] = 0.9
+    out["target_met"] = {m: r >= 0.9 for m, r in out["ratio_vs_without"].items()}
+    return out
+
+
+async def run(size: Size, env: Env | None) -> dict[str, Any]:
+    """Both interceptor benchmarks (throughput only with a stack)."""
+    out: dict[str, Any] = {"attempt_cpu": await bench_attempt_cpu(size, env)}
+    if env is not None:
+        out["worker_throughput"] = await bench_worker_throughput(size, env)
+    return out

@@ -1,0 +1,306 @@
+"""Markdown tables from a results document (the generated part of ``docs/BENCHMARKS.md``).
+
+    python -m bench.report bench/results/latest.json [docs/BENCHMARKS.md]
+
+Without a target file the markdown goes to stdout. In a target file, only the text between
+``<!-- bench:begin -->`` and ``<!-- bench:end -->`` is replaced (appended when missing).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BEGIN", "END", "render", "update_markdown"]
+
+BEGIN = "<!-- bench:begin -->"
+END = "<!-- bench:end -->"
+
+
+def _n(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    if isinstance(value, int | float):
+        if digits == 0 and abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:,.{max(digits, 1)}f}" if digits or abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def _get(doc: dict[str, Any], *path: str) -> Any:
+    node: Any = doc
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _machine(doc: dict[str, Any]) -> list[str]:
+    m = doc.get("machine", {})
+    libs = ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items())
+    ram = m.get("ram_bytes", 0) / 2**30
+    return [
+        f"Run: size `{doc.get('size')}`, {doc.get('started_at')} → {doc.get('finished_at')}.",
+        "",
+        f"- CPU: {m.get('cpu_model')}, {m.get('cpus_usable')} usable cores "
+        f"({m.get('cpus_visible')} visible); RAM {ram:.1f} GiB; load average at start "
+        f"{m.get('loadavg_at_start')}",
+        f"- {m.get('platform')}; Python {m.get('python')}",
+        f"- {libs}",
+    ]
+
+
+def _summary(doc: dict[str, Any]) -> list[str]:
+    r = doc.get("results", {})
+    rows: list[tuple[str, str, str, str, str, str]] = []
+    gate = _get(r, "interceptor", "attempt_cpu")
+    if gate:
+        floor = gate["floor_sign_receipt_us"]
+        for sink, v in gate["sinks"].items():
+            rows.append(
+                (
+                    f"1. gate CPU per attempt, sink `{sink}` (median / p99, µs)",
+                    f"{_n(v['cpu_us']['p50'], 1)} / {_n(v['cpu_us']['p99'], 1)}",
+                    f"{_n(floor, 1)} (`sign_receipt` alone)",
+                    f"{v['ratio_cpu_vs_floor']:.2f}x",
+                    "median ≤ 75 µs",
+                    _n(v["target_met"]),
+                )
+            )
+    wt = _get(r, "interceptor", "worker_throughput")
+    if wt:
+        base = wt["activities_per_s"]["without_interceptor"]
+        for mode, ratio in wt["ratio_vs_without"].items():
+            rows.append(
+                (
+                    f"1. activities/s on the dev server, interceptor `{mode}`",
+                    _n(wt["activities_per_s"][mode]),
+                    f"{_n(base)} (no interceptor)",
+                    f"{ratio:.2f}x",
+                    "≥ 0.9x",
+                    _n(wt["target_met"][mode]),
+                )
+            )
+    prod = r.get("producer")
+    if prod:
+        base = prod["receipts_per_s"]["raw_aiokafka_keyed"]
+        for mode, ratio in prod["ratio_vs_raw_keyed"].items():
+            rows.append(
+                (
+                    f"2. producer receipts/s, `{mode}`",
+                    _n(prod["receipts_per_s"][mode]),
+                    f"{_n(base)} (raw aiokafka, same records)",
+                    f"{ratio:.2f}x",
+                    "≥ 0.8x",
+                    _n(prod["target_met"][mode]),
+                )
+            )
+    cons = r.get("consumer")
+    if cons:
+        ours = cons["steps_per_s"]["builder_with_verification"]
+        raw = cons["steps_per_s"]["raw_aiokafka"]
+        rows.append(
+            (
+                "3. consumer steps/s (decode, verify, aggregate, chDB insert)",
+                _n(ours),
+                f"{_n(raw)} (raw aiokafka, no decoding)",
+                f"{cons['ratio_vs_raw']:.3f}x",
+                "≥ 15,000/s and ≥ 0.5x",
+                f"{_n(cons['target_met']['steps_per_s'])} / {_n(cons['target_met']['ratio'])}",
+            )
+        )
+    e2e = r.get("e2e")
+    if e2e:
+        lat = e2e["to_clickhouse"]["latency_ms"]
+        base = e2e["to_kafka_consumer_baseline"]["latency_ms"]
+        rows.append(
+            (
+                f"4. completion → row queryable at {e2e['rate']}/s (p50 / p95, ms)",
+                f"{_n(lat['p50'], 1)} / {_n(lat['p95'], 1)}",
+                f"{_n(base['p50'], 1)} / {_n(base['p95'], 1)} (to a raw Kafka consumer)",
+                f"{e2e['ratio_p95_vs_kafka_transit']:.1f}x (p95)",
+                "p95 ≤ 1,000 ms",
+                _n(e2e["target_met"]),
+            )
+        )
+    mem = _get(r, "memory", "builder")
+    if mem:
+        rows.append(
+            (
+                f"5. builder bytes per open run ({_n(mem['open_runs'])} runs, one step each, "
+                "body excluded)",
+                _n(mem["bytes_per_run_state_excluding_body"]),
+                f"{_n(mem['raw_avro_bytes_per_message'])} (the message's Avro bytes)",
+                f"{mem['ratio_state_vs_message_bytes']:.2f}x",
+                "≤ 1,200 B",
+                _n(mem["target_met"]),
+            )
+        )
+    rss = _get(r, "memory", "rss")
+    if rss:
+        rows.append(
+            (
+                f"5. RSS over a steady {rss['seconds']:.0f} s run at "
+                f"{rss['attempts_per_s_target']}/s (first → last, MB)",
+                f"{rss['rss_mb_first']:.1f} → {rss['rss_mb_last']:.1f}",
+                "-",
+                f"{rss['rss_growth_mb_per_min_after_warmup']:+.2f} MB/min",
+                "flat over 10 min",
+                "10-min run: " + _n(rss["ten_minute_run"]),
+            )
+        )
+    codec = _get(r, "micro", "codec")
+    if codec:
+        rows.append(
+            (
+                "6. codec encode records/s (Avro single-object vs json)",
+                _n(codec["encode_per_s"]["avro"]),
+                _n(codec["encode_per_s"]["json"]),
+                f"{codec['encode_per_s']['ratio']:.2f}x",
+                "(for the README)",
+                "-",
+            )
+        )
+        rows.append(
+            (
+                "6. codec decode records/s (schemas.decode / consumer's decode_plain vs json)",
+                f"{_n(codec['decode_per_s']['avro_logical_types'])} / "
+                f"{_n(codec['decode_per_s']['avro_plain_consumer_path'])}",
+                _n(codec["decode_per_s"]["json"]),
+                f"{codec['decode_per_s']['ratio']:.2f}x / "
+                f"{codec['decode_per_s']['ratio_plain']:.2f}x",
+                "(for the README)",
+                "-",
+            )
+        )
+    out = [
+        "| benchmark | ours | baseline (same run) | ratio | target | met |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    out += [f"| {' | '.join(row)} |" for row in rows]
+    return out
+
+
+def _details(doc: dict[str, Any]) -> list[str]:
+    r = doc.get("results", {})
+    out: list[str] = []
+    stages = _get(r, "consumer", "stages")
+    if stages:
+        out += [
+            "",
+            "Consumer stages, each measured alone in the same run (µs per step, one core):",
+            "",
+            "| decode | verify (Ed25519) | aggregate + row | chDB insert | sum | bound, steps/s |",
+            "|---:|---:|---:|---:|---:|---:|",
+            "| "
+            + " | ".join(
+                _n(stages["us_per_step"][k], 1)
+                for k in ("decode", "verify", "aggregate_and_row", "insert")
+            )
+            + f" | {_n(stages['sum_us_per_step'], 1)}"
+            + f" | {_n(stages['bound_steps_per_s_one_core'])} |",
+            "",
+            f"Without verification the same stages bound one core at "
+            f"{_n(stages['bound_without_verify_steps_per_s'])} steps/s; the whole builder used "
+            f"{_get(r, 'consumer', 'cores_busy', 'builder'):.2f} cores on average.",
+        ]
+    prod = r.get("producer")
+    if prod:
+        out += [
+            "",
+            "Producer, all variants (receipts/s, median; CPU µs per receipt):",
+            "",
+            "| variant | receipts/s | CPU µs/receipt |",
+            "|---|---:|---:|",
+        ]
+        for k, v in prod["receipts_per_s"].items():
+            out.append(f"| {k} | {_n(v)} | {_n(prod['cpu_us_per_receipt'][k], 1)} |")
+    crypto = _get(r, "micro", "crypto")
+    if crypto:
+        nacl = crypto["pynacl"]
+        cr = crypto.get("cryptography") or {}
+        out += [
+            "",
+            f"Ed25519 on a {crypto['message_bytes']}-byte receipt body (ops/s):",
+            "",
+            "| library | sign | verify |",
+            "|---|---:|---:|",
+            f"| PyNaCl (used) | {_n(nacl['sign_per_s'])} | {_n(nacl['verify_per_s'])} |",
+            f"| cryptography | {_n(cr.get('sign_per_s'))} | {_n(cr.get('verify_per_s'))} |",
+        ]
+    comp = _get(r, "micro", "compression")
+    if comp:
+        out += [
+            "",
+            f"Compression of a {comp['batch_records']}-receipt batch ({_n(comp['batch_bytes'])} "
+            "bytes), aiokafka's codecs at Kafka's default levels:",
+            "",
+            "| codec | compressed bytes | size ratio | compress MB/s | decompress MB/s |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name in ("lz4", "zstd"):
+            c = comp[name]
+            out.append(
+                f"| {name} | {_n(c['compressed_bytes'])} | {c['size_ratio']:.2f}x | "
+                f"{_n(c['compress_mb_per_s'])} | {_n(c['decompress_mb_per_s'])} |"
+            )
+    opt = _get(r, "micro", "optimisations")
+    if opt:
+        out += [
+            "",
+            "Schemas hot path, before → after (old code kept in `bench/_legacy.py`, same run):",
+            "",
+            "| function | before µs | after µs | speed-up |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, v in opt.items():
+            out.append(
+                f"| {name} | {v['before_us']:.2f} | {v['after_us']:.2f} | {v['speedup']:.2f}x |"
+            )
+    if doc.get("errors"):
+        out += ["", "Benchmarks that failed in this run:", ""]
+        out += [f"- `{k}`: {v}" for k, v in doc["errors"].items()]
+    return out
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The generated markdown for ``doc``."""
+    lines = [*_machine(doc), "", *_summary(doc), *_details(doc)]
+    return "\n".join(lines) + "\n"
+
+
+def update_markdown(path: Path, doc: dict[str, Any]) -> None:
+    """Replace the generated block of ``path`` (create or append it when missing)."""
+    block = f"{BEGIN}\n{render(doc)}{END}"
+    text = path.read_text("utf-8") if path.exists() else "# Benchmarks\n\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, "utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.report RESULTS.json [MARKDOWN]``."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        sys.stderr.write(__doc__ or "")
+        return 2
+    doc = json.loads(Path(args[0]).read_text("utf-8"))
+    if len(args) > 1:
+        update_markdown(Path(args[1]), doc)
+    else:
+        sys.stdout.write(render(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

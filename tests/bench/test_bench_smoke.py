@@ -1,0 +1,128 @@
+"""The benchmarks run at a small size on the session's real stack and produce sane JSON.
+
+Not timed: these tests check that every benchmark runs, measures our path and its baseline, and
+reports positive rates and ratios; the numbers themselves belong to ``make bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.client import Client
+
+from bench._common import Size
+from bench._env import Env
+from bench.report import BEGIN, END, render, update_markdown
+from bench.run import SECTIONS, run_all
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+async def results(
+    kafka_bootstrap: str, temporal_client: Client, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    env = Env(
+        kafka_bootstrap=kafka_bootstrap,
+        temporal_client=temporal_client,
+        scratch=tmp_path_factory.mktemp("bench"),
+    )
+    doc = await run_all(Size.of("small"), list(SECTIONS), env=env)
+    # What the runner writes must survive a JSON round trip.
+    decoded: dict[str, Any] = json.loads(json.dumps(doc))
+    return decoded
+
+
+@pytest.mark.integration
+def test_every_benchmark_ran(results: dict[str, Any]) -> None:
+    assert results["errors"] == {}
+    assert set(results["results"]) == set(SECTIONS)
+    machine = results["machine"]
+    assert machine["cpu_model"]
+    assert machine["cpus_visible"] >= 1
+    assert machine["ram_bytes"] > 0
+    assert machine["libraries"]["fastavro"] != "not installed"
+
+
+@pytest.mark.integration
+def test_interceptor_rates_and_ratios(results: dict[str, Any]) -> None:
+    r = results["results"]["interceptor"]
+    gate = r["attempt_cpu"]
+    assert _positive(gate["floor_sign_receipt_us"])
+    assert set(gate["sinks"]) == {"none", "streamer_queued", "streamer_before_execute"}
+    for sink in gate["sinks"].values():
+        assert _positive(sink["cpu_us"]["p50"])
+        assert sink["cpu_us"]["p99"] >= sink["cpu_us"]["p50"]
+        assert _positive(sink["ratio_cpu_vs_floor"])
+        assert _positive(sink["gate_attempts_per_s"])
+    wt = r["worker_throughput"]
+    assert all(_positive(v) for v in wt["activities_per_s"].values())
+    assert set(wt["ratio_vs_without"]) == {"queued", "before_execute"}
+    assert all(_positive(v) for v in wt["ratio_vs_without"].values())
+    # The interceptor really gated the activities: one allowed receipt per activity.
+    expected = wt["workflows"] * wt["activities_per_workflow"]
+    assert wt["receipts_allowed_last_rep"]["queued"] == expected
+    assert wt["receipts_allowed_last_rep"]["before_execute"] == expected
+
+
+@pytest.mark.integration
+def test_producer_and_consumer_rates(results: dict[str, Any]) -> None:
+    prod = results["results"]["producer"]
+    assert all(_positive(v) for v in prod["receipts_per_s"].values())
+    assert set(prod["ratio_vs_raw_keyed"]) == {"streamer_queued", "streamer_before_execute"}
+    assert all(_positive(v) for v in prod["ratio_vs_raw_keyed"].values())
+    cons = results["results"]["consumer"]
+    assert all(_positive(v) for v in cons["steps_per_s"].values())
+    assert _positive(cons["ratio_vs_raw"])
+    assert cons["rows_written_last_rep"] == cons["steps"]
+    stages = cons["stages"]
+    assert all(_positive(v) for v in stages["us_per_step"].values())
+    assert _positive(stages["bound_steps_per_s_one_core"])
+
+
+@pytest.mark.integration
+def test_end_to_end_and_memory(results: dict[str, Any]) -> None:
+    e2e = results["results"]["e2e"]
+    ours = e2e["to_clickhouse"]
+    assert ours["attempts"] > 0
+    assert ours["rows_seen"] == ours["attempts"]
+    assert _positive(ours["latency_ms"]["p50"])
+    assert ours["latency_ms"]["p95"] >= ours["latency_ms"]["p50"]
+    assert _positive(e2e["ratio_p95_vs_kafka_transit"])
+    mem = results["results"]["memory"]
+    assert _positive(mem["builder"]["bytes_per_run_state_excluding_body"])
+    assert _positive(mem["builder"]["ratio_state_vs_message_bytes"])
+    assert _positive(mem["rss"]["rss_mb_last"])
+    assert mem["rss"]["ten_minute_run"] is False
+
+
+@pytest.mark.integration
+def test_micro_benchmarks(results: dict[str, Any]) -> None:
+    micro = results["results"]["micro"]
+    assert _positive(micro["codec"]["encode_per_s"]["ratio"])
+    assert _positive(micro["codec"]["decode_per_s"]["ratio"])
+    assert _positive(micro["crypto"]["pynacl"]["verify_per_s"])
+    comp = micro["compression"]
+    assert comp["lz4"]["compressed_bytes"] < comp["batch_bytes"]
+    assert comp["zstd"]["compressed_bytes"] < comp["batch_bytes"]
+    assert all(_positive(v["speedup"]) for v in micro["optimisations"].values())
+
+
+@pytest.mark.integration
+def test_markdown_block_is_replaced_in_place(results: dict[str, Any], tmp_path: Path) -> None:
+    table = render(results)
+    assert "| benchmark | ours | baseline (same run) | ratio | target | met |" in table
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text(f"# Benchmarks\n\nprose before\n\n{BEGIN}\nstale-table\n{END}\n\nprose after\n")
+    update_markdown(doc, results)
+    text = doc.read_text()
+    assert "stale-table" not in text
+    assert text.startswith("# Benchmarks\n\nprose before")
+    assert text.rstrip().endswith("prose after")
+    assert text.count(BEGIN) == 1
