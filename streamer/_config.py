@@ -120,6 +120,7 @@ class StreamerConfig:
     request_timeout_ms: int = 10_000
     queue_size: int = 10_000
     send_batch: int = 500
+    max_in_flight: int = 8
     send_timeout_s: float = 5.0
     delivery_timeout_s: float = 15.0
     start_timeout_s: float = 10.0

@@ -29,6 +29,7 @@ of live segments; an append past it raises :class:`SpoolFull` and writes nothing
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
 import logging
@@ -356,30 +357,42 @@ class Spool:
 
     # -- read / ack ------------------------------------------------------------------------------
 
-    def read(self, max_records: int = 500, max_bytes: int = 4 << 20) -> SpoolBatch | None:
-        """Up to ``max_records`` unacknowledged records from the head, in append order."""
+    def read(
+        self,
+        max_records: int = 500,
+        max_bytes: int = 4 << 20,
+        *,
+        start: SpoolPosition | None = None,
+    ) -> SpoolBatch | None:
+        """Up to ``max_records`` records in append order, from ``start`` (a position a previous
+        read returned) or, by default, from the acknowledged head. Reading does not acknowledge.
+        """
         with self._lock:
-            seg = next((s for s in self._segments if s.index >= self._head.segment), None)
+            pos = self._head if start is None or start < self._head else start
+            seg = next((s for s in self._segments if s.index >= pos.segment), None)
             if seg is None:
                 return None
-            start_idx = self._head_records if seg.index == self._head.segment else 0
+            if seg.index == pos.segment:
+                start_idx = bisect.bisect_left(seg.offsets, pos.offset)
+            else:
+                start_idx = 0
             if start_idx >= seg.records:
                 seg = next((s for s in self._segments if s.index > seg.index and s.records), None)
                 if seg is None:
                     return None
                 start_idx = 0
             offsets = seg.offsets[start_idx : start_idx + max_records]
-            start = offsets[0]
+            begin = offsets[0]
             end = seg.size
             if start_idx + len(offsets) < seg.records:
                 end = seg.offsets[start_idx + len(offsets)]
             with seg.path.open("rb") as f:
-                f.seek(start)
-                data = f.read(min(end - start, max(max_bytes, 1)))
+                f.seek(begin)
+                data = f.read(min(end - begin, max(max_bytes, 1)))
         records: list[SpoolRecord] = []
-        pos = 0
+        consumed = 0
         for off in offsets:
-            rel = off - start
+            rel = off - begin
             if rel >= len(data) or len(data) - rel < _HEADER.size:
                 break
             length, _crc = _HEADER.unpack_from(data, rel)
@@ -390,13 +403,13 @@ class Spool:
                 records.append(SpoolRecord.decode_payload(data[rel + _HEADER.size : stop]))
             except (ValueError, UnicodeDecodeError) as exc:
                 raise SpoolError(f"spool {seg.path.name}: corrupt record at {off}") from exc
-            pos = stop
+            consumed = stop
         if not records:
             # One record larger than max_bytes: read it alone.
-            return (
-                self.read(max_records=1, max_bytes=_MAX_RECORD) if max_bytes < _MAX_RECORD else None
-            )
-        return SpoolBatch(records=tuple(records), end=SpoolPosition(seg.index, start + pos))
+            if max_bytes >= _MAX_RECORD:
+                return None
+            return self.read(max_records=1, max_bytes=_MAX_RECORD, start=start)
+        return SpoolBatch(records=tuple(records), end=SpoolPosition(seg.index, begin + consumed))
 
     def ack(self, position: SpoolPosition) -> None:
         """Everything before ``position`` reached Kafka: drop it (delete whole segments)."""
@@ -525,9 +538,11 @@ class AsyncSpool:
         """Fsync the active segment."""
         await self._run(self.spool.sync)
 
-    async def read(self, max_records: int = 500) -> SpoolBatch | None:
-        """Read a batch from the head (see :meth:`Spool.read`)."""
-        result = await self._run(self.spool.read, max_records)
+    async def read(
+        self, max_records: int = 500, *, start: SpoolPosition | None = None
+    ) -> SpoolBatch | None:
+        """Read a batch from ``start`` or the head (see :meth:`Spool.read`)."""
+        result = await self._run(lambda: self.spool.read(max_records, start=start))
         return result if isinstance(result, SpoolBatch) else None
 
     async def ack(self, position: SpoolPosition) -> None:

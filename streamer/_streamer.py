@@ -32,6 +32,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ from streamer._config import StreamerConfig
 from streamer._errors import SpoolError, StreamerClosed, StreamerError
 from streamer._metrics import StreamerMetrics
 from streamer._partition import PartitionCache
-from streamer._spool import AsyncSpool, Spool, SpoolRecord
+from streamer._spool import AsyncSpool, Spool, SpoolPosition, SpoolRecord
 
 __all__ = ["ReceiptStreamer"]
 
@@ -84,7 +85,8 @@ class ReceiptStreamer:
             )
         )
         self._queue: collections.deque[SpoolRecord] = collections.deque()
-        self._inflight: list[SpoolRecord] = []
+        self._window: collections.deque[_Batch] = collections.deque()
+        self._spool_cursor: SpoolPosition | None = None
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._producer: AIOKafkaProducer | None = None
@@ -154,8 +156,8 @@ class ReceiptStreamer:
                     await asyncio.wait({self._sender}, timeout=1.0)
             elif not self._sender.cancelled() and self._sender.exception() is not None:
                 log.error("streamer sender failed", exc_info=self._sender.exception())
-        leftover = [*self._inflight, *self._queue]
-        self._inflight.clear()
+        leftover = [*self._inflight_queued(), *self._queue]
+        self._window.clear()
         self._queue.clear()
         if leftover:
             try:
@@ -241,7 +243,11 @@ class ReceiptStreamer:
     @property
     def pending(self) -> int:
         """Records accepted and not yet acknowledged by Kafka (queue + in flight + spool)."""
-        return len(self._queue) + len(self._inflight) + self._spool.depth
+        return len(self._queue) + len(self._inflight_queued()) + self._spool.depth
+
+    def _inflight_queued(self) -> list[SpoolRecord]:
+        """In-flight records that came from the queue (spool records are on disk anyway)."""
+        return [r for b in self._window if b.spool_end is None for r in b.records]
 
     async def flush(self, wait_s: float) -> bool:
         """Wait until everything accepted so far is acknowledged; False on timeout."""
@@ -262,6 +268,7 @@ class ReceiptStreamer:
     # -- the sender ------------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        """Keep up to ``max_in_flight`` batches outstanding; settle them in order."""
         drain_deadline: float | None = None
         while True:
             if self._stopping:
@@ -272,33 +279,100 @@ class ReceiptStreamer:
             if self._spool_dirty:
                 self._spool_dirty = False
                 await self._spool.sync()
+            if self._window and not await self._settle_head():
+                continue
             producer = await self._ensure_producer()
             if producer is None:
                 await self._spill_queue("kafka_unavailable")
                 await self._pause(self._next_backoff())
                 continue
-            if self._queue:
-                n = min(len(self._queue), self.config.send_batch)
-                self._inflight = [self._queue.popleft() for _ in range(n)]
-                self._update_gauges()
-                if await self._send(producer, self._inflight):
-                    self._inflight = []
-                else:
-                    batch, self._inflight = self._inflight, []
-                    await self._spool_records(batch, "send_failed")
-                    await self._spill_queue("send_failed")
+            if len(self._window) < self.config.max_in_flight and await self._send_next(producer):
                 continue
-            spooled = await self._spool.read(self.config.send_batch)
-            if spooled is not None:
-                if await self._send(producer, spooled.records):
-                    await self._spool.ack(spooled.end)
-                    self.metrics.replayed.inc(len(spooled.records))
-                    self._update_gauges()
-                else:
-                    await self._pause(self._next_backoff())
+            if self._window:
+                head = self._window[0]
+                remaining = head.deadline - time.monotonic()
+                if remaining > 0:
+                    await asyncio.wait(head.futures, timeout=remaining)
                 continue
             self._idle.set()
             await self._pause(1.0)
+
+    async def _send_next(self, producer: AIOKafkaProducer) -> bool:
+        """Hand the next batch (queue first, then spool) to the producer; False if none."""
+        n = self.config.send_batch
+        if self._queue:
+            records = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
+            self._update_gauges()
+            batch = _Batch(records=records, spool_end=None)
+        else:
+            spooled = await self._spool.read(n, start=self._spool_cursor)
+            if spooled is None:
+                return False
+            batch = _Batch(records=list(spooled.records), spool_end=spooled.end)
+            self._spool_cursor = spooled.end
+        self._window.append(batch)
+        try:
+            async with asyncio.timeout(self.config.send_timeout_s):
+                for r in batch.records:
+                    partition = await self._partition(producer, r.topic, r.key)
+                    try:
+                        fut = await producer.send(
+                            r.topic,
+                            r.value,
+                            key=r.key,
+                            partition=partition,
+                            headers=list(r.headers),
+                        )
+                    except (MessageSizeTooLargeError, RecordTooLargeError) as exc:
+                        self._reject(r, exc)
+                        continue
+                    batch.futures.append(fut)
+        except (TimeoutError, KafkaError) as exc:
+            batch.error = exc
+        batch.deadline = time.monotonic() + self.config.delivery_timeout_s
+        return True
+
+    async def _settle_head(self) -> bool:
+        """Settle the oldest in-flight batch if it is done; True when the loop may go on."""
+        head = self._window[0]
+        error = head.error
+        if error is None:
+            pending = [f for f in head.futures if not f.done()]
+            if pending and time.monotonic() < head.deadline:
+                return True
+            if pending:
+                error = TimeoutError(f"{len(pending)} records not acknowledged in time")
+            else:
+                error = next(
+                    (f.exception() for f in head.futures if f.exception() is not None), None
+                )
+        if error is None:
+            self._window.popleft()
+            self.metrics.send_latency.observe(time.monotonic() - head.started)
+            for topic, count in collections.Counter(r.topic for r in head.records).items():
+                self.metrics.produced.labels(topic).inc(count)
+            if head.spool_end is not None:
+                await self._spool.ack(head.spool_end)
+                self.metrics.replayed.inc(len(head.records))
+            self._kafka_ok = True
+            self._backoff = self.config.retry_backoff_s
+            self._update_gauges()
+            return True
+        # The head failed: nothing after it can be trusted either. Queue records go to the
+        # spool; spool records stay there (the cursor rewinds to the acknowledged head).
+        self._on_failure(error)
+        failed, self._window = list(self._window), collections.deque()
+        self._spool_cursor = None
+        for batch in failed:
+            for f in batch.futures:
+                # Retrieve late outcomes so the loop never logs "exception never retrieved".
+                f.add_done_callback(_consume_outcome)
+        queued = [r for b in failed if b.spool_end is None for r in b.records]
+        if queued:
+            await self._spool_records(queued, "send_failed")
+        await self._spill_queue("send_failed")
+        await self._pause(self._next_backoff())
+        return False
 
     async def _pause(self, seconds: float) -> None:
         self._wake.clear()
@@ -329,45 +403,6 @@ class ReceiptStreamer:
             records = list(self._queue)
             self._queue.clear()
             await self._spool_records(records, reason)
-
-    async def _send(self, producer: AIOKafkaProducer, records: Sequence[SpoolRecord]) -> bool:
-        """Send ``records`` and wait for every acknowledgement; False (and why logged) if not."""
-        cfg = self.config
-        t0 = time.perf_counter()
-        futures: list[asyncio.Future[Any]] = []
-        try:
-            for r in records:
-                partition = await self._partition(producer, r.topic, r.key)
-                try:
-                    fut = await asyncio.wait_for(
-                        producer.send(
-                            r.topic,
-                            r.value,
-                            key=r.key,
-                            partition=partition,
-                            headers=list(r.headers),
-                        ),
-                        cfg.send_timeout_s,
-                    )
-                except (MessageSizeTooLargeError, RecordTooLargeError) as exc:
-                    self._reject(r, exc)
-                    continue
-                futures.append(fut)
-            if futures:
-                done, not_done = await asyncio.wait(futures, timeout=cfg.delivery_timeout_s)
-                _raise_first_failure(done, not_done)
-        except (TimeoutError, KafkaError) as exc:
-            self._on_failure(exc)
-            for f in futures:
-                # Retrieve late outcomes so the loop never logs "exception never retrieved".
-                f.add_done_callback(lambda fut: fut.cancelled() or fut.exception())
-            return False
-        self.metrics.send_latency.observe(time.perf_counter() - t0)
-        for r in records:
-            self.metrics.produced.labels(r.topic).inc()
-        self._kafka_ok = True
-        self._backoff = cfg.retry_backoff_s
-        return True
 
     def _on_failure(self, exc: BaseException) -> None:
         self._kafka_ok = False
@@ -452,15 +487,21 @@ class ReceiptStreamer:
             await asyncio.wait(set(self._closing), timeout=wait_s)
 
 
-def _raise_first_failure(
-    done: set[asyncio.Future[Any]], not_done: set[asyncio.Future[Any]]
-) -> None:
-    if not_done:
-        raise TimeoutError(f"{len(not_done)} records not acknowledged in time")
-    for f in done:
-        failure = f.exception()
-        if failure is not None:
-            raise failure
+def _consume_outcome(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+@dataclass(slots=True, kw_only=True)
+class _Batch:
+    """Records handed to the producer together, settled together, in order."""
+
+    records: list[SpoolRecord]
+    spool_end: SpoolPosition | None
+    futures: list[asyncio.Future[Any]] = field(default_factory=list)
+    error: BaseException | None = None
+    started: float = field(default_factory=time.monotonic)
+    deadline: float = 0.0
 
 
 async def _stop_producer(producer: AIOKafkaProducer, wait_s: float) -> None:

@@ -180,3 +180,28 @@ def test_kill_9_of_a_writing_process_loses_nothing_acknowledged(tmp_path: Path) 
     # Everything acknowledged is there, in order; at most a few later appends made it too.
     assert got[: acked + 1] == list(range(acked + 1))
     assert got == list(range(len(got)))
+
+
+def test_read_from_a_cursor_pipelines_without_acknowledging(tmp_path: Path) -> None:
+    records = [_rec(i) for i in range(30)]
+    with Spool(tmp_path, segment_bytes=600) as spool:
+        spool.append(records[:10], fsync=False)
+        spool.append(records[10:], fsync=False)
+        first = spool.read(max_records=7)
+        assert first is not None
+        second = spool.read(max_records=7, start=first.end)
+        assert second is not None
+        got = [*first.records, *second.records]
+        cursor = second.end
+        while (batch := spool.read(max_records=7, start=cursor)) is not None:
+            got.extend(batch.records)
+            cursor = batch.end
+        assert got == records
+        assert spool.depth == 30  # reading acknowledged nothing
+        spool.ack(first.end)
+        assert spool.depth == 23
+        again = spool.read(max_records=100)  # a rewind starts at the acknowledged head
+        assert again is not None
+        assert again.records[0] == records[7]
+        spool.ack(cursor)
+        assert spool.depth == 0
