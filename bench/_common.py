@@ -85,7 +85,7 @@ class Size:
                 open_runs=100_000,
                 e2e_seconds=20.0,
                 e2e_rate=500,
-                rss_seconds=60.0,
+                rss_seconds=600.0,
             )
         raise ValueError(f"unknown size {name!r} (small | full)")
 

@@ -22,7 +22,7 @@ import temporalio.activity
 import temporalio.common
 from temporalio.worker import Worker
 
-from bench._common import Size, percentiles, sample_receipt
+from bench._common import Size, cpu_seconds, percentiles, sample_receipt
 from bench._env import Env
 from bench._workflows import BenchWorkflow, bench_step
 from interceptor import ArgumentKey, ChioActivityInterceptor, LocalSidecar, WorkflowGrant
@@ -151,27 +151,38 @@ async def bench_attempt_cpu(size: Size, env: Env | None) -> dict[str, Any]:
         try:
             gate = _interceptor(sidecar, grant, sink)
             await _gate_samples(gate, min(200, n))  # warm-up
+            if streamer is not None:
+                # Connected and drained: publish_step takes its steady-state path.
+                assert await streamer.flush(30.0), "warm-up receipts not acknowledged"
             walls: list[float] = []
             cpus: list[float] = []
             rates: list[float] = []
             cpu_medians: list[float] = []
+            totals: list[float] = []
             for _ in range(max(1, size.reps)):
                 gate = _interceptor(sidecar, grant, sink)
+                c0 = cpu_seconds()
                 wall, cpu, rate = await _gate_samples(gate, n)
+                if streamer is not None:
+                    assert await streamer.flush(60.0), "receipts not acknowledged"
+                totals.append((cpu_seconds() - c0) / n * 1e6)
                 walls += wall
                 cpus += cpu
                 rates.append(rate)
                 cpu_medians.append(statistics.median(cpu))
-            if streamer is not None:
-                await streamer.flush(30.0)
+            median_cpu = statistics.median(cpus)
             out["sinks"][name] = {
                 "cpu_us": percentiles(cpus),
                 "wall_us": percentiles(walls),
                 "cpu_median_us_per_rep": cpu_medians,
+                "process_cpu_us_per_attempt_incl_sending": statistics.median(totals),
                 "gate_attempts_per_s": statistics.median(rates),
-                "ratio_cpu_vs_floor": statistics.median(cpus) / floor_us,
+                "ratio_cpu_vs_floor": median_cpu / floor_us,
                 "target_median_us": 75.0,
-                "target_met": statistics.median(cpus) <= 75.0,
+                "target_met": median_cpu <= 75.0,
+                # In before_execute mode the call awaits the spool's fsync; whatever the loop
+                # runs meanwhile (the sender) lands in the window, so cpu_us is an upper bound.
+                "cpu_window_includes_background": durability == "before_execute",
             }
         finally:
             if streamer is not None:
