@@ -367,6 +367,11 @@ class ClickHouseSink:
 
         return await self._run(run)
 
+    async def call(self, fn: Callable[[Any], _T]) -> _T:
+        """Run ``fn(client)`` on the sink's own thread (read-only tools such as ``verify_run``
+        while the sink is in use: one chDB client is never used from two threads at once)."""
+        return await self._run(lambda: fn(self._client))
+
     async def load_runs(
         self, keys: Sequence[tuple[str, str, str]]
     ) -> tuple[dict[tuple[str, str, str], list[tuple[Any, ...]]], dict[tuple[str, str, str], Any]]:

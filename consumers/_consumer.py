@@ -500,6 +500,16 @@ class ReceiptBuilderService:
         ]
         if not due:
             return False
+        # Publish first, then insert: a crash in between re-publishes on replay (at least once
+        # on the topic, subscribers key by run and revision); the other order could lose it.
+        if self._config.publish_envelopes and self._producer is not None:
+            futures = [
+                await self._producer.send(
+                    self._config.topics.envelopes, envelope.framed(), key=run.key.encode()
+                )
+                for run, envelope in due
+            ]
+            await self._kafka(asyncio.gather(*futures))
         rows = [envelope_row(envelope) for _, envelope in due]
         ident = "\n".join(f"{r.key}@{e.revision}:{e.chain_root.hex()}" for r, e in due)
         token = "envelopes:" + hashlib.sha256(ident.encode()).hexdigest()
@@ -519,14 +529,6 @@ class ReceiptBuilderService:
                     self.metrics.dead_letters.labels(Reason.CLICKHOUSE_DATA).inc()
         self.metrics.written.labels("workflow_receipts").inc(len(rows))
         failpoint("consumer.after_envelope_insert")
-        if self._config.publish_envelopes and self._producer is not None:
-            futures = [
-                await self._producer.send(
-                    self._config.topics.envelopes, envelope.framed(), key=run.key.encode()
-                )
-                for run, envelope in due
-            ]
-            await self._kafka(asyncio.gather(*futures))
         for run, envelope in due:
             self._builder.mark_written(run, envelope, now)
         return True
