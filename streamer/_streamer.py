@@ -170,6 +170,7 @@ class ReceiptStreamer:
                 log.exception("streamer stop: %d records could not be spooled", len(leftover))
         await self._close_producer(max(0.5, deadline - time.monotonic()))
         await self._spool.stop()
+        self._rejected.close()
         self._update_gauges()
 
     # -- ReceiptSink -----------------------------------------------------------------------------
