@@ -101,10 +101,34 @@ class TopicsConfig:
 class StreamerConfig:
     """How :class:`~streamer.ReceiptStreamer` produces and where it spools.
 
-    ``durability``: ``"before_execute"`` appends every receipt to the spool with fsync (group
-    commit) before ``publish_step`` returns, so it is on local disk before the activity body
-    runs; ``"queued"`` hands it to a bounded in-memory queue and spools only when the queue is
-    full or Kafka is unreachable (a process crash can lose what is still in memory).
+    ``durability``: ``"before_execute"`` (the default) appends every receipt to the spool with
+    fsync (group commit) before ``publish_step`` returns, so it is on local disk before the
+    activity body runs and a worker ``kill -9`` after the decision loses nothing; ``"queued"``
+    hands it to a bounded in-memory queue and spools only when the queue is full or Kafka is
+    unreachable or slow (a crash of the worker process loses what is still in memory).
+
+    Measured on the 2-core development machine while other test suites ran (load 9-19), 422-byte
+    signed step records, single local broker, medians of three interleaved rounds:
+
+    ========================  ===================  =========================================
+    mode                      ``publish_step``      end-to-end (accepted -> acked by Kafka)
+    ========================  ===================  =========================================
+    queued, 1 publisher       p50 6 µs, p99 60 µs  3.8-5.7k receipts/s
+    queued, 50 concurrent     p50 6 µs, p99 50 µs  5.3-12.5k receipts/s
+    before_execute, 1         p50 4.6-5.9 ms        110-150 receipts/s (one fsync each)
+    before_execute, 50 conc.  p50 24-30 ms          1.3-1.8k receipts/s (group commit)
+    ========================  ===================  =========================================
+
+    A raw 450-byte append + fsync on the same disk took p50 0.9 ms, p99 11 ms. The default is
+    ``before_execute`` because receipts are audit data: a few milliseconds per activity attempt
+    buy "a body that ran has its receipt". Choose ``"queued"`` for activities so short that the
+    fsync dominates and a lost receipt on a worker crash is acceptable.
+
+    ``compression``: ``lz4``. On batches of 200 realistic records lz4 compresses 3.34x at
+    0.5-1.6 µs per record, zstd (level 3) 3.93x at 1.8-5.7 µs per record; end-to-end throughput
+    did not differ beyond noise, and the producer shares the worker's event loop, so the cheaper
+    codec wins. ``linger_ms=5`` and ``max_batch_size=256 KiB``: with aiokafka's 16 KiB default
+    a raw idempotent producer reached 9.4k msg/s, with 256 KiB 41k msg/s on the idle machine.
     """
 
     bootstrap_servers: str

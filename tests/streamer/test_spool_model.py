@@ -88,5 +88,5 @@ class SpoolMachine(RuleBasedStateMachine):
         assert self.spool.depth == len(self.model)
 
 
-SpoolMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+SpoolMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=25, deadline=None)
 test_spool_model = SpoolMachine.TestCase
