@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -124,12 +125,91 @@ def dev_status() -> None:
 @app.command("demo")
 def demo_command(
     keep: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = False,
+    report: Annotated[
+        Path | None, typer.Option(help="Where to write the HTML report (<data dir>/report.html).")
+    ] = None,
 ) -> None:
     """The main job: start the local stack, run the demo workflows, show the receipts."""
-    from chio_receipts.demo import run_demo
+    from chio_receipts.demo._run import DemoOptions, run_demo
 
     cfg = load_config()
-    run_or_exit(lambda: run_demo(cfg, keep=keep, console=console))
+    result = run_or_exit(
+        lambda: run_demo(cfg, console=console, options=DemoOptions(keep=keep, report_path=report))
+    )
+    if result.verify_failures:
+        raise typer.Exit(1)
+
+
+@app.command("worker")
+def worker_command(
+    task_queue: Annotated[str, typer.Option(help="Task queue to serve.")] = "chio-demo",
+    temporal_address: Annotated[
+        str, typer.Option(envvar="CHIO_TEMPORAL_ADDRESS", help="Temporal frontend host:port.")
+    ] = "127.0.0.1:7233",
+    namespace: Annotated[
+        str, typer.Option(envvar="CHIO_TEMPORAL_NAMESPACE", help="Temporal namespace.")
+    ] = "default",
+    bootstrap: Annotated[
+        str, typer.Option(envvar="CHIO_KAFKA_BOOTSTRAP", help="Kafka bootstrap servers.")
+    ] = "127.0.0.1:9092",
+    sidecar_url: Annotated[
+        str, typer.Option(envvar="CHIO_SIDECAR_URL", help="Policy sidecar URL.")
+    ] = "http://127.0.0.1:9090",
+    spool_dir: Annotated[
+        Path | None, typer.Option(help="Receipt spool directory (<data dir>/spool-<queue>).")
+    ] = None,
+    default_capability: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CHIO_DEFAULT_CAPABILITY",
+            help="Capability granted to every run on this task queue; minted if omitted.",
+        ),
+    ] = None,
+    identity: Annotated[str | None, typer.Option(help="Worker identity.")] = None,
+) -> None:
+    """Run a demo worker: the demo's workflows and activities behind the interceptor."""
+    import os
+    import signal
+
+    from chio_receipts.demo._worker import DEFAULT_SCOPE, WorkerSettings, run_worker
+    from interceptor import ArgumentKey, ChioClient
+
+    cfg = load_config()
+    secret = os.environ.get("CHIO_ARGUMENT_KEY")
+    if secret:
+        key = ArgumentKey.from_hex(os.environ.get("CHIO_ARGUMENT_KEY_ID", "args-1"), secret)
+    else:
+        err.print("warning: CHIO_ARGUMENT_KEY not set; argument digests use a per-process key")
+        key = ArgumentKey.generate()
+
+    async def main() -> None:
+        capability = default_capability
+        if capability is None:
+            async with ChioClient(sidecar_url) as chio:
+                token = await chio.create_capability(
+                    f"agent:{task_queue}", DEFAULT_SCOPE, 24 * 3600
+                )
+                capability = token.id
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_worker(
+            WorkerSettings(
+                temporal_address=temporal_address,
+                namespace=namespace,
+                sidecar_url=sidecar_url,
+                kafka_bootstrap=bootstrap,
+                spool_dir=spool_dir or cfg.data_dir / f"spool-{task_queue}",
+                task_queue=task_queue,
+                argument_key=key,
+                default_capability_id=capability,
+                identity=identity,
+            ),
+            stop,
+        )
+
+    run_or_exit(main)
 
 
 def main() -> None:

@@ -236,10 +236,13 @@ class ClickHouseSink:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise DatabaseBusy(_busy_message(path, owner_pid(path))) from None
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
-            self._lock_fd = fd
+                pid = owner_pid(path)
+                if pid != os.getpid():  # another sink of this process may share the engine
+                    raise DatabaseBusy(_busy_message(path, pid)) from None
+            else:
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                self._lock_fd = fd
         self._client = open_client(
             self._config.dsn,
             connect_timeout=self._config.connect_timeout,

@@ -6,6 +6,8 @@ They are deliberately trivial; what the demo shows is the receipts around them.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -96,7 +98,7 @@ async def flaky_tool(name: str) -> str:
     return f"{name} ok on attempt {attempt}"
 
 
-ALL_ACTIVITIES = [
+ALL_ACTIVITIES: list[Callable[..., Any]] = [
     debit_account,
     credit_account,
     refund_account,

@@ -1,87 +1,616 @@
-"""Start the local stack and run a sample workflow through a worker."""
+"""The main job: the whole pipeline on the local stack, the demo workflows, the receipts shown.
+
+Starts Kafka and the Temporal dev server, the policy sidecar (served over HTTP so two worker
+processes share capabilities and keys), the receipt builder writing to chDB, the completion
+watcher, one worker in this process and one in a child process; runs the demo scenarios; waits
+until every closed run has its envelope; prints a summary read from ClickHouse, writes an HTML
+report, verifies every run, and stops everything it started.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
-from temporalio import activity, workflow
-from temporalio.client import Client
-from temporalio.worker import Worker
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleIntervalSpec,
+    ScheduleSpec,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
 
 from chio_receipts._config import AppConfig
-from chio_receipts.stack import LocalStack, StackConfig
+from chio_receipts.demo import _workflows as wf
+from chio_receipts.demo._report import Summary, read_summary, write_html_report
+from chio_receipts.demo._worker import DEFAULT_SCOPE, WorkerSettings, demo_worker
+from chio_receipts.stack import LocalStack, StackConfig, StackError, read_state
+from consumers import (
+    BuilderConfig,
+    ClickHouseConfig,
+    ReceiptBuilderService,
+    Topics,
+    VerifyReport,
+    verify_run,
+)
+from interceptor import (
+    ArgumentKey,
+    ChioActivityInterceptor,
+    ChioClient,
+    LocalSidecar,
+    SidecarServer,
+    WorkflowGrant,
+)
+from schemas import KeyPair
+from streamer import (
+    CompletionWatcher,
+    ReceiptStreamer,
+    StreamerConfig,
+    TopicsConfig,
+    WatcherConfig,
+    ensure_topics,
+)
 
-__all__ = ["run_demo"]
-
-
-@activity.defn
-async def lookup_account(account: str) -> str:
-    """Sample tool: look an account up."""
-    return f"account:{account}"
-
-
-@activity.defn
-async def check_balance(account: str) -> int:
-    """Sample tool: read a balance."""
-    return 100 + len(account)
-
-
-@activity.defn
-async def send_receipt_email(summary: str) -> str:
-    """Sample tool: send an email."""
-    return f"sent({summary})"
-
-
-@workflow.defn(sandboxed=False)
-class SampleWorkflow:
-    """Three tool calls in sequence."""
-
-    @workflow.run
-    async def run(self, account: str) -> str:
-        """Look up, read the balance, send an email."""
-        timeout = timedelta(seconds=10)
-        found = await workflow.execute_activity(
-            lookup_account, account, start_to_close_timeout=timeout
-        )
-        balance = await workflow.execute_activity(
-            check_balance, found, start_to_close_timeout=timeout
-        )
-        return await workflow.execute_activity(
-            send_receipt_email, f"{found} balance={balance}", start_to_close_timeout=timeout
-        )
+__all__ = ["DemoOptions", "DemoResult", "run_demo"]
 
 
-async def run_demo(cfg: AppConfig, *, keep: bool, console: Console) -> None:
-    """Start the stack, run the sample workflow, print what happened, stop (unless ``keep``)."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DemoOptions:
+    """Sizes of the demo (the test runs a smaller one)."""
+
+    fan_out: int = 8
+    loop_iterations: int = 3
+    split_width: int = 6
+    schedule_fires: int = 2
+    schedule_every: timedelta = timedelta(seconds=2)
+    keep: bool = False
+    report_path: Path | None = None
+    settle_timeout: float = 90.0
+
+
+@dataclass(slots=True)
+class DemoResult:
+    """What the demo did and what ClickHouse says about it."""
+
+    task_queue: str
+    runs: list[tuple[str, str]] = field(default_factory=list)
+    summary: Summary | None = None
+    verified: int = 0
+    verify_failures: list[str] = field(default_factory=list)
+    report_path: Path | None = None
+    worker_pids: list[int] = field(default_factory=list)
+
+
+async def run_demo(
+    cfg: AppConfig, *, console: Console, options: DemoOptions | None = None
+) -> DemoResult:
+    """Run the demo end to end; see the module docstring."""
+    opts = options or DemoOptions()
+    _refuse_if_kept_stack_running(cfg)
+    for sub in ("kafka", "temporal", "clickhouse", "demo"):
+        shutil.rmtree(cfg.data_dir / sub, ignore_errors=True)
+    demo_dir = cfg.data_dir / "demo"
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    result = DemoResult(task_queue=f"demo-{uuid.uuid4().hex[:6]}")
+    # Denials and the flaky tool's failures are expected: worker logs go to a file, not the screen.
+    log_handler = logging.FileHandler(demo_dir / "demo.log")
+    log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    saved_handlers, root.handlers = root.handlers, [log_handler]
     stack = LocalStack(
-        StackConfig(
-            data_dir=cfg.data_dir / "demo",
-            cache_dir=cfg.cache_dir,
-            clickhouse_dsn=cfg.clickhouse_dsn,
-        )
+        StackConfig(data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, clickhouse_dsn=None)
     )
-    with console.status("starting Kafka and the Temporal dev server"):
-        await stack.start()
+    keep_stack = False
     try:
-        console.print(f"temporal {stack.temporal_address}, kafka {stack.kafka_bootstrap}")
-        client = await Client.connect(stack.temporal_address)
-        queue = f"demo-{uuid.uuid4().hex[:8]}"
-        async with Worker(
-            client,
-            task_queue=queue,
-            workflows=[SampleWorkflow],
-            activities=[lookup_account, check_balance, send_receipt_email],
-        ):
-            handle = await client.start_workflow(
-                SampleWorkflow.run, "alice", id=f"sample-{uuid.uuid4().hex[:8]}", task_queue=queue
-            )
-            result = await handle.result()
-        console.print(f"workflow {handle.id} completed: {result}")
+        with console.status("starting Kafka and the Temporal dev server"):
+            await stack.start()
+        console.print(
+            f"[bold]local stack[/]: temporal {stack.temporal_address} · kafka "
+            f"{stack.kafka_bootstrap} · clickhouse {stack.clickhouse_dsn}"
+        )
+        async with _pipeline(stack, demo_dir, result, console) as pipe:
+            await _run_scenarios(pipe, opts, result, console)
+            summary = await read_summary(pipe.builder.sink.query, [r for _w, r in result.runs])
+            result.summary = summary
+            keys = dict(await pipe.chio.public_keys())
+            keys[pipe.builder_key.key_id] = pipe.builder_key.public_key
+            await _verify_all(pipe, result, keys, console)
+            report = opts.report_path or (cfg.data_dir / "report.html")
+            result.report_path = await asyncio.to_thread(write_html_report, summary, report)
+        _print_summary(console, result)
+        keep_stack = opts.keep
+        return result
     finally:
-        if keep:
+        if keep_stack:
             stack.write_state()
-            console.print("stack left running; stop it with: chio-receipts dev down")
+            console.print(
+                "\nstack left running. Query it:\n"  # noqa: S608 - text shown to the user
+                '  .venv/bin/chio-receipts query "SELECT outcome, count() FROM '
+                'workflow_receipts FINAL GROUP BY outcome"\n'
+                f"  (kafka {stack.kafka_bootstrap}, temporal {stack.temporal_address})\n"
+                "stop it with: .venv/bin/chio-receipts dev down"
+            )
         else:
             stack.stop()
+        root.handlers = saved_handlers
+        log_handler.close()
+        console.print(f"logs: {demo_dir}/*.log, {cfg.data_dir}/kafka, {cfg.data_dir}/temporal")
+
+
+def _refuse_if_kept_stack_running(cfg: AppConfig) -> None:
+    state = read_state(cfg.data_dir)
+    if state is None:
+        return
+    from chio_receipts.stack import port_open
+
+    if port_open(state.kafka_bootstrap) or port_open(state.temporal_address):
+        raise StackError(
+            "demo",
+            f"a stack from an earlier run is still up ({state.kafka_bootstrap})",
+            "stop it first with `.venv/bin/chio-receipts dev down`",
+        )
+
+
+@dataclass(slots=True)
+class _Pipe:
+    client: Client
+    chio: ChioClient
+    interceptor: ChioActivityInterceptor
+    builder: ReceiptBuilderService
+    builder_key: KeyPair
+    task_queue: str
+    other_queue: str
+    handles: list[WorkflowHandle[Any, Any]] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def _pipeline(
+    stack: LocalStack, demo_dir: Path, result: DemoResult, console: Console
+) -> AsyncIterator[_Pipe]:
+    """Sidecar, builder, watcher and two workers, torn down in reverse order."""
+    topics = TopicsConfig(partitions=3)
+    await ensure_topics(stack.kafka_bootstrap, topics)
+    argument_key = ArgumentKey.generate("demo-args")
+    builder_key = KeyPair.generate("demo-builder")
+    client = await Client.connect(stack.temporal_address)
+    stop = asyncio.Event()
+    async with contextlib.AsyncExitStack() as exits:
+        sidecar = await exits.enter_async_context(
+            SidecarServer(LocalSidecar(KeyPair.generate("demo-sidecar")))
+        )
+        chio = await exits.enter_async_context(ChioClient(sidecar.url))
+        default = await chio.create_capability("agent:demo-default", DEFAULT_SCOPE, 3600)
+        builder = await exits.enter_async_context(
+            ReceiptBuilderService(
+                BuilderConfig(
+                    bootstrap_servers=stack.kafka_bootstrap,
+                    clickhouse=ClickHouseConfig(dsn=stack.clickhouse_dsn),
+                    builder_key=builder_key,
+                    key_url=sidecar.url,
+                    topics=Topics(
+                        steps=topics.steps,
+                        runs=topics.runs,
+                        envelopes=topics.envelopes_topic,
+                        dlq=topics.dlq_topic,
+                    ),
+                    group_id="chio-demo-builder",
+                    grace_seconds=15.0,
+                )
+            )
+        )
+        watcher_sink = await exits.enter_async_context(
+            ReceiptStreamer(
+                StreamerConfig(
+                    bootstrap_servers=stack.kafka_bootstrap,
+                    spool_dir=str(demo_dir / "spool-watcher"),
+                    topics=topics,
+                    client_id="chio-demo-watcher",
+                )
+            )
+        )
+        watcher = CompletionWatcher(
+            client,
+            watcher_sink,
+            WatcherConfig(
+                checkpoint_path=str(demo_dir / "watcher.checkpoint.json"), poll_interval_s=0.5
+            ),
+        )
+        tasks = [
+            asyncio.create_task(builder.run(stop), name="receipt-builder"),
+            asyncio.create_task(watcher.run(stop), name="completion-watcher"),
+        ]
+        exits.push_async_callback(_stop_tasks, stop, tasks)
+
+        other_queue = f"{result.task_queue}-b"
+        child = _start_second_worker(
+            stack, sidecar.url, topics, demo_dir, other_queue, argument_key, default.id
+        )
+        result.worker_pids.append(child.pid)
+        exits.callback(_stop_child, child)
+        _worker, interceptor, _chio = await exits.enter_async_context(
+            demo_worker(
+                WorkerSettings(
+                    temporal_address=stack.temporal_address,
+                    sidecar_url=sidecar.url,
+                    kafka_bootstrap=stack.kafka_bootstrap,
+                    topics=topics,
+                    spool_dir=demo_dir / "spool-worker-a",
+                    task_queue=result.task_queue,
+                    argument_key=argument_key,
+                    default_capability_id=default.id,
+                    identity="demo-worker-a",
+                ),
+                client=client,
+            )
+        )
+        console.print(
+            f"[bold]pipeline[/]: sidecar {sidecar.url} · receipt builder · completion watcher · "
+            f"workers on {result.task_queue} (this process) and {other_queue} (pid {child.pid})"
+        )
+        yield _Pipe(
+            client=client,
+            chio=chio,
+            interceptor=interceptor,
+            builder=builder,
+            builder_key=builder_key,
+            task_queue=result.task_queue,
+            other_queue=other_queue,
+        )
+
+
+async def _stop_tasks(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
+    stop.set()
+    done, pending = await asyncio.wait(tasks, timeout=20)
+    for task in pending:
+        task.cancel()
+    for task in done:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            raise exc
+
+
+def _start_second_worker(
+    stack: LocalStack,
+    sidecar_url: str,
+    topics: TopicsConfig,
+    demo_dir: Path,
+    queue: str,
+    argument_key: ArgumentKey,
+    capability_id: str,
+) -> subprocess.Popen[bytes]:
+    """The second worker process (same code, another process, its own task queue)."""
+    env = dict(os.environ)
+    # The argument key is a secret: it travels in the environment, never on the command line.
+    env["CHIO_ARGUMENT_KEY"] = argument_key.secret.hex()
+    env["CHIO_ARGUMENT_KEY_ID"] = argument_key.key_id
+    argv = [
+        sys.executable,
+        "-m",
+        "chio_receipts",
+        "worker",
+        "--temporal-address",
+        stack.temporal_address,
+        "--bootstrap",
+        stack.kafka_bootstrap,
+        "--sidecar-url",
+        sidecar_url,
+        "--task-queue",
+        queue,
+        "--spool-dir",
+        str(demo_dir / "spool-worker-b"),
+        "--default-capability",
+        capability_id,
+        "--identity",
+        "demo-worker-b",
+    ]
+    with (demo_dir / "worker-b.log").open("ab") as log:
+        return subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+
+def _stop_child(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait(timeout=5)
+
+
+async def _start(
+    pipe: _Pipe,
+    fn: Any,
+    arg: Any,
+    *,
+    prefix: str,
+    scope: tuple[str, ...],
+    child_scope: tuple[str, ...] | None = None,
+) -> WorkflowHandle[Any, Any]:
+    """Mint and register a grant for a new workflow id (and its child), then start it."""
+    workflow_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    grants = {workflow_id: scope}
+    if child_scope is not None:
+        grants[f"{workflow_id}-child"] = child_scope
+    for wid, tools in grants.items():
+        token = await pipe.chio.create_capability(f"agent:{prefix}", tools, 3600)
+        pipe.interceptor.register_workflow_grant(
+            WorkflowGrant(workflow_id=wid, token=token, tool_server="agent-tools")
+        )
+    args = arg if isinstance(arg, list) else [arg]
+    handle: WorkflowHandle[Any, Any] = await pipe.client.start_workflow(
+        fn, args=args, id=workflow_id, task_queue=pipe.task_queue
+    )
+    pipe.handles.append(handle)
+    return handle
+
+
+async def _run_scenarios(
+    pipe: _Pipe, opts: DemoOptions, result: DemoResult, console: Console
+) -> None:
+    """Start every scenario, drive the human approvals and the schedule, await every run."""
+    await _start(
+        pipe,
+        wf.TransferWorkflow.run,
+        wf.Transfer(source="acct-alice", destination="acct-bob", amount=250),
+        prefix="transfer",
+        scope=("debit_account", "refund_account", "check_balance"),
+    )
+    await _start(
+        pipe,
+        wf.FanOutWorkflow.run,
+        opts.fan_out,
+        prefix="fanout",
+        scope=("call_tool", "summarize"),
+    )
+    await _start(
+        pipe,
+        wf.ParentWorkflow.run,
+        "acct-carol",
+        prefix="parent",
+        scope=("call_tool", "send_email"),
+        child_scope=("check_balance", "read_database"),
+    )
+    await _start(
+        pipe,
+        wf.ContinueAsNewWorkflow.run,
+        opts.loop_iterations,
+        prefix="loop",
+        scope=("call_tool",),
+    )
+    approval_scope = ("read_database", "execute_action", "notify_rejection")
+    approve = await _start(
+        pipe,
+        wf.ApprovalWorkflow.run,
+        "refund-approved",
+        prefix="approval-yes",
+        scope=approval_scope,
+    )
+    reject = await _start(
+        pipe,
+        wf.ApprovalWorkflow.run,
+        "refund-rejected",
+        prefix="approval-no",
+        scope=approval_scope,
+    )
+    await approve.signal(wf.ApprovalWorkflow.decide, True)
+    await reject.signal(wf.ApprovalWorkflow.decide, False)
+    await _start(
+        pipe,
+        wf.DeniedFirstStepWorkflow.run,
+        "ceo@example.com",
+        prefix="denied",
+        scope=("read_database",),
+    )
+    await _start(
+        pipe, wf.FlakyToolWorkflow.run, "weather-api", prefix="flaky", scope=("flaky_tool",)
+    )
+    await _start(
+        pipe,
+        wf.SplitWorkersWorkflow.run,
+        [pipe.other_queue, opts.split_width],
+        prefix="split",
+        scope=("call_tool",),
+    )
+    started = len(pipe.handles)
+    with _progress(console) as progress:
+        bars = {
+            "closed": progress.add_task("workflows closed", total=started + opts.schedule_fires),
+            "steps": progress.add_task("receipts in ClickHouse", total=None),
+            "envelopes": progress.add_task("envelopes written", total=None),
+        }
+        updater = asyncio.create_task(_update_progress(pipe, progress, bars))
+        try:
+            await _run_schedule(pipe, opts)
+            for handle in pipe.handles:
+                with contextlib.suppress(WorkflowFailureError):
+                    await handle.result()
+            result.runs = await _closed_runs(pipe, minimum=_expected_runs(opts))
+            await _settle(pipe, result, opts)
+        finally:
+            updater.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await updater
+        progress.update(bars["closed"], total=len(result.runs), completed=len(result.runs))
+        await _refresh(pipe, progress, bars, final=True)
+
+
+def _expected_runs(opts: DemoOptions) -> int:
+    # transfer, fan-out, parent + child, the loop's runs, two approvals, denied, flaky, split,
+    # and the schedule's runs.
+    return 1 + 1 + 2 + opts.loop_iterations + 2 + 1 + 1 + 1 + opts.schedule_fires
+
+
+async def _run_schedule(pipe: _Pipe, opts: DemoOptions) -> None:
+    """A schedule that fires every few seconds until it has started ``schedule_fires`` runs."""
+    schedule_id = f"report-schedule-{uuid.uuid4().hex[:8]}"
+    handle = await pipe.client.create_schedule(
+        schedule_id,
+        Schedule(
+            action=ScheduleActionStartWorkflow(
+                wf.ScheduledReportWorkflow.run,
+                id=f"scheduled-report-{uuid.uuid4().hex[:8]}",
+                task_queue=pipe.task_queue,
+            ),
+            spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=opts.schedule_every)]),
+        ),
+    )
+    try:
+
+        async def fired() -> bool:
+            desc = await handle.describe()
+            return desc.info.num_actions >= opts.schedule_fires
+
+        await _poll(fired, 60 + 10 * opts.schedule_every.total_seconds(), "the schedule to fire")
+        await handle.pause(note="the demo saw enough runs")
+        desc = await handle.describe()
+    finally:
+        await handle.delete()
+    for action in desc.info.recent_actions:
+        started = action.action
+        if hasattr(started, "workflow_id"):
+            pipe.handles.append(pipe.client.get_workflow_handle(started.workflow_id, run_id=None))
+
+
+async def _closed_runs(pipe: _Pipe, *, minimum: int) -> list[tuple[str, str]]:
+    """Every run on the demo's task queue, once all are closed (visibility is eventual)."""
+    query = f"TaskQueue = '{pipe.task_queue}'"
+    runs: list[tuple[str, str]] = []
+
+    async def all_closed() -> bool:
+        nonlocal runs
+        found = [ex async for ex in pipe.client.list_workflows(query)]
+        runs = [(ex.id, ex.run_id) for ex in found]
+        open_runs = [ex for ex in found if ex.close_time is None]
+        return len(found) >= minimum and not open_runs
+
+    await _poll(all_closed, 60, "every demo run to close")
+    return runs
+
+
+async def _settle(pipe: _Pipe, result: DemoResult, opts: DemoOptions) -> None:
+    """Wait until every closed run has a complete current envelope in ClickHouse."""
+    run_ids = [r for _w, r in result.runs]
+
+    async def settled() -> bool:
+        _, rows = await pipe.builder.sink.query(
+            "SELECT count(), countIf(complete) FROM workflow_receipts FINAL "
+            "WHERE has({ids:Array(String)}, run_id)",
+            {"ids": run_ids},
+        )
+        total, complete = rows[0]
+        return int(total) == len(run_ids) and int(complete) == len(run_ids)
+
+    await _poll(settled, opts.settle_timeout, "an envelope for every run")
+
+
+@contextlib.contextmanager
+def _progress(console: Console) -> Iterator[Progress]:
+    progress = Progress(
+        TextColumn("{task.description:<24}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    with progress:
+        yield progress
+
+
+async def _update_progress(pipe: _Pipe, progress: Progress, bars: dict[str, Any]) -> None:
+    while True:
+        await _refresh(pipe, progress, bars)
+        await asyncio.sleep(0.5)
+
+
+async def _refresh(
+    pipe: _Pipe, progress: Progress, bars: dict[str, Any], *, final: bool = False
+) -> None:
+    closed = 0
+    for handle in pipe.handles:
+        with contextlib.suppress(Exception):
+            desc = await handle.describe()
+            closed += desc.close_time is not None
+    _, rows = await pipe.builder.sink.query(
+        "SELECT (SELECT count() FROM step_receipts), (SELECT count() FROM workflow_receipts FINAL)"
+    )
+    steps, envelopes = int(rows[0][0]), int(rows[0][1])
+    if not final:
+        progress.update(bars["closed"], completed=closed)
+    progress.update(bars["steps"], completed=steps, total=steps if final else None)
+    progress.update(bars["envelopes"], completed=envelopes, total=envelopes if final else None)
+
+
+async def _verify_all(
+    pipe: _Pipe, result: DemoResult, keys: dict[str, bytes], console: Console
+) -> None:
+    """``verify`` over every run, from ClickHouse rows alone."""
+    for workflow_id, run_id in result.runs:
+        report = await pipe.builder.sink.call(
+            functools.partial(_verify, workflow_id=workflow_id, run_id=run_id, keys=keys)
+        )
+        if report.ok:
+            result.verified += 1
+        else:
+            result.verify_failures.append(report.summary())
+    console.print(f"[bold]verify[/]: {result.verified}/{len(result.runs)} runs verified")
+    for failure in result.verify_failures:
+        console.print(f"  [red]{failure}[/]")
+
+
+def _verify(client: Any, *, workflow_id: str, run_id: str, keys: dict[str, bytes]) -> VerifyReport:
+    return verify_run(client, workflow_id, run_id, keys=keys)
+
+
+def _print_summary(console: Console, result: DemoResult) -> None:
+    s = result.summary
+    if s is None:
+        return
+    table = Table("outcome", "runs", title="Runs by outcome")
+    for outcome, runs in s.runs_by_outcome:
+        table.add_row(outcome, str(runs))
+    console.print(table)
+    table = Table("tool server", "tool", "allowed", "denied", title="Allow / deny per tool")
+    for tool_server, tool, allowed, denied in s.by_tool:
+        table.add_row(tool_server, tool, str(allowed), str(denied))
+    console.print(table)
+    if s.most_denied:
+        console.print("most denied: " + ", ".join(f"{t} ({n})" for t, n in s.most_denied))
+    table = Table("activity type", "evaluations", "p50 µs", "p95 µs", title="Policy latency")
+    for activity_type, n, p50, p95 in s.latency:
+        table.add_row(activity_type, str(n), f"{p50:.0f}", f"{p95:.0f}")
+    console.print(table)
+    console.print(
+        f"{len(s.runs)} runs · {s.step_rows} step receipts ({s.distinct_receipts} distinct) · "
+        f"{s.denied} denied · {s.incomplete} incomplete envelopes"
+    )
+    if result.report_path is not None:
+        console.print(f"HTML report: {result.report_path}")
+
+
+async def _poll(fn: Callable[[], Awaitable[bool]], limit_s: float, what: str) -> None:
+    deadline = time.monotonic() + limit_s
+    while not await fn():
+        if time.monotonic() > deadline:
+            raise StackError("demo", f"timed out after {limit_s:.0f}s waiting for {what}")
+        await asyncio.sleep(0.25)

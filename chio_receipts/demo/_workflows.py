@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from chio_receipts.demo import _activities as acts
@@ -45,11 +45,6 @@ class Transfer:
     amount: int
 
 
-def _denied(exc: BaseException) -> bool:
-    cause = exc.cause if isinstance(exc, ActivityError) else exc
-    return isinstance(cause, ApplicationError) and cause.type == DENIED_ERROR_TYPE
-
-
 @workflow.defn
 class TransferWorkflow:
     """The seed's saga: debit, credit; a denied credit runs the compensation and re-raises."""
@@ -70,8 +65,9 @@ class TransferWorkflow:
                 args=[transfer.destination, transfer.amount],
                 start_to_close_timeout=_T,
             )
-        except ActivityError as exc:
-            if _denied(exc):
+        except ApplicationError as exc:
+            # The interceptor hands a deny to workflow code as the ApplicationError itself.
+            if exc.type == DENIED_ERROR_TYPE:
                 for name, args in reversed(compensations):
                     await workflow.execute_activity(name, args=args, start_to_close_timeout=_T)
             raise
