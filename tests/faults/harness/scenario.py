@@ -46,6 +46,9 @@ async def finish(
     results = check(oracle, snap, closed_runs=closed, injected=injected, liveness=live)
     if not live.drained:
         results["I6"].append(f"I6: still moving at the bound: {p.last_unquiet}")
+    incomplete = sum(1 for e in snap.envelopes if not e.complete)
+    if incomplete:
+        note = f"{note}; {incomplete} envelope(s) incomplete".lstrip("; ")
     record_row(
         row,
         fault,
