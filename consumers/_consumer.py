@@ -181,6 +181,11 @@ class ReceiptBuilderService:
         """The pure state machine (for inspection)."""
         return self._builder
 
+    def assignment(self) -> frozenset[TopicPartition]:
+        """The partitions this member holds now."""
+        consumer = self._consumer
+        return frozenset(consumer.assignment()) if consumer is not None else frozenset()
+
     async def __aenter__(self) -> Self:
         await self.start()
         return self

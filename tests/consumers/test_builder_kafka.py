@@ -222,3 +222,45 @@ async def test_late_step_gives_revision_2(
         assert await running.scalar("SELECT count() FROM workflow_receipts FINAL") == 1
         report = verify_run(running.service.sink.client, "wf-late", keys=KEYS)
         assert report.ok, report.summary()
+
+
+async def test_rebalance_mid_stream_keeps_exactly_once(
+    kafka_bootstrap: str, clickhouse_dsn: str, unique: Callable[[str], str]
+) -> None:
+    topics = await make_topics(kafka_bootstrap, unique, partitions=4)
+    steps, runs = _run_messages(100, 4, unique("rb"))
+    await produce(kafka_bootstrap, topics.steps, steps[:200])
+    await produce(kafka_bootstrap, topics.runs, runs)
+    config = _config(kafka_bootstrap, clickhouse_dsn, topics)
+    async with Running(config) as first:
+
+        async def some() -> bool:
+            first.check()
+            return await first.scalar("SELECT count() FROM step_receipts") >= 100
+
+        await eventually(some, timeout=60)
+        # A second member joins the group: partitions move while steps keep arriving.
+        async with Running(config) as second:
+            await eventually(lambda: second.service.assignment(), timeout=60)
+            await produce(kafka_bootstrap, topics.steps, steps[200:])
+
+            async def all_written() -> bool:
+                first.check()
+                second.check()
+                return await first.scalar("SELECT count() FROM workflow_receipts FINAL") == 100
+
+            await eventually(all_written, timeout=90)
+            consumed = second.service.metrics.registry.get_sample_value(
+                "chio_consumer_messages_consumed_total", {"topic": topics.steps}
+            )
+            assert consumed, "the second member never got partitions"
+        for final in ("", "FINAL"):
+            assert (
+                await first.scalar(
+                    f"SELECT count() - uniqExact(receipt_id) FROM step_receipts {final}"
+                )
+                == 0
+            )
+            assert await first.scalar(f"SELECT count() FROM step_receipts {final}") == 400
+        assert await first.scalar("SELECT max(revision) FROM workflow_receipts") == 1
+        assert await first.scalar("SELECT countIf(NOT complete) FROM workflow_receipts FINAL") == 0
