@@ -1,0 +1,112 @@
+"""The main job end to end: the demo's summary matches what its workflows were designed to do."""
+
+from __future__ import annotations
+
+import io
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from chio_receipts._config import AppConfig
+from chio_receipts.demo._run import DemoOptions, DemoResult, run_demo
+from chio_receipts.stack._process import pid_alive
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+async def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoResult, str, Path]:
+    data = tmp_path_factory.mktemp("demo")
+    cfg = AppConfig(
+        data_dir=data,
+        cache_dir=Path(os.environ.get("CHIO_CACHE_DIR", REPO / ".cache")),
+        clickhouse_dsn=None,
+    )
+    out = io.StringIO()
+    options = DemoOptions(
+        fan_out=3, loop_iterations=3, split_width=4, schedule_every=timedelta(seconds=1)
+    )
+    result = await run_demo(cfg, console=Console(file=out, width=120), options=options)
+    return result, out.getvalue(), data
+
+
+@pytest.mark.e2e
+def test_summary_matches_the_designed_workflows(demo: tuple[DemoResult, str, Path]) -> None:
+    result, output, _data = demo
+    s = result.summary
+    assert s is not None
+    # transfer, fan-out, parent + child, 3 loop runs, 2 approvals, denied, flaky, split, 2 scheduled
+    assert len(result.runs) == 14
+    assert len(s.runs) == 14
+    assert s.incomplete == 0
+    assert s.step_rows == s.distinct_receipts  # nothing counted twice
+    # Exactly two denies: the transfer's credit and the first step of the denied request.
+    denied = {(ts, t): d for ts, t, _a, d in s.by_tool if d}
+    assert denied == {("payments", "credit_account"): 1, ("email-outbound", "send_email"): 1}
+    # The saga ran its compensation after the deny.
+    (transfer,) = s.runs_of("TransferWorkflow")
+    assert (transfer.outcome, transfer.step_count, transfer.deny_count) == ("failure", 3, 1)
+    steps = [st.activity_type for st in s.steps if st.run_id == transfer.run_id]
+    assert steps == ["debit_account", "credit_account", "refund_account"]
+    (first_denied,) = s.runs_of("DeniedFirstStepWorkflow")
+    assert (first_denied.outcome, first_denied.step_count) == ("failure", 1)
+    # The child carries its parent; the loop's runs are linked run to run.
+    (parent,) = s.runs_of("ParentWorkflow")
+    (child,) = s.runs_of("ChildWorkflow")
+    assert child.parent_workflow_ids == (parent.workflow_id,)
+    loop = s.runs_of("ContinueAsNewWorkflow")
+    assert sorted(r.outcome for r in loop) == ["continued_as_new", "continued_as_new", "success"]
+    by_run = {r.run_id: r for r in loop}
+    linked = [r for r in loop if r.continued_as_new_run_id in by_run]
+    assert len(linked) == 2
+    assert all(by_run[r.continued_as_new_run_id].continued_from_run_id == r.run_id for r in linked)
+    # The flaky tool: three attempts, three receipts, all allowed.
+    (flaky,) = s.runs_of("FlakyToolWorkflow")
+    attempts = sorted(st.attempt for st in s.steps if st.run_id == flaky.run_id)
+    assert attempts == [1, 2, 3]
+    # One run's activities on two worker processes.
+    (split,) = s.runs_of("SplitWorkersWorkflow")
+    workers = {st.worker_identity for st in s.steps if st.run_id == split.run_id}
+    assert workers == {"demo-worker-a", "demo-worker-b"}
+    assert len(s.runs_of("ScheduledReportWorkflow")) == 2
+    assert {r.outcome for r in s.runs_of("ApprovalWorkflow")} == {"success"}
+    # Every run verified from ClickHouse rows alone, and the output says so.
+    assert result.verified == 14
+    assert result.verify_failures == []
+    assert "verify: 14/14 runs verified" in output
+    assert "0 incomplete envelopes" in output
+
+
+@pytest.mark.e2e
+def test_report_is_one_html_file_with_charts(demo: tuple[DemoResult, str, Path]) -> None:
+    result, _output, data = demo
+    assert result.report_path == data / "report.html"
+    text = result.report_path.read_text()
+    assert text.count("<svg") == 3
+    assert "credit_account" in text
+    # One file: no external stylesheet, script or image.
+    assert "<link" not in text
+    assert "<script" not in text
+    assert 'src="' not in text
+
+
+@pytest.mark.e2e
+def test_no_process_is_left_running(demo: tuple[DemoResult, str, Path]) -> None:
+    result, _output, data = demo
+    assert result.worker_pids
+    for pid in result.worker_pids:
+        assert not pid_alive(pid)
+    assert not (data / "stack.json").exists()
+    for marker in (str(data / "kafka"), str(data / "temporal")):
+        leftovers = [p for p in os.listdir("/proc") if p.isdigit() and marker in _cmdline(int(p))]
+        assert leftovers == [], marker
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
