@@ -29,7 +29,13 @@ from urllib.parse import urlparse
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, DataError
 
-from consumers._errors import DatabaseBusy, SinkDataError, SinkError, SinkUnavailable
+from consumers._errors import (
+    DatabaseBusy,
+    FailpointError,
+    SinkDataError,
+    SinkError,
+    SinkUnavailable,
+)
 from consumers._failpoints import failpoint
 from consumers._rows import ENVELOPE_COLUMNS, STEP_COLUMNS, STEP_FIELDS
 
@@ -339,7 +345,10 @@ class ClickHouseSink:
     def _insert(self, table: str, rows: Sequence[Sequence[Any]], token: str, types: Any) -> None:
         if not rows:
             return
-        failpoint("clickhouse.insert")
+        try:
+            failpoint("clickhouse.insert")
+        except FailpointError as exc:  # an injected write failure is an operational one
+            raise SinkUnavailable(f"insert into {table}: {exc}") from exc
         columns = STEP_COLUMNS if table == "step_receipts" else ENVELOPE_COLUMNS
         self._call(
             lambda: self._client.insert(

@@ -21,6 +21,7 @@ from consumers import (
     parse_dead_letter_headers,
     verify_run,
 )
+from consumers._failpoints import reset_failpoints
 from consumers._wire import ENVELOPE_SCHEMA
 from schemas import KeyPair, decode
 
@@ -264,3 +265,28 @@ async def test_rebalance_mid_stream_keeps_exactly_once(
             assert await first.scalar(f"SELECT count() FROM step_receipts {final}") == 400
         assert await first.scalar("SELECT max(revision) FROM workflow_receipts") == 1
         assert await first.scalar("SELECT countIf(NOT complete) FROM workflow_receipts FINAL") == 0
+
+
+async def test_failed_insert_is_retried_with_the_same_token(
+    kafka_bootstrap: str, clickhouse_dsn: str, unique: Callable[[str], str]
+) -> None:
+    topics = await make_topics(kafka_bootstrap, unique, partitions=1)
+    steps, runs = _run_messages(5, 3, unique("fp"))
+    await produce(kafka_bootstrap, topics.steps, steps)
+    await produce(kafka_bootstrap, topics.runs, runs)
+    reset_failpoints("clickhouse.insert@1=raise")  # the first insert fails, then succeeds
+    try:
+        cfg = _config(kafka_bootstrap, clickhouse_dsn, topics, retry_initial_seconds=0.05)
+        async with Running(cfg) as running:
+
+            async def written() -> bool:
+                running.check()
+                return await running.scalar("SELECT count() FROM workflow_receipts") == 5
+
+            await eventually(written, timeout=60)
+            assert (
+                await running.scalar("SELECT count(), uniqExact(receipt_id) FROM step_receipts")
+                == 15
+            )
+    finally:
+        reset_failpoints("")
