@@ -235,28 +235,33 @@ def _charts(s: Summary) -> list[tuple[str, str]]:
                 color="#4c9a6a" if st.verdict == "ALLOW" else "#c0504d",
                 markersize=6,
             )
+        last_x: dict[str, float] = {}
+        for st in s.steps:
+            x = (st.evaluated_at - t0).total_seconds()
+            last_x[st.run_id] = max(x, last_x.get(st.run_id, 0.0))
         for run in s.runs:
             y = order[(run.workflow_id, run.run_id)]
-            for link in (run.continued_as_new_run_id,):
-                target = next((order[k] for k in order if k[1] == link), None)
-                if link and target is not None:
-                    ax.annotate(
-                        "",
-                        xy=(0, target),
-                        xytext=(0, y),
-                        arrowprops={"arrowstyle": "->", "color": "#5470c6"},
-                    )
-            for parent in run.parent_workflow_ids[:1]:
-                target = next((order[k] for k in order if k[0] == parent), None)
-                if target is not None:
-                    ax.annotate(
-                        "",
-                        xy=(0, y),
-                        xytext=(0, target),
-                        arrowprops={"arrowstyle": "->", "color": "#999999", "linestyle": "dashed"},
-                    )
+            x0 = last_x.get(run.run_id, 0.0)
+            target = next((order[k] for k in order if k[1] == run.continued_as_new_run_id), None)
+            if run.continued_as_new_run_id and target is not None:
+                # continue-as-new: from this run's last step down to the next run
+                ax.annotate(
+                    "",
+                    xy=(x0, target),
+                    xytext=(x0, y),
+                    arrowprops={"arrowstyle": "->", "color": "#5470c6"},
+                )
+            source = next((k for k in order if k[0] in run.parent_workflow_ids[:1]), None)
+            if source is not None:
+                # parent -> child, dashed
+                ax.annotate(
+                    "",
+                    xy=(x0, y),
+                    xytext=(x0, order[source]),
+                    arrowprops={"arrowstyle": "->", "color": "#999999", "linestyle": "dashed"},
+                )
         ax.set_yticks(range(len(s.runs)))
-        ax.set_yticklabels([f"{r.workflow_type} {r.run_id[:8]}" for r in s.runs], fontsize=7)
+        ax.set_yticklabels([f"{r.workflow_type} …{r.run_id[-6:]}" for r in s.runs], fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel(
             "seconds since the first receipt (o allowed, x denied; arrows: "
@@ -304,13 +309,13 @@ def write_html_report(s: Summary, path: Path) -> Path:
             [
                 (
                     r.workflow_id,
-                    r.run_id[:8],
+                    "…" + r.run_id[-6:],
                     r.workflow_type,
                     r.outcome,
                     r.step_count,
                     r.deny_count,
                     ", ".join(r.parent_workflow_ids),
-                    r.continued_as_new_run_id[:8],
+                    r.continued_as_new_run_id[-6:],
                 )
                 for r in s.runs
             ],
