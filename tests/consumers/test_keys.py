@@ -1,0 +1,39 @@
+"""Verification keys from a sidecar-style key endpoint (a real local HTTP server)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from http_receiver import Receiver
+
+from consumers import KeyResolutionError, KeyRing, fetch_public_keys
+from schemas import KeyPair
+
+pytestmark = pytest.mark.integration
+
+
+async def test_fetch_keys_hex_and_base64_and_refresh_on_unknown_key() -> None:
+    a, b = KeyPair.generate("k-a"), KeyPair.generate("k-b")
+    doc = {
+        "current": "k-a",
+        "keys": [
+            {"key_id": "k-a", "algorithm": "Ed25519", "public_key": a.public_key.hex()},
+            {"key_id": "k-b", "public_key": base64.b64encode(b.public_key).decode()},
+        ],
+    }
+    async with Receiver(reply=lambda _: json.dumps(doc).encode()) as server:
+        keys = await fetch_public_keys(server.url)
+        assert keys == {"k-a": a.public_key, "k-b": b.public_key}
+        assert server.requests[0][:2] == ("GET", "/v1/keys")
+        ring = KeyRing({}, url=server.url, min_refresh_interval=0)
+        assert ring.get("k-b") is None
+        assert await ring.refresh()
+        assert ring.get("k-b") == b.public_key
+
+
+async def test_fetch_keys_fails_clearly_when_the_endpoint_is_down() -> None:
+    async with Receiver(status=[500, 500]) as server:
+        with pytest.raises(KeyResolutionError, match="cannot fetch keys"):
+            await fetch_public_keys(server.url)
