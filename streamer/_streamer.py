@@ -16,8 +16,8 @@ Failure handling, all inside the sender:
 - while the spool holds records, new queued-mode records go to the spool as well, so the order
   per run key holds across an outage (the one exception: a queue batch in flight when the broker
   failed is spooled behind records spooled meanwhile; consumers order steps by receipt id);
-- a record Kafka rejects for its size is moved to ``rejected.spool`` in the spool directory and
-  counted as failed, so it cannot block the spool forever.
+- a record Kafka rejects for its size is moved to the ``rejected/`` spool inside the spool
+  directory, logged and counted as failed, so it cannot block the spool forever.
 
 Replays send the same bytes (same receipt id, same signature): downstream deduplicates by receipt
 id. ``stop()`` is bounded by ``stop_timeout_s``: it drains for part of it, then persists whatever
@@ -325,7 +325,7 @@ class ReceiptStreamer:
                             headers=list(r.headers),
                         )
                     except (MessageSizeTooLargeError, RecordTooLargeError) as exc:
-                        self._reject(r, exc)
+                        await self._reject(r, exc)
                         continue
                     batch.futures.append(fut)
         except (TimeoutError, KafkaError) as exc:
@@ -419,16 +419,21 @@ class ReceiptStreamer:
         # idempotent producer retries its buffer forever, so a fresh one replays from the spool.
         self._drop_producer()
 
-    def _reject(self, record: SpoolRecord, exc: Exception) -> None:
+    async def _reject(self, record: SpoolRecord, exc: Exception) -> None:
         self.metrics.failed.labels(type(exc).__name__).inc()
         log.error(
-            "streamer: Kafka refuses a %d-byte record for %s (%s); kept in rejected.spool",
+            "streamer: Kafka refuses a %d-byte record for %s (%s); kept in %s",
             len(record.value),
             record.topic,
             exc,
+            self._rejected.directory,
         )
-        self._rejected.open()
-        self._rejected.append([record], fsync=True)
+
+        def keep() -> None:
+            self._rejected.open()
+            self._rejected.append([record], fsync=True)
+
+        await asyncio.to_thread(keep)
 
     async def _partition(self, producer: AIOKafkaProducer, topic: str, key: bytes) -> int:
         n = self._partitions.get(topic)

@@ -234,3 +234,29 @@ async def test_broker_kill_9_mid_stream_loses_no_receipt(
     got = await consume(kafka_bootstrap, [cfg.topics.steps], len(produced), timeout=60)
     received = {receipt_id_of(r.value) for r in got}
     assert received == produced
+
+
+async def test_a_record_kafka_refuses_for_its_size_is_kept_aside_not_blocking(
+    kafka_bootstrap: str, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    cfg = config(
+        kafka_bootstrap, str(tmp_path / "spool"), unique("big") + ".", max_request_size=4096
+    )
+    await streamer.ensure_topics(kafka_bootstrap, cfg.topics)
+    big = _envelope("run-big")
+    big["steps"] = big["steps"] * 20
+    step, body = _signed("run-big", 1)
+    async with streamer.ReceiptStreamer(cfg) as s:
+        await s.publish_envelope(big)
+        await s.publish_step(step, body)
+        assert await s.flush(30)
+        failed = s.metrics.registry.get_sample_value(
+            "chio_streamer_failed_total", {"error": "MessageSizeTooLargeError"}
+        )
+        assert failed == 1
+    got = await consume(kafka_bootstrap, [cfg.topics.steps], 1)
+    assert [receipt_id_of(r.value) for r in got] == [step.receipt_id]
+    with streamer.Spool(tmp_path / "spool" / "rejected") as rejected:
+        kept = rejected.read()
+    assert kept is not None
+    assert kept.records[0].topic == cfg.topics.envelopes_topic
