@@ -490,18 +490,15 @@ class Pipeline:
         await asyncio.wait_for(consumer.start(), 15)
         out: list[tuple[bytes | None, dict[str, str]]] = []
         try:
-            parts = consumer.partitions_for_topic(topic) or set()
-            if not parts:
-                await consumer.topics()
-                parts = consumer.partitions_for_topic(topic) or set()
-            tps = [TopicPartition(topic, p) for p in sorted(parts)]
-            if not tps:
-                return out
+            # The topic's partition count comes from the configuration (``topics()`` does not
+            # update the consumer's own metadata cache).
+            count = self.topics.settings()[topic].partitions
+            tps = [TopicPartition(topic, p) for p in range(count)]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
             deadline = time.monotonic() + 30
-            while any(await consumer.position(tp) < ends[tp] for tp in tps):
+            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"could not read {topic} to its end")
                 batch = await consumer.getmany(timeout_ms=500)

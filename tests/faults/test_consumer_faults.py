@@ -1,0 +1,172 @@
+"""Consumer-side rows: F9 (kill -9 between the ClickHouse insert and the offset commit) and
+F16 (poison messages), on the session stack."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+from _helpers import eventually
+from harness.pipeline import Pipeline
+from harness.scenario import finish
+from harness.workload import FaultInput
+
+from schemas import (
+    STEP_SCHEMA,
+    KeyPair,
+    confluent_frame,
+    encode_body,
+    frame,
+    parsed_schema,
+    schema_fingerprint,
+)
+
+pytestmark = pytest.mark.e2e
+
+FAILPOINT = {"CHIO_FAILPOINT": "consumer.after_insert_before_commit@1=exit"}
+
+
+async def _stored_steps(p: Pipeline) -> int:
+    def count() -> int:
+        client = p.clickhouse()
+        try:
+            return int(
+                client.query(
+                    "SELECT count() FROM step_receipts WHERE workflow_id LIKE {p:String}",
+                    parameters={"p": f"{p.name}-%"},
+                ).result_rows[0][0]
+            )
+        finally:
+            client.close()
+
+    return await asyncio.to_thread(count)
+
+
+@pytest.mark.timeout(400)
+async def test_f9_consumer_killed_between_insert_and_commit(
+    make_pipeline: Callable[..., Pipeline],
+) -> None:
+    """The consumer dies (exit 137, like kill -9) right after inserting a batch, before
+    committing it; the restarted consumer replays that batch, and insert deduplication (not a
+    background merge) keeps I3 without FINAL."""
+    p = make_pipeline()
+    await p.setup()
+    p.add_worker().start()
+    await p.start_runs(20, FaultInput(steps=4), deny_every=4)
+    consumer = p.make_consumer()
+    # Produce first, so the consumer's first non-empty batch is inserted and then killed.
+    await eventually(lambda: p.worker_pending() == 0 and len(p.oracle().accepted) >= 20, 120)
+    fired = 0
+    for _ in range(6):
+        consumer.start(env=FAILPOINT)
+        code = await consumer.wait(120)
+        assert code == 137, f"consumer exited with {code}:\n{consumer.log_tail()}"
+        # The point fires after every poll; it only tests something once a batch was inserted.
+        if await _stored_steps(p) > 0:
+            fired += 1
+            break
+    assert fired, "the failpoint never fired after an insert"
+    assert await p.lag() > 0, "the killed consumer committed its batch"
+    t0 = time.monotonic()
+    consumer.start()
+    out = await finish(p, "F9", "consumer exit 137 after insert, before commit", recovery_from=t0)
+    assert out.snap.counts["without FINAL"][0] == len(out.oracle.accepted)
+
+
+def _bad_values(worker: KeyPair, stranger: KeyPair) -> list[tuple[str, bytes | None, str]]:
+    """(name, value, expected DLQ reason) of every kind of poison for the steps topic."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "schemas"))
+    import avro_strategies
+
+    from schemas import sign_receipt
+
+    _good, body = sign_receipt(avro_strategies.sample_step(key_id=worker.key_id), worker)
+    framed = frame(STEP_SCHEMA, body)
+    fp = schema_fingerprint(parsed_schema(STEP_SCHEMA))
+    _, stranger_body = sign_receipt(avro_strategies.sample_step(), stranger)
+    tampered = bytearray(framed)
+    tampered[-1] ^= 0xFF
+    completion_on_steps = frame(
+        "dev.chio.receipts.v1.RunCompletion",
+        encode_body(
+            "dev.chio.receipts.v1.RunCompletion",
+            {
+                "event_id": "0190f3b0-0000-7000-8000-000000000001",
+                "namespace": "default",
+                "workflow_id": "w",
+                "run_id": "r",
+                "workflow_type": "W",
+                "task_queue": "q",
+                "outcome": "SUCCESS",
+                "started_at": 1,
+                "closed_at": 2,
+                "parent_workflow_ids": [],
+                "parent_run_id": None,
+                "continued_from_run_id": None,
+                "continued_as_new_run_id": None,
+                "expected_steps": None,
+                "source": "WATCHER",
+                "emitted_at": 3,
+            },
+        ),
+    )
+    return [
+        ("random bytes", bytes(range(0x7F, 0x7F + 64)), "unknown_format"),
+        ("empty value", None, "malformed"),
+        ("truncated avro", framed[: len(framed) // 2], "malformed"),
+        ("wrong magic", b"\xc3\x02" + framed[2:], "unknown_format"),
+        ("unknown fingerprint", b"\xc3\x01" + b"\x11" * 8 + body, "unknown_schema"),
+        ("confluent unknown schema id", confluent_frame(987654, body), ""),
+        (
+            "absurd string length",
+            b"\xc3\x01" + fp + b"\xfe\xff\xff\xff\xff\xff\xff\xff\x7f",
+            "malformed",
+        ),
+        ("absurd array count", b"\xc3\x01" + fp + body[:40] + b"\xfe\xff\xff\xff\x0f", "malformed"),
+        ("trailing bytes", framed + b"\x00\x01", "malformed"),
+        ("bad signature", bytes(tampered), "bad_signature"),
+        ("unknown signing key", frame(STEP_SCHEMA, stranger_body), "unknown_key"),
+        ("wrong schema on topic", completion_on_steps, "wrong_schema"),
+        ("oversized", b"\xc3\x01" + fp + b"\x00" * 300_000, "oversized"),
+    ]
+
+
+@pytest.mark.timeout(400)
+async def test_f16_poison_messages_go_to_the_dlq(make_pipeline: Callable[..., Pipeline]) -> None:
+    """Every kind of bad input, injected between good receipts, lands in the DLQ exactly once
+    with its origin and reason; no good record does; the consumer neither crashes nor spins."""
+    p = make_pipeline(consumer={"max_message_bytes": 200_000})
+    await p.start()
+    await p.start_runs(10, FaultInput(steps=3))
+    stranger = KeyPair.generate("stranger")
+    bad = _bad_values(p.worker_key, stranger)
+    injected: dict[tuple[str, int, int], str] = {}
+    values: dict[tuple[str, int, int], bytes | None] = {}
+    # On the steps topic while runs execute, then two on the runs topic.
+    for i, (_name, value, reason) in enumerate(bad):
+        key = f"default/poison-{i}/run".encode()
+        [origin] = await p.produce_raw(p.topics.steps, [(key, value)])
+        injected[origin] = reason
+        values[origin] = value
+    [origin] = await p.produce_raw(p.topics.runs, [(b"default/poison/run", b"\x00garbage")])
+    injected[origin] = ""
+    [origin] = await p.produce_raw(p.topics.runs, [(b"default/poison/run", bad[-4][1])])
+    injected[origin] = "wrong_schema"  # a signed step receipt on the runs topic
+    await p.start_runs(5, FaultInput(steps=2))
+    out = await finish(
+        p,
+        "F16",
+        f"{len(injected)} poison messages among good receipts",
+        injected=injected,
+    )
+    assert len(out.snap.dead_letters) == len(injected)
+    for d in out.snap.dead_letters:
+        if d.origin in values:
+            assert (d.value or None) == values[d.origin], f"{d.origin}: original bytes not kept"
+    assert p.consumer is not None
+    assert p.consumer.starts == 1, "the consumer was restarted"
