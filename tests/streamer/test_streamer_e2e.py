@@ -8,10 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from kafka_helpers import config, consume
+from streamer_kafka_helpers import config, consume
 from temporalio.client import Client
 from temporalio.worker import Worker
-from test_watcher import Retrying, _watcher, flaky, quick
+from test_streamer_watcher import Retrying, _watcher, flaky, quick
 
 import schemas
 import streamer

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from kafka_helpers import config, consume, receipt_id_of
+from streamer_kafka_helpers import config, consume, receipt_id_of
 
 import schemas
 import streamer

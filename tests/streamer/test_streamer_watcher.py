@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from _helpers import eventually
-from kafka_helpers import config, consume
+from streamer_kafka_helpers import config, consume
 from temporalio import activity, workflow
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.common import RetryPolicy
