@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from _helpers import eventually
-from consumer_factory import completion, completion_value, signed_run
+from consumer_factory import STEP, completion, completion_value, receipt, signed_run
 from kafka_topics import create_topics, make_topics, produce, read_all
 
 from consumers import (
@@ -23,7 +23,7 @@ from consumers import (
 )
 from consumers._failpoints import reset_failpoints
 from consumers._wire import ENVELOPE_SCHEMA
-from schemas import KeyPair, decode
+from schemas import KeyPair, decode, frame, sign_receipt
 
 pytestmark = pytest.mark.integration
 WORKER = KeyPair.generate("worker-1")
@@ -290,3 +290,39 @@ async def test_failed_insert_is_retried_with_the_same_token(
             )
     finally:
         reset_failpoints("")
+
+
+async def test_rows_clickhouse_refuses_are_isolated_and_dead_lettered(
+    kafka_bootstrap: str, clickhouse_dsn: str, unique: Callable[[str], str]
+) -> None:
+    topics = await make_topics(kafka_bootstrap, unique, partitions=1)
+    key = b"default/wf-rows/r"
+    good = signed_run(WORKER, "wf-rows", "r", 3)
+    # Signed and decodable, but its receipt id is not a UUID: the UUID column refuses it.
+    bad_receipt, bad_body = sign_receipt(
+        receipt("wf-rows", "r", 9, receipt_id="not-a-uuid"), WORKER
+    )
+    bad_wire = frame(STEP, bad_body)
+    await produce(
+        kafka_bootstrap,
+        topics.steps,
+        [
+            (key, good[0][1], None),
+            (key, bad_wire, None),
+            (key, good[1][1], None),
+            (key, good[2][1], None),
+        ],
+    )
+    async with Running(_config(kafka_bootstrap, clickhouse_dsn, topics)) as running:
+
+        async def written() -> bool:
+            running.check()
+            return await running.scalar("SELECT count() FROM step_receipts") == 3
+
+        await eventually(written, timeout=30)
+    [dead] = await read_all(kafka_bootstrap, topics.dlq, 1)
+    headers = parse_dead_letter_headers(dead.headers)
+    assert headers["reason"] == "clickhouse_data"
+    assert headers["offset"] == "1"
+    assert dead.value == bad_wire
+    assert bad_receipt.receipt_id == "not-a-uuid"
