@@ -45,18 +45,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     )
 
 
-def clickhouse_dsn_for(directory: Path) -> str:
-    """A fresh chDB database under ``directory``, or the configured server."""
-    server = os.environ.get("CHIO_TEST_CLICKHOUSE_DSN")
-    return server if server else f"chdb://{directory / 'clickhouse'}"
-
-
 @pytest.fixture
 async def make_pipeline(
     stack: Any, temporal_client: Any, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[Callable[..., Any]]:
     """make_pipeline(**options) -> a started-nothing Pipeline on the session stack."""
-    from harness.pipeline import Pipeline, PipelineOptions
+    from harness.pipeline import Pipeline, PipelineOptions, clickhouse_dsn_for
 
     made: list[Any] = []
 

@@ -8,8 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import clickhouse_dsn_for
-from harness.pipeline import Pipeline
+from harness.pipeline import Pipeline, clickhouse_dsn_for
 from harness.report import record_row
 from harness.scenario import Outcome, finish
 from harness.workload import FaultInput

@@ -43,9 +43,21 @@ from streamer import (
     ensure_topics,
 )
 
-__all__ = ["Pipeline", "PipelineOptions"]
+__all__ = ["Pipeline", "PipelineOptions", "cache_dir", "clickhouse_dsn_for"]
 
 log = logging.getLogger(__name__)
+
+
+def clickhouse_dsn_for(directory: Path) -> str:
+    """A fresh chDB database under ``directory``, or the server in CHIO_TEST_CLICKHOUSE_DSN."""
+    server = os.environ.get("CHIO_TEST_CLICKHOUSE_DSN")
+    return server if server else f"chdb://{directory / 'clickhouse'}"
+
+
+def cache_dir() -> Path:
+    """Where the local stack keeps downloaded jars (shared with the session fixtures)."""
+    repo = Path(__file__).resolve().parents[3]
+    return Path(os.environ.get("CHIO_CACHE_DIR", repo / ".cache"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
