@@ -52,6 +52,11 @@ def run_or_exit(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     except StackError as exc:
         err.print(f"[bold red]error[/]: {exc.render()}", highlight=False)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        # asyncio.run cancelled the main task, so every finally block (and with it every
+        # process stop) has already run.
+        err.print("interrupted: everything this command started has been stopped")
+        raise typer.Exit(130) from None
 
 
 @dev.command("fetch")
@@ -134,7 +139,11 @@ def demo_command(
 
     cfg = load_config()
     result = run_or_exit(
-        lambda: run_demo(cfg, console=console, options=DemoOptions(keep=keep, report_path=report))
+        lambda: run_demo(
+            cfg,
+            console=console,
+            options=DemoOptions(keep=keep, report_path=report, restore_logging=False),
+        )
     )
     if result.verify_failures:
         raise typer.Exit(1)

@@ -85,6 +85,7 @@ class DemoOptions:
     keep: bool = False
     report_path: Path | None = None
     settle_timeout: float = 90.0
+    restore_logging: bool = True
 
 
 @dataclass(slots=True)
@@ -112,6 +113,7 @@ async def run_demo(
     demo_dir.mkdir(parents=True, exist_ok=True)
     result = DemoResult(task_queue=f"demo-{uuid.uuid4().hex[:6]}")
     # Denials and the flaky tool's failures are expected: worker logs go to a file, not the screen.
+    # (The CLI keeps them there until the process exits: shutdown logs late, at GC.)
     log_handler = logging.FileHandler(demo_dir / "demo.log")
     log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -151,8 +153,9 @@ async def run_demo(
             )
         else:
             stack.stop()
-        root.handlers = saved_handlers
-        log_handler.close()
+        if opts.restore_logging:
+            root.handlers = saved_handlers
+            log_handler.close()
         console.print(f"logs: {demo_dir}/*.log, {cfg.data_dir}/kafka, {cfg.data_dir}/temporal")
 
 

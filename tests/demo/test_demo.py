@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import subprocess
+import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -110,3 +114,34 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+@pytest.mark.e2e
+def test_ctrl_c_stops_everything_it_started(tmp_path: Path) -> None:
+    env = dict(
+        os.environ,
+        CHIO_DATA_DIR=str(tmp_path),
+        CHIO_CACHE_DIR=os.environ.get("CHIO_CACHE_DIR", str(REPO / ".cache")),
+    )
+    out = tmp_path / "out.txt"
+    with out.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "chio_receipts", "demo"],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            # Shells hand background jobs an ignored SIGINT; a user's terminal does not.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        deadline = time.monotonic() + 120
+        while "pipeline:" not in out.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, out.read_text()
+            time.sleep(0.2)
+        assert "pipeline:" in out.read_text()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, out.read_text()
+    assert "everything this command started has been stopped" in out.read_text()
+    leftovers = [
+        p for p in os.listdir("/proc") if p.isdigit() and str(tmp_path) in _cmdline(int(p))
+    ]
+    assert leftovers == []
