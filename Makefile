@@ -6,7 +6,7 @@ setup:
 	@scripts/setup.sh
 
 demo: setup
-	.venv/bin/chio-receipts demo
+	.venv/bin/chio-receipts demo $(ARGS)
 
 lint: setup
 	.venv/bin/ruff check .
