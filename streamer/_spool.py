@@ -32,6 +32,7 @@ import asyncio
 import bisect
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import struct
@@ -151,6 +152,7 @@ class Spool:
         self._head = SpoolPosition(0, 0)
         self._head_records = 0  # records of the head segment before ``_head.offset``
         self._fd: int | None = None
+        self._lock_fd: int | None = None
         self._opened = False
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -162,10 +164,31 @@ class Spool:
                 return
             try:
                 self._dir.mkdir(parents=True, exist_ok=True)
+                self._take_lock()
                 self._recover()
             except OSError as exc:
+                self._release_lock()
                 raise SpoolError(f"cannot open spool {self._dir}: {exc}") from exc
             self._opened = True
+
+    def _take_lock(self) -> None:
+        # One process per spool directory: two writers would interleave segments and both
+        # replay them. The kernel drops the lock when the owner dies, even by kill -9.
+        fd = os.open(self._dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolError(
+                f"spool {self._dir} is in use by another process (or another Spool object); "
+                "give each worker process its own spool directory"
+            ) from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def close(self) -> None:
         """Fsync and close the active segment; idempotent."""
@@ -175,6 +198,7 @@ class Spool:
                     os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = None
+            self._release_lock()
             self._opened = False
 
     def __enter__(self) -> Spool:

@@ -231,6 +231,9 @@ async def test_broker_kill_9_mid_stream_loses_no_receipt(
             if m.name.endswith("_total")
         )
         assert spooled > 0
+        restarts = s.metrics.registry.get_sample_value("chio_streamer_producer_restarts_total")
+        assert restarts is not None
+        assert restarts >= 1  # the producer that saw the broker die was replaced, not trusted
     got = await consume(kafka_bootstrap, [cfg.topics.steps], len(produced), timeout=60)
     received = {receipt_id_of(r.value) for r in got}
     assert received == produced

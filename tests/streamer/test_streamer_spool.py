@@ -205,3 +205,12 @@ def test_read_from_a_cursor_pipelines_without_acknowledging(tmp_path: Path) -> N
         assert again.records[0] == records[7]
         spool.ack(cursor)
         assert spool.depth == 0
+
+
+def test_one_owner_per_spool_directory(tmp_path: Path) -> None:
+    from streamer import SpoolError
+
+    with Spool(tmp_path), pytest.raises(SpoolError, match="in use"):
+        Spool(tmp_path).open()
+    with Spool(tmp_path) as again:  # released on close
+        assert again.depth == 0

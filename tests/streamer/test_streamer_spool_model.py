@@ -64,7 +64,9 @@ class SpoolMachine(RuleBasedStateMachine):
 
     @rule(torn=st.binary(min_size=1, max_size=30))
     def crash_with_torn_tail_and_reopen(self, torn: bytes) -> None:
-        # No close(): the process dies; a partial record may sit at the tail.
+        # No close(): the process dies (the kernel drops its lock); a partial record may sit at
+        # the tail.
+        self.spool._release_lock()
         segments = sorted(self.dir.glob("*.spool"))
         if segments:
             with segments[-1].open("ab") as f:

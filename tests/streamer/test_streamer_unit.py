@@ -215,3 +215,19 @@ async def test_publish_before_start_or_after_stop_is_refused(tmp_path: Path) -> 
     )
     with pytest.raises(schemas.ReceiptSinkError):
         await s.publish_completion(sample_run())
+
+
+def test_metrics_server_serves_on_loopback() -> None:
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    metrics = streamer.StreamerMetrics()
+    metrics.spool_depth.set(7)
+    streamer.start_metrics_server(port, metrics.registry)
+    body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    assert "chio_streamer_spool_depth 7.0" in body
+    assert "chio_streamer_send_latency_seconds_bucket" in body
