@@ -158,20 +158,23 @@ class CompletionWatcher:
             raise WatcherError(f"cannot list closed workflows: {exc}") from exc
         executions.sort(key=lambda e: (e.close_time or _EPOCH, e.run_id))
         emitted = 0
-        for ex in executions:
-            if ex.close_time is None:  # filtered above; keeps the type checker informed
-                continue
-            event = await self._completion(ex)
-            await self.sink.publish_completion(event)
-            self.metrics.completions.labels(event.outcome.value).inc()
-            cp.seen[ex.run_id] = ex.close_time
-            cp.watermark = max(cp.watermark, ex.close_time)
-            emitted += 1
-            if emitted % self.config.checkpoint_every == 0:
-                cp.prune(overlap)
-                await asyncio.to_thread(cp.save, self._path)
-        cp.prune(overlap)
-        await asyncio.to_thread(cp.save, self._path)
+        try:
+            for ex in executions:
+                if ex.close_time is None:  # filtered above; keeps the type checker informed
+                    continue
+                event = await self._completion(ex)
+                await self.sink.publish_completion(event)
+                self.metrics.completions.labels(event.outcome.value).inc()
+                cp.seen[ex.run_id] = ex.close_time
+                cp.watermark = max(cp.watermark, ex.close_time)
+                emitted += 1
+                if emitted % self.config.checkpoint_every == 0:
+                    cp.prune(overlap)
+                    await asyncio.to_thread(cp.save, self._path)
+        finally:
+            # Also after a failure part-way: what was handed to the sink is not emitted again.
+            cp.prune(overlap)
+            await asyncio.to_thread(cp.save, self._path)
         return emitted
 
     async def _completion(self, ex: WorkflowExecution) -> schemas.RunCompletion:
