@@ -87,6 +87,7 @@ class ReceiptStreamer:
         self._queue: collections.deque[SpoolRecord] = collections.deque()
         self._window: collections.deque[_Batch] = collections.deque()
         self._spool_cursor: SpoolPosition | None = None
+        self._spilling: list[SpoolRecord] = []  # being written to the spool by the sender
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._producer: AIOKafkaProducer | None = None
@@ -156,7 +157,10 @@ class ReceiptStreamer:
                     await asyncio.wait({self._sender}, timeout=1.0)
             elif not self._sender.cancelled() and self._sender.exception() is not None:
                 log.error("streamer sender failed", exc_info=self._sender.exception())
-        leftover = [*self._inflight_queued(), *self._queue]
+        # Records the cancelled sender was spilling may or may not be on disk: write them again
+        # (a duplicate is dropped downstream by receipt id; a loss would not be).
+        leftover = [*self._spilling, *self._inflight_queued(), *self._queue]
+        self._spilling = []
         self._window.clear()
         self._queue.clear()
         if leftover:
@@ -244,7 +248,12 @@ class ReceiptStreamer:
     @property
     def pending(self) -> int:
         """Records accepted and not yet acknowledged by Kafka (queue + in flight + spool)."""
-        return len(self._queue) + len(self._inflight_queued()) + self._spool.depth
+        return (
+            len(self._queue)
+            + len(self._inflight_queued())
+            + len(self._spilling)
+            + self._spool.depth
+        )
 
     def _inflight_queued(self) -> list[SpoolRecord]:
         """In-flight records that came from the queue (spool records are on disk anyway)."""
@@ -388,14 +397,17 @@ class ReceiptStreamer:
         return b
 
     async def _spool_records(self, records: Sequence[SpoolRecord], reason: str) -> None:
+        self._spilling = list(records)
         try:
             await self._spool.append_many(records, fsync=True)
         except SpoolError:
+            self._spilling = []
             # Cannot persist: keep them in memory at the front of the queue and retry later.
             log.exception("streamer: cannot spool %d records, keeping them queued", len(records))
             self._queue.extendleft(reversed(records))
             await self._pause(self._next_backoff())
             return
+        self._spilling = []
         self.metrics.spooled.labels(reason).inc(len(records))
         self._update_gauges()
 
