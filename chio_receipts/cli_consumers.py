@@ -166,6 +166,13 @@ def consume(
     metrics_port: Annotated[
         int | None, typer.Option(envvar="CHIO_METRICS_PORT", help="Prometheus port (127.0.0.1)")
     ] = None,
+    registry_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CHIO_SCHEMA_REGISTRY_URL",
+            help="Confluent-compatible schema registry (to read Confluent-framed messages)",
+        ),
+    ] = None,
 ) -> None:
     """Build signed workflow envelopes from the receipt topics into ClickHouse (exactly once)."""
     _setup_logging()
@@ -182,6 +189,7 @@ def consume(
             ),
             group_id=group,
             grace_seconds=grace_seconds,
+            registry_url=registry_url,
         )
         service = ReceiptBuilderService(config)
         if metrics_port is not None:

@@ -50,11 +50,15 @@ from consumers._wire import (
     envelope_step_body,
 )
 from schemas import (
+    Codec,
     DecodeError,
     KeyPair,
+    RegistryError,
     RunCompletion,
+    SchemaRegistryClient,
     UnknownFormat,
     UnknownSchema,
+    confluent_schema_id,
     frame,
     receipt_hash,
     verify_body,
@@ -98,6 +102,7 @@ class BuilderConfig:
     retry_max_seconds: float = 10.0
     request_timeout_ms: int = 30_000
     max_poll_interval_ms: int = 900_000
+    registry_url: str | None = None
 
 
 async def check_copartitioned(
@@ -175,6 +180,9 @@ class ReceiptBuilderService:
         self._committed: dict[TopicPartition, int] = {}
         self._last_evict = 0.0
         self._started = False
+        self._registry: SchemaRegistryClient | None = None
+        self._codec: Codec | None = None
+        self._schema_ids: set[int] = set()
 
     @property
     def builder(self) -> ReceiptBuilder:
@@ -223,6 +231,9 @@ class ReceiptBuilderService:
             )
             await consumer.start()
             await self._keys.refresh(force=False)
+            if cfg.registry_url:
+                self._registry = SchemaRegistryClient(cfg.registry_url)
+                self._codec = Codec(self._registry)
             await self.sink.start()
             self._producer = AIOKafkaProducer(
                 bootstrap_servers=cfg.bootstrap_servers,
@@ -253,6 +264,10 @@ class ReceiptBuilderService:
             with contextlib.suppress(KafkaError):
                 await asyncio.wait_for(producer.stop(), 30)
         await self.sink.close()
+        registry, self._registry = self._registry, None
+        if registry is not None:
+            await registry.aclose()
+        self._codec = None
         self._started = False
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -303,6 +318,7 @@ class ReceiptBuilderService:
         steps: list[tuple[TopicPartition, Any, Plain]] = []
         completions: list[tuple[TopicPartition, Any, RunCompletion]] = []
         total = 0
+        await self._fetch_writer_schemas(data)
         for tp, records in data.items():
             if not records:
                 continue
@@ -348,6 +364,33 @@ class ReceiptBuilderService:
         await self._commit({tp: part.last + 1 for tp, part in step_parts.items()})
         return total
 
+    async def _fetch_writer_schemas(self, data: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        """Fetch (once) the registry schemas of Confluent-framed messages in the batch."""
+        codec = self._codec
+        if codec is None:
+            return
+        for records in data.values():
+            for msg in records:
+                value = msg.value
+                if not value or value[:1] != b"\x00" or len(value) < 5:
+                    continue
+                schema_id = confluent_schema_id(value)
+                if schema_id in self._schema_ids:
+                    continue
+                delay = self._config.retry_initial_seconds
+                while True:
+                    try:
+                        await codec.decode_async(value)
+                    except DecodeError:
+                        pass  # dead-lettered by _decode
+                    except RegistryError as exc:
+                        _log.warning("schema registry unavailable (%s); retrying", exc)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, self._config.retry_max_seconds)
+                        continue
+                    break
+                self._schema_ids.add(schema_id)
+
     def _dead(self, part: _Partial, tp: TopicPartition, msg: Any, error: Any, reason: str) -> None:
         part.dead.append(
             DeadLetter.of(
@@ -371,7 +414,7 @@ class ReceiptBuilderService:
             self._dead(part, tp, msg, "OversizedMessage", Reason.OVERSIZED)
             return None
         try:
-            plain = decode_plain(value)
+            plain = decode_plain(value, self._codec)
         except UnknownFormat as exc:
             self._dead(part, tp, msg, exc, Reason.UNKNOWN_FORMAT)
             return None
@@ -433,7 +476,12 @@ class ReceiptBuilderService:
         if not self._builder.add_step(run, entry, now):
             self.metrics.duplicates.inc()
             return
-        part.rows.append(step_row(rec, msg.value, tp.partition, msg.offset))
+        wire = msg.value
+        if wire[:1] == b"\x00" and encode_plain(STEP_SCHEMA, rec) == plain.body:
+            # Confluent frame of a current-schema body: store it self-describing (no registry
+            # needed to verify it later).
+            wire = frame(STEP_SCHEMA, plain.body)
+        part.rows.append(step_row(rec, wire, tp.partition, msg.offset))
 
     async def _hydrate(self, keys: Mapping[_RunId, int]) -> None:
         missing = sorted(k for k in keys if self._builder.get("/".join(k)) is None)
@@ -636,8 +684,11 @@ class ReceiptBuilderService:
 def _stored_entry(row: Sequence[Any]) -> StepEntry:
     """The builder's entry for a stored step row (STEP_FIELDS + wire)."""
     wire = bytes(row[len(STEP_FIELDS)])
+    plain: Plain | None = None
     if wire:
-        plain = decode_plain(wire)
+        with contextlib.suppress(DecodeError):
+            plain = decode_plain(wire)
+    if plain is not None:
         return StepEntry(
             str(row[0]), str(row[18]), envelope_step_body(plain), receipt_hash(plain.body)
         )

@@ -20,6 +20,8 @@ from fastavro.types import Schema
 from schemas import (
     SCHEMA_FILES,
     SINGLE_OBJECT_MAGIC,
+    Codec,
+    Decoded,
     MalformedBody,
     RunCompletion,
     StepReceipt,
@@ -82,8 +84,14 @@ def _current() -> dict[bytes, str]:
     return {schema_fingerprint(parsed_schema(name)): name for name in SCHEMA_FILES}
 
 
-def decode_plain(value: bytes) -> Plain:
-    """Decode a framed event; raises the ``schemas.DecodeError`` subclasses for bad input."""
+def decode_plain(value: bytes, codec: Codec | None = None) -> Plain:
+    """Decode a framed event; raises the ``schemas.DecodeError`` subclasses for bad input.
+
+    Confluent-framed messages (first byte 00) need ``codec`` with their writer schema id already
+    fetched (``Codec.decode_async``)."""
+    if value[:1] == b"\x00" and codec is not None:
+        decoded = codec.decode(value)
+        return Plain(decoded.schema_name, _normalize(decoded), decoded.body, False)
     if len(value) < _HEADER or value[:2] != SINGLE_OBJECT_MAGIC:
         raise UnknownFormat(
             f"not an Avro single-object message (first bytes {value[:2].hex() or 'none'})"
@@ -92,12 +100,7 @@ def decode_plain(value: bytes) -> Plain:
     if name is None:
         # Another writer version (resolution) or an unknown fingerprint (UnknownSchema).
         decoded = decode(value)
-        record = decoded.record
-        if decoded.schema_name == STEP_SCHEMA:
-            record = StepReceipt.from_avro(record).to_avro()
-        elif decoded.schema_name == RUN_SCHEMA:
-            record = RunCompletion.from_avro(record).to_avro()
-        return Plain(decoded.schema_name, record, decoded.body, False)
+        return Plain(decoded.schema_name, _normalize(decoded), decoded.body, False)
     body = value[_HEADER:]
     buf = io.BytesIO(body)
     try:
@@ -109,6 +112,18 @@ def decode_plain(value: bytes) -> Plain:
     if not isinstance(read, dict):
         raise MalformedBody(f"{name}: decoded to {type(read).__name__}")
     return Plain(name, read, body, True)
+
+
+def _normalize(decoded: Decoded) -> dict[str, Any]:
+    record = decoded.record
+    try:
+        if decoded.schema_name == STEP_SCHEMA:
+            return StepReceipt.from_avro(record).to_avro()
+        if decoded.schema_name == RUN_SCHEMA:
+            return RunCompletion.from_avro(record).to_avro()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedBody(f"{decoded.schema_name}: {exc}") from exc
+    return record
 
 
 def encode_plain(name: str, record: dict[str, Any]) -> bytes:

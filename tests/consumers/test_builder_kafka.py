@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 from _helpers import eventually
 from consumer_factory import STEP, completion, completion_value, receipt, signed_run
+from http_receiver import Receiver
 from kafka_topics import create_topics, make_topics, produce, read_all
 
 from consumers import (
@@ -23,7 +25,7 @@ from consumers import (
 )
 from consumers._failpoints import reset_failpoints
 from consumers._wire import ENVELOPE_SCHEMA
-from schemas import KeyPair, decode, frame, sign_receipt
+from schemas import KeyPair, confluent_frame, decode, frame, sign_receipt, standalone_schema
 
 pytestmark = pytest.mark.integration
 WORKER = KeyPair.generate("worker-1")
@@ -326,3 +328,30 @@ async def test_rows_clickhouse_refuses_are_isolated_and_dead_lettered(
     assert headers["offset"] == "1"
     assert dead.value == bad_wire
     assert bad_receipt.receipt_id == "not-a-uuid"
+
+
+async def test_confluent_framed_messages_are_read_through_the_registry(
+    kafka_bootstrap: str, clickhouse_dsn: str, unique: Callable[[str], str]
+) -> None:
+    topics = await make_topics(kafka_bootstrap, unique, partitions=1)
+    run = signed_run(WORKER, "wf-cf", "r", 2)
+    key = b"default/wf-cf/r"
+    registry_doc = json.dumps({"schema": json.dumps(standalone_schema(STEP))}).encode()
+    steps = [(key, confluent_frame(7, wire[10:]), None) for _, wire in run]
+    await produce(kafka_bootstrap, topics.steps, steps)
+    done = completion_value(completion("wf-cf", "r", expected=2))
+    await produce(kafka_bootstrap, topics.runs, [(key, done, None)])
+    async with Receiver(reply=lambda _: registry_doc) as registry:
+        cfg = _config(kafka_bootstrap, clickhouse_dsn, topics, registry_url=registry.url)
+        async with Running(cfg) as running:
+
+            async def written() -> bool:
+                running.check()
+                return await running.scalar("SELECT count() FROM workflow_receipts") == 1
+
+            await eventually(written, timeout=30)
+            assert await running.scalar("SELECT count() FROM step_receipts") == 2
+            report = verify_run(running.service.sink.client, "wf-cf", keys=KEYS)
+            assert report.ok, report.summary()
+        assert registry.requests[0][:2] == ("GET", "/schemas/ids/7")
+        assert len(registry.requests) == 1  # fetched once, then cached
