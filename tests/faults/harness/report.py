@@ -62,6 +62,11 @@ def record_row(
     return line
 
 
+def _order(r: RowResult) -> tuple[int, str]:
+    digits = "".join(c for c in r.row[1:] if c.isdigit())
+    return (int(digits) if digits else 999, r.row)
+
+
 def table() -> list[str]:
     """The table as text lines."""
     head = ("row", "fault", "result", "produced", "in CH", "dupes", "DLQ", "recovery", "note")
@@ -77,7 +82,7 @@ def table() -> list[str]:
             "-" if r.recovery_s is None else f"{r.recovery_s:.1f}s",
             r.note,
         )
-        for r in sorted(RESULTS, key=lambda r: (len(r.row), r.row))
+        for r in sorted(RESULTS, key=_order)
     ]
     widths = [max(len(h), *(len(x[i]) for x in rows)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
