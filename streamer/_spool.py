@@ -21,8 +21,9 @@ record whose append returned is complete on disk up to the fsync policy:
   crash (the page cache holds them) and, after the batch fsync, a machine crash too.
 
 Acknowledgement (``ack``) moves the head; segments wholly before it are deleted. The ack
-position is persisted with an atomic rename after every ack, so a restart replays at most what
-was sent but not yet recorded as acknowledged (duplicates, never loss). Capacity: ``max_bytes``
+position is persisted with an atomic rename at most every ``ack_interval_s`` (and whenever a
+segment is deleted, and on close), so a restart replays at most what was acknowledged in that
+interval or not yet acknowledged (duplicates, never loss). Capacity: ``max_bytes``
 of live segments; an append past it raises :class:`SpoolFull` and writes nothing.
 """
 
@@ -37,6 +38,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -143,6 +145,7 @@ class Spool:
         *,
         max_bytes: int = 1 << 30,
         segment_bytes: int = 16 << 20,
+        ack_interval_s: float = 0.2,
     ) -> None:
         self._dir = Path(directory)
         self._max_bytes = max_bytes
@@ -154,6 +157,8 @@ class Spool:
         self._fd: int | None = None
         self._lock_fd: int | None = None
         self._opened = False
+        self._ack_interval = ack_interval_s
+        self._ack_written: float | None = None  # monotonic time of the last ack-file write
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -198,6 +203,8 @@ class Spool:
                     os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = None
+            if self._opened and self._ack_written is not None:
+                self._persist_ack(time.monotonic())
             self._release_lock()
             self._opened = False
 
@@ -438,11 +445,15 @@ class Spool:
     def ack(self, position: SpoolPosition) -> None:
         """Everything before ``position`` reached Kafka: drop it (delete whole segments)."""
         with self._lock:
+            deleted = False
             for seg in list(self._segments):
                 if seg.index < position.segment:
                     self._delete(seg)
+                    deleted = True
             found = next((s for s in self._segments if s.index == position.segment), None)
             if found is None:
+                if deleted:
+                    self._persist_ack(time.monotonic())
                 return
             seg = found
             self._head = position
@@ -454,14 +465,22 @@ class Spool:
                     os.close(self._fd)
                     self._fd = None
                 self._delete(seg)
+                deleted = True
                 self._head = SpoolPosition(seg.index + 1, 0)
                 self._head_records = 0
                 if self._segments:
                     self._head = SpoolPosition(self._segments[0].index, 0)
-            try:
-                self._write_ack()
-            except OSError as exc:
-                log.warning("spool %s: cannot persist ack position: %s", self._dir, exc)
+            now = time.monotonic()
+            last = self._ack_written
+            if deleted or last is None or now - last >= self._ack_interval:
+                self._persist_ack(now)
+
+    def _persist_ack(self, now: float) -> None:
+        try:
+            self._write_ack()
+        except OSError as exc:
+            log.warning("spool %s: cannot persist ack position: %s", self._dir, exc)
+        self._ack_written = now
 
     def _delete(self, seg: _Segment) -> None:
         try:

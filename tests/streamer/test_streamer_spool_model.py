@@ -20,7 +20,7 @@ class SpoolMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="spool-model-"))
-        self.spool = Spool(self.dir, segment_bytes=400, max_bytes=1 << 20)
+        self.spool = Spool(self.dir, segment_bytes=400, max_bytes=1 << 20, ack_interval_s=0)
         self.spool.open()
         self.model: list[SpoolRecord] = []  # appended and not acknowledged, in order
         self.cursor: SpoolPosition | None = None
@@ -71,7 +71,7 @@ class SpoolMachine(RuleBasedStateMachine):
         if segments:
             with segments[-1].open("ab") as f:
                 f.write(b"\x00\x00\x01\x00" + torn)
-        self.spool = Spool(self.dir, segment_bytes=400, max_bytes=1 << 20)
+        self.spool = Spool(self.dir, segment_bytes=400, max_bytes=1 << 20, ack_interval_s=0)
         self.spool.open()
         self.read_ahead = []
         self.cursor = None
