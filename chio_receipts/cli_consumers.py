@@ -221,6 +221,13 @@ def siem_export(
     drop_denies: Annotated[
         bool, typer.Option(help="explicitly drop denials too (otherwise never dropped)")
     ] = False,
+    registry_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CHIO_SCHEMA_REGISTRY_URL",
+            help="Confluent-compatible schema registry (to read Confluent-framed messages)",
+        ),
+    ] = None,
 ) -> None:
     """Export receipts as OCSF API Activity events to a file, Splunk, Elastic or syslog."""
     _setup_logging()
@@ -235,6 +242,7 @@ def siem_export(
             envelopes_topic=envelopes_topic,
             deny_only=deny_only,
             drop_denies=drop_denies,
+            registry_url=registry_url,
         )
 
         async def main() -> None:

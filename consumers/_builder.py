@@ -81,13 +81,15 @@ class RunState:
 class ReceiptBuilder:
     """Folds step and completion events into envelopes."""
 
-    __slots__ = ("_due", "_evict_after_us", "_grace_us", "runs")
+    __slots__ = ("_due", "_evict_after_us", "_grace_us", "_pending", "runs")
 
     def __init__(self, *, grace_us: int, evict_after_us: int) -> None:
         self._grace_us = grace_us
         self._evict_after_us = evict_after_us
         self.runs: dict[str, RunState] = {}
         self._due: set[str] = set()
+        # partition -> run key -> offset of its unwritten completion (small: bounded by grace)
+        self._pending: dict[int, dict[str, int]] = {}
 
     def __len__(self) -> int:
         return len(self.runs)
@@ -150,6 +152,7 @@ class ReceiptBuilder:
         run.workflow_type = event.workflow_type or run.workflow_type
         if run.revision == 0:
             run.completion_offset = offset
+            self._pending.setdefault(run.partition, {})[run.key] = offset
             run.deadline_us = now_us + self._grace_us
             self._due.add(run.key)
         return True
@@ -179,7 +182,7 @@ class ReceiptBuilder:
                 and envelope.complete == run.written_complete
             ):
                 # Already written with these steps (e.g. replay after a crash).
-                run.completion_offset = -1
+                self._clear_pending(run)
                 continue
             yield run, envelope
 
@@ -224,7 +227,7 @@ class ReceiptBuilder:
         run.revision = envelope.revision
         run.written_root = envelope.chain_root
         run.written_complete = envelope.complete
-        run.completion_offset = -1
+        self._clear_pending(run)
         run.last_touch_us = now_us
 
     def requeue(self, run: RunState) -> None:
@@ -233,15 +236,13 @@ class ReceiptBuilder:
 
     def pending_offset(self, partition: int) -> int | None:
         """Lowest offset of a completion on ``partition`` whose envelope is not written yet."""
-        low: int | None = None
-        for run in self.runs.values():
-            if (
-                run.partition == partition
-                and run.completion_offset >= 0
-                and (low is None or run.completion_offset < low)
-            ):
-                low = run.completion_offset
-        return low
+        offsets = self._pending.get(partition)
+        return min(offsets.values()) if offsets else None
+
+    def _clear_pending(self, run: RunState) -> None:
+        if run.completion_offset >= 0:
+            self._pending.get(run.partition, {}).pop(run.key, None)
+        run.completion_offset = -1
 
     def evict(self, now_us: int, *, max_runs: int | None = None) -> int:
         """Drop quiet runs that hold nothing unwritten; returns how many were dropped."""
@@ -258,6 +259,8 @@ class ReceiptBuilder:
     def drop_partitions(self, partitions: Iterable[int]) -> None:
         """Forget every run of ``partitions`` (they were revoked)."""
         gone = set(partitions)
+        for partition in gone:
+            self._pending.pop(partition, None)
         for key, run in list(self.runs.items()):
             if run.partition in gone:
                 del self.runs[key]

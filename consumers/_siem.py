@@ -38,7 +38,7 @@ from consumers._errors import (
 from consumers._metrics import ConsumerMetrics
 from consumers._ocsf import envelope_to_ocsf, is_deny, step_to_ocsf
 from consumers._wire import ENVELOPE_SCHEMA, STEP_SCHEMA, decode_plain
-from schemas import DecodeError
+from schemas import Codec, DecodeError, RegistryError, SchemaRegistryClient
 
 __all__ = [
     "ElasticOutput",
@@ -382,6 +382,7 @@ class ExporterConfig:
     poll_timeout_ms: int = 200
     retry_initial_seconds: float = 0.2
     retry_max_seconds: float = 10.0
+    registry_url: str | None = None
 
 
 class SiemExporter:
@@ -404,6 +405,8 @@ class SiemExporter:
         )
         self._consumer: AIOKafkaConsumer | None = None
         self._entered = False
+        self._registry: SchemaRegistryClient | None = None
+        self._codec: Codec | None = None
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -420,6 +423,9 @@ class SiemExporter:
             return
         await self.output.__aenter__()
         self._entered = True
+        if self._config.registry_url:
+            self._registry = SchemaRegistryClient(self._config.registry_url)
+            self._codec = Codec(self._registry)
         topics = [self._config.steps_topic]
         if self._config.envelopes_topic:
             topics.append(self._config.envelopes_topic)
@@ -446,6 +452,10 @@ class SiemExporter:
         if self._entered:
             self._entered = False
             await self.output.__aexit__(None, None, None)
+        registry, self._registry = self._registry, None
+        if registry is not None:
+            await registry.aclose()
+        self._codec = None
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Export until ``stop`` is set."""
@@ -465,6 +475,7 @@ class SiemExporter:
         events: list[dict[str, Any]] = []
         for records in data.values():
             for msg in records:
+                await self._fetch_writer_schema(msg.value)
                 event = self._map(msg)
                 if event is not None and self._filter.keep(event):
                     events.append(event)
@@ -478,9 +489,26 @@ class SiemExporter:
             _log.warning("commit failed (%s); the batch will be exported again", exc)
         return len(events)
 
+    async def _fetch_writer_schema(self, value: bytes | None) -> None:
+        codec = self._codec
+        if codec is None or not value or value[:1] != b"\x00":
+            return
+        delay = self._config.retry_initial_seconds
+        while True:
+            try:
+                await codec.decode_async(value)  # caches the writer schema by id
+            except DecodeError:
+                return
+            except RegistryError as exc:
+                _log.warning("schema registry unavailable (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._config.retry_max_seconds)
+                continue
+            return
+
     def _map(self, msg: Any) -> dict[str, Any] | None:
         try:
-            plain = decode_plain(msg.value or b"")
+            plain = decode_plain(msg.value or b"", self._codec)
         except DecodeError as exc:
             # The builder dead-letters these; the exporter only skips them.
             _log.warning("skipping undecodable message %s@%d: %s", msg.topic, msg.offset, exc)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -166,3 +169,39 @@ async def test_syslog_tcp_rfc5424_octet_counting() -> None:
     assert message.startswith(b"<132>1 2023-11-14T22:13:20.000+00:00 ")  # local0.warning
     assert b'[chio@32473 uid="r-1" action="Denied"]' in message
     assert json.loads(message.split(b"\xef\xbb\xbf", 1)[1])["class_uid"] == 6003
+
+
+@pytest.mark.integration
+async def test_siem_export_command_to_a_file_stops_on_sigterm(
+    kafka_bootstrap: str, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    topic, _ = await _steps_topic(kafka_bootstrap, unique)
+    out = tmp_path / "out.jsonl"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chio_receipts.cli_consumers",
+            "siem-export",
+            "--bootstrap",
+            kafka_bootstrap,
+            "--output",
+            f"jsonl:{out}",
+            "--group",
+            unique("g"),
+            "--steps-topic",
+            topic,
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        await eventually(lambda: out.exists() and out.read_text().count("\n") >= 4, timeout=60)
+    finally:
+        child.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(child.wait, 60)
+    assert code == 0, child.stderr.read().decode() if child.stderr else code
+    events = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(events) == 4
+    assert {e["action"] for e in events} == {"Allowed", "Denied"}
