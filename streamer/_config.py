@@ -108,21 +108,23 @@ class StreamerConfig:
     unreachable or slow (a crash of the worker process loses what is still in memory).
 
     Measured on the 2-core development machine while other test suites ran (load 9-19), 422-byte
-    signed step records, single local broker, medians of three interleaved rounds:
+    signed step records, one local broker, interleaved rounds (ranges over the rounds):
 
-    ========================  ===================  =========================================
+    ========================  ====================  ========================================
     mode                      ``publish_step``      end-to-end (accepted -> acked by Kafka)
-    ========================  ===================  =========================================
-    queued, 1 publisher       p50 6 µs, p99 60 µs  3.8-5.7k receipts/s
-    queued, 50 concurrent     p50 6 µs, p99 50 µs  5.3-12.5k receipts/s
-    before_execute, 1         p50 4.6-5.9 ms        110-150 receipts/s (one fsync each)
-    before_execute, 50 conc.  p50 24-30 ms          1.3-1.8k receipts/s (group commit)
-    ========================  ===================  =========================================
+    ========================  ====================  ========================================
+    queued, 1 publisher       p50 6-10 µs           3.7-5.7k receipts/s
+    queued, 50 concurrent     p50 6-11 µs           5.3-12.5k receipts/s
+    before_execute, 1         p50 1.5 ms            275-316 receipts/s (one fsync each)
+    before_execute, 50 conc.  p50 20 ms             2.2-2.3k receipts/s (group commit)
+    ========================  ====================  ========================================
 
-    A raw 450-byte append + fsync on the same disk took p50 0.9 ms, p99 11 ms. The default is
-    ``before_execute`` because receipts are audit data: a few milliseconds per activity attempt
-    buy "a body that ran has its receipt". Choose ``"queued"`` for activities so short that the
-    fsync dominates and a lost receipt on a worker crash is acceptable.
+    A raw 450-byte append + fsync on the same disk took p50 0.9-1.6 ms, p99 10-11 ms; the spool
+    alone reaches 31-41k fsync'd appends/s with 2000 concurrent callers (group commit). The
+    default is ``before_execute`` because receipts are audit data: about a millisecond and a
+    half per activity attempt buys "a body that ran has its receipt", even after kill -9.
+    Choose ``"queued"`` for activities so short that the fsync dominates and a receipt lost on
+    a worker crash is acceptable.
 
     ``compression``: ``lz4``. On batches of 200 realistic records lz4 compresses 3.34x at
     0.5-1.6 µs per record, zstd (level 3) 3.93x at 1.8-5.7 µs per record; end-to-end throughput
