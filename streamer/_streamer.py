@@ -278,6 +278,22 @@ class ReceiptStreamer:
     # -- the sender ------------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        """The sender: never dies on a spool error, it logs, backs off and tries again."""
+        while True:
+            try:
+                await self._sender_loop()
+            except SpoolError:
+                log.exception("streamer: spool error in the sender; retrying")
+                # In-flight queue records go back to the front of the queue (a resend is a
+                # duplicate at worst); spool records are still in the spool.
+                self._queue.extendleft(reversed(self._inflight_queued()))
+                self._window.clear()
+                self._spool_cursor = None
+                await self._pause(self._next_backoff())
+            else:
+                return
+
+    async def _sender_loop(self) -> None:
         """Keep up to ``max_in_flight`` batches outstanding; settle them in order."""
         drain_deadline: float | None = None
         while True:
