@@ -149,8 +149,28 @@ def translate(exc: Exception, what: str) -> SinkError:
     return SinkUnavailable(f"{what}: {type(exc).__name__}: {text[:500]}")
 
 
-def open_client(dsn: str, *, connect_timeout: float = 10.0, timeout: float = 60.0) -> Any:
-    """A clickhouse-connect client for ``dsn`` (blocking; errors translated)."""
+def _create_database(dsn: str, connect_timeout: float, timeout: float) -> None:
+    """Create the database a server DSN names (``http://host:port/<db>``) if it is missing."""
+    parsed = urlparse(dsn)
+    database = parsed.path.strip("/").split("/")[0]
+    if not database or not re.fullmatch(r"[A-Za-z0-9_]+", database):
+        return
+    admin = clickhouse_connect.get_client(
+        dsn=parsed._replace(path="/default").geturl(),
+        connect_timeout=connect_timeout,
+        send_receive_timeout=timeout,
+    )
+    try:
+        admin.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+    finally:
+        admin.close()
+
+
+def open_client(
+    dsn: str, *, connect_timeout: float = 10.0, timeout: float = 60.0, create: bool = False
+) -> Any:
+    """A clickhouse-connect client for ``dsn`` (blocking; errors translated). ``create``
+    creates the database of a server DSN first (the consumer does; read tools do not)."""
     path = chdb_path(dsn)
     if path is not None:
         pid = owner_pid(path)
@@ -160,6 +180,8 @@ def open_client(dsn: str, *, connect_timeout: float = 10.0, timeout: float = 60.
     try:
         if dsn.startswith("chdb:"):
             return clickhouse_connect.get_client(dsn=dsn)
+        if create:
+            _create_database(dsn, connect_timeout, timeout)
         return clickhouse_connect.get_client(
             dsn=dsn, connect_timeout=connect_timeout, send_receive_timeout=timeout
         )
@@ -253,6 +275,7 @@ class ClickHouseSink:
             self._config.dsn,
             connect_timeout=self._config.connect_timeout,
             timeout=self._config.send_receive_timeout,
+            create=True,
         )
         self._migrate_sync()
         ctx = self._call(lambda: self._client.create_insert_context("step_receipts", STEP_COLUMNS))
