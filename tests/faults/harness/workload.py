@@ -33,6 +33,7 @@ class FaultInput:
     deny_at: int = -1
     start_to_close_s: float = 5.0
     step_sleep_s: float = 0.0
+    catch_denial: bool = True
 
 
 @activity.defn
@@ -69,13 +70,16 @@ class FaultWorkflow:
         done = 0
         for i in range(params.steps):
             if i == params.deny_at:
+                denied = workflow.execute_activity(
+                    forbidden_step,
+                    params.payload,
+                    start_to_close_timeout=timeout,
+                    retry_policy=retry,
+                )
+                if not params.catch_denial:
+                    await denied
                 with contextlib.suppress(ActivityError, ApplicationError):
-                    await workflow.execute_activity(
-                        forbidden_step,
-                        params.payload,
-                        start_to_close_timeout=timeout,
-                        retry_policy=retry,
-                    )
+                    await denied
                 continue
             await workflow.execute_activity(
                 fault_step,
