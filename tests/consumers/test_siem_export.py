@@ -205,3 +205,31 @@ async def test_siem_export_command_to_a_file_stops_on_sigterm(
     events = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(events) == 4
     assert {e["action"] for e in events} == {"Allowed", "Denied"}
+
+
+@pytest.mark.integration
+async def test_syslog_udp_one_datagram_per_event() -> None:
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    class Proto(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: object) -> None:
+            got.put_nowait(data)
+
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(Proto, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    try:
+        async with SyslogOutput(f"syslog+udp://127.0.0.1:{port}") as out:
+            events = [
+                {"metadata": {"uid": f"r-{i}"}, "time": 1_700_000_000_000, "action_id": 1,
+                 "action": "Allowed", "class_uid": 6003}
+                for i in range(2)
+            ]  # fmt: skip
+            await out.send(events)
+            first = await asyncio.wait_for(got.get(), 10)
+            second = await asyncio.wait_for(got.get(), 10)
+    finally:
+        transport.close()
+    assert first.startswith(b"<134>1 ")  # local0.info, no octet count over UDP
+    assert b'uid="r-0"' in first
+    assert b'uid="r-1"' in second
