@@ -355,3 +355,38 @@ async def test_confluent_framed_messages_are_read_through_the_registry(
             assert report.ok, report.summary()
         assert registry.requests[0][:2] == ("GET", "/schemas/ids/7")
         assert len(registry.requests) == 1  # fetched once, then cached
+
+
+async def test_restart_with_a_pending_completion_rebuilds_the_run(
+    kafka_bootstrap: str, clickhouse_dsn: str, unique: Callable[[str], str]
+) -> None:
+    topics = await make_topics(kafka_bootstrap, unique, partitions=2)
+    run = signed_run(WORKER, "wf-open", "r", 3)
+    key = b"default/wf-open/r"
+    await produce(kafka_bootstrap, topics.steps, [(key, w, None) for _, w in run[:2]])
+    done = completion_value(completion("wf-open", "r", expected=3))
+    await produce(kafka_bootstrap, topics.runs, [(key, done, None)])
+    config = _config(kafka_bootstrap, clickhouse_dsn, topics, grace_seconds=300)
+    async with Running(config) as first:
+
+        def waiting() -> bool:
+            first.check()
+            state = first.service.builder.get("default/wf-open/r")
+            return state is not None and state.completion is not None and len(state.steps) == 2
+
+        await eventually(waiting, timeout=30)
+        assert await first.scalar("SELECT count() FROM workflow_receipts") == 0
+    # The first process is gone with the run open in memory; the last step arrives later.
+    await produce(kafka_bootstrap, topics.steps, [(key, run[2][1], None)])
+    async with Running(config) as second:
+
+        async def rebuilt() -> bool:
+            second.check()
+            return await second.scalar("SELECT count() FROM workflow_receipts") == 1
+
+        await eventually(rebuilt, timeout=30)
+        _, rows = await second.service.sink.query(
+            "SELECT revision, complete, step_count FROM workflow_receipts"
+        )
+        assert rows == [(1, True, 3)]
+        assert await second.scalar("SELECT count() FROM step_receipts") == 3
