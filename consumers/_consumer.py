@@ -384,6 +384,8 @@ class ReceiptBuilderService:
                     except DecodeError:
                         pass  # dead-lettered by _decode
                     except RegistryError as exc:
+                        if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
+                            break  # the registry refuses this id: its messages are dead-lettered
                         _log.warning("schema registry unavailable (%s); retrying", exc)
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, self._config.retry_max_seconds)
