@@ -20,7 +20,11 @@ def _names() -> dict[str, Any]:
         if isinstance(node, dict):
             t = node.get("type")
             if t in ("record", "enum", "fixed"):
-                full = node["name"] if "." in node["name"] else f"{node.get('namespace', ns)}.{node['name']}"
+                full = (
+                    node["name"]
+                    if "." in node["name"]
+                    else f"{node.get('namespace', ns)}.{node['name']}"
+                )
                 names[full] = node
                 ns = full.rpartition(".")[0]
             for f in node.get("fields", []):
@@ -70,7 +74,9 @@ def strategy(node: Any, ns: str = "dev.chio.receipts.v1", depth: int = 0) -> st.
     if isinstance(t, dict | list):
         return strategy(t, ns, depth)
     if t == "record":
-        full = node["name"] if "." in node["name"] else f"{node.get('namespace', ns)}.{node['name']}"
+        full = (
+            node["name"] if "." in node["name"] else f"{node.get('namespace', ns)}.{node['name']}"
+        )
         rns = full.rpartition(".")[0]
         return st.fixed_dictionaries(
             {f["name"]: strategy(f["type"], rns, depth + 1) for f in node["fields"]}
@@ -80,7 +86,9 @@ def strategy(node: Any, ns: str = "dev.chio.receipts.v1", depth: int = 0) -> st.
     if t == "array":
         return st.lists(strategy(node["items"], ns, depth + 1), max_size=2 if depth else 3)
     if t == "map":
-        return st.dictionaries(st.text(max_size=8), strategy(node["values"], ns, depth + 1), max_size=3)
+        return st.dictionaries(
+            st.text(max_size=8), strategy(node["values"], ns, depth + 1), max_size=3
+        )
     return strategy(t, ns, depth)
 
 

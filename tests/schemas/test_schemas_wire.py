@@ -68,12 +68,27 @@ def test_arbitrary_bytes_decode_or_raise_the_codecs_own_error(data: bytes) -> No
 
 
 def test_absurd_lengths_and_truncation_are_typed_errors() -> None:
-    record = {"version": "chio-temporal/v1", "workflow_id": "w", "run_id": "r",
-              "parent_workflow_ids": [], "started_at": 1, "completed_at": None,
-              "outcome": "success", "step_count": 0, "allow_count": 0, "deny_count": 0,
-              "steps": [], "metadata": {}}
+    record = {
+        "version": "chio-temporal/v1",
+        "workflow_id": "w",
+        "run_id": "r",
+        "parent_workflow_ids": [],
+        "started_at": 1,
+        "completed_at": None,
+        "outcome": "success",
+        "step_count": 0,
+        "allow_count": 0,
+        "deny_count": 0,
+        "steps": [],
+        "metadata": {},
+    }
     data = schemas.encode(ENVELOPE, record)
-    for bad in (data[:-1], data[:11], data + b"\x00", schemas.frame(ENVELOPE, b"\xfe\xff\xff\xff\x0f")):
+    for bad in (
+        data[:-1],
+        data[:11],
+        data + b"\x00",
+        schemas.frame(ENVELOPE, b"\xfe\xff\xff\xff\x0f"),
+    ):
         with pytest.raises(schemas.DecodeError):
             schemas.decode(bad)
 
@@ -130,7 +145,9 @@ def test_every_current_schema_is_backward_compatible_with_its_released_version()
     assert set(released) == set(schemas.SCHEMA_FILES)
     for name in schemas.SCHEMA_FILES:
         problems = schemas.incompatibilities(
-            schemas.raw_schema(name), released[name], named=_raw_all(),
+            schemas.raw_schema(name),
+            released[name],
+            named=_raw_all(),
             writer_named=list(released.values()),
         )
         assert problems == [], f"{name} breaks backward compatibility: {problems}"
@@ -139,10 +156,20 @@ def test_every_current_schema_is_backward_compatible_with_its_released_version()
 def test_released_writer_decodes_through_the_single_object_codec() -> None:
     released = schemas.released_schemas()[RUN]
     parsed = fastavro.parse_schema(released, named_schemas={})
-    record = {"event_id": "0190a0a0-0000-7000-8000-000000000001", "namespace": "n",
-              "workflow_id": "w", "run_id": "r", "workflow_type": "T", "task_queue": "q",
-              "outcome": "TERMINATED", "started_at": 1, "closed_at": 2, "parent_workflow_ids": [],
-              "source": "WATCHER", "emitted_at": 3}
+    record = {
+        "event_id": "0190a0a0-0000-7000-8000-000000000001",
+        "namespace": "n",
+        "workflow_id": "w",
+        "run_id": "r",
+        "workflow_type": "T",
+        "task_queue": "q",
+        "outcome": "TERMINATED",
+        "started_at": 1,
+        "closed_at": 2,
+        "parent_workflow_ids": [],
+        "source": "WATCHER",
+        "emitted_at": 3,
+    }
     buf = io.BytesIO()
     fastavro.schemaless_writer(buf, parsed, record)
     data = schemas.SINGLE_OBJECT_MAGIC + schemas.schema_fingerprint(parsed) + buf.getvalue()
@@ -273,8 +300,9 @@ async def test_codec_reads_both_formats_and_resolves_a_v2_writer_by_id(
         v2_id = await registry.register("steps-v2", v2)
         step = sample_step().to_avro()
         buf = io.BytesIO()
-        fastavro.schemaless_writer(buf, fastavro.parse_schema(v2, named_schemas={}),
-                                   {**step, "tenant": "acme"})
+        fastavro.schemaless_writer(
+            buf, fastavro.parse_schema(v2, named_schemas={}), {**step, "tenant": "acme"}
+        )
         framed = schemas.confluent_frame(v2_id, buf.getvalue())
         decoded = await reader.decode_async(framed)
         assert decoded.schema_name == STEP
