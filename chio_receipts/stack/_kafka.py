@@ -100,6 +100,15 @@ def ensure_kafka_jars(cache_dir: Path) -> Path:
     return libs
 
 
+def _cluster_id() -> str:
+    """A random KRaft cluster id (URL-safe base64 of a UUID). One starting with '-' would be
+    read as an option by the storage tool, so such ids are drawn again (Kafka does the same)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KafkaConfig:
     """Where and how the broker runs. Port 0 picks a free port."""
@@ -166,7 +175,7 @@ class KafkaBroker:
             )
         )
         if not (log_dir / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+            cluster_id = _cluster_id()
             fmt = subprocess.run(
                 [
                     java,

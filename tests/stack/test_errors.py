@@ -98,3 +98,12 @@ def test_every_command_has_help() -> None:
         result = runner.invoke(app, argv)
         assert result.exit_code == 0, argv
         assert "Usage" in result.output
+
+
+@pytest.mark.unit
+def test_cluster_ids_never_look_like_an_option() -> None:
+    from chio_receipts.stack._kafka import _cluster_id
+
+    ids = [_cluster_id() for _ in range(2000)]
+    assert all(len(i) == 22 and not i.startswith("-") for i in ids)
+    assert len(set(ids)) == len(ids)
