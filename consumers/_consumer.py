@@ -17,6 +17,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -103,6 +104,7 @@ class BuilderConfig:
     request_timeout_ms: int = 30_000
     max_poll_interval_ms: int = 900_000
     registry_url: str | None = None
+    verify_threads: int = 2
 
 
 async def check_copartitioned(
@@ -183,6 +185,12 @@ class ReceiptBuilderService:
         self._registry: SchemaRegistryClient | None = None
         self._codec: Codec | None = None
         self._schema_ids: set[int] = set()
+        # PyNaCl releases the GIL while verifying: big batches are checked on several threads.
+        self._verify_pool = (
+            ThreadPoolExecutor(config.verify_threads, thread_name_prefix="verify")
+            if config.verify_threads > 1
+            else None
+        )
 
     @property
     def builder(self) -> ReceiptBuilder:
@@ -264,6 +272,9 @@ class ReceiptBuilderService:
             with contextlib.suppress(KafkaError):
                 await asyncio.wait_for(producer.stop(), 30)
         await self.sink.close()
+        if self._verify_pool is not None:
+            self._verify_pool.shutdown(wait=True)
+            self._verify_pool = None
         registry, self._registry = self._registry, None
         if registry is not None:
             await registry.aclose()
@@ -445,16 +456,34 @@ class ReceiptBuilderService:
     ) -> list[tuple[TopicPartition, Any, Plain]]:
         if any(self._keys.get(p.record["key_id"]) is None for _, _, p in steps):
             await self._keys.refresh()
-        good: list[tuple[TopicPartition, Any, Plain]] = []
+        checks: list[tuple[bytes, bytes]] = []
+        known: list[tuple[TopicPartition, Any, Plain]] = []
         for tp, msg, plain in steps:
             key_id = plain.record["key_id"]
             public_key = self._keys.get(key_id)
             if public_key is None:
                 self._dead(parts[tp], tp, msg, f"UnknownKey: {key_id!r}", Reason.UNKNOWN_KEY)
-            elif not verify_body(plain.body, public_key):
-                self._dead(parts[tp], tp, msg, "BadSignature", Reason.BAD_SIGNATURE)
             else:
+                checks.append((plain.body, public_key))
+                known.append((tp, msg, plain))
+        pool = self._verify_pool
+        if pool is not None and len(checks) >= 256:
+            n = self._config.verify_threads
+            loop = asyncio.get_running_loop()
+            parts_ok = await asyncio.gather(
+                *(loop.run_in_executor(pool, _verify_all, checks[i::n]) for i in range(n))
+            )
+            results = [False] * len(checks)
+            for i, chunk in enumerate(parts_ok):
+                results[i::n] = chunk
+        else:
+            results = _verify_all(checks)
+        good: list[tuple[TopicPartition, Any, Plain]] = []
+        for (tp, msg, plain), ok in zip(known, results, strict=True):
+            if ok:
                 good.append((tp, msg, plain))
+            else:
+                self._dead(parts[tp], tp, msg, "BadSignature", Reason.BAD_SIGNATURE)
         return good
 
     def _add_step(
@@ -681,6 +710,10 @@ class ReceiptBuilderService:
                 _log.warning("ClickHouse unavailable (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._config.retry_max_seconds)
+
+
+def _verify_all(checks: Sequence[tuple[bytes, bytes]]) -> list[bool]:
+    return [verify_body(body, key) for body, key in checks]
 
 
 def _stored_entry(row: Sequence[Any]) -> StepEntry:

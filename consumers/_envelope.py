@@ -55,6 +55,8 @@ class Envelope:
     extra: tuple[tuple[str, str], ...] = ()
     key_id: str = ""
     signature: bytes = field(default=b"", repr=False)
+    # The signed Avro body, kept by ``signed_by`` so it is encoded once.
+    encoded: bytes = field(default=b"", repr=False, compare=False)
 
     @property
     def step_count(self) -> int:
@@ -96,20 +98,26 @@ class Envelope:
 
     def avro_body(self, *, signed: bool = True) -> bytes:
         """Schemaless Avro body; ``signed=False`` gives the canonical bytes that are signed."""
+        if signed and self.encoded:
+            return self.encoded
+        return self._head() + _map_bytes(self.metadata(signed=signed))
+
+    def _head(self) -> bytes:
         # Empty steps and metadata end the body with two 0x00 terminators: splice there.
         prefix = encode_plain(ENVELOPE_SCHEMA, self._header())[:-2]
-        steps = (
-            avro_long(len(self.steps)) + b"".join(self.steps) + b"\x00" if self.steps else b"\x00"
-        )
-        meta = self.metadata(signed=signed)
-        encoded_meta = b"".join(avro_string(k) + avro_string(v) for k, v in meta.items())
-        meta_bytes = avro_long(len(meta)) + encoded_meta + b"\x00" if meta else b"\x00"
-        return prefix + steps + meta_bytes
+        if not self.steps:
+            return prefix + b"\x00"
+        return prefix + avro_long(len(self.steps)) + b"".join(self.steps) + b"\x00"
 
     def signed_by(self, key: KeyPair) -> Envelope:
-        """A copy signed by ``key`` (the builder's key)."""
-        unsigned = replace(self, key_id=key.key_id, signature=b"")
-        return replace(unsigned, signature=key.sign(unsigned.avro_body(signed=False)))
+        """A copy signed by ``key`` (the builder's key), its Avro body encoded once."""
+        unsigned = replace(self, key_id=key.key_id, signature=b"", encoded=b"")
+        head = unsigned._head()
+        signature = key.sign(head + _map_bytes(unsigned.metadata(signed=False)))
+        meta = unsigned.metadata(signed=False)
+        meta["signature"] = signature.hex()
+        encoded = head + _map_bytes(dict(sorted(meta.items())))
+        return replace(unsigned, signature=signature, encoded=encoded)
 
     def framed(self) -> bytes:
         """The envelope in Avro single-object encoding, for the envelopes topic."""
@@ -137,6 +145,13 @@ class Envelope:
             "steps": steps,
             "metadata": self.metadata(),
         }
+
+
+def _map_bytes(meta: dict[str, str]) -> bytes:
+    if not meta:
+        return b"\x00"
+    encoded = b"".join(avro_string(k) + avro_string(v) for k, v in meta.items())
+    return avro_long(len(meta)) + encoded + b"\x00"
 
 
 def verify_envelope_signature(envelope: Envelope, public_key: bytes) -> bool:
