@@ -35,6 +35,18 @@ from consumers._keys import KeyRing, decode_public_key, fetch_public_keys, load_
 from consumers._metrics import ConsumerMetrics
 from consumers._ocsf import OCSF_VERSION, envelope_to_ocsf, step_to_ocsf
 from consumers._rows import envelope_row, receipt_from_row, step_row
+from consumers._siem import (
+    ElasticOutput,
+    EventFilter,
+    ExporterConfig,
+    HecOutput,
+    JsonLinesOutput,
+    Output,
+    OutputSpec,
+    SiemExporter,
+    SyslogOutput,
+    parse_output,
+)
 from consumers._verify import VerifyReport, verify_run
 
 __all__ = [
@@ -48,21 +60,30 @@ __all__ = [
     "ConsumerMetrics",
     "DatabaseBusy",
     "DeadLetter",
+    "ElasticOutput",
     "Envelope",
+    "EventFilter",
+    "ExporterConfig",
     "FailpointError",
+    "HecOutput",
+    "JsonLinesOutput",
     "KeyResolutionError",
     "KeyRing",
+    "Output",
     "OutputError",
     "OutputRejected",
+    "OutputSpec",
     "OutputUnavailable",
     "Reason",
     "ReceiptBuilder",
     "ReceiptBuilderService",
     "RunState",
+    "SiemExporter",
     "SinkDataError",
     "SinkError",
     "SinkUnavailable",
     "StepEntry",
+    "SyslogOutput",
     "Topics",
     "VerifyReport",
     "chdb_path",
@@ -76,6 +97,7 @@ __all__ = [
     "open_client",
     "owner_pid",
     "parse_dead_letter_headers",
+    "parse_output",
     "receipt_from_row",
     "step_row",
     "step_to_ocsf",

@@ -154,3 +154,13 @@ def test_failpoints_fire_on_the_configured_hit() -> None:
         failpoint("unit.point")  # fires once
     finally:
         reset_failpoints("")
+
+
+def test_public_api_is_exactly_all() -> None:
+    import consumers
+
+    public = {n for n in vars(consumers) if not n.startswith("_")} - {"annotations"}
+    assert set(consumers.__all__) == public
+    assert all(
+        getattr(consumers, n).__doc__ for n in consumers.__all__ if callable(getattr(consumers, n))
+    )
