@@ -315,8 +315,11 @@ def verify(
     key_url: KeyUrl = None,
     builder_key_file: BuilderKeyFile = _BUILDER_KEY_DEFAULT,
 ) -> None:
-    """Check every step signature, the chain, and the envelope root and signature of a workflow
-    from ClickHouse rows alone; prints OK or exactly what is wrong."""
+    """Verify a workflow's receipts from ClickHouse rows alone: OK or exactly what is wrong.
+
+    Checks every step signature, the prev_hash chain, and each envelope's steps, chain root and
+    builder signature.
+    """
     try:
         ring = KeyRing(load_keys_file(keys) if keys else {}, url=key_url)
         if key_url:
