@@ -207,6 +207,19 @@ class Pipeline:
         for _ in range(workers):
             self.add_worker().start()
         self.make_consumer().start()
+        await self.consumer_ready()
+
+    async def consumer_ready(self, timeout: float = 90.0) -> None:
+        """Wait until the consumer process has joined its group (partitions assigned)."""
+        consumer = self.consumer
+        assert consumer is not None
+        deadline = time.monotonic() + timeout
+        while "partitions assigned" not in consumer.log_tail(400):
+            if not consumer.alive():
+                raise AssertionError(f"the consumer exited while starting:\n{consumer.log_tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the consumer did not join its group:\n{consumer.log_tail()}")
+            await asyncio.sleep(0.2)
 
     async def start_watcher(self) -> None:
         """The completion watcher in this process, producing through its own streamer."""
