@@ -170,3 +170,109 @@ async def test_f16_poison_messages_go_to_the_dlq(make_pipeline: Callable[..., Pi
             assert (d.value or None) == values[d.origin], f"{d.origin}: original bytes not kept"
     assert p.consumer is not None
     assert p.consumer.starts == 1, "the consumer was restarted"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+async def test_f10_consumer_killed_with_open_runs(make_pipeline: Callable[..., Pipeline]) -> None:
+    """kill -9 the consumer while runs are open in its memory (steps seen, completions not yet):
+    the restarted one rebuilds them from the uncommitted offsets and ClickHouse; one envelope
+    per run."""
+    p = make_pipeline()
+    await p.start()
+    await p.start_runs(12, FaultInput(steps=4, step_sleep_s=1.0), deny_every=3)
+    await eventually(lambda: len(p.oracle().accepted) >= 16, 120)
+    assert p.consumer is not None
+    await p.consumer.kill9()
+    p.consumer.start()
+    t0 = time.monotonic()
+    await finish(p, "F10", "consumer kill -9 with open runs", recovery_from=t0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+@pytest.mark.parametrize(("action", "row"), [("exit", "F12a"), ("raise", "F12b")])
+async def test_f12_clickhouse_write_fails_mid_stream(
+    make_pipeline: Callable[..., Pipeline], action: str, row: str
+) -> None:
+    """The third ClickHouse insert fails: the process dies inside it (``exit``), or the insert
+    raises (``raise``, what a failed server write looks like to the builder). The batch is
+    written again (same rows, deduplicated); I3 holds without FINAL."""
+    p = make_pipeline()
+    await p.setup()
+    p.add_worker().start()
+    consumer = p.make_consumer()
+    consumer.start(env={"CHIO_FAILPOINT": f"clickhouse.insert@3={action}"})
+    await p.consumer_ready()
+    await p.start_runs(12, FaultInput(steps=4, step_sleep_s=0.3))
+    await eventually(lambda: not consumer.alive() or len(p.oracle().accepted) >= 48, 180)
+    restarted = False
+    if not consumer.alive():
+        code = consumer.returncode()
+        assert code in (137, 3), consumer.log_tail()
+        consumer.start()
+        restarted = True
+    t0 = time.monotonic()
+    out = await finish(
+        p,
+        row,
+        f"ClickHouse insert #3 fails ({action})",
+        recovery_from=t0,
+        note="consumer exited and was restarted" if restarted else "retried in process",
+        assert_held=False,
+    )
+    p.expected_exits.add(consumer.name)
+    from harness.invariants import assert_invariants
+
+    results = {k: [d for d in v if "consumer exited" not in d] for k, v in out.results.items()}
+    assert_invariants(results, context=row)
+    assert out.snap.counts["without FINAL"][0] == len(out.oracle.accepted)
+    if action == "raise":
+        assert not restarted, (
+            "a failed insert crashed the builder instead of being retried:\n"
+            + consumer.log_tail(20)
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+async def test_f20_duplicate_and_early_completions(make_pipeline: Callable[..., Pipeline]) -> None:
+    """A completion arrives before the run's steps (as soon as it starts), the watcher's own
+    arrives later, and every completion is sent once more at the end: one envelope per run,
+    which waits for the expected steps (or is marked incomplete, then revised)."""
+    from schemas import CompletionSource, Outcome, RunCompletion
+    from streamer._history import completion_event_id
+
+    p = make_pipeline(grace_seconds=5.0)
+    await p.start()
+    handles = await p.start_runs(8, FaultInput(steps=4, step_sleep_s=1.0))
+    streamer = p._watcher_streamer
+    assert streamer is not None
+    early = []
+    for h in handles:
+        run_id = h.result_run_id or h.first_execution_run_id or ""
+        now = time.time_ns() // 1000
+        event = RunCompletion(
+            event_id=completion_event_id("default", h.id, run_id),
+            namespace="default",
+            workflow_id=h.id,
+            run_id=run_id,
+            workflow_type="FaultWorkflow",
+            task_queue=p.task_queue,
+            outcome=Outcome.SUCCESS,
+            started_at=now,
+            closed_at=now,
+            expected_steps=4,
+            source=CompletionSource.FINALIZE,
+            emitted_at=now,
+        )
+        await streamer.publish_completion(event)
+        early.append(event)
+    await p.wait_runs(180)
+    await p.quiesce(120)
+    for event in early:  # duplicates, long after the runs closed
+        await streamer.publish_completion(event)
+    t0 = time.monotonic()
+    out = await finish(p, "F20", "early + duplicate completion events", recovery_from=t0)
+    assert len(out.snap.envelopes) == 8
+    assert all(e.complete for e in out.snap.envelopes), out.snap.envelopes
