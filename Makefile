@@ -16,5 +16,11 @@ lint: setup
 test: lint
 	.venv/bin/pytest
 
+test-faults: setup
+	.venv/bin/pytest -m slow tests/faults
+
+bench: setup
+	.venv/bin/python -m bench.run --size full
+
 clean:
 	rm -rf .data .pytest_cache .mypy_cache .ruff_cache
