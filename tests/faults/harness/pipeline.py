@@ -201,6 +201,19 @@ class Pipeline:
         )
         return self.consumer
 
+    def extra_consumer(self) -> Child:
+        """A second consumer process in the same group, same configuration (not started)."""
+        assert self.consumer is not None
+        work = self.root / "consumer"
+        child = Child(
+            "consumer-2",
+            "harness.consumer_proc",
+            ["--config", str(work / "config.json")],
+            work / "consumer-2.log",
+        )
+        self.expected_exits.add(child.name)
+        return child
+
     async def start(self, workers: int = 1) -> None:
         """Topics, watcher, ``workers`` worker processes and the consumer process."""
         await self.setup()
