@@ -36,6 +36,7 @@ from streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topic
 __all__ = ["run"]
 
 POLL_S = 0.05
+SLOTS = 200  # attempts in flight at most (the worker's activity slots)
 
 
 class _Recording:
@@ -61,16 +62,23 @@ class _Recording:
 
 
 async def _drive(gate: Any, rate: int, seconds: float, offset: int) -> int:
-    """Attempts at ``rate``/s for ``seconds`` (an empty activity body after each)."""
+    """Start attempts at ``rate``/s for ``seconds``, each as its own task (a worker runs many
+    activities at once: in ``before_execute`` mode each attempt waits for its fsync), with at
+    most ``SLOTS`` in flight; returns how many were started, after all of them finished."""
     t0 = time.monotonic()
     sent = 0
+    inflight: set[asyncio.Task[None]] = set()
     while (now := time.monotonic()) - t0 < seconds:
         due = int((now - t0) * rate)
-        while sent < due:
+        while sent < due and len(inflight) < SLOTS:
             i = offset + sent
-            await gate.before_attempt(_info(i, i // 10), [{"n": i}])
+            task = asyncio.create_task(gate.before_attempt(_info(i, i // 10), [{"n": i}]))
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
             sent += 1
         await asyncio.sleep(0.002)
+    if inflight:
+        await asyncio.gather(*inflight)
     return sent
 
 

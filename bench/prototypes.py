@@ -9,12 +9,14 @@ the same run. The numbers back the proposals in ``docs/BENCHMARKS.md``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import hmac
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -150,6 +152,42 @@ def _verify_threads_prototype(n: int, reps: int) -> dict[str, Any]:
     }
 
 
+async def _insert_prototype(reps: int) -> dict[str, Any]:
+    """One chDB insert per poll batch vs one per partition (6), same 5,000 rows."""
+    from consumers import ClickHouseConfig, ClickHouseSink
+    from consumers._rows import step_row
+    from consumers._wire import decode_plain
+    from schemas import STEP_SCHEMA, frame
+
+    key = KeyPair.generate("proto")
+    values = [frame(STEP_SCHEMA, b) for _, b in signed_batch(5_000, key)]
+    rows = [step_row(decode_plain(v).record, v, i % 6, i) for i, v in enumerate(values)]
+    per_partition = [rows[p::6] for p in range(6)]
+    with tempfile.TemporaryDirectory() as tmp:
+        sink = ClickHouseSink(ClickHouseConfig(dsn=f"chdb://{tmp}/ch", apply_roles=False))
+        await sink.start()
+        try:
+            six: list[float] = []
+            one: list[float] = []
+            for r in range(max(1, reps)):
+                t0 = time.perf_counter()
+                for p, part in enumerate(per_partition):
+                    await sink.insert_steps(part, f"six-{r}-{p}")
+                six.append(len(rows) / (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                await sink.insert_steps(rows, f"one-{r}")
+                one.append(len(rows) / (time.perf_counter() - t0))
+        finally:
+            await sink.close()
+    return {
+        "target": "consumers/_consumer.py _process (one step insert per poll batch)",
+        "rows": len(rows),
+        "six_inserts_rows_per_s": statistics.median(six),
+        "one_insert_rows_per_s": statistics.median(one),
+        "speedup": statistics.median(one) / statistics.median(six),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the prototypes and print JSON."""
     parser = argparse.ArgumentParser(prog="python -m bench.prototypes")
@@ -160,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "argument_digest": _digest_prototype(args.n, args.reps),
         "uuid7_format": _uuid_prototype(args.n, args.reps),
         "verify_threads": _verify_threads_prototype(args.n, args.reps),
+        "one_insert_per_batch": asyncio.run(_insert_prototype(args.reps)),
         "loadavg": os.getloadavg(),
     }
     sys.stdout.write(json.dumps(out, indent=2) + "\n")

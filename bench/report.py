@@ -44,8 +44,14 @@ def _machine(doc: dict[str, Any]) -> list[str]:
     m = doc.get("machine", {})
     libs = ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items())
     ram = m.get("ram_bytes", 0) / 2**30
+    notes = [
+        f"- `{name}`: {section['note']}"
+        for name, section in doc.get("results", {}).items()
+        if isinstance(section, dict) and section.get("note")
+    ]
     return [
         f"Run: size `{doc.get('size')}`, {doc.get('started_at')} → {doc.get('finished_at')}.",
+        *(["", "Sections taken from later runs of the runner:", "", *notes] if notes else []),
         "",
         f"- CPU: {m.get('cpu_model')}, {m.get('cpus_usable')} usable cores "
         f"({m.get('cpus_visible')} visible); RAM {ram:.1f} GiB; load average at start "
