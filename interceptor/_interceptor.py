@@ -180,7 +180,8 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
                 "compare only within this process"
             )
         self._argument_key = argument_key or ArgumentKey.generate()
-        self._converter = payload_converter or temporalio.converter.default().payload_converter
+        # None = Temporal's default converter, which canonical_arguments can skip for plain JSON.
+        self._converter = payload_converter
         self._resolver = grant_resolver
         self._grants: dict[tuple[str, str | None], WorkflowGrant] = {}
         self._prune_grants_at = 1024

@@ -376,3 +376,27 @@ async def test_expired_grants_are_pruned_as_the_table_grows() -> None:
     assert icp.workflow_grant_for("live", None) is not None
     assert icp.workflow_grant_for("old-0", None) is None
     assert icp.workflow_grant_for("old-1499", None) is not None
+
+
+ARGUMENT_SAMPLES: list[list[object]] = [
+    [{"order_id": "o-123456", "amount_cents": 12_500, "currency": "EUR", "items": [1, 2, 3]}],
+    ["plain", 1, 2.5, True, [1, "x"], {"b": 1, "a": {"z": None, "é": "ü"}}],
+    [],
+    [None],
+    [b"raw-bytes"],
+    [("tuple", 1)],
+    [{"nested": [{"k": float("inf")}]}],
+    [{1: "int key"}],
+    [{"when": __import__("datetime").datetime(2026, 1, 1)}],
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("args", ARGUMENT_SAMPLES)
+def test_plain_json_fast_path_frames_exactly_what_the_converter_does(args: list[object]) -> None:
+    import temporalio.converter
+
+    from interceptor import canonical_arguments
+
+    converter = temporalio.converter.default().payload_converter
+    assert canonical_arguments(args) == canonical_arguments(args, converter)
