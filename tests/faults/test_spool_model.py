@@ -1,6 +1,9 @@
 """A model-based test of the spool: append, crash anywhere, reopen, drain; nothing lost or added.
 
-The model is a list of the records appended and not yet acknowledged. Crashes are simulated
+The model is the list of records appended (and not lost with a torn tail) and how many of them
+were acknowledged. The ack position is persisted lazily, so after a crash the spool may hand
+back records acknowledged shortly before it (duplicates, never loss): what it holds must be a
+suffix of the log that contains every unacknowledged record. Crashes are simulated
 two ways: in process (the spool object is abandoned without ``close`` and the newest segment is
 cut at a random byte inside the last append, which is what a ``kill -9`` or power loss during a
 ``write`` leaves), and with a real child process killed with SIGKILL while appending.
@@ -50,11 +53,23 @@ def _segments(directory: Path) -> list[Path]:
 
 
 def _abandon(spool: Spool) -> None:
-    """Drop a spool as a crash would: no fsync, no close (only the descriptor is released)."""
+    """Drop a spool as a crash would: no fsync, no close, no ack persisted (only what the
+    kernel releases for a dead process is released: the descriptor and the owner lock)."""
     fd = spool._fd
     if fd is not None:
         os.close(fd)
         spool._fd = None
+    spool._release_lock()
+
+
+def _contents(spool: Spool) -> list[SpoolRecord]:
+    """Every unacknowledged record, read without acknowledging."""
+    out: list[SpoolRecord] = []
+    start = None
+    while (batch := spool.read(max_records=7, start=start)) is not None:
+        out.extend(batch.records)
+        start = batch.end
+    return out
 
 
 class SpoolModel(RuleBasedStateMachine):
@@ -64,8 +79,25 @@ class SpoolModel(RuleBasedStateMachine):
         super().__init__()
         self.directory: Path | None = None
         self.spool: Spool | None = None
-        self.model: list[SpoolRecord] = []
+        self.log: list[SpoolRecord] = []
+        self.acked = 0
         self.max_bytes = 6000
+
+    @property
+    def model(self) -> list[SpoolRecord]:
+        """Records appended and not acknowledged, in order."""
+        return self.log[self.acked :]
+
+    def _recovered(self) -> None:
+        """After a crash: the spool holds a suffix of the log covering every unacked record."""
+        assert self.spool is not None
+        held = _contents(self.spool)
+        k = len(self.log) - len(held)
+        assert 0 <= k <= self.acked, (
+            f"{len(held)} records recovered, {len(self.model)} were unacknowledged: lost some"
+        )
+        assert held == self.log[k:], "recovered records are not the tail of what was appended"
+        self.acked = k
 
     @initialize(segment_bytes=st.sampled_from([150, 400, 4096]))
     def open_spool(self, segment_bytes: int) -> None:
@@ -88,7 +120,7 @@ class SpoolModel(RuleBasedStateMachine):
             total = sum(len(r.encode()) for r in records)
             assert self.spool.size_bytes + total > self.max_bytes
             return
-        self.model.extend(records)
+        self.log.extend(records)
 
     @rule(records=st.lists(_records, min_size=1, max_size=6), data=st.data())
     def crash_during_append(self, records: list[SpoolRecord], data: st.DataObject) -> None:
@@ -112,14 +144,17 @@ class SpoolModel(RuleBasedStateMachine):
             pos += len(r.encode())
             if pos <= cut:
                 kept.append(r)
-        self.model.extend(kept)
+        # The torn append is the newest data: everything before it behaves as after a crash.
         self.spool = self._open()
+        self.log.extend(kept)
+        self._recovered()
 
     @rule()
     def crash_and_reopen(self) -> None:
         assert self.spool is not None
         _abandon(self.spool)
         self.spool = self._open()
+        self._recovered()
 
     @rule()
     def close_and_reopen(self) -> None:
@@ -138,7 +173,7 @@ class SpoolModel(RuleBasedStateMachine):
         assert got == self.model[: len(got)], "read returned records out of append order"
         if acknowledge:
             self.spool.ack(batch.end)
-            del self.model[: len(got)]
+            self.acked += len(got)
 
     @rule(data=st.data())
     def disk_full_mid_write(self, data: st.DataObject) -> None:
@@ -169,9 +204,11 @@ class SpoolModel(RuleBasedStateMachine):
     def teardown(self) -> None:
         if self.spool is None or self.directory is None:
             return
-        # Crash once more, then drain everything: exactly the model, in order.
+        # Crash once more, then drain everything: the unacknowledged records, in order, after
+        # at most the recently acknowledged ones again.
         _abandon(self.spool)
-        spool = self._open()
+        self.spool = spool = self._open()
+        self._recovered()
         drained: list[SpoolRecord] = []
         while (batch := spool.read(max_records=7)) is not None:
             drained.extend(batch.records)
