@@ -221,6 +221,23 @@ class Pipeline:
             self.add_worker().start()
         self.make_consumer().start()
         await self.consumer_ready()
+        await self.workers_ready()
+        self.sample_rss()
+
+    async def workers_ready(self, timeout: float = 90.0) -> None:
+        """Wait until every running worker reports its status (streamer started)."""
+        deadline = time.monotonic() + timeout
+        for child in self.workers:
+            path = self.worker_dir(child) / "status.json"
+            while child.alive():
+                try:
+                    if json.loads(path.read_text()).get("pid") == child.pid:
+                        break
+                except (OSError, ValueError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{child.name} did not start:\n{child.log_tail()}")
+                await asyncio.sleep(0.2)
 
     async def consumer_ready(self, timeout: float = 90.0) -> None:
         """Wait until the consumer process has joined its group (partitions assigned)."""
