@@ -69,6 +69,7 @@ class PipelineOptions:
     worker: Mapping[str, Any] = field(default_factory=dict)
     consumer: Mapping[str, Any] = field(default_factory=dict)
     watcher_poll_s: float = 0.5
+    rss_limit: float = 2.0
 
 
 class _CountingSink:
@@ -388,7 +389,7 @@ class Pipeline:
         """Wait until every run closed and got its completion, every spool drained and the
         consumer's lag is 0; returns the I6 facts (drained or not within ``timeout``)."""
         t0 = time.monotonic()
-        live = Liveness(bound_seconds=timeout)
+        live = Liveness(bound_seconds=timeout, rss_limit=self.options.rss_limit)
         last = "nothing checked yet"
         while True:
             try:
