@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
 import shutil
@@ -99,6 +100,7 @@ class DemoResult:
     verify_failures: list[str] = field(default_factory=list)
     report_path: Path | None = None
     worker_pids: list[int] = field(default_factory=list)
+    keys_path: Path | None = None
 
 
 async def run_demo(
@@ -135,6 +137,9 @@ async def run_demo(
             result.summary = summary
             keys = dict(await pipe.chio.public_keys())
             keys[pipe.builder_key.key_id] = pipe.builder_key.public_key
+            # Public keys only: `chio-receipts verify --keys` can check the rows after the demo.
+            result.keys_path = demo_dir / "keys.json"
+            result.keys_path.write_text(json.dumps({k: v.hex() for k, v in keys.items()}))
             await _verify_all(pipe, result, keys, console)
             report = opts.report_path or (cfg.data_dir / "report.html")
             result.report_path = await asyncio.to_thread(write_html_report, summary, report)
@@ -149,6 +154,9 @@ async def run_demo(
                 '  .venv/bin/chio-receipts query "SELECT outcome, count() FROM '
                 'workflow_receipts FINAL GROUP BY outcome"\n'
                 f"  (kafka {stack.kafka_bootstrap}, temporal {stack.temporal_address})\n"
+                "Verify a run from the rows alone:\n"
+                f"  .venv/bin/chio-receipts verify --keys {result.keys_path} "
+                f"--workflow-id {_example_workflow(result)}\n"
                 "stop it with: .venv/bin/chio-receipts dev down"
             )
         else:
@@ -157,6 +165,12 @@ async def run_demo(
             root.handlers = saved_handlers
             log_handler.close()
         console.print(f"logs: {demo_dir}/*.log, {cfg.data_dir}/kafka, {cfg.data_dir}/temporal")
+
+
+def _example_workflow(result: DemoResult) -> str:
+    """The saga's workflow id (the most interesting run to verify), else any run's."""
+    ids = [w for w, _r in result.runs]
+    return next((w for w in ids if w.startswith("transfer-")), ids[0] if ids else "<workflow id>")
 
 
 def _refuse_if_kept_stack_running(cfg: AppConfig) -> None:
