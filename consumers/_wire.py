@@ -29,6 +29,7 @@ from schemas import (
     decode,
     parsed_schema,
     raw_schema,
+    read_body,
     schema_fingerprint,
 )
 
@@ -101,17 +102,9 @@ def decode_plain(value: bytes, codec: Codec | None = None) -> Plain:
         # Another writer version (resolution) or an unknown fingerprint (UnknownSchema).
         decoded = decode(value)
         return Plain(decoded.schema_name, _normalize(decoded), decoded.body, False)
-    body = value[_HEADER:]
-    buf = io.BytesIO(body)
-    try:
-        read: object = fastavro.schemaless_reader(buf, _plain_schemas()[name], None)
-    except Exception as exc:  # fastavro raises anything on corrupt input
-        raise MalformedBody(f"{name}: {type(exc).__name__}: {exc}") from exc
-    if buf.tell() != len(body):
-        raise MalformedBody(f"{name}: {len(body) - buf.tell()} trailing bytes after the record")
-    if not isinstance(read, dict):
-        raise MalformedBody(f"{name}: decoded to {type(read).__name__}")
-    return Plain(name, read, body, True)
+    # Same checks as schemas.decode (trailing bytes, Avro int range), no logical-type conversion.
+    decoded = read_body(name, _plain_schemas()[name], value[_HEADER:], resolve=False)
+    return Plain(name, decoded.record, decoded.body, True)
 
 
 def _normalize(decoded: Decoded) -> dict[str, Any]:

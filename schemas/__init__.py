@@ -6,7 +6,15 @@ Every other package depends on this one; it depends on none of them.
 from __future__ import annotations
 
 from schemas._avro import SCHEMA_FILES, encode_body, parsed_schema, raw_schema
-from schemas._codec import SINGLE_OBJECT_MAGIC, Decoded, decode, encode, frame, schema_fingerprint
+from schemas._codec import (
+    SINGLE_OBJECT_MAGIC,
+    Decoded,
+    decode,
+    encode,
+    frame,
+    read_body,
+    schema_fingerprint,
+)
 from schemas._compat import check_backward, incompatibilities, released_schemas
 from schemas._confluent import (
     CONFLUENT_MAGIC,
@@ -87,6 +95,7 @@ __all__ = [
     "incompatibilities",
     "parsed_schema",
     "raw_schema",
+    "read_body",
     "receipt_hash",
     "released_schemas",
     "run_key",

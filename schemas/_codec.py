@@ -114,14 +114,19 @@ def decode(data: bytes) -> Decoded:
     return read_body(writer.reader_name, writer.schema, data[_HEADER:])
 
 
-def read_body(reader_name: str, writer_schema: Schema, body: bytes) -> Decoded:
+def read_body(
+    reader_name: str, writer_schema: Schema, body: bytes, *, resolve: bool = True
+) -> Decoded:
     """Read a schemaless ``body`` written with ``writer_schema`` as current schema ``reader_name``.
 
     Shared by every wire format; anything wrong with the bytes becomes a :class:`MalformedBody`.
+    ``resolve=False`` reads with ``writer_schema`` alone (a caller that already knows the writer
+    is the current schema, e.g. a copy without logical types); the checks are the same.
     """
     buf = io.BytesIO(body)
     try:
-        record = fastavro.schemaless_reader(buf, writer_schema, parsed_schema(reader_name))
+        reader = parsed_schema(reader_name) if resolve else None
+        record = fastavro.schemaless_reader(buf, writer_schema, reader)
     except Exception as exc:
         raise MalformedBody(f"{reader_name}: {type(exc).__name__}: {exc}") from exc
     if buf.tell() != len(body):

@@ -89,14 +89,6 @@ def test_int_fields_outside_int32_are_a_decode_error() -> None:
 
 
 @pytest.mark.unit
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="the builder's hot-path reader consumers._wire.decode_plain reads the current schema "
-    "with its own fastavro reader, which does not have schemas' int32 check: an overlong varint "
-    "in RunCompletion.expected_steps decodes to 2**63-1 (the builder then waits for that many "
-    "steps and ClickHouse's Nullable(Int32) column refuses the envelope row)",
-)
 def test_the_builders_reader_also_rejects_ints_outside_int32() -> None:
     from consumers._wire import decode_plain
 
