@@ -144,6 +144,23 @@ async def _run_until_signalled(service: ReceiptBuilderService) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    # A broker (or sidecar) that is not up yet is waited for, not a crash loop.
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            await service.start()
+        except ConsumerError as exc:
+            if not exc.retriable:
+                raise
+            _log.warning("%s; retrying in %.0fs", exc, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            delay = min(delay * 2, 30.0)
+            continue
+        break
+    if stop.is_set():
+        await service.stop()
+        return
     async with service:
         await service.run(stop)
 

@@ -31,7 +31,13 @@ from consumers._builder import ReceiptBuilder, RunState, StepEntry
 from consumers._clickhouse import ClickHouseConfig, ClickHouseSink
 from consumers._dlq import DeadLetter, Reason
 from consumers._envelope import Envelope
-from consumers._errors import ConfigError, ConsumerError, SinkDataError, SinkUnavailable
+from consumers._errors import (
+    ConfigError,
+    ConsumerError,
+    KafkaUnavailable,
+    SinkDataError,
+    SinkUnavailable,
+)
 from consumers._failpoints import failpoint
 from consumers._keys import KeyRing
 from consumers._metrics import ConsumerMetrics
@@ -254,7 +260,7 @@ class ReceiptBuilderService:
             consumer.subscribe([cfg.topics.steps, cfg.topics.runs], listener=_Listener(self))
         except KafkaError as exc:
             await self.stop()
-            raise ConsumerError(f"cannot start the receipt builder: {exc}") from exc
+            raise KafkaUnavailable(f"cannot start the receipt builder: {exc}") from exc
         except BaseException:
             await self.stop()
             raise

@@ -2,6 +2,7 @@
 
     ConsumerError                 base; every failure the consumers raise is one of these
     ├── ConfigError               bad configuration, e.g. steps/runs partition counts differ
+    ├── KafkaUnavailable          the broker cannot be reached yet: retry, commit nothing
     ├── KeyResolutionError        public keys could not be loaded (sidecar down, bad encoding)
     ├── SinkError                 ClickHouse failed
     │   ├── SinkDataError         the rows were refused (bad data): dead-letter, do not retry
@@ -23,6 +24,7 @@ __all__ = [
     "ConsumerError",
     "DatabaseBusy",
     "FailpointError",
+    "KafkaUnavailable",
     "KeyResolutionError",
     "OutputError",
     "OutputRejected",
@@ -41,6 +43,12 @@ class ConsumerError(Exception):
 
 class ConfigError(ConsumerError):
     """The configuration cannot work (e.g. steps and runs topics are not co-partitioned)."""
+
+
+class KafkaUnavailable(ConsumerError):
+    """Kafka could not be reached (e.g. at start, while the broker is down)."""
+
+    retriable = True
 
 
 class KeyResolutionError(ConsumerError):

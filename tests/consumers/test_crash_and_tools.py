@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -270,3 +271,30 @@ async def test_query_says_when_the_consumer_owns_the_database(
     finally:
         child.send_signal(signal.SIGTERM)
         assert await _wait(child, 60) == 0
+
+
+@pytest.mark.integration
+def test_consume_waits_for_an_unreachable_broker_instead_of_exiting(
+    clickhouse_dsn: str, tmp_path: Path, unique: Callable[[str], str]
+) -> None:
+    from chio_receipts.stack import free_port
+
+    topics = Topics(
+        steps=unique("steps"), runs=unique("runs"), envelopes=unique("env"), dlq=unique("dlq")
+    )
+    child = _child(f"127.0.0.1:{free_port()}", clickhouse_dsn, topics, tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        seen = b""
+        assert child.stderr is not None
+        os.set_blocking(child.stderr.fileno(), False)
+        while b"retrying in" not in seen and time.monotonic() < deadline:
+            assert child.poll() is None, seen.decode()
+            seen += child.stderr.read() or b""
+            time.sleep(0.2)
+        assert b"retrying in" in seen, seen.decode()
+        assert child.poll() is None  # still waiting, not a crash loop
+    finally:
+        child.send_signal(signal.SIGTERM)
+        code = child.wait(timeout=30)
+    assert code == 0
