@@ -109,16 +109,26 @@ class BuilderConfig:
     retry_max_seconds: float = 10.0
     request_timeout_ms: int = 30_000
     max_poll_interval_ms: int = 900_000
+    client_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """Extra aiokafka client arguments for every client (``security_protocol``, ``sasl_*``,
+    ``ssl_context``); kept out of ``repr``: they may hold secrets."""
     registry_url: str | None = None
     verify_threads: int = 2
 
 
 async def check_copartitioned(
-    bootstrap_servers: str, steps: str, runs: str, *, request_timeout_ms: int = 30_000
+    bootstrap_servers: str,
+    steps: str,
+    runs: str,
+    *,
+    request_timeout_ms: int = 30_000,
+    client_options: Mapping[str, Any] | None = None,
 ) -> int:
     """The shared partition count of ``steps`` and ``runs``; ConfigError when they differ."""
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers, request_timeout_ms=request_timeout_ms
+        bootstrap_servers=bootstrap_servers,
+        request_timeout_ms=request_timeout_ms,
+        **(client_options or {}),
     )
     counts: dict[str, int] = {}
     await admin.start()
@@ -235,6 +245,7 @@ class ReceiptBuilderService:
                 request_timeout_ms=cfg.request_timeout_ms,
                 max_poll_interval_ms=cfg.max_poll_interval_ms,
                 isolation_level="read_committed",
+                **cfg.client_options,
             )
             self._consumer = consumer
             await check_copartitioned(
@@ -242,6 +253,7 @@ class ReceiptBuilderService:
                 cfg.topics.steps,
                 cfg.topics.runs,
                 request_timeout_ms=cfg.request_timeout_ms,
+                client_options=cfg.client_options,
             )
             await consumer.start()
             await self._keys.refresh(force=False)
@@ -255,6 +267,7 @@ class ReceiptBuilderService:
                 enable_idempotence=True,
                 max_request_size=max(cfg.max_message_bytes * 2, 1_048_576),
                 request_timeout_ms=cfg.request_timeout_ms,
+                **cfg.client_options,
             )
             await self._producer.start()
             consumer.subscribe([cfg.topics.steps, cfg.topics.runs], listener=_Listener(self))

@@ -5,8 +5,9 @@ Environment variables are read by the entry points (``chio_receipts``), never he
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["Compression", "Durability", "StreamerConfig", "TopicSettings", "TopicsConfig"]
 
@@ -156,3 +157,6 @@ class StreamerConfig:
     spool_max_bytes: int = 1 << 30
     spool_segment_bytes: int = 16 << 20
     security_protocol: str = "PLAINTEXT"
+    client_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """Extra aiokafka client arguments, e.g. ``sasl_mechanism``, ``sasl_plain_username``,
+    ``sasl_plain_password``, ``ssl_context`` (kept out of ``repr``: they may hold secrets)."""

@@ -491,6 +491,7 @@ class ReceiptStreamer:
             max_request_size=cfg.max_request_size,
             request_timeout_ms=cfg.request_timeout_ms,
             security_protocol=cfg.security_protocol,
+            **cfg.client_options,
         )
         try:
             await asyncio.wait_for(producer.start(), cfg.start_timeout_s)

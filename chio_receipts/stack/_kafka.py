@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -118,6 +118,9 @@ class KafkaConfig:
     port: int = 0
     heap: str = "512m"
     ready_timeout: float = 90.0
+    sasl_users: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    """Users (name, password) of a second listener, SASL_PLAINTEXT with the PLAIN mechanism;
+    none = no such listener. The PLAINTEXT listener stays for the stack's own readiness check."""
 
 
 _PROPERTIES = """\
@@ -154,6 +157,7 @@ class KafkaBroker:
             require_port_free("kafka", config.port, "--kafka-port")
         self.port = config.port or free_port()
         self.controller_port = free_port()
+        self.sasl_port = free_port() if config.sasl_users else 0
         self.dir = config.data_dir / "kafka"
         self.log_path = self.dir / "kafka.log"
         self.process: ManagedProcess | None = None
@@ -163,17 +167,48 @@ class KafkaBroker:
         """bootstrap.servers for clients."""
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def sasl_bootstrap(self) -> str:
+        """bootstrap.servers of the SASL_PLAINTEXT listener (``sasl_users`` must be set)."""
+        if not self.sasl_port:
+            raise StackError("kafka", "this broker has no SASL listener (no sasl_users)")
+        return f"127.0.0.1:{self.sasl_port}"
+
+    def _properties(self, log_dir: Path) -> str:
+        text = _PROPERTIES.format(
+            port=self.port, controller_port=self.controller_port, log_dir=log_dir
+        )
+        if not self.config.sasl_users:
+            return text
+        users = " ".join(f'user_{name}="{password}"' for name, password in self.config.sasl_users)
+        lines = {
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},"
+            f"CONTROLLER://127.0.0.1:{self.controller_port},"
+            f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port},"
+            f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,"
+            "SASL_PLAINTEXT:SASL_PLAINTEXT",
+        }
+        out = [
+            f"{key}={lines[key]}" if (key := line.partition("=")[0]) in lines else line
+            for line in text.splitlines()
+        ]
+        out += [
+            "sasl.enabled.mechanisms=PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config="
+            f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};",
+        ]
+        return "\n".join(out) + "\n"
+
     def _prepare(self) -> tuple[str, Path]:
         java = java_binary()
         libs = ensure_kafka_jars(self.config.cache_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         log_dir = self.dir / "log"
         props = self.dir / "server.properties"
-        props.write_text(
-            _PROPERTIES.format(
-                port=self.port, controller_port=self.controller_port, log_dir=log_dir
-            )
-        )
+        props.write_text(self._properties(log_dir))
+        props.chmod(0o600)  # it may hold SASL passwords
         if not (log_dir / "meta.properties").exists():
             cluster_id = _cluster_id()
             fmt = subprocess.run(

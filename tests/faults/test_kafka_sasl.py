@@ -1,0 +1,206 @@
+"""The Kafka path over SASL (PLAIN) against a real broker with a second, authenticated listener."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _helpers import eventually
+
+from chio_receipts.stack import KafkaBroker, KafkaConfig
+from consumers import (
+    BuilderConfig,
+    ClickHouseConfig,
+    KafkaUnavailable,
+    ReceiptBuilderService,
+    Topics,
+)
+from schemas import (
+    CompletionSource,
+    KeyPair,
+    Outcome,
+    RunCompletion,
+    StepReceipt,
+    Verdict,
+    receipt_hash,
+    sign_receipt,
+)
+from streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
+
+REPO = Path(__file__).resolve().parents[2]
+USER, PASSWORD = "chio-writer", "pw-" + uuid.uuid4().hex
+
+
+def sasl(password: str = PASSWORD) -> dict[str, Any]:
+    return {
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "PLAIN",
+        "sasl_plain_username": USER,
+        "sasl_plain_password": password,
+    }
+
+
+@pytest.fixture(scope="module")
+async def broker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[KafkaBroker]:
+    kafka = KafkaBroker(
+        KafkaConfig(
+            data_dir=tmp_path_factory.mktemp("sasl"),
+            cache_dir=Path(os.environ.get("CHIO_CACHE_DIR", REPO / ".cache")),
+            sasl_users=((USER, PASSWORD),),
+        )
+    )
+    await kafka.start()
+    try:
+        yield kafka
+    finally:
+        kafka.stop()
+
+
+def _receipts(
+    key: KeyPair, workflow_id: str, run_id: str, n: int
+) -> list[tuple[StepReceipt, bytes]]:
+    now = time.time_ns() // 1000
+    out, prev = [], b""
+    for i in range(n):
+        unsigned = StepReceipt(
+            receipt_id=str(uuid.UUID(int=((now // 1000) << 80) | (0x7 << 76) | (0b10 << 62) | i)),
+            namespace="default",
+            workflow_id=workflow_id,
+            run_id=run_id,
+            workflow_type="SaslWorkflow",
+            task_queue="sasl",
+            activity_id=str(i),
+            activity_type="call_tool",
+            attempt=1,
+            is_local=False,
+            tool_server="agent-tools",
+            tool="call_tool",
+            action="invoke",
+            resource="agent-tools/call_tool",
+            subject="agent:sasl",
+            capability_id="cap-1",
+            capability_chain=(),
+            scope=("call_tool",),
+            verdict=Verdict.ALLOW,
+            reason="in scope",
+            argument_digest="00" * 32,
+            argument_key_id="args",
+            scheduled_at=now,
+            started_at=now,
+            evaluated_at=now + i,
+            latency_us=10,
+            worker_identity="sasl-worker",
+            prev_hash=prev,
+        )
+        signed, body = sign_receipt(unsigned, key)
+        prev = receipt_hash(body)
+        out.append((signed, body))
+    return out
+
+
+@pytest.mark.integration
+async def test_receipts_travel_over_sasl_into_clickhouse(
+    broker: KafkaBroker, clickhouse_dsn: str, tmp_path: Path, unique: Callable[[str], str]
+) -> None:
+    topics = TopicsConfig(prefix=unique("sasl") + ".", partitions=2)
+    await ensure_topics(broker.bootstrap, topics)  # administration on the local listener
+    key = KeyPair.generate("sasl-sidecar")
+    workflow_id, run_id = unique("wf"), str(uuid.uuid4())
+    receipts = _receipts(key, workflow_id, run_id, 5)
+    now = time.time_ns() // 1000
+    async with ReceiptStreamer(
+        StreamerConfig(
+            bootstrap_servers=broker.sasl_bootstrap,
+            spool_dir=str(tmp_path / "spool"),
+            topics=topics,
+            durability="queued",
+            security_protocol="SASL_PLAINTEXT",
+            client_options={k: v for k, v in sasl().items() if k != "security_protocol"},
+        )
+    ) as sink:
+        for signed, body in receipts:
+            await sink.publish_step(signed, body)
+        await sink.publish_completion(
+            RunCompletion(
+                event_id=str(uuid.uuid4()),
+                namespace="default",
+                workflow_id=workflow_id,
+                run_id=run_id,
+                workflow_type="SaslWorkflow",
+                task_queue="sasl",
+                outcome=Outcome.SUCCESS,
+                started_at=now - 1000,
+                closed_at=now,
+                expected_steps=5,
+                source=CompletionSource.WATCHER,
+                emitted_at=now,
+            )
+        )
+        assert await sink.flush(20)
+    service = ReceiptBuilderService(
+        BuilderConfig(
+            bootstrap_servers=broker.sasl_bootstrap,
+            clickhouse=ClickHouseConfig(dsn=clickhouse_dsn),
+            builder_key=KeyPair.generate("sasl-builder"),
+            public_keys={key.key_id: key.public_key},
+            topics=Topics(
+                steps=topics.steps,
+                runs=topics.runs,
+                envelopes=topics.envelopes_topic,
+                dlq=topics.dlq_topic,
+            ),
+            group_id=unique("g"),
+            grace_seconds=5,
+            client_options=sasl(),
+        )
+    )
+    stop = asyncio.Event()
+    async with service:
+        task = asyncio.create_task(service.run(stop))
+        try:
+
+            async def envelope() -> Any:
+                _, rows = await service.sink.query(
+                    "SELECT step_count, complete FROM workflow_receipts FINAL "
+                    "WHERE run_id = {r:String}",
+                    {"r": run_id},
+                )
+                return rows
+
+            assert await eventually(envelope, timeout=60) == [(5, True)]
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+
+
+@pytest.mark.integration
+async def test_a_wrong_password_is_refused(
+    broker: KafkaBroker, clickhouse_dsn: str, unique: Callable[[str], str]
+) -> None:
+    topics = TopicsConfig(prefix=unique("sasl-bad") + ".", partitions=1)
+    await ensure_topics(broker.bootstrap, topics)
+    service = ReceiptBuilderService(
+        BuilderConfig(
+            bootstrap_servers=broker.sasl_bootstrap,
+            clickhouse=ClickHouseConfig(dsn=clickhouse_dsn),
+            builder_key=KeyPair.generate("sasl-builder"),
+            topics=Topics(
+                steps=topics.steps,
+                runs=topics.runs,
+                envelopes=topics.envelopes_topic,
+                dlq=topics.dlq_topic,
+            ),
+            group_id=unique("g"),
+            client_options=sasl("not-the-password"),
+            request_timeout_ms=5000,
+        )
+    )
+    with pytest.raises(KafkaUnavailable):
+        await asyncio.wait_for(service.start(), 60)
+    await service.stop()
