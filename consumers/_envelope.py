@@ -131,20 +131,7 @@ class Envelope:
             record["prev_hash"] = record["prev_hash"].hex()
             record["signature"] = record["signature"].hex()
             steps.append(record)
-        return {
-            "version": ENVELOPE_VERSION,
-            "workflow_id": self.workflow_id,
-            "run_id": self.run_id,
-            "parent_workflow_ids": list(self.parent_workflow_ids),
-            "started_at": self.started_at,
-            "completed_at": self.completed_at,
-            "outcome": self.outcome,
-            "step_count": self.step_count,
-            "allow_count": self.allow_count,
-            "deny_count": self.deny_count,
-            "steps": steps,
-            "metadata": self.metadata(),
-        }
+        return {**self._header(), "steps": steps, "metadata": self.metadata()}
 
 
 def _map_bytes(meta: dict[str, str]) -> bytes:
