@@ -21,6 +21,7 @@ from consumers import (
     ReceiptBuilderService,
     Topics,
 )
+from interceptor import uuid7
 from schemas import (
     CompletionSource,
     KeyPair,
@@ -69,7 +70,7 @@ def _receipts(
     out, prev = [], b""
     for i in range(n):
         unsigned = StepReceipt(
-            receipt_id=str(uuid.UUID(int=((now // 1000) << 80) | (0x7 << 76) | (0b10 << 62) | i)),
+            receipt_id=uuid7(),
             namespace="default",
             workflow_id=workflow_id,
             run_id=run_id,
