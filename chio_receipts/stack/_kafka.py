@@ -121,6 +121,8 @@ class KafkaConfig:
     sasl_users: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     """Users (name, password) of a second listener, SASL_PLAINTEXT with the PLAIN mechanism;
     none = no such listener. The PLAINTEXT listener stays for the stack's own readiness check."""
+    tls: tuple[Path, str] | None = field(default=None, repr=False)
+    """(PKCS12 keystore, its password) of a TLS listener (protocol SSL); None = no such listener."""
 
 
 _PROPERTIES = """\
@@ -158,6 +160,7 @@ class KafkaBroker:
         self.port = config.port or free_port()
         self.controller_port = free_port()
         self.sasl_port = free_port() if config.sasl_users else 0
+        self.tls_port = free_port() if config.tls is not None else 0
         self.dir = config.data_dir / "kafka"
         self.log_path = self.dir / "kafka.log"
         self.process: ManagedProcess | None = None
@@ -174,31 +177,64 @@ class KafkaBroker:
             raise StackError("kafka", "this broker has no SASL listener (no sasl_users)")
         return f"127.0.0.1:{self.sasl_port}"
 
+    @property
+    def tls_bootstrap(self) -> str:
+        """bootstrap.servers of the TLS listener (``tls`` must be set)."""
+        if not self.tls_port:
+            raise StackError("kafka", "this broker has no TLS listener (no tls keystore)")
+        return f"127.0.0.1:{self.tls_port}"
+
     def _properties(self, log_dir: Path) -> str:
         text = _PROPERTIES.format(
             port=self.port, controller_port=self.controller_port, log_dir=log_dir
         )
-        if not self.config.sasl_users:
+        # (protocol, port, settings) of each extra listener; its name is its protocol.
+        extra: list[tuple[str, int, list[str]]] = []
+        if self.config.sasl_users:
+            users = " ".join(f'user_{u}="{p}"' for u, p in self.config.sasl_users)
+            extra.append(
+                (
+                    "SASL_PLAINTEXT",
+                    self.sasl_port,
+                    [
+                        "sasl.enabled.mechanisms=PLAIN",
+                        "listener.name.sasl_plaintext.plain.sasl.jaas.config="
+                        "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                        f"{users};",
+                    ],
+                )
+            )
+        if self.config.tls is not None:
+            keystore, password = self.config.tls
+            extra.append(
+                (
+                    "SSL",
+                    self.tls_port,
+                    [
+                        f"listener.name.ssl.ssl.keystore.location={keystore}",
+                        "listener.name.ssl.ssl.keystore.type=PKCS12",
+                        f"listener.name.ssl.ssl.keystore.password={password}",
+                        f"listener.name.ssl.ssl.key.password={password}",
+                    ],
+                )
+            )
+        if not extra:
             return text
-        users = " ".join(f'user_{name}="{password}"' for name, password in self.config.sasl_users)
+        listeners = "".join(f",{proto}://127.0.0.1:{port}" for proto, port, _ in extra)
+        protocols = "".join(f",{proto}:{proto}" for proto, _, _ in extra)
         lines = {
             "listeners": f"PLAINTEXT://127.0.0.1:{self.port},"
-            f"CONTROLLER://127.0.0.1:{self.controller_port},"
-            f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port},"
-            f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,"
-            "SASL_PLAINTEXT:SASL_PLAINTEXT",
+            f"CONTROLLER://127.0.0.1:{self.controller_port}{listeners}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}{listeners}",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+            + protocols,
         }
         out = [
             f"{key}={lines[key]}" if (key := line.partition("=")[0]) in lines else line
             for line in text.splitlines()
         ]
-        out += [
-            "sasl.enabled.mechanisms=PLAIN",
-            "listener.name.sasl_plaintext.plain.sasl.jaas.config="
-            f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};",
-        ]
+        for _proto, _port, settings in extra:
+            out += settings
         return "\n".join(out) + "\n"
 
     def _prepare(self) -> tuple[str, Path]:
@@ -208,7 +244,7 @@ class KafkaBroker:
         log_dir = self.dir / "log"
         props = self.dir / "server.properties"
         props.write_text(self._properties(log_dir))
-        props.chmod(0o600)  # it may hold SASL passwords
+        props.chmod(0o600)  # it may hold SASL or keystore passwords
         if not (log_dir / "meta.properties").exists():
             cluster_id = _cluster_id()
             fmt = subprocess.run(
