@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from _helpers import eventually
+from harness.receipts import signed_receipts
 
 from chio_receipts.stack import KafkaBroker, KafkaConfig
 from consumers import (
@@ -21,16 +22,11 @@ from consumers import (
     ReceiptBuilderService,
     Topics,
 )
-from interceptor import uuid7
 from schemas import (
     CompletionSource,
     KeyPair,
     Outcome,
     RunCompletion,
-    StepReceipt,
-    Verdict,
-    receipt_hash,
-    sign_receipt,
 )
 from streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
 
@@ -63,48 +59,6 @@ async def broker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Kafk
         kafka.stop()
 
 
-def _receipts(
-    key: KeyPair, workflow_id: str, run_id: str, n: int
-) -> list[tuple[StepReceipt, bytes]]:
-    now = time.time_ns() // 1000
-    out, prev = [], b""
-    for i in range(n):
-        unsigned = StepReceipt(
-            receipt_id=uuid7(),
-            namespace="default",
-            workflow_id=workflow_id,
-            run_id=run_id,
-            workflow_type="SaslWorkflow",
-            task_queue="sasl",
-            activity_id=str(i),
-            activity_type="call_tool",
-            attempt=1,
-            is_local=False,
-            tool_server="agent-tools",
-            tool="call_tool",
-            action="invoke",
-            resource="agent-tools/call_tool",
-            subject="agent:sasl",
-            capability_id="cap-1",
-            capability_chain=(),
-            scope=("call_tool",),
-            verdict=Verdict.ALLOW,
-            reason="in scope",
-            argument_digest="00" * 32,
-            argument_key_id="args",
-            scheduled_at=now,
-            started_at=now,
-            evaluated_at=now + i,
-            latency_us=10,
-            worker_identity="sasl-worker",
-            prev_hash=prev,
-        )
-        signed, body = sign_receipt(unsigned, key)
-        prev = receipt_hash(body)
-        out.append((signed, body))
-    return out
-
-
 @pytest.mark.integration
 async def test_receipts_travel_over_sasl_into_clickhouse(
     broker: KafkaBroker, clickhouse_dsn: str, tmp_path: Path, unique: Callable[[str], str]
@@ -113,7 +67,7 @@ async def test_receipts_travel_over_sasl_into_clickhouse(
     await ensure_topics(broker.bootstrap, topics)  # administration on the local listener
     key = KeyPair.generate("sasl-sidecar")
     workflow_id, run_id = unique("wf"), str(uuid.uuid4())
-    receipts = _receipts(key, workflow_id, run_id, 5)
+    receipts = signed_receipts(key, workflow_id, run_id, 5)
     now = time.time_ns() // 1000
     async with ReceiptStreamer(
         StreamerConfig(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
-from test_kafka_sasl import _receipts
+from harness.receipts import signed_receipts
 
 from chio_receipts.stack import KafkaBroker, KafkaConfig
 from schemas import KeyPair, decode, verify_body
@@ -82,7 +82,7 @@ async def test_receipts_travel_over_tls_and_arrive_signed(
     topics = TopicsConfig(prefix=unique("tls") + ".", partitions=1)
     await ensure_topics(broker.bootstrap, topics)  # administration on the local listener
     key = KeyPair.generate("tls-sidecar")
-    receipts = _receipts(key, unique("wf"), str(uuid.uuid4()), 4)
+    receipts = signed_receipts(key, unique("wf"), str(uuid.uuid4()), 4)
     async with ReceiptStreamer(
         StreamerConfig(
             bootstrap_servers=broker.tls_bootstrap,
