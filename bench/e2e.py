@@ -61,6 +61,27 @@ class _Recording:
         await self.inner.publish_envelope(envelope)
 
 
+async def _drive_recorded(
+    gate: Any,
+    sink: _Recording,
+    rate: int,
+    seconds: float,
+    all_seen: asyncio.Event,
+    *,
+    wait_s: float,
+) -> int:
+    """Warm up, drive ``rate`` attempts/s for ``seconds`` while recording, then wait up to
+    ``wait_s`` for every recorded receipt to be seen. Returns the attempts started."""
+    # Warm-up: the consumer joins its group and the first inserts create parts.
+    await _drive(gate, 50, 2.0, offset=10_000_000)
+    sink.recording = True
+    sent = await _drive(gate, rate, seconds, offset=0)
+    sink.recording = False
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(all_seen.wait(), wait_s)
+    return sent
+
+
 async def _drive(gate: Any, rate: int, seconds: float, offset: int) -> int:
     """Start attempts at ``rate``/s for ``seconds``, each as its own task (a worker runs many
     activities at once: in ``before_execute`` mode each attempt waits for its fsync), with at
@@ -145,13 +166,7 @@ async def _builder_path(env: Env, size: Size, rate: int) -> dict[str, Any]:
     watcher = asyncio.create_task(watch())
     try:
         gate = _interceptor(sidecar, grant, sink)
-        # Warm-up: the consumer joins its group and the first inserts create parts.
-        await _drive(gate, 50, 2.0, offset=10_000_000)
-        sink.recording = True
-        sent = await _drive(gate, rate, size.e2e_seconds, offset=0)
-        sink.recording = False
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(all_seen.wait(), 60)
+        sent = await _drive_recorded(gate, sink, rate, size.e2e_seconds, all_seen, wait_s=60)
     finally:
         stop.set()
         watcher.cancel()
@@ -215,12 +230,7 @@ async def _kafka_path(env: Env, size: Size, rate: int) -> dict[str, Any]:
     task = asyncio.create_task(consume())
     try:
         gate = _interceptor(sidecar, grant, sink)
-        await _drive(gate, 50, 2.0, offset=10_000_000)
-        sink.recording = True
-        sent = await _drive(gate, rate, size.e2e_seconds, offset=0)
-        sink.recording = False
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(all_seen.wait(), 30)
+        sent = await _drive_recorded(gate, sink, rate, size.e2e_seconds, all_seen, wait_s=30)
     finally:
         stop.set()
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
