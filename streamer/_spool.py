@@ -154,6 +154,7 @@ class Spool:
         self._segments: list[_Segment] = []
         self._head = SpoolPosition(0, 0)
         self._head_records = 0  # records of the head segment before ``_head.offset``
+        self._records = 0  # records in live segments (kept so ``depth`` is O(1) per call)
         self._fd: int | None = None
         self._lock_fd: int | None = None
         self._opened = False
@@ -228,6 +229,7 @@ class Spool:
             self._scan(seg, last=i == len(paths) - 1)
             segments.append(seg)
         self._segments = segments
+        self._records = sum(s.records for s in segments)
         head = self._read_ack() or SpoolPosition(0, 0)
         for seg in list(segments):
             if seg.index < head.segment:
@@ -310,7 +312,7 @@ class Spool:
     @property
     def depth(self) -> int:
         """Records appended and not yet acknowledged."""
-        return sum(s.records for s in self._segments) - self._head_records
+        return self._records - self._head_records
 
     @property
     def size_bytes(self) -> int:
@@ -355,6 +357,7 @@ class Spool:
                 off += len(e)
             seg.size = off
             seg.records += len(encoded)
+            self._records += len(encoded)
 
     def sync(self) -> None:
         """Fsync the active segment (the per-batch fsync of ``fsync=False`` appends)."""
@@ -488,6 +491,7 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"spool {self._dir}: cannot delete {seg.path.name}: {exc}") from exc
         self._segments.remove(seg)
+        self._records -= seg.records
 
 
 def _fsync_dir(path: Path) -> None:

@@ -330,6 +330,8 @@ class ReceiptStreamer:
             records = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
             self._update_gauges()
             batch = _Batch(records=records, spool_end=None)
+        elif not self._spool.depth:
+            return False  # nothing unacknowledged on disk: no need to ask the spool thread
         else:
             spooled = await self._spool.read(n, start=self._spool_cursor)
             if spooled is None:
@@ -339,24 +341,35 @@ class ReceiptStreamer:
         self._window.append(batch)
         try:
             async with asyncio.timeout(self.config.send_timeout_s):
-                for r in batch.records:
-                    partition = await self._partition(producer, r.topic, r.key)
-                    try:
-                        fut = await producer.send(
-                            r.topic,
-                            r.value,
-                            key=r.key,
-                            partition=partition,
-                            headers=list(r.headers),
-                        )
-                    except (MessageSizeTooLargeError, RecordTooLargeError) as exc:
-                        await self._reject(r, exc)
-                        continue
-                    batch.futures.append(fut)
+                await self._send_batches(producer, batch)
         except (TimeoutError, KafkaError) as exc:
             batch.error = exc
         batch.deadline = time.monotonic() + self.config.delivery_timeout_s
         return True
+
+    async def _send_batches(self, producer: AIOKafkaProducer, batch: _Batch) -> None:
+        """Hand ``batch``'s records to the producer, in order (one future per record).
+
+        ``send()`` appends to aiokafka's open batch of the partition, so records handed over
+        while a request is in flight join the next request (measured: the batch API, which
+        waits for the previous batch of a partition to drain, spilled the queue under load).
+        """
+        counts = self._partitions
+        cache = self._partition_cache
+        for r in batch.records:
+            n = counts.get(r.topic) or await self._partition_count(producer, r.topic)
+            try:
+                fut = await producer.send(
+                    r.topic,
+                    r.value,
+                    key=r.key,
+                    partition=cache.get(r.key, n),
+                    headers=list(r.headers),
+                )
+            except (MessageSizeTooLargeError, RecordTooLargeError) as exc:
+                await self._reject(r, exc)
+                continue
+            batch.futures.append(fut)
 
     async def _settle_head(self) -> bool:
         """Settle the oldest in-flight batch if it is done; True when the loop may go on."""
@@ -463,16 +476,13 @@ class ReceiptStreamer:
 
         await asyncio.to_thread(keep)
 
-    async def _partition(self, producer: AIOKafkaProducer, topic: str, key: bytes) -> int:
-        n = self._partitions.get(topic)
-        if n is None:
-            parts = await asyncio.wait_for(
-                producer.partitions_for(topic), self.config.send_timeout_s
-            )
-            if not parts:
-                raise KafkaError(f"topic {topic} has no partitions")
-            n = self._partitions[topic] = len(parts)
-        return self._partition_cache.get(key, n)
+    async def _partition_count(self, producer: AIOKafkaProducer, topic: str) -> int:
+        """The partition count of ``topic`` (looked up once per producer)."""
+        parts = await asyncio.wait_for(producer.partitions_for(topic), self.config.send_timeout_s)
+        if not parts:
+            raise KafkaError(f"topic {topic} has no partitions")
+        n = self._partitions[topic] = len(parts)
+        return n
 
     # -- producer lifecycle ----------------------------------------------------------------------
 
