@@ -9,7 +9,6 @@ a digest cannot be brute-forced from guessed arguments.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import os
@@ -90,6 +89,10 @@ def _no_default(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
+# One encoder for every call: ``json.dumps`` with non-default options builds a new one each time.
+_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True, default=_no_default)
+
+
 def _plain_json_arguments(args: Sequence[Any]) -> bytes | None:
     """What the default converter frames for plain JSON values; None for anything else.
 
@@ -104,7 +107,7 @@ def _plain_json_arguments(args: Sequence[Any]) -> bytes | None:
         if type(arg) not in _PLAIN_TYPES:
             return None
         try:
-            data = json.dumps(arg, separators=(",", ":"), sort_keys=True, default=_no_default)
+            data = _JSON.encode(arg)
         except (TypeError, ValueError):
             return None
         _frame(out, b"encoding")
@@ -120,4 +123,4 @@ def argument_digest(
     converter: temporalio.converter.PayloadConverter | None = None,
 ) -> str:
     """Hex HMAC-SHA256 of the canonical encoding of ``args`` under ``key``."""
-    return hmac.new(key.secret, canonical_arguments(args, converter), hashlib.sha256).hexdigest()
+    return hmac.digest(key.secret, canonical_arguments(args, converter), "sha256").hex()
