@@ -113,8 +113,8 @@ class Envelope:
         """A copy signed by ``key`` (the builder's key), its Avro body encoded once."""
         unsigned = replace(self, key_id=key.key_id, signature=b"", encoded=b"")
         head = unsigned._head()
-        signature = key.sign(head + _map_bytes(unsigned.metadata(signed=False)))
         meta = unsigned.metadata(signed=False)
+        signature = key.sign(head + _map_bytes(meta))
         meta["signature"] = signature.hex()
         encoded = head + _map_bytes(dict(sorted(meta.items())))
         return replace(unsigned, signature=signature, encoded=encoded)

@@ -140,8 +140,13 @@ def envelope_step_body(plain: Plain) -> bytes:
     return plain.body if plain.current else encode_plain(STEP_SCHEMA, plain.record)
 
 
+_SMALL_LONGS = tuple(bytes([n << 1]) for n in range(64))  # 0..63 are one byte: 2n
+
+
 def avro_long(n: int) -> bytes:
     """Avro zig-zag varint of ``n``."""
+    if 0 <= n < 64:
+        return _SMALL_LONGS[n]
     z = (n << 1) ^ (n >> 63)
     out = bytearray()
     while z > 0x7F:
