@@ -1,6 +1,7 @@
 """Markdown tables from a results document (the generated part of ``docs/BENCHMARKS.md``).
 
     python -m bench.report bench/results/latest.json [docs/BENCHMARKS.md]
+    python -m bench.report --compare BEFORE.json AFTER.json   # headline figures, before → after
 
 Without a target file the markdown goes to stdout. In a target file, only the text between
 ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` is replaced (appended when missing).
@@ -280,6 +281,85 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# (label, path into "results", True when higher is better)
+_COMPARED: tuple[tuple[str, tuple[str, ...], bool], ...] = (
+    (
+        "gate CPU per attempt, no-op sink, median µs",
+        ("interceptor", "attempt_cpu", "sinks", "none", "cpu_us", "p50"),
+        False,
+    ),
+    (
+        "gate CPU per attempt, `queued` streamer, median µs",
+        ("interceptor", "attempt_cpu", "sinks", "streamer_queued", "cpu_us", "p50"),
+        False,
+    ),
+    ("`sign_receipt` alone, µs", ("interceptor", "attempt_cpu", "floor_sign_receipt_us"), False),
+    ("producer `queued`, receipts/s", ("producer", "receipts_per_s", "streamer_queued"), True),
+    (
+        "producer `queued`, ratio vs raw aiokafka",
+        ("producer", "ratio_vs_raw_keyed", "streamer_queued"),
+        True,
+    ),
+    (
+        "producer `queued`, CPU µs per receipt",
+        ("producer", "cpu_us_per_receipt", "streamer_queued"),
+        False,
+    ),
+    (
+        "producer `before_execute`, receipts/s",
+        ("producer", "receipts_per_s", "streamer_before_execute"),
+        True,
+    ),
+    (
+        "producer `before_execute`, ratio vs raw aiokafka",
+        ("producer", "ratio_vs_raw_keyed", "streamer_before_execute"),
+        True,
+    ),
+    (
+        "raw aiokafka (producer baseline), receipts/s",
+        ("producer", "receipts_per_s", "raw_aiokafka_keyed"),
+        True,
+    ),
+    (
+        "consumer, steps/s with verification",
+        ("consumer", "steps_per_s", "builder_with_verification"),
+        True,
+    ),
+    ("consumer, ratio vs raw aiokafka", ("consumer", "ratio_vs_raw"), True),
+    (
+        "raw aiokafka (consumer baseline), messages/s",
+        ("consumer", "steps_per_s", "raw_aiokafka"),
+        True,
+    ),
+    ("end to end at 500/s, p50 ms", ("e2e", "to_clickhouse", "latency_ms", "p50"), False),
+    ("end to end at 500/s, p95 ms", ("e2e", "to_clickhouse", "latency_ms", "p95"), False),
+    ("codec encode, records/s", ("micro", "codec", "encode_per_s", "avro"), True),
+)
+
+
+def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """A markdown table of the headline figures of two result files (before → after)."""
+    lines = [
+        f"Before: {before.get('started_at')} (load {_get(before, 'machine', 'loadavg_at_start')}); "
+        f"after: {after.get('started_at')} (load {_get(after, 'machine', 'loadavg_at_start')}).",
+        "",
+        "| figure | before | after | change |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, path, higher in _COMPARED:
+        b = _get(before.get("results", {}), *path)
+        a = _get(after.get("results", {}), *path)
+        if not isinstance(b, int | float) or not isinstance(a, int | float) or not b or not a:
+            continue
+        gain = a / b if higher else b / a
+        digits = 2 if abs(a) < 10 else 1 if abs(a) < 100 else 0
+        lines.append(
+            f"| {label} | {_n(b, digits)} | {_n(a, digits)} | "
+            f"{gain:.2f}x {'better' if gain >= 1 else 'worse'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def update_markdown(path: Path, doc: dict[str, Any]) -> None:
     """Replace the generated block of ``path`` (create or append it when missing)."""
     block = f"{BEGIN}\n{render(doc)}{END}"
@@ -295,11 +375,15 @@ def update_markdown(path: Path, doc: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.report RESULTS.json [MARKDOWN]``."""
+    """``python -m bench.report RESULTS.json [MARKDOWN]``, or ``--compare BEFORE AFTER``."""
     args = sys.argv[1:] if argv is None else argv
     if not args:
         sys.stderr.write(__doc__ or "")
         return 2
+    if args[0] == "--compare" and len(args) == 3:
+        docs = [json.loads(Path(a).read_text("utf-8")) for a in args[1:]]
+        sys.stdout.write(compare(docs[0], docs[1]))
+        return 0
     doc = json.loads(Path(args[0]).read_text("utf-8"))
     if len(args) > 1:
         update_markdown(Path(args[1]), doc)

@@ -16,7 +16,7 @@ from temporalio.client import Client
 
 from bench._common import Size
 from bench._env import Env
-from bench.report import BEGIN, END, render, update_markdown
+from bench.report import BEGIN, END, compare, render, update_markdown
 from bench.run import SECTIONS, run_all
 
 
@@ -126,3 +126,17 @@ def test_markdown_block_is_replaced_in_place(results: dict[str, Any], tmp_path: 
     assert text.startswith("# Benchmarks\n\nprose before")
     assert text.rstrip().endswith("prose after")
     assert text.count(BEGIN) == 1
+
+
+@pytest.mark.integration
+def test_compare_lists_every_headline_figure_of_both_runs(results: dict[str, Any]) -> None:
+    slower = json.loads(json.dumps(results))
+    slower["results"]["producer"]["receipts_per_s"]["streamer_queued"] /= 2
+    table = compare(slower, results)
+    assert "| figure | before | after | change |" in table
+    producer_row = next(
+        line for line in table.splitlines() if "producer `queued`, receipts/s" in line
+    )
+    assert producer_row.endswith("| 2.00x better |")
+    # Every figure the smoke run produced has its row (the memory section has none).
+    assert table.count("\n| ") >= 12
