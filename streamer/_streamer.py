@@ -102,6 +102,10 @@ class ReceiptStreamer:
         self._spool_dirty = False
         self._backoff = config.retry_backoff_s
         self._rejected = Spool(Path(config.spool_dir) / "rejected", max_bytes=1 << 62)
+        # Read when scraped, not written per receipt (a gauge set takes a lock: 8 % of the
+        # queued path's CPU when it was updated on every accept).
+        self.metrics.spool_depth.set_function(lambda: self._spool.depth)
+        self.metrics.queue_depth.set_function(lambda: len(self._queue))
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -123,7 +127,6 @@ class ReceiptStreamer:
             await self._register_schemas(self.codec)
         self._started = True
         await self._spool.start()
-        self._update_gauges()
         self._sender = asyncio.create_task(self._run(), name="chio-streamer-sender")
 
     async def _register_schemas(self, codec: schemas.Codec) -> None:
@@ -175,7 +178,6 @@ class ReceiptStreamer:
         await self._close_producer(max(0.5, deadline - time.monotonic()))
         await self._spool.stop()
         self._rejected.close()
-        self._update_gauges()
 
     # -- ReceiptSink -----------------------------------------------------------------------------
 
@@ -236,7 +238,6 @@ class ReceiptStreamer:
             raise
         self._idle.clear()
         self._wake.set()
-        self._update_gauges()
 
     # -- observation -----------------------------------------------------------------------------
 
@@ -270,10 +271,6 @@ class ReceiptStreamer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), min(remaining, 0.1))
         return True
-
-    def _update_gauges(self) -> None:
-        self.metrics.spool_depth.set(self._spool.depth)
-        self.metrics.queue_depth.set(len(self._queue))
 
     # -- the sender ------------------------------------------------------------------------------
 
@@ -328,7 +325,6 @@ class ReceiptStreamer:
         n = self.config.send_batch
         if self._queue:
             records = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
-            self._update_gauges()
             batch = _Batch(records=records, spool_end=None)
         elif not self._spool.depth:
             return False  # nothing unacknowledged on disk: no need to ask the spool thread
@@ -395,7 +391,6 @@ class ReceiptStreamer:
                 self.metrics.replayed.inc(len(head.records))
             self._kafka_ok = True
             self._backoff = self.config.retry_backoff_s
-            self._update_gauges()
             return True
         # The head failed: nothing after it can be trusted either. Queue records go to the
         # spool; spool records stay there (the cursor rewinds to the acknowledged head).
@@ -438,7 +433,6 @@ class ReceiptStreamer:
             return
         self._spilling = []
         self.metrics.spooled.labels(reason).inc(len(records))
-        self._update_gauges()
 
     async def _spill_queue(self, reason: str) -> None:
         if self._queue:
