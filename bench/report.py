@@ -52,7 +52,7 @@ def _machine(doc: dict[str, Any]) -> list[str]:
     ]
     return [
         f"Run: size `{doc.get('size')}`, {doc.get('started_at')} → {doc.get('finished_at')}.",
-        *(["", "Sections taken from later runs of the runner:", "", *notes] if notes else []),
+        *(["", "Sections taken from other runs of the runner:", "", *notes] if notes else []),
         "",
         f"- CPU: {m.get('cpu_model')}, {m.get('cpus_usable')} usable cores "
         f"({m.get('cpus_visible')} visible); RAM {ram:.1f} GiB; load average at start "
