@@ -58,6 +58,13 @@ def _default_dsn() -> str:
 Bootstrap = Annotated[
     str, typer.Option("--bootstrap", envvar="CHIO_KAFKA_BOOTSTRAP", help="Kafka bootstrap servers")
 ]
+RegistryUrl = Annotated[
+    str | None,
+    typer.Option(
+        envvar="CHIO_SCHEMA_REGISTRY_URL",
+        help="Confluent-compatible schema registry (to read Confluent-framed messages)",
+    ),
+]
 Dsn = Annotated[
     str | None,
     typer.Option(
@@ -183,13 +190,7 @@ def consume(
     metrics_port: Annotated[
         int | None, typer.Option(envvar="CHIO_METRICS_PORT", help="Prometheus port (127.0.0.1)")
     ] = None,
-    registry_url: Annotated[
-        str | None,
-        typer.Option(
-            envvar="CHIO_SCHEMA_REGISTRY_URL",
-            help="Confluent-compatible schema registry (to read Confluent-framed messages)",
-        ),
-    ] = None,
+    registry_url: RegistryUrl = None,
 ) -> None:
     """Build signed workflow envelopes from the receipt topics into ClickHouse (exactly once)."""
     _setup_logging()
@@ -238,13 +239,7 @@ def siem_export(
     drop_denies: Annotated[
         bool, typer.Option(help="explicitly drop denials too (otherwise never dropped)")
     ] = False,
-    registry_url: Annotated[
-        str | None,
-        typer.Option(
-            envvar="CHIO_SCHEMA_REGISTRY_URL",
-            help="Confluent-compatible schema registry (to read Confluent-framed messages)",
-        ),
-    ] = None,
+    registry_url: RegistryUrl = None,
 ) -> None:
     """Export receipts as OCSF API Activity events to a file, Splunk, Elastic or syslog."""
     _setup_logging()

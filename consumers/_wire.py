@@ -26,6 +26,7 @@ from schemas import (
     RunCompletion,
     StepReceipt,
     UnknownFormat,
+    avro_long,
     decode,
     parsed_schema,
     raw_schema,
@@ -138,22 +139,6 @@ def envelope_step_body(plain: Plain) -> bytes:
     """The bytes of a step inside an envelope: its current-schema body. That is the wire body
     itself for the current writer schema, a re-encoding otherwise."""
     return plain.body if plain.current else encode_plain(STEP_SCHEMA, plain.record)
-
-
-_SMALL_LONGS = tuple(bytes([n << 1]) for n in range(64))  # 0..63 are one byte: 2n
-
-
-def avro_long(n: int) -> bytes:
-    """Avro zig-zag varint of ``n``."""
-    if 0 <= n < 64:
-        return _SMALL_LONGS[n]
-    z = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while z > 0x7F:
-        out.append((z & 0x7F) | 0x80)
-        z >>= 7
-    out.append(z)
-    return bytes(out)
 
 
 def avro_string(s: str) -> bytes:

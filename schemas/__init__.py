@@ -56,6 +56,7 @@ from schemas._signing import (
     verify_receipt,
 )
 from schemas._sink import ReceiptSink, ReceiptSinkError
+from schemas._stepcodec import avro_long
 
 __all__ = [
     "CONFLUENT_MAGIC",
@@ -84,6 +85,7 @@ __all__ = [
     "UnknownSchema",
     "Verdict",
     "WireFormat",
+    "avro_long",
     "chain_root",
     "check_backward",
     "confluent_frame",

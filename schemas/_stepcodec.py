@@ -17,34 +17,30 @@ from __future__ import annotations
 import operator
 from functools import lru_cache
 
-from schemas._records import StepReceipt, Verdict
+from schemas._records import _STEP_NAMES, StepReceipt, Verdict
 
-__all__ = ["encode_step"]
+__all__ = ["avro_long", "encode_step"]
 
 _SMALL = tuple(bytes([n << 1]) for n in range(64))  # zig-zag varints of 0..63: one byte
 _INT32 = (-(1 << 31), (1 << 31) - 1)
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 _VERDICT = {Verdict.UNKNOWN: b"\x00", Verdict.ALLOW: b"\x02", Verdict.DENY: b"\x04"}
 
-# Schema order (schemas/avro/step_receipt.avsc); the test compares this with the schema file.
-_HEAD = operator.attrgetter(
-    "receipt_id",
-    "namespace",
-    "workflow_id",
-    "run_id",
-    "workflow_type",
-    "task_queue",
-    "activity_id",
-    "activity_type",
-)
-_MIDDLE = operator.attrgetter(
-    "tool_server", "tool", "action", "resource", "subject", "capability_id"
-)
-_DIGEST = operator.attrgetter("reason", "argument_digest", "argument_key_id")
-_TIMES = operator.attrgetter("scheduled_at", "started_at", "evaluated_at", "latency_us")
+
+def _run(first: str, last: str) -> operator.attrgetter[tuple[object, ...]]:
+    """The attributes from ``first`` to ``last`` in schema order (the record's field order)."""
+    return operator.attrgetter(*_STEP_NAMES[_STEP_NAMES.index(first) : _STEP_NAMES.index(last) + 1])
 
 
-def _long(n: int) -> bytes:
+# Runs of fields of one kind, in schema order; the fields between them are written one by one.
+_HEAD = _run("receipt_id", "activity_type")  # strings
+_MIDDLE = _run("tool_server", "capability_id")  # strings
+_DIGEST = _run("reason", "argument_key_id")  # strings
+_TIMES = _run("scheduled_at", "latency_us")  # longs
+
+
+def avro_long(n: int) -> bytes:
+    """Avro zig-zag varint of ``n``."""
     if 0 <= n < 64:
         return _SMALL[n]
     z = (n << 1) ^ (n >> 63)
@@ -80,7 +76,7 @@ def _strings(out: bytearray, values: tuple[object, ...]) -> bool:
             return False
         raw = v.encode("utf-8")  # UnicodeEncodeError (lone surrogate) is caught by the caller
         n = len(raw)
-        out += _SMALL[n] if n < 64 else _long(n)
+        out += _SMALL[n] if n < 64 else avro_long(n)
         out += raw
     return True
 
@@ -89,7 +85,7 @@ def _array(out: bytearray, values: object) -> bool:
     if type(values) is not tuple and type(values) is not list:
         return False
     if values:
-        out += _long(len(values))
+        out += avro_long(len(values))
         if not _strings(out, tuple(values)):
             return False
     out += b"\x00"
@@ -112,7 +108,7 @@ def _encode(r: StepReceipt, key_id: str, signature: bytes) -> bytes | None:
     attempt = r.attempt
     if type(attempt) is not int or not _INT32[0] <= attempt <= _INT32[1]:
         return None
-    out += _long(attempt)
+    out += avro_long(attempt)
     if type(r.is_local) is not bool:
         return None
     out += b"\x01" if r.is_local else b"\x00"
@@ -129,16 +125,16 @@ def _encode(r: StepReceipt, key_id: str, signature: bytes) -> bytes | None:
     for t in _TIMES(r):
         if type(t) is not int or not _INT64[0] <= t <= _INT64[1]:
             return None
-        out += _long(t)
+        out += avro_long(t)
     prev = r.prev_hash
     if type(prev) is not bytes or type(signature) is not bytes:
         return None
     if not _strings(out, (r.worker_identity,)):
         return None
-    out += _long(len(prev))
+    out += avro_long(len(prev))
     out += prev
     if not _strings(out, (key_id,)):
         return None
-    out += _long(len(signature))
+    out += avro_long(len(signature))
     out += signature
     return bytes(out)
