@@ -27,10 +27,19 @@ class ArgumentKey:
 
     key_id: str
     secret: bytes = field(repr=False)
+    # The HMAC state after the key, made once: each digest copies it instead of keying again.
+    _keyed: hmac.HMAC = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.secret) < 16:
             raise ValueError("an argument key needs at least 16 bytes of secret")
+        object.__setattr__(self, "_keyed", hmac.new(self.secret, digestmod="sha256"))
+
+    def hexdigest(self, message: bytes) -> str:
+        """Hex HMAC-SHA256 of ``message`` under this key."""
+        mac = self._keyed.copy()
+        mac.update(message)
+        return mac.hexdigest()
 
     @classmethod
     def generate(cls, key_id: str = "args-ephemeral") -> ArgumentKey:
@@ -93,28 +102,33 @@ def _no_default(value: Any) -> Any:
 _JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True, default=_no_default)
 
 
+# What every plain JSON argument is framed with before its data: the metadata entry
+# ``encoding: json/plain``, then the empty end-of-metadata frame.
+_JSON_PLAIN_HEAD = b"".join(
+    len(part).to_bytes(4, "big") + part for part in (b"encoding", b"json/plain", b"")
+)
+_MAGIC = b"chio-args-v1" + (4).to_bytes(4, "big")  # then the argument count, 4 bytes
+
+
 def _plain_json_arguments(args: Sequence[Any]) -> bytes | None:
     """What the default converter frames for plain JSON values; None for anything else.
 
     Temporal's default converter encodes a plain JSON value (not None, not bytes, no custom
     type) as ``json.dumps(value, separators=(",", ":"), sort_keys=True)`` with the metadata
     ``encoding: json/plain``. A value ``json`` refuses, or any other type at the top, returns None
-    so the caller takes the converter's own path.
+    so the caller takes the converter's own path. Same bytes as framing each part with
+    :func:`_frame` (a unit test compares it with the converter's path).
     """
-    out = bytearray(b"chio-args-v1")
-    _frame(out, len(args).to_bytes(4, "big"))
+    parts = [_MAGIC, len(args).to_bytes(4, "big")]
     for arg in args:
         if type(arg) not in _PLAIN_TYPES:
             return None
         try:
-            data = _JSON.encode(arg)
+            data = _JSON.encode(arg).encode()
         except (TypeError, ValueError):
             return None
-        _frame(out, b"encoding")
-        _frame(out, b"json/plain")
-        _frame(out, b"")
-        _frame(out, data.encode())
-    return bytes(out)
+        parts += (_JSON_PLAIN_HEAD, len(data).to_bytes(4, "big"), data)
+    return b"".join(parts)
 
 
 def argument_digest(
@@ -123,4 +137,4 @@ def argument_digest(
     converter: temporalio.converter.PayloadConverter | None = None,
 ) -> str:
     """Hex HMAC-SHA256 of the canonical encoding of ``args`` under ``key``."""
-    return hmac.digest(key.secret, canonical_arguments(args, converter), "sha256").hex()
+    return key.hexdigest(canonical_arguments(args, converter))

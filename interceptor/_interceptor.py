@@ -392,6 +392,10 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
                     ) from exc
             run.last_hash = receipt_hash(signed.body)
             run.receipt.add_step(WorkflowStepReceipt(receipt=receipt, body=signed.body))
+        if receipt.verdict is Verdict.ALLOW:
+            self.stats.allowed += 1
+            return
+        self.stats.denied += 1
         details = {
             "receipt_id": receipt.receipt_id,
             "reason": receipt.reason,
@@ -399,10 +403,6 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
             "activity_type": info.activity_type,
             "capability_id": receipt.capability_id,
         }
-        if receipt.verdict is Verdict.ALLOW:
-            self.stats.allowed += 1
-            return
-        self.stats.denied += 1
         if resolution.config_error:
             raise ApplicationError(
                 f"misconfigured grant override: {receipt.reason}",

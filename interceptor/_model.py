@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -75,9 +74,12 @@ def uuid7() -> str:
         else:
             seq = 0
         _uuid_last[0], _uuid_last[1] = ms, seq
-    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
-    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | rand_b
-    return str(uuid.UUID(int=value))
+    # 48-bit ms, version 7, 12-bit sequence | variant 0b10, 62 random bits; formatted directly
+    # (uuid.UUID(int=...) validates and formats in Python: a third of the cost).
+    rand = bytearray(os.urandom(8))
+    rand[0] = rand[0] & 0x3F | 0x80
+    h = ((ms & 0xFFFF_FFFF_FFFF) << 16 | 0x7000 | seq).to_bytes(8, "big").hex() + rand.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -23,7 +23,7 @@ from interceptor._model import (
     now_us,
     uuid7,
 )
-from schemas import KeyPair, StepReceipt, Verdict, sign_receipt
+from schemas import KeyPair, StepReceipt, Verdict, sign_new_receipt
 
 __all__ = ["LocalSidecar"]
 
@@ -184,7 +184,8 @@ class LocalSidecar:
     # -- evaluation --------------------------------------------------------------------------
 
     def _revoked_in_chain(self, token: CapabilityToken) -> bool:
-        return token.id in self._revoked or any(c in self._revoked for c in token.chain)
+        revoked = self._revoked
+        return bool(revoked) and (token.id in revoked or not revoked.isdisjoint(token.chain))
 
     def decide(
         self, request: EvaluationRequest, at_us: int
@@ -247,9 +248,10 @@ class LocalSidecar:
             latency_us=(time.perf_counter_ns() - t0) // 1000,
             worker_identity=request.worker_identity,
             prev_hash=request.prev_hash,
+            key_id=self._key.key_id,
         )
-        signed, body = sign_receipt(receipt, self._key)
-        return SignedReceipt(receipt=signed, body=body)
+        body = sign_new_receipt(receipt, self._key)
+        return SignedReceipt(receipt=receipt, body=body)
 
     async def evaluate(self, request: EvaluationRequest) -> SignedReceipt:
         """Decide one attempt and sign the receipt (no I/O)."""

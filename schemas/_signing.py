@@ -28,6 +28,7 @@ __all__ = [
     "KeyPair",
     "chain_root",
     "receipt_hash",
+    "sign_new_receipt",
     "sign_receipt",
     "signed_body",
     "step_body",
@@ -96,6 +97,28 @@ def sign_receipt(receipt: StepReceipt, key: KeyPair) -> tuple[StepReceipt, bytes
     return receipt.with_signature(key_id=key.key_id, signature=signature), (
         to_sign[:-1] + _SIG_PREFIX + signature
     )
+
+
+def sign_new_receipt(receipt: StepReceipt, key: KeyPair) -> bytes:
+    """Sign a receipt its caller has just built and shares with nobody; returns the wire body.
+
+    The receipt must carry ``key_id=key.key_id`` and an empty signature. The signature is then
+    written into it, the way a frozen dataclass's ``__init__`` sets its fields, instead of
+    copying all 30 fields as :func:`sign_receipt` must for a receipt others may hold. The gate
+    signs every attempt: the copy was a tenth of its CPU. Raises ``ValueError`` for a receipt
+    that is already signed or names another key.
+    """
+    if receipt.signature or receipt.key_id != key.key_id:
+        raise ValueError(
+            "sign_new_receipt takes an unsigned receipt built with this key's id; "
+            "use sign_receipt to sign a copy"
+        )
+    to_sign = encode_step(receipt, receipt.key_id, b"")
+    if to_sign is None:  # a value the direct writer does not take: fastavro decides
+        to_sign = encode_body(STEP_SCHEMA, receipt.to_avro())
+    signature = key.sign(to_sign)
+    object.__setattr__(receipt, "signature", signature)
+    return to_sign[:-1] + _SIG_PREFIX + signature
 
 
 def signed_body(body: bytes) -> tuple[bytes, bytes] | None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import hmac
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,6 +36,7 @@ from interceptor import (
     WorkflowReceipt,
     WorkflowStepReceipt,
     argument_digest,
+    canonical_arguments,
     envelope_to_json,
     scope_for,
     uuid7,
@@ -81,9 +85,14 @@ def test_uuid7_is_version_7_and_sorts_in_creation_order() -> None:
     ids = [uuid7() for _ in range(5000)]
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
-    parsed = uuid.UUID(ids[0])
-    assert parsed.version == 7
-    assert parsed.variant == uuid.RFC_4122
+    before_ms = time.time_ns() // 1_000_000
+    for text in ids[:: len(ids) // 50]:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text  # canonical lower-case 8-4-4-4-12 form
+        assert parsed.version == 7
+        assert parsed.variant == uuid.RFC_4122
+        # The first 48 bits are the Unix time in ms (the sequence may run a few ms ahead).
+        assert abs((parsed.int >> 80) - before_ms) < 5_000
 
 
 # -- LocalSidecar ------------------------------------------------------------------------------
@@ -167,6 +176,15 @@ def test_argument_digest_is_keyed_canonical_and_secret() -> None:
     assert a != argument_digest(key, [_Transfer("acct-1", 6), {"a": 2, "b": 1}])
     assert a != argument_digest(other, [_Transfer("acct-1", 5), {"b": 1, "a": 2}])
     assert len(a) == 64
+    # HMAC-SHA256 under the key, over the canonical encoding (the key's state is reused).
+    args = [{"order": "o-1", "items": [1, 2]}, "x"]
+    for _ in range(2):
+        assert (
+            argument_digest(key, args)
+            == hmac.new(
+                bytes.fromhex("11" * 32), canonical_arguments(args), hashlib.sha256
+            ).hexdigest()
+        )
     assert "11" * 8 not in repr(key)
     assert argument_digest(key, [object()]) == argument_digest(key, [object()])
 
@@ -395,8 +413,6 @@ ARGUMENT_SAMPLES: list[list[object]] = [
 @pytest.mark.parametrize("args", ARGUMENT_SAMPLES)
 def test_plain_json_fast_path_frames_exactly_what_the_converter_does(args: list[object]) -> None:
     import temporalio.converter
-
-    from interceptor import canonical_arguments
 
     converter = temporalio.converter.default().payload_converter
     assert canonical_arguments(args) == canonical_arguments(args, converter)
