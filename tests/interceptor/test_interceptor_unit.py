@@ -95,6 +95,24 @@ def test_uuid7_is_version_7_and_sorts_in_creation_order() -> None:
         assert abs((parsed.int >> 80) - before_ms) < 5_000
 
 
+def test_uuid7_random_bits_are_not_shared_with_a_forked_child() -> None:
+    import os
+
+    uuid7()  # the parent now holds unread random bytes
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next id and leave at once
+        os.write(write_end, uuid7().encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    child = os.read(read_end, 64).decode()
+    os.close(read_end)
+    parent = uuid7()
+    # rand_b (the last 62 bits) would be equal if both read the same unread bytes.
+    assert uuid.UUID(child).int & ((1 << 62) - 1) != uuid.UUID(parent).int & ((1 << 62) - 1)
+
+
 # -- LocalSidecar ------------------------------------------------------------------------------
 
 
@@ -396,6 +414,12 @@ async def test_expired_grants_are_pruned_as_the_table_grows() -> None:
     assert icp.workflow_grant_for("old-1499", None) is not None
 
 
+def _circular() -> list[object]:
+    value: list[object] = ["loop"]
+    value.append(value)
+    return value
+
+
 ARGUMENT_SAMPLES: list[list[object]] = [
     [{"order_id": "o-123456", "amount_cents": 12_500, "currency": "EUR", "items": [1, 2, 3]}],
     ["plain", 1, 2.5, True, [1, "x"], {"b": 1, "a": {"z": None, "é": "ü"}}],
@@ -406,6 +430,9 @@ ARGUMENT_SAMPLES: list[list[object]] = [
     [{"nested": [{"k": float("inf")}]}],
     [{1: "int key"}],
     [{"when": __import__("datetime").datetime(2026, 1, 1)}],
+    [{1: "mixed", "a": "key types"}],  # sort_keys refuses to compare int with str
+    [_circular()],
+    [{"after": "a refused value, the encoder starts clean"}],
 ]
 
 
