@@ -58,13 +58,14 @@ _uuid_lock = threading.Lock()
 _uuid_last = [0, 0]  # [unix ms, 12-bit sequence]
 # Random bytes for rand_b, read from the OS 4 KiB at a time (one getrandom call per 512 ids
 # instead of one per id); a forked child drops what its parent read, so the two never share.
-_uuid_random = [b"", 0]  # [bytes, next offset]
+_uuid_pool = [b""]
+_uuid_at = [0]  # offset of the next unread byte in _uuid_pool[0]
 _RANDOM_CHUNK = 4096
 _RAND_B = (1 << 62) - 1
 
 
 def _drop_random() -> None:
-    _uuid_random[:] = [b"", 0]
+    _uuid_pool[0], _uuid_at[0] = b"", 0
 
 
 os.register_at_fork(after_in_child=_drop_random)
@@ -86,11 +87,11 @@ def uuid7() -> str:
         else:
             seq = 0
         _uuid_last[0], _uuid_last[1] = ms, seq
-        pool, at = _uuid_random
+        pool, at = _uuid_pool[0], _uuid_at[0]
         if at >= len(pool):
             pool, at = os.urandom(_RANDOM_CHUNK), 0
-            _uuid_random[0] = pool
-        _uuid_random[1] = at + 8
+            _uuid_pool[0] = pool
+        _uuid_at[0] = at + 8
         rand = int.from_bytes(pool[at : at + 8], "big") & _RAND_B
     # 48-bit ms | version 7 | 12-bit sequence | variant 0b10 | 62 random bits, formatted directly
     # (uuid.UUID(int=...) validates and formats in Python: a third of the cost).
