@@ -111,13 +111,16 @@ class Envelope:
 
     def signed_by(self, key: KeyPair) -> Envelope:
         """A copy signed by ``key`` (the builder's key), its Avro body encoded once."""
-        unsigned = replace(self, key_id=key.key_id, signature=b"", encoded=b"")
-        head = unsigned._head()
-        meta = unsigned.metadata(signed=False)
+        signed = replace(self, key_id=key.key_id, signature=b"", encoded=b"")
+        head = signed._head()
+        meta = signed.metadata(signed=False)
         signature = key.sign(head + _map_bytes(meta))
         meta["signature"] = signature.hex()
-        encoded = head + _map_bytes(dict(sorted(meta.items())))
-        return replace(unsigned, signature=signature, encoded=encoded)
+        # ``signed`` is a fresh copy nobody else holds: fill in its last two fields the way a
+        # frozen dataclass's __init__ does, instead of a second 21-field copy.
+        object.__setattr__(signed, "signature", signature)
+        object.__setattr__(signed, "encoded", head + _map_bytes(dict(sorted(meta.items()))))
+        return signed
 
     def framed(self) -> bytes:
         """The envelope in Avro single-object encoding, for the envelopes topic."""

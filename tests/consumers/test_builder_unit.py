@@ -121,6 +121,9 @@ def test_envelope_body_is_the_avro_encoding_and_signature_verifies() -> None:
     [(_, env)] = list(b.due(3))
     builder_key = KeyPair.generate("builder")
     signed = env.signed_by(builder_key)
+    assert (env.key_id, env.signature, env.encoded) == ("", b"", b"")  # a copy is signed
+    assert len(signed.signature) == 64
+    assert signed.key_id == builder_key.key_id
     body = signed.avro_body()
     record = fastavro.schemaless_reader(io.BytesIO(body), parsed_schema(ENVELOPE_SCHEMA), None)
     assert record["version"] == "chio-temporal/v1"
