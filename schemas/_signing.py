@@ -83,8 +83,8 @@ def step_body(receipt: StepReceipt) -> bytes:
     return fast if fast is not None else encode_body(STEP_SCHEMA, receipt.to_avro())
 
 
-def sign_receipt(receipt: StepReceipt, key: KeyPair) -> tuple[StepReceipt, bytes]:
-    """Sign ``receipt``; returns the signed receipt and its wire body (encoded once)."""
+def _signature_and_body(receipt: StepReceipt, key: KeyPair) -> tuple[bytes, bytes]:
+    """``key``'s signature of ``receipt`` and the signed wire body (encoded once)."""
     # The record to sign is the receipt with this key id and an empty signature, written
     # directly from the receipt's attributes (no intermediate copy, no dict).
     to_sign = encode_step(receipt, key.key_id, b"")
@@ -94,9 +94,13 @@ def sign_receipt(receipt: StepReceipt, key: KeyPair) -> tuple[StepReceipt, bytes
         record["signature"] = b""
         to_sign = encode_body(STEP_SCHEMA, record)
     signature = key.sign(to_sign)
-    return receipt.with_signature(key_id=key.key_id, signature=signature), (
-        to_sign[:-1] + _SIG_PREFIX + signature
-    )
+    return signature, to_sign[:-1] + _SIG_PREFIX + signature
+
+
+def sign_receipt(receipt: StepReceipt, key: KeyPair) -> tuple[StepReceipt, bytes]:
+    """Sign ``receipt``; returns the signed receipt and its wire body (encoded once)."""
+    signature, body = _signature_and_body(receipt, key)
+    return receipt.with_signature(key_id=key.key_id, signature=signature), body
 
 
 def sign_new_receipt(receipt: StepReceipt, key: KeyPair) -> bytes:
@@ -113,12 +117,9 @@ def sign_new_receipt(receipt: StepReceipt, key: KeyPair) -> bytes:
             "sign_new_receipt takes an unsigned receipt built with this key's id; "
             "use sign_receipt to sign a copy"
         )
-    to_sign = encode_step(receipt, receipt.key_id, b"")
-    if to_sign is None:  # a value the direct writer does not take: fastavro decides
-        to_sign = encode_body(STEP_SCHEMA, receipt.to_avro())
-    signature = key.sign(to_sign)
+    signature, body = _signature_and_body(receipt, key)
     object.__setattr__(receipt, "signature", signature)
-    return to_sign[:-1] + _SIG_PREFIX + signature
+    return body
 
 
 def signed_body(body: bytes) -> tuple[bytes, bytes] | None:
