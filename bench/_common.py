@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from schemas import KeyPair, StepReceipt, Verdict, sign_receipt
+from chio_receipts.schemas import KeyPair, StepReceipt, Verdict, sign_receipt
 
 __all__ = [
     "Size",

@@ -15,7 +15,7 @@ import fastavro
 import nacl.exceptions
 import nacl.signing
 
-from schemas import STEP_SCHEMA, KeyPair, StepReceipt, parsed_schema, signed_body
+from chio_receipts.schemas import STEP_SCHEMA, KeyPair, StepReceipt, parsed_schema, signed_body
 
 __all__ = ["encode_body", "sign_receipt", "step_body", "to_avro", "verify_body", "with_signature"]
 

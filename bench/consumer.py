@@ -20,12 +20,17 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bench._common import Size, cpu_seconds, median_rate, signed_batch
 from bench._env import Env
-from consumers import BuilderConfig, ClickHouseConfig, ClickHouseSink, ReceiptBuilderService
-from consumers import Topics as ConsumerTopics
-from consumers._builder import ReceiptBuilder, StepEntry
-from consumers._rows import step_row
-from consumers._wire import decode_plain, envelope_step_body
-from schemas import (
+from chio_receipts.consumers import (
+    BuilderConfig,
+    ClickHouseConfig,
+    ClickHouseSink,
+    ReceiptBuilderService,
+)
+from chio_receipts.consumers import Topics as ConsumerTopics
+from chio_receipts.consumers._builder import ReceiptBuilder, StepEntry
+from chio_receipts.consumers._rows import step_row
+from chio_receipts.consumers._wire import decode_plain, envelope_step_body
+from chio_receipts.schemas import (
     STEP_SCHEMA,
     CompletionSource,
     KeyPair,
@@ -36,7 +41,7 @@ from schemas import (
     receipt_hash,
     verify_body,
 )
-from streamer import TopicsConfig, ensure_topics
+from chio_receipts.streamer import TopicsConfig, ensure_topics
 
 __all__ = ["run"]
 

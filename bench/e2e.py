@@ -27,11 +27,11 @@ from aiokafka import AIOKafkaConsumer
 from bench._common import Size, percentiles
 from bench._env import Env
 from bench.interceptor import _info, _interceptor
-from consumers import BuilderConfig, ClickHouseConfig, ReceiptBuilderService
-from consumers import Topics as ConsumerTopics
-from interceptor import LocalSidecar, WorkflowGrant
-from schemas import KeyPair, RunCompletion, StepReceipt
-from streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
+from chio_receipts.consumers import BuilderConfig, ClickHouseConfig, ReceiptBuilderService
+from chio_receipts.consumers import Topics as ConsumerTopics
+from chio_receipts.interceptor import LocalSidecar, WorkflowGrant
+from chio_receipts.schemas import KeyPair, RunCompletion, StepReceipt
+from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
 
 __all__ = ["run"]
 

@@ -25,9 +25,14 @@ from temporalio.worker import Worker
 from bench._common import Size, cpu_seconds, percentiles, sample_receipt
 from bench._env import Env
 from bench._workflows import BenchWorkflow, bench_step
-from interceptor import ArgumentKey, ChioActivityInterceptor, LocalSidecar, WorkflowGrant
-from schemas import KeyPair, RunCompletion, StepReceipt, sign_receipt
-from streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
+from chio_receipts.interceptor import (
+    ArgumentKey,
+    ChioActivityInterceptor,
+    LocalSidecar,
+    WorkflowGrant,
+)
+from chio_receipts.schemas import KeyPair, RunCompletion, StepReceipt, sign_receipt
+from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
 
 __all__ = ["bench_attempt_cpu", "bench_worker_throughput", "run"]
 

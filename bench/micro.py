@@ -12,8 +12,8 @@ from aiokafka import codec as kafka_codec
 
 from bench import _legacy
 from bench._common import Size, median_rate, sample_receipt, signed_batch
-from consumers._wire import decode_plain
-from schemas import (
+from chio_receipts.consumers._wire import decode_plain
+from chio_receipts.schemas import (
     STEP_SCHEMA,
     KeyPair,
     decode,
@@ -185,7 +185,7 @@ _FP: list[bytes] = []
 
 def _fp() -> bytes:
     if not _FP:
-        from schemas import frame
+        from chio_receipts.schemas import frame
 
         _FP.append(frame(STEP_SCHEMA, b"")[2:])
     return _FP[0]

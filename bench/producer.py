@@ -19,8 +19,8 @@ from aiokafka import AIOKafkaProducer
 
 from bench._common import Size, cpu_seconds, signed_batch
 from bench._env import Env
-from schemas import STEP_SCHEMA, KeyPair, StepReceipt, frame, step_body
-from streamer import (
+from chio_receipts.schemas import STEP_SCHEMA, KeyPair, StepReceipt, frame, step_body
+from chio_receipts.streamer import (
     Durability,
     PartitionCache,
     ReceiptStreamer,

@@ -26,8 +26,8 @@ from typing import Any
 import temporalio.converter
 
 from bench._common import median_rate, signed_batch
-from interceptor import ArgumentKey, argument_digest, canonical_arguments
-from schemas import KeyPair, verify_body
+from chio_receipts.interceptor import ArgumentKey, argument_digest, canonical_arguments
+from chio_receipts.schemas import KeyPair, verify_body
 
 __all__ = ["fast_argument_digest", "fast_canonical_arguments", "fast_uuid_format", "main"]
 
@@ -154,10 +154,10 @@ def _verify_threads_prototype(n: int, reps: int) -> dict[str, Any]:
 
 async def _insert_prototype(reps: int) -> dict[str, Any]:
     """One chDB insert per poll batch vs one per partition (6), same 5,000 rows."""
-    from consumers import ClickHouseConfig, ClickHouseSink
-    from consumers._rows import step_row
-    from consumers._wire import decode_plain
-    from schemas import STEP_SCHEMA, frame
+    from chio_receipts.consumers import ClickHouseConfig, ClickHouseSink
+    from chio_receipts.consumers._rows import step_row
+    from chio_receipts.consumers._wire import decode_plain
+    from chio_receipts.schemas import STEP_SCHEMA, frame
 
     key = KeyPair.generate("proto")
     values = [frame(STEP_SCHEMA, b) for _, b in signed_batch(5_000, key)]

@@ -181,7 +181,7 @@ def worker_command(
     import signal
 
     from chio_receipts.demo._worker import DEFAULT_SCOPE, WorkerSettings, run_worker
-    from interceptor import ArgumentKey, ChioClient
+    from chio_receipts.interceptor import ArgumentKey, ChioClient
 
     cfg = load_config()
     secret = os.environ.get("CHIO_ARGUMENT_KEY")

@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from consumers import (
+from chio_receipts.consumers import (
     BuilderConfig,
     ClickHouseConfig,
     ConsumerError,
@@ -35,7 +35,7 @@ from consumers import (
     owner_pid,
     verify_run,
 )
-from schemas import KeyPair
+from chio_receipts.schemas import KeyPair
 
 __all__ = [
     "builder_key",
@@ -243,7 +243,7 @@ def siem_export(
 ) -> None:
     """Export receipts as OCSF API Activity events to a file, Splunk, Elastic or syslog."""
     _setup_logging()
-    from consumers._siem import ExporterConfig, SiemExporter, parse_output
+    from chio_receipts.consumers._siem import ExporterConfig, SiemExporter, parse_output
 
     try:
         config = ExporterConfig(

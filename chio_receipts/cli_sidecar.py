@@ -9,9 +9,9 @@ from typing import Annotated
 
 import typer
 
-from interceptor import LocalSidecar, serve_sidecar
-from interceptor._sidecar_app import DEFAULT_MAX_BODY
-from schemas import KeyPair
+from chio_receipts.interceptor import LocalSidecar, serve_sidecar
+from chio_receipts.interceptor._sidecar_app import DEFAULT_MAX_BODY
+from chio_receipts.schemas import KeyPair
 
 __all__ = ["app"]
 

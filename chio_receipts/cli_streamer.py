@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 from temporalio.client import Client
 
-from streamer import (
+from chio_receipts.streamer import (
     CompletionWatcher,
     ReceiptStreamer,
     StreamerConfig,

@@ -6,18 +6,28 @@ Never imports temporalio or interceptor; depends on ``schemas`` only.
 
 from __future__ import annotations
 
-from consumers._builder import ReceiptBuilder, RunState, StepEntry
-from consumers._clickhouse import (
+from chio_receipts.consumers._builder import ReceiptBuilder, RunState, StepEntry
+from chio_receipts.consumers._clickhouse import (
     ClickHouseConfig,
     ClickHouseSink,
     chdb_path,
     open_client,
     owner_pid,
 )
-from consumers._consumer import BuilderConfig, ReceiptBuilderService, Topics, check_copartitioned
-from consumers._dlq import DLQ_HEADER_PREFIX, DeadLetter, Reason, parse_dead_letter_headers
-from consumers._envelope import Envelope, verify_envelope_signature
-from consumers._errors import (
+from chio_receipts.consumers._consumer import (
+    BuilderConfig,
+    ReceiptBuilderService,
+    Topics,
+    check_copartitioned,
+)
+from chio_receipts.consumers._dlq import (
+    DLQ_HEADER_PREFIX,
+    DeadLetter,
+    Reason,
+    parse_dead_letter_headers,
+)
+from chio_receipts.consumers._envelope import Envelope, verify_envelope_signature
+from chio_receipts.consumers._errors import (
     ConfigError,
     ConsumerError,
     DatabaseBusy,
@@ -31,12 +41,17 @@ from consumers._errors import (
     SinkError,
     SinkUnavailable,
 )
-from consumers._failpoints import failpoint
-from consumers._keys import KeyRing, decode_public_key, fetch_public_keys, load_keys_file
-from consumers._metrics import ConsumerMetrics
-from consumers._ocsf import OCSF_VERSION, envelope_to_ocsf, step_to_ocsf
-from consumers._rows import envelope_row, receipt_from_row, step_row
-from consumers._siem import (
+from chio_receipts.consumers._failpoints import failpoint
+from chio_receipts.consumers._keys import (
+    KeyRing,
+    decode_public_key,
+    fetch_public_keys,
+    load_keys_file,
+)
+from chio_receipts.consumers._metrics import ConsumerMetrics
+from chio_receipts.consumers._ocsf import OCSF_VERSION, envelope_to_ocsf, step_to_ocsf
+from chio_receipts.consumers._rows import envelope_row, receipt_from_row, step_row
+from chio_receipts.consumers._siem import (
     ElasticOutput,
     EventFilter,
     ExporterConfig,
@@ -48,7 +63,7 @@ from consumers._siem import (
     SyslogOutput,
     parse_output,
 )
-from consumers._verify import VerifyReport, verify_run
+from chio_receipts.consumers._verify import VerifyReport, verify_run
 
 __all__ = [
     "DLQ_HEADER_PREFIX",

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from consumers._envelope import Envelope
-from schemas import RunCompletion, chain_root
+from chio_receipts.consumers._envelope import Envelope
+from chio_receipts.schemas import RunCompletion, chain_root
 
 __all__ = ["ReceiptBuilder", "RunState", "StepEntry"]
 

@@ -29,15 +29,15 @@ from urllib.parse import urlparse
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, DataError
 
-from consumers._errors import (
+from chio_receipts.consumers._errors import (
     DatabaseBusy,
     FailpointError,
     SinkDataError,
     SinkError,
     SinkUnavailable,
 )
-from consumers._failpoints import failpoint
-from consumers._rows import ENVELOPE_COLUMNS, STEP_COLUMNS, STEP_FIELDS
+from chio_receipts.consumers._failpoints import failpoint
+from chio_receipts.consumers._rows import ENVELOPE_COLUMNS, STEP_COLUMNS, STEP_FIELDS
 
 __all__ = [
     "ClickHouseConfig",
@@ -206,7 +206,7 @@ class _Migration:
 def migrations() -> list[_Migration]:
     """The numbered migration files of ``consumers/sql`` in order."""
     found: list[_Migration] = []
-    for item in resources.files("consumers").joinpath("sql").iterdir():
+    for item in resources.files("chio_receipts.consumers").joinpath("sql").iterdir():
         name = item.name
         if name.endswith(".sql") and name[:4].isdigit():
             found.append(_Migration(int(name[:4]), name, item.read_text("utf-8")))
@@ -341,7 +341,11 @@ class ClickHouseSink:
             )
         if not self._config.embedded and self._config.apply_roles:
             db = self._call(lambda: c.command("SELECT currentDatabase()"), "roles")
-            text = resources.files("consumers").joinpath("sql", "roles.sql").read_text("utf-8")
+            text = (
+                resources.files("chio_receipts.consumers")
+                .joinpath("sql", "roles.sql")
+                .read_text("utf-8")
+            )
             for statement in split_statements(text.replace("{db}", str(db))):
                 try:
                     c.command(statement)

@@ -27,28 +27,28 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
-from consumers._builder import ReceiptBuilder, RunState, StepEntry
-from consumers._clickhouse import ClickHouseConfig, ClickHouseSink
-from consumers._dlq import DeadLetter, Reason
-from consumers._envelope import Envelope
-from consumers._errors import (
+from chio_receipts.consumers._builder import ReceiptBuilder, RunState, StepEntry
+from chio_receipts.consumers._clickhouse import ClickHouseConfig, ClickHouseSink
+from chio_receipts.consumers._dlq import DeadLetter, Reason
+from chio_receipts.consumers._envelope import Envelope
+from chio_receipts.consumers._errors import (
     ConfigError,
     ConsumerError,
     KafkaUnavailable,
     SinkDataError,
     SinkUnavailable,
 )
-from consumers._failpoints import failpoint
-from consumers._keys import KeyRing
-from consumers._metrics import ConsumerMetrics
-from consumers._rows import (
+from chio_receipts.consumers._failpoints import failpoint
+from chio_receipts.consumers._keys import KeyRing
+from chio_receipts.consumers._metrics import ConsumerMetrics
+from chio_receipts.consumers._rows import (
     STEP_FIELDS,
     completion_from_row,
     envelope_row,
     plain_from_row,
     step_row,
 )
-from consumers._wire import (
+from chio_receipts.consumers._wire import (
     RUN_SCHEMA,
     STEP_SCHEMA,
     Plain,
@@ -56,7 +56,7 @@ from consumers._wire import (
     encode_plain,
     envelope_step_body,
 )
-from schemas import (
+from chio_receipts.schemas import (
     Codec,
     DecodeError,
     KeyPair,

@@ -17,7 +17,7 @@ from typing import Any
 import nacl.exceptions
 import nacl.signing
 
-from consumers._wire import (
+from chio_receipts.consumers._wire import (
     ENVELOPE_SCHEMA,
     STEP_SCHEMA,
     avro_long,
@@ -25,7 +25,7 @@ from consumers._wire import (
     encode_plain,
     read_plain,
 )
-from schemas import ENVELOPE_VERSION, KeyPair, frame
+from chio_receipts.schemas import ENVELOPE_VERSION, KeyPair, frame
 
 __all__ = ["Envelope", "verify_envelope_signature"]
 

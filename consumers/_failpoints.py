@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from consumers._errors import FailpointError
+from chio_receipts.consumers._errors import FailpointError
 
 __all__ = ["ENV_VAR", "failpoint", "reset_failpoints"]
 

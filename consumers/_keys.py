@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from consumers._errors import KeyResolutionError
+from chio_receipts.consumers._errors import KeyResolutionError
 
 __all__ = ["KeyRing", "decode_public_key", "fetch_public_keys", "load_keys_file"]
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from consumers._envelope import Envelope
-from schemas import CompletionSource, Outcome, RunCompletion, StepReceipt, Verdict
+from chio_receipts.consumers._envelope import Envelope
+from chio_receipts.schemas import CompletionSource, Outcome, RunCompletion, StepReceipt, Verdict
 
 __all__ = [
     "ENVELOPE_COLUMNS",

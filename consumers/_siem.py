@@ -28,17 +28,17 @@ import httpx
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
-from consumers._errors import (
+from chio_receipts.consumers._errors import (
     ConfigError,
     ConsumerError,
     OutputError,
     OutputRejected,
     OutputUnavailable,
 )
-from consumers._metrics import ConsumerMetrics
-from consumers._ocsf import envelope_to_ocsf, is_deny, step_to_ocsf
-from consumers._wire import ENVELOPE_SCHEMA, STEP_SCHEMA, decode_plain
-from schemas import Codec, DecodeError, RegistryError, SchemaRegistryClient
+from chio_receipts.consumers._metrics import ConsumerMetrics
+from chio_receipts.consumers._ocsf import envelope_to_ocsf, is_deny, step_to_ocsf
+from chio_receipts.consumers._wire import ENVELOPE_SCHEMA, STEP_SCHEMA, decode_plain
+from chio_receipts.schemas import Codec, DecodeError, RegistryError, SchemaRegistryClient
 
 __all__ = [
     "ElasticOutput",

@@ -16,11 +16,26 @@ from typing import Any
 
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from consumers._clickhouse import BINARY_FORMATS, ENVELOPE_SELECT, STEP_SELECT, translate
-from consumers._envelope import verify_envelope_signature
-from consumers._rows import STEP_FIELDS, envelope_from_row, plain_from_row, receipt_from_row
-from consumers._wire import STEP_SCHEMA, decode_plain, encode_plain, envelope_step_body
-from schemas import DecodeError, chain_root, receipt_hash, verify_body, verify_receipt
+from chio_receipts.consumers._clickhouse import (
+    BINARY_FORMATS,
+    ENVELOPE_SELECT,
+    STEP_SELECT,
+    translate,
+)
+from chio_receipts.consumers._envelope import verify_envelope_signature
+from chio_receipts.consumers._rows import (
+    STEP_FIELDS,
+    envelope_from_row,
+    plain_from_row,
+    receipt_from_row,
+)
+from chio_receipts.consumers._wire import (
+    STEP_SCHEMA,
+    decode_plain,
+    encode_plain,
+    envelope_step_body,
+)
+from chio_receipts.schemas import DecodeError, chain_root, receipt_hash, verify_body, verify_receipt
 
 __all__ = ["VerifyReport", "verify_run"]
 

@@ -17,7 +17,7 @@ from typing import Any
 import fastavro
 from fastavro.types import Schema
 
-from schemas import (
+from chio_receipts.schemas import (
     SCHEMA_FILES,
     SINGLE_OBJECT_MAGIC,
     Codec,

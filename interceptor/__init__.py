@@ -10,9 +10,9 @@ against the capability of the run's ``WorkflowGrant`` before the body runs, publ
 
 from __future__ import annotations
 
-from interceptor._client import ChioClient
-from interceptor._digest import ArgumentKey, argument_digest, canonical_arguments
-from interceptor._errors import (
+from chio_receipts.interceptor._client import ChioClient
+from chio_receipts.interceptor._digest import ArgumentKey, argument_digest, canonical_arguments
+from chio_receipts.interceptor._errors import (
     CONFIG_ERROR_TYPE,
     DENIED_ERROR_TYPE,
     SIDECAR_ERROR_TYPE,
@@ -27,10 +27,10 @@ from interceptor._errors import (
     UnknownCapability,
     UnknownRunError,
 )
-from interceptor._evaluator import Evaluator
-from interceptor._grants import ActivityGrantOverride, GrantResolver, WorkflowGrant
-from interceptor._interceptor import ChioActivityInterceptor, InterceptorStats
-from interceptor._model import (
+from chio_receipts.interceptor._evaluator import Evaluator
+from chio_receipts.interceptor._grants import ActivityGrantOverride, GrantResolver, WorkflowGrant
+from chio_receipts.interceptor._interceptor import ChioActivityInterceptor, InterceptorStats
+from chio_receipts.interceptor._model import (
     CapabilityToken,
     EvaluationRequest,
     Scope,
@@ -38,23 +38,23 @@ from interceptor._model import (
     scope_for,
     uuid7,
 )
-from interceptor._receipt import (
+from chio_receipts.interceptor._receipt import (
     ENVELOPE_KEYS,
     WorkflowReceipt,
     WorkflowStepReceipt,
     envelope_to_json,
 )
-from interceptor._sidecar_app import (
+from chio_receipts.interceptor._sidecar_app import (
     SidecarServer,
     create_sidecar_app,
     openapi_document,
     serve_sidecar,
 )
-from interceptor._sidecar_http import HttpSidecar
-from interceptor._sidecar_local import LocalSidecar
-from interceptor._sink import InMemoryReceiptSink
-from interceptor._worker import build_chio_worker
-from schemas import verify_receipt
+from chio_receipts.interceptor._sidecar_http import HttpSidecar
+from chio_receipts.interceptor._sidecar_local import LocalSidecar
+from chio_receipts.interceptor._sink import InMemoryReceiptSink
+from chio_receipts.interceptor._worker import build_chio_worker
+from chio_receipts.schemas import verify_receipt
 
 __all__ = [
     "CONFIG_ERROR_TYPE",

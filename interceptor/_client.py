@@ -6,10 +6,15 @@ from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
-from interceptor._errors import ChioTemporalConfigError
-from interceptor._evaluator import Evaluator
-from interceptor._model import CapabilityToken, EvaluationRequest, SignedReceipt, now_us
-from interceptor._sidecar_http import HttpSidecar
+from chio_receipts.interceptor._errors import ChioTemporalConfigError
+from chio_receipts.interceptor._evaluator import Evaluator
+from chio_receipts.interceptor._model import (
+    CapabilityToken,
+    EvaluationRequest,
+    SignedReceipt,
+    now_us,
+)
+from chio_receipts.interceptor._sidecar_http import HttpSidecar
 
 __all__ = ["ChioClient"]
 

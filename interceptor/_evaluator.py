@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
-from interceptor._model import CapabilityToken, EvaluationRequest, SignedReceipt
+from chio_receipts.interceptor._model import CapabilityToken, EvaluationRequest, SignedReceipt
 
 __all__ = ["Evaluator"]
 

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import temporalio.activity
 
-from interceptor._errors import ChioTemporalConfigError
-from interceptor._model import CapabilityToken, Scope, is_subset, normalize_scope
+from chio_receipts.interceptor._errors import ChioTemporalConfigError
+from chio_receipts.interceptor._model import CapabilityToken, Scope, is_subset, normalize_scope
 
 if TYPE_CHECKING:
-    from interceptor._evaluator import Evaluator
+    from chio_receipts.interceptor._evaluator import Evaluator
 
 __all__ = [
     "ActivityGrantOverride",

@@ -48,9 +48,9 @@ import temporalio.converter
 import temporalio.worker
 from temporalio.exceptions import ApplicationError
 
-from interceptor._client import ChioClient
-from interceptor._digest import ArgumentKey, argument_digest
-from interceptor._errors import (
+from chio_receipts.interceptor._client import ChioClient
+from chio_receipts.interceptor._digest import ArgumentKey, argument_digest
+from chio_receipts.interceptor._errors import (
     CONFIG_ERROR_TYPE,
     DENIED_ERROR_TYPE,
     SIDECAR_ERROR_TYPE,
@@ -61,12 +61,18 @@ from interceptor._errors import (
     ChioTemporalError,
     UnknownRunError,
 )
-from interceptor._evaluator import Evaluator
-from interceptor._grants import ActivityGrantOverride, GrantResolver, WorkflowGrant
-from interceptor._model import EvaluationRequest, SignedReceipt, is_subset, now_us, uuid7
-from interceptor._receipt import WorkflowReceipt, WorkflowStepReceipt, parse_outcome
-from interceptor._workflow_side import DenialUnwrappingWorkflowInterceptor
-from schemas import (
+from chio_receipts.interceptor._evaluator import Evaluator
+from chio_receipts.interceptor._grants import ActivityGrantOverride, GrantResolver, WorkflowGrant
+from chio_receipts.interceptor._model import (
+    EvaluationRequest,
+    SignedReceipt,
+    is_subset,
+    now_us,
+    uuid7,
+)
+from chio_receipts.interceptor._receipt import WorkflowReceipt, WorkflowStepReceipt, parse_outcome
+from chio_receipts.interceptor._workflow_side import DenialUnwrappingWorkflowInterceptor
+from chio_receipts.schemas import (
     CompletionSource,
     ReceiptSink,
     ReceiptSinkError,

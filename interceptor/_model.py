@@ -9,8 +9,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from interceptor._errors import ChioTemporalConfigError
-from schemas import StepReceipt
+from chio_receipts.interceptor._errors import ChioTemporalConfigError
+from chio_receipts.schemas import StepReceipt
 
 __all__ = [
     "CapabilityToken",

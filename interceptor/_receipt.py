@@ -13,7 +13,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas import ENVELOPE_VERSION, Outcome, StepReceipt, Verdict, chain_root, receipt_hash
+from chio_receipts.schemas import (
+    ENVELOPE_VERSION,
+    Outcome,
+    StepReceipt,
+    Verdict,
+    chain_root,
+    receipt_hash,
+)
 
 __all__ = [
     "ENVELOPE_KEYS",

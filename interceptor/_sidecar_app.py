@@ -35,14 +35,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from interceptor._errors import (
+from chio_receipts.interceptor._errors import (
     ChioTemporalConfigError,
     ChioTemporalError,
     ScopeWidening,
     UnknownCapability,
 )
-from interceptor._model import EvaluationRequest, receipt_to_json
-from interceptor._sidecar_local import LocalSidecar
+from chio_receipts.interceptor._model import EvaluationRequest, receipt_to_json
+from chio_receipts.interceptor._sidecar_local import LocalSidecar
 
 __all__ = [
     "DEFAULT_MAX_BODY",

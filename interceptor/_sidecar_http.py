@@ -21,7 +21,7 @@ from typing import Any, Self
 import httpx
 import tenacity
 
-from interceptor._errors import (
+from chio_receipts.interceptor._errors import (
     ChioSidecarError,
     ChioSidecarProtocolError,
     ChioSidecarRejected,
@@ -30,13 +30,13 @@ from interceptor._errors import (
     ScopeWidening,
     UnknownCapability,
 )
-from interceptor._model import (
+from chio_receipts.interceptor._model import (
     CapabilityToken,
     EvaluationRequest,
     SignedReceipt,
     receipt_from_json,
 )
-from schemas import EncodeError, step_body, verify_body
+from chio_receipts.schemas import EncodeError, step_body, verify_body
 
 __all__ = ["HttpSidecar"]
 

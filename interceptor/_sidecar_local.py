@@ -13,8 +13,12 @@ import time
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
-from interceptor._errors import ChioTemporalConfigError, ScopeWidening, UnknownCapability
-from interceptor._model import (
+from chio_receipts.interceptor._errors import (
+    ChioTemporalConfigError,
+    ScopeWidening,
+    UnknownCapability,
+)
+from chio_receipts.interceptor._model import (
     CapabilityToken,
     EvaluationRequest,
     SignedReceipt,
@@ -23,7 +27,7 @@ from interceptor._model import (
     now_us,
     uuid7,
 )
-from schemas import KeyPair, StepReceipt, Verdict, sign_new_receipt
+from chio_receipts.schemas import KeyPair, StepReceipt, Verdict, sign_new_receipt
 
 __all__ = ["LocalSidecar"]
 

@@ -6,7 +6,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from schemas import RunCompletion, StepReceipt
+from chio_receipts.schemas import RunCompletion, StepReceipt
 
 __all__ = ["InMemoryReceiptSink"]
 

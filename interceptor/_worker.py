@@ -8,11 +8,11 @@ from typing import Any
 import temporalio.client
 import temporalio.worker
 
-from interceptor._client import ChioClient
-from interceptor._errors import ChioTemporalConfigError
-from interceptor._grants import WorkflowGrant
-from interceptor._interceptor import ChioActivityInterceptor
-from schemas import ReceiptSink
+from chio_receipts.interceptor._client import ChioClient
+from chio_receipts.interceptor._errors import ChioTemporalConfigError
+from chio_receipts.interceptor._grants import WorkflowGrant
+from chio_receipts.interceptor._interceptor import ChioActivityInterceptor
+from chio_receipts.schemas import ReceiptSink
 
 __all__ = ["build_chio_worker"]
 

@@ -17,7 +17,7 @@ import temporalio.worker
 import temporalio.workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from interceptor._errors import DENIED_ERROR_TYPE
+from chio_receipts.interceptor._errors import DENIED_ERROR_TYPE
 
 __all__ = ["DenialUnwrappingWorkflowInterceptor"]
 

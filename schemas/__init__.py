@@ -5,8 +5,8 @@ Every other package depends on this one; it depends on none of them.
 
 from __future__ import annotations
 
-from schemas._avro import SCHEMA_FILES, encode_body, parsed_schema, raw_schema
-from schemas._codec import (
+from chio_receipts.schemas._avro import SCHEMA_FILES, encode_body, parsed_schema, raw_schema
+from chio_receipts.schemas._codec import (
     SINGLE_OBJECT_MAGIC,
     Decoded,
     decode,
@@ -15,8 +15,8 @@ from schemas._codec import (
     read_body,
     schema_fingerprint,
 )
-from schemas._compat import check_backward, incompatibilities, released_schemas
-from schemas._confluent import (
+from chio_receipts.schemas._compat import check_backward, incompatibilities, released_schemas
+from chio_receipts.schemas._confluent import (
     CONFLUENT_MAGIC,
     Codec,
     WireFormat,
@@ -24,7 +24,27 @@ from schemas._confluent import (
     confluent_schema_id,
     standalone_schema,
 )
-from schemas._errors import (
+from chio_receipts.schemas._contract import (
+    CE_HEADERS,
+    CONTENT_TYPE,
+    DLQ_HEADER_PREFIX,
+    DLQ_TOPIC,
+    ENVELOPE_EVENT_TYPE,
+    ENVELOPE_SCHEMA,
+    ENVELOPES_TOPIC,
+    RUN_COMPLETION_EVENT_TYPE,
+    RUN_COMPLETION_SCHEMA,
+    RUNS_TOPIC,
+    STEP_EVENT_TYPE,
+    STEPS_TOPIC,
+    X_CHIO_RECEIPT,
+    X_CHIO_VERDICT,
+    TopicNames,
+    check_copartitioned,
+)
+from chio_receipts.schemas._errors import (
+    ChioReceiptsError,
+    ContractError,
     DecodeError,
     EncodeError,
     MalformedBody,
@@ -32,8 +52,10 @@ from schemas._errors import (
     SchemaError,
     UnknownFormat,
     UnknownSchema,
+    is_retriable,
 )
-from schemas._records import (
+from chio_receipts.schemas._kafka import KafkaConnection, SaslMechanism, Secret, SecurityProtocol
+from chio_receipts.schemas._records import (
     ENVELOPE_VERSION,
     CompletionSource,
     Outcome,
@@ -42,8 +64,9 @@ from schemas._records import (
     Verdict,
     run_key,
 )
-from schemas._registry import SchemaRegistryClient, SubjectStrategy, subject_name
-from schemas._signing import (
+from chio_receipts.schemas._registry import SchemaRegistryClient, SubjectStrategy, subject_name
+from chio_receipts.schemas._retry import RetryPolicy, retry_async
+from chio_receipts.schemas._signing import (
     SIGNATURE_SIZE,
     STEP_SCHEMA,
     KeyPair,
@@ -56,32 +79,54 @@ from schemas._signing import (
     verify_body,
     verify_receipt,
 )
-from schemas._sink import ReceiptSink, ReceiptSinkError
-from schemas._stepcodec import avro_long
+from chio_receipts.schemas._sink import ReceiptSink, ReceiptSinkError
+from chio_receipts.schemas._stepcodec import avro_long
 
 __all__ = [
+    "CE_HEADERS",
     "CONFLUENT_MAGIC",
+    "CONTENT_TYPE",
+    "DLQ_HEADER_PREFIX",
+    "DLQ_TOPIC",
+    "ENVELOPES_TOPIC",
+    "ENVELOPE_EVENT_TYPE",
+    "ENVELOPE_SCHEMA",
     "ENVELOPE_VERSION",
+    "RUNS_TOPIC",
+    "RUN_COMPLETION_EVENT_TYPE",
+    "RUN_COMPLETION_SCHEMA",
     "SCHEMA_FILES",
     "SIGNATURE_SIZE",
     "SINGLE_OBJECT_MAGIC",
+    "STEPS_TOPIC",
+    "STEP_EVENT_TYPE",
     "STEP_SCHEMA",
+    "X_CHIO_RECEIPT",
+    "X_CHIO_VERDICT",
+    "ChioReceiptsError",
     "Codec",
     "CompletionSource",
+    "ContractError",
     "DecodeError",
     "Decoded",
     "EncodeError",
+    "KafkaConnection",
     "KeyPair",
     "MalformedBody",
     "Outcome",
     "ReceiptSink",
     "ReceiptSinkError",
     "RegistryError",
+    "RetryPolicy",
     "RunCompletion",
+    "SaslMechanism",
     "SchemaError",
     "SchemaRegistryClient",
+    "Secret",
+    "SecurityProtocol",
     "StepReceipt",
     "SubjectStrategy",
+    "TopicNames",
     "UnknownFormat",
     "UnknownSchema",
     "Verdict",
@@ -89,6 +134,7 @@ __all__ = [
     "avro_long",
     "chain_root",
     "check_backward",
+    "check_copartitioned",
     "confluent_frame",
     "confluent_schema_id",
     "decode",
@@ -96,11 +142,13 @@ __all__ = [
     "encode_body",
     "frame",
     "incompatibilities",
+    "is_retriable",
     "parsed_schema",
     "raw_schema",
     "read_body",
     "receipt_hash",
     "released_schemas",
+    "retry_async",
     "run_key",
     "schema_fingerprint",
     "sign_new_receipt",

@@ -27,7 +27,11 @@ SCHEMA_FILES: dict[str, str] = {
 @cache
 def raw_schema(name: str) -> dict[str, Any]:
     """The JSON of schema ``name`` (full name) as shipped in ``schemas/avro``."""
-    text = resources.files("schemas").joinpath("avro", SCHEMA_FILES[name]).read_text("utf-8")
+    text = (
+        resources.files("chio_receipts.schemas")
+        .joinpath("avro", SCHEMA_FILES[name])
+        .read_text("utf-8")
+    )
     parsed: dict[str, Any] = json.loads(text)
     return parsed
 

@@ -19,8 +19,8 @@ import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 from fastavro.types import Schema
 
-from schemas._avro import SCHEMA_FILES, encode_body, parsed_schema, raw_schema
-from schemas._errors import EncodeError, MalformedBody, UnknownFormat, UnknownSchema
+from chio_receipts.schemas._avro import SCHEMA_FILES, encode_body, parsed_schema, raw_schema
+from chio_receipts.schemas._errors import EncodeError, MalformedBody, UnknownFormat, UnknownSchema
 
 __all__ = [
     "SINGLE_OBJECT_MAGIC",
@@ -66,7 +66,7 @@ def _writers() -> dict[bytes, _Writer]:
     writers: dict[bytes, _Writer] = {}
     for name in SCHEMA_FILES:
         writers[_current_fingerprint(name)] = _Writer(name, parsed_schema(name))
-    released = resources.files("schemas").joinpath("avro", "released")
+    released = resources.files("chio_receipts.schemas").joinpath("avro", "released")
     if released.is_dir():
         for item in sorted(released.iterdir(), key=lambda p: p.name):
             if not item.name.endswith(".avsc"):

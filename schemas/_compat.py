@@ -209,7 +209,7 @@ def released_schemas() -> dict[str, dict[str, Any]]:
     """Full name -> JSON of every released schema kept in ``avro/released/`` (newest file wins
     when several versions of one name are kept: files sort by name, ``.v2`` after ``.v1``)."""
     out: dict[str, dict[str, Any]] = {}
-    folder = resources.files("schemas").joinpath("avro", "released")
+    folder = resources.files("chio_receipts.schemas").joinpath("avro", "released")
     if not folder.is_dir():
         return out
     for item in sorted(folder.iterdir(), key=lambda p: p.name):

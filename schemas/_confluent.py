@@ -20,10 +20,10 @@ from typing import Any, Literal
 import fastavro
 from fastavro.types import Schema
 
-from schemas._avro import SCHEMA_FILES, encode_body, parsed_schema, raw_schema
-from schemas._codec import SINGLE_OBJECT_MAGIC, Decoded, decode, frame, read_body
-from schemas._errors import EncodeError, UnknownFormat, UnknownSchema
-from schemas._registry import SchemaRegistryClient
+from chio_receipts.schemas._avro import SCHEMA_FILES, encode_body, parsed_schema, raw_schema
+from chio_receipts.schemas._codec import SINGLE_OBJECT_MAGIC, Decoded, decode, frame, read_body
+from chio_receipts.schemas._errors import EncodeError, UnknownFormat, UnknownSchema
+from chio_receipts.schemas._registry import SchemaRegistryClient
 
 __all__ = [
     "CONFLUENT_MAGIC",

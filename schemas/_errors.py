@@ -1,12 +1,20 @@
-"""Errors of the schemas package.
+"""The project's exception root, and the errors of the schemas package.
 
-    SchemaError                  base; every codec failure is one of these
-    ├── DecodeError              bytes that are not a valid event (dead-letter them)
-    │   ├── UnknownFormat        first byte is neither single-object (C3 01) nor Confluent (00)
-    │   ├── UnknownSchema        fingerprint / schema id names no known writer schema
-    │   └── MalformedBody        the Avro body does not decode, or has trailing bytes
-    ├── EncodeError              a record that does not match its schema (a bug upstream)
-    └── RegistryError            the schema registry is unreachable or refused a request
+Every exception the project raises derives from :class:`ChioReceiptsError`; each package draws
+its own tree under it (``StreamerError``, ``ConsumerError``, ``ChioTemporalError``, ...). Whether
+the same input can succeed on a later attempt is read one way everywhere: the ``retriable``
+class attribute (see :func:`is_retriable`).
+
+    ChioReceiptsError            root of every error of the project (``retriable = False``)
+    ├── ContractError            the deployment breaks the contract (e.g. steps and runs topics
+    │                            are not co-partitioned); a configuration error, not retriable
+    └── SchemaError              base; every codec failure is one of these
+        ├── DecodeError          bytes that are not a valid event (dead-letter them)
+        │   ├── UnknownFormat    first byte is neither single-object (C3 01) nor Confluent (00)
+        │   ├── UnknownSchema    fingerprint / schema id names no known writer schema
+        │   └── MalformedBody    the Avro body does not decode, or has trailing bytes
+        ├── EncodeError          a record that does not match its schema (a bug upstream)
+        └── RegistryError        the schema registry is unreachable or refused a request
                                  (operational: ``retriable = True``)
 
 All but RegistryError are data errors: retrying the same bytes cannot help (``retriable = False``).
@@ -15,6 +23,8 @@ All but RegistryError are data errors: retrying the same bytes cannot help (``re
 from __future__ import annotations
 
 __all__ = [
+    "ChioReceiptsError",
+    "ContractError",
     "DecodeError",
     "EncodeError",
     "MalformedBody",
@@ -22,13 +32,28 @@ __all__ = [
     "SchemaError",
     "UnknownFormat",
     "UnknownSchema",
+    "is_retriable",
 ]
 
 
-class SchemaError(Exception):
-    """Base of every error raised by the schemas package."""
+class ChioReceiptsError(Exception):
+    """Root of every error the project raises."""
 
-    retriable = False
+    retriable: bool = False
+    """True when the same input can succeed on a later attempt (an operational failure)."""
+
+
+def is_retriable(exc: BaseException) -> bool:
+    """Whether ``exc`` is worth retrying: the project's ``retriable`` attribute, else False."""
+    return bool(getattr(exc, "retriable", False))
+
+
+class ContractError(ChioReceiptsError):
+    """The deployment breaks the pipeline's contract (topics, partitioning)."""
+
+
+class SchemaError(ChioReceiptsError):
+    """Base of every error raised by the schemas package."""
 
 
 class DecodeError(SchemaError):

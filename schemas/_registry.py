@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import httpx
 
-from schemas._errors import RegistryError, UnknownSchema
+from chio_receipts.schemas._errors import RegistryError, UnknownSchema
 
 __all__ = ["SchemaRegistryClient", "SubjectStrategy", "subject_name"]
 

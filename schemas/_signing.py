@@ -18,9 +18,10 @@ import nacl.bindings
 import nacl.exceptions
 import nacl.signing
 
-from schemas._avro import encode_body
-from schemas._records import StepReceipt
-from schemas._stepcodec import encode_step
+from chio_receipts.schemas._avro import encode_body
+from chio_receipts.schemas._contract import STEP_SCHEMA
+from chio_receipts.schemas._records import StepReceipt
+from chio_receipts.schemas._stepcodec import encode_step
 
 __all__ = [
     "SIGNATURE_SIZE",
@@ -36,7 +37,6 @@ __all__ = [
     "verify_receipt",
 ]
 
-STEP_SCHEMA = "dev.chio.receipts.v1.StepReceipt"
 SIGNATURE_SIZE = 64
 # Avro encodes a 64-byte ``bytes`` as zig-zag varint 128 (0x80 0x01) followed by the bytes.
 _SIG_PREFIX = b"\x80\x01"

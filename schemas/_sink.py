@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from schemas._records import RunCompletion, StepReceipt
+from chio_receipts.schemas._records import RunCompletion, StepReceipt
 
 __all__ = ["ReceiptSink", "ReceiptSinkError"]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import operator
 from functools import lru_cache
 
-from schemas._records import _STEP_NAMES, StepReceipt, Verdict
+from chio_receipts.schemas._records import _STEP_NAMES, StepReceipt, Verdict
 
 __all__ = ["avro_long", "encode_step"]
 

@@ -7,7 +7,7 @@ run; ``ensure_topics`` creates the pipeline's topics.
 
 from __future__ import annotations
 
-from streamer._cloudevents import (
+from chio_receipts.streamer._cloudevents import (
     COMPLETION_TYPE,
     CONTENT_TYPE,
     ENVELOPE_TYPE,
@@ -17,8 +17,14 @@ from streamer._cloudevents import (
     envelope_record,
     step_record,
 )
-from streamer._config import Compression, Durability, StreamerConfig, TopicsConfig, TopicSettings
-from streamer._errors import (
+from chio_receipts.streamer._config import (
+    Compression,
+    Durability,
+    StreamerConfig,
+    TopicsConfig,
+    TopicSettings,
+)
+from chio_receipts.streamer._errors import (
     SpoolError,
     SpoolFull,
     StreamerClosed,
@@ -27,13 +33,13 @@ from streamer._errors import (
     TopicMismatch,
     WatcherError,
 )
-from streamer._history import HistoryFacts, completion_event, history_facts
-from streamer._metrics import StreamerMetrics, start_metrics_server
-from streamer._partition import PartitionCache, murmur2, partition_for
-from streamer._spool import AsyncSpool, Spool, SpoolBatch, SpoolPosition, SpoolRecord
-from streamer._streamer import ReceiptStreamer
-from streamer._topics import TopicState, describe_topics, ensure_topics
-from streamer._watcher import Checkpoint, CompletionWatcher, WatcherConfig
+from chio_receipts.streamer._history import HistoryFacts, completion_event, history_facts
+from chio_receipts.streamer._metrics import StreamerMetrics, start_metrics_server
+from chio_receipts.streamer._partition import PartitionCache, murmur2, partition_for
+from chio_receipts.streamer._spool import AsyncSpool, Spool, SpoolBatch, SpoolPosition, SpoolRecord
+from chio_receipts.streamer._streamer import ReceiptStreamer
+from chio_receipts.streamer._topics import TopicState, describe_topics, ensure_topics
+from chio_receipts.streamer._watcher import Checkpoint, CompletionWatcher, WatcherConfig
 
 __all__ = [
     "COMPLETION_TYPE",

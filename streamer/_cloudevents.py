@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import schemas
-from streamer._spool import SpoolRecord
+import chio_receipts.schemas as schemas
+from chio_receipts.streamer._spool import SpoolRecord
 
 __all__ = [
     "COMPLETION_TYPE",

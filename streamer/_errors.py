@@ -15,7 +15,7 @@ aiokafka and temporalio errors never escape this package: they are translated at
 
 from __future__ import annotations
 
-from schemas import ReceiptSinkError
+from chio_receipts.schemas import ReceiptSinkError
 
 __all__ = [
     "SpoolError",

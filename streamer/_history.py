@@ -25,7 +25,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import WorkflowExecutionStatus
 
-import schemas
+import chio_receipts.schemas as schemas
 
 __all__ = [
     "LOCAL_ACTIVITY_MARKERS",

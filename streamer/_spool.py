@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from streamer._errors import SpoolError, SpoolFull
+from chio_receipts.streamer._errors import SpoolError, SpoolFull
 
 __all__ = ["AsyncSpool", "Spool", "SpoolBatch", "SpoolPosition", "SpoolRecord"]
 

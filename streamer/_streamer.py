@@ -39,8 +39,8 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
-import schemas
-from streamer._cloudevents import (
+import chio_receipts.schemas as schemas
+from chio_receipts.streamer._cloudevents import (
     ENVELOPE_SCHEMA,
     RUN_COMPLETION_SCHEMA,
     Framer,
@@ -49,11 +49,11 @@ from streamer._cloudevents import (
     single_object,
     step_record,
 )
-from streamer._config import StreamerConfig
-from streamer._errors import SpoolError, StreamerClosed, StreamerError
-from streamer._metrics import StreamerMetrics
-from streamer._partition import PartitionCache
-from streamer._spool import AsyncSpool, Spool, SpoolPosition, SpoolRecord
+from chio_receipts.streamer._config import StreamerConfig
+from chio_receipts.streamer._errors import SpoolError, StreamerClosed, StreamerError
+from chio_receipts.streamer._metrics import StreamerMetrics
+from chio_receipts.streamer._partition import PartitionCache
+from chio_receipts.streamer._spool import AsyncSpool, Spool, SpoolPosition, SpoolRecord
 
 __all__ = ["ReceiptStreamer"]
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
-from streamer._config import TopicsConfig
-from streamer._errors import TopicError, TopicMismatch
+from chio_receipts.streamer._config import TopicsConfig
+from chio_receipts.streamer._errors import TopicError, TopicMismatch
 
 __all__ = ["TopicState", "describe_topics", "ensure_topics"]
 

@@ -28,10 +28,10 @@ from pathlib import Path
 from temporalio.client import Client, WorkflowExecution
 from temporalio.service import RPCError
 
-import schemas
-from streamer._errors import WatcherError
-from streamer._history import completion_event, history_facts, micros
-from streamer._metrics import StreamerMetrics
+import chio_receipts.schemas as schemas
+from chio_receipts.streamer._errors import WatcherError
+from chio_receipts.streamer._history import completion_event, history_facts, micros
+from chio_receipts.streamer._metrics import StreamerMetrics
 
 __all__ = ["Checkpoint", "CompletionWatcher", "WatcherConfig"]
 

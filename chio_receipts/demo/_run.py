@@ -41,11 +41,7 @@ from temporalio.client import (
 )
 
 from chio_receipts._config import AppConfig
-from chio_receipts.demo import _workflows as wf
-from chio_receipts.demo._report import Summary, read_summary, write_html_report
-from chio_receipts.demo._worker import DEFAULT_SCOPE, WorkerSettings, demo_worker
-from chio_receipts.stack import LocalStack, StackConfig, StackError, read_state
-from consumers import (
+from chio_receipts.consumers import (
     BuilderConfig,
     ClickHouseConfig,
     ReceiptBuilderService,
@@ -53,7 +49,10 @@ from consumers import (
     VerifyReport,
     verify_run,
 )
-from interceptor import (
+from chio_receipts.demo import _workflows as wf
+from chio_receipts.demo._report import Summary, read_summary, write_html_report
+from chio_receipts.demo._worker import DEFAULT_SCOPE, WorkerSettings, demo_worker
+from chio_receipts.interceptor import (
     ArgumentKey,
     ChioActivityInterceptor,
     ChioClient,
@@ -61,8 +60,9 @@ from interceptor import (
     SidecarServer,
     WorkflowGrant,
 )
-from schemas import KeyPair
-from streamer import (
+from chio_receipts.schemas import KeyPair
+from chio_receipts.stack import LocalStack, StackConfig, StackError, read_state
+from chio_receipts.streamer import (
     CompletionWatcher,
     ReceiptStreamer,
     StreamerConfig,

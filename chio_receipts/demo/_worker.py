@@ -19,7 +19,7 @@ from temporalio.worker import Worker
 
 from chio_receipts.demo._activities import ALL_ACTIVITIES
 from chio_receipts.demo._workflows import ALL_WORKFLOWS
-from interceptor import (
+from chio_receipts.interceptor import (
     ArgumentKey,
     CapabilityToken,
     ChioActivityInterceptor,
@@ -27,7 +27,7 @@ from interceptor import (
     GrantResolver,
     WorkflowGrant,
 )
-from streamer import ReceiptStreamer, StreamerConfig, TopicsConfig
+from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig
 
 __all__ = [
     "DEFAULT_SCOPE",

@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Any
 
-from schemas import (
+from chio_receipts.schemas import (
     CompletionSource,
     KeyPair,
     Outcome,

@@ -10,7 +10,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from consumers import Topics
+from chio_receipts.consumers import Topics
 
 
 @dataclass(frozen=True)

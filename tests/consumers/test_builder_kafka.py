@@ -14,7 +14,7 @@ from consumer_factory import STEP, completion, completion_value, receipt, signed
 from http_receiver import Receiver
 from kafka_topics import create_topics, make_topics, produce, read_all
 
-from consumers import (
+from chio_receipts.consumers import (
     BuilderConfig,
     ClickHouseConfig,
     ConfigError,
@@ -23,9 +23,16 @@ from consumers import (
     parse_dead_letter_headers,
     verify_run,
 )
-from consumers._failpoints import reset_failpoints
-from consumers._wire import ENVELOPE_SCHEMA
-from schemas import KeyPair, confluent_frame, decode, frame, sign_receipt, standalone_schema
+from chio_receipts.consumers._failpoints import reset_failpoints
+from chio_receipts.consumers._wire import ENVELOPE_SCHEMA
+from chio_receipts.schemas import (
+    KeyPair,
+    confluent_frame,
+    decode,
+    frame,
+    sign_receipt,
+    standalone_schema,
+)
 
 pytestmark = pytest.mark.integration
 WORKER = KeyPair.generate("worker-1")

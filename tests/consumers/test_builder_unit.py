@@ -8,9 +8,16 @@ import fastavro
 import pytest
 from consumer_factory import completion, signed_run
 
-from consumers import Envelope, ReceiptBuilder, StepEntry, verify_envelope_signature
-from consumers._wire import ENVELOPE_SCHEMA
-from schemas import KeyPair, chain_root, encode_body, parsed_schema, receipt_hash, step_body
+from chio_receipts.consumers import Envelope, ReceiptBuilder, StepEntry, verify_envelope_signature
+from chio_receipts.consumers._wire import ENVELOPE_SCHEMA
+from chio_receipts.schemas import (
+    KeyPair,
+    chain_root,
+    encode_body,
+    parsed_schema,
+    receipt_hash,
+    step_body,
+)
 
 pytestmark = pytest.mark.unit
 KEY = KeyPair.generate("worker-1")

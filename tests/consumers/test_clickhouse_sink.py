@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from consumer_factory import signed_run
 
-from consumers import ClickHouseConfig, ClickHouseSink, step_row
-from consumers._wire import decode_plain
-from schemas import KeyPair
+from chio_receipts.consumers import ClickHouseConfig, ClickHouseSink, step_row
+from chio_receipts.consumers._wire import decode_plain
+from chio_receipts.schemas import KeyPair
 
 pytestmark = pytest.mark.integration
 KEY = KeyPair.generate("worker-sink")

@@ -21,7 +21,7 @@ from kafka_topics import make_topics, produce
 from typer.testing import CliRunner
 
 from chio_receipts.cli_consumers import register
-from consumers import (
+from chio_receipts.consumers import (
     BuilderConfig,
     ClickHouseConfig,
     ReceiptBuilderService,
@@ -31,8 +31,8 @@ from consumers import (
     owner_pid,
     verify_run,
 )
-from consumers._clickhouse import split_statements
-from schemas import KeyPair
+from chio_receipts.consumers._clickhouse import split_statements
+from chio_receipts.schemas import KeyPair
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

@@ -8,8 +8,8 @@ import json
 import pytest
 from http_receiver import Receiver
 
-from consumers import KeyResolutionError, KeyRing, fetch_public_keys
-from schemas import KeyPair
+from chio_receipts.consumers import KeyResolutionError, KeyRing, fetch_public_keys
+from chio_receipts.schemas import KeyPair
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import os
 import pytest
 from consumer_factory import completion, completion_value, signed_run
 
-from consumers import (
+from chio_receipts.consumers import (
     DeadLetter,
     FailpointError,
     KeyResolutionError,
@@ -20,11 +20,17 @@ from consumers import (
     step_row,
     step_to_ocsf,
 )
-from consumers._failpoints import failpoint, reset_failpoints
-from consumers._ocsf import is_deny
-from consumers._rows import STEP_COLUMNS, plain_from_row
-from consumers._wire import RUN_SCHEMA, STEP_SCHEMA, decode_plain, encode_plain
-from schemas import KeyPair, MalformedBody, UnknownFormat, UnknownSchema, verify_receipt
+from chio_receipts.consumers._failpoints import failpoint, reset_failpoints
+from chio_receipts.consumers._ocsf import is_deny
+from chio_receipts.consumers._rows import STEP_COLUMNS, plain_from_row
+from chio_receipts.consumers._wire import RUN_SCHEMA, STEP_SCHEMA, decode_plain, encode_plain
+from chio_receipts.schemas import (
+    KeyPair,
+    MalformedBody,
+    UnknownFormat,
+    UnknownSchema,
+    verify_receipt,
+)
 
 pytestmark = pytest.mark.unit
 KEY = KeyPair.generate("worker-1")
@@ -157,7 +163,7 @@ def test_failpoints_fire_on_the_configured_hit() -> None:
 
 
 def test_public_api_is_exactly_all() -> None:
-    import consumers
+    import chio_receipts.consumers as consumers
 
     public = {n for n in vars(consumers) if not n.startswith("_")} - {"annotations"}
     assert set(consumers.__all__) == public

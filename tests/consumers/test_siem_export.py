@@ -17,15 +17,15 @@ from consumer_factory import signed_run
 from http_receiver import Receiver
 from kafka_topics import create_topics, produce
 
-from consumers._siem import (
+from chio_receipts.consumers._siem import (
     ElasticOutput,
     ExporterConfig,
     SiemExporter,
     SyslogOutput,
     parse_output,
 )
-from consumers._wire import decode_plain
-from schemas import KeyPair
+from chio_receipts.consumers._wire import decode_plain
+from chio_receipts.schemas import KeyPair
 
 KEY = KeyPair.generate("worker-siem")
 

@@ -13,7 +13,7 @@ from harness.pipeline import Pipeline
 from harness.scenario import finish
 from harness.workload import FaultInput
 
-from schemas import (
+from chio_receipts.schemas import (
     STEP_SCHEMA,
     KeyPair,
     confluent_frame,
@@ -83,7 +83,7 @@ def _bad_values(worker: KeyPair, stranger: KeyPair) -> list[tuple[str, bytes | N
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "schemas"))
     import avro_strategies
 
-    from schemas import sign_receipt
+    from chio_receipts.schemas import sign_receipt
 
     _good, body = sign_receipt(avro_strategies.sample_step(key_id=worker.key_id), worker)
     framed = frame(STEP_SCHEMA, body)
@@ -240,8 +240,8 @@ async def test_f20_duplicate_and_early_completions(make_pipeline: Callable[..., 
     """A completion arrives before the run's steps (as soon as it starts), the watcher's own
     arrives later, and every completion is sent once more at the end: one envelope per run,
     which waits for the expected steps (or is marked incomplete, then revised)."""
-    from schemas import CompletionSource, Outcome, RunCompletion
-    from streamer._history import completion_event_id
+    from chio_receipts.schemas import CompletionSource, Outcome, RunCompletion
+    from chio_receipts.streamer._history import completion_event_id
 
     p = make_pipeline(grace_seconds=5.0)
     await p.start()

@@ -13,7 +13,7 @@ from harness.report import record_row
 from harness.scenario import Outcome, finish
 from harness.workload import FaultInput
 
-from consumers import verify_run
+from chio_receipts.consumers import verify_run
 
 pytestmark = pytest.mark.e2e
 

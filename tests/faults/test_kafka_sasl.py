@@ -14,21 +14,21 @@ import pytest
 from _helpers import eventually
 from harness.receipts import signed_receipts
 
-from chio_receipts.stack import KafkaBroker, KafkaConfig
-from consumers import (
+from chio_receipts.consumers import (
     BuilderConfig,
     ClickHouseConfig,
     KafkaUnavailable,
     ReceiptBuilderService,
     Topics,
 )
-from schemas import (
+from chio_receipts.schemas import (
     CompletionSource,
     KeyPair,
     Outcome,
     RunCompletion,
 )
-from streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
+from chio_receipts.stack import KafkaBroker, KafkaConfig
+from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
 
 REPO = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "chio-writer", "pw-" + uuid.uuid4().hex

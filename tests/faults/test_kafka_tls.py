@@ -15,9 +15,9 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 from harness.receipts import signed_receipts
 
+from chio_receipts.schemas import KeyPair, decode, verify_body
 from chio_receipts.stack import KafkaBroker, KafkaConfig
-from schemas import KeyPair, decode, verify_body
-from streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
+from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -27,7 +27,7 @@ from harness.report import record_row
 from harness.scenario import finish
 from harness.workload import FaultInput
 
-import schemas
+import chio_receipts.schemas as schemas
 from chio_receipts.stack import KafkaBroker, KafkaConfig
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -21,14 +21,14 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.worker import Worker
 
-from interceptor import (
+from chio_receipts.interceptor import (
     ChioActivityInterceptor,
     InMemoryReceiptSink,
     LocalSidecar,
     WorkflowGrant,
     create_sidecar_app,
 )
-from schemas import ReceiptSinkError
+from chio_receipts.schemas import ReceiptSinkError
 
 SECRET = f"sk_live_{uuid.uuid4().hex}"
 

@@ -33,7 +33,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from streamer import Spool, SpoolError, SpoolFull, SpoolRecord
+from chio_receipts.streamer import Spool, SpoolError, SpoolFull, SpoolRecord
 
 pytestmark = pytest.mark.unit
 
@@ -234,7 +234,7 @@ TestSpoolModel.settings = settings(
 _CHILD = textwrap.dedent(
     """
     import sys
-    from streamer import Spool, SpoolRecord
+    from chio_receipts.streamer import Spool, SpoolRecord
     spool = Spool(sys.argv[1], segment_bytes=2048, max_bytes=1 << 30)
     spool.open()
     i = 0

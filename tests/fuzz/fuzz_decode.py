@@ -44,10 +44,10 @@ if str(_ROOT) not in sys.path:
 # Instrument only the project's decode code: instrumenting every dependency costs half a minute
 # of start-up on a small machine and adds no useful coverage feedback.
 with atheris.instrument_imports(include=["schemas", "consumers"]):
-    import schemas
+    import chio_receipts.schemas as schemas
 
     try:
-        from consumers._wire import decode_plain as _decode_plain
+        from chio_receipts.consumers._wire import decode_plain as _decode_plain
     except ImportError:  # the consumers package is optional for this target
         _decode_plain = None
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import fastavro
 import pytest
 
-import schemas
+import chio_receipts.schemas as schemas
 
 FUZZ = Path(__file__).resolve().parent / "fuzz_decode.py"
 SHORT_RUN_S = int(os.environ.get("CHIO_FUZZ_SECONDS", "20"))
@@ -90,7 +90,7 @@ def test_int_fields_outside_int32_are_a_decode_error() -> None:
 
 @pytest.mark.unit
 def test_the_builders_reader_also_rejects_ints_outside_int32() -> None:
-    from consumers._wire import decode_plain
+    from chio_receipts.consumers._wire import decode_plain
 
     with pytest.raises(schemas.DecodeError):
         decode_plain(_overlong_int_completion())

@@ -14,7 +14,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from interceptor import DENIED_ERROR_TYPE
+    from chio_receipts.interceptor import DENIED_ERROR_TYPE
 
 FAST_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=100),

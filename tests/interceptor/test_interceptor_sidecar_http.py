@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from interceptor import (
+from chio_receipts.interceptor import (
     ChioClient,
     ChioSidecarProtocolError,
     ChioSidecarRejected,
@@ -22,7 +22,7 @@ from interceptor import (
     create_sidecar_app,
     verify_receipt,
 )
-from schemas import Verdict
+from chio_receipts.schemas import Verdict
 
 
 def _client(side: LocalSidecar, token: str | None = None) -> httpx.AsyncClient:

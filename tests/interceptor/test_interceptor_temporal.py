@@ -22,7 +22,7 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.worker import Worker
 
-from interceptor import (
+from chio_receipts.interceptor import (
     DENIED_ERROR_TYPE,
     ENVELOPE_KEYS,
     ArgumentKey,
@@ -37,7 +37,7 @@ from interceptor import (
     scope_for,
     verify_receipt,
 )
-from schemas import Verdict, receipt_hash
+from chio_receipts.schemas import Verdict, receipt_hash
 
 pytestmark = pytest.mark.integration
 

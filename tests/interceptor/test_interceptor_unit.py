@@ -15,8 +15,8 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-import interceptor
-from interceptor import (
+import chio_receipts.interceptor as interceptor
+from chio_receipts.interceptor import (
     DENIED_ERROR_TYPE,
     ENVELOPE_KEYS,
     SIDECAR_ERROR_TYPE,
@@ -42,7 +42,7 @@ from interceptor import (
     uuid7,
     verify_receipt,
 )
-from schemas import ReceiptSink, ReceiptSinkError, Verdict, encode, receipt_hash
+from chio_receipts.schemas import ReceiptSink, ReceiptSinkError, Verdict, encode, receipt_hash
 
 pytestmark = pytest.mark.unit
 

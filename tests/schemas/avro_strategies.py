@@ -8,7 +8,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-import schemas
+import chio_receipts.schemas as schemas
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

@@ -16,7 +16,7 @@ from avro_strategies import normalize, sample_run, sample_step, strategy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import schemas
+import chio_receipts.schemas as schemas
 
 pytestmark = pytest.mark.unit
 

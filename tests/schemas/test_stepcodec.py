@@ -9,9 +9,9 @@ import pytest
 from avro_strategies import normalize, sample_step, strategy
 from hypothesis import HealthCheck, given, settings
 
-import schemas
-from schemas._avro import encode_body
-from schemas._stepcodec import encode_step
+import chio_receipts.schemas as schemas
+from chio_receipts.schemas._avro import encode_body
+from chio_receipts.schemas._stepcodec import encode_step
 
 STEP = schemas.STEP_SCHEMA
 
@@ -105,7 +105,7 @@ def test_sign_new_receipt_matches_sign_receipt_and_refuses_signed_or_foreign_rec
 
 
 def test_repeated_spans_come_from_a_bounded_table_with_the_same_bytes() -> None:
-    from schemas import _stepcodec
+    from chio_receipts.schemas import _stepcodec
 
     _stepcodec._SPANS.clear()
     first = sample_step(scope=("a", "b"), workflow_id="wf-1")

@@ -8,8 +8,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
 
-import schemas
-import streamer
+import chio_receipts.schemas as schemas
+import chio_receipts.streamer as streamer
 
 
 async def consume(

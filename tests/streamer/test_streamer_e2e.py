@@ -13,9 +13,14 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from test_streamer_watcher import Retrying, _watcher, flaky, quick
 
-import schemas
-import streamer
-from interceptor import ChioActivityInterceptor, ChioClient, LocalSidecar, WorkflowGrant
+import chio_receipts.schemas as schemas
+import chio_receipts.streamer as streamer
+from chio_receipts.interceptor import (
+    ChioActivityInterceptor,
+    ChioClient,
+    LocalSidecar,
+    WorkflowGrant,
+)
 
 pytestmark = pytest.mark.e2e
 

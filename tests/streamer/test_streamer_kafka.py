@@ -15,8 +15,8 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from streamer_kafka_helpers import config, consume, receipt_id_of
 
-import schemas
-import streamer
+import chio_receipts.schemas as schemas
+import chio_receipts.streamer as streamer
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "schemas"))
 from avro_strategies import sample_run, sample_step

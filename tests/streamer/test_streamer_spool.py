@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamer import AsyncSpool, Spool, SpoolFull, SpoolRecord
+from chio_receipts.streamer import AsyncSpool, Spool, SpoolFull, SpoolRecord
 
 pytestmark = pytest.mark.unit
 
@@ -123,7 +123,7 @@ def test_capacity_raises_spool_full_and_writes_nothing(tmp_path: Path) -> None:
             spool.append([_rec(1, 100)] * 5, fsync=False)
         assert err.value.retriable
         assert spool.depth == depth
-    import schemas
+    import chio_receipts.schemas as schemas
 
     assert issubclass(SpoolFull, schemas.ReceiptSinkError)
 
@@ -144,7 +144,7 @@ async def test_async_spool_group_commit_keeps_order(tmp_path: Path) -> None:
 _CHILD = textwrap.dedent(
     """
     import sys
-    from streamer import Spool, SpoolRecord
+    from chio_receipts.streamer import Spool, SpoolRecord
     spool = Spool(sys.argv[1], segment_bytes=4096)
     spool.open()
     i = 0
@@ -208,7 +208,7 @@ def test_read_from_a_cursor_pipelines_without_acknowledging(tmp_path: Path) -> N
 
 
 def test_one_owner_per_spool_directory(tmp_path: Path) -> None:
-    from streamer import SpoolError
+    from chio_receipts.streamer import SpoolError
 
     with Spool(tmp_path), pytest.raises(SpoolError, match="in use"):
         Spool(tmp_path).open()

@@ -11,7 +11,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from streamer import Spool, SpoolPosition, SpoolRecord
+from chio_receipts.streamer import Spool, SpoolPosition, SpoolRecord
 
 pytestmark = pytest.mark.unit
 

@@ -12,9 +12,9 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import WorkflowExecutionStatus
 
-import schemas
-import streamer
-from streamer._history import completion_event_id, outcome_of
+import chio_receipts.schemas as schemas
+import chio_receipts.streamer as streamer
+from chio_receipts.streamer._history import completion_event_id, outcome_of
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "schemas"))
 from avro_strategies import sample_run, sample_step

@@ -25,8 +25,8 @@ from temporalio.worker import (
     Worker,
 )
 
-import schemas
-import streamer
+import chio_receipts.schemas as schemas
+import chio_receipts.streamer as streamer
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,14 @@ import signal
 import sys
 from pathlib import Path
 
-from consumers import BuilderConfig, ClickHouseConfig, ConsumerError, ReceiptBuilderService, Topics
-from schemas import KeyPair
+from chio_receipts.consumers import (
+    BuilderConfig,
+    ClickHouseConfig,
+    ConsumerError,
+    ReceiptBuilderService,
+    Topics,
+)
+from chio_receipts.schemas import KeyPair
 
 log = logging.getLogger("harness.consumer")
 

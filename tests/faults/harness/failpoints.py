@@ -7,7 +7,7 @@ comma separated, each ``name[@n][=action]``; the point fires on its ``n``-th hit
 
 from __future__ import annotations
 
-from consumers import failpoint
+from chio_receipts.consumers import failpoint
 
 __all__ = ["ENV_VAR", "failpoint", "spec"]
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chio_receipts.schemas import ReceiptSink, ReceiptSinkError, RunCompletion, StepReceipt
 from harness.failpoints import failpoint
-from schemas import ReceiptSink, ReceiptSinkError, RunCompletion, StepReceipt
 
 __all__ = ["Oracle", "OracleEntry", "OracleSink", "read_oracle"]
 

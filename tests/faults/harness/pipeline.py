@@ -22,7 +22,16 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
-from consumers import open_client, parse_dead_letter_headers, verify_run
+from chio_receipts.consumers import open_client, parse_dead_letter_headers, verify_run
+from chio_receipts.schemas import KeyPair, RunCompletion
+from chio_receipts.streamer import (
+    CompletionWatcher,
+    ReceiptStreamer,
+    StreamerConfig,
+    TopicsConfig,
+    WatcherConfig,
+    ensure_topics,
+)
 from harness.invariants import (
     DeadLetterRecord,
     EnvelopeRow,
@@ -33,15 +42,6 @@ from harness.invariants import (
 from harness.oracle import Oracle, read_oracle
 from harness.procs import Child, rss_bytes
 from harness.workload import FaultInput, FaultWorkflow
-from schemas import KeyPair, RunCompletion
-from streamer import (
-    CompletionWatcher,
-    ReceiptStreamer,
-    StreamerConfig,
-    TopicsConfig,
-    WatcherConfig,
-    ensure_topics,
-)
 
 __all__ = ["Pipeline", "PipelineOptions", "cache_dir", "clickhouse_dsn_for"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from interceptor import uuid7
-from schemas import KeyPair, StepReceipt, Verdict, receipt_hash, sign_receipt
+from chio_receipts.interceptor import uuid7
+from chio_receipts.schemas import KeyPair, StepReceipt, Verdict, receipt_hash, sign_receipt
 
 __all__ = ["signed_receipts"]
 

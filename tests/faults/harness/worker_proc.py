@@ -22,11 +22,16 @@ from pathlib import Path
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from chio_receipts.interceptor import (
+    ArgumentKey,
+    ChioActivityInterceptor,
+    LocalSidecar,
+    WorkflowGrant,
+)
+from chio_receipts.schemas import KeyPair
+from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig
 from harness.oracle import OracleSink
 from harness.workload import ACTIVITIES, SCOPE, FaultWorkflow
-from interceptor import ArgumentKey, ChioActivityInterceptor, LocalSidecar, WorkflowGrant
-from schemas import KeyPair
-from streamer import ReceiptStreamer, StreamerConfig, TopicsConfig
 
 log = logging.getLogger("harness.worker")
 
