@@ -11,7 +11,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from chio_receipts.schemas._errors import ContractError
 
@@ -19,6 +19,8 @@ __all__ = ["KafkaConnection", "SaslMechanism", "Secret", "SecurityProtocol"]
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+_PROTOCOLS: tuple[str, ...] = get_args(SecurityProtocol)
+_MECHANISMS: tuple[str, ...] = get_args(SaslMechanism)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,16 @@ class KafkaConnection:
     client_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        if self.security_protocol not in _PROTOCOLS:
+            raise ContractError(
+                f"unknown Kafka security protocol {self.security_protocol!r}: "
+                f"use one of {', '.join(_PROTOCOLS)}"
+            )
+        if self.sasl_mechanism is not None and self.sasl_mechanism not in _MECHANISMS:
+            raise ContractError(
+                f"unknown SASL mechanism {self.sasl_mechanism!r}: "
+                f"use one of {', '.join(_MECHANISMS)}"
+            )
         sasl = self.security_protocol.startswith("SASL_")
         if sasl and not (self.sasl_mechanism and self.sasl_username and self.sasl_password):
             raise ContractError(
