@@ -4,6 +4,7 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
 COPY interceptor ./interceptor
+COPY sidecar ./sidecar
 COPY streamer ./streamer
 COPY consumers ./consumers
 COPY schemas ./schemas

@@ -29,8 +29,11 @@ from bench._env import Env
 from bench.interceptor import _info, _interceptor
 from chio_receipts.consumers import BuilderConfig, ClickHouseConfig, ReceiptBuilderService
 from chio_receipts.consumers import Topics as ConsumerTopics
-from chio_receipts.interceptor import LocalSidecar, WorkflowGrant
+from chio_receipts.interceptor import (
+    WorkflowGrant,
+)
 from chio_receipts.schemas import KeyPair, RunCompletion, StepReceipt
+from chio_receipts.sidecar import LocalSidecar
 from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
 
 __all__ = ["run"]

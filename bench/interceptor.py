@@ -28,10 +28,10 @@ from bench._workflows import BenchWorkflow, bench_step
 from chio_receipts.interceptor import (
     ArgumentKey,
     ChioActivityInterceptor,
-    LocalSidecar,
     WorkflowGrant,
 )
 from chio_receipts.schemas import KeyPair, RunCompletion, StepReceipt, sign_receipt
+from chio_receipts.sidecar import LocalSidecar
 from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
 
 __all__ = ["bench_attempt_cpu", "bench_worker_throughput", "run"]

@@ -21,8 +21,11 @@ from bench._common import Size, rss_bytes, signed_batch
 from bench._env import Env
 from bench.interceptor import _info, _interceptor
 from chio_receipts.consumers._builder import ReceiptBuilder, StepEntry
-from chio_receipts.interceptor import LocalSidecar, WorkflowGrant
+from chio_receipts.interceptor import (
+    WorkflowGrant,
+)
 from chio_receipts.schemas import KeyPair, receipt_hash
+from chio_receipts.sidecar import LocalSidecar
 from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
 
 __all__ = ["bench_builder_memory", "bench_rss", "run"]

@@ -9,9 +9,8 @@ from typing import Annotated
 
 import typer
 
-from chio_receipts.interceptor import LocalSidecar, serve_sidecar
-from chio_receipts.interceptor._sidecar_app import DEFAULT_MAX_BODY
 from chio_receipts.schemas import KeyPair
+from chio_receipts.sidecar import DEFAULT_MAX_BODY, LocalSidecar, serve_sidecar
 
 __all__ = ["app"]
 

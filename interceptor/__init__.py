@@ -6,6 +6,9 @@ against the capability of the run's ``WorkflowGrant`` before the body runs, publ
 (``chio-temporal/v1`` envelope). A deny fails the attempt with a non-retryable
 ``ApplicationError(type=DENIED_ERROR_TYPE)``; a sidecar failure with a retryable
 ``ApplicationError(type=SIDECAR_ERROR_TYPE)``, never an allow.
+
+The sidecar itself (``LocalSidecar``, its HTTP app and server) is ``chio_receipts.sidecar``; this
+package talks to any :class:`Evaluator` and imports no web server.
 """
 
 from __future__ import annotations
@@ -44,14 +47,7 @@ from chio_receipts.interceptor._receipt import (
     WorkflowStepReceipt,
     envelope_to_json,
 )
-from chio_receipts.interceptor._sidecar_app import (
-    SidecarServer,
-    create_sidecar_app,
-    openapi_document,
-    serve_sidecar,
-)
 from chio_receipts.interceptor._sidecar_http import HttpSidecar
-from chio_receipts.interceptor._sidecar_local import LocalSidecar
 from chio_receipts.interceptor._sink import InMemoryReceiptSink
 from chio_receipts.interceptor._worker import build_chio_worker
 from chio_receipts.schemas import verify_receipt
@@ -79,10 +75,8 @@ __all__ = [
     "HttpSidecar",
     "InMemoryReceiptSink",
     "InterceptorStats",
-    "LocalSidecar",
     "Scope",
     "ScopeWidening",
-    "SidecarServer",
     "SignedReceipt",
     "UnknownCapability",
     "UnknownRunError",
@@ -92,11 +86,8 @@ __all__ = [
     "argument_digest",
     "build_chio_worker",
     "canonical_arguments",
-    "create_sidecar_app",
     "envelope_to_json",
-    "openapi_document",
     "scope_for",
-    "serve_sidecar",
     "uuid7",
     "verify_receipt",
 ]

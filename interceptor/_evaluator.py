@@ -14,7 +14,7 @@ __all__ = ["Evaluator"]
 class Evaluator(Protocol):
     """A policy sidecar: mints and attenuates capabilities, decides and signs receipts.
 
-    Implementations: :class:`~interceptor.LocalSidecar` (in-process) and
+    Implementations: :class:`chio_receipts.sidecar.LocalSidecar` (in-process) and
     :class:`~interceptor.HttpSidecar` (a remote sidecar over HTTP). Transport failures raise
     :class:`~interceptor.ChioSidecarUnavailable`; they never become an allow.
     """

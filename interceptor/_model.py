@@ -1,16 +1,27 @@
-"""Capability tokens, scopes, the evaluation request, and small pure helpers (ids, clocks)."""
+"""The worker's view of the sidecar protocol: the contract's wire objects, scopes as configuration.
+
+The objects themselves (capability tokens, evaluation requests, signed receipts, ids, clocks)
+live in ``chio_receipts.schemas``, shared with the sidecar; this module re-exports them for the
+interceptor and checks scopes the worker is given, raising its own configuration error.
+"""
 
 from __future__ import annotations
 
-import os
-import threading
-import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable
 
 from chio_receipts.interceptor._errors import ChioTemporalConfigError
-from chio_receipts.schemas import StepReceipt
+from chio_receipts.schemas import (
+    CapabilityToken,
+    EvaluationRequest,
+    ProtocolError,
+    Scope,
+    SignedReceipt,
+    is_subset,
+    now_us,
+    receipt_from_json,
+    uuid7,
+)
+from chio_receipts.schemas import normalize_scope as _normalize_scope
 
 __all__ = [
     "CapabilityToken",
@@ -18,300 +29,22 @@ __all__ = [
     "Scope",
     "SignedReceipt",
     "is_subset",
+    "normalize_scope",
     "now_us",
     "receipt_from_json",
-    "receipt_to_json",
     "scope_for",
     "uuid7",
 ]
 
-Scope = tuple[str, ...]
-"""A capability scope: the sorted, de-duplicated tool names it allows."""
+
+def normalize_scope(tools: Iterable[str]) -> Scope:
+    """Sorted unique tool names; :class:`ChioTemporalConfigError` for an empty or non-string."""
+    try:
+        return _normalize_scope(tools)
+    except ProtocolError as exc:
+        raise ChioTemporalConfigError(str(exc)) from exc
 
 
 def scope_for(*tools: str) -> Scope:
     """The scope allowing exactly ``tools`` (activity types / tool names)."""
     return normalize_scope(tools)
-
-
-def normalize_scope(tools: Iterable[str]) -> Scope:
-    """Sorted unique tool names; rejects empty names and non-strings."""
-    out = set()
-    for tool in tools:
-        if not isinstance(tool, str) or not tool.strip():
-            raise ChioTemporalConfigError(f"scope entries must be non-empty strings, got {tool!r}")
-        out.add(tool)
-    return tuple(sorted(out))
-
-
-def is_subset(child: Iterable[str], parent: Iterable[str]) -> bool:
-    """True when every tool of ``child`` is allowed by ``parent``."""
-    return set(child) <= set(parent)
-
-
-def now_us() -> int:
-    """Wall-clock time in integer microseconds since the epoch (UTC)."""
-    return time.time_ns() // 1000
-
-
-_uuid_lock = threading.Lock()
-_uuid_last = [0, 0]  # [unix ms, 12-bit sequence]
-# Random bytes for rand_b, read from the OS 4 KiB at a time (one getrandom call per 512 ids
-# instead of one per id); a forked child drops what its parent read, so the two never share.
-_uuid_pool = [b""]
-_uuid_at = [0]  # offset of the next unread byte in _uuid_pool[0]
-_RANDOM_CHUNK = 4096
-_RAND_B = (1 << 62) - 1
-
-
-def _drop_random() -> None:
-    _uuid_pool[0], _uuid_at[0] = b"", 0
-
-
-os.register_at_fork(after_in_child=_drop_random)
-
-
-def uuid7() -> str:
-    """A UUIDv7 (RFC 9562) string, monotonic within this process.
-
-    ``rand_a`` carries a per-millisecond sequence so ids made in the same millisecond still sort
-    in creation order; ``rand_b`` is 62 bits from the OS's random source.
-    """
-    with _uuid_lock:
-        ms = time.time_ns() // 1_000_000
-        last_ms, seq = _uuid_last
-        if ms <= last_ms:
-            ms, seq = last_ms, seq + 1
-            if seq > 0xFFF:
-                ms, seq = ms + 1, 0
-        else:
-            seq = 0
-        _uuid_last[0], _uuid_last[1] = ms, seq
-        pool, at = _uuid_pool[0], _uuid_at[0]
-        if at >= len(pool):
-            pool, at = os.urandom(_RANDOM_CHUNK), 0
-            _uuid_pool[0] = pool
-        _uuid_at[0] = at + 8
-        rand = int.from_bytes(pool[at : at + 8], "big") & _RAND_B
-    # 48-bit ms | version 7 | 12-bit sequence | variant 0b10 | 62 random bits, formatted directly
-    # (uuid.UUID(int=...) validates and formats in Python: a third of the cost).
-    h = (
-        ((ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | rand)
-        .to_bytes(16, "big")
-        .hex()
-    )
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CapabilityToken:
-    """A capability minted by the sidecar: who may call which tools until when.
-
-    ``chain`` lists the ancestor capability ids, root first, ending with ``parent_id``.
-    """
-
-    id: str
-    subject: str
-    scope: Scope
-    issued_at: int
-    expires_at: int
-    parent_id: str | None = None
-    chain: tuple[str, ...] = ()
-    issuer_key_id: str = ""
-
-    def expired(self, at_us: int | None = None) -> bool:
-        """True once ``at_us`` (default: now) is at or past ``expires_at``."""
-        return (now_us() if at_us is None else at_us) >= self.expires_at
-
-    def allows(self, tool: str) -> bool:
-        """True when ``tool`` is in this token's scope."""
-        return tool in self.scope
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict (the sidecar API's capability object)."""
-        return {
-            "id": self.id,
-            "subject": self.subject,
-            "scope": list(self.scope),
-            "issued_at": self.issued_at,
-            "expires_at": self.expires_at,
-            "parent_id": self.parent_id,
-            "chain": list(self.chain),
-            "issuer_key_id": self.issuer_key_id,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> CapabilityToken:
-        """Inverse of :meth:`to_json`; raises ``KeyError``/``TypeError``/``ValueError``."""
-        parent = data.get("parent_id")
-        return cls(
-            id=_str(data["id"]),
-            subject=_str(data["subject"]),
-            scope=tuple(_str(s) for s in _list(data["scope"])),
-            issued_at=_int(data["issued_at"]),
-            expires_at=_int(data["expires_at"]),
-            parent_id=None if parent is None else _str(parent),
-            chain=tuple(_str(s) for s in _list(data.get("chain", []))),
-            issuer_key_id=_str(data.get("issuer_key_id", "")),
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EvaluationRequest:
-    """Everything the interceptor knows about one attempt, sent to the sidecar for a decision.
-
-    The sidecar decides, fills verdict, reason, receipt id, evaluation time, latency, subject,
-    scope and chain from the capability, and signs. ``deny_reason`` lets the caller ask for a
-    signed *deny* it already decided on (no grant, misconfigured override); it can never turn
-    into an allow.
-    """
-
-    capability_id: str
-    tool_server: str
-    tool: str
-    namespace: str = ""
-    workflow_id: str = ""
-    run_id: str = ""
-    workflow_type: str = ""
-    task_queue: str = ""
-    activity_id: str = ""
-    activity_type: str = ""
-    attempt: int = 1
-    is_local: bool = False
-    argument_digest: str = ""
-    argument_key_id: str = ""
-    scheduled_at: int = 0
-    started_at: int = 0
-    worker_identity: str = ""
-    prev_hash: bytes = b""
-    deny_reason: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict (``prev_hash`` as hex)."""
-        return {
-            "capability_id": self.capability_id,
-            "tool_server": self.tool_server,
-            "tool": self.tool,
-            "namespace": self.namespace,
-            "workflow_id": self.workflow_id,
-            "run_id": self.run_id,
-            "workflow_type": self.workflow_type,
-            "task_queue": self.task_queue,
-            "activity_id": self.activity_id,
-            "activity_type": self.activity_type,
-            "attempt": self.attempt,
-            "is_local": self.is_local,
-            "argument_digest": self.argument_digest,
-            "argument_key_id": self.argument_key_id,
-            "scheduled_at": self.scheduled_at,
-            "started_at": self.started_at,
-            "worker_identity": self.worker_identity,
-            "prev_hash": self.prev_hash.hex(),
-            "deny_reason": self.deny_reason,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> EvaluationRequest:
-        """Strict inverse of :meth:`to_json`; raises ``KeyError``/``TypeError``/``ValueError``."""
-        deny = data.get("deny_reason")
-        return cls(
-            capability_id=_str(data["capability_id"]),
-            tool_server=_str(data["tool_server"]),
-            tool=_str(data["tool"]),
-            namespace=_str(data.get("namespace", "")),
-            workflow_id=_str(data.get("workflow_id", "")),
-            run_id=_str(data.get("run_id", "")),
-            workflow_type=_str(data.get("workflow_type", "")),
-            task_queue=_str(data.get("task_queue", "")),
-            activity_id=_str(data.get("activity_id", "")),
-            activity_type=_str(data.get("activity_type", "")),
-            attempt=_int(data.get("attempt", 1)),
-            is_local=_bool(data.get("is_local", False)),
-            argument_digest=_str(data.get("argument_digest", "")),
-            argument_key_id=_str(data.get("argument_key_id", "")),
-            scheduled_at=_int(data.get("scheduled_at", 0)),
-            started_at=_int(data.get("started_at", 0)),
-            worker_identity=_str(data.get("worker_identity", "")),
-            prev_hash=bytes.fromhex(_str(data.get("prev_hash", ""))),
-            deny_reason=None if deny is None else _str(deny),
-        )
-
-    def matches(self, receipt: StepReceipt) -> bool:
-        """True when ``receipt`` carries this request's identity and context unchanged."""
-        return (
-            receipt.capability_id == self.capability_id
-            and receipt.tool_server == self.tool_server
-            and receipt.tool == self.tool
-            and receipt.namespace == self.namespace
-            and receipt.workflow_id == self.workflow_id
-            and receipt.run_id == self.run_id
-            and receipt.workflow_type == self.workflow_type
-            and receipt.task_queue == self.task_queue
-            and receipt.activity_id == self.activity_id
-            and receipt.activity_type == self.activity_type
-            and receipt.attempt == self.attempt
-            and receipt.is_local == self.is_local
-            and receipt.argument_digest == self.argument_digest
-            and receipt.argument_key_id == self.argument_key_id
-            and receipt.scheduled_at == self.scheduled_at
-            and receipt.started_at == self.started_at
-            and receipt.worker_identity == self.worker_identity
-            and receipt.prev_hash == self.prev_hash
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SignedReceipt:
-    """A signed step receipt and its schemaless Avro wire body (what the sink receives)."""
-
-    receipt: StepReceipt
-    body: bytes
-
-
-_INT_MAX = 2**63 - 1
-
-
-def _str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"expected a string, got {type(value).__name__}")
-    return value
-
-
-def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected an integer, got {type(value).__name__}")
-    if not -_INT_MAX <= value <= _INT_MAX:
-        raise ValueError("integer out of range")
-    return value
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"expected a boolean, got {type(value).__name__}")
-    return value
-
-
-def _list(value: Any) -> list[Any]:
-    if not isinstance(value, list):
-        raise TypeError(f"expected a list, got {type(value).__name__}")
-    return value
-
-
-def receipt_to_json(receipt: StepReceipt) -> dict[str, Any]:
-    """A step receipt as JSON-ready dict (bytes as hex, verdict as its symbol)."""
-    d = receipt.to_avro()
-    d["prev_hash"] = receipt.prev_hash.hex()
-    d["signature"] = receipt.signature.hex()
-    return d
-
-
-def receipt_from_json(data: Mapping[str, Any]) -> StepReceipt:
-    """Inverse of :func:`receipt_to_json`; raises ``KeyError``/``TypeError``/``ValueError``."""
-    d = dict(data)
-    d["prev_hash"] = bytes.fromhex(_str(d["prev_hash"]))
-    d["signature"] = bytes.fromhex(_str(d["signature"]))
-    d["capability_chain"] = [_str(s) for s in _list(d["capability_chain"])]
-    d["scope"] = [_str(s) for s in _list(d["scope"])]
-    for name in ("attempt", "scheduled_at", "started_at", "evaluated_at", "latency_us"):
-        d[name] = _int(d[name])
-    return StepReceipt.from_avro(d)

@@ -1,4 +1,5 @@
-"""The shared contract: Avro schemas, records, canonical encoding and signatures.
+"""The shared contract: Avro schemas, records, canonical encoding, signatures, and the sidecar
+protocol's wire objects (capabilities, evaluation requests, signed receipts).
 
 Every other package depends on this one; it depends on none of them.
 """
@@ -48,6 +49,7 @@ from chio_receipts.schemas._errors import (
     DecodeError,
     EncodeError,
     MalformedBody,
+    ProtocolError,
     RegistryError,
     SchemaError,
     UnknownFormat,
@@ -55,6 +57,18 @@ from chio_receipts.schemas._errors import (
     is_retriable,
 )
 from chio_receipts.schemas._kafka import KafkaConnection, SaslMechanism, Secret, SecurityProtocol
+from chio_receipts.schemas._protocol import (
+    CapabilityToken,
+    EvaluationRequest,
+    Scope,
+    SignedReceipt,
+    is_subset,
+    normalize_scope,
+    now_us,
+    receipt_from_json,
+    receipt_to_json,
+    uuid7,
+)
 from chio_receipts.schemas._records import (
     ENVELOPE_VERSION,
     CompletionSource,
@@ -103,6 +117,7 @@ __all__ = [
     "STEP_SCHEMA",
     "X_CHIO_RECEIPT",
     "X_CHIO_VERDICT",
+    "CapabilityToken",
     "ChioReceiptsError",
     "Codec",
     "CompletionSource",
@@ -110,10 +125,12 @@ __all__ = [
     "DecodeError",
     "Decoded",
     "EncodeError",
+    "EvaluationRequest",
     "KafkaConnection",
     "KeyPair",
     "MalformedBody",
     "Outcome",
+    "ProtocolError",
     "ReceiptSink",
     "ReceiptSinkError",
     "RegistryError",
@@ -122,8 +139,10 @@ __all__ = [
     "SaslMechanism",
     "SchemaError",
     "SchemaRegistryClient",
+    "Scope",
     "Secret",
     "SecurityProtocol",
+    "SignedReceipt",
     "StepReceipt",
     "SubjectStrategy",
     "TopicNames",
@@ -143,10 +162,15 @@ __all__ = [
     "frame",
     "incompatibilities",
     "is_retriable",
+    "is_subset",
+    "normalize_scope",
+    "now_us",
     "parsed_schema",
     "raw_schema",
     "read_body",
+    "receipt_from_json",
     "receipt_hash",
+    "receipt_to_json",
     "released_schemas",
     "retry_async",
     "run_key",
@@ -157,6 +181,7 @@ __all__ = [
     "standalone_schema",
     "step_body",
     "subject_name",
+    "uuid7",
     "verify_body",
     "verify_receipt",
 ]

@@ -8,6 +8,8 @@ class attribute (see :func:`is_retriable`).
     ChioReceiptsError            root of every error of the project (``retriable = False``)
     ├── ContractError            the deployment breaks the contract (e.g. steps and runs topics
     │                            are not co-partitioned); a configuration error, not retriable
+    ├── ProtocolError            a sidecar-protocol object is invalid (an empty or non-string
+    │                            scope entry); also a ``ValueError``
     └── SchemaError              base; every codec failure is one of these
         ├── DecodeError          bytes that are not a valid event (dead-letter them)
         │   ├── UnknownFormat    first byte is neither single-object (C3 01) nor Confluent (00)
@@ -28,6 +30,7 @@ __all__ = [
     "DecodeError",
     "EncodeError",
     "MalformedBody",
+    "ProtocolError",
     "RegistryError",
     "SchemaError",
     "UnknownFormat",
@@ -50,6 +53,10 @@ def is_retriable(exc: BaseException) -> bool:
 
 class ContractError(ChioReceiptsError):
     """The deployment breaks the pipeline's contract (topics, partitioning)."""
+
+
+class ProtocolError(ChioReceiptsError, ValueError):
+    """A wire object of the sidecar protocol is invalid (each side translates it into its own)."""
 
 
 class SchemaError(ChioReceiptsError):

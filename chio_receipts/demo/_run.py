@@ -56,11 +56,10 @@ from chio_receipts.interceptor import (
     ArgumentKey,
     ChioActivityInterceptor,
     ChioClient,
-    LocalSidecar,
-    SidecarServer,
     WorkflowGrant,
 )
 from chio_receipts.schemas import KeyPair
+from chio_receipts.sidecar import LocalSidecar, SidecarServer
 from chio_receipts.stack import LocalStack, StackConfig, StackError, read_state
 from chio_receipts.streamer import (
     CompletionWatcher,

@@ -24,11 +24,10 @@ from temporalio.worker import Worker
 from chio_receipts.interceptor import (
     ChioActivityInterceptor,
     InMemoryReceiptSink,
-    LocalSidecar,
     WorkflowGrant,
-    create_sidecar_app,
 )
 from chio_receipts.schemas import ReceiptSinkError
+from chio_receipts.sidecar import LocalSidecar, create_sidecar_app
 
 SECRET = f"sk_live_{uuid.uuid4().hex}"
 

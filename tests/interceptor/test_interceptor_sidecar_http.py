@@ -1,4 +1,4 @@
-"""The sidecar HTTP API: in-process over httpx's ASGI transport, and served on a real port."""
+"""``HttpSidecar`` against the sidecar's HTTP API: in process (ASGI) and on a real port."""
 
 from __future__ import annotations
 
@@ -16,146 +16,11 @@ from chio_receipts.interceptor import (
     ChioTemporalConfigError,
     EvaluationRequest,
     HttpSidecar,
-    LocalSidecar,
-    SidecarServer,
     UnknownCapability,
-    create_sidecar_app,
     verify_receipt,
 )
 from chio_receipts.schemas import Verdict
-
-
-def _client(side: LocalSidecar, token: str | None = None) -> httpx.AsyncClient:
-    app = create_sidecar_app(side, token=token, max_body_bytes=4096)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sidecar")
-
-
-@pytest.mark.unit
-async def test_bad_requests_get_4xx_json_never_500() -> None:
-    side = LocalSidecar()
-    cap = side.mint("agent:a", ["read"], 60)
-    async with _client(side) as http:
-        cases = [
-            (await http.post("/v1/capabilities", content=b"{not json"), 400, "malformed_json"),
-            (await http.post("/v1/capabilities", content=b"[1, 2]"), 422, "invalid_request"),
-            (await http.post("/v1/capabilities", json={"scope": ["a"]}), 422, "missing_field"),
-            (
-                await http.post(
-                    "/v1/capabilities", json={"subject": 1, "scope": ["a"], "ttl_seconds": 5}
-                ),
-                422,
-                "invalid_field",
-            ),
-            (
-                await http.post(
-                    "/v1/capabilities", json={"subject": "s", "scope": [1], "ttl_seconds": 5}
-                ),
-                422,
-                "invalid_field",
-            ),
-            (
-                await http.post(
-                    "/v1/capabilities", json={"subject": "s", "scope": ["a"], "ttl_seconds": -1}
-                ),
-                422,
-                "invalid_capability",
-            ),
-            (
-                await http.post(
-                    "/v1/capabilities",
-                    json={"subject": "s", "scope": ["a"], "ttl_seconds": True},
-                ),
-                422,
-                "invalid_field",
-            ),
-            (await http.post("/v1/evaluate", content=b"x" * 5000), 413, "too_large"),
-            (await http.post("/v1/evaluate", json={"tool": "a"}), 422, "missing_field"),
-            (
-                await http.post(
-                    "/v1/evaluate",
-                    json={
-                        "capability_id": cap.id,
-                        "tool_server": "s",
-                        "tool": "read",
-                        "attempt": "one",
-                    },
-                ),
-                422,
-                "invalid_field",
-            ),
-            (
-                await http.post(
-                    "/v1/evaluate",
-                    json={
-                        "capability_id": cap.id,
-                        "tool_server": "s",
-                        "tool": "read",
-                        "prev_hash": "zz",
-                    },
-                ),
-                422,
-                "invalid_field",
-            ),
-            (
-                await http.post(
-                    "/v1/evaluate",
-                    json={
-                        "capability_id": cap.id,
-                        "tool_server": "s",
-                        "tool": "read",
-                        "attempt": 2**80,
-                    },
-                ),
-                422,
-                "invalid_field",
-            ),
-            (await http.get("/v1/capabilities/cap-missing"), 404, "unknown_capability"),
-            (
-                await http.post(f"/v1/capabilities/{cap.id}/attenuate", json={"scope": ["admin"]}),
-                409,
-                "scope_widening",
-            ),
-            (await http.get("/v1/nothing-here"), 404, "not_found"),
-            (await http.get("/v1/evaluate"), 405, "method_not_allowed"),
-        ]
-        for response, status, error in cases:
-            assert response.status_code == status, (response.request.url, response.text)
-            body = response.json()
-            assert body["error"] == error, body
-            assert body["reason"]
-
-
-@pytest.mark.unit
-async def test_bearer_token_guards_everything_but_keys_health_and_openapi() -> None:
-    side = LocalSidecar()
-    async with _client(side, token="s3cret") as http:
-        denied = await http.post(
-            "/v1/capabilities", json={"subject": "s", "scope": ["a"], "ttl_seconds": 5}
-        )
-        assert denied.status_code == 401
-        assert denied.json()["error"] == "unauthorized"
-        ok = await http.post(
-            "/v1/capabilities",
-            json={"subject": "s", "scope": ["a"], "ttl_seconds": 5},
-            headers={"authorization": "Bearer s3cret"},
-        )
-        assert ok.status_code == 201
-        assert (await http.get("/healthz")).json()["status"] == "ok"
-        keys = (await http.get("/v1/keys")).json()
-        assert keys["keys"][0]["public_key"] == side_public_hex(side)
-        doc = (await http.get("/openapi.json")).json()
-        assert doc["openapi"].startswith("3.")
-        assert {
-            "/v1/capabilities",
-            "/v1/capabilities/{cap_id}/attenuate",
-            "/v1/evaluate",
-            "/v1/keys",
-            "/healthz",
-        } <= set(doc["paths"])
-
-
-def side_public_hex(side: LocalSidecar) -> str:
-    return next(iter(side._public.values())).hex()
+from chio_receipts.sidecar import LocalSidecar, SidecarServer, create_sidecar_app
 
 
 @pytest.mark.unit

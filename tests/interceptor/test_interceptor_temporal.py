@@ -30,14 +30,13 @@ from chio_receipts.interceptor import (
     ChioClient,
     ChioTemporalConfigError,
     InMemoryReceiptSink,
-    LocalSidecar,
-    SidecarServer,
     WorkflowGrant,
     build_chio_worker,
     scope_for,
     verify_receipt,
 )
 from chio_receipts.schemas import Verdict, receipt_hash
+from chio_receipts.sidecar import LocalSidecar, SidecarServer
 
 pytestmark = pytest.mark.integration
 

@@ -18,9 +18,9 @@ import chio_receipts.streamer as streamer
 from chio_receipts.interceptor import (
     ChioActivityInterceptor,
     ChioClient,
-    LocalSidecar,
     WorkflowGrant,
 )
+from chio_receipts.sidecar import LocalSidecar
 
 pytestmark = pytest.mark.e2e
 

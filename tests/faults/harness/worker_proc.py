@@ -25,10 +25,10 @@ from temporalio.worker import Worker
 from chio_receipts.interceptor import (
     ArgumentKey,
     ChioActivityInterceptor,
-    LocalSidecar,
     WorkflowGrant,
 )
 from chio_receipts.schemas import KeyPair
+from chio_receipts.sidecar import LocalSidecar
 from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig
 from harness.oracle import OracleSink
 from harness.workload import ACTIVITIES, SCOPE, FaultWorkflow

@@ -13,21 +13,21 @@ import time
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
-from chio_receipts.interceptor._errors import (
-    ChioTemporalConfigError,
-    ScopeWidening,
-    UnknownCapability,
-)
-from chio_receipts.interceptor._model import (
+from chio_receipts.schemas import (
     CapabilityToken,
     EvaluationRequest,
+    KeyPair,
+    ProtocolError,
     SignedReceipt,
+    StepReceipt,
+    Verdict,
     is_subset,
     normalize_scope,
     now_us,
+    sign_new_receipt,
     uuid7,
 )
-from chio_receipts.schemas import KeyPair, StepReceipt, Verdict, sign_new_receipt
+from chio_receipts.sidecar._errors import InvalidCapability, ScopeWidening, UnknownCapability
 
 __all__ = ["LocalSidecar"]
 
@@ -35,7 +35,11 @@ _MAX_TTL_SECONDS = 366 * 24 * 3600
 
 
 class LocalSidecar:
-    """The policy sidecar, in-process. Implements :class:`~interceptor.Evaluator`.
+    """The policy sidecar, in-process.
+
+    It has the methods of the worker's ``chio_receipts.interceptor.Evaluator`` protocol, so a
+    worker can use it in place of a remote sidecar (it satisfies the protocol structurally; this
+    package does not import the interceptor).
 
     ``key`` signs receipts (a fresh key when omitted); ``retired_keys`` are public keys of earlier
     keys still exported for verification. ``max_capabilities`` bounds memory: beyond it, expired
@@ -77,17 +81,20 @@ class LocalSidecar:
     ) -> CapabilityToken:
         """Synchronous :meth:`create_capability` (pure, no I/O)."""
         if not isinstance(subject, str) or not subject:
-            raise ChioTemporalConfigError("a capability needs a non-empty subject")
-        norm = normalize_scope(scope)
+            raise InvalidCapability("a capability needs a non-empty subject")
+        try:
+            norm = normalize_scope(scope)
+        except ProtocolError as exc:
+            raise InvalidCapability(str(exc)) from exc
         if not norm:
-            raise ChioTemporalConfigError("a capability needs at least one tool in its scope")
+            raise InvalidCapability("a capability needs at least one tool in its scope")
         if (
             isinstance(ttl_seconds, bool)
             or not isinstance(ttl_seconds, int | float)
             or not math.isfinite(ttl_seconds)
             or not 0 < ttl_seconds <= _MAX_TTL_SECONDS
         ):
-            raise ChioTemporalConfigError(
+            raise InvalidCapability(
                 f"ttl_seconds must be in (0, {_MAX_TTL_SECONDS}], got {ttl_seconds!r}"
             )
         now = now_us()
@@ -103,7 +110,7 @@ class LocalSidecar:
             expires = min(expires, parent.expires_at)
             chain = (*parent.chain, parent.id)
             if subject != parent.subject:
-                raise ChioTemporalConfigError("an attenuated capability keeps its parent's subject")
+                raise InvalidCapability("an attenuated capability keeps its parent's subject")
         self._make_room(now)
         token = CapabilityToken(
             id=f"cap-{uuid7()}",
@@ -126,7 +133,7 @@ class LocalSidecar:
             del self._caps[cap_id]
             self._revoked.discard(cap_id)
         if len(self._caps) >= self._max:
-            raise ChioTemporalConfigError(
+            raise InvalidCapability(
                 f"the sidecar holds {self._max} live capabilities; raise max_capabilities"
             )
 
@@ -142,7 +149,7 @@ class LocalSidecar:
         """Synchronous :meth:`attenuate`."""
         parent = self._get(capability_id)
         if self._revoked_in_chain(parent):
-            raise ChioTemporalConfigError(f"capability {capability_id} is revoked")
+            raise InvalidCapability(f"capability {capability_id} is revoked")
         if ttl_seconds is None:
             ttl_seconds = max((parent.expires_at - now_us()) / 1_000_000, 1e-6)
         return self.mint(parent.subject, scope, ttl_seconds, parent_id=capability_id)
@@ -160,7 +167,7 @@ class LocalSidecar:
         *,
         parent_id: str | None = None,
     ) -> CapabilityToken:
-        """Mint a capability (see :class:`~interceptor.Evaluator`)."""
+        """Mint a capability (:class:`InvalidCapability` when the request is refused)."""
         return self.mint(subject, scope, ttl_seconds, parent_id=parent_id)
 
     async def attenuate(
