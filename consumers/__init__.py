@@ -50,7 +50,13 @@ from chio_receipts.consumers._keys import (
 )
 from chio_receipts.consumers._metrics import ConsumerMetrics
 from chio_receipts.consumers._ocsf import OCSF_VERSION, envelope_to_ocsf, step_to_ocsf
-from chio_receipts.consumers._rows import envelope_row, receipt_from_row, step_row
+from chio_receipts.consumers._rows import (
+    EnvelopeRow,
+    StepRow,
+    envelope_row,
+    receipt_from_row,
+    step_row,
+)
 from chio_receipts.consumers._siem import (
     ElasticOutput,
     EventFilter,
@@ -78,6 +84,7 @@ __all__ = [
     "DeadLetter",
     "ElasticOutput",
     "Envelope",
+    "EnvelopeRow",
     "EventFilter",
     "ExporterConfig",
     "FailpointError",
@@ -100,6 +107,7 @@ __all__ = [
     "SinkError",
     "SinkUnavailable",
     "StepEntry",
+    "StepRow",
     "SyslogOutput",
     "Topics",
     "VerifyReport",

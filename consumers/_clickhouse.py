@@ -37,7 +37,7 @@ from chio_receipts.consumers._errors import (
     SinkUnavailable,
 )
 from chio_receipts.consumers._failpoints import failpoint
-from chio_receipts.consumers._rows import ENVELOPE_COLUMNS, STEP_COLUMNS, STEP_FIELDS
+from chio_receipts.consumers._rows import ENVELOPE_COLUMNS, STEP_COLUMNS, EnvelopeRow, StepRow
 
 __all__ = [
     "ClickHouseConfig",
@@ -56,26 +56,28 @@ _DATA_CODES = frozenset({6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 190, 3
 _CODE_RE = re.compile(r"Code: (\d+)")
 
 _BINARY = {"prev_hash": "bytes", "signature": "bytes", "wire": "bytes", "chain_root": "bytes"}
-_STEP_SELECT = ", ".join(
-    (
-        "toString(receipt_id)"
-        if c == "receipt_id"
-        else f"toUnixTimestamp64Micro({c})"
-        if c in ("scheduled_at", "started_at", "evaluated_at")
-        else f"toString({c})"
-        if c == "verdict"
-        else c
-    )
-    for c in (*STEP_FIELDS, "wire")
-)
-_ENVELOPE_SELECT = ", ".join(
-    f"toUnixTimestamp64Micro({c})"
-    if c == "started_at"
-    else "if(isNull(completed_at), NULL, toUnixTimestamp64Micro(assumeNotNull(completed_at)))"
-    if c == "completed_at"
-    else c
-    for c in ENVELOPE_COLUMNS
-)
+# How a column is read back so the typed row gets its field's type (ids as str, timestamps as
+# int microseconds); every select item is aliased to its column name, and rows are built from
+# the result's column names.
+_READ_AS = {
+    "receipt_id": "toString(receipt_id)",
+    "verdict": "toString(verdict)",
+    "scheduled_at": "toUnixTimestamp64Micro(scheduled_at)",
+    "evaluated_at": "toUnixTimestamp64Micro(evaluated_at)",
+    "started_at": "toUnixTimestamp64Micro(started_at)",
+    "completed_at": (
+        "if(isNull(completed_at), NULL, toUnixTimestamp64Micro(assumeNotNull(completed_at)))"
+    ),
+}
+
+
+def select_list(columns: Sequence[str]) -> str:
+    """The select items reading ``columns`` back, each aliased to its column name."""
+    return ", ".join(f"{_READ_AS[c]} AS {c}" if c in _READ_AS else c for c in columns)
+
+
+STEP_SELECT = select_list(STEP_COLUMNS)
+ENVELOPE_SELECT = select_list(ENVELOPE_COLUMNS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -359,17 +361,19 @@ class ClickHouseSink:
             raise SinkUnavailable("the ClickHouse sink is not started")
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def insert_steps(self, rows: Sequence[Sequence[Any]], token: str) -> None:
+    async def insert_steps(self, rows: Sequence[StepRow], token: str) -> None:
         """Insert step rows in one statement, deduplicated by ``token``."""
-        await self._run(lambda: self._insert("step_receipts", rows, token, self._step_types))
+        values = [row.values() for row in rows]
+        await self._run(lambda: self._insert("step_receipts", values, token, self._step_types))
 
-    async def insert_envelopes(self, rows: Sequence[Sequence[Any]], token: str) -> None:
+    async def insert_envelopes(self, rows: Sequence[EnvelopeRow], token: str) -> None:
         """Insert envelope rows in one statement, deduplicated by ``token``."""
+        values = [row.values() for row in rows]
         await self._run(
-            lambda: self._insert("workflow_receipts", rows, token, self._envelope_types)
+            lambda: self._insert("workflow_receipts", values, token, self._envelope_types)
         )
 
-    def _insert(self, table: str, rows: Sequence[Sequence[Any]], token: str, types: Any) -> None:
+    def _insert(self, table: str, rows: Sequence[tuple[Any, ...]], token: str, types: Any) -> None:
         if not rows:
             return
         try:
@@ -413,8 +417,8 @@ class ClickHouseSink:
 
     async def load_runs(
         self, keys: Sequence[tuple[str, str, str]]
-    ) -> tuple[dict[tuple[str, str, str], list[tuple[Any, ...]]], dict[tuple[str, str, str], Any]]:
-        """Stored step rows (STEP_FIELDS + wire) and the latest envelope row of each run."""
+    ) -> tuple[dict[tuple[str, str, str], list[StepRow]], dict[tuple[str, str, str], EnvelopeRow]]:
+        """Stored step rows and the latest envelope row of each run, by run key."""
         return await self._run(lambda: load_runs_sync(self._client, keys))
 
     async def close(self) -> None:
@@ -431,38 +435,44 @@ class ClickHouseSink:
             self._lock_fd = None
 
 
+def select_steps(client: Any, where: str, parameters: Mapping[str, Any]) -> list[StepRow]:
+    """The step rows matching ``where`` (blocking; clickhouse-connect errors propagate)."""
+    result = client.query(
+        f"SELECT {STEP_SELECT} FROM step_receipts WHERE {where}",  # noqa: S608 - bound params
+        parameters=parameters,
+        column_formats=_BINARY,
+    )
+    names = result.column_names
+    return [StepRow.from_columns(names, row) for row in result.result_rows]
+
+
+def select_envelopes(client: Any, where: str, parameters: Mapping[str, Any]) -> list[EnvelopeRow]:
+    """The latest envelope row (highest revision) of each run matching ``where`` (blocking)."""
+    result = client.query(
+        f"SELECT {ENVELOPE_SELECT} FROM workflow_receipts WHERE {where} "  # noqa: S608
+        "ORDER BY revision DESC LIMIT 1 BY namespace, workflow_id, run_id",
+        parameters=parameters,
+        column_formats=_BINARY,
+    )
+    names = result.column_names
+    return [EnvelopeRow.from_columns(names, row) for row in result.result_rows]
+
+
 def load_runs_sync(
     client: Any, keys: Sequence[tuple[str, str, str]]
-) -> tuple[dict[tuple[str, str, str], list[tuple[Any, ...]]], dict[tuple[str, str, str], Any]]:
-    """Blocking form of :meth:`ClickHouseSink.load_runs` (also used by ``verify``)."""
-    steps: dict[tuple[str, str, str], list[tuple[Any, ...]]] = {}
-    envelopes: dict[tuple[str, str, str], Any] = {}
+) -> tuple[dict[tuple[str, str, str], list[StepRow]], dict[tuple[str, str, str], EnvelopeRow]]:
+    """Blocking form of :meth:`ClickHouseSink.load_runs`."""
+    steps: dict[tuple[str, str, str], list[StepRow]] = {}
+    envelopes: dict[tuple[str, str, str], EnvelopeRow] = {}
     if not keys:
         return steps, envelopes
+    where = "(namespace, workflow_id, run_id) IN {keys:Array(Tuple(String, String, String))}"
     params = {"keys": list(keys)}
     try:
-        result = client.query(
-            f"SELECT {_STEP_SELECT} FROM step_receipts "  # noqa: S608 - constant columns
-            "WHERE (namespace, workflow_id, run_id) IN {keys:Array(Tuple(String, String, String))}",
-            parameters=params,
-            column_formats=_BINARY,
-        )
-        for row in result.result_rows:
-            steps.setdefault((row[1], row[2], row[3]), []).append(tuple(row))
-        result = client.query(
-            f"SELECT {_ENVELOPE_SELECT} FROM workflow_receipts "  # noqa: S608 - constant columns
-            "WHERE (namespace, workflow_id, run_id) IN {keys:Array(Tuple(String, String, String))} "
-            "ORDER BY revision DESC LIMIT 1 BY namespace, workflow_id, run_id",
-            parameters=params,
-            column_formats=_BINARY,
-        )
-        for row in result.result_rows:
-            envelopes[(row[0], row[1], row[2])] = tuple(row)
-    except (ClickHouseError, OSError, TypeError, ValueError) as exc:
+        for step in select_steps(client, where, params):
+            steps.setdefault((step.namespace, step.workflow_id, step.run_id), []).append(step)
+        for env in select_envelopes(client, where, params):
+            envelopes[(env.namespace, env.workflow_id, env.run_id)] = env
+    except (ClickHouseError, OSError, TypeError, ValueError, KeyError) as exc:
         raise translate(exc, "load runs") from exc
     return steps, envelopes
-
-
-STEP_SELECT = _STEP_SELECT
-ENVELOPE_SELECT = _ENVELOPE_SELECT
-BINARY_FORMATS = _BINARY

@@ -42,7 +42,7 @@ from chio_receipts.consumers._failpoints import failpoint
 from chio_receipts.consumers._keys import KeyRing
 from chio_receipts.consumers._metrics import ConsumerMetrics
 from chio_receipts.consumers._rows import (
-    STEP_FIELDS,
+    StepRow,
     completion_from_row,
     envelope_row,
     plain_from_row,
@@ -158,7 +158,7 @@ async def check_copartitioned(
 class _Partial:
     """What one partition of one poll batch produced."""
 
-    rows: list[tuple[Any, ...]] = field(default_factory=list)
+    rows: list[StepRow] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     first: int = -1
     last: int = -1
@@ -556,9 +556,9 @@ class ReceiptBuilderService:
                 self._builder.hydrate(
                     run,
                     entries,
-                    revision=int(env[11]),
-                    written_root=bytes(env[16]),
-                    written_complete=bool(env[12]),
+                    revision=env.revision,
+                    written_root=env.chain_root,
+                    written_complete=env.complete,
                     completion=completion_from_row(env),
                 )
 
@@ -578,7 +578,7 @@ class ReceiptBuilderService:
         await self._insert_rows(rows, f"steps:{topic}:{ranges}")
 
     async def _insert_rows(
-        self, rows: list[tuple[TopicPartition, _Partial, tuple[Any, ...]]], token: str
+        self, rows: list[tuple[TopicPartition, _Partial, StepRow]], token: str
     ) -> None:
         try:
             await self._retry(lambda: self.sink.insert_steps([r for _, _, r in rows], token))
@@ -593,17 +593,15 @@ class ReceiptBuilderService:
             await self._insert_rows(rows[:mid], f"{token}/a")
             await self._insert_rows(rows[mid:], f"{token}/b")
 
-    def _dead_row(
-        self, tp: TopicPartition, part: _Partial, row: tuple[Any, ...], exc: Exception
-    ) -> None:
+    def _dead_row(self, tp: TopicPartition, part: _Partial, row: StepRow, exc: Exception) -> None:
         record = plain_from_row(row)
         value = frame(STEP_SCHEMA, encode_plain(STEP_SCHEMA, record))
-        wire = row[len(STEP_FIELDS)]
+        wire = row.wire
         part.dead.append(
             DeadLetter.of(
                 topic=tp.topic,
                 partition=tp.partition,
-                offset=int(row[-1]),
+                offset=row.kafka_offset,
                 key=f"{record['namespace']}/{record['workflow_id']}/{record['run_id']}".encode(),
                 value=wire or value,
                 headers=(),
@@ -751,16 +749,15 @@ def _verify_all(checks: Sequence[tuple[bytes, bytes]]) -> list[bool]:
     return [verify_body(body, key) for body, key in checks]
 
 
-def _stored_entry(row: Sequence[Any]) -> StepEntry:
-    """The builder's entry for a stored step row (STEP_FIELDS + wire)."""
-    wire = bytes(row[len(STEP_FIELDS)])
+def _stored_entry(row: StepRow) -> StepEntry:
+    """The builder's entry for a stored step row."""
     plain: Plain | None = None
-    if wire:
+    if row.wire:
         with contextlib.suppress(DecodeError):
-            plain = decode_plain(wire)
+            plain = decode_plain(row.wire)
     if plain is not None:
         return StepEntry(
-            str(row[0]), str(row[18]), envelope_step_body(plain), receipt_hash(plain.body)
+            row.receipt_id, row.verdict, envelope_step_body(plain), receipt_hash(plain.body)
         )
     body = encode_plain(STEP_SCHEMA, plain_from_row(row))
-    return StepEntry(str(row[0]), str(row[18]), body, receipt_hash(body))
+    return StepEntry(row.receipt_id, row.verdict, body, receipt_hash(body))

@@ -1,4 +1,10 @@
-"""ClickHouse rows: step receipts and envelopes as column tuples, and back (pure).
+"""ClickHouse rows: step receipts and envelopes as typed records, and back (pure).
+
+:class:`StepRow` and :class:`EnvelopeRow` are the column lists of ``step_receipts`` and
+``workflow_receipts``: their fields, in order, are the columns this package writes
+(``STEP_COLUMNS``, ``ENVELOPE_COLUMNS`` derive from them), and rows read back are built from a
+query's column *names* (:meth:`StepRow.from_columns`), never from positions, so adding or
+reordering a selected column cannot change what a signature check compares.
 
 Step rows carry every field of the signed receipt in Avro field order (what analysts query) and,
 in ``wire``, the framed message exactly as consumed (zstd-compressed). A verifier checks the
@@ -8,8 +14,10 @@ changed; a row whose ``wire`` is empty is verified by re-encoding its columns.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from operator import attrgetter
+from typing import Any, Self
 
 from chio_receipts.consumers._envelope import Envelope
 from chio_receipts.schemas import CompletionSource, Outcome, RunCompletion, StepReceipt, Verdict
@@ -18,6 +26,8 @@ __all__ = [
     "ENVELOPE_COLUMNS",
     "STEP_COLUMNS",
     "STEP_FIELDS",
+    "EnvelopeRow",
+    "StepRow",
     "completion_from_row",
     "envelope_from_row",
     "envelope_row",
@@ -26,198 +36,275 @@ __all__ = [
     "step_row",
 ]
 
-# Avro field order of StepReceipt: the first 30 columns of step_receipts.
-STEP_FIELDS: tuple[str, ...] = (
-    "receipt_id",
-    "namespace",
-    "workflow_id",
-    "run_id",
-    "workflow_type",
-    "task_queue",
-    "activity_id",
-    "activity_type",
-    "attempt",
-    "is_local",
-    "tool_server",
-    "tool",
-    "action",
-    "resource",
-    "subject",
-    "capability_id",
-    "capability_chain",
-    "scope",
-    "verdict",
-    "reason",
-    "argument_digest",
-    "argument_key_id",
-    "scheduled_at",
-    "started_at",
-    "evaluated_at",
-    "latency_us",
-    "worker_identity",
-    "prev_hash",
-    "key_id",
-    "signature",
-)
-STEP_COLUMNS: tuple[str, ...] = (*STEP_FIELDS, "wire", "kafka_partition", "kafka_offset")
 
-ENVELOPE_COLUMNS: tuple[str, ...] = (
-    "namespace",
-    "workflow_id",
-    "run_id",
-    "workflow_type",
-    "parent_workflow_ids",
-    "started_at",
-    "completed_at",
-    "outcome",
-    "step_count",
-    "allow_count",
-    "deny_count",
-    "revision",
-    "complete",
-    "missing_steps",
-    "expected_steps",
-    "receipt_ids",
-    "chain_root",
-    "key_id",
-    "signature",
-    "extra",
-)
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
-def step_row(record: dict[str, Any], wire: bytes, partition: int, offset: int) -> tuple[Any, ...]:
-    """The step_receipts row of a plain decoded step record (dict in Avro field order)."""
-    return (*record.values(), wire, partition, offset)
+def _strs(value: Any) -> tuple[str, ...]:
+    return tuple(str(v) for v in value)
 
 
-def receipt_from_row(row: Sequence[Any]) -> StepReceipt:
-    """Rebuild the signed receipt from the first 30 columns of a step row.
+def _pairs(value: Any) -> tuple[tuple[str, str], ...]:
+    items = value.items() if isinstance(value, Mapping) else value
+    return tuple(sorted((str(k), str(v)) for k, v in items))
 
-    Expects ids as str, timestamps as int microseconds and bytes columns as bytes (the queries
-    of this package select them that way)."""
-    d = dict(zip(STEP_FIELDS, row, strict=False))
+
+# How a value read back (or decoded from Avro) becomes the field's type, by field type.
+_CONVERT: dict[str, Callable[[Any], Any]] = {
+    "str": str,
+    "int": int,
+    "bool": bool,
+    "bytes": bytes,
+    "int | None": _opt_int,
+    "tuple[str, ...]": _strs,
+    "tuple[tuple[str, str], ...]": _pairs,
+}
+
+
+def _from_columns(
+    cls: type[Any], columns: tuple[str, ...], names: Sequence[str], values: Sequence[Any]
+) -> Any:
+    got = dict(zip(names, values, strict=True))
+    missing = [c for c in columns if c not in got]
+    if missing:
+        raise KeyError(f"{cls.__name__}: the query did not select {', '.join(missing)}")
+    converters = _CONVERTERS[cls]
+    return cls(**{c: converters[c](got[c]) for c in columns})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepRow:
+    """One ``step_receipts`` row; the field order is the insert column order, and the first
+    fields (through ``signature``) are the signed receipt's Avro fields in Avro order."""
+
+    receipt_id: str
+    namespace: str
+    workflow_id: str
+    run_id: str
+    workflow_type: str
+    task_queue: str
+    activity_id: str
+    activity_type: str
+    attempt: int
+    is_local: bool
+    tool_server: str
+    tool: str
+    action: str
+    resource: str
+    subject: str
+    capability_id: str
+    capability_chain: tuple[str, ...]
+    scope: tuple[str, ...]
+    verdict: str
+    reason: str
+    argument_digest: str
+    argument_key_id: str
+    scheduled_at: int
+    started_at: int
+    evaluated_at: int
+    latency_us: int
+    worker_identity: str
+    prev_hash: bytes
+    key_id: str
+    signature: bytes
+    wire: bytes
+    kafka_partition: int
+    kafka_offset: int
+
+    @classmethod
+    def from_columns(cls, names: Sequence[str], values: Sequence[Any]) -> Self:
+        """The row of a query result row ``values`` whose column names are ``names``.
+
+        Columns are taken by name (extra columns are ignored, a missing one is a KeyError).
+        Expects ids as str, timestamps as int microseconds and bytes columns as bytes (the
+        queries of this package select them that way)."""
+        row: Self = _from_columns(cls, STEP_COLUMNS, names, values)
+        return row
+
+    def values(self) -> tuple[Any, ...]:
+        """The row's values in ``STEP_COLUMNS`` order (what an insert sends)."""
+        values: tuple[Any, ...] = _STEP_VALUES(self)
+        return values
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnvelopeRow:
+    """One ``workflow_receipts`` row (one envelope revision); field order is the insert order."""
+
+    namespace: str
+    workflow_id: str
+    run_id: str
+    workflow_type: str
+    parent_workflow_ids: tuple[str, ...]
+    started_at: int
+    completed_at: int | None
+    outcome: str
+    step_count: int
+    allow_count: int
+    deny_count: int
+    revision: int
+    complete: bool
+    missing_steps: int
+    expected_steps: int | None
+    receipt_ids: tuple[str, ...]
+    chain_root: bytes
+    key_id: str
+    signature: bytes
+    extra: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def from_columns(cls, names: Sequence[str], values: Sequence[Any]) -> Self:
+        """The row of a query result row ``values`` whose column names are ``names`` (by name,
+        as :meth:`StepRow.from_columns`)."""
+        row: Self = _from_columns(cls, ENVELOPE_COLUMNS, names, values)
+        return row
+
+    def values(self) -> tuple[Any, ...]:
+        """The row's values in ``ENVELOPE_COLUMNS`` order (what an insert sends)."""
+        values: list[Any] = list(_ENVELOPE_VALUES(self))
+        values[_EXTRA] = dict(self.extra)  # a Map column takes a dict
+        return tuple(values)
+
+
+STEP_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(StepRow))
+# Avro field order of StepReceipt: the leading columns of step_receipts.
+STEP_FIELDS: tuple[str, ...] = STEP_COLUMNS[: STEP_COLUMNS.index("signature") + 1]
+ENVELOPE_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(EnvelopeRow))
+_STEP_VALUES = attrgetter(*STEP_COLUMNS)
+_ENVELOPE_VALUES = attrgetter(*ENVELOPE_COLUMNS)
+_EXTRA = ENVELOPE_COLUMNS.index("extra")
+_CONVERTERS: dict[type[Any], dict[str, Callable[[Any], Any]]] = {
+    cls: {f.name: _CONVERT[str(f.type)] for f in fields(cls)} for cls in (StepRow, EnvelopeRow)
+}
+
+
+def step_row(record: Mapping[str, Any], wire: bytes, partition: int, offset: int) -> StepRow:
+    """The step_receipts row of a plain decoded step record (fields taken by name).
+
+    A decoded record already has the fields' types (ids as str, timestamps as int µs), so only
+    the arrays are converted: this runs once per consumed step."""
+    values = {name: record[name] for name in STEP_FIELDS}
+    values["capability_chain"] = tuple(values["capability_chain"])
+    values["scope"] = tuple(values["scope"])
+    return StepRow(**values, wire=wire, kafka_partition=partition, kafka_offset=offset)
+
+
+def receipt_from_row(row: StepRow) -> StepReceipt:
+    """Rebuild the signed receipt from a step row."""
     return StepReceipt(
-        receipt_id=str(d["receipt_id"]),
-        namespace=d["namespace"],
-        workflow_id=d["workflow_id"],
-        run_id=d["run_id"],
-        workflow_type=d["workflow_type"],
-        task_queue=d["task_queue"],
-        activity_id=d["activity_id"],
-        activity_type=d["activity_type"],
-        attempt=int(d["attempt"]),
-        is_local=bool(d["is_local"]),
-        tool_server=d["tool_server"],
-        tool=d["tool"],
-        action=d["action"],
-        resource=d["resource"],
-        subject=d["subject"],
-        capability_id=d["capability_id"],
-        capability_chain=tuple(d["capability_chain"]),
-        scope=tuple(d["scope"]),
-        verdict=Verdict(d["verdict"]),
-        reason=d["reason"],
-        argument_digest=d["argument_digest"],
-        argument_key_id=d["argument_key_id"],
-        scheduled_at=int(d["scheduled_at"]),
-        started_at=int(d["started_at"]),
-        evaluated_at=int(d["evaluated_at"]),
-        latency_us=int(d["latency_us"]),
-        worker_identity=d["worker_identity"],
-        prev_hash=bytes(d["prev_hash"]),
-        key_id=d["key_id"],
-        signature=bytes(d["signature"]),
+        receipt_id=row.receipt_id,
+        namespace=row.namespace,
+        workflow_id=row.workflow_id,
+        run_id=row.run_id,
+        workflow_type=row.workflow_type,
+        task_queue=row.task_queue,
+        activity_id=row.activity_id,
+        activity_type=row.activity_type,
+        attempt=row.attempt,
+        is_local=row.is_local,
+        tool_server=row.tool_server,
+        tool=row.tool,
+        action=row.action,
+        resource=row.resource,
+        subject=row.subject,
+        capability_id=row.capability_id,
+        capability_chain=row.capability_chain,
+        scope=row.scope,
+        verdict=Verdict(row.verdict),
+        reason=row.reason,
+        argument_digest=row.argument_digest,
+        argument_key_id=row.argument_key_id,
+        scheduled_at=row.scheduled_at,
+        started_at=row.started_at,
+        evaluated_at=row.evaluated_at,
+        latency_us=row.latency_us,
+        worker_identity=row.worker_identity,
+        prev_hash=row.prev_hash,
+        key_id=row.key_id,
+        signature=row.signature,
     )
 
 
-def envelope_row(envelope: Envelope) -> tuple[Any, ...]:
+def plain_from_row(row: StepRow) -> dict[str, Any]:
+    """The plain Avro record of a step row (ids as str, timestamps as int µs, arrays as lists),
+    in Avro field order."""
+    rec = {name: getattr(row, name) for name in STEP_FIELDS}
+    rec["capability_chain"] = list(row.capability_chain)
+    rec["scope"] = list(row.scope)
+    return rec
+
+
+def envelope_row(envelope: Envelope) -> EnvelopeRow:
     """The workflow_receipts row of an envelope (its revision is the replacing version)."""
-    return (
-        envelope.namespace,
-        envelope.workflow_id,
-        envelope.run_id,
-        envelope.workflow_type,
-        list(envelope.parent_workflow_ids),
-        envelope.started_at,
-        envelope.completed_at,
-        envelope.outcome,
-        envelope.step_count,
-        envelope.allow_count,
-        envelope.deny_count,
-        envelope.revision,
-        envelope.complete,
-        envelope.missing_steps,
-        envelope.expected_steps,
-        list(envelope.receipt_ids),
-        envelope.chain_root,
-        envelope.key_id,
-        envelope.signature,
-        dict(envelope.extra),
+    return EnvelopeRow(
+        namespace=envelope.namespace,
+        workflow_id=envelope.workflow_id,
+        run_id=envelope.run_id,
+        workflow_type=envelope.workflow_type,
+        parent_workflow_ids=envelope.parent_workflow_ids,
+        started_at=envelope.started_at,
+        completed_at=envelope.completed_at,
+        outcome=envelope.outcome,
+        step_count=envelope.step_count,
+        allow_count=envelope.allow_count,
+        deny_count=envelope.deny_count,
+        revision=envelope.revision,
+        complete=envelope.complete,
+        missing_steps=envelope.missing_steps,
+        expected_steps=envelope.expected_steps,
+        receipt_ids=envelope.receipt_ids,
+        chain_root=envelope.chain_root,
+        key_id=envelope.key_id,
+        signature=envelope.signature,
+        extra=envelope.extra,
     )
 
 
-def envelope_from_row(row: Sequence[Any], steps: Sequence[bytes]) -> Envelope:
-    """Rebuild an envelope from its row (ENVELOPE_COLUMNS order) and its steps' bodies."""
-    d = dict(zip(ENVELOPE_COLUMNS, row, strict=True))
+def envelope_from_row(row: EnvelopeRow, steps: Sequence[bytes]) -> Envelope:
+    """Rebuild an envelope from its row and its steps' bodies."""
     return Envelope(
-        namespace=d["namespace"],
-        workflow_id=d["workflow_id"],
-        run_id=d["run_id"],
-        workflow_type=d["workflow_type"],
-        parent_workflow_ids=tuple(d["parent_workflow_ids"]),
-        started_at=int(d["started_at"]),
-        completed_at=None if d["completed_at"] is None else int(d["completed_at"]),
-        outcome=d["outcome"],
-        revision=int(d["revision"]),
-        complete=bool(d["complete"]),
-        missing_steps=int(d["missing_steps"]),
-        expected_steps=None if d["expected_steps"] is None else int(d["expected_steps"]),
-        allow_count=int(d["allow_count"]),
-        deny_count=int(d["deny_count"]),
-        receipt_ids=tuple(str(r) for r in d["receipt_ids"]),
+        namespace=row.namespace,
+        workflow_id=row.workflow_id,
+        run_id=row.run_id,
+        workflow_type=row.workflow_type,
+        parent_workflow_ids=row.parent_workflow_ids,
+        started_at=row.started_at,
+        completed_at=row.completed_at,
+        outcome=row.outcome,
+        revision=row.revision,
+        complete=row.complete,
+        missing_steps=row.missing_steps,
+        expected_steps=row.expected_steps,
+        allow_count=row.allow_count,
+        deny_count=row.deny_count,
+        receipt_ids=row.receipt_ids,
         steps=tuple(steps),
-        chain_root=bytes(d["chain_root"]),
-        extra=tuple(sorted(dict(d["extra"]).items())),
-        key_id=d["key_id"],
-        signature=bytes(d["signature"]),
+        chain_root=row.chain_root,
+        extra=row.extra,
+        key_id=row.key_id,
+        signature=row.signature,
     )
 
 
-def completion_from_row(row: Sequence[Any]) -> RunCompletion:
+def completion_from_row(row: EnvelopeRow) -> RunCompletion:
     """The completion facts an envelope row was built from (to revise it later)."""
-    d = dict(zip(ENVELOPE_COLUMNS, row, strict=True))
-    extra = dict(d["extra"])
-    outcome = str(d["outcome"]).upper()
+    extra = dict(row.extra)
+    outcome = row.outcome.upper()
     return RunCompletion(
         event_id="",
-        namespace=d["namespace"],
-        workflow_id=d["workflow_id"],
-        run_id=d["run_id"],
-        workflow_type=d["workflow_type"],
+        namespace=row.namespace,
+        workflow_id=row.workflow_id,
+        run_id=row.run_id,
+        workflow_type=row.workflow_type,
         task_queue="",
         outcome=Outcome(outcome) if outcome in Outcome.__members__ else Outcome.UNKNOWN,
-        started_at=int(d["started_at"]),
-        closed_at=0 if d["completed_at"] is None else int(d["completed_at"]),
-        parent_workflow_ids=tuple(d["parent_workflow_ids"]),
+        started_at=row.started_at,
+        closed_at=0 if row.completed_at is None else row.completed_at,
+        parent_workflow_ids=row.parent_workflow_ids,
         parent_run_id=extra.get("parent_run_id"),
         continued_from_run_id=extra.get("continued_from_run_id"),
         continued_as_new_run_id=extra.get("continued_as_new_run_id"),
-        expected_steps=None if d["expected_steps"] is None else int(d["expected_steps"]),
+        expected_steps=row.expected_steps,
         source=CompletionSource.UNKNOWN,
     )
-
-
-def plain_from_row(row: Sequence[Any]) -> dict[str, Any]:
-    """The plain Avro record (ids as str, timestamps as int µs) of a step row's first 30
-    columns, bytes columns given as bytes."""
-    rec = dict(zip(STEP_FIELDS, row, strict=False))
-    rec["receipt_id"] = str(rec["receipt_id"])
-    rec["capability_chain"] = list(rec["capability_chain"])
-    rec["scope"] = list(rec["scope"])
-    for name in ("attempt", "scheduled_at", "started_at", "evaluated_at", "latency_us"):
-        rec[name] = int(rec[name])
-    rec["is_local"] = bool(rec["is_local"])
-    rec["verdict"] = str(rec["verdict"])
-    rec["prev_hash"] = bytes(rec["prev_hash"])
-    rec["signature"] = bytes(rec["signature"])
-    return rec

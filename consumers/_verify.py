@@ -1,30 +1,32 @@
 """``verify``: check a workflow's receipts from ClickHouse rows alone.
 
-For every step row: the signature over the stored message (``wire``), then every column against
-that signed message (so a changed field is named), duplicates, and the chain (every non-empty
-``prev_hash`` must be the hash of a step of the same run). For the run's current envelope: the
-steps it lists exist, are in receipt-id order and match its counts, the chain root, and the
-builder's signature over the canonical envelope rebuilt from the rows.
+Rows are read as typed records built by column name (:mod:`._rows`), and each run goes through
+three checks:
+
+* **steps**: duplicates; for every step row the signature over the stored message (``wire``),
+  then every column against that signed message (so a changed field is named); a row without
+  ``wire`` is verified by re-encoding its columns;
+* **chain**: every non-empty ``prev_hash`` is the hash of a step of the same run;
+* **envelope**: the run's current envelope lists exactly the step rows (none missing, none
+  extra, in receipt-id order, counts and chain root matching), and the builder's signature over
+  the canonical envelope rebuilt from the rows holds.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from chio_receipts.consumers._clickhouse import (
-    BINARY_FORMATS,
-    ENVELOPE_SELECT,
-    STEP_SELECT,
-    translate,
-)
+from chio_receipts.consumers._clickhouse import select_envelopes, select_steps, translate
 from chio_receipts.consumers._envelope import verify_envelope_signature
 from chio_receipts.consumers._rows import (
     STEP_FIELDS,
+    EnvelopeRow,
+    StepRow,
     envelope_from_row,
     plain_from_row,
     receipt_from_row,
@@ -89,52 +91,60 @@ def verify_run(
     where = "workflow_id = {wf:String}" + (" AND run_id = {run:String}" if run_id else "")
     params = {"wf": workflow_id, "run": run_id or ""}
     try:
-        step_rows = client.query(
-            f"SELECT {STEP_SELECT} FROM step_receipts WHERE {where}",  # noqa: S608 - bound params
-            parameters=params,
-            column_formats=BINARY_FORMATS,
-        ).result_rows
-        env_rows = client.query(
-            f"SELECT {ENVELOPE_SELECT} FROM workflow_receipts WHERE {where} "  # noqa: S608
-            "ORDER BY revision DESC LIMIT 1 BY namespace, workflow_id, run_id",
-            parameters=params,
-            column_formats=BINARY_FORMATS,
-        ).result_rows
-    except (ClickHouseError, OSError, ValueError) as exc:
+        step_rows = select_steps(client, where, params)
+        env_rows = select_envelopes(client, where, params)
+    except (ClickHouseError, OSError, ValueError, KeyError) as exc:
         raise translate(exc, "verify") from exc
-    by_run: dict[str, list[Sequence[Any]]] = {}
+    by_run: dict[str, list[StepRow]] = {}
     for row in step_rows:
-        by_run.setdefault(row[3], []).append(row)
-    envelopes = {row[2]: row for row in env_rows}
+        by_run.setdefault(row.run_id, []).append(row)
+    envelopes = {env.run_id: env for env in env_rows}
     for rid in sorted(set(by_run) | set(envelopes)):
         report.runs += 1
-        _verify_one(report, rid, by_run.get(rid, []), envelopes.get(rid), keys)
+        rows = by_run.get(rid, [])
+        signed = _check_steps(report, rid, rows, keys)
+        _check_chain(report, rid, rows, signed)
+        env = envelopes.get(rid)
+        if env is None:
+            if rows:
+                report.problems.append(
+                    f"run {rid}: no envelope ({len(rows)} step rows, run still open?)"
+                )
+            continue
+        report.envelopes += 1
+        _check_envelope(report, rid, env, rows, signed, keys)
     return report
 
 
-def _verify_one(
-    report: VerifyReport,
-    rid: str,
-    rows: list[Sequence[Any]],
-    env: Sequence[Any] | None,
-    keys: Mapping[str, bytes],
-) -> None:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Signed:
+    """What a step row was signed as: its envelope step body and its receipt hash."""
+
+    body: bytes
+    hash: bytes
+
+
+def _check_steps(
+    report: VerifyReport, rid: str, rows: list[StepRow], keys: Mapping[str, bytes]
+) -> dict[str, _Signed]:
+    """Duplicates, then each step's signature and columns; returns the signed bodies and
+    hashes of the rows that decode, by receipt id."""
     problems = report.problems
-    bodies: dict[str, bytes] = {}
-    hashes: dict[str, bytes] = {}
-    counts = Counter(str(r[0]) for r in rows)
+    signed: dict[str, _Signed] = {}
+    counts = Counter(row.receipt_id for row in rows)
     for receipt_id, n in sorted(counts.items()):
         if n > 1:
             problems.append(f"run {rid}: receipt {receipt_id} has {n} rows (duplicate)")
     for row in rows:
         report.steps += 1
-        receipt_id = str(row[0])
-        label = f"run {rid}: receipt {receipt_id} (activity {row[6]} attempt {row[8]})"
-        wire = bytes(row[len(STEP_FIELDS)])
+        label = (
+            f"run {rid}: receipt {row.receipt_id} "
+            f"(activity {row.activity_id} attempt {row.attempt})"
+        )
         columns = plain_from_row(row)
-        if wire:
+        if row.wire:
             try:
-                plain = decode_plain(wire)
+                plain = decode_plain(row.wire)
             except DecodeError as exc:
                 problems.append(f"{label}: stored message does not decode ({exc})")
                 continue
@@ -149,57 +159,68 @@ def _verify_one(
                         f"{label}: field {name} changed: signed value {_fmt(plain.record[name])}, "
                         f"row has {_fmt(columns[name])}"
                     )
-            bodies[receipt_id] = envelope_step_body(plain)
-            hashes[receipt_id] = receipt_hash(plain.body)
+            signed[row.receipt_id] = _Signed(
+                body=envelope_step_body(plain), hash=receipt_hash(plain.body)
+            )
         else:
-            receipt = receipt_from_row(row)
-            if not verify_receipt(receipt, keys):
+            if not verify_receipt(receipt_from_row(row), keys):
                 problems.append(f"{label}: signature invalid (a field of the row was changed)")
             body = encode_plain(STEP_SCHEMA, columns)
-            bodies[receipt_id] = body
-            hashes[receipt_id] = receipt_hash(body)
-    known = set(hashes.values())
+            signed[row.receipt_id] = _Signed(body=body, hash=receipt_hash(body))
+    return signed
+
+
+def _check_chain(
+    report: VerifyReport, rid: str, rows: list[StepRow], signed: Mapping[str, _Signed]
+) -> None:
+    """Every non-empty ``prev_hash`` names a step of the same run."""
+    known = {s.hash for s in signed.values()}
     for row in rows:
-        prev = bytes(row[27])
-        if prev and prev not in known:
-            problems.append(
-                f"run {rid}: receipt {row[0]} refers to previous step {prev.hex()[:16]}... "
-                "which is not among the run's rows (a step row is missing or was altered)"
+        if row.prev_hash and row.prev_hash not in known:
+            report.problems.append(
+                f"run {rid}: receipt {row.receipt_id} refers to previous step "
+                f"{row.prev_hash.hex()[:16]}... which is not among the run's rows "
+                "(a step row is missing or was altered)"
             )
-    if env is None:
-        if rows:
-            problems.append(f"run {rid}: no envelope ({len(rows)} step rows, run still open?)")
-        return
-    report.envelopes += 1
-    listed = [str(r) for r in env[15]]
-    revision = env[11]
-    tag = f"run {rid}: envelope revision {revision}"
+
+
+def _check_envelope(
+    report: VerifyReport,
+    rid: str,
+    env: EnvelopeRow,
+    rows: list[StepRow],
+    signed: Mapping[str, _Signed],
+    keys: Mapping[str, bytes],
+) -> None:
+    """The envelope's steps equal the run's rows, and its builder signature holds."""
+    problems = report.problems
+    listed = list(env.receipt_ids)
+    tag = f"run {rid}: envelope revision {env.revision}"
     if listed != sorted(listed):
         problems.append(f"{tag}: steps are not in receipt-id order (reordered)")
-    if int(env[8]) != len(listed):
-        problems.append(f"{tag}: step_count {env[8]} but it lists {len(listed)} steps")
-    missing = [r for r in listed if r not in bodies]
+    if env.step_count != len(listed):
+        problems.append(f"{tag}: step_count {env.step_count} but it lists {len(listed)} steps")
+    missing = [r for r in listed if r not in signed]
     for receipt_id in missing:
         problems.append(f"{tag}: step {receipt_id} has no row (deleted)")
-    extra = sorted(set(bodies) - set(listed))
-    for receipt_id in extra:
+    for receipt_id in sorted(set(signed) - set(listed)):
         problems.append(
             f"{tag}: row {receipt_id} is not in the envelope (inserted, or a late step "
             "not yet enveloped)"
         )
     if missing:
         return
-    verdicts = {str(r[0]): str(r[18]) for r in rows}
+    verdicts = {row.receipt_id: row.verdict for row in rows}
     allow = sum(1 for r in listed if verdicts.get(r) == "ALLOW")
     deny = sum(1 for r in listed if verdicts.get(r) == "DENY")
-    if (allow, deny) != (int(env[9]), int(env[10])):
+    if (allow, deny) != (env.allow_count, env.deny_count):
         problems.append(
-            f"{tag}: allow/deny counts {env[9]}/{env[10]} but its steps say {allow}/{deny}"
+            f"{tag}: allow/deny counts {env.allow_count}/{env.deny_count} "
+            f"but its steps say {allow}/{deny}"
         )
-    root = chain_root(hashes[r] for r in listed)
-    if root != bytes(env[16]):
+    if chain_root(signed[r].hash for r in listed) != env.chain_root:
         problems.append(f"{tag}: chain_root does not match its steps")
-    envelope = envelope_from_row(env, [bodies[r] for r in listed])
+    envelope = envelope_from_row(env, [signed[r].body for r in listed])
     builder_key = keys.get(envelope.key_id)
     if builder_key is None:
         problems.append(f"{tag}: unknown builder key {envelope.key_id!r}")

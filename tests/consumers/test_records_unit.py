@@ -44,8 +44,8 @@ def test_step_row_round_trips_to_a_verifiable_receipt() -> None:
     assert isinstance(plain.record["receipt_id"], str)
     assert isinstance(plain.record["evaluated_at"], int)
     row = step_row(plain.record, wire, 3, 42)
-    assert len(row) == len(STEP_COLUMNS)
-    assert row[-3:] == (wire, 3, 42)
+    assert len(row.values()) == len(STEP_COLUMNS)
+    assert (row.wire, row.kafka_partition, row.kafka_offset) == (wire, 3, 42)
     back = receipt_from_row(row)
     assert back == signed
     assert verify_receipt(back, {"worker-1": KEY.public_key})
