@@ -1,5 +1,6 @@
-"""The shared contract: Avro schemas, records, canonical encoding, signatures, and the sidecar
-protocol's wire objects (capabilities, evaluation requests, signed receipts).
+"""The shared contract: Avro schemas, records, canonical encoding, signatures, the sidecar
+protocol's wire objects (capabilities, evaluation requests, signed receipts), and the Chio
+kernel's own wire format (RFC 8785 canonical JSON, kernel receipts, capability tokens).
 
 Every other package depends on this one; it depends on none of them.
 """
@@ -7,6 +8,23 @@ Every other package depends on this one; it depends on none of them.
 from __future__ import annotations
 
 from chio_receipts.schemas._avro import SCHEMA_FILES, encode_body, parsed_schema, raw_schema
+from chio_receipts.schemas._chio_wire import (
+    CAPABILITY_SCHEMA,
+    RECEIPT_NONCE_KEY,
+    CapabilityVerification,
+    ChioWireError,
+    KernelReceiptVerification,
+    canonical_json,
+    content_hash,
+    parameter_hash,
+    receipt_id,
+    sign_capability_token,
+    sign_delegation_link,
+    sign_kernel_receipt,
+    stream_content_hash,
+    verify_capability_token,
+    verify_kernel_receipt,
+)
 from chio_receipts.schemas._codec import (
     SINGLE_OBJECT_MAGIC,
     Decoded,
@@ -97,6 +115,7 @@ from chio_receipts.schemas._sink import ReceiptSink, ReceiptSinkError
 from chio_receipts.schemas._stepcodec import avro_long
 
 __all__ = [
+    "CAPABILITY_SCHEMA",
     "CE_HEADERS",
     "CONFLUENT_MAGIC",
     "CONTENT_TYPE",
@@ -106,6 +125,7 @@ __all__ = [
     "ENVELOPE_EVENT_TYPE",
     "ENVELOPE_SCHEMA",
     "ENVELOPE_VERSION",
+    "RECEIPT_NONCE_KEY",
     "RUNS_TOPIC",
     "RUN_COMPLETION_EVENT_TYPE",
     "RUN_COMPLETION_SCHEMA",
@@ -118,7 +138,9 @@ __all__ = [
     "X_CHIO_RECEIPT",
     "X_CHIO_VERDICT",
     "CapabilityToken",
+    "CapabilityVerification",
     "ChioReceiptsError",
+    "ChioWireError",
     "Codec",
     "CompletionSource",
     "ContractError",
@@ -127,6 +149,7 @@ __all__ = [
     "EncodeError",
     "EvaluationRequest",
     "KafkaConnection",
+    "KernelReceiptVerification",
     "KeyPair",
     "MalformedBody",
     "Outcome",
@@ -151,11 +174,13 @@ __all__ = [
     "Verdict",
     "WireFormat",
     "avro_long",
+    "canonical_json",
     "chain_root",
     "check_backward",
     "check_copartitioned",
     "confluent_frame",
     "confluent_schema_id",
+    "content_hash",
     "decode",
     "encode",
     "encode_body",
@@ -165,23 +190,31 @@ __all__ = [
     "is_subset",
     "normalize_scope",
     "now_us",
+    "parameter_hash",
     "parsed_schema",
     "raw_schema",
     "read_body",
     "receipt_from_json",
     "receipt_hash",
+    "receipt_id",
     "receipt_to_json",
     "released_schemas",
     "retry_async",
     "run_key",
     "schema_fingerprint",
+    "sign_capability_token",
+    "sign_delegation_link",
+    "sign_kernel_receipt",
     "sign_new_receipt",
     "sign_receipt",
     "signed_body",
     "standalone_schema",
     "step_body",
+    "stream_content_hash",
     "subject_name",
     "uuid7",
     "verify_body",
+    "verify_capability_token",
+    "verify_kernel_receipt",
     "verify_receipt",
 ]
