@@ -26,16 +26,17 @@ from chio_receipts.consumers import (
     ClickHouseSink,
     ReceiptBuilderService,
 )
-from chio_receipts.consumers import Topics as ConsumerTopics
 from chio_receipts.consumers._builder import ReceiptBuilder, StepEntry
 from chio_receipts.consumers._rows import step_row
 from chio_receipts.consumers._wire import decode_plain, envelope_step_body
 from chio_receipts.schemas import (
     STEP_SCHEMA,
     CompletionSource,
+    KafkaConnection,
     KeyPair,
     Outcome,
     RunCompletion,
+    TopicNames,
     encode,
     frame,
     receipt_hash,
@@ -140,11 +141,11 @@ async def _rep(env: Env, key: KeyPair, n: int, dsn: str, *, raw_first: bool) -> 
         isolation_level="read_committed",
     )
     config = BuilderConfig(
-        bootstrap_servers=env.kafka_bootstrap,
+        kafka=KafkaConnection(bootstrap_servers=env.kafka_bootstrap),
         clickhouse=ClickHouseConfig(dsn=dsn, apply_roles=False),
         builder_key=KeyPair.generate("bench-builder"),
         public_keys={key.key_id: key.public_key},
-        topics=ConsumerTopics(
+        topics=TopicNames(
             steps=topics.steps,
             runs=topics.runs,
             envelopes=topics.envelopes_topic,

@@ -28,11 +28,8 @@ from bench._common import Size, percentiles
 from bench._env import Env
 from bench.interceptor import _info, _interceptor
 from chio_receipts.consumers import BuilderConfig, ClickHouseConfig, ReceiptBuilderService
-from chio_receipts.consumers import Topics as ConsumerTopics
-from chio_receipts.interceptor import (
-    WorkflowGrant,
-)
-from chio_receipts.schemas import KeyPair, RunCompletion, StepReceipt
+from chio_receipts.interceptor import WorkflowGrant
+from chio_receipts.schemas import KafkaConnection, KeyPair, RunCompletion, StepReceipt, TopicNames
 from chio_receipts.sidecar import LocalSidecar
 from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
 
@@ -121,11 +118,11 @@ async def _builder_path(env: Env, size: Size, rate: int) -> dict[str, Any]:
     )
     service = ReceiptBuilderService(
         BuilderConfig(
-            bootstrap_servers=env.kafka_bootstrap,
+            kafka=KafkaConnection(bootstrap_servers=env.kafka_bootstrap),
             clickhouse=ClickHouseConfig(dsn=f"chdb://{env.directory('ch-e2e')}", apply_roles=False),
             builder_key=KeyPair.generate("bench-builder"),
             public_keys=dict(public),
-            topics=ConsumerTopics(
+            topics=TopicNames(
                 steps=topics.steps,
                 runs=topics.runs,
                 envelopes=topics.envelopes_topic,

@@ -115,7 +115,9 @@ def connection_from_options(values: dict[str, Any]) -> KafkaConnection:
 
 def kafka_options(fn: F) -> F:
     """Give command ``fn`` the Kafka flags; it receives them as ``kafka: KafkaConnection``."""
-    signature = inspect.signature(fn)
+    # eval_str: under ``from __future__ import annotations`` the command's own Annotated options
+    # are strings, and typer reads the explicit signature below as it is.
+    signature = inspect.signature(fn, eval_str=True)
     kept = [p for p in signature.parameters.values() if p.name != "kafka"]
     added = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hint)

@@ -15,12 +15,13 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from chio_receipts._kafka_options import kafka_options
 from chio_receipts.consumers import (
     BuilderConfig,
     ClickHouseConfig,
@@ -28,14 +29,20 @@ from chio_receipts.consumers import (
     DatabaseBusy,
     KeyRing,
     ReceiptBuilderService,
-    Topics,
     chdb_path,
     load_keys_file,
     open_client,
     owner_pid,
     verify_run,
 )
-from chio_receipts.schemas import KeyPair
+from chio_receipts.schemas import (
+    ChioReceiptsError,
+    KafkaConnection,
+    KeyPair,
+    RetryPolicy,
+    TopicNames,
+    retry_async,
+)
 
 __all__ = [
     "builder_key",
@@ -55,9 +62,6 @@ def _default_dsn() -> str:
     return f"chdb://{Path('.data/clickhouse').resolve()}"
 
 
-Bootstrap = Annotated[
-    str, typer.Option("--bootstrap", envvar="CHIO_KAFKA_BOOTSTRAP", help="Kafka bootstrap servers")
-]
 RegistryUrl = Annotated[
     str | None,
     typer.Option(
@@ -94,7 +98,7 @@ BuilderKeyFile = Annotated[
     ),
 ]
 _BUILDER_KEY_DEFAULT = Path(".data/builder-key.json")
-_TOPICS = Topics()
+_TOPICS = TopicNames()
 
 
 def builder_key(path: Path, *, create: bool = True) -> KeyPair:
@@ -145,35 +149,43 @@ def _setup_logging() -> None:
     )
 
 
-async def _run_until_signalled(service: ReceiptBuilderService) -> None:
+class _Service(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def run(self, stop: asyncio.Event | None = None) -> None: ...
+
+
+async def _run_until_signalled(service: _Service) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     # A broker (or sidecar) that is not up yet is waited for, not a crash loop.
-    delay = 1.0
-    while not stop.is_set():
-        try:
-            await service.start()
-        except ConsumerError as exc:
-            if not exc.retriable:
-                raise
-            _log.warning("%s; retrying in %.0fs", exc, delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
-            delay = min(delay * 2, 30.0)
-            continue
-        break
+    try:
+        await retry_async(
+            service.start,
+            policy=RetryPolicy(initial_seconds=1.0, maximum_seconds=30.0, describe="start"),
+            stop=stop,
+        )
+    except ChioReceiptsError:
+        if not stop.is_set():
+            raise
     if stop.is_set():
         await service.stop()
         return
-    async with service:
+    try:
         await service.run(stop)
+    finally:
+        await service.stop()
 
 
+@kafka_options
 def consume(
-    bootstrap: Bootstrap = "127.0.0.1:9092",
+    *,
+    kafka: KafkaConnection,
     dsn: Dsn = None,
     keys: KeysFile = None,
     key_url: KeyUrl = None,
@@ -197,12 +209,12 @@ def consume(
     try:
         public = load_keys_file(keys) if keys else {}
         config = BuilderConfig(
-            bootstrap_servers=bootstrap,
+            kafka=kafka,
             clickhouse=ClickHouseConfig(dsn=dsn or _default_dsn(), ttl_days=ttl_days),
             builder_key=builder_key(builder_key_file),
             public_keys=public,
             key_url=key_url,
-            topics=Topics(
+            topics=TopicNames(
                 steps=steps_topic, runs=runs_topic, envelopes=envelopes_topic, dlq=dlq_topic
             ),
             group_id=group,
@@ -219,8 +231,10 @@ def consume(
         raise _fail(str(exc)) from None
 
 
+@kafka_options
 def siem_export(
-    bootstrap: Bootstrap = "127.0.0.1:9092",
+    *,
+    kafka: KafkaConnection,
     output: Annotated[
         str,
         typer.Option(
@@ -235,6 +249,9 @@ def siem_export(
     group: Annotated[str, typer.Option()] = "chio-siem-exporter",
     steps_topic: Annotated[str, typer.Option()] = _TOPICS.steps,
     envelopes_topic: Annotated[str | None, typer.Option(help="also export envelopes")] = None,
+    dlq_topic: Annotated[
+        str, typer.Option(help="where batches the output refuses go")
+    ] = _TOPICS.dlq,
     deny_only: Annotated[bool, typer.Option(help="export denials only")] = False,
     drop_denies: Annotated[
         bool, typer.Option(help="explicitly drop denials too (otherwise never dropped)")
@@ -243,30 +260,24 @@ def siem_export(
 ) -> None:
     """Export receipts as OCSF API Activity events to a file, Splunk, Elastic or syslog."""
     _setup_logging()
-    from chio_receipts.consumers._siem import ExporterConfig, SiemExporter, parse_output
+    from chio_receipts.consumers.siem import ExporterConfig, SiemExporter, parse_output
 
     try:
         config = ExporterConfig(
-            bootstrap_servers=bootstrap,
+            kafka=kafka,
             output=parse_output(output, token=hec_token, index=index),
             group_id=group,
-            steps_topic=steps_topic,
-            envelopes_topic=envelopes_topic,
+            topics=TopicNames(
+                steps=steps_topic,
+                envelopes=envelopes_topic or _TOPICS.envelopes,
+                dlq=dlq_topic,
+            ),
+            export_envelopes=envelopes_topic is not None,
             deny_only=deny_only,
             drop_denies=drop_denies,
             registry_url=registry_url,
         )
-
-        async def main() -> None:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(NotImplementedError):
-                    loop.add_signal_handler(sig, stop.set)
-            async with SiemExporter(config) as exporter:
-                await exporter.run(stop)
-
-        asyncio.run(main())
+        asyncio.run(_run_until_signalled(SiemExporter(config)))
     except ConsumerError as exc:
         raise _fail(str(exc)) from None
 

@@ -1,7 +1,11 @@
 """Consumers: the receipt builder (Kafka -> ClickHouse envelopes, exactly once), the dead-letter
-topic, the SIEM exporter and the read-side tools (``query``, ``verify``).
+topic and the read-side tools (``query``, ``verify``); the SIEM exporter is the ``siem``
+subpackage.
 
-Never imports temporalio or interceptor; depends on ``schemas`` only.
+Both consumers are deliver steps of one loop, :class:`BatchRunner` (poll, decode, deliver,
+dead-letter, commit). The runner, the dead-letter records, the wire decoding, the keys, the errors
+and the metrics are shared; the builder's modules and ``siem`` never import each other. Never
+imports temporalio or interceptor; depends on ``schemas`` only.
 """
 
 from __future__ import annotations
@@ -14,12 +18,7 @@ from chio_receipts.consumers._clickhouse import (
     open_client,
     owner_pid,
 )
-from chio_receipts.consumers._consumer import (
-    BuilderConfig,
-    ReceiptBuilderService,
-    Topics,
-    check_copartitioned,
-)
+from chio_receipts.consumers._consumer import BuilderConfig, ReceiptBuilderService
 from chio_receipts.consumers._dlq import (
     DLQ_HEADER_PREFIX,
     DeadLetter,
@@ -49,7 +48,6 @@ from chio_receipts.consumers._keys import (
     load_keys_file,
 )
 from chio_receipts.consumers._metrics import ConsumerMetrics
-from chio_receipts.consumers._ocsf import OCSF_VERSION, envelope_to_ocsf, step_to_ocsf
 from chio_receipts.consumers._rows import (
     EnvelopeRow,
     StepRow,
@@ -57,23 +55,22 @@ from chio_receipts.consumers._rows import (
     receipt_from_row,
     step_row,
 )
-from chio_receipts.consumers._siem import (
-    ElasticOutput,
-    EventFilter,
-    ExporterConfig,
-    HecOutput,
-    JsonLinesOutput,
-    Output,
-    OutputSpec,
-    SiemExporter,
-    SyslogOutput,
-    parse_output,
+from chio_receipts.consumers._runner import (
+    Batch,
+    BatchHandler,
+    BatchRunner,
+    Message,
+    PartitionBatch,
+    RunnerConfig,
+    partition_counts,
 )
 from chio_receipts.consumers._verify import VerifyReport, verify_run
 
 __all__ = [
     "DLQ_HEADER_PREFIX",
-    "OCSF_VERSION",
+    "Batch",
+    "BatchHandler",
+    "BatchRunner",
     "BuilderConfig",
     "ClickHouseConfig",
     "ClickHouseSink",
@@ -82,50 +79,40 @@ __all__ = [
     "ConsumerMetrics",
     "DatabaseBusy",
     "DeadLetter",
-    "ElasticOutput",
     "Envelope",
     "EnvelopeRow",
-    "EventFilter",
-    "ExporterConfig",
     "FailpointError",
-    "HecOutput",
-    "JsonLinesOutput",
     "KafkaUnavailable",
     "KeyResolutionError",
     "KeyRing",
-    "Output",
+    "Message",
     "OutputError",
     "OutputRejected",
-    "OutputSpec",
     "OutputUnavailable",
+    "PartitionBatch",
     "Reason",
     "ReceiptBuilder",
     "ReceiptBuilderService",
     "RunState",
-    "SiemExporter",
+    "RunnerConfig",
     "SinkDataError",
     "SinkError",
     "SinkUnavailable",
     "StepEntry",
     "StepRow",
-    "SyslogOutput",
-    "Topics",
     "VerifyReport",
     "chdb_path",
-    "check_copartitioned",
     "decode_public_key",
     "envelope_row",
-    "envelope_to_ocsf",
     "failpoint",
     "fetch_public_keys",
     "load_keys_file",
     "open_client",
     "owner_pid",
     "parse_dead_letter_headers",
-    "parse_output",
+    "partition_counts",
     "receipt_from_row",
     "step_row",
-    "step_to_ocsf",
     "verify_envelope_signature",
     "verify_run",
 ]

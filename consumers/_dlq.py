@@ -6,9 +6,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["DLQ_HEADER_PREFIX", "DeadLetter", "Reason", "parse_dead_letter_headers"]
+from chio_receipts.schemas import DLQ_HEADER_PREFIX
 
-DLQ_HEADER_PREFIX = "chio.dlq."
+__all__ = [
+    "DLQ_HEADER_PREFIX",
+    "TRUNCATED_HEADER",
+    "DeadLetter",
+    "Reason",
+    "parse_dead_letter_headers",
+]
+
+TRUNCATED_HEADER = DLQ_HEADER_PREFIX + "truncated"
+"""Set to ``true`` when the original value was cut to fit the dead-letter topic."""
 
 
 class Reason:
@@ -23,6 +32,7 @@ class Reason:
     OVERSIZED = "oversized"
     INVALID_RECORD = "invalid_record"
     CLICKHOUSE_DATA = "clickhouse_data"
+    OUTPUT_REJECTED = "output_rejected"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,23 +1,27 @@
 """Errors of the consumers package.
 
-    ConsumerError                 base; every failure the consumers raise is one of these
-    ├── ConfigError               bad configuration, e.g. steps/runs partition counts differ
-    ├── KafkaUnavailable          the broker cannot be reached yet: retry, commit nothing
-    ├── KeyResolutionError        public keys could not be loaded (sidecar down, bad encoding)
-    ├── SinkError                 ClickHouse failed
-    │   ├── SinkDataError         the rows were refused (bad data): dead-letter, do not retry
-    │   ├── SinkUnavailable       server down, timeout, engine busy: retry, commit nothing
-    │   └── DatabaseBusy          an embedded chDB path is owned by another process
-    ├── OutputError               a SIEM output failed
-    │   ├── OutputRejected        the output refused the events (4xx): retrying cannot help
-    │   └── OutputUnavailable     network error, 5xx, timeout: retry with backoff
-    └── FailpointError            a fault-injection point configured to raise
+    ChioReceiptsError           the project's root (``schemas``)
+    └── ConsumerError           base; every failure the consumers raise is one of these
+        ├── ConfigError         bad configuration, e.g. steps/runs partition counts differ
+        ├── KafkaUnavailable    the broker cannot be reached yet: retry, commit nothing
+        ├── KeyResolutionError  public keys could not be loaded (sidecar down, bad encoding)
+        ├── SinkError           ClickHouse failed
+        │   ├── SinkDataError   the rows were refused (bad data): dead-letter, do not retry
+        │   ├── SinkUnavailable server down, timeout, engine busy: retry, commit nothing
+        │   └── DatabaseBusy    an embedded chDB path is owned by another process
+        ├── OutputError         a SIEM output failed
+        │   ├── OutputRejected  the output refused the batch (4xx): dead-letter it, go on
+        │   └── OutputUnavailable  network error, 5xx, timeout: retry with backoff
+        └── FailpointError      a fault-injection point configured to raise
 
-``retriable`` says whether the same input can succeed on a later attempt.
+``retriable`` says whether the same input can succeed on a later attempt (read it with
+``schemas.is_retriable``). A deployment that breaks the topic contract raises ``ConfigError``.
 clickhouse-connect, httpx and aiokafka errors are translated at the edge (``raise ... from``).
 """
 
 from __future__ import annotations
+
+from chio_receipts.schemas import ChioReceiptsError
 
 __all__ = [
     "ConfigError",
@@ -35,10 +39,8 @@ __all__ = [
 ]
 
 
-class ConsumerError(Exception):
+class ConsumerError(ChioReceiptsError):
     """Base of every error raised by the consumers package."""
-
-    retriable = False
 
 
 class ConfigError(ConsumerError):

@@ -108,4 +108,10 @@ async def retry_async(
         sleep=sleep,
         reraise=True,
     )
-    return await retrying(fn)
+
+    async def attempt() -> T:
+        # tenacity awaits only coroutine functions: a lambda returning an awaitable would come
+        # back unawaited, so every call goes through this one.
+        return await fn()
+
+    return await retrying(attempt)

@@ -45,7 +45,6 @@ from chio_receipts.consumers import (
     BuilderConfig,
     ClickHouseConfig,
     ReceiptBuilderService,
-    Topics,
     VerifyReport,
     verify_run,
 )
@@ -58,7 +57,7 @@ from chio_receipts.interceptor import (
     ChioClient,
     WorkflowGrant,
 )
-from chio_receipts.schemas import KeyPair
+from chio_receipts.schemas import KafkaConnection, KeyPair, TopicNames
 from chio_receipts.sidecar import LocalSidecar, SidecarServer
 from chio_receipts.stack import LocalStack, StackConfig, StackError, read_state
 from chio_receipts.streamer import (
@@ -218,11 +217,11 @@ async def _pipeline(
         builder = await exits.enter_async_context(
             ReceiptBuilderService(
                 BuilderConfig(
-                    bootstrap_servers=stack.kafka_bootstrap,
+                    kafka=KafkaConnection(bootstrap_servers=stack.kafka_bootstrap),
                     clickhouse=ClickHouseConfig(dsn=stack.clickhouse_dsn),
                     builder_key=builder_key,
                     key_url=sidecar.url,
-                    topics=Topics(
+                    topics=TopicNames(
                         steps=topics.steps,
                         runs=topics.runs,
                         envelopes=topics.envelopes_topic,

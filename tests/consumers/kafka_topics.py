@@ -10,14 +10,14 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from chio_receipts.consumers import Topics
+from chio_receipts.schemas import TopicNames
 
 
 @dataclass(frozen=True)
 class TopicSet:
     """Unique topic names of one test."""
 
-    topics: Topics
+    topics: TopicNames
     partitions: int
 
 
@@ -33,9 +33,9 @@ async def create_topics(bootstrap: str, names: Sequence[str], partitions: int) -
         await admin.close()
 
 
-async def make_topics(bootstrap: str, unique: Any, partitions: int = 4) -> Topics:
+async def make_topics(bootstrap: str, unique: Any, partitions: int = 4) -> TopicNames:
     """Fresh steps/runs/envelopes/dlq topics; steps and runs co-partitioned."""
-    topics = Topics(
+    topics = TopicNames(
         steps=unique("steps"), runs=unique("runs"), envelopes=unique("env"), dlq=unique("dlq")
     )
     await create_topics(bootstrap, [topics.steps, topics.runs, topics.envelopes], partitions)

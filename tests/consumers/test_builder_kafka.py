@@ -19,14 +19,15 @@ from chio_receipts.consumers import (
     ClickHouseConfig,
     ConfigError,
     ReceiptBuilderService,
-    Topics,
     parse_dead_letter_headers,
     verify_run,
 )
 from chio_receipts.consumers._failpoints import reset_failpoints
 from chio_receipts.consumers._wire import ENVELOPE_SCHEMA
 from chio_receipts.schemas import (
+    KafkaConnection,
     KeyPair,
+    TopicNames,
     confluent_frame,
     decode,
     frame,
@@ -40,9 +41,9 @@ BUILDER = KeyPair.generate("builder-1")
 KEYS = {WORKER.key_id: WORKER.public_key, BUILDER.key_id: BUILDER.public_key}
 
 
-def _config(bootstrap: str, dsn: str, topics: Topics, **kw: Any) -> BuilderConfig:
+def _config(bootstrap: str, dsn: str, topics: TopicNames, **kw: Any) -> BuilderConfig:
     return BuilderConfig(
-        bootstrap_servers=bootstrap,
+        kafka=KafkaConnection(bootstrap_servers=bootstrap),
         clickhouse=ClickHouseConfig(dsn=dsn),
         builder_key=BUILDER,
         public_keys={WORKER.key_id: WORKER.public_key},
@@ -137,7 +138,7 @@ async def test_200_runs_from_two_producers_give_200_envelopes_and_1000_rows(
 async def test_refuses_to_start_when_not_copartitioned(
     kafka_bootstrap: str, clickhouse_dsn: str, unique: Callable[[str], str]
 ) -> None:
-    topics = Topics(
+    topics = TopicNames(
         steps=unique("steps"), runs=unique("runs"), envelopes=unique("e"), dlq=unique("d")
     )
     await create_topics(kafka_bootstrap, [topics.steps], 4)

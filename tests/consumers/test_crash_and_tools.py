@@ -25,14 +25,13 @@ from chio_receipts.consumers import (
     BuilderConfig,
     ClickHouseConfig,
     ReceiptBuilderService,
-    Topics,
     chdb_path,
     open_client,
     owner_pid,
     verify_run,
 )
 from chio_receipts.consumers._clickhouse import split_statements
-from chio_receipts.schemas import KeyPair
+from chio_receipts.schemas import KafkaConnection, KeyPair, TopicNames
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -53,7 +52,7 @@ def _files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _child(
-    bootstrap: str, dsn: str, topics: Topics, tmp_path: Path, env: dict[str, str] | None = None
+    bootstrap: str, dsn: str, topics: TopicNames, tmp_path: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     keys, builder = _files(tmp_path)
     args = [
@@ -72,7 +71,9 @@ def _child(
     )
 
 
-async def _produce_runs(bootstrap: str, topics: Topics, prefix: str, n: int, steps: int) -> None:
+async def _produce_runs(
+    bootstrap: str, topics: TopicNames, prefix: str, n: int, steps: int
+) -> None:
     step_msgs, run_msgs = [], []
     for r in range(n):
         wf, rid = f"{prefix}-{r}", "run-1"
@@ -83,9 +84,9 @@ async def _produce_runs(bootstrap: str, topics: Topics, prefix: str, n: int, ste
     await produce(bootstrap, topics.runs, run_msgs)
 
 
-def _config(bootstrap: str, dsn: str, topics: Topics) -> BuilderConfig:
+def _config(bootstrap: str, dsn: str, topics: TopicNames) -> BuilderConfig:
     return BuilderConfig(
-        bootstrap_servers=bootstrap,
+        kafka=KafkaConnection(bootstrap_servers=bootstrap),
         clickhouse=ClickHouseConfig(dsn=dsn),
         builder_key=BUILDER,
         public_keys={WORKER.key_id: WORKER.public_key},
@@ -279,7 +280,7 @@ def test_consume_waits_for_an_unreachable_broker_instead_of_exiting(
 ) -> None:
     from chio_receipts.stack import free_port
 
-    topics = Topics(
+    topics = TopicNames(
         steps=unique("steps"), runs=unique("runs"), envelopes=unique("env"), dlq=unique("dlq")
     )
     child = _child(f"127.0.0.1:{free_port()}", clickhouse_dsn, topics, tmp_path)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import importlib
 import os
+import types
 
 import pytest
 from consumer_factory import completion, completion_value, signed_run
@@ -14,16 +16,14 @@ from chio_receipts.consumers import (
     KeyResolutionError,
     Reason,
     decode_public_key,
-    envelope_to_ocsf,
     parse_dead_letter_headers,
     receipt_from_row,
     step_row,
-    step_to_ocsf,
 )
 from chio_receipts.consumers._failpoints import failpoint, reset_failpoints
-from chio_receipts.consumers._ocsf import is_deny
 from chio_receipts.consumers._rows import STEP_COLUMNS, plain_from_row
 from chio_receipts.consumers._wire import RUN_SCHEMA, STEP_SCHEMA, decode_plain, encode_plain
+from chio_receipts.consumers.siem import envelope_to_ocsf, is_deny, step_to_ocsf
 from chio_receipts.schemas import (
     KeyPair,
     MalformedBody,
@@ -162,11 +162,15 @@ def test_failpoints_fire_on_the_configured_hit() -> None:
         reset_failpoints("")
 
 
-def test_public_api_is_exactly_all() -> None:
-    import chio_receipts.consumers as consumers
-
-    public = {n for n in vars(consumers) if not n.startswith("_")} - {"annotations"}
-    assert set(consumers.__all__) == public
+@pytest.mark.parametrize("name", ["chio_receipts.consumers", "chio_receipts.consumers.siem"])
+def test_public_api_is_exactly_all(name: str) -> None:
+    package = importlib.import_module(name)
+    public = {
+        n
+        for n, v in vars(package).items()
+        if not n.startswith("_") and not isinstance(v, types.ModuleType)  # subpackages
+    } - {"annotations"}
+    assert set(package.__all__) == public
     assert all(
-        getattr(consumers, n).__doc__ for n in consumers.__all__ if callable(getattr(consumers, n))
+        getattr(package, n).__doc__ for n in package.__all__ if callable(getattr(package, n))
     )

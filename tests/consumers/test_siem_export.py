@@ -13,19 +13,21 @@ from typing import Any
 
 import pytest
 from _helpers import eventually
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from consumer_factory import signed_run
 from http_receiver import Receiver
-from kafka_topics import create_topics, produce
+from kafka_topics import create_topics, produce, read_all
 
-from chio_receipts.consumers._siem import (
+from chio_receipts.consumers import parse_dead_letter_headers
+from chio_receipts.consumers._wire import decode_plain
+from chio_receipts.consumers.siem import (
     ElasticOutput,
     ExporterConfig,
     SiemExporter,
     SyslogOutput,
     parse_output,
 )
-from chio_receipts.consumers._wire import decode_plain
-from chio_receipts.schemas import KeyPair
+from chio_receipts.schemas import KafkaConnection, KeyPair, TopicNames
 
 KEY = KeyPair.generate("worker-siem")
 
@@ -36,6 +38,26 @@ async def _steps_topic(bootstrap: str, unique: Callable[[str], str]) -> tuple[st
     run = signed_run(KEY, "wf-siem", "r1", 4, deny=(2,))
     await produce(bootstrap, topic, [(b"default/wf-siem/r1", w, None) for _, w in run])
     return topic, [w for _, w in run]
+
+
+async def _dlq_topic(bootstrap: str, unique: Callable[[str], str]) -> str:
+    topic = unique("dlq")
+    await create_topics(bootstrap, [topic], 1)
+    return topic
+
+
+async def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[int]:
+    """The offsets ``group`` committed on ``topic`` (0 where none)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        return [await consumer.committed(TopicPartition(topic, p)) or 0 for p in range(partitions)]
+    finally:
+        await consumer.stop()
+
+
+def _hec_uids(body: bytes) -> list[str]:
+    return [json.loads(line)["event"]["metadata"]["uid"] for line in body.decode().splitlines()]
 
 
 async def _export_until(config: ExporterConfig, done: Callable[[], Any]) -> None:
@@ -60,12 +82,14 @@ async def test_hec_export_to_a_local_receiver_with_retry(
     kafka_bootstrap: str, unique: Callable[[str], str]
 ) -> None:
     topic, wires = await _steps_topic(kafka_bootstrap, unique)
+    dlq = await _dlq_topic(kafka_bootstrap, unique)
+    group = unique("g")
     async with Receiver(status=[503]) as receiver:  # first attempt: unavailable -> retried
         config = ExporterConfig(
-            bootstrap_servers=kafka_bootstrap,
+            kafka=KafkaConnection(bootstrap_servers=kafka_bootstrap),
             output=parse_output(f"hec:{receiver.url}", token="tok-123", index="chio"),
-            group_id=unique("g"),
-            steps_topic=topic,
+            group_id=group,
+            topics=TopicNames(steps=topic, dlq=dlq),
             retry_initial_seconds=0.05,
         )
 
@@ -98,6 +122,72 @@ async def test_hec_export_to_a_local_receiver_with_retry(
             assert event["resources"][0]["uid"] == rec["resource"]
             assert event["time"] == rec["evaluated_at"] // 1000
         assert sum(d["event"]["action"] == "Denied" for d in docs) == 1
+        assert receiver.requests[0][3] == receiver.requests[1][3]  # the same batch, once more
+    assert await read_all(kafka_bootstrap, dlq, 1, timeout=3) == []
+    assert sum(await _committed(kafka_bootstrap, group, topic, 2)) == 4
+
+
+@pytest.mark.integration
+async def test_a_batch_the_output_refuses_goes_to_the_dlq_and_export_goes_on(
+    kafka_bootstrap: str, unique: Callable[[str], str]
+) -> None:
+    topic = unique("steps")
+    await create_topics(kafka_bootstrap, [topic], 1)
+    dlq = await _dlq_topic(kafka_bootstrap, unique)
+    group = unique("g")
+    first = signed_run(KEY, "wf-refused", "r1", 3)
+    later = signed_run(KEY, "wf-later", "r1", 3)
+    await produce(kafka_bootstrap, topic, [(b"default/wf-refused/r1", w, None) for _, w in first])
+    async with Receiver(status=[400]) as receiver:  # the first batch is refused
+        config = ExporterConfig(
+            kafka=KafkaConnection(bootstrap_servers=kafka_bootstrap),
+            output=parse_output(f"hec:{receiver.url}", token="tok-1"),
+            group_id=group,
+            topics=TopicNames(steps=topic, dlq=dlq),
+            retry_initial_seconds=0.05,
+        )
+        stop = asyncio.Event()
+        async with SiemExporter(config) as exporter:
+            task = asyncio.create_task(exporter.run(stop))
+            try:
+                await eventually(lambda: len(receiver.requests) >= 1, timeout=30)
+                refused = _hec_uids(receiver.requests[0][3])
+                await produce(
+                    kafka_bootstrap, topic, [(b"default/wf-later/r1", w, None) for _, w in later]
+                )
+
+                def delivered() -> list[str]:
+                    assert not task.done(), task
+                    uids = [u for *_, body in receiver.requests[1:] for u in _hec_uids(body)]
+                    return uids if len(uids) + len(refused) >= 6 else []
+
+                accepted = await eventually(delivered, timeout=30)
+
+                async def committed() -> bool:
+                    return await _committed(kafka_bootstrap, group, topic, 1) == [6]
+
+                await eventually(committed, timeout=30)
+                assert not task.done(), "the exporter stopped after a refused batch"
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 30)
+    ids = {str(r.receipt_id): i for i, (r, _) in enumerate(first + later)}
+    assert refused, "the refused request carried no events"
+    assert sorted(refused + accepted) == sorted(ids)  # each event once: refused or accepted
+    assert not set(refused) & set(accepted)
+    dead = await read_all(kafka_bootstrap, dlq, len(refused))
+    assert len(dead) == len(refused)
+    wires = [w for _, w in first + later]
+    for message in dead:
+        headers = parse_dead_letter_headers(message.headers)
+        assert headers["reason"] == "output_rejected"
+        assert headers["error_class"] == "OutputRejected"
+        assert "HTTP 400" in headers["detail"]
+        assert headers["topic"] == topic
+        assert headers["partition"] == "0"
+        offset = int(headers["offset"])
+        assert message.value == wires[offset]  # the original bytes, at their origin offset
+        assert decode_plain(message.value).record["receipt_id"] in refused
 
 
 @pytest.mark.integration
@@ -107,10 +197,10 @@ async def test_file_export_deny_only_keeps_denies(
     topic, _ = await _steps_topic(kafka_bootstrap, unique)
     out = tmp_path / "ocsf.jsonl"
     config = ExporterConfig(
-        bootstrap_servers=kafka_bootstrap,
+        kafka=KafkaConnection(bootstrap_servers=kafka_bootstrap),
         output=parse_output(f"jsonl:{out}"),
         group_id=unique("g"),
-        steps_topic=topic,
+        topics=TopicNames(steps=topic),
         deny_only=True,
     )
     await _export_until(config, lambda: out.exists() and out.read_text().count("\n") >= 1)
@@ -131,7 +221,7 @@ async def test_elastic_bulk_uses_create_with_receipt_id() -> None:
         events = [
             {"metadata": {"uid": f"id-{i}"}, "class_uid": 6003, "action_id": 1} for i in range(3)
         ]
-        await out.send(events)  # 409 = already there: accepted (idempotent replay)
+        await out.write(events)  # 409 = already there: accepted (idempotent replay)
         _, path, headers, body = receiver.requests[0]
         assert path == "/_bulk"
         assert headers["content-type"] == "application/x-ndjson"
@@ -159,7 +249,7 @@ async def test_syslog_tcp_rfc5424_octet_counting() -> None:
                 "action": "Denied",
                 "class_uid": 6003,
             }
-            await out.send([event])
+            await out.write([event])
             await eventually(lambda: received and received[0], timeout=10)
     finally:
         server.close()
@@ -225,7 +315,7 @@ async def test_syslog_udp_one_datagram_per_event() -> None:
                  "action": "Allowed", "class_uid": 6003}
                 for i in range(2)
             ]  # fmt: skip
-            await out.send(events)
+            await out.write(events)
             first = await asyncio.wait_for(got.get(), 10)
             second = await asyncio.wait_for(got.get(), 10)
     finally:

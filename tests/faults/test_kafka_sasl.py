@@ -19,13 +19,15 @@ from chio_receipts.consumers import (
     ClickHouseConfig,
     KafkaUnavailable,
     ReceiptBuilderService,
-    Topics,
 )
 from chio_receipts.schemas import (
     CompletionSource,
+    KafkaConnection,
     KeyPair,
     Outcome,
     RunCompletion,
+    Secret,
+    TopicNames,
 )
 from chio_receipts.stack import KafkaBroker, KafkaConfig
 from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
@@ -41,6 +43,17 @@ def sasl(password: str = PASSWORD) -> dict[str, Any]:
         "sasl_plain_username": USER,
         "sasl_plain_password": password,
     }
+
+
+def sasl_connection(bootstrap: str, password: str = PASSWORD, **kw: Any) -> KafkaConnection:
+    return KafkaConnection(
+        bootstrap_servers=bootstrap,
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="PLAIN",
+        sasl_username=USER,
+        sasl_password=Secret(password),
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +113,11 @@ async def test_receipts_travel_over_sasl_into_clickhouse(
         assert await sink.flush(20)
     service = ReceiptBuilderService(
         BuilderConfig(
-            bootstrap_servers=broker.sasl_bootstrap,
+            kafka=sasl_connection(broker.sasl_bootstrap),
             clickhouse=ClickHouseConfig(dsn=clickhouse_dsn),
             builder_key=KeyPair.generate("sasl-builder"),
             public_keys={key.key_id: key.public_key},
-            topics=Topics(
+            topics=TopicNames(
                 steps=topics.steps,
                 runs=topics.runs,
                 envelopes=topics.envelopes_topic,
@@ -112,7 +125,6 @@ async def test_receipts_travel_over_sasl_into_clickhouse(
             ),
             group_id=unique("g"),
             grace_seconds=5,
-            client_options=sasl(),
         )
     )
     stop = asyncio.Event()
@@ -142,18 +154,18 @@ async def test_a_wrong_password_is_refused(
     await ensure_topics(broker.bootstrap, topics)
     service = ReceiptBuilderService(
         BuilderConfig(
-            bootstrap_servers=broker.sasl_bootstrap,
+            kafka=sasl_connection(
+                broker.sasl_bootstrap, "not-the-password", request_timeout_ms=5000
+            ),
             clickhouse=ClickHouseConfig(dsn=clickhouse_dsn),
             builder_key=KeyPair.generate("sasl-builder"),
-            topics=Topics(
+            topics=TopicNames(
                 steps=topics.steps,
                 runs=topics.runs,
                 envelopes=topics.envelopes_topic,
                 dlq=topics.dlq_topic,
             ),
             group_id=unique("g"),
-            client_options=sasl("not-the-password"),
-            request_timeout_ms=5000,
         )
     )
     with pytest.raises(KafkaUnavailable):

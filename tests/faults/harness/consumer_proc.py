@@ -21,9 +21,8 @@ from chio_receipts.consumers import (
     ClickHouseConfig,
     ConsumerError,
     ReceiptBuilderService,
-    Topics,
 )
-from chio_receipts.schemas import KeyPair
+from chio_receipts.schemas import KafkaConnection, KeyPair, TopicNames
 
 log = logging.getLogger("harness.consumer")
 
@@ -33,18 +32,13 @@ async def main(cfg: dict[str, object]) -> int:
     prefix = str(cfg["prefix"])
     keys = {str(k): bytes.fromhex(str(v)) for k, v in dict(cfg["keys"]).items()}  # type: ignore[call-overload]
     config = BuilderConfig(
-        bootstrap_servers=str(cfg["bootstrap"]),
+        kafka=KafkaConnection(bootstrap_servers=str(cfg["bootstrap"])),
         clickhouse=ClickHouseConfig(dsn=str(cfg["dsn"])),
         builder_key=KeyPair.from_seed(
             str(cfg["builder_key_id"]), bytes.fromhex(str(cfg["builder_seed"]))
         ),
         public_keys=keys,
-        topics=Topics(
-            steps=prefix + "chio.receipts.steps.v1",
-            runs=prefix + "chio.receipts.runs.v1",
-            envelopes=prefix + "chio.receipts.envelopes.v1",
-            dlq=prefix + "chio.receipts.dlq.v1",
-        ),
+        topics=TopicNames.with_prefix(prefix),
         group_id=str(cfg["group"]),
         grace_seconds=float(str(cfg.get("grace_seconds", 20.0))),
         poll_timeout_ms=100,
