@@ -56,11 +56,15 @@ async def test_ensure_topics_is_idempotent_and_refuses_broken_co_partitioning(
     kafka_bootstrap: str, unique: Callable[[str], str]
 ) -> None:
     cfg = streamer.TopicsConfig(prefix=unique("t") + ".", partitions=3)
-    first = await streamer.ensure_topics(kafka_bootstrap, cfg)
+    first = await streamer.ensure_topics(
+        schemas.KafkaConnection(bootstrap_servers=kafka_bootstrap), cfg
+    )
     assert {s.partitions for n, s in first.items() if n in (cfg.steps, cfg.runs)} == {3}
     assert all(s.created for s in first.values())
     assert first[cfg.dlq_topic].partitions == 1
-    again = await streamer.ensure_topics(kafka_bootstrap, cfg)
+    again = await streamer.ensure_topics(
+        schemas.KafkaConnection(bootstrap_servers=kafka_bootstrap), cfg
+    )
     assert not any(s.created for s in again.values())
 
     bad = streamer.TopicsConfig(prefix=unique("bad") + ".", partitions=3)
@@ -71,7 +75,9 @@ async def test_ensure_topics_is_idempotent_and_refuses_broken_co_partitioning(
     finally:
         await admin.close()
     with pytest.raises(streamer.TopicMismatch):
-        await streamer.ensure_topics(kafka_bootstrap, bad)
+        await streamer.ensure_topics(
+            schemas.KafkaConnection(bootstrap_servers=kafka_bootstrap), bad
+        )
 
 
 @pytest.mark.parametrize("wire_format", ["single_object", "confluent"])
@@ -79,7 +85,7 @@ async def test_every_event_type_round_trips_through_kafka(
     kafka_bootstrap: str, unique: Callable[[str], str], tmp_path: Path, wire_format: str
 ) -> None:
     cfg = config(kafka_bootstrap, str(tmp_path / "spool"), unique("rt") + ".", durability="queued")
-    await streamer.ensure_topics(kafka_bootstrap, cfg.topics)
+    await streamer.ensure_topics(cfg.kafka, cfg.topics)
     fake = FakeRegistry()
     registry = schemas.SchemaRegistryClient(
         "http://registry.test", transport=httpx.MockTransport(fake.handler)
@@ -133,7 +139,7 @@ async def test_order_per_run_key_is_kept(
     cfg = config(
         kafka_bootstrap, str(tmp_path / "spool"), unique("ord") + ".", durability=durability
     )
-    await streamer.ensure_topics(kafka_bootstrap, cfg.topics)
+    await streamer.ensure_topics(cfg.kafka, cfg.topics)
     sent: dict[bytes, list[str]] = defaultdict(list)
     async with streamer.ReceiptStreamer(cfg) as s:
         for i in range(300):
@@ -199,7 +205,7 @@ async def test_broker_kill_9_mid_stream_loses_no_receipt(
     cfg = config(
         kafka_bootstrap, str(tmp_path / "spool"), unique("kill") + ".", durability="queued"
     )
-    await streamer.ensure_topics(kafka_bootstrap, cfg.topics)
+    await streamer.ensure_topics(cfg.kafka, cfg.topics)
     produced: set[str] = set()
     loop = asyncio.get_running_loop()
     async with streamer.ReceiptStreamer(cfg) as s:
@@ -245,7 +251,7 @@ async def test_a_record_kafka_refuses_for_its_size_is_kept_aside_not_blocking(
     cfg = config(
         kafka_bootstrap, str(tmp_path / "spool"), unique("big") + ".", max_request_size=4096
     )
-    await streamer.ensure_topics(kafka_bootstrap, cfg.topics)
+    await streamer.ensure_topics(cfg.kafka, cfg.topics)
     big = _envelope("run-big")
     big["steps"] = big["steps"] * 20
     step, body = _signed("run-big", 1)
