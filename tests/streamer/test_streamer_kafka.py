@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from _helpers import eventually
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from streamer_kafka_helpers import config, consume, receipt_id_of
 
@@ -158,6 +159,40 @@ async def test_order_per_run_key_is_kept(
     for r in sorted(got, key=lambda r: (r.partition, r.offset)):
         received[r.key].append(receipt_id_of(r.value))
     assert received == sent
+
+
+async def test_stop_cuts_a_long_retry_wait_short(
+    unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """Kafka unreachable, the sender backs off for up to a minute: stop() does not wait for it."""
+    cfg = config(
+        "127.0.0.1:1",
+        str(tmp_path / "spool"),
+        unique("wait") + ".",
+        durability="queued",
+        retry_backoff_s=30.0,
+        max_retry_backoff_s=60.0,
+        stop_timeout_s=20.0,
+    )
+    s = streamer.ReceiptStreamer(cfg)
+    await s.start()
+    await s.publish_step(*_signed("run-wait", 0))
+
+    def failures() -> float:
+        return sum(
+            sample.value
+            for metric in s.metrics.failed.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        )
+
+    await eventually(lambda: failures() >= 1, timeout=60)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await s.stop()
+    assert loop.time() - t0 < 3.0
+    with streamer.Spool(tmp_path / "spool") as spool:
+        assert spool.depth == 1
 
 
 async def test_unreachable_broker_spools_and_stop_is_bounded(
