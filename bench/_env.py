@@ -8,6 +8,8 @@ from pathlib import Path
 
 from temporalio.client import Client
 
+from chio_receipts.schemas import KafkaConnection
+
 __all__ = ["Env"]
 
 
@@ -18,6 +20,11 @@ class Env:
     kafka_bootstrap: str
     temporal_client: Client
     scratch: Path
+
+    @property
+    def kafka(self) -> KafkaConnection:
+        """The connection to the stack's broker (plaintext)."""
+        return KafkaConnection(bootstrap_servers=self.kafka_bootstrap)
 
     def unique(self, prefix: str) -> str:
         """A name unique to this run (topics, task queues, groups)."""

@@ -129,7 +129,7 @@ async def _rep(env: Env, key: KeyPair, n: int, dsn: str, *, raw_first: bool) -> 
     the main batch is produced and each consumer is timed over it (prefetch included, as in
     production)."""
     topics = TopicsConfig(prefix=env.unique("bench-cons") + ".", partitions=6)
-    await ensure_topics(env.kafka_bootstrap, topics)
+    await ensure_topics(env.kafka, topics)
     raw = AIOKafkaConsumer(
         topics.steps,
         topics.runs,

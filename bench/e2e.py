@@ -105,13 +105,13 @@ async def _drive(gate: Any, rate: int, seconds: float, offset: int) -> int:
 
 async def _builder_path(env: Env, size: Size, rate: int) -> dict[str, Any]:
     topics = TopicsConfig(prefix=env.unique("bench-e2e") + ".", partitions=6)
-    await ensure_topics(env.kafka_bootstrap, topics)
+    await ensure_topics(env.kafka, topics)
     sidecar = LocalSidecar()
     grant = WorkflowGrant(workflow_id="*", token=sidecar.mint("svc", ["charge_card"], 3600))
     public = await sidecar.public_keys()
     streamer = ReceiptStreamer(
         StreamerConfig(
-            bootstrap_servers=env.kafka_bootstrap,
+            kafka=env.kafka,
             spool_dir=str(env.directory("spool")),
             topics=topics,
         )
@@ -189,12 +189,12 @@ async def _builder_path(env: Env, size: Size, rate: int) -> dict[str, Any]:
 async def _kafka_path(env: Env, size: Size, rate: int) -> dict[str, Any]:
     """Baseline: gate -> streamer -> Kafka -> raw consumer (no builder, no ClickHouse)."""
     topics = TopicsConfig(prefix=env.unique("bench-e2e-raw") + ".", partitions=6)
-    await ensure_topics(env.kafka_bootstrap, topics)
+    await ensure_topics(env.kafka, topics)
     sidecar = LocalSidecar()
     grant = WorkflowGrant(workflow_id="*", token=sidecar.mint("svc", ["charge_card"], 3600))
     streamer = ReceiptStreamer(
         StreamerConfig(
-            bootstrap_servers=env.kafka_bootstrap,
+            kafka=env.kafka,
             spool_dir=str(env.directory("spool")),
             topics=topics,
         )

@@ -142,10 +142,10 @@ async def bench_attempt_cpu(size: Size, env: Env | None) -> dict[str, Any]:
         if durability is not None:
             assert env is not None
             topics = TopicsConfig(prefix=env.unique("bench-gate") + ".", partitions=6)
-            await ensure_topics(env.kafka_bootstrap, topics)
+            await ensure_topics(env.kafka, topics)
             streamer = ReceiptStreamer(
                 StreamerConfig(
-                    bootstrap_servers=env.kafka_bootstrap,
+                    kafka=env.kafka,
                     spool_dir=str(env.directory("spool")),
                     topics=topics,
                     durability=durability,
@@ -223,10 +223,10 @@ async def _throughput(env: Env, size: Size, durability: str | None) -> tuple[flo
     gate: ChioActivityInterceptor | None = None
     if durability is not None:
         topics = TopicsConfig(prefix=env.unique("bench-wk") + ".", partitions=6)
-        await ensure_topics(env.kafka_bootstrap, topics)
+        await ensure_topics(env.kafka, topics)
         streamer = ReceiptStreamer(
             StreamerConfig(
-                bootstrap_servers=env.kafka_bootstrap,
+                kafka=env.kafka,
                 spool_dir=str(env.directory("spool")),
                 topics=topics,
                 durability=durability,  # type: ignore[arg-type]

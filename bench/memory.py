@@ -91,10 +91,10 @@ async def bench_rss(size: Size, env: Env, *, seconds: float | None = None) -> di
     duration = size.rss_seconds if seconds is None else seconds
     rate = size.e2e_rate
     topics = TopicsConfig(prefix=env.unique("bench-rss") + ".", partitions=6)
-    await ensure_topics(env.kafka_bootstrap, topics)
+    await ensure_topics(env.kafka, topics)
     streamer = ReceiptStreamer(
         StreamerConfig(
-            bootstrap_servers=env.kafka_bootstrap,
+            kafka=env.kafka,
             spool_dir=str(env.directory("spool")),
             topics=topics,
             durability="queued",

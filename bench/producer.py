@@ -114,9 +114,9 @@ async def run(size: Size, env: Env | None) -> dict[str, Any]:
     key = KeyPair.generate("bench")
     receipts = signed_batch(size.producer_n, key)
     topics = TopicsConfig(prefix=env.unique("bench-prod") + ".", partitions=6)
-    await ensure_topics(env.kafka_bootstrap, topics)
+    await ensure_topics(env.kafka, topics)
     base_cfg = StreamerConfig(
-        bootstrap_servers=env.kafka_bootstrap,
+        kafka=env.kafka,
         spool_dir=str(env.directory("spool")),
         topics=topics,
     )
@@ -144,7 +144,7 @@ async def run(size: Size, env: Env | None) -> dict[str, Any]:
             else:
                 mode: Durability = "queued" if name == "streamer_queued" else "before_execute"
                 cfg = StreamerConfig(
-                    bootstrap_servers=env.kafka_bootstrap,
+                    kafka=env.kafka,
                     spool_dir=str(env.directory("spool")),
                     topics=topics,
                     durability=mode,

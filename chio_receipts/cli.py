@@ -14,6 +14,8 @@ from rich.table import Table
 
 from chio_receipts import cli_consumers, cli_sidecar, cli_streamer
 from chio_receipts._config import load_config
+from chio_receipts._kafka_options import kafka_options
+from chio_receipts.schemas import KafkaConnection
 from chio_receipts.stack import (
     KAFKA_VERSION,
     LocalStack,
@@ -150,7 +152,10 @@ def demo_command(
 
 
 @app.command("worker")
+@kafka_options
 def worker_command(
+    *,
+    kafka: KafkaConnection,
     task_queue: Annotated[str, typer.Option(help="Task queue to serve.")] = "chio-demo",
     temporal_address: Annotated[
         str, typer.Option(envvar="CHIO_TEMPORAL_ADDRESS", help="Temporal frontend host:port.")
@@ -158,9 +163,6 @@ def worker_command(
     namespace: Annotated[
         str, typer.Option(envvar="CHIO_TEMPORAL_NAMESPACE", help="Temporal namespace.")
     ] = "default",
-    bootstrap: Annotated[
-        str, typer.Option(envvar="CHIO_KAFKA_BOOTSTRAP", help="Kafka bootstrap servers.")
-    ] = "127.0.0.1:9092",
     sidecar_url: Annotated[
         str, typer.Option(envvar="CHIO_SIDECAR_URL", help="Policy sidecar URL.")
     ] = "http://127.0.0.1:9090",
@@ -208,7 +210,7 @@ def worker_command(
                 temporal_address=temporal_address,
                 namespace=namespace,
                 sidecar_url=sidecar_url,
-                kafka_bootstrap=bootstrap,
+                kafka=kafka,
                 spool_dir=spool_dir or cfg.data_dir / f"spool-{task_queue}",
                 task_queue=task_queue,
                 argument_key=key,

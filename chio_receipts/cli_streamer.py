@@ -1,7 +1,8 @@
 """CLI commands of the streaming side: ``watch`` (the completion watcher) and ``topics ensure``.
 
 The root app registers them with :func:`register`. Environment variables are read here (typer
-``envvar``), nowhere deeper.
+``envvar``), nowhere deeper. Both take the Kafka connection flags of ``@kafka_options``
+(bootstrap, security protocol, SASL, TLS).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 from temporalio.client import Client
 
+from chio_receipts._kafka_options import kafka_options
+from chio_receipts.schemas import KafkaConnection
 from chio_receipts.streamer import (
     CompletionWatcher,
     ReceiptStreamer,
@@ -37,9 +40,6 @@ __all__ = ["ensure", "register", "topics_app", "watch"]
 log = logging.getLogger(__name__)
 _err = Console(stderr=True, highlight=False)
 
-Bootstrap = Annotated[
-    str, typer.Option("--bootstrap", envvar="CHIO_KAFKA_BOOTSTRAP", help="Kafka bootstrap servers")
-]
 Prefix = Annotated[
     str,
     typer.Option(envvar="CHIO_TOPIC_PREFIX", help="Prefix prepended to every topic name."),
@@ -62,8 +62,10 @@ def _topics() -> None:
 
 
 @topics_app.command("ensure")
+@kafka_options
 def ensure(
-    bootstrap: Bootstrap = "127.0.0.1:9092",
+    *,
+    kafka: KafkaConnection,
     prefix: Prefix = "",
     partitions: Partitions = 6,
     replication_factor: Annotated[int, typer.Option(min=1)] = 1,
@@ -81,7 +83,7 @@ def ensure(
         runs_retention_ms=retention_days * day_ms,
     )
     try:
-        states = asyncio.run(ensure_topics(bootstrap, config))
+        states = asyncio.run(ensure_topics(kafka, config))
     except StreamerError as exc:
         _err.print(f"[red]topics ensure failed:[/red] {exc}")
         raise typer.Exit(1) from None
@@ -90,8 +92,10 @@ def ensure(
         typer.echo(f"{name}\t{state.partitions}\t{'created' if state.created else 'exists'}")
 
 
+@kafka_options
 def watch(
-    bootstrap: Bootstrap = "127.0.0.1:9092",
+    *,
+    kafka: KafkaConnection,
     temporal: Annotated[
         str, typer.Option(envvar="CHIO_TEMPORAL_ADDRESS", help="Temporal frontend host:port")
     ] = "127.0.0.1:7233",
@@ -123,7 +127,7 @@ def watch(
         datetime.now(UTC) - timedelta(hours=lookback_hours) if lookback_hours is not None else None
     )
     streamer_config = StreamerConfig(
-        bootstrap_servers=bootstrap,
+        kafka=kafka,
         spool_dir=str(state_dir / "spool"),
         topics=TopicsConfig(prefix=prefix),
         client_id="chio-receipts-watcher",

@@ -1,17 +1,22 @@
 """Errors of the interceptor package, and the ``ApplicationError`` types activities fail with.
 
-    ChioTemporalError                  base of every error raised by this package
-    ├── ChioTemporalConfigError        misconfiguration: a wider or disjoint attenuation, an
-    │   │                              override wider than its workflow grant, bad arguments
-    │   └── ScopeWidening              an attenuation asked for tools its parent does not allow
-    ├── UnknownRunError                flush of a run this interceptor does not hold
-    └── ChioSidecarError               talking to the policy sidecar failed
-        ├── ChioSidecarUnavailable     unreachable, timed out, or answered 5xx (retriable)
-        ├── ChioSidecarRejected        the sidecar refused the request (4xx: unknown or revoked
-        │                              capability, invalid request, bad credentials)
-        │   └── UnknownCapability      no capability with that id
-        └── ChioSidecarProtocolError   an answer that does not decode or does not match the
-                                       request (for example a body that is not the receipt)
+    schemas.ChioReceiptsError              the project's root (``retriable``, ``is_retriable``)
+    └── ChioTemporalError                  base of every error raised by this package
+        ├── ChioTemporalConfigError        misconfiguration: a wider or disjoint attenuation, an
+        │   │                              override wider than its workflow grant, bad arguments
+        │   └── ScopeWidening              an attenuation asked for tools its parent does not
+        │                                  allow
+        ├── UnknownRunError                flush of a run this interceptor does not hold
+        └── ChioSidecarError               talking to the policy sidecar failed
+            ├── ChioSidecarUnavailable     unreachable, timed out, or answered 5xx (retriable)
+            ├── ChioSidecarRejected        the sidecar refused the request (4xx: unknown or
+            │                              revoked capability, invalid request, credentials)
+            │   └── UnknownCapability      no capability with that id
+            └── ChioSidecarProtocolError   an answer that does not decode or does not match the
+                                           request (for example a body that is not the receipt)
+
+Only ``ChioSidecarUnavailable`` is retriable; code that branches on it reads
+``schemas.is_retriable``.
 
 Inside an activity attempt these surface to Temporal as ``ApplicationError`` with a ``type`` the
 workflow can match on: :data:`DENIED_ERROR_TYPE` (non-retryable), :data:`SIDECAR_ERROR_TYPE`
@@ -19,6 +24,8 @@ workflow can match on: :data:`DENIED_ERROR_TYPE` (non-retryable), :data:`SIDECAR
 """
 
 from __future__ import annotations
+
+from chio_receipts.schemas import ChioReceiptsError
 
 __all__ = [
     "CONFIG_ERROR_TYPE",
@@ -49,10 +56,8 @@ CONFIG_ERROR_TYPE = "ChioTemporalConfigError"
 """``ApplicationError.type`` of a misconfigured grant override (non-retryable)."""
 
 
-class ChioTemporalError(Exception):
+class ChioTemporalError(ChioReceiptsError):
     """Base of every error raised by the interceptor package."""
-
-    retriable = False
 
 
 class ChioTemporalConfigError(ChioTemporalError):

@@ -1,11 +1,11 @@
 """``HttpSidecar``: the evaluator protocol over HTTP (httpx), for a remote policy sidecar.
 
-One pooled ``httpx.AsyncClient`` per instance, explicit timeouts, bounded retries (tenacity) on
-connection-level errors only. httpx errors never escape: they become
-:class:`~interceptor.ChioSidecarUnavailable` (retry later) or
-:class:`~interceptor.ChioSidecarRejected` (the request is wrong). Every returned receipt is
-checked: its wire body must be the canonical encoding of the returned fields, and its signature
-must verify under the sidecar's published keys.
+One pooled ``httpx.AsyncClient`` per instance, explicit timeouts, bounded retries
+(``schemas.retry_async``: exponential backoff with full jitter) on connection-level errors only.
+httpx errors never escape: they become :class:`~interceptor.ChioSidecarUnavailable` (retry
+later) or :class:`~interceptor.ChioSidecarRejected` (the request is wrong). Every returned
+receipt is checked: its wire body must be the canonical encoding of the returned fields, and its
+signature must verify under the sidecar's published keys.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Self
 
 import httpx
-import tenacity
 
 from chio_receipts.interceptor._errors import (
     ChioSidecarError,
@@ -36,7 +35,13 @@ from chio_receipts.interceptor._model import (
     SignedReceipt,
     receipt_from_json,
 )
-from chio_receipts.schemas import EncodeError, step_body, verify_body
+from chio_receipts.schemas import (
+    EncodeError,
+    RetryPolicy,
+    retry_async,
+    step_body,
+    verify_body,
+)
 
 __all__ = ["HttpSidecar"]
 
@@ -70,8 +75,13 @@ class HttpSidecar:
         self._limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
-        self._retries = max(0, retries)
-        self._retry_wait = retry_wait
+        self._retry = RetryPolicy(
+            initial_seconds=retry_wait,
+            maximum_seconds=1.0,
+            attempts=max(0, retries) + 1,
+            retry_on=_connection_failed,
+            describe="sidecar request",
+        )
         self._verify = verify_signatures
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
@@ -121,16 +131,12 @@ class HttpSidecar:
 
     async def _request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
         client = self._open()
-        retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(self._retries + 1),
-            wait=tenacity.wait_exponential(multiplier=self._retry_wait, max=1.0),
-            retry=tenacity.retry_if_exception_type(_RETRYABLE),
-            reraise=True,
-        )
+
+        async def send() -> httpx.Response:
+            return await client.request(method, path, json=body)
+
         try:
-            async for attempt in retrying:
-                with attempt:
-                    response = await client.request(method, path, json=body)
+            response = await retry_async(send, policy=self._retry)
         except httpx.TimeoutException as exc:
             raise ChioSidecarUnavailable(f"sidecar {self.base_url} timed out: {exc!r}") from exc
         except httpx.HTTPError as exc:
@@ -248,6 +254,11 @@ class HttpSidecar:
             raise ChioSidecarProtocolError(
                 f"receipt signature does not verify under the sidecar's key {key_id!r}"
             )
+
+
+def _connection_failed(exc: BaseException) -> bool:
+    """Connection-level failures only: an answer, even a 5xx, is never retried here."""
+    return isinstance(exc, _RETRYABLE)
 
 
 def _segment(value: str) -> str:

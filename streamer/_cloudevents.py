@@ -1,7 +1,9 @@
 """Kafka records for receipts: keys, Avro values and CloudEvents binary-mode headers (pure).
 
 CloudEvents Kafka binding, binary mode: the value is the event data (Avro bytes) and the
-attributes travel as ``ce_*`` headers plus ``content-type``.
+attributes travel as ``ce_*`` headers plus ``content-type``. Event types, schema names and
+header names are the contract's (``schemas._contract``); ``STEP_TYPE``, ``COMPLETION_TYPE`` and
+``ENVELOPE_TYPE`` are this package's names for the contract's event types.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ __all__ = [
     "ENVELOPE_SCHEMA",
     "ENVELOPE_TYPE",
     "RUN_COMPLETION_SCHEMA",
+    "STEP_SCHEMA",
     "STEP_TYPE",
     "Framer",
     "completion_record",
@@ -28,12 +31,14 @@ __all__ = [
     "step_record",
 ]
 
-STEP_TYPE = "dev.chio.receipts.step.v1"
-COMPLETION_TYPE = "dev.chio.receipts.run_completion.v1"
-ENVELOPE_TYPE = "dev.chio.receipts.workflow_receipt.v1"
-CONTENT_TYPE = b"application/avro"
-RUN_COMPLETION_SCHEMA = "dev.chio.receipts.v1.RunCompletion"
-ENVELOPE_SCHEMA = "dev.chio.receipts.v1.WorkflowReceipt"
+STEP_TYPE = schemas.STEP_EVENT_TYPE
+COMPLETION_TYPE = schemas.RUN_COMPLETION_EVENT_TYPE
+ENVELOPE_TYPE = schemas.ENVELOPE_EVENT_TYPE
+CONTENT_TYPE = schemas.CONTENT_TYPE
+STEP_SCHEMA = schemas.STEP_SCHEMA
+RUN_COMPLETION_SCHEMA = schemas.RUN_COMPLETION_SCHEMA
+ENVELOPE_SCHEMA = schemas.ENVELOPE_SCHEMA
+_SPECVERSION, _ID, _TYPE, _SOURCE, _SUBJECT, _CONTENT_TYPE = schemas.CE_HEADERS
 
 Framer = Callable[[str, bytes, str], bytes]
 """``(schema name, schemaless body, topic) -> value bytes``: the wire format's frame."""
@@ -56,12 +61,12 @@ def headers(
 ) -> tuple[tuple[str, bytes], ...]:
     """CloudEvents binary-mode headers of one event."""
     return (
-        ("ce_specversion", b"1.0"),
-        ("ce_id", event_id.encode()),
-        ("ce_type", event_type.encode()),
-        ("ce_source", source.encode()),
-        ("ce_subject", subject.encode()),
-        ("content-type", CONTENT_TYPE),
+        (_SPECVERSION, b"1.0"),
+        (_ID, event_id.encode()),
+        (_TYPE, event_type.encode()),
+        (_SOURCE, source.encode()),
+        (_SUBJECT, subject.encode()),
+        (_CONTENT_TYPE, CONTENT_TYPE),
     )
 
 
@@ -78,7 +83,7 @@ def step_record(
     return SpoolRecord(
         topic=topic,
         key=key.encode(),
-        value=framer(schemas.STEP_SCHEMA, body, topic),
+        value=framer(STEP_SCHEMA, body, topic),
         headers=headers(
             event_id=receipt.receipt_id, event_type=STEP_TYPE, source=source, subject=key
         ),

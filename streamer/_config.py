@@ -1,13 +1,23 @@
 """Configuration of the streamer: topics and the producer, as frozen dataclasses.
 
-Environment variables are read by the entry points (``chio_receipts``), never here.
+Topic names come from the contract (``schemas.TopicNames``); the Kafka connection (bootstrap,
+TLS, SASL) is a ``schemas.KafkaConnection``. Environment variables are read by the entry points
+(``chio_receipts``), never here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
+
+from chio_receipts.schemas import (
+    DLQ_TOPIC,
+    ENVELOPES_TOPIC,
+    RUNS_TOPIC,
+    STEPS_TOPIC,
+    KafkaConnection,
+    TopicNames,
+)
 
 __all__ = ["Compression", "Durability", "StreamerConfig", "TopicSettings", "TopicsConfig"]
 
@@ -38,14 +48,15 @@ class TopicSettings:
 class TopicsConfig:
     """The four topics of the pipeline. Names get ``prefix`` prepended (tests use a unique one).
 
-    Steps and runs are co-partitioned (both keyed by run key): they always share ``partitions``.
+    The names default to the contract's (``schemas.STEPS_TOPIC``, ...). Steps and runs are
+    co-partitioned (both keyed by run key): they always share ``partitions``.
     """
 
     prefix: str = ""
-    steps_name: str = "chio.receipts.steps.v1"
-    runs_name: str = "chio.receipts.runs.v1"
-    envelopes_name: str = "chio.receipts.envelopes.v1"
-    dlq_name: str = "chio.receipts.dlq.v1"
+    steps_name: str = STEPS_TOPIC
+    runs_name: str = RUNS_TOPIC
+    envelopes_name: str = ENVELOPES_TOPIC
+    dlq_name: str = DLQ_TOPIC
     partitions: int = 6
     replication_factor: int = 1
     steps_retention_ms: int = 30 * _DAY_MS
@@ -78,6 +89,13 @@ class TopicsConfig:
     def dlq_topic(self) -> str:
         """Full name of the dead-letter topic."""
         return self.prefix + self.dlq_name
+
+    @property
+    def names(self) -> TopicNames:
+        """The four full names, as the contract's :class:`schemas.TopicNames`."""
+        return TopicNames(
+            steps=self.steps, runs=self.runs, envelopes=self.envelopes_topic, dlq=self.dlq_topic
+        )
 
     def settings(self) -> dict[str, TopicSettings]:
         """Topic name -> settings, for every topic."""
@@ -132,9 +150,18 @@ class StreamerConfig:
     did not differ beyond noise, and the producer shares the worker's event loop, so the cheaper
     codec wins. ``linger_ms=5`` and ``max_batch_size=256 KiB``: with aiokafka's 16 KiB default
     a raw idempotent producer reached 9.4k msg/s, with 256 KiB 41k msg/s on the idle machine.
+
+    ``kafka``: where the brokers are and how to authenticate (TLS, SASL); the producer is built
+    from ``kafka.client_kwargs()``, with the producer settings below taking precedence (acks,
+    idempotence, batching and ``request_timeout_ms`` are the streamer's to choose).
+
+    ``retry_backoff_s`` / ``max_retry_backoff_s``: after a failed send, an unreachable broker or
+    a spool error the sender waits a random time up to ``retry_backoff_s * 2**n`` (full jitter,
+    capped at ``max_retry_backoff_s``) before it tries again; the first acknowledgement after
+    the failure resets ``n``.
     """
 
-    bootstrap_servers: str
+    kafka: KafkaConnection
     spool_dir: str
     topics: TopicsConfig = field(default_factory=TopicsConfig)
     durability: Durability = "before_execute"
@@ -156,7 +183,3 @@ class StreamerConfig:
     max_retry_backoff_s: float = 5.0
     spool_max_bytes: int = 1 << 30
     spool_segment_bytes: int = 16 << 20
-    security_protocol: str = "PLAINTEXT"
-    client_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
-    """Extra aiokafka client arguments, e.g. ``sasl_mechanism``, ``sasl_plain_username``,
-    ``sasl_plain_password``, ``ssl_context`` (kept out of ``repr``: they may hold secrets)."""

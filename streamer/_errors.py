@@ -1,21 +1,26 @@
 """Errors of the streamer package.
 
-    StreamerError                     base of every error raised here
-    ├── SpoolError                    the local spool cannot be used (I/O error, bad directory)
-    │   └── SpoolFull                 capacity reached; also a ``schemas.ReceiptSinkError``, so
-    │                                 the interceptor fails the attempt retryably (Temporal retries)
-    ├── StreamerClosed                publish after ``stop()``; also a ``schemas.ReceiptSinkError``
-    ├── TopicError                    topics could not be created or described
-    │   └── TopicMismatch             existing topics break co-partitioning (steps != runs)
-    └── WatcherError                  the completion watcher cannot read Temporal or its checkpoint
+    schemas.ChioReceiptsError         the project's root (``retriable`` read by ``is_retriable``)
+    └── StreamerError                 base of every error raised here
+        ├── SpoolError                the local spool cannot be used (I/O error, bad directory);
+        │   │                         retriable, and a ``schemas.ReceiptSinkError``
+        │   └── SpoolFull             capacity reached; the interceptor fails the attempt
+        │                             retryably (Temporal retries it later)
+        ├── StreamerClosed            publish after ``stop()``; retriable, a ``ReceiptSinkError``
+        ├── TopicError                topics could not be created or described
+        │   └── TopicMismatch         existing topics break co-partitioning (steps != runs);
+        │                             also a ``schemas.ContractError``
+        └── WatcherError              the completion watcher cannot read Temporal or its
+                                      checkpoint (retriable: the watcher polls again)
 
 aiokafka and temporalio errors never escape this package: they are translated at the edge with
-``raise ... from exc`` or handled (spooled, retried) inside the background sender.
+``raise ... from exc`` or handled (spooled, retried) inside the background sender. Code that
+branches on retry semantics reads them with ``schemas.is_retriable``.
 """
 
 from __future__ import annotations
 
-from chio_receipts.schemas import ReceiptSinkError
+from chio_receipts.schemas import ChioReceiptsError, ContractError, ReceiptSinkError
 
 __all__ = [
     "SpoolError",
@@ -28,10 +33,8 @@ __all__ = [
 ]
 
 
-class StreamerError(Exception):
+class StreamerError(ChioReceiptsError):
     """Base of every error raised by the streamer package."""
-
-    retriable = False
 
 
 class SpoolError(StreamerError, ReceiptSinkError):
@@ -56,7 +59,7 @@ class TopicError(StreamerError):
     """Topics could not be created or described."""
 
 
-class TopicMismatch(TopicError):
+class TopicMismatch(TopicError, ContractError):
     """Existing topics do not match the configuration (e.g. steps and runs partition counts)."""
 
 

@@ -17,7 +17,11 @@ Failure handling, all inside the sender:
   per run key holds across an outage (the one exception: a queue batch in flight when the broker
   failed is spooled behind records spooled meanwhile; consumers order steps by receipt id);
 - a record Kafka rejects for its size is moved to the ``rejected/`` spool inside the spool
-  directory, logged and counted as failed, so it cannot block the spool forever.
+  directory, logged and counted as failed, so it cannot block the spool forever;
+- every failure (send, connect, spool) is retried through ``schemas.retry_async``: exponential
+  backoff from ``retry_backoff_s`` to ``max_retry_backoff_s`` with full jitter (workers that
+  lost the same broker do not come back in step), cut short by ``stop()``; the first
+  acknowledgement after a failure resets the backoff.
 
 Replays send the same bytes (same receipt id, same signature): downstream deduplicates by receipt
 id. ``stop()`` is bounded by ``stop_timeout_s``: it drains for part of it, then persists whatever
@@ -41,8 +45,6 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLarge
 
 import chio_receipts.schemas as schemas
 from chio_receipts.streamer._cloudevents import (
-    ENVELOPE_SCHEMA,
-    RUN_COMPLETION_SCHEMA,
     Framer,
     completion_record,
     envelope_record,
@@ -100,7 +102,9 @@ class ReceiptStreamer:
         self._stopping = False
         self._kafka_ok = False
         self._spool_dirty = False
-        self._backoff = config.retry_backoff_s
+        self._stop_event = asyncio.Event()  # ends the sender's retry waits at once
+        self._outage = False  # a failure is being retried; the next acknowledgement ends it
+        self._drain_deadline = 0.0
         self._rejected = Spool(Path(config.spool_dir) / "rejected", max_bytes=1 << 62)
         # Read when scraped, not written per receipt (a gauge set takes a lock: 8 % of the
         # queued path's CPU when it was updated on every accept).
@@ -134,8 +138,8 @@ class ReceiptStreamer:
         t = self.config.topics
         pairs = (
             (schemas.STEP_SCHEMA, t.steps),
-            (RUN_COMPLETION_SCHEMA, t.runs),
-            (ENVELOPE_SCHEMA, t.envelopes_topic),
+            (schemas.RUN_COMPLETION_SCHEMA, t.runs),
+            (schemas.ENVELOPE_SCHEMA, t.envelopes_topic),
         )
         try:
             for name, topic in pairs:
@@ -147,11 +151,13 @@ class ReceiptStreamer:
         """Drain for up to half of ``stop_timeout_s``, persist the rest, stop the producer."""
         if not self._started or self._stopping:
             return
-        self._closed = True
-        self._stopping = True
-        self._wake.set()
         budget = self.config.stop_timeout_s
         deadline = time.monotonic() + budget
+        self._drain_deadline = deadline - budget / 2 - 0.5
+        self._closed = True
+        self._stopping = True
+        self._stop_event.set()
+        self._wake.set()
         if self._sender is not None:
             done, _ = await asyncio.wait({self._sender}, timeout=budget / 2)
             if not done:
@@ -275,40 +281,64 @@ class ReceiptStreamer:
     # -- the sender ------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        """The sender: never dies on a spool error, it logs, backs off and tries again."""
+        """The sender: delivers until ``stop()``; it never dies on a Kafka or spool failure.
+
+        Each failure has put its records back in order (spool, or the front of the queue)
+        before it reaches the retry, which waits with full jitter and ends at once on ``stop()``
+        (which then persists what is left). An acknowledgement after a failure ends the outage:
+        the retry sequence, and with it the backoff, starts afresh.
+        """
+        cfg = self.config
+        policy = schemas.RetryPolicy(
+            initial_seconds=cfg.retry_backoff_s,
+            maximum_seconds=cfg.max_retry_backoff_s,
+            describe="receipt sender",
+        )
         while True:
             try:
-                await self._sender_loop()
-            except SpoolError:
-                log.exception("streamer: spool error in the sender; retrying")
-                # In-flight queue records go back to the front of the queue (a resend is a
-                # duplicate at worst); spool records are still in the spool.
-                self._queue.extendleft(reversed(self._inflight_queued()))
-                self._window.clear()
-                self._spool_cursor = None
-                await self._pause(self._next_backoff())
-            else:
+                stopped = await schemas.retry_async(
+                    self._deliver, policy=policy, stop=self._stop_event
+                )
+            except StreamerError:
+                if self._stopping:
+                    return
+                raise
+            if stopped:
                 return
 
-    async def _sender_loop(self) -> None:
-        """Keep up to ``max_in_flight`` batches outstanding; settle them in order."""
-        drain_deadline: float | None = None
+    async def _deliver(self) -> bool:
+        """One attempt of the sender: True once stopped, False when an outage has ended."""
+        try:
+            return await self._sender_loop()
+        except SpoolError:
+            log.exception("streamer: spool error in the sender; records kept, retrying")
+            # In-flight queue records go back to the front of the queue (a resend is a
+            # duplicate at worst); spool records are still in the spool.
+            self._queue.extendleft(reversed(self._inflight_queued()))
+            self._window.clear()
+            self._spool_cursor = None
+            self._outage = True
+            raise
+        except _Undelivered:
+            self._outage = True
+            raise
+
+    async def _sender_loop(self) -> bool:
+        """Keep up to ``max_in_flight`` batches outstanding; settle them in order.
+
+        Returns True when stopped (drained, or out of drain time), False at the first
+        acknowledgement after a failure; raises on a failure (records already put back).
+        """
         while True:
-            if self._stopping:
-                if drain_deadline is None:
-                    drain_deadline = time.monotonic() + self.config.stop_timeout_s / 2 - 0.5
-                if not self.pending or time.monotonic() >= drain_deadline:
-                    return
+            if self._stopping and (not self.pending or time.monotonic() >= self._drain_deadline):
+                return True
             if self._spool_dirty:
                 self._spool_dirty = False
                 await self._spool.sync()
-            if self._window and not await self._settle_head():
-                continue
+            if self._window and await self._settle_head() and self._outage:
+                self._outage = False
+                return False
             producer = await self._ensure_producer()
-            if producer is None:
-                await self._spill_queue("kafka_unavailable")
-                await self._pause(self._next_backoff())
-                continue
             if len(self._window) < self.config.max_in_flight and await self._send_next(producer):
                 continue
             if self._window:
@@ -368,13 +398,17 @@ class ReceiptStreamer:
             batch.futures.append(fut)
 
     async def _settle_head(self) -> bool:
-        """Settle the oldest in-flight batch if it is done; True when the loop may go on."""
+        """Settle the oldest in-flight batch if it is done; True when it was acknowledged.
+
+        A failed head raises :class:`_Undelivered` once its records (and everything after it)
+        are back in the spool or the queue.
+        """
         head = self._window[0]
         error = head.error
         if error is None:
             pending = [f for f in head.futures if not f.done()]
             if pending and time.monotonic() < head.deadline:
-                return True
+                return False
             if pending:
                 error = TimeoutError(f"{len(pending)} records not acknowledged in time")
             else:
@@ -390,7 +424,6 @@ class ReceiptStreamer:
                 await self._spool.ack(head.spool_end)
                 self.metrics.replayed.inc(len(head.records))
             self._kafka_ok = True
-            self._backoff = self.config.retry_backoff_s
             return True
         # The head failed: nothing after it can be trusted either. Queue records go to the
         # spool; spool records stay there (the cursor rewinds to the acknowledged head).
@@ -405,20 +438,13 @@ class ReceiptStreamer:
         if queued:
             await self._spool_records(queued, "send_failed")
         await self._spill_queue("send_failed")
-        await self._pause(self._next_backoff())
-        return False
+        raise _Undelivered(f"send failed ({type(error).__name__}: {error})") from error
 
     async def _pause(self, seconds: float) -> None:
+        """Idle until a record is accepted, ``stop()`` is called, or ``seconds`` pass."""
         self._wake.clear()
-        if self._stopping and not self._kafka_ok:
-            seconds = min(seconds, 0.2)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
-
-    def _next_backoff(self) -> float:
-        b = self._backoff
-        self._backoff = min(self._backoff * 2, self.config.max_retry_backoff_s)
-        return b
 
     async def _spool_records(self, records: Sequence[SpoolRecord], reason: str) -> None:
         self._spilling = list(records)
@@ -426,11 +452,9 @@ class ReceiptStreamer:
             await self._spool.append_many(records, fsync=True)
         except SpoolError:
             self._spilling = []
-            # Cannot persist: keep them in memory at the front of the queue and retry later.
-            log.exception("streamer: cannot spool %d records, keeping them queued", len(records))
+            # Cannot persist: keep them in memory at the front of the queue; the sender retries.
             self._queue.extendleft(reversed(records))
-            await self._pause(self._next_backoff())
-            return
+            raise
         self._spilling = []
         self.metrics.spooled.labels(reason).inc(len(records))
 
@@ -443,7 +467,7 @@ class ReceiptStreamer:
     def _on_failure(self, exc: BaseException) -> None:
         self._kafka_ok = False
         self.metrics.failed.labels(type(exc).__name__).inc()
-        retriable = bool(getattr(exc, "retriable", False))
+        retriable = schemas.is_retriable(exc)
         log.warning(
             "streamer: send failed (%s: %s); records kept for retry, producer recreated%s",
             type(exc).__name__,
@@ -480,12 +504,15 @@ class ReceiptStreamer:
 
     # -- producer lifecycle ----------------------------------------------------------------------
 
-    async def _ensure_producer(self) -> AIOKafkaProducer | None:
+    async def _ensure_producer(self) -> AIOKafkaProducer:
+        """The producer, started if needed; raises :class:`_Undelivered` (queue spooled) if not."""
         if self._producer is not None:
             return self._producer
         cfg = self.config
-        producer = AIOKafkaProducer(
-            bootstrap_servers=cfg.bootstrap_servers,
+        # The connection (bootstrap, TLS, SASL, client_options) first; the producer settings
+        # after it, since delivery guarantees depend on them (acks, idempotence).
+        settings: dict[str, Any] = cfg.kafka.client_kwargs()
+        settings.update(
             client_id=cfg.client_id,
             acks="all",
             enable_idempotence=True,
@@ -494,9 +521,8 @@ class ReceiptStreamer:
             max_batch_size=cfg.max_batch_size,
             max_request_size=cfg.max_request_size,
             request_timeout_ms=cfg.request_timeout_ms,
-            security_protocol=cfg.security_protocol,
-            **cfg.client_options,
         )
+        producer = AIOKafkaProducer(**settings)
         try:
             await asyncio.wait_for(producer.start(), cfg.start_timeout_s)
         except (TimeoutError, KafkaError, OSError) as exc:
@@ -504,7 +530,8 @@ class ReceiptStreamer:
             self.metrics.failed.labels(type(exc).__name__).inc()
             log.warning("streamer: Kafka unavailable (%s: %s); spooling", type(exc).__name__, exc)
             await _stop_producer(producer, 1.0)
-            return None
+            await self._spill_queue("kafka_unavailable")
+            raise _Undelivered(f"Kafka unavailable ({type(exc).__name__}: {exc})") from exc
         self._producer = producer
         self._partitions.clear()
         self._kafka_ok = True
@@ -524,6 +551,12 @@ class ReceiptStreamer:
             await _stop_producer(producer, wait_s)
         if self._closing:
             await asyncio.wait(set(self._closing), timeout=wait_s)
+
+
+class _Undelivered(StreamerError):
+    """A send failed or Kafka is unreachable; the records are back in the spool or the queue."""
+
+    retriable = True
 
 
 def _consume_outcome(fut: asyncio.Future[Any]) -> None:

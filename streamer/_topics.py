@@ -1,14 +1,16 @@
-"""Create the pipeline's topics (idempotent) and check co-partitioning."""
+"""Create the pipeline's topics (idempotent) and check co-partitioning (``schemas`` contract)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
+import chio_receipts.schemas as schemas
 from chio_receipts.streamer._config import TopicsConfig
 from chio_receipts.streamer._errors import TopicError, TopicMismatch
 
@@ -28,18 +30,28 @@ class TopicState:
     created: bool = False
 
 
+class _NotVisibleYet(TopicError):
+    """Created topics missing from the metadata: it lags the create response for a moment."""
+
+    retriable = True
+
+
+def _admin(kafka: schemas.KafkaConnection, timeout_s: float) -> AIOKafkaAdminClient:
+    kwargs: dict[str, Any] = kafka.client_kwargs()
+    kwargs["request_timeout_ms"] = int(timeout_s * 1000)
+    return AIOKafkaAdminClient(**kwargs)
+
+
 async def describe_topics(
-    bootstrap: str, names: list[str], *, timeout_s: float = 30.0
+    kafka: schemas.KafkaConnection, names: list[str], *, timeout_s: float = 30.0
 ) -> dict[str, int]:
     """Partition count of each existing topic in ``names`` (missing topics are left out)."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
-    )
+    admin = _admin(kafka, timeout_s)
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
         described = await asyncio.wait_for(admin.describe_topics(names), timeout_s)
     except (TimeoutError, KafkaError, OSError) as exc:
-        raise TopicError(f"cannot describe topics on {bootstrap}: {exc}") from exc
+        raise TopicError(f"cannot describe topics on {kafka.bootstrap_servers}: {exc}") from exc
     finally:
         await _close(admin)
     out: dict[str, int] = {}
@@ -50,17 +62,16 @@ async def describe_topics(
 
 
 async def ensure_topics(
-    bootstrap: str, config: TopicsConfig, *, timeout_s: float = 30.0
+    kafka: schemas.KafkaConnection, config: TopicsConfig, *, timeout_s: float = 30.0
 ) -> dict[str, TopicState]:
     """Create missing topics with ``config``'s settings; check that steps and runs match.
 
     Existing topics are left as they are (their configs are not altered). Raises
-    :class:`TopicMismatch` when the steps and runs topics end up with different partition counts.
+    :class:`TopicMismatch` when the steps and runs topics end up with different partition counts
+    (``schemas.check_copartitioned``).
     """
     settings = config.settings()
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
-    )
+    admin = _admin(kafka, timeout_s)
     created: set[str] = set()
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
@@ -87,30 +98,38 @@ async def ensure_topics(
                     message = rest[0] if rest else ""
                     raise TopicError(f"cannot create topic {name}: error {code} {message}")
     except (TimeoutError, KafkaError, OSError) as exc:
-        raise TopicError(f"cannot ensure topics on {bootstrap}: {exc}") from exc
+        raise TopicError(f"cannot ensure topics on {kafka.bootstrap_servers}: {exc}") from exc
     finally:
         await _close(admin)
-    counts = await _wait_described(bootstrap, list(settings), timeout_s)
-    if counts[config.steps] != counts[config.runs]:
-        raise TopicMismatch(
-            f"{config.steps} has {counts[config.steps]} partitions but {config.runs} has "
-            f"{counts[config.runs]}: both are keyed by run key and must be co-partitioned"
-        )
+    counts = await _described(kafka, list(settings), timeout_s)
+    try:
+        schemas.check_copartitioned(counts, config.steps, config.runs)
+    except schemas.ContractError as exc:
+        raise TopicMismatch(str(exc)) from exc
     return {n: TopicState(name=n, partitions=counts[n], created=n in created) for n in settings}
 
 
-async def _wait_described(bootstrap: str, names: list[str], timeout_s: float) -> dict[str, int]:
-    # Metadata of a just-created topic can lag behind the create response for a moment.
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        counts = await describe_topics(bootstrap, names, timeout_s=timeout_s)
+async def _described(
+    kafka: schemas.KafkaConnection, names: list[str], timeout_s: float
+) -> dict[str, int]:
+    """Partition counts of ``names`` once every one of them is in the metadata."""
+
+    async def all_visible() -> dict[str, int]:
+        counts = await describe_topics(kafka, names, timeout_s=timeout_s)
         missing = [n for n in names if n not in counts]
-        if not missing:
-            return counts
-        if loop.time() > deadline:
-            raise TopicError(f"topics not visible after creation: {', '.join(missing)}")
-        await asyncio.sleep(0.2)
+        if missing:
+            raise _NotVisibleYet(f"topics not visible after creation: {', '.join(missing)}")
+        return counts
+
+    return await schemas.retry_async(
+        all_visible,
+        policy=schemas.RetryPolicy(
+            initial_seconds=0.1,
+            maximum_seconds=1.0,
+            deadline_seconds=timeout_s,
+            describe="topic metadata after create",
+        ),
+    )
 
 
 async def _close(admin: AIOKafkaAdminClient) -> None:

@@ -11,6 +11,10 @@ Checkpoint: a JSON file written atomically (temp file, fsync, rename) after ever
 processed in order) and the run ids seen at or after ``watermark - overlap``, so the overlap
 window never emits a run twice. A crash between the sink and the checkpoint re-emits at most
 the runs since the last checkpoint, with the same deterministic event ids.
+
+A failed poll (Temporal unreachable, the sink refusing a completion) is retried through
+``schemas.retry_async``: backoff from ``poll_interval_s`` up to ``max_retry_backoff_s`` with
+full jitter, ended at once by the stop event.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class WatcherConfig:
 
     checkpoint_path: str
     poll_interval_s: float = 2.0
+    max_retry_backoff_s: float = 30.0
     overlap_s: float = 30.0
     start_from: datetime | None = None
     query_filter: str = ""
@@ -225,17 +230,26 @@ class CompletionWatcher:
         return tuple(chain)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Poll until ``stop`` is set; transient errors are logged and retried."""
+        """Poll until ``stop`` is set; retriable errors (``schemas.is_retriable``) are retried.
+
+        A non-retriable error ends the watcher (it is raised).
+        """
+        policy = schemas.RetryPolicy(
+            initial_seconds=self.config.poll_interval_s,
+            maximum_seconds=max(self.config.max_retry_backoff_s, self.config.poll_interval_s),
+            describe="completion watcher poll",
+        )
         while not stop.is_set():
             t0 = time.monotonic()
             try:
-                n = await self.poll_once()
-                if n:
-                    log.info("watcher: emitted %d run completions", n)
-            except WatcherError as exc:
-                log.warning("watcher: %s; retrying", exc)
-            except schemas.ReceiptSinkError as exc:
-                log.warning("watcher: sink refused a completion (%s); retrying", exc)
+                n = await schemas.retry_async(self.poll_once, policy=policy, stop=stop)
+            except Exception as exc:
+                if stop.is_set() and schemas.is_retriable(exc):
+                    log.info("watcher: stopped while retrying (%s)", exc)
+                    return
+                raise
+            if n:
+                log.info("watcher: emitted %d run completions", n)
             wait = max(0.0, self.config.poll_interval_s - (time.monotonic() - t0))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)

@@ -203,7 +203,8 @@ async def _pipeline(
 ) -> AsyncIterator[_Pipe]:
     """Sidecar, builder, watcher and two workers, torn down in reverse order."""
     topics = TopicsConfig(partitions=3)
-    await ensure_topics(stack.kafka_bootstrap, topics)
+    kafka = KafkaConnection(bootstrap_servers=stack.kafka_bootstrap)
+    await ensure_topics(kafka, topics)
     argument_key = ArgumentKey.generate("demo-args")
     builder_key = KeyPair.generate("demo-builder")
     client = await Client.connect(stack.temporal_address)
@@ -235,7 +236,7 @@ async def _pipeline(
         watcher_sink = await exits.enter_async_context(
             ReceiptStreamer(
                 StreamerConfig(
-                    bootstrap_servers=stack.kafka_bootstrap,
+                    kafka=kafka,
                     spool_dir=str(demo_dir / "spool-watcher"),
                     topics=topics,
                     client_id="chio-demo-watcher",
@@ -266,7 +267,7 @@ async def _pipeline(
                 WorkerSettings(
                     temporal_address=stack.temporal_address,
                     sidecar_url=sidecar.url,
-                    kafka_bootstrap=stack.kafka_bootstrap,
+                    kafka=kafka,
                     topics=topics,
                     spool_dir=demo_dir / "spool-worker-a",
                     task_queue=result.task_queue,

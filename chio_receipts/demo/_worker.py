@@ -27,6 +27,7 @@ from chio_receipts.interceptor import (
     GrantResolver,
     WorkflowGrant,
 )
+from chio_receipts.schemas import KafkaConnection
 from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig
 
 __all__ = [
@@ -58,7 +59,7 @@ class WorkerSettings:
     temporal_address: str
     namespace: str = "default"
     sidecar_url: str
-    kafka_bootstrap: str
+    kafka: KafkaConnection
     topics: TopicsConfig = field(default_factory=TopicsConfig)
     spool_dir: Path
     task_queue: str
@@ -92,7 +93,7 @@ async def demo_worker(
         streamer = await stack.enter_async_context(
             ReceiptStreamer(
                 StreamerConfig(
-                    bootstrap_servers=settings.kafka_bootstrap,
+                    kafka=settings.kafka,
                     spool_dir=str(settings.spool_dir),
                     topics=settings.topics,
                     client_id=f"chio-demo-{settings.task_queue}",

@@ -1,9 +1,11 @@
-"""The Kafka path over SASL (PLAIN) against a real broker with a second, authenticated listener."""
+"""The Kafka path over SASL (PLAIN) against a real broker with a second, authenticated listener:
+``topics ensure`` from the command line, the streamer, the receipt builder."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -30,7 +32,13 @@ from chio_receipts.schemas import (
     TopicNames,
 )
 from chio_receipts.stack import KafkaBroker, KafkaConfig
-from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
+from chio_receipts.streamer import (
+    ReceiptStreamer,
+    StreamerConfig,
+    TopicsConfig,
+    describe_topics,
+    ensure_topics,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "chio-writer", "pw-" + uuid.uuid4().hex
@@ -45,15 +53,32 @@ def sasl(password: str = PASSWORD) -> dict[str, Any]:
     }
 
 
-def sasl_connection(bootstrap: str, password: str = PASSWORD, **kw: Any) -> KafkaConnection:
+def sasl_connection(broker: KafkaBroker, password: str = PASSWORD) -> KafkaConnection:
     return KafkaConnection(
-        bootstrap_servers=bootstrap,
+        bootstrap_servers=broker.sasl_bootstrap,
         security_protocol="SASL_PLAINTEXT",
         sasl_mechanism="PLAIN",
         sasl_username=USER,
         sasl_password=Secret(password),
-        **kw,
+        request_timeout_ms=5000,
     )
+
+
+async def topics_ensure_cli(broker: KafkaBroker, prefix: str, password: str) -> tuple[int, str]:
+    """``chio-receipts topics ensure`` over the SASL listener, as a child process."""
+    env = {**os.environ, "CHIO_KAFKA_SASL_PASSWORD": password}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chio_receipts", "topics", "ensure",
+        "--bootstrap", broker.sasl_bootstrap,
+        "--kafka-security-protocol", "SASL_PLAINTEXT",
+        "--kafka-sasl-mechanism", "PLAIN",
+        "--kafka-sasl-username", USER,
+        "--prefix", prefix, "--partitions", "2",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
 
 
 @pytest.fixture(scope="module")
@@ -73,23 +98,39 @@ async def broker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Kafk
 
 
 @pytest.mark.integration
+async def test_topics_ensure_runs_over_sasl_from_the_command_line(
+    broker: KafkaBroker, unique: Callable[[str], str]
+) -> None:
+    prefix = unique("sasl-cli") + "."
+    code, out = await topics_ensure_cli(broker, prefix, PASSWORD)
+    assert code == 0, out
+    topics = TopicsConfig(prefix=prefix)
+    assert out.count("\tcreated") == 4, out
+    counts = await describe_topics(sasl_connection(broker), list(topics.settings()))
+    assert counts[topics.steps] == counts[topics.runs] == 2
+    assert PASSWORD not in out
+
+    refused, out = await topics_ensure_cli(broker, unique("sasl-cli-bad") + ".", "not-it")
+    assert refused == 1, out
+    assert "topics ensure failed" in out
+
+
+@pytest.mark.integration
 async def test_receipts_travel_over_sasl_into_clickhouse(
     broker: KafkaBroker, clickhouse_dsn: str, tmp_path: Path, unique: Callable[[str], str]
 ) -> None:
     topics = TopicsConfig(prefix=unique("sasl") + ".", partitions=2)
-    await ensure_topics(broker.bootstrap, topics)  # administration on the local listener
+    await ensure_topics(sasl_connection(broker), topics)
     key = KeyPair.generate("sasl-sidecar")
     workflow_id, run_id = unique("wf"), str(uuid.uuid4())
     receipts = signed_receipts(key, workflow_id, run_id, 5)
     now = time.time_ns() // 1000
     async with ReceiptStreamer(
         StreamerConfig(
-            bootstrap_servers=broker.sasl_bootstrap,
+            kafka=sasl_connection(broker),
             spool_dir=str(tmp_path / "spool"),
             topics=topics,
             durability="queued",
-            security_protocol="SASL_PLAINTEXT",
-            client_options={k: v for k, v in sasl().items() if k != "security_protocol"},
         )
     ) as sink:
         for signed, body in receipts:
@@ -113,7 +154,7 @@ async def test_receipts_travel_over_sasl_into_clickhouse(
         assert await sink.flush(20)
     service = ReceiptBuilderService(
         BuilderConfig(
-            kafka=sasl_connection(broker.sasl_bootstrap),
+            kafka=sasl_connection(broker),
             clickhouse=ClickHouseConfig(dsn=clickhouse_dsn),
             builder_key=KeyPair.generate("sasl-builder"),
             public_keys={key.key_id: key.public_key},
@@ -151,12 +192,10 @@ async def test_a_wrong_password_is_refused(
     broker: KafkaBroker, clickhouse_dsn: str, unique: Callable[[str], str]
 ) -> None:
     topics = TopicsConfig(prefix=unique("sasl-bad") + ".", partitions=1)
-    await ensure_topics(broker.bootstrap, topics)
+    await ensure_topics(sasl_connection(broker), topics)
     service = ReceiptBuilderService(
         BuilderConfig(
-            kafka=sasl_connection(
-                broker.sasl_bootstrap, "not-the-password", request_timeout_ms=5000
-            ),
+            kafka=sasl_connection(broker, "not-the-password"),
             clickhouse=ClickHouseConfig(dsn=clickhouse_dsn),
             builder_key=KeyPair.generate("sasl-builder"),
             topics=TopicNames(

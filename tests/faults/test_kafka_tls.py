@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 from harness.receipts import signed_receipts
 
-from chio_receipts.schemas import KeyPair, decode, verify_body
+from chio_receipts.schemas import KafkaConnection, KeyPair, decode, verify_body
 from chio_receipts.stack import KafkaBroker, KafkaConfig
 from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
 
@@ -79,18 +79,19 @@ async def test_receipts_travel_over_tls_and_arrive_signed(
 ) -> None:
     broker, cert = tls_broker
     context = ssl.create_default_context(cafile=str(cert))
+    tls = KafkaConnection(
+        bootstrap_servers=broker.tls_bootstrap, security_protocol="SSL", ssl_cafile=str(cert)
+    )
     topics = TopicsConfig(prefix=unique("tls") + ".", partitions=1)
-    await ensure_topics(broker.bootstrap, topics)  # administration on the local listener
+    await ensure_topics(tls, topics)  # administration over TLS as well
     key = KeyPair.generate("tls-sidecar")
     receipts = signed_receipts(key, unique("wf"), str(uuid.uuid4()), 4)
     async with ReceiptStreamer(
         StreamerConfig(
-            bootstrap_servers=broker.tls_bootstrap,
+            kafka=tls,
             spool_dir=str(tmp_path / "spool"),
             topics=topics,
             durability="queued",
-            security_protocol="SSL",
-            client_options={"ssl_context": context},
         )
     ) as sink:
         for signed, body in receipts:

@@ -51,7 +51,7 @@ def config(bootstrap: str, spool_dir: str, prefix: str, **kw: Any) -> streamer.S
     }
     defaults.update(kw)
     return streamer.StreamerConfig(
-        bootstrap_servers=bootstrap,
+        kafka=schemas.KafkaConnection(bootstrap_servers=bootstrap),
         spool_dir=spool_dir,
         topics=streamer.TopicsConfig(prefix=prefix, partitions=3),
         **defaults,

@@ -29,7 +29,7 @@ async def test_interceptor_receipts_reach_kafka_and_match_the_watchers_expected_
     temporal_client: Client, kafka_bootstrap: str, unique: Callable[[str], str], tmp_path: Path
 ) -> None:
     cfg = config(kafka_bootstrap, str(tmp_path / "spool"), unique("e2e") + ".")
-    await streamer.ensure_topics(kafka_bootstrap, cfg.topics)
+    await streamer.ensure_topics(cfg.kafka, cfg.topics)
     tq, wid = unique("tq"), unique("retry")
     side = LocalSidecar()
     async with streamer.ReceiptStreamer(cfg) as sink:

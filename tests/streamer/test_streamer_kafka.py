@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from _helpers import eventually
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from streamer_kafka_helpers import config, consume, receipt_id_of
 
@@ -56,11 +57,15 @@ async def test_ensure_topics_is_idempotent_and_refuses_broken_co_partitioning(
     kafka_bootstrap: str, unique: Callable[[str], str]
 ) -> None:
     cfg = streamer.TopicsConfig(prefix=unique("t") + ".", partitions=3)
-    first = await streamer.ensure_topics(kafka_bootstrap, cfg)
+    first = await streamer.ensure_topics(
+        schemas.KafkaConnection(bootstrap_servers=kafka_bootstrap), cfg
+    )
     assert {s.partitions for n, s in first.items() if n in (cfg.steps, cfg.runs)} == {3}
     assert all(s.created for s in first.values())
     assert first[cfg.dlq_topic].partitions == 1
-    again = await streamer.ensure_topics(kafka_bootstrap, cfg)
+    again = await streamer.ensure_topics(
+        schemas.KafkaConnection(bootstrap_servers=kafka_bootstrap), cfg
+    )
     assert not any(s.created for s in again.values())
 
     bad = streamer.TopicsConfig(prefix=unique("bad") + ".", partitions=3)
@@ -71,7 +76,9 @@ async def test_ensure_topics_is_idempotent_and_refuses_broken_co_partitioning(
     finally:
         await admin.close()
     with pytest.raises(streamer.TopicMismatch):
-        await streamer.ensure_topics(kafka_bootstrap, bad)
+        await streamer.ensure_topics(
+            schemas.KafkaConnection(bootstrap_servers=kafka_bootstrap), bad
+        )
 
 
 @pytest.mark.parametrize("wire_format", ["single_object", "confluent"])
@@ -79,7 +86,7 @@ async def test_every_event_type_round_trips_through_kafka(
     kafka_bootstrap: str, unique: Callable[[str], str], tmp_path: Path, wire_format: str
 ) -> None:
     cfg = config(kafka_bootstrap, str(tmp_path / "spool"), unique("rt") + ".", durability="queued")
-    await streamer.ensure_topics(kafka_bootstrap, cfg.topics)
+    await streamer.ensure_topics(cfg.kafka, cfg.topics)
     fake = FakeRegistry()
     registry = schemas.SchemaRegistryClient(
         "http://registry.test", transport=httpx.MockTransport(fake.handler)
@@ -133,7 +140,7 @@ async def test_order_per_run_key_is_kept(
     cfg = config(
         kafka_bootstrap, str(tmp_path / "spool"), unique("ord") + ".", durability=durability
     )
-    await streamer.ensure_topics(kafka_bootstrap, cfg.topics)
+    await streamer.ensure_topics(cfg.kafka, cfg.topics)
     sent: dict[bytes, list[str]] = defaultdict(list)
     async with streamer.ReceiptStreamer(cfg) as s:
         for i in range(300):
@@ -152,6 +159,40 @@ async def test_order_per_run_key_is_kept(
     for r in sorted(got, key=lambda r: (r.partition, r.offset)):
         received[r.key].append(receipt_id_of(r.value))
     assert received == sent
+
+
+async def test_stop_cuts_a_long_retry_wait_short(
+    unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """Kafka unreachable, the sender backs off for up to a minute: stop() does not wait for it."""
+    cfg = config(
+        "127.0.0.1:1",
+        str(tmp_path / "spool"),
+        unique("wait") + ".",
+        durability="queued",
+        retry_backoff_s=30.0,
+        max_retry_backoff_s=60.0,
+        stop_timeout_s=20.0,
+    )
+    s = streamer.ReceiptStreamer(cfg)
+    await s.start()
+    await s.publish_step(*_signed("run-wait", 0))
+
+    def failures() -> float:
+        return sum(
+            sample.value
+            for metric in s.metrics.failed.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        )
+
+    await eventually(lambda: failures() >= 1, timeout=60)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await s.stop()
+    assert loop.time() - t0 < 3.0
+    with streamer.Spool(tmp_path / "spool") as spool:
+        assert spool.depth == 1
 
 
 async def test_unreachable_broker_spools_and_stop_is_bounded(
@@ -199,7 +240,7 @@ async def test_broker_kill_9_mid_stream_loses_no_receipt(
     cfg = config(
         kafka_bootstrap, str(tmp_path / "spool"), unique("kill") + ".", durability="queued"
     )
-    await streamer.ensure_topics(kafka_bootstrap, cfg.topics)
+    await streamer.ensure_topics(cfg.kafka, cfg.topics)
     produced: set[str] = set()
     loop = asyncio.get_running_loop()
     async with streamer.ReceiptStreamer(cfg) as s:
@@ -245,7 +286,7 @@ async def test_a_record_kafka_refuses_for_its_size_is_kept_aside_not_blocking(
     cfg = config(
         kafka_bootstrap, str(tmp_path / "spool"), unique("big") + ".", max_request_size=4096
     )
-    await streamer.ensure_topics(kafka_bootstrap, cfg.topics)
+    await streamer.ensure_topics(cfg.kafka, cfg.topics)
     big = _envelope("run-big")
     big["steps"] = big["steps"] * 20
     step, body = _signed("run-big", 1)

@@ -211,7 +211,9 @@ def test_metrics_instances_do_not_collide() -> None:
 
 async def test_publish_before_start_or_after_stop_is_refused(tmp_path: Path) -> None:
     s = streamer.ReceiptStreamer(
-        streamer.StreamerConfig(bootstrap_servers="127.0.0.1:1", spool_dir=str(tmp_path))
+        streamer.StreamerConfig(
+            kafka=schemas.KafkaConnection(bootstrap_servers="127.0.0.1:1"), spool_dir=str(tmp_path)
+        )
     )
     with pytest.raises(schemas.ReceiptSinkError):
         await s.publish_completion(sample_run())

@@ -137,7 +137,7 @@ async def test_watcher_emits_every_closed_run_once_with_links(
 ) -> None:
     tq = unique("tq")
     cfg = config(kafka_bootstrap, str(tmp_path / "spool"), unique("w") + ".")
-    await streamer.ensure_topics(kafka_bootstrap, cfg.topics)
+    await streamer.ensure_topics(cfg.kafka, cfg.topics)
     async with Worker(
         temporal_client,
         task_queue=tq,

@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
 from chio_receipts.consumers import open_client, parse_dead_letter_headers, verify_run
-from chio_receipts.schemas import KeyPair, RunCompletion
+from chio_receipts.schemas import KafkaConnection, KeyPair, RunCompletion
 from chio_receipts.streamer import (
     CompletionWatcher,
     ReceiptStreamer,
@@ -145,7 +145,7 @@ class Pipeline:
 
     async def setup(self) -> None:
         """Create the topics (unique prefix) and start the watcher."""
-        await ensure_topics(self.bootstrap, self.topics)
+        await ensure_topics(KafkaConnection(bootstrap_servers=self.bootstrap), self.topics)
         await self.start_watcher()
 
     def add_worker(self, **extra: Any) -> Child:
@@ -257,7 +257,7 @@ class Pipeline:
         self._watcher_stop.clear()
         streamer = ReceiptStreamer(
             StreamerConfig(
-                bootstrap_servers=self.bootstrap,
+                kafka=KafkaConnection(bootstrap_servers=self.bootstrap),
                 spool_dir=str(self.root / "watcher-spool"),
                 topics=self.topics,
                 client_id=f"watcher-{self.name}",

@@ -27,7 +27,7 @@ from chio_receipts.interceptor import (
     ChioActivityInterceptor,
     WorkflowGrant,
 )
-from chio_receipts.schemas import KeyPair
+from chio_receipts.schemas import KafkaConnection, KeyPair
 from chio_receipts.sidecar import LocalSidecar
 from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig
 from harness.oracle import OracleSink
@@ -61,7 +61,7 @@ async def main(cfg: dict[str, object]) -> None:
     token = sidecar.mint("agent:fault-suite", SCOPE, 24 * 3600)
     streamer = ReceiptStreamer(
         StreamerConfig(
-            bootstrap_servers=str(cfg["bootstrap"]),
+            kafka=KafkaConnection(bootstrap_servers=str(cfg["bootstrap"])),
             spool_dir=str(work / "spool"),
             topics=TopicsConfig(prefix=str(cfg["prefix"]), partitions=int(str(cfg["partitions"]))),
             durability=str(cfg.get("durability", "before_execute")),  # type: ignore[arg-type]
