@@ -9,10 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from _helpers import eventually
-from consumer_factory import STEP, completion, completion_value, receipt, signed_run
-from http_receiver import Receiver
-from kafka_topics import create_topics, make_topics, produce, read_all
 
 from chio_receipts.consumers import (
     BuilderConfig,
@@ -34,6 +30,10 @@ from chio_receipts.schemas import (
     sign_receipt,
     standalone_schema,
 )
+from tests.support.consumer_factory import STEP, completion, completion_value, receipt, signed_run
+from tests.support.helpers import eventually
+from tests.support.http_receiver import Receiver
+from tests.support.kafka_topics import create_topics, make_topics, produce, read_all
 
 pytestmark = pytest.mark.integration
 WORKER = KeyPair.generate("worker-1")

@@ -6,7 +6,6 @@ import io
 
 import fastavro
 import pytest
-from consumer_factory import completion, signed_run
 
 from chio_receipts.consumers import Envelope, ReceiptBuilder, StepEntry, verify_envelope_signature
 from chio_receipts.consumers._wire import ENVELOPE_SCHEMA
@@ -18,6 +17,7 @@ from chio_receipts.schemas import (
     receipt_hash,
     step_body,
 )
+from tests.support.consumer_factory import completion, signed_run
 
 pytestmark = pytest.mark.unit
 KEY = KeyPair.generate("worker-1")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from consumer_factory import signed_run
 
 from chio_receipts.consumers import ClickHouseConfig, ClickHouseSink, step_row
 from chio_receipts.consumers._wire import decode_plain
 from chio_receipts.schemas import KeyPair
+from tests.support.consumer_factory import signed_run
 
 pytestmark = pytest.mark.integration
 KEY = KeyPair.generate("worker-sink")

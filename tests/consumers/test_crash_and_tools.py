@@ -15,9 +15,6 @@ from typing import Any
 
 import pytest
 import typer
-from _helpers import eventually
-from consumer_factory import completion, completion_value, signed_run
-from kafka_topics import make_topics, produce
 from typer.testing import CliRunner
 
 from chio_receipts.cli_consumers import register
@@ -32,6 +29,9 @@ from chio_receipts.consumers import (
 )
 from chio_receipts.consumers._clickhouse import split_statements
 from chio_receipts.schemas import KafkaConnection, KeyPair, TopicNames
+from tests.support.consumer_factory import completion, completion_value, signed_run
+from tests.support.helpers import eventually
+from tests.support.kafka_topics import make_topics, produce
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

@@ -6,10 +6,10 @@ import base64
 import json
 
 import pytest
-from http_receiver import Receiver
 
 from chio_receipts.consumers import KeyResolutionError, KeyRing, fetch_public_keys
 from chio_receipts.schemas import KeyPair
+from tests.support.http_receiver import Receiver
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,6 @@ import os
 import types
 
 import pytest
-from consumer_factory import completion, completion_value, signed_run
 
 from chio_receipts.consumers import (
     DeadLetter,
@@ -31,6 +30,7 @@ from chio_receipts.schemas import (
     UnknownSchema,
     verify_receipt,
 )
+from tests.support.consumer_factory import completion, completion_value, signed_run
 
 pytestmark = pytest.mark.unit
 KEY = KeyPair.generate("worker-1")

@@ -8,7 +8,6 @@ from dataclasses import fields
 from typing import Any
 
 import pytest
-from consumer_factory import completion, signed_run
 
 from chio_receipts.consumers import (
     ClickHouseConfig,
@@ -33,6 +32,7 @@ from chio_receipts.consumers._rows import (
 )
 from chio_receipts.consumers._wire import decode_plain, envelope_step_body
 from chio_receipts.schemas import STEP_SCHEMA, KeyPair, raw_schema, receipt_hash, verify_receipt
+from tests.support.consumer_factory import completion, signed_run
 
 WORKER = KeyPair.generate("worker-rows")
 BUILDER = KeyPair.generate("builder-rows")

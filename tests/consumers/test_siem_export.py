@@ -12,11 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import eventually
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from consumer_factory import signed_run
-from http_receiver import Receiver
-from kafka_topics import create_topics, produce, read_all
 
 from chio_receipts.consumers import parse_dead_letter_headers
 from chio_receipts.consumers._wire import decode_plain
@@ -28,6 +24,10 @@ from chio_receipts.consumers.siem import (
     parse_output,
 )
 from chio_receipts.schemas import KafkaConnection, KeyPair, TopicNames
+from tests.support.consumer_factory import signed_run
+from tests.support.helpers import eventually
+from tests.support.http_receiver import Receiver
+from tests.support.kafka_topics import create_topics, produce, read_all
 
 KEY = KeyPair.generate("worker-siem")
 

@@ -1,15 +1,9 @@
-"""Fault-suite fixtures and the summary table printed at the end of the session.
-
-``import streamer`` (and the other packages) must resolve to the repository's packages, not to
-the same-named test folders pytest puts on ``sys.path``: the root is appended and namespace
-modules imported too early are forgotten.
-"""
+"""Fault-suite fixtures and the summary table printed at the end of the session."""
 
 from __future__ import annotations
 
 import os
 import re
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,18 +11,10 @@ from typing import Any
 
 import pytest
 
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.append(_ROOT)
-for _name in ("schemas", "consumers", "streamer", "interceptor"):
-    _mod = sys.modules.get(_name)
-    if _mod is not None and getattr(_mod, "__file__", None) is None:
-        del sys.modules[_name]
-
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Print the fault matrix table (rows run in this session)."""
-    from harness.report import RESULTS, table
+    from tests.support.faults.report import RESULTS, table
 
     if not RESULTS:
         return
@@ -50,7 +36,7 @@ async def make_pipeline(
     stack: Any, temporal_client: Any, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[Callable[..., Any]]:
     """make_pipeline(**options) -> a started-nothing Pipeline on the session stack."""
-    from harness.pipeline import Pipeline, PipelineOptions, clickhouse_dsn_for
+    from tests.support.faults.pipeline import Pipeline, PipelineOptions, clickhouse_dsn_for
 
     made: list[Any] = []
 

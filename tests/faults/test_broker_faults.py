@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import eventually
-from harness.pipeline import Pipeline, PipelineOptions, cache_dir, clickhouse_dsn_for
-from harness.scenario import finish
-from harness.workload import FaultInput
 from temporalio.client import Client
 
 from chio_receipts.stack import LocalStack, StackConfig, StackError
+from tests.support.faults.pipeline import Pipeline, PipelineOptions, cache_dir, clickhouse_dsn_for
+from tests.support.faults.scenario import finish
+from tests.support.faults.workload import FaultInput
+from tests.support.helpers import eventually
 
 pytestmark = pytest.mark.e2e
 

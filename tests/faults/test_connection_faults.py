@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from _helpers import eventually
-from harness.pipeline import Pipeline, PipelineOptions, cache_dir, clickhouse_dsn_for
-from harness.proxy import TcpProxy
-from harness.scenario import finish
-from harness.workload import FaultInput
 
 from chio_receipts.stack import KafkaBroker, KafkaConfig, free_port
+from tests.support.faults.pipeline import Pipeline, PipelineOptions, cache_dir, clickhouse_dsn_for
+from tests.support.faults.proxy import TcpProxy
+from tests.support.faults.scenario import finish
+from tests.support.faults.workload import FaultInput
+from tests.support.helpers import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -8,10 +8,6 @@ import time
 from collections.abc import Callable
 
 import pytest
-from _helpers import eventually
-from harness.pipeline import Pipeline
-from harness.scenario import finish
-from harness.workload import FaultInput
 
 from chio_receipts.schemas import (
     STEP_SCHEMA,
@@ -22,6 +18,10 @@ from chio_receipts.schemas import (
     parsed_schema,
     schema_fingerprint,
 )
+from tests.support.faults.pipeline import Pipeline
+from tests.support.faults.scenario import finish
+from tests.support.faults.workload import FaultInput
+from tests.support.helpers import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -77,12 +77,7 @@ async def test_f9_consumer_killed_between_insert_and_commit(
 
 def _bad_values(worker: KeyPair, stranger: KeyPair) -> list[tuple[str, bytes | None, str]]:
     """(name, value, expected DLQ reason) of every kind of poison for the steps topic."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "schemas"))
-    import avro_strategies
-
+    import tests.support.avro_strategies as avro_strategies
     from chio_receipts.schemas import sign_receipt
 
     _good, body = sign_receipt(avro_strategies.sample_step(key_id=worker.key_id), worker)
@@ -222,7 +217,7 @@ async def test_f12_clickhouse_write_fails_mid_stream(
         assert_held=False,
     )
     p.expected_exits.add(consumer.name)
-    from harness.invariants import assert_invariants
+    from tests.support.faults.invariants import assert_invariants
 
     results = {k: [d for d in v if "consumer exited" not in d] for k, v in out.results.items()}
     assert_invariants(results, context=row)

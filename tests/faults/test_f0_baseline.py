@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from harness.pipeline import Pipeline, clickhouse_dsn_for
-from harness.report import record_row
-from harness.scenario import Outcome, finish
-from harness.workload import FaultInput
 
 from chio_receipts.consumers import verify_run
+from tests.support.faults.pipeline import Pipeline, clickhouse_dsn_for
+from tests.support.faults.report import record_row
+from tests.support.faults.scenario import Outcome, finish
+from tests.support.faults.workload import FaultInput
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +45,7 @@ async def baseline(
 
 @pytest.mark.timeout(400)
 async def test_f0_baseline(baseline: tuple[Pipeline, Outcome]) -> None:
-    from harness.invariants import assert_invariants
+    from tests.support.faults.invariants import assert_invariants
 
     _, out = baseline
     assert_invariants(out.results, context="F0")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from harness.invariants import (
+
+from tests.support.faults.invariants import (
     DeadLetterRecord,
     EnvelopeRow,
     Liveness,
@@ -12,7 +13,7 @@ from harness.invariants import (
     assert_invariants,
     check,
 )
-from harness.oracle import Oracle, OracleEntry
+from tests.support.faults.oracle import Oracle, OracleEntry
 
 pytestmark = pytest.mark.unit
 

@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import eventually
-from harness.receipts import signed_receipts
 
 from chio_receipts.consumers import (
     BuilderConfig,
@@ -39,6 +37,8 @@ from chio_receipts.streamer import (
     describe_topics,
     ensure_topics,
 )
+from tests.support.faults.receipts import signed_receipts
+from tests.support.helpers import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "chio-writer", "pw-" + uuid.uuid4().hex

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
-from harness.receipts import signed_receipts
 
 from chio_receipts.schemas import KafkaConnection, KeyPair, decode, verify_body
 from chio_receipts.stack import KafkaBroker, KafkaConfig
 from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
+from tests.support.faults.receipts import signed_receipts
 
 REPO = Path(__file__).resolve().parents[2]
 

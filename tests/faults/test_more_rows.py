@@ -19,16 +19,16 @@ from typing import Any
 
 import fastavro
 import pytest
-from _helpers import eventually
 from aiokafka.errors import KafkaError
-from harness.pipeline import Pipeline, cache_dir, clickhouse_dsn_for
-from harness.procs import rss_bytes
-from harness.report import record_row
-from harness.scenario import finish
-from harness.workload import FaultInput
 
 import chio_receipts.schemas as schemas
 from chio_receipts.stack import KafkaBroker, KafkaConfig
+from tests.support.faults.pipeline import Pipeline, cache_dir, clickhouse_dsn_for
+from tests.support.faults.procs import rss_bytes
+from tests.support.faults.report import record_row
+from tests.support.faults.scenario import finish
+from tests.support.faults.workload import FaultInput
+from tests.support.helpers import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -129,7 +129,7 @@ async def _clickhouse_behind_proxy(
 ) -> None:
     from urllib.parse import urlparse, urlunparse
 
-    from harness.proxy import TcpProxy
+    from tests.support.faults.proxy import TcpProxy
 
     url = urlparse(os.environ["CHIO_TEST_CLICKHOUSE_DSN"])
     proxy = TcpProxy(url.hostname or "127.0.0.1", url.port or 8123)
@@ -175,11 +175,7 @@ def _signed_frame(raw: dict[str, Any], record: dict[str, Any], key: schemas.KeyP
 
 
 def _record(key: schemas.KeyPair) -> dict[str, Any]:
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "schemas"))
-    import avro_strategies
+    import tests.support.avro_strategies as avro_strategies
 
     step = avro_strategies.sample_step(key_id=key.key_id, receipt_id=str(uuid.uuid4()))
     return {**step.to_avro(), "region": "eu"}
@@ -227,7 +223,7 @@ async def test_f17b_incompatible_v3_goes_to_the_dlq(make_pipeline: Callable[...,
     [origin] = await p.produce_raw(p.topics.steps, [(key, value)])
     await eventually(lambda: _zero(p), 60)
     snap = await p.snapshot()
-    from harness.invariants import i5_dead_letters
+    from tests.support.faults.invariants import i5_dead_letters
 
     diffs = i5_dead_letters(snap, {origin: "unknown_schema"})
     record_row(

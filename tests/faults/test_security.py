@@ -14,9 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness.pipeline import Pipeline
-from harness.scenario import finish
-from harness.workload import ACTIVITIES, SCOPE, FaultInput, FaultWorkflow
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.worker import Worker
@@ -28,6 +25,9 @@ from chio_receipts.interceptor import (
 )
 from chio_receipts.schemas import ReceiptSinkError
 from chio_receipts.sidecar import LocalSidecar, create_sidecar_app
+from tests.support.faults.pipeline import Pipeline
+from tests.support.faults.scenario import finish
+from tests.support.faults.workload import ACTIVITIES, SCOPE, FaultInput, FaultWorkflow
 
 SECRET = f"sk_live_{uuid.uuid4().hex}"
 

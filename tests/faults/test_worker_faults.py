@@ -8,11 +8,12 @@ import time
 from collections.abc import Callable
 
 import pytest
-from _helpers import eventually
-from harness.failpoints import spec
-from harness.pipeline import Pipeline
-from harness.scenario import finish
-from harness.workload import FaultInput
+
+from tests.support.faults.failpoints import spec
+from tests.support.faults.pipeline import Pipeline
+from tests.support.faults.scenario import finish
+from tests.support.faults.workload import FaultInput
+from tests.support.helpers import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

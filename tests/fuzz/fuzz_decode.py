@@ -15,7 +15,7 @@ bound fails the run instead of the machine.
 
 Usage (a long run)::
 
-    python tests/fuzz/fuzz_decode.py --max-total-time 600 [--runs N] [--memory-mb 2048]
+    python -m tests.fuzz.fuzz_decode --max-total-time 600 [--runs N] [--memory-mb 2048]
         [--strict-records] [CORPUS_DIR ...]
 
 Extra arguments starting with ``-`` after ``--`` go to libFuzzer unchanged.
@@ -37,13 +37,9 @@ import atheris
 import fastavro  # compiled (Cython): libFuzzer sees its coverage only through our code
 import nacl.signing  # noqa: F401 - imported before instrumentation so it is not instrumented
 
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
 # Instrument only the project's decode code: instrumenting every dependency costs half a minute
 # of start-up on a small machine and adds no useful coverage feedback.
-with atheris.instrument_imports(include=["schemas", "consumers"]):
+with atheris.instrument_imports(include=["chio_receipts.schemas", "chio_receipts.consumers"]):
     import chio_receipts.schemas as schemas
 
     try:
@@ -114,8 +110,7 @@ def test_one_input(data: bytes) -> None:
 
 def seed_inputs() -> list[bytes]:
     """Valid messages of every schema in both frames (a starting corpus)."""
-    sys.path.insert(0, str(_ROOT / "tests" / "schemas"))
-    import avro_strategies
+    import tests.support.avro_strategies as avro_strategies
 
     step = avro_strategies.sample_step()
     body = schemas.step_body(step)

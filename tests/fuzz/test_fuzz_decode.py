@@ -13,7 +13,7 @@ import pytest
 
 import chio_receipts.schemas as schemas
 
-FUZZ = Path(__file__).resolve().parent / "fuzz_decode.py"
+REPO = Path(__file__).resolve().parents[2]
 SHORT_RUN_S = int(os.environ.get("CHIO_FUZZ_SECONDS", "20"))
 
 
@@ -24,12 +24,14 @@ def test_short_fuzz_run_finds_only_typed_errors(tmp_path: Path) -> None:
     proc = subprocess.run(
         [
             sys.executable,
-            str(FUZZ),
+            "-m",
+            "tests.fuzz.fuzz_decode",
             f"--max-total-time={SHORT_RUN_S}",
             "--memory-mb=2048",
             str(corpus),
         ],
         cwd=tmp_path,  # crash artifacts land here, never in the repository
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
         timeout=SHORT_RUN_S + 45,
@@ -46,8 +48,7 @@ def test_short_fuzz_run_finds_only_typed_errors(tmp_path: Path) -> None:
 @pytest.mark.unit
 def test_fuzz_target_rejects_its_seeds_only_with_typed_errors() -> None:
     """The seeds decode; every truncation of them decodes or raises DecodeError."""
-    sys.path.insert(0, str(FUZZ.parent))
-    import fuzz_decode
+    from tests.fuzz import fuzz_decode
 
     for seed in fuzz_decode.seed_inputs():
         fuzz_decode.test_one_input(seed)

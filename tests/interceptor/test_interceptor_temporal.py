@@ -9,15 +9,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
-from _helpers import eventually
-from chio_test_workflows import (
-    ALL_ACTIVITIES,
-    EXECUTED,
-    Plan,
-    PlanWorkflow,
-    Transfer,
-    TransferWorkflow,
-)
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.worker import Worker
@@ -37,6 +28,15 @@ from chio_receipts.interceptor import (
 )
 from chio_receipts.schemas import Verdict, receipt_hash
 from chio_receipts.sidecar import LocalSidecar, SidecarServer
+from tests.support.helpers import eventually
+from tests.support.workflows import (
+    ALL_ACTIVITIES,
+    EXECUTED,
+    Plan,
+    PlanWorkflow,
+    Transfer,
+    TransferWorkflow,
+)
 
 pytestmark = pytest.mark.integration
 

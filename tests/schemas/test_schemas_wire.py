@@ -12,11 +12,11 @@ from typing import Any
 import fastavro
 import httpx
 import pytest
-from avro_strategies import normalize, sample_run, sample_step, strategy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import chio_receipts.schemas as schemas
+from tests.support.avro_strategies import normalize, sample_run, sample_step, strategy
 
 pytestmark = pytest.mark.unit
 

@@ -6,12 +6,12 @@ import json
 from typing import Any
 
 import pytest
-from avro_strategies import normalize, sample_step, strategy
 from hypothesis import HealthCheck, given, settings
 
 import chio_receipts.schemas as schemas
 from chio_receipts.schemas._avro import encode_body
 from chio_receipts.schemas._stepcodec import encode_step
+from tests.support.avro_strategies import normalize, sample_step, strategy
 
 STEP = schemas.STEP_SCHEMA
 

@@ -8,7 +8,8 @@ import sys
 
 import httpx
 import pytest
-from _helpers import eventually
+
+from tests.support.helpers import eventually
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from streamer_kafka_helpers import config, consume
 from temporalio.client import Client
 from temporalio.worker import Worker
 from test_streamer_watcher import Retrying, _watcher, flaky, quick
@@ -21,6 +20,7 @@ from chio_receipts.interceptor import (
     WorkflowGrant,
 )
 from chio_receipts.sidecar import LocalSidecar
+from tests.support.streamer_kafka import config, consume
 
 pytestmark = pytest.mark.e2e
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -12,16 +11,14 @@ from typing import Any
 
 import httpx
 import pytest
-from _helpers import eventually
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from streamer_kafka_helpers import config, consume, receipt_id_of
+from test_schemas_wire import FakeRegistry
 
 import chio_receipts.schemas as schemas
 import chio_receipts.streamer as streamer
-
-sys.path.append(str(Path(__file__).resolve().parents[1] / "schemas"))
-from avro_strategies import sample_run, sample_step
-from test_schemas_wire import FakeRegistry
+from tests.support.avro_strategies import sample_run, sample_step
+from tests.support.helpers import eventually
+from tests.support.streamer_kafka import config, consume, receipt_id_of
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,9 +14,7 @@ from temporalio.client import WorkflowExecutionStatus
 import chio_receipts.schemas as schemas
 import chio_receipts.streamer as streamer
 from chio_receipts.streamer._history import completion_event_id, outcome_of
-
-sys.path.append(str(Path(__file__).resolve().parents[1] / "schemas"))
-from avro_strategies import sample_run, sample_step
+from tests.support.avro_strategies import sample_run, sample_step
 
 pytestmark = pytest.mark.unit
 

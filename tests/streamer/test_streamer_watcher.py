@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import eventually
-from streamer_kafka_helpers import config, consume
 from temporalio import activity, workflow
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.common import RetryPolicy
@@ -27,6 +25,8 @@ from temporalio.worker import (
 
 import chio_receipts.schemas as schemas
 import chio_receipts.streamer as streamer
+from tests.support.helpers import eventually
+from tests.support.streamer_kafka import config, consume
 
 pytestmark = pytest.mark.integration
 

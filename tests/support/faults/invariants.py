@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.oracle import Oracle
+from tests.support.faults.oracle import Oracle
 
 __all__ = [
     "DeadLetterRecord",

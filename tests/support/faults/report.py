@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from harness.invariants import Snapshot
-from harness.oracle import Oracle
+from tests.support.faults.invariants import Snapshot
+from tests.support.faults.oracle import Oracle
 
 __all__ = ["RESULTS", "RowResult", "record_row", "table"]
 

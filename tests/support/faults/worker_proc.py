@@ -1,9 +1,9 @@
 """A Temporal worker process for the fault suite: interceptor + streamer + oracle, assembled here.
 
-``python -m harness.worker_proc --config CONFIG.json``. It writes ``status.json`` (records not
-yet acknowledged by Kafka, connection state) every 200 ms so the harness can see the spool
-drain, and on SIGTERM shuts the worker down gracefully, then stops the streamer (drain, or
-persist to the spool).
+``python -m tests.support.faults.worker_proc --config CONFIG.json``. It writes
+``status.json`` (records not yet acknowledged by Kafka, connection state) every 200 ms so
+the harness can see the spool drain, and on SIGTERM shuts the worker down gracefully, then
+stops the streamer (drain, or persist to the spool).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from chio_receipts.interceptor import (
 from chio_receipts.schemas import KafkaConnection, KeyPair
 from chio_receipts.sidecar import LocalSidecar
 from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig
-from harness.oracle import OracleSink
-from harness.workload import ACTIVITIES, SCOPE, FaultWorkflow
+from tests.support.faults.oracle import OracleSink
+from tests.support.faults.workload import ACTIVITIES, SCOPE, FaultWorkflow
 
 log = logging.getLogger("harness.worker")
 

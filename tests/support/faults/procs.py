@@ -13,7 +13,6 @@ from pathlib import Path
 __all__ = ["Child", "rss_bytes"]
 
 REPO = Path(__file__).resolve().parents[3]
-HARNESS_PATH = str(Path(__file__).resolve().parents[1])
 
 
 def rss_bytes(pid: int) -> int:
@@ -53,9 +52,7 @@ class Child:
             raise RuntimeError(f"{self.name} is already running")
         # Failpoints are armed per start only, never inherited from the test process.
         full = {k: v for k, v in os.environ.items() if k != "CHIO_FAILPOINT"}
-        full.update(
-            {"PYTHONPATH": os.pathsep.join([HARNESS_PATH, str(REPO)]), "PYTHONUNBUFFERED": "1"}
-        )
+        full.update({"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
         full.update(self.env)
         full.update(env or {})
         log = self.log_path.open("ab")

@@ -17,7 +17,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from harness.failpoints import failpoint
+    from tests.support.faults.failpoints import failpoint
 
 __all__ = ["ACTIVITIES", "SCOPE", "FaultInput", "FaultWorkflow", "fault_step", "forbidden_step"]
 

@@ -6,10 +6,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from harness.invariants import Snapshot, assert_invariants, check
-from harness.oracle import Oracle
-from harness.pipeline import Pipeline
-from harness.report import record_row
+from tests.support.faults.invariants import Snapshot, assert_invariants, check
+from tests.support.faults.oracle import Oracle
+from tests.support.faults.pipeline import Pipeline
+from tests.support.faults.report import record_row
 
 __all__ = ["Outcome", "finish"]
 

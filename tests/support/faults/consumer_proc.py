@@ -1,7 +1,7 @@
 """The receipt builder as a child process of the fault suite.
 
-``python -m harness.consumer_proc --config CONFIG.json``; SIGTERM stops it cleanly (what is not
-committed is re-read by the next one). Failpoints of the consumers package
+``python -m tests.support.faults.consumer_proc --config CONFIG.json``; SIGTERM stops it
+cleanly (what is not committed is re-read by the next one). Failpoints of the consumers package
 (``consumer.after_insert_before_commit``, ``clickhouse.insert``...) are armed by the
 ``CHIO_FAILPOINT`` environment variable of this process.
 """

@@ -32,16 +32,16 @@ from chio_receipts.streamer import (
     WatcherConfig,
     ensure_topics,
 )
-from harness.invariants import (
+from tests.support.faults.invariants import (
     DeadLetterRecord,
     EnvelopeRow,
     Liveness,
     Snapshot,
     StepRow,
 )
-from harness.oracle import Oracle, read_oracle
-from harness.procs import Child, rss_bytes
-from harness.workload import FaultInput, FaultWorkflow
+from tests.support.faults.oracle import Oracle, read_oracle
+from tests.support.faults.procs import Child, rss_bytes
+from tests.support.faults.workload import FaultInput, FaultWorkflow
 
 __all__ = ["Pipeline", "PipelineOptions", "cache_dir", "clickhouse_dsn_for"]
 
@@ -170,7 +170,10 @@ class Pipeline:
         path = work / "config.json"
         path.write_text(json.dumps(config))
         child = Child(
-            f"worker-{index}", "harness.worker_proc", ["--config", str(path)], work / "worker.log"
+            f"worker-{index}",
+            "tests.support.faults.worker_proc",
+            ["--config", str(path)],
+            work / "worker.log",
         )
         self.workers.append(child)
         return child
@@ -198,7 +201,10 @@ class Pipeline:
         path = work / "config.json"
         path.write_text(json.dumps(config))
         self.consumer = Child(
-            "consumer", "harness.consumer_proc", ["--config", str(path)], work / "consumer.log"
+            "consumer",
+            "tests.support.faults.consumer_proc",
+            ["--config", str(path)],
+            work / "consumer.log",
         )
         return self.consumer
 
@@ -208,7 +214,7 @@ class Pipeline:
         work = self.root / "consumer"
         child = Child(
             "consumer-2",
-            "harness.consumer_proc",
+            "tests.support.faults.consumer_proc",
             ["--config", str(work / "config.json")],
             work / "consumer-2.log",
         )

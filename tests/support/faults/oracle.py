@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from chio_receipts.schemas import ReceiptSink, ReceiptSinkError, RunCompletion, StepReceipt
-from harness.failpoints import failpoint
+from tests.support.faults.failpoints import failpoint
 
 __all__ = ["Oracle", "OracleEntry", "OracleSink", "read_oracle"]
 
