@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 from temporalio.worker import Worker
-from test_streamer_watcher import Retrying, _watcher, flaky, quick
 
 import chio_receipts.schemas as schemas
 import chio_receipts.streamer as streamer
@@ -21,6 +20,7 @@ from chio_receipts.interceptor import (
 )
 from chio_receipts.sidecar import LocalSidecar
 from tests.support.streamer_kafka import config, consume
+from tests.support.watcher import Retrying, flaky, quick, watcher_for
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +42,7 @@ async def test_interceptor_receipts_reach_kafka_and_match_the_watchers_expected_
         ):  # fmt: skip
             handle = await temporal_client.start_workflow(Retrying.run, id=wid, task_queue=tq)
             assert await asyncio.wait_for(handle.result(), 60) == 4
-        watcher = _watcher(temporal_client, sink, tmp_path, tq)
+        watcher = watcher_for(temporal_client, sink, tmp_path, tq)
         assert await watcher.poll_once() == 1
         assert await sink.flush(30)
 

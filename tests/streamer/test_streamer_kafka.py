@@ -12,12 +12,12 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from test_schemas_wire import FakeRegistry
 
 import chio_receipts.schemas as schemas
 import chio_receipts.streamer as streamer
 from tests.support.avro_strategies import sample_run, sample_step
 from tests.support.helpers import eventually
+from tests.support.registry import FakeRegistry
 from tests.support.streamer_kafka import config, consume, receipt_id_of
 
 pytestmark = pytest.mark.integration

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from temporalio import activity, workflow
+from temporalio import activity
 from temporalio.client import Client, WorkflowFailureError
-from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError
 from temporalio.worker import (
     ActivityInboundInterceptor,
     ExecuteActivityInput,
@@ -27,76 +24,18 @@ import chio_receipts.schemas as schemas
 import chio_receipts.streamer as streamer
 from tests.support.helpers import eventually
 from tests.support.streamer_kafka import config, consume
+from tests.support.watcher import (
+    Chain,
+    Child,
+    Parent,
+    Retrying,
+    Sleeper,
+    flaky,
+    quick,
+    watcher_for,
+)
 
 pytestmark = pytest.mark.integration
-
-_OPTS: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=10)}
-
-
-@activity.defn
-async def flaky(fail_times: int) -> int:
-    if activity.info().attempt <= fail_times:
-        raise RuntimeError(f"attempt {activity.info().attempt} fails on purpose")
-    return activity.info().attempt
-
-
-@activity.defn
-async def quick() -> str:
-    return "ok"
-
-
-@workflow.defn(sandboxed=False)
-class Sleeper:
-    @workflow.run
-    async def run(self) -> None:
-        await workflow.sleep(timedelta(minutes=10))
-
-
-@workflow.defn(sandboxed=False)
-class Child:
-    @workflow.run
-    async def run(self) -> str:
-        return await workflow.execute_activity(quick, **_OPTS)
-
-
-@workflow.defn(sandboxed=False)
-class Parent:
-    @workflow.run
-    async def run(self, child_id: str) -> str:
-        return await workflow.execute_child_workflow(Child.run, id=child_id)
-
-
-@workflow.defn(sandboxed=False)
-class Chain:
-    @workflow.run
-    async def run(self, remaining: int) -> int:
-        await workflow.execute_activity(quick, **_OPTS)
-        if remaining > 0:
-            workflow.continue_as_new(remaining - 1)
-        return remaining
-
-
-@workflow.defn(sandboxed=False)
-class Retrying:
-    @workflow.run
-    async def run(self) -> int:
-        policy = RetryPolicy(initial_interval=timedelta(milliseconds=50), backoff_coefficient=1.0)
-        a = await workflow.execute_activity(flaky, 2, retry_policy=policy, **_OPTS)
-        b = await workflow.execute_activity(flaky, 0, retry_policy=policy, **_OPTS)
-        await workflow.execute_local_activity(quick, **_OPTS)
-        # The failure is the point: three receipted attempts, then the workflow goes on.
-        with contextlib.suppress(ActivityError):
-            await workflow.execute_activity(
-                flaky,
-                99,
-                retry_policy=RetryPolicy(
-                    initial_interval=timedelta(milliseconds=50),
-                    backoff_coefficient=1.0,
-                    maximum_attempts=3,
-                ),
-                **_OPTS,
-            )
-        return a + b
 
 
 class _Counting(Interceptor):
@@ -114,22 +53,6 @@ class _Counting(Interceptor):
                 return await super().execute_activity(input)
 
         return _In(next)
-
-
-def _watcher(
-    client: Client, sink: schemas.ReceiptSink, tmp_path: Path, task_queue: str
-) -> streamer.CompletionWatcher:
-    return streamer.CompletionWatcher(
-        client,
-        sink,
-        streamer.WatcherConfig(
-            checkpoint_path=str(tmp_path / "watcher.json"),
-            start_from=datetime.now(UTC) - timedelta(minutes=5),
-            query_filter=f'TaskQueue = "{task_queue}"',
-            overlap_s=30,
-            poll_interval_s=0.2,
-        ),
-    )
 
 
 async def test_watcher_emits_every_closed_run_once_with_links(
@@ -159,7 +82,7 @@ async def test_watcher_emits_every_closed_run_once_with_links(
             await timed.result()
 
     async with streamer.ReceiptStreamer(cfg) as sink:
-        watcher = _watcher(temporal_client, sink, tmp_path, tq)
+        watcher = watcher_for(temporal_client, sink, tmp_path, tq)
         total = 0
 
         async def all_seen() -> bool:
@@ -170,7 +93,7 @@ async def test_watcher_emits_every_closed_run_once_with_links(
         await eventually(all_seen, timeout=30)
         assert total == 7
         # A restarted watcher (same checkpoint) emits nothing again.
-        restarted = _watcher(temporal_client, sink, tmp_path, tq)
+        restarted = watcher_for(temporal_client, sink, tmp_path, tq)
         assert await restarted.poll_once() == 0
         assert await sink.flush(30)
 
@@ -235,7 +158,7 @@ async def test_expected_steps_equals_receipted_attempts_with_retries(
         )
         assert await asyncio.wait_for(handle.result(), 60) == 4
     sink = _ListSink()
-    watcher = _watcher(temporal_client, sink, tmp_path, tq)
+    watcher = watcher_for(temporal_client, sink, tmp_path, tq)
     await eventually(watcher.poll_once, timeout=30)
     (event,) = sink.events
     # 3 attempts + 1 attempt + 1 local activity + 3 attempts of the one that gives up.
