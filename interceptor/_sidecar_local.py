@@ -27,7 +27,7 @@ from chio_receipts.interceptor._model import (
     now_us,
     uuid7,
 )
-from chio_receipts.schemas import KeyPair, StepReceipt, Verdict, sign_new_receipt
+from chio_receipts.schemas import KeyPair, StepReceipt, Verdict, sign_receipt
 
 __all__ = ["LocalSidecar"]
 
@@ -254,7 +254,7 @@ class LocalSidecar:
             prev_hash=request.prev_hash,
             key_id=self._key.key_id,
         )
-        body = sign_new_receipt(receipt, self._key)
+        receipt, body = sign_receipt(receipt, self._key)
         return SignedReceipt(receipt=receipt, body=body)
 
     async def evaluate(self, request: EvaluationRequest) -> SignedReceipt:
