@@ -2,9 +2,9 @@
 
 Every attempt encodes its receipt to sign it, and the producer charges that encoding to the
 streamer. fastavro's ``schemaless_writer`` spends most of its time walking the schema and the
-record dict built by ``to_avro``; this writer reads the receipt's attributes in schema order and
-writes each with a writer chosen once from the schema file (docs/BENCHMARKS.md, "Architecture
-round", has the measured difference that keeps it).
+record dict built by ``to_avro``; :func:`encode_step` writes the receipt's attributes in schema
+order (``avro/step_receipt.avsc``), which takes about half the time (docs/BENCHMARKS.md,
+"Architecture round", has the measurements that keep it).
 
 It only takes values of the exact types the schema expects (``str``, ``int`` within range,
 ``bool``, ``bytes``, tuples/lists of ``str``, a ``Verdict``); anything else returns ``None`` and
@@ -14,25 +14,21 @@ test checks byte equality with fastavro over random receipts.
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable
-from typing import Any
-
-from chio_receipts.schemas._avro import raw_schema
-from chio_receipts.schemas._contract import STEP_SCHEMA
 from chio_receipts.schemas._records import StepReceipt, Verdict
 
 __all__ = ["avro_long", "encode_step"]
 
 _INT32 = (-(1 << 31), (1 << 31) - 1)
 _INT64 = (-(1 << 63), (1 << 63) - 1)
-
-# Appends one value to the buffer; False when the value is not of the type this writer takes.
-_Writer = Callable[[bytearray, Any], bool]
+# Zig-zag varints of 0..63 are one byte: most string lengths and counts.
+_ONE_BYTE = tuple(bytes([n << 1]) for n in range(64))
+_VERDICT = {Verdict.UNKNOWN: b"\x00", Verdict.ALLOW: b"\x02", Verdict.DENY: b"\x04"}
 
 
 def avro_long(n: int) -> bytes:
     """Avro zig-zag varint of ``n`` (an int or long)."""
+    if 0 <= n < 64:
+        return _ONE_BYTE[n]
     z = (n << 1) ^ (n >> 63)
     out = bytearray()
     while z > 0x7F:
@@ -42,105 +38,86 @@ def avro_long(n: int) -> bytes:
     return bytes(out)
 
 
-def _string(out: bytearray, value: Any) -> bool:
-    if type(value) is not str:
-        return False
-    raw = value.encode("utf-8")  # UnicodeEncodeError (lone surrogate) is caught by encode_step
-    out += avro_long(len(raw))
-    out += raw
+def encode_step(r: StepReceipt, key_id: str, signature: bytes) -> bytes | None:
+    """The schemaless Avro body of ``r`` with ``key_id`` and ``signature`` in place of its own;
+    ``None`` when a value is not of the plain type this writer handles (use fastavro then)."""
+    out = bytearray()
+    try:
+        written = (
+            _strings(out, r.receipt_id, r.namespace, r.workflow_id, r.run_id, r.workflow_type)
+            and _strings(out, r.task_queue, r.activity_id, r.activity_type)
+            and _int(out, r.attempt)
+            and _boolean(out, r.is_local)
+            and _strings(out, r.tool_server, r.tool, r.action, r.resource, r.subject)
+            and _strings(out, r.capability_id)
+            and _string_array(out, r.capability_chain)
+            and _string_array(out, r.scope)
+            and _verdict(out, r.verdict)
+            and _strings(out, r.reason, r.argument_digest, r.argument_key_id)
+            and _longs(out, r.scheduled_at, r.started_at, r.evaluated_at, r.latency_us)
+            and _strings(out, r.worker_identity)
+            and _bytes(out, r.prev_hash)
+            and _strings(out, key_id)
+            and _bytes(out, signature)
+        )
+    except UnicodeEncodeError:  # a lone surrogate: fastavro reports it as before
+        return None
+    return bytes(out) if written else None
+
+
+def _strings(out: bytearray, *values: object) -> bool:
+    for value in values:
+        if type(value) is not str:
+            return False
+        raw = value.encode("utf-8")
+        out += avro_long(len(raw))
+        out += raw
     return True
 
 
-def _bytes(out: bytearray, value: Any) -> bool:
-    if type(value) is not bytes:
+def _string_array(out: bytearray, values: object) -> bool:
+    if type(values) is not tuple and type(values) is not list:
         return False
-    out += avro_long(len(value))
-    out += value
+    if values:  # one block holding every item, then the empty block that ends the array
+        out += avro_long(len(values))
+        if not _strings(out, *values):
+            return False
+    out += b"\x00"
     return True
 
 
-def _int(out: bytearray, value: Any) -> bool:
+def _int(out: bytearray, value: object) -> bool:
     if type(value) is not int or not _INT32[0] <= value <= _INT32[1]:
         return False
     out += avro_long(value)
     return True
 
 
-def _long(out: bytearray, value: Any) -> bool:
-    if type(value) is not int or not _INT64[0] <= value <= _INT64[1]:
-        return False
-    out += avro_long(value)
+def _longs(out: bytearray, *values: object) -> bool:
+    for value in values:
+        if type(value) is not int or not _INT64[0] <= value <= _INT64[1]:
+            return False
+        out += avro_long(value)
     return True
 
 
-def _boolean(out: bytearray, value: Any) -> bool:
+def _boolean(out: bytearray, value: object) -> bool:
     if type(value) is not bool:
         return False
     out += b"\x01" if value else b"\x00"
     return True
 
 
-def _strings(out: bytearray, value: Any) -> bool:
-    if type(value) is not tuple and type(value) is not list:
+def _verdict(out: bytearray, value: object) -> bool:
+    if type(value) is not Verdict:
         return False
-    if value:  # one block of all items, then the empty block that ends the array
-        out += avro_long(len(value))
-        for item in value:
-            if not _string(out, item):
-                return False
-    out += b"\x00"
+    out += _VERDICT[value]
     return True
 
 
-def _verdict_writer(symbols: list[str]) -> _Writer:
-    index = {Verdict(symbol): avro_long(i) for i, symbol in enumerate(symbols)}
-
-    def verdict(out: bytearray, value: Any) -> bool:
-        if type(value) is not Verdict:
-            return False
-        out += index[value]
-        return True
-
-    return verdict
-
-
-_PRIMITIVES: dict[str, _Writer] = {
-    "string": _string,
-    "bytes": _bytes,
-    "int": _int,
-    "long": _long,
-    "boolean": _boolean,
-}
-
-
-def _writer(avro_type: Any) -> _Writer:
-    """The writer of a field type of the step schema (logical types write their base type)."""
-    if isinstance(avro_type, str):
-        return _PRIMITIVES[avro_type]
-    if avro_type["type"] == "array" and avro_type["items"] == "string":
-        return _strings
-    if avro_type["type"] == "enum" and avro_type["name"] == "Verdict":
-        return _verdict_writer(avro_type["symbols"])
-    return _writer(avro_type["type"])
-
-
-_FIELDS = raw_schema(STEP_SCHEMA)["fields"]
-# key_id and signature are the last two fields; the caller supplies them.
-_NAMES = [f["name"] for f in _FIELDS[:-2]]
-_WRITERS = [_writer(f["type"]) for f in _FIELDS[:-2]]
-_values = operator.attrgetter(*_NAMES)
-
-
-def encode_step(r: StepReceipt, key_id: str, signature: bytes) -> bytes | None:
-    """The schemaless Avro body of ``r`` with ``key_id`` and ``signature`` in place of its own;
-    ``None`` when a value is not of the plain type this writer handles (use fastavro then)."""
-    out = bytearray()
-    try:
-        for write, value in zip(_WRITERS, _values(r), strict=True):
-            if not write(out, value):
-                return None
-        if not _string(out, key_id) or not _bytes(out, signature):
-            return None
-    except UnicodeEncodeError:  # a lone surrogate: fastavro reports it as before
-        return None
-    return bytes(out)
+def _bytes(out: bytearray, value: object) -> bool:
+    if type(value) is not bytes:
+        return False
+    out += avro_long(len(value))
+    out += value
+    return True
