@@ -98,8 +98,8 @@ def _no_default(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
-# Made once for every call (``json.dumps`` with non-default options builds a new encoder each
-# time). The options are the default converter's; a value it refuses, or a circular one
+# One encoder shared by every call (``json.dumps`` with non-default options builds a new one
+# per call), with the default converter's options. A value it refuses, or a circular one
 # (``ValueError``), sends the caller to the converter's own path.
 _JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True, default=_no_default)
 
