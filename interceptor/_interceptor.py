@@ -1,8 +1,9 @@
 """``ChioActivityInterceptor``: evaluates every activity attempt before its body runs.
 
-The root interceptor holds the dependencies (evaluator, argument key, sink, grants) and the
-per-run state; the per-activity inbound interceptor holds only ``next`` and the root, reads the
-attempt's identity from ``activity.info()`` and ends in ``super().execute_activity``.
+The root interceptor holds the dependencies (evaluator, argument key) and composes the grant
+registry and the run ledger (which holds the sink); the per-activity inbound interceptor holds
+only ``next`` and the root, reads the attempt's identity from ``activity.info()`` and ends in
+``super().execute_activity``.
 
 Per attempt (regular and local activities, every retry):
 
@@ -26,8 +27,9 @@ wrapped in ``ActivityError``), so the seed's ``except ApplicationError`` saga ma
 The root composes two parts, each in its own module: the :class:`GrantRegistry` (grants,
 overrides, the resolver, pruning; step 1) and the :class:`RunLedger` (per-run state: the chain
 head, the in-process ``WorkflowReceipt``, LRU eviction beyond ``max_runs``, finalize and flush;
-step 4). The gate itself, :meth:`ChioActivityInterceptor.before_attempt`, reads as resolve ->
-evaluate -> record -> raise.
+step 4; runs never flushed are evicted, and a later flush raises ``UnknownRunError``). The gate
+itself, :meth:`ChioActivityInterceptor.before_attempt`, reads as resolve -> evaluate -> record
+-> raise.
 """
 
 from __future__ import annotations
