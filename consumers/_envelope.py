@@ -111,16 +111,13 @@ class Envelope:
 
     def signed_by(self, key: KeyPair) -> Envelope:
         """A copy signed by ``key`` (the builder's key), its Avro body encoded once."""
-        signed = replace(self, key_id=key.key_id, signature=b"", encoded=b"")
-        head = signed._head()
-        meta = signed.metadata(signed=False)
+        unsigned = replace(self, key_id=key.key_id, signature=b"", encoded=b"")
+        head = unsigned._head()
+        meta = unsigned.metadata(signed=False)
         signature = key.sign(head + _map_bytes(meta))
         meta["signature"] = signature.hex()
-        # ``signed`` is a fresh copy nobody else holds: fill in its last two fields the way a
-        # frozen dataclass's __init__ does, instead of a second 21-field copy.
-        object.__setattr__(signed, "signature", signature)
-        object.__setattr__(signed, "encoded", head + _map_bytes(dict(sorted(meta.items()))))
-        return signed
+        encoded = head + _map_bytes(dict(sorted(meta.items())))
+        return replace(unsigned, signature=signature, encoded=encoded)
 
     def framed(self) -> bytes:
         """The envelope in Avro single-object encoding, for the envelopes topic."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,26 +98,10 @@ def _no_default(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
-# One encoder for every call: ``json.dumps`` with non-default options builds a new one each time.
+# One encoder shared by every call (``json.dumps`` with non-default options builds a new one
+# per call), with the default converter's options. A value it refuses, or a circular one
+# (``ValueError``), sends the caller to the converter's own path.
 _JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True, default=_no_default)
-
-
-def _json_encoder() -> Callable[[Any], str]:
-    """``_JSON.encode``, or the C encoder behind it made once (``encode`` builds it per call).
-
-    The C encoder is made without a circular-reference table, so that no state is shared
-    between calls: a circular value ends in ``RecursionError`` instead of ``ValueError``, and
-    both send the caller to the converter's own path.
-    """
-    make = getattr(json.encoder, "c_make_encoder", None)
-    escape = getattr(json.encoder, "c_encode_basestring_ascii", None)
-    if make is None or escape is None:
-        return _JSON.encode
-    encode = make(None, _no_default, escape, None, ":", ",", True, False, True)
-    return lambda value: "".join(encode(value, 0))
-
-
-_encode_json = _json_encoder()
 
 
 # What every plain JSON argument is framed with before its data: the metadata entry
@@ -142,7 +126,7 @@ def _plain_json_arguments(args: Sequence[Any]) -> bytes | None:
         if type(arg) not in _PLAIN_TYPES:
             return None
         try:
-            data = _encode_json(arg).encode()
+            data = _JSON.encode(arg).encode()
         except (TypeError, ValueError, RecursionError):
             return None
         parts += (_JSON_PLAIN_HEAD, len(data).to_bytes(4, "big"), data)

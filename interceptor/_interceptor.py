@@ -1,8 +1,9 @@
 """``ChioActivityInterceptor``: evaluates every activity attempt before its body runs.
 
-The root interceptor holds the dependencies (evaluator, argument key, sink, grants) and the
-per-run state; the per-activity inbound interceptor holds only ``next`` and the root, reads the
-attempt's identity from ``activity.info()`` and ends in ``super().execute_activity``.
+The root interceptor holds the dependencies (evaluator, argument key) and composes the grant
+registry and the run ledger (which holds the sink); the per-activity inbound interceptor holds
+only ``next`` and the root, reads the attempt's identity from ``activity.info()`` and ends in
+``super().execute_activity``.
 
 Per attempt (regular and local activities, every retry):
 
@@ -23,22 +24,21 @@ Workflow side: a denied activity reaches workflow code as the ``ApplicationError
 wrapped in ``ActivityError``), so the seed's ``except ApplicationError`` saga matches it; see
 ``_workflow_side`` and ``unwrap_denials``.
 
-Memory: per-run state (the in-process ``WorkflowReceipt`` and the chain head) lives until
-``flush_workflow_receipt``; runs that are never flushed are evicted least-recently-used beyond
-``max_runs`` (their receipts already went to the sink; only the in-process envelope is lost,
-and a later flush raises ``UnknownRunError``).
+The root composes two parts, each in its own module: the :class:`GrantRegistry` (grants,
+overrides, the resolver, pruning; step 1) and the :class:`RunLedger` (per-run state: the chain
+head, the in-process ``WorkflowReceipt``, LRU eviction beyond ``max_runs``, finalize and flush;
+step 4; runs never flushed are evicted, and a later flush raises ``UnknownRunError``). The gate
+itself, :meth:`ChioActivityInterceptor.before_attempt`, reads as resolve -> evaluate -> record
+-> raise.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
@@ -58,28 +58,15 @@ from chio_receipts.interceptor._errors import (
     ChioSidecarError,
     ChioSidecarProtocolError,
     ChioTemporalConfigError,
-    ChioTemporalError,
-    UnknownRunError,
 )
 from chio_receipts.interceptor._evaluator import Evaluator
+from chio_receipts.interceptor._grant_registry import GrantRegistry, GrantResolution
 from chio_receipts.interceptor._grants import ActivityGrantOverride, GrantResolver, WorkflowGrant
-from chio_receipts.interceptor._model import (
-    EvaluationRequest,
-    SignedReceipt,
-    is_subset,
-    now_us,
-    uuid7,
-)
-from chio_receipts.interceptor._receipt import WorkflowReceipt, WorkflowStepReceipt, parse_outcome
+from chio_receipts.interceptor._model import EvaluationRequest, SignedReceipt, now_us
+from chio_receipts.interceptor._receipt import WorkflowReceipt
+from chio_receipts.interceptor._run_ledger import RunLedger, RunState
 from chio_receipts.interceptor._workflow_side import DenialUnwrappingWorkflowInterceptor
-from chio_receipts.schemas import (
-    CompletionSource,
-    ReceiptSink,
-    ReceiptSinkError,
-    RunCompletion,
-    Verdict,
-    receipt_hash,
-)
+from chio_receipts.schemas import ReceiptSink, ReceiptSinkError, StepReceipt, Verdict
 
 __all__ = ["ChioActivityInterceptor", "InterceptorStats"]
 
@@ -106,22 +93,6 @@ class InterceptorStats:
     sidecar_errors: int = 0
     sink_errors: int = 0
     evicted_runs: int = 0
-
-
-@dataclass(slots=True)
-class _Run:
-    receipt: WorkflowReceipt
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    last_hash: bytes = b""
-    completion: RunCompletion | None = None
-    completion_task: asyncio.Task[None] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Resolution:
-    grant: WorkflowGrant | None
-    deny_reason: str | None = None
-    config_error: bool = False
 
 
 class ChioActivityInterceptor(temporalio.worker.Interceptor):
@@ -176,7 +147,6 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
         self.sidecar_url = sidecar_url
         self.default_tool_server = default_tool_server
         self.activity_tool_server_map: dict[str, str] = dict(activity_tool_server_map or {})
-        self.receipt_sink = receipt_sink
         self.identity = identity or f"{os.getpid()}@{socket.gethostname()}"
         self.stats = InterceptorStats()
         self._unwrap_denials = unwrap_denials
@@ -188,21 +158,26 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
         self._argument_key = argument_key or ArgumentKey.generate()
         # None = Temporal's default converter, which canonical_arguments can skip for plain JSON.
         self._converter = payload_converter
-        self._resolver = grant_resolver
-        self._grants: dict[tuple[str, str | None], WorkflowGrant] = {}
-        self._prune_grants_at = 1024
-        self._overrides: dict[str, ActivityGrantOverride] = {}
-        self._runs: OrderedDict[tuple[str, str], _Run] = OrderedDict()
-        self._max_runs = max_runs
-        # Guards the dicts above: finalize_workflow may be called from a sync activity's thread.
-        self._lock = threading.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._grants = GrantRegistry(grant_resolver)
+        self._runs = RunLedger(max_runs=max_runs, sink=receipt_sink, on_evict=self._count_eviction)
 
     def __repr__(self) -> str:
         return (
             f"ChioActivityInterceptor(evaluator={self._evaluator!r}, "
             f"default_tool_server={self.default_tool_server!r}, runs={len(self._runs)})"
         )
+
+    @property
+    def receipt_sink(self) -> ReceiptSink | None:
+        """Where step receipts, completion events and flushed envelopes go."""
+        return self._runs.sink
+
+    @receipt_sink.setter
+    def receipt_sink(self, sink: ReceiptSink | None) -> None:
+        self._runs.sink = sink
+
+    def _count_eviction(self) -> None:
+        self.stats.evicted_runs += 1
 
     # -- Temporal hook -------------------------------------------------------------------------
 
@@ -218,25 +193,16 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
         """Unwrap denials for workflow code (see ``unwrap_denials``)."""
         return DenialUnwrappingWorkflowInterceptor if self._unwrap_denials else None
 
-    # -- grants ----------------------------------------------------------------------------------
+    # -- grants (the GrantRegistry) --------------------------------------------------------------
 
     def register_workflow_grant(self, grant: WorkflowGrant) -> None:
         """Register ``grant`` for its workflow_id (and run_id, if pinned). Replaces an earlier
         grant for the same key. Grants whose capability expired are pruned as the table grows."""
-        with self._lock:
-            self._grants[(grant.workflow_id, grant.run_id)] = grant
-            if len(self._grants) > self._prune_grants_at:
-                # Grants are registered per workflow and never flushed: drop expired ones
-                # whenever the table doubles, so a long-lived worker stays bounded.
-                now = now_us()
-                for key in [k for k, g in self._grants.items() if g.token.expired(now)]:
-                    del self._grants[key]
-                self._prune_grants_at = max(1024, 2 * len(self._grants))
+        self._grants.register(grant)
 
     def unregister_workflow_grant(self, workflow_id: str, run_id: str | None = None) -> None:
         """Forget a registered grant (no error if absent)."""
-        with self._lock:
-            self._grants.pop((workflow_id, run_id), None)
+        self._grants.unregister(workflow_id, run_id)
 
     def register_activity_grant_override(
         self, activity_type: str, fn: ActivityGrantOverride
@@ -246,158 +212,94 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
         The returned grant's scope must be a subset of the workflow grant's; otherwise the attempt
         is denied with a receipt and fails with a non-retryable ``ChioTemporalConfigError``.
         """
-        if not callable(fn):
-            raise ChioTemporalConfigError("a grant override must be callable")
-        with self._lock:
-            self._overrides[activity_type] = fn
+        self._grants.register_override(activity_type, fn)
+
+    def workflow_grant_for(self, workflow_id: str, run_id: str | None) -> WorkflowGrant | None:
+        """The registered grant for this run: pinned to the run first, then to the workflow."""
+        return self._grants.grant_for(workflow_id, run_id)
 
     def tool_server_for(self, activity_type: str) -> str:
         """The tool server an activity type maps to."""
         return self.activity_tool_server_map.get(activity_type, self.default_tool_server)
 
-    def workflow_grant_for(self, workflow_id: str, run_id: str | None) -> WorkflowGrant | None:
-        """The registered grant for this run: pinned to the run first, then to the workflow."""
-        with self._lock:
-            if run_id is not None:
-                grant = self._grants.get((workflow_id, run_id))
-                if grant is not None:
-                    return grant
-            return self._grants.get((workflow_id, None))
-
-    def _resolve(self, info: temporalio.activity.Info) -> _Resolution:
-        workflow_id = info.workflow_id or ""
-        base = self.workflow_grant_for(workflow_id, info.workflow_run_id)
-        if base is None and self._resolver is not None:
-            base = self._resolver(info)
-        if base is None:
-            return _Resolution(
-                None,
-                f"no WorkflowGrant for workflow {workflow_id!r} run {info.workflow_run_id!r}: "
-                "register one with interceptor.register_workflow_grant(WorkflowGrant("
-                "workflow_id=..., token=...)) before starting the workflow, or pass "
-                "grant_resolver= to ChioActivityInterceptor",
-            )
-        override = self._overrides.get(info.activity_type)
-        if override is None:
-            return _Resolution(base)
-        narrowed = override(info)
-        if narrowed is None:
-            return _Resolution(base)
-        if not narrowed.scope or not is_subset(narrowed.scope, base.scope):
-            extra = sorted(set(narrowed.scope) - set(base.scope))
-            return _Resolution(
-                narrowed,
-                f"grant override for activity type {info.activity_type!r} has scope "
-                f"{list(narrowed.scope)} which is not a subset of the workflow grant's "
-                f"{list(base.scope)} (outside it: {extra})",
-                config_error=True,
-            )
-        return _Resolution(narrowed)
-
-    # -- run state -------------------------------------------------------------------------------
-
-    def _run(self, namespace: str, workflow_id: str, run_id: str, *, create: bool) -> _Run | None:
-        key = (workflow_id, run_id)
-        with self._lock:
-            run = self._runs.get(key)
-            if run is not None:
-                self._runs.move_to_end(key)
-                return run
-            if not create:
-                return None
-            run = _Run(
-                WorkflowReceipt(
-                    workflow_id=workflow_id, run_id=run_id, namespace=namespace, started_at=0
-                )
-            )
-            self._runs[key] = run
-            while len(self._runs) > self._max_runs:
-                (old_wf, old_run), _ = self._runs.popitem(last=False)
-                self.stats.evicted_runs += 1
-                _log.warning(
-                    "evicted in-process receipt state of run %s/%s (max_runs=%d); its receipts "
-                    "already went to the sink",
-                    old_wf,
-                    old_run,
-                    self._max_runs,
-                )
-            return run
-
-    def workflow_receipt(self, *, workflow_id: str, run_id: str) -> WorkflowReceipt:
-        """The in-flight :class:`WorkflowReceipt` of a run (``UnknownRunError`` if none)."""
-        run = self._run("", workflow_id, run_id, create=False)
-        if run is None:
-            raise self._unknown(workflow_id, run_id)
-        return run.receipt
-
-    def _unknown(self, workflow_id: str, run_id: str) -> UnknownRunError:
-        return UnknownRunError(
-            f"no workflow receipt held for workflow_id={workflow_id!r} run_id={run_id!r}: this "
-            "worker never executed an activity of that run, it was already flushed, or it was "
-            f"evicted (more than max_runs={self._max_runs} unflushed runs)"
-        )
-
-    # -- the gate ----------------------------------------------------------------------------------
+    # -- the gate --------------------------------------------------------------------------------
 
     async def before_attempt(self, info: temporalio.activity.Info, args: Sequence[Any]) -> None:
         """Evaluate one attempt; returns when it may run, raises ``ApplicationError`` if not."""
         started_at = now_us()
-        workflow_id = info.workflow_id or ""
-        run_id = info.workflow_run_id or ""
-        resolution = self._resolve(info)
+        resolution = self._grants.resolve(info)
+        run = self._runs.open(info.namespace, info.workflow_id or "", info.workflow_run_id or "")
+        async with run.lock:  # one attempt of a run at a time: receipts chain in order
+            request = self._request(info, args, resolution, run.last_hash, started_at)
+            signed = await self._evaluate(request)
+            await self._record(run, signed)
+        self._raise_unless_allowed(signed.receipt, resolution)
+
+    def _request(
+        self,
+        info: temporalio.activity.Info,
+        args: Sequence[Any],
+        resolution: GrantResolution,
+        prev_hash: bytes,
+        started_at: int,
+    ) -> EvaluationRequest:
         grant = resolution.grant
-        digest = argument_digest(self._argument_key, args, self._converter)
-        run = self._run(info.namespace, workflow_id, run_id, create=True)
-        assert run is not None  # noqa: S101 - create=True always returns a run
-        async with run.lock:
-            request = EvaluationRequest(
-                capability_id=grant.capability_id if grant else "",
-                tool_server=self.tool_server_for(info.activity_type),
-                tool=info.activity_type,
-                namespace=info.namespace,
-                workflow_id=workflow_id,
-                run_id=run_id,
-                workflow_type=info.workflow_type or "",
-                task_queue=info.task_queue,
-                activity_id=info.activity_id,
-                activity_type=info.activity_type,
-                attempt=info.attempt,
-                is_local=info.is_local,
-                argument_digest=digest,
-                argument_key_id=self._argument_key.key_id,
-                scheduled_at=_us(info.current_attempt_scheduled_time),
-                started_at=started_at,
-                worker_identity=self.identity,
-                prev_hash=run.last_hash,
-                deny_reason=resolution.deny_reason,
-            )
-            self.stats.evaluations += 1
-            try:
-                signed = await self._evaluator.evaluate(request)
-                self._check(request, signed)
-            except ChioSidecarError as exc:
-                self.stats.sidecar_errors += 1
-                raise ApplicationError(
-                    f"policy sidecar failed, the attempt will be retried: {exc}",
-                    {"activity_type": info.activity_type, "error": type(exc).__name__},
-                    type=SIDECAR_ERROR_TYPE,
-                    non_retryable=False,
-                ) from exc
-            receipt = signed.receipt
-            if self.receipt_sink is not None:
-                try:
-                    await self.receipt_sink.publish_step(receipt, signed.body)
-                except ReceiptSinkError as exc:
-                    self.stats.sink_errors += 1
-                    raise ApplicationError(
-                        f"receipt sink refused receipt {receipt.receipt_id}; the attempt will be "
-                        f"retried: {exc}",
-                        {"receipt_id": receipt.receipt_id},
-                        type=SINK_ERROR_TYPE,
-                        non_retryable=False,
-                    ) from exc
-            run.last_hash = receipt_hash(signed.body)
-            run.receipt.add_step(WorkflowStepReceipt(receipt=receipt, body=signed.body))
+        return EvaluationRequest(
+            capability_id=grant.capability_id if grant else "",
+            tool_server=self.tool_server_for(info.activity_type),
+            tool=info.activity_type,
+            namespace=info.namespace,
+            workflow_id=info.workflow_id or "",
+            run_id=info.workflow_run_id or "",
+            workflow_type=info.workflow_type or "",
+            task_queue=info.task_queue,
+            activity_id=info.activity_id,
+            activity_type=info.activity_type,
+            attempt=info.attempt,
+            is_local=info.is_local,
+            argument_digest=argument_digest(self._argument_key, args, self._converter),
+            argument_key_id=self._argument_key.key_id,
+            scheduled_at=_us(info.current_attempt_scheduled_time),
+            started_at=started_at,
+            worker_identity=self.identity,
+            prev_hash=prev_hash,
+            deny_reason=resolution.deny_reason,
+        )
+
+    async def _evaluate(self, request: EvaluationRequest) -> SignedReceipt:
+        """The sidecar's signed decision; a sidecar failure is a retryable error, never an
+        allow."""
+        self.stats.evaluations += 1
+        try:
+            signed = await self._evaluator.evaluate(request)
+            _check_answer(request, signed.receipt)
+        except ChioSidecarError as exc:
+            self.stats.sidecar_errors += 1
+            raise ApplicationError(
+                f"policy sidecar failed, the attempt will be retried: {exc}",
+                {"activity_type": request.activity_type, "error": type(exc).__name__},
+                type=SIDECAR_ERROR_TYPE,
+                non_retryable=False,
+            ) from exc
+        return signed
+
+    async def _record(self, run: RunState, signed: SignedReceipt) -> None:
+        """Publish the receipt and add it to the run; a refusing sink fails the attempt
+        (retryable) before its body runs."""
+        try:
+            await self._runs.record(run, signed)
+        except ReceiptSinkError as exc:
+            self.stats.sink_errors += 1
+            receipt_id = signed.receipt.receipt_id
+            raise ApplicationError(
+                f"receipt sink refused receipt {receipt_id}; the attempt will be retried: {exc}",
+                {"receipt_id": receipt_id},
+                type=SINK_ERROR_TYPE,
+                non_retryable=False,
+            ) from exc
+
+    def _raise_unless_allowed(self, receipt: StepReceipt, resolution: GrantResolution) -> None:
+        """Return for an allow; a deny fails the attempt for good."""
         if receipt.verdict is Verdict.ALLOW:
             self.stats.allowed += 1
             return
@@ -406,7 +308,7 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
             "receipt_id": receipt.receipt_id,
             "reason": receipt.reason,
             "verdict": receipt.verdict.value,
-            "activity_type": info.activity_type,
+            "activity_type": receipt.activity_type,
             "capability_id": receipt.capability_id,
         }
         if resolution.config_error:
@@ -423,17 +325,11 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
             non_retryable=True,
         )
 
-    @staticmethod
-    def _check(request: EvaluationRequest, signed: SignedReceipt) -> None:
-        receipt = signed.receipt
-        if not request.matches(receipt):
-            raise ChioSidecarProtocolError("the sidecar's receipt does not match the request")
-        if request.deny_reason is not None and receipt.verdict is not Verdict.DENY:
-            raise ChioSidecarProtocolError("the sidecar allowed an attempt the worker denied")
-        if receipt.verdict not in (Verdict.ALLOW, Verdict.DENY):
-            raise ChioSidecarProtocolError(f"the sidecar answered verdict {receipt.verdict}")
+    # -- runs (the RunLedger) --------------------------------------------------------------------
 
-    # -- aggregation -------------------------------------------------------------------------------
+    def workflow_receipt(self, *, workflow_id: str, run_id: str) -> WorkflowReceipt:
+        """The in-flight :class:`WorkflowReceipt` of a run (``UnknownRunError`` if none)."""
+        return self._runs.get(workflow_id, run_id).receipt
 
     def finalize_workflow(
         self,
@@ -449,63 +345,7 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
         on the event loop, otherwise at the next :meth:`flush_workflow_receipt`. Finalizing
         twice with the same outcome is a no-op; with another outcome it is an error.
         """
-        kind = parse_outcome(outcome)
-        run = self._run("", workflow_id, run_id, create=True)
-        assert run is not None  # noqa: S101 - create=True always returns a run
-        with self._lock:
-            wr = run.receipt
-            if wr.completed:
-                if wr.outcome is not kind:
-                    raise ChioTemporalError(
-                        f"run {workflow_id}/{run_id} was already finalized as "
-                        f"{wr.outcome.value.lower()}, not {outcome}"
-                    )
-                return
-            now = now_us()
-            wr.finalize(kind, now)
-            if parent_workflow_ids:
-                wr.parent_workflow_ids = tuple(parent_workflow_ids)
-            run.completion = RunCompletion(
-                event_id=uuid7(),
-                namespace=wr.namespace,
-                workflow_id=workflow_id,
-                run_id=run_id,
-                workflow_type=wr.workflow_type,
-                task_queue=wr.task_queue,
-                outcome=kind,
-                started_at=wr.started_at,
-                closed_at=now,
-                parent_workflow_ids=wr.parent_workflow_ids,
-                expected_steps=None,
-                source=CompletionSource.FINALIZE,
-                emitted_at=now,
-            )
-        if self.receipt_sink is None:
-            return
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return  # not on the loop: published by flush_workflow_receipt
-        task = asyncio.create_task(self._publish_completion(run))
-        run.completion_task = task
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            _log.error("publishing a run completion failed", exc_info=task.exception())
-
-    async def _publish_completion(self, run: _Run) -> None:
-        event, run.completion = run.completion, None
-        if event is not None and self.receipt_sink is not None:
-            published = False
-            try:
-                await self.receipt_sink.publish_completion(event)
-                published = True
-            finally:
-                if not published:
-                    run.completion = event  # kept for the flush to retry
+        self._runs.finalize(workflow_id, run_id, outcome, parent_workflow_ids)
 
     async def flush_workflow_receipt(self, *, workflow_id: str, run_id: str) -> dict[str, Any]:
         """Build the run's ``chio-temporal/v1`` envelope, hand it to the sink, free the run.
@@ -513,33 +353,14 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
         Raises :class:`UnknownRunError` for a run this worker does not hold, and the sink's
         ``ReceiptSinkError`` if it refuses (the run is then kept, so the flush can be retried).
         """
-        run = self._run("", workflow_id, run_id, create=False)
-        if run is None:
-            raise self._unknown(workflow_id, run_id)
-        async with run.lock:
-            task = run.completion_task
-            if task is not None:
-                run.completion_task = None
-                try:
-                    await task
-                except ReceiptSinkError:
-                    _log.warning("retrying the completion of %s/%s at flush", workflow_id, run_id)
-            if run.completion is not None:
-                await self._publish_completion(run)
-            envelope = run.receipt.to_envelope()
-            if self.receipt_sink is not None:
-                await self.receipt_sink.publish_envelope(envelope)
-            with self._lock:
-                if self._runs.get((workflow_id, run_id)) is run:
-                    del self._runs[(workflow_id, run_id)]
-        return envelope
+        return await self._runs.flush(workflow_id, run_id)
 
     @property
     def open_runs(self) -> int:
         """Number of runs held in process (bounded by ``max_runs``)."""
         return len(self._runs)
 
-    # -- lifecycle ---------------------------------------------------------------------------------
+    # -- lifecycle -------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
         return self
@@ -554,10 +375,19 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
 
     async def aclose(self) -> None:
         """Wait for pending completion publishes and close a client this interceptor made."""
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._runs.aclose()
         if self._owned_client is not None:
             await self._owned_client.aclose()
+
+
+def _check_answer(request: EvaluationRequest, receipt: StepReceipt) -> None:
+    """Refuse a sidecar answer that is not a receipt of this request with a possible verdict."""
+    if not request.matches(receipt):
+        raise ChioSidecarProtocolError("the sidecar's receipt does not match the request")
+    if request.deny_reason is not None and receipt.verdict is not Verdict.DENY:
+        raise ChioSidecarProtocolError("the sidecar allowed an attempt the worker denied")
+    if receipt.verdict not in (Verdict.ALLOW, Verdict.DENY):
+        raise ChioSidecarProtocolError(f"the sidecar answered verdict {receipt.verdict}")
 
 
 class _ActivityInbound(temporalio.worker.ActivityInboundInterceptor):

@@ -29,7 +29,6 @@ __all__ = [
     "KeyPair",
     "chain_root",
     "receipt_hash",
-    "sign_new_receipt",
     "sign_receipt",
     "signed_body",
     "step_body",
@@ -83,10 +82,12 @@ def step_body(receipt: StepReceipt) -> bytes:
     return fast if fast is not None else encode_body(STEP_SCHEMA, receipt.to_avro())
 
 
-def _signature_and_body(receipt: StepReceipt, key: KeyPair) -> tuple[bytes, bytes]:
-    """``key``'s signature of ``receipt`` and the signed wire body (encoded once)."""
-    # The record to sign is the receipt with this key id and an empty signature, written
-    # directly from the receipt's attributes (no intermediate copy, no dict).
+def sign_receipt(receipt: StepReceipt, key: KeyPair) -> tuple[StepReceipt, bytes]:
+    """Sign ``receipt``; returns the signed copy and its wire body (encoded once).
+
+    The signed bytes are the receipt's body with ``key.key_id`` and an empty signature; the wire
+    body is the same bytes with the signature in place of the empty one.
+    """
     to_sign = encode_step(receipt, key.key_id, b"")
     if to_sign is None:  # a value the direct writer does not take: fastavro decides
         record = receipt.to_avro()
@@ -94,32 +95,8 @@ def _signature_and_body(receipt: StepReceipt, key: KeyPair) -> tuple[bytes, byte
         record["signature"] = b""
         to_sign = encode_body(STEP_SCHEMA, record)
     signature = key.sign(to_sign)
-    return signature, to_sign[:-1] + _SIG_PREFIX + signature
-
-
-def sign_receipt(receipt: StepReceipt, key: KeyPair) -> tuple[StepReceipt, bytes]:
-    """Sign ``receipt``; returns the signed receipt and its wire body (encoded once)."""
-    signature, body = _signature_and_body(receipt, key)
+    body = to_sign[:-1] + _SIG_PREFIX + signature
     return receipt.with_signature(key_id=key.key_id, signature=signature), body
-
-
-def sign_new_receipt(receipt: StepReceipt, key: KeyPair) -> bytes:
-    """Sign a receipt its caller has just built and shares with nobody; returns the wire body.
-
-    The receipt must carry ``key_id=key.key_id`` and an empty signature. The signature is then
-    written into it, the way a frozen dataclass's ``__init__`` sets its fields, instead of
-    copying all 30 fields as :func:`sign_receipt` must for a receipt others may hold. The gate
-    signs every attempt: the copy was a tenth of its CPU. Raises ``ValueError`` for a receipt
-    that is already signed or names another key.
-    """
-    if receipt.signature or receipt.key_id != key.key_id:
-        raise ValueError(
-            "sign_new_receipt takes an unsigned receipt built with this key's id; "
-            "use sign_receipt to sign a copy"
-        )
-    signature, body = _signature_and_body(receipt, key)
-    object.__setattr__(receipt, "signature", signature)
-    return body
 
 
 def signed_body(body: bytes) -> tuple[bytes, bytes] | None:

@@ -24,7 +24,7 @@ from chio_receipts.schemas import (
     is_subset,
     normalize_scope,
     now_us,
-    sign_new_receipt,
+    sign_receipt,
     uuid7,
 )
 from chio_receipts.sidecar._errors import InvalidCapability, ScopeWidening, UnknownCapability
@@ -261,7 +261,7 @@ class LocalSidecar:
             prev_hash=request.prev_hash,
             key_id=self._key.key_id,
         )
-        body = sign_new_receipt(receipt, self._key)
+        receipt, body = sign_receipt(receipt, self._key)
         return SignedReceipt(receipt=receipt, body=body)
 
     async def evaluate(self, request: EvaluationRequest) -> SignedReceipt:
