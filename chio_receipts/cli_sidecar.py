@@ -1,16 +1,25 @@
-"""``chio-receipts sidecar``: serve the in-process policy sidecar over HTTP."""
+"""``chio-receipts sidecar``: serve the policy sidecar over HTTP; list and rotate its keys."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from chio_receipts.schemas import KeyPair
-from chio_receipts.sidecar import DEFAULT_MAX_BODY, LocalSidecar, serve_sidecar
+from chio_receipts._config import load_config
+from chio_receipts.sidecar import (
+    DEFAULT_MAX_BODY,
+    DataDir,
+    LocalSidecar,
+    SidecarError,
+    rotate_key,
+    serve_sidecar,
+)
 
 __all__ = ["app"]
 
@@ -18,6 +27,23 @@ app = typer.Typer(
     help="The chio policy sidecar: capabilities, attenuation and Ed25519-signed receipts.",
     no_args_is_help=True,
 )
+keys_app = typer.Typer(
+    help="The sidecar's signing keys: list the public keys, rotate the signing key.",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
+
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        envvar="CHIO_SIDECAR_DATA_DIR",
+        file_okay=False,
+        help="Directory of the sidecar's state and signing key "
+        "(CHIO_SIDECAR_DATA_DIR; default: <CHIO_DATA_DIR>/sidecar).",
+        show_default=False,
+    ),
+]
 
 
 @app.callback()
@@ -25,17 +51,13 @@ def main() -> None:
     """The chio policy sidecar."""
 
 
-def _load_key(seed_file: Path | None, key_id: str) -> KeyPair:
-    if seed_file is None:
-        return KeyPair.generate(key_id)
-    text = seed_file.read_text("utf-8").strip()
-    try:
-        seed = bytes.fromhex(text)
-    except ValueError:
-        raise typer.BadParameter("the key seed file must hold 64 hex characters") from None
-    if len(seed) != 32:
-        raise typer.BadParameter("the key seed file must hold a 32-byte (64 hex) seed")
-    return KeyPair.from_seed(key_id, seed)
+def _data_dir(path: Path | None) -> DataDir:
+    return DataDir(path if path is not None else load_config().data_dir / "sidecar")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
 
 
 @app.command()
@@ -50,35 +72,144 @@ def serve(
             show_default=False,
         ),
     ] = None,
-    key_seed_file: Annotated[
-        Path | None,
+    data_dir: DataDirOption = None,
+    ephemeral: Annotated[
+        bool,
         typer.Option(
-            exists=True,
-            dir_okay=False,
-            help="File with the hex Ed25519 seed of the signing key; a fresh key if omitted.",
+            help="Keep nothing: state in memory and a fresh signing key, lost on exit.",
         ),
-    ] = None,
-    key_id: Annotated[str, typer.Option(help="Id of the signing key.")] = "sidecar-1",
+    ] = False,
     max_body_bytes: Annotated[
         int, typer.Option(help="Largest accepted request body.", min=1024)
     ] = DEFAULT_MAX_BODY,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
-    """Serve the policy sidecar API (OpenAPI at /openapi.json) until interrupted."""
+    """Serve the policy sidecar API (OpenAPI at /openapi.json) until interrupted.
+
+    State (capabilities, revocations, public keys, the receipt log) and the signing key live in
+    the data directory and survive restarts; SIGHUP loads a key made by ``sidecar keys rotate``.
+    """
     logging.basicConfig(level=log_level.upper())
-    sidecar = LocalSidecar(_load_key(key_seed_file, key_id))
+    log = logging.getLogger(__name__)
     if host not in ("127.0.0.1", "::1", "localhost") and token is None:
-        logging.getLogger(__name__).warning(
+        log.warning(
             "serving on %s without a bearer token: anyone who can reach it can mint capabilities",
             host,
         )
-    asyncio.run(
-        serve_sidecar(
-            sidecar,
-            host=host,
-            port=port,
-            token=token,
-            max_body_bytes=max_body_bytes,
-            log_level=log_level.lower(),
+    if ephemeral:
+        asyncio.run(
+            serve_sidecar(
+                LocalSidecar(),
+                host=host,
+                port=port,
+                token=token,
+                max_body_bytes=max_body_bytes,
+                log_level=log_level.lower(),
+            )
         )
-    )
+        return
+    with _data_dir(data_dir) as directory:
+        try:
+            directory.lock()
+            sidecar = LocalSidecar(directory.signing_key(), store=directory.store)
+        except SidecarError as exc:
+            raise _fail(str(exc)) from None
+        log.info("sidecar data directory %s, signing key %s", directory.path, sidecar.key_id)
+
+        def reload() -> None:
+            key = directory.signing_key()
+            if key.key_id != sidecar.key_id:
+                sidecar.use_key(key)
+                log.info("signing key is now %s", key.key_id)
+
+        asyncio.run(
+            serve_sidecar(
+                sidecar,
+                host=host,
+                port=port,
+                token=token,
+                max_body_bytes=max_body_bytes,
+                log_level=log_level.lower(),
+                on_reload=reload,
+            )
+        )
+
+
+@keys_app.command("list")
+def list_keys(
+    data_dir: DataDirOption = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the /v1/keys document (usable as the builder's keys file)."
+        ),
+    ] = False,
+) -> None:
+    """Print the key ids and public keys (hex) of the sidecar, current first. No secret."""
+    with _data_dir(data_dir) as directory:
+        if not directory.path.is_dir():
+            raise _fail(f"no sidecar data directory at {directory.path}")
+        try:
+            keys = directory.store.keys()
+        except SidecarError as exc:
+            raise _fail(str(exc)) from None
+    keys.sort(key=lambda k: (k.retired_at is not None, -(k.retired_at or 0)))
+    if as_json:
+        current = next((k.key_id for k in keys if k.retired_at is None), None)
+        document = {
+            "current": current,
+            "keys": [
+                {"key_id": k.key_id, "algorithm": "Ed25519", "public_key": k.public_key.hex()}
+                for k in keys
+            ],
+        }
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        return
+    for k in keys:
+        state = "current" if k.retired_at is None else "retired"
+        typer.echo(f"{k.key_id}  {state:<7}  {k.public_key.hex()}")
+
+
+@keys_app.command("rotate")
+def rotate(
+    data_dir: DataDirOption = None,
+    signal_server: Annotated[
+        bool,
+        typer.Option(
+            "--signal/--no-signal",
+            help="Send SIGHUP to the sidecar serving the directory, so it signs with the new "
+            "key at once (else: from its next start).",
+        ),
+    ] = True,
+) -> None:
+    """Make a new signing key; the old public keys stay published so earlier receipts verify."""
+    with _data_dir(data_dir) as directory:
+        if not directory.path.is_dir():
+            raise _fail(f"no sidecar data directory at {directory.path}")
+        try:
+            done = rotate_key(directory, signal_server=signal_server)
+        except SidecarError as exc:
+            raise _fail(str(exc)) from None
+    typer.echo(f"rotated {done.old_key_id} -> {done.new_key_id}  {done.new_public_key.hex()}")
+    if done.signalled_pid is not None:
+        typer.echo(f"the serving sidecar (pid {done.signalled_pid}) was sent SIGHUP")
+    else:
+        typer.echo("no sidecar serves this directory now: the new key is used from its next start")
+
+
+@app.command("verify-log")
+def verify_log(data_dir: DataDirOption = None) -> None:
+    """Check the sidecar's receipt log: hash chain, content hashes, signatures."""
+    with _data_dir(data_dir) as directory:
+        if not directory.path.is_dir():
+            raise _fail(f"no sidecar data directory at {directory.path}")
+        try:
+            report = directory.store.verify_log()
+        except SidecarError as exc:
+            raise _fail(str(exc)) from None
+    if report.ok:
+        typer.echo(f"OK: {report.rows} receipt(s) in the log, chain and signatures hold")
+        return
+    for problem in report.problems:
+        typer.echo(f"FAIL: {problem}")
+    raise typer.Exit(1)

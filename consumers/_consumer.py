@@ -304,8 +304,7 @@ class ReceiptBuilderService:
             return None
 
     async def _verified(self, batch: Batch, steps: list[Message]) -> list[Message]:
-        if any(self._keys.get(m.plain.record["key_id"]) is None for m in steps):
-            await self._keys.refresh()
+        await self._keys.refresh_for({m.plain.record["key_id"] for m in steps})
         checks: list[tuple[bytes, bytes]] = []
         known: list[Message] = []
         for message in steps:

@@ -4,12 +4,13 @@ public keys in base64 or hex)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import httpx
@@ -81,9 +82,14 @@ async def fetch_public_keys(url: str, *, timeout_seconds: float = 5.0) -> dict[s
 
 
 class KeyRing:
-    """Public keys by key id; asks the sidecar again (rate limited) for an unknown key id."""
+    """Public keys by key id; asks the sidecar again (rate limited) for an unknown key id.
 
-    __slots__ = ("_keys", "_last_refresh", "_min_interval", "_url")
+    A rotated sidecar key reaches a verifier as an unknown key id: :meth:`refresh_for` makes
+    sure such an id was looked up once before the caller gives up on it (dead-letters), even
+    when the last refresh was moments ago.
+    """
+
+    __slots__ = ("_keys", "_last_refresh", "_looked_up", "_min_interval", "_url")
 
     def __init__(
         self,
@@ -96,6 +102,8 @@ class KeyRing:
         self._url = url
         self._min_interval = min_refresh_interval
         self._last_refresh = float("-inf")
+        # Ids still unknown after a refresh made for them: they wait for the rate limit.
+        self._looked_up: set[str] = set()
 
     @property
     def keys(self) -> Mapping[str, bytes]:
@@ -124,3 +132,24 @@ class KeyRing:
         added = any(self._keys.get(k) != v for k, v in fetched.items())
         self._keys.update(fetched)
         return added
+
+    async def refresh_for(self, key_ids: Iterable[str]) -> None:
+        """Refresh once for key ids not known yet, waiting out the rate limit if needed.
+
+        An id is looked up by at most one refresh that waited for it; after that (a forged or
+        foreign id) it only gets the plain rate-limited :meth:`refresh`, so unknown ids cannot
+        make the builder wait more than once each.
+        """
+        unknown = {k for k in key_ids if k not in self._keys}
+        if not unknown or self._url is None:
+            return
+        if unknown <= self._looked_up:
+            await self.refresh()
+            return
+        wait = self._last_refresh + self._min_interval - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        await self.refresh()
+        if len(self._looked_up) > 10_000:
+            self._looked_up.clear()
+        self._looked_up.update(k for k in unknown if k not in self._keys)

@@ -1,7 +1,12 @@
 """The chio policy sidecar: capabilities, attenuation, decisions and Ed25519-signed receipts.
 
-:class:`LocalSidecar` is the engine and its store, in process and free of I/O; a worker can use
-it directly, since it has the methods of the interceptor's ``Evaluator`` protocol.
+:class:`LocalSidecar` is the engine, in process; a worker can use it directly, since it has the
+methods of the interceptor's ``Evaluator`` protocol. It keeps its state in a
+:class:`SidecarStore` (SQLite: capabilities, revocations, public keys, a hash-chained receipt
+log; ``:memory:`` by default). :class:`DataDir` is the served sidecar's data directory: the
+store, the signing key's seed file (key ids derived from public keys, :func:`key_id_for`), and
+the lock of the serving process; :func:`rotate_key` makes a new signing key and keeps the old
+public keys.
 :func:`create_sidecar_app` serves it over HTTP (Starlette), :class:`SidecarServer` runs that app
 inside an event loop and :func:`serve_sidecar` as a process (uvicorn; the ``chio-receipts
 sidecar serve`` command). :func:`openapi_document` describes the API; it is built from the same
@@ -16,24 +21,35 @@ from __future__ import annotations
 
 from chio_receipts.sidecar._api import openapi_document
 from chio_receipts.sidecar._app import DEFAULT_MAX_BODY, create_sidecar_app
+from chio_receipts.sidecar._datadir import DataDir, Rotation, key_id_for, rotate_key
 from chio_receipts.sidecar._errors import (
     InvalidCapability,
     ScopeWidening,
     SidecarError,
+    StoreError,
     UnknownCapability,
 )
 from chio_receipts.sidecar._local import LocalSidecar
 from chio_receipts.sidecar._server import SidecarServer, serve_sidecar
+from chio_receipts.sidecar._store import LogReport, SidecarStore, StoredKey
 
 __all__ = [
     "DEFAULT_MAX_BODY",
+    "DataDir",
     "InvalidCapability",
     "LocalSidecar",
+    "LogReport",
+    "Rotation",
     "ScopeWidening",
     "SidecarError",
     "SidecarServer",
+    "SidecarStore",
+    "StoreError",
+    "StoredKey",
     "UnknownCapability",
     "create_sidecar_app",
+    "key_id_for",
     "openapi_document",
+    "rotate_key",
     "serve_sidecar",
 ]

@@ -13,7 +13,8 @@ Endpoints (JSON; OpenAPI 3.1 document at ``GET /openapi.json``, built from ``_ap
 Request bodies are validated with the document's pydantic models. Bad input never yields a
 500: malformed JSON is 400, a body that is not an object, a missing or mistyped field 422, a
 body over ``max_body_bytes`` 413, an unknown capability 404, a widening attenuation 409, a
-refused capability request 422, a missing or wrong bearer token 401; every error is
+refused capability request 422, a missing or wrong bearer token 401, a store that cannot be
+written 503 (nothing is handed out that was not stored); every error is
 ``{"error": <code>, "reason": <text>}``.
 """
 
@@ -52,6 +53,7 @@ from chio_receipts.sidecar._errors import (
     InvalidCapability,
     ScopeWidening,
     SidecarError,
+    StoreError,
     UnknownCapability,
 )
 from chio_receipts.sidecar._local import LocalSidecar
@@ -66,6 +68,7 @@ _ERROR_STATUS: tuple[tuple[type[SidecarError], int, str], ...] = (
     (UnknownCapability, 404, "unknown_capability"),
     (ScopeWidening, 409, "scope_widening"),
     (InvalidCapability, 422, "invalid_capability"),
+    (StoreError, 503, "store_unavailable"),
 )
 
 _Model = TypeVar("_Model", bound=BaseModel)

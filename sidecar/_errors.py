@@ -8,18 +8,28 @@
         │   │                        subject, a full store (HTTP 422 ``invalid_capability``)
         │   └── ScopeWidening        an attenuation asked for tools its parent does not allow
         │                            (HTTP 409 ``scope_widening``)
-        └── UnknownCapability        no capability with that id (HTTP 404 ``unknown_capability``)
+        ├── UnknownCapability        no capability with that id (HTTP 404 ``unknown_capability``)
+        └── StoreError               the data directory or its SQLite store cannot be used (a
+                                     locked or unreadable directory, a bad seed file, a store
+                                     of another schema); HTTP 503 ``store_unavailable``
+                                     when it happens mid-request
 
-None is retriable: the same request gets the same answer. The HTTP app answers each with the
-status and error code shown, which the worker's ``HttpSidecar`` translates back into the
-interceptor's own errors.
+No capability error is retriable: the same request gets the same answer. The HTTP app
+answers each with the status and error code shown, which the worker's ``HttpSidecar``
+translates back into the interceptor's own errors; a 503 is retried like an unreachable sidecar.
 """
 
 from __future__ import annotations
 
 from chio_receipts.schemas import ChioReceiptsError
 
-__all__ = ["InvalidCapability", "ScopeWidening", "SidecarError", "UnknownCapability"]
+__all__ = [
+    "InvalidCapability",
+    "ScopeWidening",
+    "SidecarError",
+    "StoreError",
+    "UnknownCapability",
+]
 
 
 class SidecarError(ChioReceiptsError):
@@ -36,3 +46,7 @@ class ScopeWidening(InvalidCapability):
 
 class UnknownCapability(SidecarError):
     """The sidecar has no capability with this id."""
+
+
+class StoreError(SidecarError):
+    """The sidecar's data directory or store cannot be read or written."""

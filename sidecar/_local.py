@@ -1,8 +1,11 @@
 """An in-process policy sidecar: capabilities, attenuation, expiry, revocation, signing.
 
 Evaluation is a pure check (capability known, not revoked, not expired along its chain, tool in
-scope) followed by one Ed25519 signature; no I/O, so it is safe on the worker's event loop.
-State is held in memory and bounded: expired capabilities are dropped after a grace period.
+scope) on in-memory state, followed by one Ed25519 signature. State is written through to a
+:class:`~chio_receipts.sidecar._store.SidecarStore` (SQLite; ``:memory:`` unless one is given)
+in short transactions before an answer is returned, and read back when the sidecar starts, so a
+sidecar on the same store keeps its capabilities and revocations across restarts. State is
+bounded: expired capabilities are dropped after a grace period.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from chio_receipts.schemas import (
     sign_receipt,
     uuid7,
 )
+from chio_receipts.sidecar._datadir import key_id_for
 from chio_receipts.sidecar._errors import InvalidCapability, ScopeWidening, UnknownCapability
+from chio_receipts.sidecar._store import SidecarStore
 
 __all__ = ["LocalSidecar"]
 
@@ -41,25 +46,32 @@ class LocalSidecar:
     worker can use it in place of a remote sidecar (it satisfies the protocol structurally; this
     package does not import the interceptor).
 
-    ``key`` signs receipts (a fresh key when omitted); ``retired_keys`` are public keys of earlier
-    keys still exported for verification. ``max_capabilities`` bounds memory: beyond it, expired
-    capabilities older than ``expired_grace_seconds`` are dropped, and then creation is refused.
+    ``key`` signs receipts (a fresh key, its id derived from its public key, when omitted);
+    ``retired_keys`` are public keys of earlier keys still exported for verification.
+    ``store`` holds the state (capabilities, revocations, public keys, and the receipt log);
+    without one, an in-memory store that keeps no receipt log (it would only grow).
+    ``max_capabilities`` bounds memory: beyond it, expired capabilities older than
+    ``expired_grace_seconds`` are dropped, and then creation is refused.
     """
 
     def __init__(
         self,
         key: KeyPair | None = None,
         *,
+        store: SidecarStore | None = None,
         retired_keys: Mapping[str, bytes] | None = None,
         max_capabilities: int = 100_000,
         expired_grace_seconds: float = 3600.0,
     ) -> None:
-        self._key = key or KeyPair.generate(_default_key_id())
-        self._public = {**(retired_keys or {}), self._key.key_id: self._key.public_key}
-        self._caps: dict[str, CapabilityToken] = {}
-        self._revoked: set[str] = set()
+        self._log_receipts = store is not None
+        self._store = store if store is not None else SidecarStore.memory()
+        self._retired = dict(retired_keys or {})
+        self._caps: dict[str, CapabilityToken] = {c.id: c for c in self._store.capabilities()}
+        self._revoked: set[str] = self._store.revocations()
         self._max = max_capabilities
         self._grace_us = int(expired_grace_seconds * 1_000_000)
+        self._key = key or _fresh_key()
+        self.use_key(self._key)
 
     def __repr__(self) -> str:
         return f"LocalSidecar(key_id={self._key.key_id!r}, capabilities={len(self._caps)})"
@@ -68,6 +80,17 @@ class LocalSidecar:
     def key_id(self) -> str:
         """Id of the signing key."""
         return self._key.key_id
+
+    @property
+    def store(self) -> SidecarStore:
+        """Where the state is kept."""
+        return self._store
+
+    def use_key(self, key: KeyPair) -> None:
+        """Sign from now on with ``key``; earlier keys stay published as retired keys."""
+        self._store.add_key(key.key_id, key.public_key)
+        self._store.retire_keys(except_key_id=key.key_id)
+        self._key = key
 
     # -- capabilities ------------------------------------------------------------------------
 
@@ -122,6 +145,7 @@ class LocalSidecar:
             chain=chain,
             issuer_key_id=self._key.key_id,
         )
+        self._store.put_capability(token)
         self._caps[token.id] = token
         return token
 
@@ -129,7 +153,10 @@ class LocalSidecar:
         if len(self._caps) < self._max:
             return
         cutoff = now - self._grace_us
-        for cap_id in [c.id for c in self._caps.values() if c.expires_at < cutoff]:
+        dropped = [c.id for c in self._caps.values() if c.expires_at < cutoff]
+        if dropped:
+            self._store.drop_capabilities(dropped)
+        for cap_id in dropped:
             del self._caps[cap_id]
             self._revoked.discard(cap_id)
         if len(self._caps) >= self._max:
@@ -157,6 +184,7 @@ class LocalSidecar:
     def revoke_now(self, capability_id: str) -> None:
         """Synchronous :meth:`revoke`."""
         self._get(capability_id)
+        self._store.revoke(capability_id)
         self._revoked.add(capability_id)
 
     async def create_capability(
@@ -190,7 +218,7 @@ class LocalSidecar:
 
     async def public_keys(self) -> Mapping[str, bytes]:
         """Public keys by key id (the current key and retired ones)."""
-        return MappingProxyType(dict(self._public))
+        return MappingProxyType({**self._retired, **self._store.public_keys()})
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -262,6 +290,8 @@ class LocalSidecar:
             key_id=self._key.key_id,
         )
         receipt, body = sign_receipt(receipt, self._key)
+        if self._log_receipts:
+            self._store.log_receipt(receipt.receipt_id, receipt.key_id, body)
         return SignedReceipt(receipt=receipt, body=body)
 
     async def evaluate(self, request: EvaluationRequest) -> SignedReceipt:
@@ -269,5 +299,6 @@ class LocalSidecar:
         return self.evaluate_now(request)
 
 
-def _default_key_id() -> str:
-    return "local-" + os.urandom(4).hex()
+def _fresh_key() -> KeyPair:
+    seed = os.urandom(32)
+    return KeyPair.from_seed(key_id_for(KeyPair.from_seed("", seed).public_key), seed)

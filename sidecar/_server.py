@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import signal
 import socket
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Self
 
@@ -16,6 +18,8 @@ from chio_receipts.sidecar._errors import SidecarError
 from chio_receipts.sidecar._local import LocalSidecar
 
 __all__ = ["SidecarServer", "serve_sidecar"]
+
+_log = logging.getLogger(__name__)
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -130,10 +134,30 @@ async def serve_sidecar(
     token: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     log_level: str = "info",
+    on_reload: Callable[[], None] | None = None,
 ) -> None:
-    """Serve ``sidecar`` until SIGINT/SIGTERM (the ``sidecar serve`` command)."""
+    """Serve ``sidecar`` until SIGINT/SIGTERM (the ``sidecar serve`` command).
+
+    ``on_reload`` runs on SIGHUP, on the event loop between requests (``sidecar keys rotate``
+    sends it so the new signing key is used at once); a failed reload is logged and the
+    sidecar keeps its current key.
+    """
     app = create_sidecar_app(sidecar, token=token, max_body_bytes=max_body_bytes)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, lifespan="off", timeout_keep_alive=5
     )
-    await uvicorn.Server(config).serve()
+    loop = asyncio.get_running_loop()
+    if on_reload is not None:
+
+        def reload() -> None:
+            try:
+                on_reload()
+            except SidecarError:
+                _log.exception("reload on SIGHUP failed; the current signing key stays in use")
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    try:
+        await uvicorn.Server(config).serve()
+    finally:
+        if on_reload is not None:
+            loop.remove_signal_handler(signal.SIGHUP)

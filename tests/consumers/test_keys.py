@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
@@ -37,3 +38,25 @@ async def test_fetch_keys_fails_clearly_when_the_endpoint_is_down() -> None:
     async with Receiver(status=[500, 500]) as server:
         with pytest.raises(KeyResolutionError, match="cannot fetch keys"):
             await fetch_public_keys(server.url)
+
+
+async def test_an_unknown_key_id_waits_for_one_refresh_past_the_rate_limit() -> None:
+    """A key rotated just after the last refresh is still found before anything is given up:
+    the lookup waits out the rate limit once; a forged id does not make it wait again."""
+    a, b = KeyPair.generate("k-a"), KeyPair.generate("k-b")
+    published = [{"key_id": "k-a", "public_key": a.public_key.hex()}]
+    async with Receiver(reply=lambda _: json.dumps({"keys": published}).encode()) as server:
+        ring = KeyRing({}, url=server.url, min_refresh_interval=0.5)
+        assert await ring.refresh()
+        published.append({"key_id": "k-b", "public_key": b.public_key.hex()})
+        await ring.refresh_for({"k-a", "k-b"})
+        assert ring.get("k-b") == b.public_key
+        assert len(server.requests) == 2
+        await ring.refresh_for({"k-forged"})
+        assert ring.get("k-forged") is None
+        assert len(server.requests) == 3
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await ring.refresh_for({"k-forged"})
+        assert loop.time() - t0 < 0.2, "a forged id made the ring wait twice"
+        assert len(server.requests) == 3

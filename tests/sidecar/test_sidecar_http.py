@@ -154,7 +154,7 @@ async def test_bearer_token_guards_everything_but_keys_health_and_openapi() -> N
 
 
 def side_public_hex(side: LocalSidecar) -> str:
-    return next(iter(side._public.values())).hex()
+    return side.store.public_keys()[side.key_id].hex()
 
 
 def _served_operations(side: LocalSidecar) -> set[tuple[str, str]]:

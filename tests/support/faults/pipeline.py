@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -18,11 +19,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
-from chio_receipts.consumers import open_client, parse_dead_letter_headers, verify_run
+from chio_receipts.consumers import (
+    fetch_public_keys,
+    open_client,
+    parse_dead_letter_headers,
+    verify_run,
+)
 from chio_receipts.schemas import KafkaConnection, KeyPair, RunCompletion
 from chio_receipts.streamer import (
     CompletionWatcher,
@@ -41,7 +48,7 @@ from tests.support.faults.invariants import (
 )
 from tests.support.faults.oracle import Oracle, read_oracle
 from tests.support.faults.procs import Child, rss_bytes
-from tests.support.faults.workload import FaultInput, FaultWorkflow
+from tests.support.faults.workload import SCOPE, FaultInput, FaultWorkflow
 
 __all__ = ["Pipeline", "PipelineOptions", "cache_dir", "clickhouse_dsn_for"]
 
@@ -121,6 +128,10 @@ class Pipeline:
         self.topics = TopicsConfig(prefix=self.prefix, partitions=self.options.partitions)
         self.workers: list[Child] = []
         self.consumer: Child | None = None
+        self.sidecar: Child | None = None
+        self.sidecar_url: str | None = None
+        self.capability_id: str | None = None
+        self.sidecar_keys: dict[str, bytes] = {}
         self.handles: list[WorkflowHandle[Any, Any]] = []
         self._watcher_streamer: ReceiptStreamer | None = None
         self._watcher_sink: _CountingSink | None = None
@@ -135,11 +146,82 @@ class Pipeline:
 
     @property
     def public_keys(self) -> dict[str, bytes]:
-        """Worker and builder public keys by key id."""
+        """Worker, served sidecar (as last fetched) and builder public keys by key id."""
         return {
             self.worker_key.key_id: self.worker_key.public_key,
+            **self.sidecar_keys,
             self.builder_key.key_id: self.builder_key.public_key,
         }
+
+    # -- the served sidecar -----------------------------------------------------------------
+
+    @property
+    def sidecar_dir(self) -> Path:
+        """The served sidecar's data directory."""
+        return self.root / "sidecar"
+
+    async def start_sidecar(self, timeout: float = 30.0) -> Child:
+        """Serve the policy sidecar as a child process on its data directory (same port on a
+        restart); the first start mints the workers' capability over HTTP. Workers and the
+        consumer made after this use it: decisions and signing move from the workers'
+        in-process sidecar to this one, and the builder fetches its keys from ``/v1/keys``."""
+        if self.sidecar is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+            self.sidecar_url = f"http://127.0.0.1:{port}"
+            self.sidecar = Child(
+                "sidecar",
+                "chio_receipts",
+                [
+                    "sidecar",
+                    "serve",
+                    "--data-dir",
+                    str(self.sidecar_dir),
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "info",
+                ],
+                self.root / "sidecar.log",
+            )
+        self.sidecar.start()
+        assert self.sidecar_url is not None
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(base_url=self.sidecar_url, timeout=2) as http:
+            while True:
+                try:
+                    if (await http.get("/healthz")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if not self.sidecar.alive() or time.monotonic() > deadline:
+                    raise AssertionError(f"the sidecar did not start:\n{self.sidecar.log_tail()}")
+                await asyncio.sleep(0.1)
+            if self.capability_id is None:
+                created = await http.post(
+                    "/v1/capabilities",
+                    json={
+                        "subject": "agent:fault-suite",
+                        "scope": list(SCOPE),
+                        "ttl_seconds": 86400,
+                    },
+                )
+                assert created.status_code == 201, created.text
+                self.capability_id = str(created.json()["id"])
+        await self.refresh_sidecar_keys()
+        return self.sidecar
+
+    async def refresh_sidecar_keys(self) -> dict[str, bytes]:
+        """The served sidecar's public keys (current and retired), remembered for ``verify``."""
+        assert self.sidecar_url is not None
+        self.sidecar_keys = await fetch_public_keys(self.sidecar_url)
+        return self.sidecar_keys
+
+    def _sidecar_config(self) -> dict[str, Any]:
+        if self.sidecar_url is None:
+            return {}
+        return {"sidecar_url": self.sidecar_url, "capability_id": self.capability_id}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -164,6 +246,7 @@ class Pipeline:
             "key_id": self.worker_key.key_id,
             "key_seed": bytes(seed).hex(),
             "argument_key": self._argument_key,
+            **self._sidecar_config(),
             **self.options.worker,
             **extra,
         }
@@ -195,6 +278,7 @@ class Pipeline:
             "builder_key_id": self.builder_key.key_id,
             "builder_seed": self._builder_seed.hex(),
             "grace_seconds": self.options.grace_seconds,
+            **({"key_url": self.sidecar_url} if self.sidecar_url else {}),
             **self.options.consumer,
             **extra,
         }
@@ -301,6 +385,8 @@ class Pipeline:
         for child in [*self.workers, *([self.consumer] if self.consumer else [])]:
             if child.alive():
                 await child.terminate(20)
+        if self.sidecar is not None and self.sidecar.alive():
+            await self.sidecar.terminate(20)
         await self.stop_watcher()
         if self._lag_consumer is not None:
             try:

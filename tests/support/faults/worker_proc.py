@@ -25,6 +25,8 @@ from temporalio.worker import Worker
 from chio_receipts.interceptor import (
     ArgumentKey,
     ChioActivityInterceptor,
+    Evaluator,
+    HttpSidecar,
     WorkflowGrant,
 )
 from chio_receipts.schemas import KafkaConnection, KeyPair
@@ -57,8 +59,17 @@ async def main(cfg: dict[str, object]) -> None:
     """Run the worker until SIGTERM."""
     work = Path(str(cfg["dir"]))
     key = KeyPair.from_seed(str(cfg["key_id"]), bytes.fromhex(str(cfg["key_seed"])))
-    sidecar = LocalSidecar(key)
-    token = sidecar.mint("agent:fault-suite", SCOPE, 24 * 3600)
+    remote: HttpSidecar | None = None
+    sidecar: Evaluator
+    if cfg.get("sidecar_url"):
+        # The served sidecar decides and signs; its capability was minted by the harness.
+        remote = HttpSidecar(str(cfg["sidecar_url"]))
+        sidecar = remote
+        token = await remote.get_capability(str(cfg["capability_id"]))
+    else:
+        local = LocalSidecar(key)
+        sidecar = local
+        token = local.mint("agent:fault-suite", SCOPE, 24 * 3600)
     streamer = ReceiptStreamer(
         StreamerConfig(
             kafka=KafkaConnection(bootstrap_servers=str(cfg["bootstrap"])),
@@ -122,6 +133,8 @@ async def main(cfg: dict[str, object]) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await runner
     await streamer.stop()
+    if remote is not None:
+        await remote.aclose()
     reporter.cancel()
     _write_status(
         status,
