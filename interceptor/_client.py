@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from chio_receipts.interceptor._errors import ChioTemporalConfigError
 from chio_receipts.interceptor._evaluator import Evaluator
@@ -15,11 +14,12 @@ from chio_receipts.interceptor._model import (
     now_us,
 )
 from chio_receipts.interceptor._sidecar_http import HttpSidecar
+from chio_receipts.schemas import AsyncCloseable
 
 __all__ = ["ChioClient"]
 
 
-class ChioClient:
+class ChioClient(AsyncCloseable):
     """Client of the chio policy sidecar.
 
     ``ChioClient("http://127.0.0.1:9090")`` talks to a served sidecar through
@@ -48,17 +48,6 @@ class ChioClient:
     def evaluator(self) -> Evaluator:
         """The evaluator this client delegates to."""
         return self._evaluator
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the HTTP sidecar this client created (idempotent)."""
