@@ -62,7 +62,7 @@ class ChioClient(AsyncCloseable):
         *,
         parent_id: str | None = None,
     ) -> CapabilityToken:
-        """Mint a capability for ``subject`` allowing ``scope`` for ``ttl_seconds``."""
+        """:meth:`Evaluator.create_capability` of this client's evaluator."""
         return await self._evaluator.create_capability(
             subject, scope, ttl_seconds, parent_id=parent_id
         )
@@ -74,23 +74,23 @@ class ChioClient(AsyncCloseable):
         scope: Iterable[str],
         ttl_seconds: float | None = None,
     ) -> CapabilityToken:
-        """Mint a child capability with a subset of the parent's scope."""
+        """:meth:`Evaluator.attenuate` of this client's evaluator."""
         return await self._evaluator.attenuate(capability_id, scope=scope, ttl_seconds=ttl_seconds)
 
     async def get_capability(self, capability_id: str) -> CapabilityToken:
-        """The capability with this id."""
+        """:meth:`Evaluator.get_capability` of this client's evaluator."""
         return await self._evaluator.get_capability(capability_id)
 
     async def revoke(self, capability_id: str) -> None:
-        """Revoke a capability (and so its descendants)."""
+        """:meth:`Evaluator.revoke` of this client's evaluator."""
         await self._evaluator.revoke(capability_id)
 
     async def public_keys(self) -> Mapping[str, bytes]:
-        """The sidecar's Ed25519 public keys by key id."""
+        """:meth:`Evaluator.public_keys` of this client's evaluator."""
         return await self._evaluator.public_keys()
 
     async def evaluate(self, request: EvaluationRequest) -> SignedReceipt:
-        """Evaluate a full request (what the interceptor sends)."""
+        """:meth:`Evaluator.evaluate` of this client's evaluator (what the interceptor sends)."""
         return await self._evaluator.evaluate(request)
 
     async def evaluate_tool_call(
