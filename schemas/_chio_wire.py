@@ -428,29 +428,29 @@ def _receipt_signing_bytes(receipt_id_value: str, view: Mapping[str, Any]) -> by
 
 # ---------------------------------------------------------------- kernel receipts
 
-_RECEIPT_INPUT_FIELDS: Final = frozenset(
-    {
-        "timestamp",
-        "capability_id",
-        "tool_server",
-        "tool_name",
-        "action",
-        "decision",
-        "receipt_kind",
-        "boundary_class",
-        "observation_outcome",
-        "tool_origin",
-        "redaction_mode",
-        "actor_chain",
-        "content_hash",
-        "policy_hash",
-        "evidence",
-        "metadata",
-        "trust_level",
-        "tenant_id",
-        "kernel_key",
-    }
+# The kernel receipt's fields in its struct order (what a receipt body may hold).
+_RECEIPT_ORDER: Final = (
+    "timestamp",
+    "capability_id",
+    "tool_server",
+    "tool_name",
+    "action",
+    "decision",
+    "receipt_kind",
+    "boundary_class",
+    "observation_outcome",
+    "tool_origin",
+    "redaction_mode",
+    "actor_chain",
+    "content_hash",
+    "policy_hash",
+    "evidence",
+    "metadata",
+    "trust_level",
+    "tenant_id",
+    "kernel_key",
 )
+_RECEIPT_INPUT_FIELDS: Final = frozenset(_RECEIPT_ORDER)
 
 
 def receipt_id(body: Mapping[str, Any]) -> str:
@@ -585,29 +585,6 @@ def sign_kernel_receipt(
 def _new_nonce() -> str:
     # The kernel's receipt nonces are ``rcpt-<uuidv7>``.
     return f"rcpt-{uuid7()}"
-
-
-_RECEIPT_ORDER: Final = (
-    "timestamp",
-    "capability_id",
-    "tool_server",
-    "tool_name",
-    "action",
-    "decision",
-    "receipt_kind",
-    "boundary_class",
-    "observation_outcome",
-    "tool_origin",
-    "redaction_mode",
-    "actor_chain",
-    "content_hash",
-    "policy_hash",
-    "evidence",
-    "metadata",
-    "trust_level",
-    "tenant_id",
-    "kernel_key",
-)
 
 
 def _in_struct_order(view: Mapping[str, Any]) -> dict[str, Any]:
