@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import clickhouse_connect
@@ -38,6 +37,7 @@ from chio_receipts.consumers._errors import (
 )
 from chio_receipts.consumers._failpoints import failpoint
 from chio_receipts.consumers._rows import ENVELOPE_COLUMNS, STEP_COLUMNS, EnvelopeRow, StepRow
+from chio_receipts.schemas import AsyncService
 
 __all__ = [
     "ClickHouseConfig",
@@ -221,7 +221,7 @@ def split_statements(sql: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";\n") if s.strip().rstrip(";").strip()]
 
 
-class ClickHouseSink:
+class ClickHouseSink(AsyncService):
     """Owns the ClickHouse client: migrations at start, batch inserts, read-backs."""
 
     def __init__(self, config: ClickHouseConfig) -> None:
@@ -236,15 +236,6 @@ class ClickHouseSink:
     def client(self) -> Any:
         """The underlying clickhouse-connect client (for read-only tools)."""
         return self._client
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def start(self) -> None:
         """Take ownership (embedded), connect and migrate. Idempotent."""
@@ -433,6 +424,10 @@ class ClickHouseSink:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    async def stop(self) -> None:
+        """Same as :meth:`close` (what leaving ``async with`` calls)."""
+        await self.close()
 
 
 def select_steps(client: Any, where: str, parameters: Mapping[str, Any]) -> list[StepRow]:

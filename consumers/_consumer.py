@@ -19,8 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiokafka import TopicPartition
 
@@ -55,6 +54,7 @@ from chio_receipts.consumers._wire import (
     envelope_step_body,
 )
 from chio_receipts.schemas import (
+    AsyncService,
     ContractError,
     DecodeError,
     KafkaConnection,
@@ -113,7 +113,7 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
-class ReceiptBuilderService:
+class ReceiptBuilderService(AsyncService):
     """Consumes steps and completions, writes step rows and envelopes exactly once.
 
     The deliver step of a :class:`BatchRunner` (which polls, decodes, dead-letters and commits).
@@ -164,15 +164,6 @@ class ReceiptBuilderService:
     def assignment(self) -> frozenset[TopicPartition]:
         """The partitions this member holds now."""
         return self._runner.assignment()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         """Check co-partitioning, connect everything, subscribe. Idempotent."""

@@ -27,13 +27,13 @@ from chio_receipts.consumers._wire import (
 )
 from chio_receipts.schemas import ENVELOPE_VERSION, KeyPair, frame
 
-__all__ = ["Envelope", "verify_envelope_signature"]
+__all__ = ["Envelope", "RunHeader", "verify_envelope_signature"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Envelope:
-    """One revision of a run's envelope; ``steps`` are current-schema step bodies in
-    receipt-id order, ``receipt_ids`` the matching ids."""
+class RunHeader:
+    """Which run, and how it went: the leading fields of an :class:`Envelope` and, in the same
+    order, of its ``workflow_receipts`` row."""
 
     namespace: str
     workflow_id: str
@@ -43,6 +43,13 @@ class Envelope:
     started_at: int
     completed_at: int | None
     outcome: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Envelope(RunHeader):
+    """One revision of a run's envelope; ``steps`` are current-schema step bodies in
+    receipt-id order, ``receipt_ids`` the matching ids."""
+
     revision: int
     complete: bool
     missing_steps: int

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from operator import attrgetter
 from typing import Any, Self
 
-from chio_receipts.consumers._envelope import Envelope
+from chio_receipts.consumers._envelope import Envelope, RunHeader
 from chio_receipts.schemas import CompletionSource, Outcome, RunCompletion, StepReceipt, Verdict
 
 __all__ = [
@@ -129,17 +129,9 @@ class StepRow:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class EnvelopeRow:
+class EnvelopeRow(RunHeader):
     """One ``workflow_receipts`` row (one envelope revision); field order is the insert order."""
 
-    namespace: str
-    workflow_id: str
-    run_id: str
-    workflow_type: str
-    parent_workflow_ids: tuple[str, ...]
-    started_at: int
-    completed_at: int | None
-    outcome: str
     step_count: int
     allow_count: int
     deny_count: int
@@ -192,38 +184,9 @@ def step_row(record: Mapping[str, Any], wire: bytes, partition: int, offset: int
 
 def receipt_from_row(row: StepRow) -> StepReceipt:
     """Rebuild the signed receipt from a step row."""
-    return StepReceipt(
-        receipt_id=row.receipt_id,
-        namespace=row.namespace,
-        workflow_id=row.workflow_id,
-        run_id=row.run_id,
-        workflow_type=row.workflow_type,
-        task_queue=row.task_queue,
-        activity_id=row.activity_id,
-        activity_type=row.activity_type,
-        attempt=row.attempt,
-        is_local=row.is_local,
-        tool_server=row.tool_server,
-        tool=row.tool,
-        action=row.action,
-        resource=row.resource,
-        subject=row.subject,
-        capability_id=row.capability_id,
-        capability_chain=row.capability_chain,
-        scope=row.scope,
-        verdict=Verdict(row.verdict),
-        reason=row.reason,
-        argument_digest=row.argument_digest,
-        argument_key_id=row.argument_key_id,
-        scheduled_at=row.scheduled_at,
-        started_at=row.started_at,
-        evaluated_at=row.evaluated_at,
-        latency_us=row.latency_us,
-        worker_identity=row.worker_identity,
-        prev_hash=row.prev_hash,
-        key_id=row.key_id,
-        signature=row.signature,
-    )
+    values = {name: getattr(row, name) for name in STEP_FIELDS}
+    values["verdict"] = Verdict(row.verdict)
+    return StepReceipt(**values)
 
 
 def plain_from_row(row: StepRow) -> dict[str, Any]:
@@ -237,54 +200,14 @@ def plain_from_row(row: StepRow) -> dict[str, Any]:
 
 def envelope_row(envelope: Envelope) -> EnvelopeRow:
     """The workflow_receipts row of an envelope (its revision is the replacing version)."""
-    return EnvelopeRow(
-        namespace=envelope.namespace,
-        workflow_id=envelope.workflow_id,
-        run_id=envelope.run_id,
-        workflow_type=envelope.workflow_type,
-        parent_workflow_ids=envelope.parent_workflow_ids,
-        started_at=envelope.started_at,
-        completed_at=envelope.completed_at,
-        outcome=envelope.outcome,
-        step_count=envelope.step_count,
-        allow_count=envelope.allow_count,
-        deny_count=envelope.deny_count,
-        revision=envelope.revision,
-        complete=envelope.complete,
-        missing_steps=envelope.missing_steps,
-        expected_steps=envelope.expected_steps,
-        receipt_ids=envelope.receipt_ids,
-        chain_root=envelope.chain_root,
-        key_id=envelope.key_id,
-        signature=envelope.signature,
-        extra=envelope.extra,
-    )
+    # Every column is an envelope attribute of the same name (``step_count`` a property).
+    return EnvelopeRow(**dict(zip(ENVELOPE_COLUMNS, _ENVELOPE_VALUES(envelope), strict=True)))
 
 
 def envelope_from_row(row: EnvelopeRow, steps: Sequence[bytes]) -> Envelope:
     """Rebuild an envelope from its row and its steps' bodies."""
-    return Envelope(
-        namespace=row.namespace,
-        workflow_id=row.workflow_id,
-        run_id=row.run_id,
-        workflow_type=row.workflow_type,
-        parent_workflow_ids=row.parent_workflow_ids,
-        started_at=row.started_at,
-        completed_at=row.completed_at,
-        outcome=row.outcome,
-        revision=row.revision,
-        complete=row.complete,
-        missing_steps=row.missing_steps,
-        expected_steps=row.expected_steps,
-        allow_count=row.allow_count,
-        deny_count=row.deny_count,
-        receipt_ids=row.receipt_ids,
-        steps=tuple(steps),
-        chain_root=row.chain_root,
-        extra=row.extra,
-        key_id=row.key_id,
-        signature=row.signature,
-    )
+    values = {name: getattr(row, name) for name in ENVELOPE_COLUMNS if name != "step_count"}
+    return Envelope(**values, steps=tuple(steps))
 
 
 def completion_from_row(row: EnvelopeRow) -> RunCompletion:

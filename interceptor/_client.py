@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from chio_receipts.interceptor._errors import ChioTemporalConfigError
 from chio_receipts.interceptor._evaluator import Evaluator
@@ -15,11 +14,12 @@ from chio_receipts.interceptor._model import (
     now_us,
 )
 from chio_receipts.interceptor._sidecar_http import HttpSidecar
+from chio_receipts.schemas import AsyncCloseable
 
 __all__ = ["ChioClient"]
 
 
-class ChioClient:
+class ChioClient(AsyncCloseable):
     """Client of the chio policy sidecar.
 
     ``ChioClient("http://127.0.0.1:9090")`` talks to a served sidecar through
@@ -49,17 +49,6 @@ class ChioClient:
         """The evaluator this client delegates to."""
         return self._evaluator
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     async def aclose(self) -> None:
         """Close the HTTP sidecar this client created (idempotent)."""
         if self._owned and isinstance(self._evaluator, HttpSidecar):
@@ -73,7 +62,7 @@ class ChioClient:
         *,
         parent_id: str | None = None,
     ) -> CapabilityToken:
-        """Mint a capability for ``subject`` allowing ``scope`` for ``ttl_seconds``."""
+        """:meth:`Evaluator.create_capability` of this client's evaluator."""
         return await self._evaluator.create_capability(
             subject, scope, ttl_seconds, parent_id=parent_id
         )
@@ -85,23 +74,23 @@ class ChioClient:
         scope: Iterable[str],
         ttl_seconds: float | None = None,
     ) -> CapabilityToken:
-        """Mint a child capability with a subset of the parent's scope."""
+        """:meth:`Evaluator.attenuate` of this client's evaluator."""
         return await self._evaluator.attenuate(capability_id, scope=scope, ttl_seconds=ttl_seconds)
 
     async def get_capability(self, capability_id: str) -> CapabilityToken:
-        """The capability with this id."""
+        """:meth:`Evaluator.get_capability` of this client's evaluator."""
         return await self._evaluator.get_capability(capability_id)
 
     async def revoke(self, capability_id: str) -> None:
-        """Revoke a capability (and so its descendants)."""
+        """:meth:`Evaluator.revoke` of this client's evaluator."""
         await self._evaluator.revoke(capability_id)
 
     async def public_keys(self) -> Mapping[str, bytes]:
-        """The sidecar's Ed25519 public keys by key id."""
+        """:meth:`Evaluator.public_keys` of this client's evaluator."""
         return await self._evaluator.public_keys()
 
     async def evaluate(self, request: EvaluationRequest) -> SignedReceipt:
-        """Evaluate a full request (what the interceptor sends)."""
+        """:meth:`Evaluator.evaluate` of this client's evaluator (what the interceptor sends)."""
         return await self._evaluator.evaluate(request)
 
     async def evaluate_tool_call(

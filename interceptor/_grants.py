@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import temporalio.activity
 
@@ -16,25 +16,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ActivityGrantOverride",
-    "Attenuator",
     "GrantResolver",
     "WorkflowGrant",
     "check_subset",
 ]
-
-
-class Attenuator(Protocol):
-    """Anything that can attenuate a capability: a ``ChioClient`` or an ``Evaluator``."""
-
-    async def attenuate(
-        self,
-        capability_id: str,
-        *,
-        scope: Iterable[str],
-        ttl_seconds: float | None = None,
-    ) -> CapabilityToken:
-        """Mint a child capability with a subset of the parent's scope."""
-        ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,7 +51,7 @@ class WorkflowGrant:
 
     async def attenuate_for_activity(
         self,
-        chio: Attenuator | Evaluator,
+        chio: Evaluator,
         *,
         new_scope: Iterable[str],
         tool_server: str | None = None,
@@ -74,6 +59,7 @@ class WorkflowGrant:
     ) -> WorkflowGrant:
         """A child grant for the same workflow whose scope is a subset of this one's.
 
+        ``chio`` is any :class:`Evaluator`; a ``ChioClient`` is one.
         A wider or disjoint ``new_scope`` raises :class:`ChioTemporalConfigError` before the
         sidecar is asked; the sidecar checks again when it mints the child.
         """

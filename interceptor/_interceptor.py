@@ -40,8 +40,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import temporalio.activity
 import temporalio.converter
@@ -66,7 +65,13 @@ from chio_receipts.interceptor._model import EvaluationRequest, SignedReceipt, n
 from chio_receipts.interceptor._receipt import WorkflowReceipt
 from chio_receipts.interceptor._run_ledger import RunLedger, RunState
 from chio_receipts.interceptor._workflow_side import DenialUnwrappingWorkflowInterceptor
-from chio_receipts.schemas import ReceiptSink, ReceiptSinkError, StepReceipt, Verdict
+from chio_receipts.schemas import (
+    AsyncCloseable,
+    ReceiptSink,
+    ReceiptSinkError,
+    StepReceipt,
+    Verdict,
+)
 
 __all__ = ["ChioActivityInterceptor", "InterceptorStats"]
 
@@ -95,7 +100,7 @@ class InterceptorStats:
     evicted_runs: int = 0
 
 
-class ChioActivityInterceptor(temporalio.worker.Interceptor):
+class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
     """Worker interceptor gating every activity attempt through the chio sidecar.
 
     ``chio_client`` (a :class:`ChioClient`) or ``sidecar_url`` (a client is made and owned) or
@@ -361,17 +366,6 @@ class ChioActivityInterceptor(temporalio.worker.Interceptor):
         return len(self._runs)
 
     # -- lifecycle -------------------------------------------------------------------------------
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Wait for pending completion publishes and close a client this interceptor made."""

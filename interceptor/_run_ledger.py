@@ -74,20 +74,24 @@ class RunLedger:
 
     def open(self, namespace: str, workflow_id: str, run_id: str) -> RunState:
         """The run's state, made on first use; marks it most recently used."""
-        key = (workflow_id, run_id)
         with self._lock:
-            run = self._runs.get(key)
-            if run is not None:
-                self._runs.move_to_end(key)
-                return run
-            run = RunState(
-                WorkflowReceipt(
-                    workflow_id=workflow_id, run_id=run_id, namespace=namespace, started_at=0
+            run = self._touch(workflow_id, run_id)
+            if run is None:
+                run = RunState(
+                    WorkflowReceipt(
+                        workflow_id=workflow_id, run_id=run_id, namespace=namespace, started_at=0
+                    )
                 )
-            )
-            self._runs[key] = run
-            self._evict_beyond_bound()
+                self._runs[workflow_id, run_id] = run
+                self._evict_beyond_bound()
             return run
+
+    def _touch(self, workflow_id: str, run_id: str) -> RunState | None:
+        # Call with ``self._lock`` held: the run's state, marked most recently used, or None.
+        run = self._runs.get((workflow_id, run_id))
+        if run is not None:
+            self._runs.move_to_end((workflow_id, run_id))
+        return run
 
     def _evict_beyond_bound(self) -> None:
         while len(self._runs) > self.max_runs:
@@ -103,12 +107,10 @@ class RunLedger:
 
     def get(self, workflow_id: str, run_id: str) -> RunState:
         """The run's state; :class:`UnknownRunError` if this worker holds none."""
-        key = (workflow_id, run_id)
         with self._lock:
-            run = self._runs.get(key)
-            if run is not None:
-                self._runs.move_to_end(key)
-                return run
+            run = self._touch(workflow_id, run_id)
+        if run is not None:
+            return run
         raise UnknownRunError(
             f"no workflow receipt held for workflow_id={workflow_id!r} run_id={run_id!r}: this "
             "worker never executed an activity of that run, it was already flushed, or it was "

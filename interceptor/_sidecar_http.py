@@ -15,7 +15,7 @@ import binascii
 import logging
 import socket
 from collections.abc import Iterable, Mapping
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 from typing import Any, Self
 
 import httpx
@@ -36,6 +36,7 @@ from chio_receipts.interceptor._model import (
     receipt_from_json,
 )
 from chio_receipts.schemas import (
+    AsyncCloseable,
     EncodeError,
     RetryPolicy,
     retry_async,
@@ -49,7 +50,7 @@ _log = logging.getLogger(__name__)
 _RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
 
-class HttpSidecar:
+class HttpSidecar(AsyncCloseable):
     """Client of a remote chio sidecar (for example ``chio-receipts sidecar serve``).
 
     An idempotent async context manager; it also works without ``async with`` (the client is
@@ -93,14 +94,6 @@ class HttpSidecar:
     async def __aenter__(self) -> Self:
         self._open()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def _open(self) -> httpx.AsyncClient:
         if self._client is None or self._client.is_closed:

@@ -75,6 +75,7 @@ from chio_receipts.schemas._errors import (
     is_retriable,
 )
 from chio_receipts.schemas._kafka import KafkaConnection, SaslMechanism, Secret, SecurityProtocol
+from chio_receipts.schemas._lifecycle import AsyncCloseable, AsyncService
 from chio_receipts.schemas._protocol import (
     CapabilityToken,
     EvaluationRequest,
@@ -136,6 +137,8 @@ __all__ = [
     "STEP_SCHEMA",
     "X_CHIO_RECEIPT",
     "X_CHIO_VERDICT",
+    "AsyncCloseable",
+    "AsyncService",
     "CapabilityToken",
     "CapabilityVerification",
     "ChioReceiptsError",

@@ -218,25 +218,24 @@ _HEX: Final = re.compile(r"[0-9a-fA-F]*")
 
 def _key_hex(value: object, field: str) -> str:
     """A public key as the kernel re-serialises it (``PublicKey::to_hex``)."""
-    if not isinstance(value, str):
-        raise ChioWireError(f"{field} must be a hex string")
-    if value.startswith(("p256:", "p384:", "hybrid:")):
-        raise ChioWireError(f"{field}: only Ed25519 keys are supported")
-    raw = value.removeprefix("0x")
-    if len(raw) != 64 or not _HEX.fullmatch(raw):
-        raise ChioWireError(f"{field} must be 32 bytes of hex")
-    return raw.lower()
+    return _ed25519_hex(value, field, what="keys", size=32).lower()
 
 
 def _signature_bytes(value: object, field: str) -> bytes:
+    return bytes.fromhex(_ed25519_hex(value, field, what="signatures", size=64))
+
+
+def _ed25519_hex(value: object, field: str, *, what: str, size: int) -> str:
+    # The kernel's hex form (``0x`` optional) of ``size`` bytes; other algorithms' prefixes
+    # are refused by name.
     if not isinstance(value, str):
         raise ChioWireError(f"{field} must be a hex string")
     if value.startswith(("p256:", "p384:", "hybrid:")):
-        raise ChioWireError(f"{field}: only Ed25519 signatures are supported")
+        raise ChioWireError(f"{field}: only Ed25519 {what} are supported")
     raw = value.removeprefix("0x")
-    if len(raw) != 128 or not _HEX.fullmatch(raw):
-        raise ChioWireError(f"{field} must be 64 bytes of hex")
-    return bytes.fromhex(raw)
+    if len(raw) != 2 * size or not _HEX.fullmatch(raw):
+        raise ChioWireError(f"{field} must be {size} bytes of hex")
+    return raw
 
 
 def _signature_hex(value: object, field: str) -> str:
@@ -428,29 +427,29 @@ def _receipt_signing_bytes(receipt_id_value: str, view: Mapping[str, Any]) -> by
 
 # ---------------------------------------------------------------- kernel receipts
 
-_RECEIPT_INPUT_FIELDS: Final = frozenset(
-    {
-        "timestamp",
-        "capability_id",
-        "tool_server",
-        "tool_name",
-        "action",
-        "decision",
-        "receipt_kind",
-        "boundary_class",
-        "observation_outcome",
-        "tool_origin",
-        "redaction_mode",
-        "actor_chain",
-        "content_hash",
-        "policy_hash",
-        "evidence",
-        "metadata",
-        "trust_level",
-        "tenant_id",
-        "kernel_key",
-    }
+# The kernel receipt's fields in its struct order (what a receipt body may hold).
+_RECEIPT_ORDER: Final = (
+    "timestamp",
+    "capability_id",
+    "tool_server",
+    "tool_name",
+    "action",
+    "decision",
+    "receipt_kind",
+    "boundary_class",
+    "observation_outcome",
+    "tool_origin",
+    "redaction_mode",
+    "actor_chain",
+    "content_hash",
+    "policy_hash",
+    "evidence",
+    "metadata",
+    "trust_level",
+    "tenant_id",
+    "kernel_key",
 )
+_RECEIPT_INPUT_FIELDS: Final = frozenset(_RECEIPT_ORDER)
 
 
 def receipt_id(body: Mapping[str, Any]) -> str:
@@ -585,29 +584,6 @@ def sign_kernel_receipt(
 def _new_nonce() -> str:
     # The kernel's receipt nonces are ``rcpt-<uuidv7>``.
     return f"rcpt-{uuid7()}"
-
-
-_RECEIPT_ORDER: Final = (
-    "timestamp",
-    "capability_id",
-    "tool_server",
-    "tool_name",
-    "action",
-    "decision",
-    "receipt_kind",
-    "boundary_class",
-    "observation_outcome",
-    "tool_origin",
-    "redaction_mode",
-    "actor_chain",
-    "content_hash",
-    "policy_hash",
-    "evidence",
-    "metadata",
-    "trust_level",
-    "tenant_id",
-    "kernel_key",
-)
 
 
 def _in_struct_order(view: Mapping[str, Any]) -> dict[str, Any]:

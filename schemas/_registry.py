@@ -18,6 +18,7 @@ from urllib.parse import quote
 import httpx
 
 from chio_receipts.schemas._errors import RegistryError, UnknownSchema
+from chio_receipts.schemas._lifecycle import AsyncCloseable
 
 __all__ = ["SchemaRegistryClient", "SubjectStrategy", "subject_name"]
 
@@ -41,7 +42,7 @@ def subject_name(strategy: SubjectStrategy, topic: str, record_name: str) -> str
     return f"{topic}-{record_name}"
 
 
-class SchemaRegistryClient:
+class SchemaRegistryClient(AsyncCloseable):
     """Async client of a Confluent-compatible schema registry. An async context manager.
 
     ``transport`` lets tests plug an ``httpx.MockTransport``; ``auth`` is passed to httpx and
@@ -72,12 +73,6 @@ class SchemaRegistryClient:
 
     def __repr__(self) -> str:
         return f"SchemaRegistryClient({self.url!r}, strategy={self.strategy.value!r})"
-
-    async def __aenter__(self) -> SchemaRegistryClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the HTTP client; idempotent."""

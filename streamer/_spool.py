@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from chio_receipts.schemas import AsyncService
 from chio_receipts.streamer._errors import SpoolError, SpoolFull
 
 __all__ = ["AsyncSpool", "Spool", "SpoolBatch", "SpoolPosition", "SpoolRecord"]
@@ -507,7 +508,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class AsyncSpool:
+class AsyncSpool(AsyncService):
     """Event-loop front of a :class:`Spool`: file I/O on one dedicated thread, group commit.
 
     Concurrent ``append(..., fsync=True)`` calls are gathered into one write and one fsync, so
@@ -520,13 +521,6 @@ class AsyncSpool:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[tuple[SpoolRecord, bool, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> AsyncSpool:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         """Open the spool (recovery runs on the spool thread); idempotent."""

@@ -62,7 +62,7 @@ __all__ = ["ReceiptStreamer"]
 log = logging.getLogger(__name__)
 
 
-class ReceiptStreamer:
+class ReceiptStreamer(schemas.AsyncService):
     """Produces step receipts, run completions and envelopes to Kafka; never loses one.
 
     An idempotent async context manager. Implements :class:`schemas.ReceiptSink`.
@@ -112,13 +112,6 @@ class ReceiptStreamer:
         self.metrics.queue_depth.set_function(lambda: len(self._queue))
 
     # -- lifecycle -------------------------------------------------------------------------------
-
-    async def __aenter__(self) -> ReceiptStreamer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         """Open the spool (replaying what a previous process left) and start the sender.

@@ -14,8 +14,7 @@ import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiokafka import TopicPartition
 
@@ -28,7 +27,13 @@ from chio_receipts.consumers.siem._filter import EventFilter
 from chio_receipts.consumers.siem._ocsf import envelope_to_ocsf, step_to_ocsf
 from chio_receipts.consumers.siem._output import Output
 from chio_receipts.consumers.siem._spec import OutputSpec, make_output
-from chio_receipts.schemas import KafkaConnection, RetryPolicy, TopicNames, retry_async
+from chio_receipts.schemas import (
+    AsyncService,
+    KafkaConnection,
+    RetryPolicy,
+    TopicNames,
+    retry_async,
+)
 
 __all__ = ["ExporterConfig", "SiemExporter"]
 
@@ -66,7 +71,7 @@ def _to_ocsf(plain: Plain) -> dict[str, Any] | None:
     return None
 
 
-class SiemExporter:
+class SiemExporter(AsyncService):
     """Consumes receipts, maps them to OCSF, delivers them, then commits."""
 
     def __init__(
@@ -117,15 +122,6 @@ class SiemExporter:
             describe=f"SIEM output {self.output.name}",
         )
         self._entered = False
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         """Open the output, then join the group. Idempotent."""

@@ -5,18 +5,15 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Mapping, Sequence
-from typing import Any, Self
+from typing import Any
 from urllib.parse import urlparse
 
-import httpx
-
-from chio_receipts.consumers._errors import OutputUnavailable
-from chio_receipts.consumers.siem._output import http_status_error, http_transport_error
+from chio_receipts.consumers.siem._output import HttpOutput
 
 __all__ = ["HecOutput"]
 
 
-class HecOutput:
+class HecOutput(HttpOutput):
     """Splunk HTTP Event Collector: one POST per batch of HEC event envelopes."""
 
     name = "hec"
@@ -31,25 +28,14 @@ class HecOutput:
         timeout_seconds: float = 10.0,
     ) -> None:
         parsed = urlparse(url)
-        self._url = (
-            url if parsed.path not in ("", "/") else url.rstrip("/") + "/services/collector/event"
+        super().__init__(
+            url if parsed.path not in ("", "/") else url.rstrip("/") + "/services/collector/event",
+            timeout_seconds=timeout_seconds,
         )
         self._token = token
         self._index = index
         self._sourcetype = sourcetype
-        self._timeout = timeout_seconds
-        self._client: httpx.AsyncClient | None = None
         self._host = socket.gethostname()
-
-    async def __aenter__(self) -> Self:
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._timeout)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
 
     def envelope(self, event: Mapping[str, Any]) -> dict[str, Any]:
         """The HEC envelope of one OCSF event."""
@@ -66,16 +52,5 @@ class HecOutput:
 
     async def write(self, batch: Sequence[Mapping[str, Any]]) -> None:
         """POST the batch (concatenated JSON envelopes)."""
-        if self._client is None:
-            raise OutputUnavailable("hec output is not started")
         body = "\n".join(json.dumps(self.envelope(e), separators=(",", ":")) for e in batch)
-        try:
-            response = await self._client.post(
-                self._url,
-                content=body.encode(),
-                headers={"Authorization": f"Splunk {self._token}"},
-            )
-        except httpx.HTTPError as exc:
-            raise http_transport_error(exc, "hec") from exc
-        if response.status_code != 200:
-            raise http_status_error(response.status_code, response.text, "hec")
+        await self._post(body.encode(), {"Authorization": f"Splunk {self._token}"})
