@@ -22,6 +22,24 @@ __all__ = [
     "OPERATIONS",
     "Attenuate",
     "Capability",
+    "ChioAttenuate",
+    "ChioCapability",
+    "ChioCreateCapability",
+    "ChioDenied",
+    "ChioError",
+    "ChioEvaluate",
+    "ChioEvaluation",
+    "ChioHealth",
+    "ChioMint",
+    "ChioMinted",
+    "ChioReceipt",
+    "ChioReceiptReport",
+    "ChioRelease",
+    "ChioReleased",
+    "ChioSdkEvaluate",
+    "ChioValidate",
+    "ChioValidation",
+    "ChioVerifyReceipt",
     "CreateCapability",
     "Error",
     "Evaluation",
@@ -190,6 +208,205 @@ class Error(_Body):
     reason: str
 
 
+# -- the Chio kernel's bodies (chio-api-protect 0.1.2) -----------------------------------------
+# These models validate and document the shapes; tokens and receipts inside them are passed on
+# and answered as the raw JSON objects they are, never re-serialised through a model.
+
+
+class _Open(BaseModel):
+    # A kernel object: unknown fields are kept (they may be signed).
+    model_config = ConfigDict(strict=True, frozen=True, extra="allow")
+
+
+class ChioCapability(_Open):
+    """A Chio capability token (``chio.capability.v1``), signed by the sidecar's key."""
+
+    schema_: str = Field("chio.capability.v1", alias="schema")
+    id: str
+    issuer: str = Field(description="the issuer's Ed25519 public key, hex")
+    subject: str = Field(description="the holder's key, derived from the requested subject")
+    scope: dict[str, Any] = Field(description="ChioScope: grants, resource_grants, prompt_grants")
+    issued_at: int = Field(description="unix seconds")
+    expires_at: int = Field(description="unix seconds")
+    delegation_chain: list[dict[str, Any]] = Field(default_factory=list)
+    signature: str
+
+
+class ChioReceipt(_Open):
+    """A Chio kernel receipt (mediated decision), signed by the sidecar's key."""
+
+    id: str
+    timestamp: int
+    capability_id: str
+    tool_server: str
+    tool_name: str
+    action: dict[str, Any]
+    decision: dict[str, Any] | None = None
+    receipt_kind: str
+    boundary_class: str
+    tool_origin: str
+    redaction_mode: str
+    content_hash: str
+    policy_hash: str
+    metadata: dict[str, Any] | None = None
+    trust_level: str
+    kernel_key: str
+    signature: str
+
+
+class ChioMint(_Body):
+    """Body of ``POST /v1/capabilities/mint`` (and the canonical body of ``/v1/capabilities``)."""
+
+    subject: str
+    scopes: list[str] = Field(
+        default_factory=list,
+        description="tool:SERVER:TOOL:OP, tools:TOOL, TOOL:OP, resource:URI:OP, prompt:NAME:OP",
+    )
+    ttl_seconds: Annotated[int, Field(ge=0)] | None = None
+    ttl_nanos: Annotated[int, Field(ge=0)] | None = None
+    job_uid: str = ""
+
+
+class ChioCreateCapability(_Body):
+    """chio-sdk-python's body of ``POST /v1/capabilities``: a ``ChioScope`` object, either
+    operation spelling (``"Invoke"`` or ``"invoke"``)."""
+
+    subject: str
+    scope: dict[str, Any]
+    ttl_seconds: Annotated[int, Field(ge=0)] | None = None
+    job_uid: str = ""
+
+
+class ChioMinted(_Body):
+    """Answer of ``POST /v1/capabilities/mint``."""
+
+    capability: ChioCapability
+
+
+class ChioValidate(_Open):
+    """Body of ``POST /v1/capabilities/validate``: the token's fields, flattened, and optional
+    expectations."""
+
+    id: str
+    expires_at: int
+    expected_subject: str | None = None
+    expected_scope: dict[str, Any] | None = None
+
+
+class ChioValidation(_Body):
+    """Answer of ``POST /v1/capabilities/validate``."""
+
+    valid: bool
+    reason: str | None = None
+    expires_at: int | None = None
+    capability_id: str
+
+
+class ChioRelease(_Body):
+    """Body of ``POST /v1/capabilities/release`` (a durable revocation)."""
+
+    capability_id: str
+    job_uid: str = ""
+    reason: str = ""
+
+
+class ChioReleased(_Body):
+    """Answer of ``POST /v1/capabilities/release``."""
+
+    released: bool
+
+
+class ChioAttenuate(_Body):
+    """Body of ``POST /v1/capabilities/attenuate`` (chio-sdk-python's shape)."""
+
+    parent_token: dict[str, Any]
+    new_scope: dict[str, Any]
+
+
+class ChioEvaluate(_Body):
+    """The kernel's mediated body of ``POST /v1/evaluate``: the whole capability token."""
+
+    capability: dict[str, Any]
+    tool_server: str
+    tool_name: str
+    parameters: Any = Field(default_factory=dict)
+    agent_id: str | None = None
+    request_id: str | None = None
+
+
+class ChioSdkEvaluate(_Body):
+    """chio-sdk-python's body of ``POST /v1/evaluate``: the capability by id."""
+
+    capability_id: str
+    tool_server: str
+    tool_name: str
+    parameters: Any = Field(default_factory=dict)
+    parameter_hash: str | None = None
+
+
+class ChioEvaluation(_Body):
+    """Answer to the mediated body of ``POST /v1/evaluate`` (a deny is a 200 too)."""
+
+    status: Literal["authorized", "deny"]
+    receipt: ChioReceipt
+    execution_nonce: dict[str, Any] | None
+
+
+class ChioDenied(_Body):
+    """403 to chio-sdk-python's body of ``POST /v1/evaluate`` on a deny, with the receipt."""
+
+    error: str
+    message: str
+    guard: str
+    reason: str
+    receipt: ChioReceipt
+
+
+class ChioVerifyReceipt(ChioReceipt):
+    """Body of ``POST /v1/receipts/verify``: the receipt's fields, flattened, and optional
+    expectations."""
+
+    expected_decision: str | None = None
+    expected_capability_id: str | None = None
+
+
+class ChioReceiptReport(_Body):
+    """Answer of ``POST /v1/receipts/verify`` (the kernel's report)."""
+
+    signature_valid: bool
+    signer_trusted: bool
+    receipt_id_valid: bool
+    parameter_hash_valid: bool
+    receipt_kind: str
+    boundary_class: str
+    trust_level: str
+    result: str
+    authorized: bool
+    signer_key_hex: str
+    ok: bool
+    valid: bool
+    reason: str | None = None
+    decision: str | None = None
+    signed_at: int | None = None
+    receipt_id: str
+
+
+class ChioHealth(_Body):
+    """Answer of ``GET /chio/health`` and ``GET /chio/live``."""
+
+    status: Literal["healthy", "degraded", "unhealthy"]
+    version: str
+    receipt_backend: str
+    revocation_backend: str
+
+
+class ChioError(_Body):
+    """Every error answer of a Chio kernel route."""
+
+    error: str
+    message: str
+
+
 # -- the operation table -----------------------------------------------------------------------
 
 
@@ -201,12 +418,19 @@ class Operation:
     method: Literal["GET", "POST"]
     path: str
     summary: str
-    request: type[_Body] | None = None
-    response: type[_Body] | None = None
+    request: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
     status: int = 200
     description: str = ""
     errors: tuple[int, ...] = ()
     auth: bool = True
+    chio: bool = False
+    """A Chio kernel route: errors are ``{error, message}`` and ``auth`` means the control
+    token (403 ``chio_control_forbidden``; loopback peers only when no token is set)."""
+    chio_requests: tuple[type[BaseModel], ...] = ()
+    """Further bodies a project route accepts for the Chio kernel's shape of the same route."""
+    chio_responses: tuple[tuple[int, type[BaseModel]], ...] = ()
+    """The answers to those bodies."""
 
     @property
     def path_params(self) -> tuple[str, ...]:
@@ -227,6 +451,8 @@ OPERATIONS: tuple[Operation, ...] = (
         status=201,
         description="minted",
         errors=(*_BODY_ERRORS, 404, 409),
+        chio_requests=(ChioCreateCapability, ChioMint),
+        chio_responses=((200, ChioCapability), (403, ChioError)),
     ),
     Operation(
         name="get_capability",
@@ -266,6 +492,8 @@ OPERATIONS: tuple[Operation, ...] = (
         response=Evaluation,
         description="signed receipt (ALLOW or DENY)",
         errors=_BODY_ERRORS,
+        chio_requests=(ChioEvaluate, ChioSdkEvaluate),
+        chio_responses=((200, ChioEvaluation), (403, ChioDenied)),
     ),
     Operation(
         name="keys",
@@ -286,6 +514,84 @@ OPERATIONS: tuple[Operation, ...] = (
         auth=False,
     ),
     Operation(
+        name="chio_health",
+        method="GET",
+        path="/chio/health",
+        summary="Readiness (Chio kernel shape); 503 when the store cannot be used",
+        response=ChioHealth,
+        description="healthy",
+        errors=(503,),
+        auth=False,
+        chio=True,
+    ),
+    Operation(
+        name="chio_live",
+        method="GET",
+        path="/chio/live",
+        summary="Liveness (Chio kernel shape)",
+        response=ChioHealth,
+        description="alive",
+        auth=False,
+        chio=True,
+    ),
+    Operation(
+        name="chio_mint",
+        method="POST",
+        path="/v1/capabilities/mint",
+        summary="Mint a Chio capability token from scope strings",
+        request=ChioMint,
+        response=ChioMinted,
+        description="minted",
+        errors=(400,),
+        chio=True,
+    ),
+    Operation(
+        name="chio_validate",
+        method="POST",
+        path="/v1/capabilities/validate",
+        summary="Validate a Chio capability token (issuer, signature, expiry, revocation)",
+        request=ChioValidate,
+        response=ChioValidation,
+        description="the verdict (an invalid token is a 200 with valid false)",
+        errors=(400,),
+        chio=True,
+    ),
+    Operation(
+        name="chio_release",
+        method="POST",
+        path="/v1/capabilities/release",
+        summary="Revoke a Chio capability (durable; attenuated children follow)",
+        request=ChioRelease,
+        response=ChioReleased,
+        description="released",
+        errors=(400,),
+        chio=True,
+    ),
+    Operation(
+        name="chio_attenuate",
+        method="POST",
+        path="/v1/capabilities/attenuate",
+        summary="Mint a child token with a strict subset of the parent's scope "
+        "(the kernel answers 403 here)",
+        request=ChioAttenuate,
+        response=ChioCapability,
+        description="the child token, with a signed delegation link",
+        errors=(400, 403, 404, 409),
+        chio=True,
+    ),
+    Operation(
+        name="chio_verify_receipt",
+        method="POST",
+        path="/v1/receipts/verify",
+        summary="Verify a Chio kernel receipt signed by this sidecar",
+        request=ChioVerifyReceipt,
+        response=ChioReceiptReport,
+        description="the report (an invalid receipt is a 200 with valid false)",
+        errors=(400,),
+        auth=False,
+        chio=True,
+    ),
+    Operation(
         name="openapi",
         method="GET",
         path="/openapi.json",
@@ -297,7 +603,7 @@ OPERATIONS: tuple[Operation, ...] = (
 """Every route of the sidecar API, in the order the document lists them."""
 
 
-def _ref(model: type[_Body]) -> dict[str, Any]:
+def _ref(model: type[BaseModel]) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
@@ -315,26 +621,41 @@ def _operation(op: Operation) -> dict[str, Any]:
             for p in op.path_params
         ]
     if op.request is not None:
-        out["requestBody"] = {"required": True, "content": _json(_ref(op.request))}
+        bodies = [op.request, *op.chio_requests]
+        schema = _ref(op.request) if len(bodies) == 1 else {"oneOf": [_ref(b) for b in bodies]}
+        out["requestBody"] = {"required": True, "content": _json(schema)}
     ok: dict[str, Any] = {"description": op.description or "ok"}
     if op.response is not None:
         ok["content"] = _json(_ref(op.response))
-    errors = sorted({*op.errors, *((401,) if op.auth else ())})
-    out["responses"] = {
+    error = ChioError if op.chio else Error
+    gate = (403 if op.chio else 401,) if op.auth else ()
+    errors = sorted({*op.errors, *gate})
+    responses: dict[str, Any] = {
         str(op.status): ok,
-        **{str(c): {"description": "error", "content": _json(_ref(Error))} for c in errors},
+        **{str(c): {"description": "error", "content": _json(_ref(error))} for c in errors},
     }
+    for code, model in op.chio_responses:
+        responses[str(code)] = {
+            "description": f"answer to the Chio kernel's body ({model.__name__})",
+            "content": _json(_ref(model)),
+        }
+    out["responses"] = responses
     return out
 
 
 @functools.cache
 def _document() -> dict[str, Any]:
-    models: list[tuple[type[_Body], JsonSchemaMode]] = [(Error, "serialization")]
+    models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+        (Error, "serialization"),
+        (ChioError, "serialization"),
+    ]
     for op in OPERATIONS:
         if op.request is not None:
             models.append((op.request, "validation"))
+        models.extend((m, "validation") for m in op.chio_requests)
         if op.response is not None:
             models.append((op.response, "serialization"))
+        models.extend((m, "serialization") for _, m in op.chio_responses)
     _, top = models_json_schema(
         list(dict.fromkeys(models)), ref_template="#/components/schemas/{model}"
     )
@@ -348,7 +669,10 @@ def _document() -> dict[str, Any]:
             "version": "1",
             "description": "Capabilities, attenuation, and Ed25519-signed allow/deny receipts "
             "for Temporal activity attempts. Errors are {error, reason} objects; "
-            "authenticated endpoints take 'Authorization: Bearer <token>' when configured.",
+            "authenticated endpoints take 'Authorization: Bearer <token>' when configured. "
+            "The Chio kernel's routes (chio-api-protect 0.1.2) are served too, with its "
+            "bodies, status codes and {error, message} errors; /v1/capabilities and "
+            "/v1/evaluate take either the project's body or the kernel's.",
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

@@ -10,6 +10,19 @@ Endpoints (JSON; OpenAPI 3.1 document at ``GET /openapi.json``, built from ``_ap
     GET  /v1/keys                          Ed25519 public keys by key id
     GET  /healthz                          liveness
 
+and the Chio kernel's routes (chio-api-protect 0.1.2 shapes, ``{"error", "message"}`` errors):
+
+    GET  /chio/health, /chio/live          readiness (503 when the store fails), liveness
+    POST /v1/capabilities/mint             mint a signed Chio token from scope strings
+    POST /v1/capabilities/validate         validate a token (200 with valid true/false)
+    POST /v1/capabilities/release          revoke a token (durable)
+    POST /v1/capabilities/attenuate        a narrower child token (the kernel refuses: 403)
+    POST /v1/receipts/verify               verify a kernel receipt signed by this sidecar
+
+``POST /v1/capabilities`` and ``POST /v1/evaluate`` take the project's body or the kernel's
+(``scope`` object / ``scopes`` list; ``capability`` token / ``capability_id`` + ``tool_name``)
+and answer in the shape of the body they got.
+
 Request bodies are validated with the document's pydantic models. Bad input never yields a
 500: malformed JSON is 400, a body that is not an object, a missing or mistyped field 422, a
 body over ``max_body_bytes`` 413, an unknown capability 404, a widening attenuation 409, a
@@ -21,6 +34,8 @@ written 503 (nothing is handed out that was not stored); every error is
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -34,11 +49,25 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from chio_receipts.schemas import ChioReceiptsError, receipt_to_json
+from chio_receipts.schemas import (
+    ChioReceiptsError,
+    parameter_hash,
+    receipt_to_json,
+    verify_kernel_receipt,
+)
+from chio_receipts.sidecar import _chio
 from chio_receipts.sidecar._api import (
     OPERATIONS,
     Attenuate,
     Capability,
+    ChioAttenuate,
+    ChioCreateCapability,
+    ChioEvaluate,
+    ChioHealth,
+    ChioMint,
+    ChioRelease,
+    ChioSdkEvaluate,
+    ChioValidate,
     CreateCapability,
     Error,
     Evaluation,
@@ -49,6 +78,7 @@ from chio_receipts.sidecar._api import (
     Revoked,
     openapi_document,
 )
+from chio_receipts.sidecar._chio import ChioRequestError
 from chio_receipts.sidecar._errors import (
     InvalidCapability,
     ScopeWidening,
@@ -56,7 +86,7 @@ from chio_receipts.sidecar._errors import (
     StoreError,
     UnknownCapability,
 )
-from chio_receipts.sidecar._local import LocalSidecar
+from chio_receipts.sidecar._local import ChioDecision, LocalSidecar
 
 __all__ = ["DEFAULT_MAX_BODY", "create_sidecar_app"]
 
@@ -133,11 +163,150 @@ def _validate(model: type[_Model], data: Mapping[str, Any]) -> _Model:
         ) from None
 
 
+def _chio_error(status: int, error: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": error, "message": message}, status_code=status)
+
+
+def _chio_body(model: type[_Model], data: Mapping[str, Any]) -> _Model:
+    """``data`` as ``model`` on a kernel route: any failure is 400 ``chio_bad_request``."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False, include_context=False)[0]
+        name = ".".join(str(part) for part in first["loc"])
+        raise ChioRequestError(
+            400, "chio_bad_request", f"invalid payload: field {name!r}: {first['msg']}"
+        ) from None
+
+
+def _ttl(ttl_seconds: int | None, ttl_nanos: int | None = None) -> int:
+    # The kernel's rule: ttl_seconds if non-zero, else ttl_nanos rounded up, else one hour.
+    if ttl_seconds:
+        return ttl_seconds
+    if ttl_nanos:
+        return -(-ttl_nanos // 1_000_000_000)
+    return 3600
+
+
+def _is_loopback(request: Request) -> bool:
+    host = request.client.host if request.client is not None else ""
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+
+
+def _decision_label(decision: object) -> str:
+    if isinstance(decision, Mapping) and isinstance(decision.get("verdict"), str):
+        return str(decision["verdict"])
+    return "none"
+
+
+def _hex64(value: object) -> bool:
+    return (
+        isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    )
+
+
+def _verify_report(
+    receipt: Mapping[str, Any], trusted: set[str], expected: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The kernel's ``/v1/receipts/verify`` report (``sidecar_verify_receipt_handler``)."""
+    found = verify_kernel_receipt(receipt)
+    if found.kernel_key is None:
+        raise ChioRequestError(
+            400, "chio_bad_request", f"invalid receipt verify payload: {found.reason}"
+        )
+    signer_trusted = found.kernel_key in trusted
+    semantic = (
+        receipt.get("receipt_kind") == "mediated_decision"
+        and receipt.get("boundary_class") == "prevent"
+        and receipt.get("observation_outcome") is None
+        and receipt.get("trust_level") == "mediated"
+    )
+    result = _decision_label(receipt.get("decision"))
+    ok = (
+        found.signature_valid
+        and signer_trusted
+        and found.receipt_id_valid
+        and found.parameter_hash_valid
+        and _hex64(receipt.get("content_hash"))
+        and _hex64(receipt.get("policy_hash"))
+        and semantic
+    )
+    reason: str | None = None
+    if not found.signature_valid:
+        reason = "receipt signature did not verify"
+    elif not signer_trusted:
+        reason = "receipt signer is not trusted"
+    elif (want := str(expected.get("expected_decision") or "").strip()) and want != result:
+        ok, reason = False, f"decision {result} does not match expected {want}"
+    elif (
+        want := str(expected.get("expected_capability_id") or "").strip()
+    ) and want != receipt.get("capability_id"):
+        ok, reason = False, "receipt capability_id does not match expected_capability_id"
+    elif not ok:
+        if not found.receipt_id_valid:
+            reason = "receipt id does not match body"
+        elif not found.parameter_hash_valid:
+            reason = "receipt action parameter_hash does not match parameters"
+        elif not semantic:
+            reason = "receipt semantics are not authoritative"
+    report: dict[str, Any] = {
+        "signature_valid": found.signature_valid,
+        "signer_trusted": signer_trusted,
+        "receipt_id_valid": found.receipt_id_valid,
+        "parameter_hash_valid": found.parameter_hash_valid,
+        "receipt_kind": receipt.get("receipt_kind"),
+        "boundary_class": receipt.get("boundary_class"),
+        "trust_level": receipt.get("trust_level"),
+        "result": result,
+        "authorized": ok and result == "allow",
+        "signer_key_hex": found.kernel_key,
+        "ok": ok,
+        "valid": ok,
+    }
+    if reason is not None:
+        report["reason"] = reason
+    report["decision"] = result
+    report["signed_at"] = receipt.get("timestamp")
+    report["receipt_id"] = receipt.get("id")
+    return report
+
+
 def _json(model: BaseModel, status: int) -> Response:
     return JSONResponse(model.model_dump(mode="json"), status_code=status)
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _parameter_hashes(parameters: object) -> set[str]:
+    """Hashes a client may send: the kernel's (RFC 8785) and chio-sdk-python's, which hashes
+    ``json.dumps(sort_keys=True, ensure_ascii=True)`` and differs on floats and non-ASCII."""
+    out = set()
+    with contextlib.suppress(ChioReceiptsError):
+        out.add(parameter_hash(parameters))
+    try:
+        sdk = json.dumps(parameters, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        out.add(hashlib.sha256(sdk.encode()).hexdigest())
+    except (TypeError, ValueError):
+        pass
+    return out
+
+
+def _sdk_answer(decision: ChioDecision) -> Response:
+    """chio-sdk-python's shape: the bare receipt on allow; on deny a 403 its client turns into
+    ``ChioDeniedError``, with the signed receipt kept in the body."""
+    if decision.allowed:
+        return JSONResponse(decision.receipt)
+    return JSONResponse(
+        {
+            "error": "chio_capability_revoked" if decision.revoked else "chio_denied",
+            "message": decision.reason,
+            "guard": decision.guard,
+            "reason": decision.reason,
+            "receipt": decision.receipt,
+        },
+        status_code=403,
+    )
 
 
 def create_sidecar_app(
@@ -152,24 +321,79 @@ def create_sidecar_app(
     # Serialized once: the document is static, and the same object the tests compare with.
     document = json.dumps(openapi_document()).encode()
 
+    def bearer_ok(request: Request) -> bool:
+        if expected is None:
+            return True
+        return hmac.compare_digest(request.headers.get("authorization", "").encode(), expected)
+
+    def control_ok(request: Request) -> bool:
+        # The kernel's control gate: the token when one is set, else loopback peers only.
+        return bearer_ok(request) if expected is not None else _is_loopback(request)
+
     def guarded(fn: Handler, *, auth: bool = True) -> Handler:
         async def endpoint(request: Request) -> Response:
-            if auth and expected is not None:
-                given = request.headers.get("authorization", "").encode()
-                if not hmac.compare_digest(given, expected):
-                    return _error(401, "unauthorized", "missing or wrong bearer token")
+            if auth and not bearer_ok(request):
+                return _error(401, "unauthorized", "missing or wrong bearer token")
             try:
                 return await fn(request)
             except _BadRequest as exc:
                 return _error(exc.status, exc.error, exc.reason)
+            except ChioRequestError as exc:
+                return _chio_error(exc.status, exc.error, exc.message)
             except ChioReceiptsError as exc:
                 code, error = _wire_error(exc)
                 return _error(code, error, str(exc))
 
         return endpoint
 
+    async def chio_call(make: Callable[[], Awaitable[Response]]) -> Response:
+        try:
+            return await make()
+        except _BadRequest as exc:
+            return _chio_error(400, "chio_bad_request", exc.reason)
+        except ChioRequestError as exc:
+            return _chio_error(exc.status, exc.error, exc.message)
+        except StoreError as exc:
+            return _chio_error(503, "chio_store_unavailable", str(exc))
+        except UnknownCapability as exc:
+            return _chio_error(404, "chio_capability_not_found", str(exc))
+        except ChioReceiptsError as exc:
+            return _chio_error(400, "chio_bad_request", str(exc))
+
+    def chio_route(fn: Handler, *, control: bool) -> Handler:
+        async def endpoint(request: Request) -> Response:
+            if control and not control_ok(request):
+                return forbidden()
+            return await chio_call(lambda: fn(request))
+
+        return endpoint
+
+    def forbidden() -> Response:
+        return _chio_error(
+            403, "chio_control_forbidden", "sidecar control request is not authorized"
+        )
+
+    async def read_any(request: Request) -> tuple[dict[str, Any] | None, _BadRequest | None]:
+        # The body of a route shared by the project's and the kernel's shapes, or why it could
+        # not be read (the project's handler then answers with its own error).
+        try:
+            return await _read_json(request, max_body_bytes), None
+        except _BadRequest as exc:
+            return None, exc
+
     async def create_capability(request: Request) -> Response:
-        body = _validate(CreateCapability, await _read_json(request, max_body_bytes))
+        authed = bearer_ok(request)
+        data, unreadable = await read_any(request)
+        if data is not None and ("scopes" in data or isinstance(data.get("scope"), dict)):
+            if not control_ok(request):
+                return forbidden()
+            kernel_body = data
+            return await chio_call(lambda: chio_create(kernel_body))
+        if not authed:
+            return _error(401, "unauthorized", "missing or wrong bearer token")
+        if data is None:
+            raise unreadable or _BadRequest(400, "bad_request", "bad request")
+        body = _validate(CreateCapability, data)
         cap = sidecar.mint(body.subject, body.scope, body.ttl_seconds, parent_id=body.parent_id)
         return _json(Capability.of(cap), status["create_capability"])
 
@@ -190,7 +414,22 @@ def create_sidecar_app(
         return _json(Revoked(revoked=cap_id), status["revoke"])
 
     async def evaluate(request: Request) -> Response:
-        body = _validate(EvaluationRequestBody, await _read_json(request, max_body_bytes))
+        data, unreadable = await read_any(request)
+        if data is not None and "capability" in data:
+            mediated = data
+            return await chio_call(lambda: chio_mediated(mediated))
+        if data is not None and "tool_name" in data and "tool" not in data:
+            # chio-sdk-python's body names the capability by id, so it is gated like the
+            # project's own evaluate: the token when one is set (403 in the kernel's shape).
+            if not bearer_ok(request):
+                return forbidden()
+            sdk_body = data
+            return await chio_call(lambda: chio_sdk_evaluate(sdk_body))
+        if not bearer_ok(request):
+            return _error(401, "unauthorized", "missing or wrong bearer token")
+        if data is None:
+            raise unreadable or _BadRequest(400, "bad_request", "bad request")
+        body = _validate(EvaluationRequestBody, data)
         signed = sidecar.evaluate_now(body.to_request())
         answer = Evaluation(
             receipt=receipt_to_json(signed.receipt),
@@ -212,6 +451,139 @@ def create_sidecar_app(
     async def openapi(request: Request) -> Response:
         return Response(document, media_type="application/json")
 
+    # -- the Chio kernel's routes ------------------------------------------------------------
+
+    def chio_health_body() -> tuple[int, ChioHealth]:
+        durable = sidecar.durable
+        try:
+            sidecar.store.ping()
+            state, code = "healthy", 200
+        except StoreError:
+            state, code = "unhealthy", 503
+        return code, ChioHealth(
+            status=state,  # type: ignore[arg-type]
+            version=_chio.KERNEL_VERSION,
+            receipt_backend="durable" if durable else "ephemeral",
+            revocation_backend="sqlite" if durable else "memory",
+        )
+
+    async def chio_health(request: Request) -> Response:
+        code, body = chio_health_body()
+        return _json(body, code)
+
+    async def chio_live(request: Request) -> Response:
+        body = ChioHealth(
+            status="healthy",
+            version=_chio.KERNEL_VERSION,
+            receipt_backend="",
+            revocation_backend="",
+        )
+        return _json(body, 200)
+
+    async def chio_create(data: Mapping[str, Any]) -> Response:
+        if isinstance(data.get("scope"), dict):
+            sdk = _chio_body(ChioCreateCapability, data)
+            scope = _chio.normalize_scope(data["scope"])
+            token = sidecar.chio_mint(sdk.subject, scope, _ttl(sdk.ttl_seconds), sdk.job_uid)
+            # chio-sdk-python parses the answer with its own model, which only knows
+            # PascalCase operations: it gets the same token in its spelling (see README).
+            return JSONResponse(_chio.sdk_spelling(token))
+        body = _chio_body(ChioMint, data)
+        scope = _chio.parse_scope_strings(body.scopes)
+        token = sidecar.chio_mint(
+            body.subject, scope, _ttl(body.ttl_seconds, body.ttl_nanos), body.job_uid
+        )
+        return JSONResponse(token)
+
+    async def chio_mint(request: Request) -> Response:
+        body = _chio_body(ChioMint, await _read_json(request, max_body_bytes))
+        scope = _chio.parse_scope_strings(body.scopes)
+        token = sidecar.chio_mint(
+            body.subject, scope, _ttl(body.ttl_seconds, body.ttl_nanos), body.job_uid
+        )
+        return JSONResponse({"capability": token})
+
+    async def chio_validate(request: Request) -> Response:
+        data = await _read_json(request, max_body_bytes)
+        body = _chio_body(ChioValidate, data)
+        token = {k: v for k, v in data.items() if k not in ("expected_subject", "expected_scope")}
+        valid, reason = sidecar.chio_validate(
+            token, expected_subject=body.expected_subject, expected_scope=body.expected_scope
+        )
+        answer: dict[str, Any] = {"valid": valid}
+        if reason is not None:
+            answer["reason"] = reason
+        answer["expires_at"] = body.expires_at
+        answer["capability_id"] = body.id
+        return JSONResponse(answer)
+
+    async def chio_release(request: Request) -> Response:
+        body = _chio_body(ChioRelease, await _read_json(request, max_body_bytes))
+        sidecar.chio_release(body.capability_id)
+        return JSONResponse({"released": True})
+
+    async def chio_attenuate(request: Request) -> Response:
+        data = await _read_json(request, max_body_bytes)
+        _chio_body(ChioAttenuate, data)
+        child = sidecar.chio_attenuate(data["parent_token"], data["new_scope"])
+        # Answered in the spelling of the parent as sent (chio-sdk-python sends its own).
+        sent = data["parent_token"].get("scope", {})
+        sdk = any(
+            op in ("Invoke", "ReadResult", "Read", "Subscribe", "Get", "Delegate")
+            for grant in sent.get("grants", [])
+            if isinstance(sent, dict)
+            for op in (grant.get("operations") or [] if isinstance(grant, dict) else [])
+        )
+        return JSONResponse(_chio.sdk_spelling(child) if sdk else child)
+
+    async def chio_verify_receipt(request: Request) -> Response:
+        data = await _read_json(request, max_body_bytes)
+        return JSONResponse(_verify_report(data, sidecar.trusted_keys(), data))
+
+    async def chio_mediated(data: Mapping[str, Any]) -> Response:
+        body = _chio_body(ChioEvaluate, data)
+        decision = sidecar.chio_evaluate(
+            token=data["capability"],
+            tool_server=body.tool_server,
+            tool_name=body.tool_name,
+            parameters=data.get("parameters", {}),
+            request_id=body.request_id,
+        )
+        if decision.revoked:
+            # The kernel's 403 for a revoked capability; the signed deny receipt rides along.
+            return JSONResponse(
+                {
+                    "error": "chio_capability_revoked",
+                    "message": decision.reason,
+                    "receipt": decision.receipt,
+                },
+                status_code=403,
+            )
+        return JSONResponse(
+            {
+                "status": "authorized" if decision.allowed else "deny",
+                "receipt": decision.receipt,
+                "execution_nonce": decision.execution_nonce,
+            }
+        )
+
+    async def chio_sdk_evaluate(data: Mapping[str, Any]) -> Response:
+        body = _chio_body(ChioSdkEvaluate, data)
+        parameters = data.get("parameters", {})
+        if body.parameter_hash is not None and body.parameter_hash not in _parameter_hashes(
+            parameters
+        ):
+            raise ChioRequestError(
+                400, "chio_bad_request", "parameter_hash does not match parameters"
+            )
+        decision = sidecar.chio_evaluate(
+            capability_id=body.capability_id,
+            tool_server=body.tool_server,
+            tool_name=body.tool_name,
+            parameters=parameters,
+        )
+        return _sdk_answer(decision)
+
     handlers: dict[str, Handler] = {
         "create_capability": create_capability,
         "get_capability": get_capability,
@@ -221,7 +593,21 @@ def create_sidecar_app(
         "keys": keys,
         "healthz": healthz,
         "openapi": openapi,
+        "chio_health": chio_health,
+        "chio_live": chio_live,
+        "chio_mint": chio_mint,
+        "chio_validate": chio_validate,
+        "chio_release": chio_release,
+        "chio_attenuate": chio_attenuate,
+        "chio_verify_receipt": chio_verify_receipt,
     }
+    shared = {"create_capability", "evaluate"}
+
+    def endpoint_for(op: Any) -> Handler:
+        if op.chio:
+            return chio_route(handlers[op.name], control=op.auth)
+        # The shared routes authenticate after reading the body: its shape says which gate.
+        return guarded(handlers[op.name], auth=op.auth and op.name not in shared)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, HTTPException):
@@ -234,8 +620,7 @@ def create_sidecar_app(
         return _error(500, "internal", "internal error")
 
     routes = [
-        Route(op.path, guarded(handlers[op.name], auth=op.auth), methods=[op.method], name=op.name)
-        for op in OPERATIONS
+        Route(op.path, endpoint_for(op), methods=[op.method], name=op.name) for op in OPERATIONS
     ]
     return Starlette(
         routes=routes,

@@ -10,14 +10,18 @@ bounded: expired capabilities are dropped after a grace period.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 from chio_receipts.schemas import (
     CapabilityToken,
+    ChioWireError,
     EvaluationRequest,
     KeyPair,
     ProtocolError,
@@ -27,14 +31,38 @@ from chio_receipts.schemas import (
     is_subset,
     normalize_scope,
     now_us,
+    parameter_hash,
+    sign_capability_token,
+    sign_delegation_link,
+    sign_kernel_receipt,
     sign_receipt,
     uuid7,
+    verify_capability_token,
 )
+from chio_receipts.sidecar import _chio
+from chio_receipts.sidecar._chio import ChioRequestError
 from chio_receipts.sidecar._datadir import key_id_for
 from chio_receipts.sidecar._errors import InvalidCapability, ScopeWidening, UnknownCapability
-from chio_receipts.sidecar._store import SidecarStore
+from chio_receipts.sidecar._store import ChioTokenRow, SidecarStore
 
-__all__ = ["LocalSidecar"]
+__all__ = ["ChioDecision", "LocalSidecar"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChioDecision:
+    """A decision on a Chio kernel route: the signed kernel-format receipt and what it says."""
+
+    allowed: bool
+    receipt: dict[str, Any]
+    reason: str
+    guard: str
+    execution_nonce: dict[str, Any] | None = None
+
+    @property
+    def revoked(self) -> bool:
+        """True when the capability or one of its ancestors was revoked."""
+        return self.guard == "revocation"
+
 
 _MAX_TTL_SECONDS = 366 * 24 * 3600
 
@@ -67,6 +95,11 @@ class LocalSidecar:
         self._store = store if store is not None else SidecarStore.memory()
         self._retired = dict(retired_keys or {})
         self._caps: dict[str, CapabilityToken] = {c.id: c for c in self._store.capabilities()}
+        # Kernel-format tokens, raw as signed; the row keeps the requested subject and job uid.
+        self._chio_rows: dict[str, ChioTokenRow] = self._store.chio_tokens()
+        self._chio: dict[str, dict[str, Any]] = {
+            cap_id: json.loads(row.token) for cap_id, row in self._chio_rows.items()
+        }
         self._revoked: set[str] = self._store.revocations()
         self._max = max_capabilities
         self._grace_us = int(expired_grace_seconds * 1_000_000)
@@ -101,8 +134,15 @@ class LocalSidecar:
         ttl_seconds: float,
         *,
         parent_id: str | None = None,
+        chio_subject: tuple[str, str] | None = None,
+        chio_scope: Mapping[str, Any] | None = None,
     ) -> CapabilityToken:
-        """Synchronous :meth:`create_capability` (pure, no I/O)."""
+        """Synchronous :meth:`create_capability` (pure, no I/O).
+
+        With ``chio_scope`` (a kernel ``ChioScope`` in normal form) and ``chio_subject``
+        (requested subject, job uid) the capability also gets a signed kernel-format token,
+        stored with it (see :meth:`chio_token`).
+        """
         if not isinstance(subject, str) or not subject:
             raise InvalidCapability("a capability needs a non-empty subject")
         try:
@@ -145,9 +185,57 @@ class LocalSidecar:
             chain=chain,
             issuer_key_id=self._key.key_id,
         )
-        self._store.put_capability(token)
+        row = None
+        signed = None
+        if chio_scope is not None and chio_subject is not None:
+            signed = self._sign_chio_token(token, chio_scope, chio_subject)
+            row = ChioTokenRow(
+                token=json.dumps(signed, separators=(",", ":"), ensure_ascii=False),
+                requested_subject=chio_subject[0],
+                job_uid=chio_subject[1],
+            )
+        self._store.put_capability(token, chio_token=row)
         self._caps[token.id] = token
+        if signed is not None and row is not None:
+            self._chio[token.id] = signed
+            self._chio_rows[token.id] = row
         return token
+
+    def _sign_chio_token(
+        self,
+        token: CapabilityToken,
+        scope: Mapping[str, Any],
+        subject: tuple[str, str],
+    ) -> dict[str, Any]:
+        holder = _chio.derive_subject_key(*subject)
+        holder_hex = bytes(holder.verify_key).hex()
+        body: dict[str, Any] = {
+            "id": token.id,
+            "subject": holder_hex,
+            "scope": dict(scope),
+            "issued_at": token.issued_at // 1_000_000,
+            "expires_at": token.expires_at // 1_000_000,
+        }
+        if token.parent_id is not None:
+            parent = self._chio.get(token.parent_id)
+            if parent is None:
+                raise InvalidCapability(f"capability {token.parent_id} has no Chio token")
+            # The holder delegates to itself with a narrower scope: the link is signed by the
+            # subject key the kernel derives, so the chain verifies like a kernel delegation.
+            link = sign_delegation_link(
+                {
+                    "capability_id": parent["id"],
+                    "delegatee": holder_hex,
+                    "timestamp": body["issued_at"],
+                    "attenuations": _chio.attenuations(parent["scope"], scope),
+                },
+                holder,
+            )
+            body["delegation_chain"] = [*parent.get("delegation_chain", []), link]
+        try:
+            return sign_capability_token(body, self._key)
+        except ChioWireError as exc:
+            raise ChioRequestError(400, "chio_bad_request", f"invalid scope: {exc}") from exc
 
     def _make_room(self, now: int) -> None:
         if len(self._caps) < self._max:
@@ -159,6 +247,8 @@ class LocalSidecar:
         for cap_id in dropped:
             del self._caps[cap_id]
             self._revoked.discard(cap_id)
+            self._chio.pop(cap_id, None)
+            self._chio_rows.pop(cap_id, None)
         if len(self._caps) >= self._max:
             raise InvalidCapability(
                 f"the sidecar holds {self._max} live capabilities; raise max_capabilities"
@@ -230,28 +320,38 @@ class LocalSidecar:
         self, request: EvaluationRequest, at_us: int
     ) -> tuple[Verdict, str, CapabilityToken | None]:
         """The policy decision alone (pure): verdict, reason, and the capability if known."""
+        verdict, reason, token, _ = self._decide(request, at_us)
+        return verdict, reason, token
+
+    def _decide(
+        self, request: EvaluationRequest, at_us: int
+    ) -> tuple[Verdict, str, CapabilityToken | None, str]:
+        # The fourth value names the check that denied (the "guard" of a kernel receipt).
         token = self._caps.get(request.capability_id) if request.capability_id else None
         if request.deny_reason is not None:
-            return Verdict.DENY, request.deny_reason, token
+            return Verdict.DENY, request.deny_reason, token, "caller"
         if not request.capability_id:
-            return Verdict.DENY, "no capability presented", None
+            return Verdict.DENY, "no capability presented", None, "capability"
         if token is None:
-            return Verdict.DENY, f"unknown capability {request.capability_id}", None
+            return Verdict.DENY, f"unknown capability {request.capability_id}", None, "capability"
         if self._revoked_in_chain(token):
-            return Verdict.DENY, f"capability {token.id} is revoked", token
+            return Verdict.DENY, f"capability {token.id} is revoked", token, "revocation"
         if token.expired(at_us):
-            return Verdict.DENY, f"capability {token.id} expired", token
+            return Verdict.DENY, f"capability {token.id} expired", token, "expiry"
         for ancestor_id in token.chain:
             ancestor = self._caps.get(ancestor_id)
             if ancestor is None or ancestor.expired(at_us):
-                return Verdict.DENY, f"parent capability {ancestor_id} expired or unknown", token
+                reason = f"parent capability {ancestor_id} expired or unknown"
+                return Verdict.DENY, reason, token, "expiry"
         if not token.allows(request.tool):
             return (
                 Verdict.DENY,
                 f"tool {request.tool!r} is not in the scope of capability {token.id}",
                 token,
+                "scope",
             )
-        return Verdict.ALLOW, f"tool {request.tool!r} allowed by capability {token.id}", token
+        reason = f"tool {request.tool!r} allowed by capability {token.id}"
+        return Verdict.ALLOW, reason, token, ""
 
     def evaluate_now(self, request: EvaluationRequest) -> SignedReceipt:
         """Synchronous :meth:`evaluate`: decide, build the receipt, sign it."""
@@ -297,6 +397,212 @@ class LocalSidecar:
     async def evaluate(self, request: EvaluationRequest) -> SignedReceipt:
         """Decide one attempt and sign the receipt (no I/O)."""
         return self.evaluate_now(request)
+
+    # -- the Chio kernel's routes -------------------------------------------------------------
+
+    @property
+    def durable(self) -> bool:
+        """True when receipts and revocations are kept in a store file (not in memory)."""
+        return self._log_receipts and self._store.path != ":memory:"
+
+    def trusted_keys(self) -> set[str]:
+        """Hex public keys whose tokens and receipts this sidecar trusts: its own, all of them."""
+        keys = {**self._retired, **self._store.public_keys()}
+        return {k.hex() for k in keys.values()} | {self._key.public_key.hex()}
+
+    def chio_mint(
+        self, subject: str, scope: Mapping[str, Any], ttl_seconds: int, job_uid: str = ""
+    ) -> dict[str, Any]:
+        """Mint a capability with a signed kernel-format token (``scope`` normalised)."""
+        tools = _chio.tool_names(scope)
+        if not tools:
+            # The kernel silently mints an empty-scope token here; a token that allows nothing
+            # is a caller's mistake (an unparsed scope), so it is refused.
+            raise ChioRequestError(
+                400, "chio_bad_request", "the requested scope grants no tool to invoke"
+            )
+        cap = self.mint(
+            subject, tools, ttl_seconds, chio_subject=(subject, job_uid), chio_scope=scope
+        )
+        return self._chio[cap.id]
+
+    def chio_token(self, capability_id: str) -> dict[str, Any] | None:
+        """The signed kernel-format token of a capability, as signed (None if it has none)."""
+        return self._chio.get(capability_id)
+
+    def chio_release(self, capability_id: str) -> None:
+        """Revoke a capability by id (durable); its attenuated children follow."""
+        self._store.revoke(capability_id)
+        self._revoked.add(capability_id)
+
+    def _chio_revoked(self, token: Mapping[str, Any]) -> bool:
+        ids = [token.get("id")] + [
+            link.get("capability_id")
+            for link in token.get("delegation_chain") or []
+            if isinstance(link, Mapping)
+        ]
+        return any(i in self._revoked for i in ids if isinstance(i, str))
+
+    def chio_validate(
+        self,
+        token: Mapping[str, Any],
+        *,
+        expected_subject: str | None = None,
+        expected_scope: Mapping[str, Any] | None = None,
+    ) -> tuple[bool, str | None]:
+        """The kernel's validate checks, in its order: revocation, issuer, signature, expiry,
+        revoked ancestors, then the expected subject and scope."""
+        token = _chio.kernel_spelling(token)
+        if self._chio_revoked({"id": token.get("id")}):
+            return False, "capability has been revoked"
+        if str(token.get("issuer", "")).lower() not in self.trusted_keys():
+            return False, "capability issuer is not trusted"
+        if not verify_capability_token(token).signature_valid:
+            return False, "capability signature did not verify"
+        expires_at = token.get("expires_at")
+        if not isinstance(expires_at, int) or expires_at <= int(time.time()):
+            return False, "capability has expired"
+        if self._chio_revoked(token):
+            return False, "a delegated capability in the chain has been revoked"
+        if expected_subject and expected_subject.strip() != token.get("subject"):
+            return False, "capability subject does not match expected_subject"
+        if expected_scope is not None:
+            scope = _chio.normalize_scope(token.get("scope"))
+            if not _chio.scope_is_subset(_chio.normalize_scope(expected_scope), scope):
+                return False, "expected_scope is not a subset of capability scope"
+        return True, None
+
+    def chio_attenuate(
+        self, parent_token: Mapping[str, Any], new_scope: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Mint a child of a token this sidecar issued, with a strictly narrower scope.
+
+        The parent must verify, be one of this sidecar's tokens and be live; the child keeps its
+        subject and expiry bound and carries a delegation link signed by the subject key.
+        """
+        parent = _chio.kernel_spelling(parent_token)
+        cap_id = str(parent.get("id", ""))
+        stored = self._chio.get(cap_id)
+        if stored is None or stored.get("signature") != parent.get("signature"):
+            raise ChioRequestError(
+                404, "chio_capability_not_found", "the parent token was not issued here"
+            )
+        valid, reason = self.chio_validate(stored)
+        if not valid:
+            raise ChioRequestError(403, "chio_capability_invalid", f"parent token: {reason}")
+        child = _chio.normalize_scope(new_scope)
+        if not _chio.scope_is_subset(child, stored["scope"]) or child == stored["scope"]:
+            raise ChioRequestError(
+                409,
+                "chio_scope_not_narrower",
+                "new_scope must be a strict subset of the parent token's scope",
+            )
+        row = self._chio_rows[cap_id]
+        tools = _chio.tool_names(child)
+        if not tools:
+            raise ChioRequestError(400, "chio_bad_request", "new_scope grants no tool to invoke")
+        remaining = max((self._get(cap_id).expires_at - now_us()) / 1_000_000, 1e-6)
+        cap = self.mint(
+            row.requested_subject,
+            tools,
+            remaining,
+            parent_id=cap_id,
+            chio_subject=(row.requested_subject, row.job_uid),
+            chio_scope=child,
+        )
+        return self._chio[cap.id]
+
+    def chio_evaluate(
+        self,
+        *,
+        tool_server: str,
+        tool_name: str,
+        parameters: object,
+        request_id: str | None = None,
+        token: Mapping[str, Any] | None = None,
+        capability_id: str | None = None,
+    ) -> ChioDecision:
+        """Decide a tool call on a kernel route and sign a kernel-format receipt.
+
+        ``token`` (the kernel's mediated body) is the presented capability, checked against
+        the one this sidecar issued; ``capability_id`` (chio-sdk-python's body) names a stored
+        one. Allow and deny receipts are signed and appended to the receipt log.
+        """
+        try:
+            param_hash = parameter_hash(parameters)
+        except ChioWireError as exc:
+            raise ChioRequestError(400, "chio_bad_request", f"invalid parameters: {exc}") from exc
+        at_us = now_us()
+        request_id = request_id or uuid7()
+        kernel: Mapping[str, Any] | None = None
+        refusal: tuple[str, str] | None = None
+        if token is not None:
+            presented = _chio.kernel_spelling(token)
+            cap_id = str(presented.get("id", ""))
+            stored = self._chio.get(cap_id)
+            if str(presented.get("issuer", "")).lower() not in self.trusted_keys():
+                refusal = ("capability issuer is not trusted", "capability")
+            elif not verify_capability_token(presented).valid:
+                refusal = ("capability signature did not verify", "capability")
+            elif stored is None or stored.get("signature") != presented.get("signature"):
+                refusal = (f"unknown capability {cap_id}", "capability")
+            kernel = stored if refusal is None else None
+        else:
+            cap_id = capability_id or ""
+            kernel = self._chio.get(cap_id)
+        grant_index: int | None = None
+        if refusal is not None:
+            allowed, (reason, guard) = False, refusal
+        else:
+            request = EvaluationRequest(
+                capability_id=cap_id, tool_server=tool_server, tool=tool_name
+            )
+            verdict, reason, _, guard = self._decide(request, at_us)
+            allowed = verdict is Verdict.ALLOW
+            if allowed and kernel is not None:
+                grant_index = _chio.grant_for(kernel["scope"], tool_server, tool_name)
+                if grant_index is None:
+                    allowed, guard = False, "scope"
+                    reason = (
+                        f"tool {tool_name!r} on server {tool_server!r} is not in the scope of "
+                        f"capability {cap_id}"
+                    )
+        body = _chio.receipt_body(
+            timestamp=at_us // 1_000_000,
+            token=kernel,
+            capability_id=cap_id,
+            tool_server=tool_server,
+            tool_name=tool_name,
+            parameters=parameters,
+            request_id=request_id,
+            allowed=allowed,
+            reason=reason,
+            guard=guard,
+            grant_index=grant_index,
+        )
+        receipt = sign_kernel_receipt(body, self._key)
+        if self._log_receipts:
+            text = json.dumps(receipt, separators=(",", ":"), ensure_ascii=False)
+            self._store.log_receipt(receipt["id"], self._key.key_id, text.encode(), fmt="chio")
+        nonce = None
+        if allowed:
+            nonce = _chio.execution_nonce(
+                self._key,
+                now=at_us // 1_000_000,
+                subject_id=str(kernel["subject"]) if kernel is not None else "",
+                request_id=request_id,
+                capability_id=cap_id,
+                tool_server=tool_server,
+                tool_name=tool_name,
+                parameter_hash=param_hash,
+            )
+        return ChioDecision(
+            allowed=allowed,
+            receipt=receipt,
+            reason="" if allowed else reason,
+            guard=guard,
+            execution_nonce=nonce,
+        )
 
 
 def _fresh_key() -> KeyPair:

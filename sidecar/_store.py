@@ -7,6 +7,11 @@ change what the sidecar will allow (a capability, a revocation, a key) are commi
 process (only a power loss can take the last appends). ``SidecarStore.memory()`` is the same
 code on SQLite's ``:memory:`` for tests and benchmarks that need no durability.
 
+Capabilities minted on the Chio kernel's routes also keep their signed token, raw, in
+``chio_tokens`` (written in the same transaction as the capability row). The receipt log holds
+two formats: the project's signed Avro step bodies (``format = 'step'``) and the Chio kernel's
+signed JSON receipts (``format = 'chio'``, the JSON text as returned).
+
 The receipt log is a hash chain: each row keeps the SHA-256 of the signed body it logs
 (``content_hash``) and the ``content_hash`` of the row before it (``prev_hash``); a deleted,
 inserted or reordered row breaks the chain, a changed body its hash and its signature.
@@ -24,14 +29,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
-from chio_receipts.schemas import CapabilityToken, now_us, verify_body
+from chio_receipts.schemas import CapabilityToken, now_us, verify_body, verify_kernel_receipt
 from chio_receipts.sidecar._errors import StoreError
 
-__all__ = ["LogReport", "SidecarStore", "StoredKey"]
+__all__ = ["ChioTokenRow", "LogFormat", "LogReport", "SidecarStore", "StoredKey"]
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 GENESIS = b"\x00" * 32
 """``prev_hash`` of the first row of the receipt log."""
 
@@ -67,9 +72,46 @@ CREATE TABLE IF NOT EXISTS receipt_log (
     logged_at    INTEGER NOT NULL,
     body         BLOB NOT NULL,             -- the signed wire body, as returned
     content_hash BLOB NOT NULL,             -- SHA-256 of body
-    prev_hash    BLOB NOT NULL              -- content_hash of the row before (GENESIS first)
+    prev_hash    BLOB NOT NULL,             -- content_hash of the row before (GENESIS first)
+    format       TEXT NOT NULL DEFAULT 'step'  -- 'step' (Avro body) or 'chio' (kernel JSON)
+);
+CREATE TABLE IF NOT EXISTS chio_tokens (
+    capability_id     TEXT PRIMARY KEY,
+    token             TEXT NOT NULL,        -- the signed kernel-format token, raw JSON
+    requested_subject TEXT NOT NULL,
+    job_uid           TEXT NOT NULL
 );
 """
+
+# Schema 1 had no kernel tokens and only step receipts in the log.
+_MIGRATE_FROM_1 = """
+ALTER TABLE receipt_log ADD COLUMN format TEXT NOT NULL DEFAULT 'step';
+"""
+
+
+LogFormat = Literal["step", "chio"]
+"""How a receipt-log row's body is encoded and signed."""
+
+
+def _signed_by(fmt: str, body: bytes, public_key: bytes) -> bool:
+    if fmt == "chio":
+        try:
+            receipt = json.loads(body)
+        except ValueError:
+            return False
+        return isinstance(receipt, dict) and bool(
+            verify_kernel_receipt(receipt, trusted_keys={public_key.hex()})
+        )
+    return verify_body(body, public_key)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChioTokenRow:
+    """A signed kernel-format token as stored: its raw JSON text and what it was minted for."""
+
+    token: str
+    requested_subject: str
+    job_uid: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,6 +155,12 @@ class SidecarStore:
             conn.execute("PRAGMA busy_timeout=10000")
             conn.executescript(_SCHEMA)
             found = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+            if found is not None and int(found[0]) == 1:
+                columns = {r[1] for r in conn.execute("PRAGMA table_info(receipt_log)")}
+                if "format" not in columns:
+                    conn.executescript(_MIGRATE_FROM_1)
+                conn.execute("UPDATE meta SET value = ? WHERE name = 'schema'", ("2",))
+                found = ("2",)
             if found is None:
                 conn.execute(
                     "INSERT INTO meta (name, value) VALUES ('schema', ?)", (str(_SCHEMA_VERSION),)
@@ -186,9 +234,17 @@ class SidecarStore:
 
     # -- capabilities and revocations --------------------------------------------------------
 
-    def put_capability(self, token: CapabilityToken) -> None:
-        """Store a minted capability (committed before the caller hands it out)."""
+    def put_capability(
+        self, token: CapabilityToken, *, chio_token: ChioTokenRow | None = None
+    ) -> None:
+        """Store a minted capability (committed before the caller hands it out), with its
+        signed kernel-format token when it was minted on a kernel route."""
         with self._tx() as conn:
+            if chio_token is not None:
+                conn.execute(
+                    "INSERT INTO chio_tokens VALUES (?, ?, ?, ?)",
+                    (token.id, chio_token.token, chio_token.requested_subject, chio_token.job_uid),
+                )
             conn.execute(
                 "INSERT INTO capabilities VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -222,6 +278,19 @@ class SidecarStore:
             )
         ]
 
+    def chio_tokens(self) -> dict[str, ChioTokenRow]:
+        """Signed kernel-format tokens by capability id."""
+        return {
+            str(r[0]): ChioTokenRow(token=str(r[1]), requested_subject=str(r[2]), job_uid=str(r[3]))
+            for r in self._read(
+                "SELECT capability_id, token, requested_subject, job_uid FROM chio_tokens"
+            )
+        }
+
+    def ping(self) -> None:
+        """A trivial read: raises :class:`StoreError` when the store cannot be used."""
+        self._read("SELECT 1")
+
     def revoke(self, capability_id: str) -> None:
         """Record a revocation (idempotent)."""
         with self._tx() as conn:
@@ -238,6 +307,7 @@ class SidecarStore:
         with self._tx() as conn:
             conn.executemany("DELETE FROM capabilities WHERE id = ?", [(i,) for i in ids])
             conn.executemany("DELETE FROM revocations WHERE capability_id = ?", [(i,) for i in ids])
+            conn.executemany("DELETE FROM chio_tokens WHERE capability_id = ?", [(i,) for i in ids])
 
     # -- keys --------------------------------------------------------------------------------
 
@@ -285,8 +355,13 @@ class SidecarStore:
 
     # -- the receipt log ---------------------------------------------------------------------
 
-    def log_receipt(self, receipt_id: str, key_id: str, body: bytes) -> bytes:
-        """Append a signed receipt to the log; returns its ``content_hash``."""
+    def log_receipt(
+        self, receipt_id: str, key_id: str, body: bytes, *, fmt: LogFormat = "step"
+    ) -> bytes:
+        """Append a signed receipt to the log; returns its ``content_hash``.
+
+        ``fmt`` is ``"step"`` for a signed Avro step body, ``"chio"`` for a kernel-format
+        receipt's JSON text."""
         content = hashlib.sha256(body).digest()
         with self._tx(durable=False) as conn:
             last = conn.execute(
@@ -294,8 +369,16 @@ class SidecarStore:
             ).fetchone()
             conn.execute(
                 "INSERT INTO receipt_log (receipt_id, key_id, logged_at, body, content_hash, "
-                "prev_hash) VALUES (?, ?, ?, ?, ?, ?)",
-                (receipt_id, key_id, now_us(), body, content, GENESIS if last is None else last[0]),
+                "prev_hash, format) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    receipt_id,
+                    key_id,
+                    now_us(),
+                    body,
+                    content,
+                    GENESIS if last is None else last[0],
+                    fmt,
+                ),
             )
         return content
 
@@ -314,10 +397,10 @@ class SidecarStore:
             if self._conn is None:
                 raise StoreError("the sidecar store is closed")
             rows = self._conn.execute(
-                "SELECT seq, receipt_id, key_id, body, content_hash, prev_hash "
+                "SELECT seq, receipt_id, key_id, body, content_hash, prev_hash, format "
                 "FROM receipt_log ORDER BY seq"
             )
-            for seq, receipt_id, key_id, body, content_hash, prev_hash in rows:
+            for seq, receipt_id, key_id, body, content_hash, prev_hash, fmt in rows:
                 report.rows += 1
                 label = f"row {seq} (receipt {receipt_id})"
                 if seq != last_seq + 1:
@@ -330,7 +413,7 @@ class SidecarStore:
                 public_key = keys.get(key_id)
                 if public_key is None:
                     report.problems.append(f"{label}: unknown signing key {key_id!r}")
-                elif not verify_body(body, public_key):
+                elif not _signed_by(fmt, bytes(body), public_key):
                     report.problems.append(f"{label}: signature invalid")
                 prev = bytes(content_hash)
         return report

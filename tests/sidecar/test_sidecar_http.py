@@ -173,8 +173,18 @@ def test_every_route_is_documented_and_every_documented_operation_is_served() ->
     documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
     served = _served_operations(LocalSidecar())
     assert served == documented
-    assert len(served) == len(OPERATIONS) == 8
+    assert len(served) == len(OPERATIONS) == 15
     assert ("/v1/capabilities/{cap_id}/revoke", "post") in served
+    # The Chio kernel's routes (chio-api-protect 0.1.2) are in the same table.
+    assert {
+        ("/chio/health", "get"),
+        ("/chio/live", "get"),
+        ("/v1/capabilities/mint", "post"),
+        ("/v1/capabilities/validate", "post"),
+        ("/v1/capabilities/release", "post"),
+        ("/v1/capabilities/attenuate", "post"),
+        ("/v1/receipts/verify", "post"),
+    } <= served
 
 
 def _refs(node: Any) -> Iterator[str]:
@@ -194,13 +204,28 @@ def test_document_schemas_come_from_the_models_that_validate_requests() -> None:
     doc = openapi_document()
     schemas = doc["components"]["schemas"]
     create = doc["paths"]["/v1/capabilities"]["post"]
-    ref = create["requestBody"]["content"]["application/json"]["schema"]["$ref"]
-    assert ref == "#/components/schemas/CreateCapability"
+    # The project's body first, then the Chio kernel's two shapes of the same route.
+    bodies = create["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    assert [b["$ref"] for b in bodies] == [
+        "#/components/schemas/CreateCapability",
+        "#/components/schemas/ChioCreateCapability",
+        "#/components/schemas/ChioMint",
+    ]
     assert schemas["CreateCapability"] == CreateCapability.model_json_schema(
         ref_template="#/components/schemas/{model}"
     )
     assert schemas["CreateCapability"]["required"] == ["subject", "scope", "ttl_seconds"]
-    assert set(create["responses"]) == {"201", "400", "401", "404", "409", "413", "422"}
+    assert set(create["responses"]) == {
+        "200",
+        "201",
+        "400",
+        "401",
+        "403",
+        "404",
+        "409",
+        "413",
+        "422",
+    }
     assert set(schemas) >= {"Error", "Capability", "EvaluationRequestBody", "Evaluation", "Keys"}
     # Every $ref points at a schema the document holds.
     refs = set(_refs(doc))
@@ -210,7 +235,14 @@ def test_document_schemas_come_from_the_models_that_validate_requests() -> None:
         assert ref.removeprefix("#/components/schemas/") in schemas, ref
     # The unauthenticated routes say so; the others inherit the bearer requirement.
     open_routes = {p for p, ops in doc["paths"].items() for op in ops.values() if "security" in op}
-    assert open_routes == {"/v1/keys", "/healthz", "/openapi.json"}
+    assert open_routes == {
+        "/v1/keys",
+        "/healthz",
+        "/openapi.json",
+        "/chio/health",
+        "/chio/live",
+        "/v1/receipts/verify",
+    }
 
 
 @pytest.mark.unit
