@@ -7,7 +7,14 @@ Every other package depends on this one; it depends on none of them.
 
 from __future__ import annotations
 
-from chio_receipts.schemas._avro import SCHEMA_FILES, encode_body, parsed_schema, raw_schema
+from chio_receipts.schemas._avro import (
+    SCHEMA_FILES,
+    encode_body,
+    parsed_schema,
+    parsing_canonical_form,
+    raw_schema,
+    standalone_schema,
+)
 from chio_receipts.schemas._chio_wire import (
     CAPABILITY_SCHEMA,
     RECEIPT_NONCE_KEY,
@@ -28,6 +35,7 @@ from chio_receipts.schemas._chio_wire import (
 from chio_receipts.schemas._codec import (
     SINGLE_OBJECT_MAGIC,
     Decoded,
+    current_fingerprints,
     decode,
     encode,
     frame,
@@ -41,7 +49,6 @@ from chio_receipts.schemas._confluent import (
     WireFormat,
     confluent_frame,
     confluent_schema_id,
-    standalone_schema,
 )
 from chio_receipts.schemas._contract import (
     CE_HEADERS,
@@ -183,6 +190,7 @@ __all__ = [
     "confluent_frame",
     "confluent_schema_id",
     "content_hash",
+    "current_fingerprints",
     "decode",
     "encode",
     "encode_body",
@@ -194,6 +202,7 @@ __all__ = [
     "now_us",
     "parameter_hash",
     "parsed_schema",
+    "parsing_canonical_form",
     "raw_schema",
     "read_body",
     "receipt_from_json",
