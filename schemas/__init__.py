@@ -53,6 +53,8 @@ from chio_receipts.schemas._confluent import (
 from chio_receipts.schemas._contract import (
     CE_HEADERS,
     CONTENT_TYPE,
+    DEAD_LETTER_CONTENT_TYPE,
+    DEAD_LETTER_EVENT_TYPE,
     DLQ_HEADER_PREFIX,
     DLQ_TOPIC,
     ENVELOPE_EVENT_TYPE,
@@ -67,6 +69,8 @@ from chio_receipts.schemas._contract import (
     X_CHIO_VERDICT,
     TopicNames,
     check_copartitioned,
+    cloudevent_headers,
+    envelope_event_id,
 )
 from chio_receipts.schemas._errors import (
     ChioReceiptsError,
@@ -126,6 +130,8 @@ __all__ = [
     "CE_HEADERS",
     "CONFLUENT_MAGIC",
     "CONTENT_TYPE",
+    "DEAD_LETTER_CONTENT_TYPE",
+    "DEAD_LETTER_EVENT_TYPE",
     "DLQ_HEADER_PREFIX",
     "DLQ_TOPIC",
     "ENVELOPES_TOPIC",
@@ -187,6 +193,7 @@ __all__ = [
     "chain_root",
     "check_backward",
     "check_copartitioned",
+    "cloudevent_headers",
     "confluent_frame",
     "confluent_schema_id",
     "content_hash",
@@ -194,6 +201,7 @@ __all__ = [
     "decode",
     "encode",
     "encode_body",
+    "envelope_event_id",
     "frame",
     "incompatibilities",
     "is_retriable",
