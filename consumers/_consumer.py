@@ -54,6 +54,7 @@ from chio_receipts.consumers._wire import (
     envelope_step_body,
 )
 from chio_receipts.schemas import (
+    ENVELOPE_EVENT_TYPE,
     AsyncService,
     ContractError,
     DecodeError,
@@ -63,6 +64,8 @@ from chio_receipts.schemas import (
     RunCompletion,
     TopicNames,
     check_copartitioned,
+    cloudevent_headers,
+    envelope_event_id,
     frame,
     receipt_hash,
     retry_async,
@@ -98,6 +101,8 @@ class BuilderConfig:
     max_poll_interval_ms: int = 900_000
     registry_url: str | None = None
     verify_threads: int = 2
+    source: str = "urn:chio-receipts:receipt-builder"
+    """CloudEvents source of the envelopes and dead letters this builder publishes."""
 
 
 @dataclass(slots=True)
@@ -145,6 +150,7 @@ class ReceiptBuilderService(AsyncService):
                 max_poll_interval_ms=config.max_poll_interval_ms,
                 registry_url=config.registry_url,
                 retry=self._retry_policy("schema registry"),
+                source=config.source,
             ),
             self,
             metrics=self.metrics,
@@ -407,6 +413,16 @@ class ReceiptBuilderService(AsyncService):
             await self._insert_rows(batch, rows[:mid], f"{token}/a")
             await self._insert_rows(batch, rows[mid:], f"{token}/b")
 
+    def _envelope_headers(self, run: RunState, envelope: Envelope) -> tuple[tuple[str, bytes], ...]:
+        """CloudEvents headers of a published envelope revision (the streamer's, for the same
+        envelope: id ``workflow_id/run_id/revision``, subject the run key)."""
+        return cloudevent_headers(
+            event_id=envelope_event_id(envelope.workflow_id, envelope.run_id, envelope.revision),
+            event_type=ENVELOPE_EVENT_TYPE,
+            source=self._config.source,
+            subject=run.key,
+        )
+
     async def _write_due(self, now: int) -> bool:
         due: list[tuple[RunState, Envelope]] = [
             (run, envelope.signed_by(self._config.builder_key))
@@ -420,7 +436,10 @@ class ReceiptBuilderService(AsyncService):
         if self._config.publish_envelopes and producer is not None:
             futures = [
                 await producer.send(
-                    self._config.topics.envelopes, envelope.framed(), key=run.key.encode()
+                    self._config.topics.envelopes,
+                    envelope.framed(),
+                    key=run.key.encode(),
+                    headers=list(self._envelope_headers(run, envelope)),
                 )
                 for run, envelope in due
             ]

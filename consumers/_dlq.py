@@ -1,15 +1,29 @@
 """Dead-letter records (pure): the original bytes plus headers that say where they came from
-and why they were refused. The original message's headers are kept as they were."""
+and why they were refused.
+
+A dead letter is a CloudEvent of its own (binary mode, type ``DEAD_LETTER_EVENT_TYPE``, id
+``topic/partition/offset`` of the refused message, subject its key, content type the original's
+or ``application/octet-stream``). The original message's other headers are kept as they were;
+its own CloudEvents headers are replaced, their values kept as ``chio.dlq.original.<header>``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from chio_receipts.schemas import DLQ_HEADER_PREFIX
+from chio_receipts.schemas import (
+    CE_HEADERS,
+    DEAD_LETTER_CONTENT_TYPE,
+    DEAD_LETTER_EVENT_TYPE,
+    DLQ_HEADER_PREFIX,
+    cloudevent_headers,
+)
 
 __all__ = [
+    "DEAD_LETTER_SOURCE",
     "DLQ_HEADER_PREFIX",
+    "ORIGINAL_HEADER_PREFIX",
     "TRUNCATED_HEADER",
     "DeadLetter",
     "Reason",
@@ -18,6 +32,12 @@ __all__ = [
 
 TRUNCATED_HEADER = DLQ_HEADER_PREFIX + "truncated"
 """Set to ``true`` when the original value was cut to fit the dead-letter topic."""
+ORIGINAL_HEADER_PREFIX = DLQ_HEADER_PREFIX + "original."
+"""Prefix of the refused message's own CloudEvents headers (``chio.dlq.original.ce_id`` ...)."""
+DEAD_LETTER_SOURCE = "urn:chio-receipts:consumer"
+"""CloudEvents source of dead letters when the consumer names none."""
+_CE = frozenset(CE_HEADERS)
+_CONTENT_TYPE = CE_HEADERS[-1]
 
 
 class Reason:
@@ -49,8 +69,29 @@ class DeadLetter:
     reason: str
     detail: str
 
-    def kafka_headers(self) -> list[tuple[str, bytes]]:
-        """Original headers, then ``chio.dlq.*`` headers describing the origin and the error."""
+    @property
+    def event_id(self) -> str:
+        """The dead letter's CloudEvents id: where the refused message was (the same on a
+        re-send, so a subscriber can drop duplicates)."""
+        return f"{self.topic}/{self.partition}/{self.offset}"
+
+    def kafka_headers(self, *, source: str = DEAD_LETTER_SOURCE) -> list[tuple[str, bytes]]:
+        """The original's non-CloudEvents headers, the dead letter's CloudEvents headers, then
+        ``chio.dlq.*`` headers describing the origin, the error and the original's CloudEvents
+        attributes. ``source`` is the consumer that refused the message."""
+        kept = [(k, v) for k, v in self.headers if k not in _CE]
+        original = [(ORIGINAL_HEADER_PREFIX + k, v) for k, v in self.headers if k in _CE]
+        content_type = next(
+            (v for k, v in self.headers if k == _CONTENT_TYPE), DEAD_LETTER_CONTENT_TYPE
+        )
+        subject = self.key.decode("utf-8", "replace") if self.key else self.event_id
+        ce = cloudevent_headers(
+            event_id=self.event_id,
+            event_type=DEAD_LETTER_EVENT_TYPE,
+            source=source,
+            subject=subject,
+            content_type=content_type,
+        )
         ours = [
             ("topic", self.topic),
             ("partition", str(self.partition)),
@@ -59,7 +100,12 @@ class DeadLetter:
             ("reason", self.reason),
             ("detail", self.detail[:1000]),
         ]
-        return [*self.headers, *((DLQ_HEADER_PREFIX + k, v.encode()) for k, v in ours)]
+        return [
+            *kept,
+            *ce,
+            *((DLQ_HEADER_PREFIX + k, v.encode()) for k, v in ours),
+            *original,
+        ]
 
     @classmethod
     def of(

@@ -32,7 +32,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
-from chio_receipts.consumers._dlq import TRUNCATED_HEADER, DeadLetter, Reason
+from chio_receipts.consumers._dlq import (
+    DEAD_LETTER_SOURCE,
+    TRUNCATED_HEADER,
+    DeadLetter,
+    Reason,
+)
 from chio_receipts.consumers._errors import ConsumerError, KafkaUnavailable
 from chio_receipts.consumers._metrics import ConsumerMetrics
 from chio_receipts.consumers._wire import Plain, decode_plain
@@ -85,6 +90,8 @@ class RunnerConfig:
     registry_url: str | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     """Backoff of the runner's own waits (schema registry); ``retry_on`` is set per use."""
+    source: str = DEAD_LETTER_SOURCE
+    """CloudEvents source of the dead letters this consumer publishes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,13 +492,14 @@ class BatchRunner:
             _log.warning(
                 "dead letter %s[%d]@%d: %s (%s)", d.topic, d.partition, d.offset, d.reason, d.detail
             )
+            headers = d.kafka_headers(source=self._config.source)
             try:
                 fut = await producer.send(
-                    self._config.dlq_topic, d.value, key=d.key, headers=d.kafka_headers()
+                    self._config.dlq_topic, d.value, key=d.key, headers=headers
                 )
             except MessageSizeTooLargeError:
                 value = (d.value or b"")[: self._config.max_message_bytes // 2]
-                headers = [*d.kafka_headers(), (TRUNCATED_HEADER, b"true")]
+                headers = [*headers, (TRUNCATED_HEADER, b"true")]
                 fut = await producer.send(self._config.dlq_topic, value, key=d.key, headers=headers)
             futures.append(fut)
         await self.produced(asyncio.gather(*futures))

@@ -27,11 +27,10 @@ from chio_receipts.schemas import (
     StepReceipt,
     UnknownFormat,
     avro_long,
+    current_fingerprints,
     decode,
-    parsed_schema,
     raw_schema,
     read_body,
-    schema_fingerprint,
 )
 
 __all__ = [
@@ -81,11 +80,6 @@ def _plain_schemas() -> dict[str, Schema]:
     return out
 
 
-@cache
-def _current() -> dict[bytes, str]:
-    return {schema_fingerprint(parsed_schema(name)): name for name in SCHEMA_FILES}
-
-
 def decode_plain(value: bytes, codec: Codec | None = None) -> Plain:
     """Decode a framed event; raises the ``schemas.DecodeError`` subclasses for bad input.
 
@@ -98,7 +92,7 @@ def decode_plain(value: bytes, codec: Codec | None = None) -> Plain:
         raise UnknownFormat(
             f"not an Avro single-object message (first bytes {value[:2].hex() or 'none'})"
         )
-    name = _current().get(value[2:_HEADER])
+    name = current_fingerprints().get(value[2:_HEADER])
     if name is None:
         # Another writer version (resolution) or an unknown fingerprint (UnknownSchema).
         decoded = decode(value)

@@ -7,7 +7,14 @@ Every other package depends on this one; it depends on none of them.
 
 from __future__ import annotations
 
-from chio_receipts.schemas._avro import SCHEMA_FILES, encode_body, parsed_schema, raw_schema
+from chio_receipts.schemas._avro import (
+    SCHEMA_FILES,
+    encode_body,
+    parsed_schema,
+    parsing_canonical_form,
+    raw_schema,
+    standalone_schema,
+)
 from chio_receipts.schemas._chio_wire import (
     CAPABILITY_SCHEMA,
     RECEIPT_NONCE_KEY,
@@ -28,6 +35,7 @@ from chio_receipts.schemas._chio_wire import (
 from chio_receipts.schemas._codec import (
     SINGLE_OBJECT_MAGIC,
     Decoded,
+    current_fingerprints,
     decode,
     encode,
     frame,
@@ -41,11 +49,12 @@ from chio_receipts.schemas._confluent import (
     WireFormat,
     confluent_frame,
     confluent_schema_id,
-    standalone_schema,
 )
 from chio_receipts.schemas._contract import (
     CE_HEADERS,
     CONTENT_TYPE,
+    DEAD_LETTER_CONTENT_TYPE,
+    DEAD_LETTER_EVENT_TYPE,
     DLQ_HEADER_PREFIX,
     DLQ_TOPIC,
     ENVELOPE_EVENT_TYPE,
@@ -60,6 +69,8 @@ from chio_receipts.schemas._contract import (
     X_CHIO_VERDICT,
     TopicNames,
     check_copartitioned,
+    cloudevent_headers,
+    envelope_event_id,
 )
 from chio_receipts.schemas._errors import (
     ChioReceiptsError,
@@ -119,6 +130,8 @@ __all__ = [
     "CE_HEADERS",
     "CONFLUENT_MAGIC",
     "CONTENT_TYPE",
+    "DEAD_LETTER_CONTENT_TYPE",
+    "DEAD_LETTER_EVENT_TYPE",
     "DLQ_HEADER_PREFIX",
     "DLQ_TOPIC",
     "ENVELOPES_TOPIC",
@@ -180,12 +193,15 @@ __all__ = [
     "chain_root",
     "check_backward",
     "check_copartitioned",
+    "cloudevent_headers",
     "confluent_frame",
     "confluent_schema_id",
     "content_hash",
+    "current_fingerprints",
     "decode",
     "encode",
     "encode_body",
+    "envelope_event_id",
     "frame",
     "incompatibilities",
     "is_retriable",
@@ -194,6 +210,7 @@ __all__ = [
     "now_us",
     "parameter_hash",
     "parsed_schema",
+    "parsing_canonical_form",
     "raw_schema",
     "read_body",
     "receipt_from_json",

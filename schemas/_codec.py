@@ -1,8 +1,16 @@
 """Avro single-object encoding (the Avro spec's default wire format here; no registry needed).
 
 Frame: ``C3 01`` + the writer schema's 8-byte CRC-64-AVRO fingerprint (little-endian) + the
-schemaless body. Decoding resolves the writer schema by fingerprint, among the current schemas
-and the released versions kept in ``avro/released/``, and reads it with the current schema.
+schemaless body. The fingerprint is taken over the schema's Parsing Canonical Form as the Avro
+spec defines it (named types inlined at first use), so other implementations (Java's
+``BinaryMessageDecoder``) find the schema. Decoding resolves the writer schema by fingerprint,
+among the current schemas and the released versions kept in ``avro/released/``, and reads it
+with the current schema.
+
+Legacy fingerprints: before the canonical form inlined named types, ``WorkflowReceipt`` was
+fingerprinted with ``StepReceipt`` written as a bare name. Messages framed that way are still on
+the topics, so each writer schema is also known under that legacy fingerprint (same schema,
+same bytes); nothing is framed with it any more.
 """
 
 from __future__ import annotations
@@ -19,12 +27,19 @@ import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 from fastavro.types import Schema
 
-from chio_receipts.schemas._avro import SCHEMA_FILES, encode_body, parsed_schema, raw_schema
+from chio_receipts.schemas._avro import (
+    SCHEMA_FILES,
+    encode_body,
+    parsed_schema,
+    parsing_canonical_form,
+    raw_schema,
+)
 from chio_receipts.schemas._errors import EncodeError, MalformedBody, UnknownFormat, UnknownSchema
 
 __all__ = [
     "SINGLE_OBJECT_MAGIC",
     "Decoded",
+    "current_fingerprints",
     "decode",
     "encode",
     "frame",
@@ -52,13 +67,33 @@ class _Writer:
 
 
 def schema_fingerprint(schema: Schema) -> bytes:
-    """The 8-byte little-endian CRC-64-AVRO fingerprint of a parsed schema."""
-    return bytes.fromhex(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"))
+    """The 8-byte little-endian CRC-64-AVRO fingerprint of a parsed schema's Parsing Canonical
+    Form (named types inlined at first use, as the Avro spec and Java Avro compute it)."""
+    return _crc64(parsing_canonical_form(schema))
+
+
+def _legacy_fingerprint(schema: Schema) -> bytes:
+    """The fingerprint this package framed with before: fastavro's canonical form of the parsed
+    schema, which names (instead of inlining) a type defined by another schema file."""
+    return _crc64(to_parsing_canonical_form(schema))
+
+
+def _crc64(canonical: str) -> bytes:
+    return bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
 
 
 @cache
 def _current_fingerprint(name: str) -> bytes:
     return schema_fingerprint(parsed_schema(name))
+
+
+@cache
+def current_fingerprints() -> dict[bytes, str]:
+    """Fingerprint -> current schema name, for every fingerprint a message written with a
+    current schema may carry: the canonical one and the legacy one (same schema, same bytes)."""
+    out = {_legacy_fingerprint(parsed_schema(name)): name for name in SCHEMA_FILES}
+    out.update({_current_fingerprint(name): name for name in SCHEMA_FILES})
+    return out
 
 
 @cache
@@ -84,6 +119,9 @@ def _writers() -> dict[bytes, _Writer]:
                 fastavro.parse_schema(raw_schema(other), named_schemas=named)
             schema = fastavro.parse_schema(raw, named_schemas=named)
             writers.setdefault(schema_fingerprint(schema), _Writer(full, schema))
+    # Legacy aliases last: a canonical fingerprint always wins.
+    for writer in list(writers.values()):
+        writers.setdefault(_legacy_fingerprint(writer.schema), writer)
     return writers
 
 

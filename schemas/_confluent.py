@@ -12,7 +12,6 @@ already cached; ``Codec.decode_async`` fetches unknown ids first.
 
 from __future__ import annotations
 
-import copy
 import struct
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,7 +19,12 @@ from typing import Any, Literal
 import fastavro
 from fastavro.types import Schema
 
-from chio_receipts.schemas._avro import SCHEMA_FILES, encode_body, parsed_schema, raw_schema
+from chio_receipts.schemas._avro import (
+    SCHEMA_FILES,
+    encode_body,
+    parsed_schema,
+    standalone_schema,
+)
 from chio_receipts.schemas._codec import SINGLE_OBJECT_MAGIC, Decoded, decode, frame, read_body
 from chio_receipts.schemas._errors import EncodeError, UnknownFormat, UnknownSchema
 from chio_receipts.schemas._registry import SchemaRegistryClient
@@ -52,43 +56,6 @@ def confluent_schema_id(data: bytes) -> int:
         raise UnknownFormat("not a Confluent-framed message")
     value: int = _ID.unpack_from(data, 1)[0]
     return value
-
-
-def standalone_schema(name: str) -> dict[str, Any]:
-    """Schema ``name`` with every named type of another schema file inlined at first use."""
-    defined: set[str] = set()
-    others = {n: raw_schema(n) for n in SCHEMA_FILES if n != name}
-
-    def walk(node: Any, ns: str) -> Any:
-        if isinstance(node, str):
-            full = node if "." in node else f"{ns}.{node}"
-            if full in others and full not in defined:
-                defined.add(full)
-                return walk(copy.deepcopy(others[full]), full.rpartition(".")[0])
-            return node
-        if isinstance(node, list):
-            return [walk(b, ns) for b in node]
-        if isinstance(node, dict):
-            t = node.get("type")
-            if t in ("record", "enum", "fixed"):
-                nm = node["name"]
-                full = nm if "." in nm else f"{node.get('namespace', ns)}.{nm}"
-                defined.add(full)
-                ns = full.rpartition(".")[0]
-            out = dict(node)
-            if t == "record":
-                out["fields"] = [{**f, "type": walk(f["type"], ns)} for f in node["fields"]]
-            elif t == "array":
-                out["items"] = walk(node["items"], ns)
-            elif t == "map":
-                out["values"] = walk(node["values"], ns)
-            elif isinstance(t, dict | list):
-                out["type"] = walk(t, ns)
-            return out
-        return node
-
-    result: dict[str, Any] = walk(copy.deepcopy(raw_schema(name)), "")
-    return result
 
 
 @dataclass(frozen=True, slots=True)

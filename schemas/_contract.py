@@ -1,8 +1,10 @@
 """The pipeline's contract in one place: topic names, schema names, event types, header names.
 
 Every package that produces or reads the pipeline's topics takes these names from here; nothing
-else spells them out. Topic names may get a prefix (tests use a unique one per test); steps and
-runs are keyed by :func:`run_key` and must be co-partitioned (:func:`check_copartitioned`).
+else spells them out. Every record the pipeline produces carries CloudEvents binary-mode headers
+built by :func:`cloudevent_headers`. Topic names may get a prefix (tests use a unique one per
+test); steps and runs are keyed by :func:`run_key` and must be co-partitioned
+(:func:`check_copartitioned`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from chio_receipts.schemas._errors import ContractError
 __all__ = [
     "CE_HEADERS",
     "CONTENT_TYPE",
+    "DEAD_LETTER_CONTENT_TYPE",
+    "DEAD_LETTER_EVENT_TYPE",
     "DLQ_HEADER_PREFIX",
     "DLQ_TOPIC",
     "ENVELOPES_TOPIC",
@@ -30,6 +34,8 @@ __all__ = [
     "X_CHIO_VERDICT",
     "TopicNames",
     "check_copartitioned",
+    "cloudevent_headers",
+    "envelope_event_id",
 ]
 
 # Topics (default names; a deployment may prefix them).
@@ -47,7 +53,10 @@ ENVELOPE_SCHEMA = "dev.chio.receipts.v1.WorkflowReceipt"
 STEP_EVENT_TYPE = "dev.chio.receipts.step.v1"
 RUN_COMPLETION_EVENT_TYPE = "dev.chio.receipts.run_completion.v1"
 ENVELOPE_EVENT_TYPE = "dev.chio.receipts.workflow_receipt.v1"
+DEAD_LETTER_EVENT_TYPE = "dev.chio.receipts.dead_letter.v1"
 CONTENT_TYPE = b"application/avro"
+DEAD_LETTER_CONTENT_TYPE = b"application/octet-stream"
+"""Content type of a dead letter whose original message named none (its bytes are as received)."""
 CE_HEADERS = ("ce_specversion", "ce_id", "ce_type", "ce_source", "ce_subject", "content-type")
 
 # Headers of the Chio family's Kafka conventions (chio-streaming) and of the dead-letter topic.
@@ -74,6 +83,32 @@ class TopicNames:
             envelopes=prefix + ENVELOPES_TOPIC,
             dlq=prefix + DLQ_TOPIC,
         )
+
+
+def cloudevent_headers(
+    *,
+    event_id: str,
+    event_type: str,
+    source: str,
+    subject: str,
+    content_type: bytes = CONTENT_TYPE,
+) -> tuple[tuple[str, bytes], ...]:
+    """CloudEvents (spec 1.0, Kafka binding, binary mode) headers of one event, in
+    :data:`CE_HEADERS` order."""
+    specversion, ce_id, ce_type, ce_source, ce_subject, ce_content_type = CE_HEADERS
+    return (
+        (specversion, b"1.0"),
+        (ce_id, event_id.encode()),
+        (ce_type, event_type.encode()),
+        (ce_source, source.encode()),
+        (ce_subject, subject.encode()),
+        (ce_content_type, content_type),
+    )
+
+
+def envelope_event_id(workflow_id: str, run_id: str, revision: int | str) -> str:
+    """The CloudEvents id of an envelope revision: ``workflow_id/run_id/revision``."""
+    return f"{workflow_id}/{run_id}/{revision}"
 
 
 def check_copartitioned(partition_counts: Mapping[str, int], steps: str, runs: str) -> int:

@@ -1,9 +1,10 @@
 """Kafka records for receipts: keys, Avro values and CloudEvents binary-mode headers (pure).
 
 CloudEvents Kafka binding, binary mode: the value is the event data (Avro bytes) and the
-attributes travel as ``ce_*`` headers plus ``content-type``. Event types, schema names and
-header names are the contract's (``schemas._contract``); ``STEP_TYPE``, ``COMPLETION_TYPE`` and
-``ENVELOPE_TYPE`` are this package's names for the contract's event types.
+attributes travel as ``ce_*`` headers plus ``content-type``. Event types, schema names, header
+names, the header builder and the envelope's event id are the contract's (``schemas._contract``,
+shared with the consumers); ``STEP_TYPE``, ``COMPLETION_TYPE`` and ``ENVELOPE_TYPE`` are this
+package's names for the contract's event types.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ CONTENT_TYPE = schemas.CONTENT_TYPE
 STEP_SCHEMA = schemas.STEP_SCHEMA
 RUN_COMPLETION_SCHEMA = schemas.RUN_COMPLETION_SCHEMA
 ENVELOPE_SCHEMA = schemas.ENVELOPE_SCHEMA
-_SPECVERSION, _ID, _TYPE, _SOURCE, _SUBJECT, _CONTENT_TYPE = schemas.CE_HEADERS
+headers = schemas.cloudevent_headers
+"""CloudEvents binary-mode headers of one event (the contract's builder)."""
 
 Framer = Callable[[str, bytes, str], bytes]
 """``(schema name, schemaless body, topic) -> value bytes``: the wire format's frame."""
@@ -54,20 +56,6 @@ def _body(name: str, record: dict[str, Any]) -> bytes:
         return schemas.encode_body(name, record)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise schemas.EncodeError(f"{name}: {exc}") from exc
-
-
-def headers(
-    *, event_id: str, event_type: str, source: str, subject: str
-) -> tuple[tuple[str, bytes], ...]:
-    """CloudEvents binary-mode headers of one event."""
-    return (
-        (_SPECVERSION, b"1.0"),
-        (_ID, event_id.encode()),
-        (_TYPE, event_type.encode()),
-        (_SOURCE, source.encode()),
-        (_SUBJECT, subject.encode()),
-        (_CONTENT_TYPE, CONTENT_TYPE),
-    )
 
 
 def step_record(
@@ -108,7 +96,9 @@ def completion_record(
 def envelope_id(envelope: Mapping[str, Any]) -> str:
     """The event id of an envelope revision: ``workflow_id/run_id/revision``."""
     revision = dict(envelope.get("metadata") or {}).get("revision", "0")
-    return f"{envelope['workflow_id']}/{envelope['run_id']}/{revision}"
+    return schemas.envelope_event_id(
+        str(envelope["workflow_id"]), str(envelope["run_id"]), revision
+    )
 
 
 def envelope_record(

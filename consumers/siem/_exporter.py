@@ -61,6 +61,8 @@ class ExporterConfig:
     retry_initial_seconds: float = 0.2
     retry_max_seconds: float = 10.0
     registry_url: str | None = None
+    source: str = "urn:chio-receipts:siem-exporter"
+    """CloudEvents source of the dead letters this exporter publishes."""
 
 
 def _to_ocsf(plain: Plain) -> dict[str, Any] | None:
@@ -111,6 +113,7 @@ class SiemExporter(AsyncService):
                     initial_seconds=config.retry_initial_seconds,
                     maximum_seconds=config.retry_max_seconds,
                 ),
+                source=config.source,
             ),
             self,
             metrics=self.metrics,

@@ -21,15 +21,22 @@ from chio_receipts.consumers import (
 from chio_receipts.consumers._failpoints import reset_failpoints
 from chio_receipts.consumers._wire import ENVELOPE_SCHEMA
 from chio_receipts.schemas import (
+    CE_HEADERS,
+    CONTENT_TYPE,
+    DEAD_LETTER_EVENT_TYPE,
+    ENVELOPE_EVENT_TYPE,
+    STEP_EVENT_TYPE,
     KafkaConnection,
     KeyPair,
     TopicNames,
+    cloudevent_headers,
     confluent_frame,
     decode,
     frame,
     sign_receipt,
     standalone_schema,
 )
+from chio_receipts.streamer._cloudevents import envelope_id
 from tests.support.consumer_factory import STEP, completion, completion_value, receipt, signed_run
 from tests.support.helpers import eventually
 from tests.support.http_receiver import Receiver
@@ -201,6 +208,58 @@ async def test_poison_messages_go_to_the_dlq_and_the_consumer_keeps_going(
         "bad_signature",
     ]
     assert ("origin", b"test") in sorted(dead, key=lambda m: m.offset)[0].headers
+
+
+async def test_envelopes_and_dead_letters_carry_cloudevents_headers(
+    kafka_bootstrap: str, clickhouse_dsn: str, unique: Callable[[str], str]
+) -> None:
+    topics = await make_topics(kafka_bootstrap, unique, partitions=1)
+    run = signed_run(WORKER, "wf-ce", "r", 2)
+    key = b"default/wf-ce/r"
+    # A step as the streamer frames it (its own CloudEvents headers), but not Avro at all.
+    streamed = list(
+        cloudevent_headers(
+            event_id="bad-1", event_type=STEP_EVENT_TYPE, source="urn:test", subject=key.decode()
+        )
+    )
+    steps = [(key, run[0][1], None), (key, b"not avro", streamed), (key, run[1][1], None)]
+    await produce(kafka_bootstrap, topics.steps, steps)
+    done = completion_value(completion("wf-ce", "r", expected=2))
+    await produce(kafka_bootstrap, topics.runs, [(key, done, None)])
+    async with Running(_config(kafka_bootstrap, clickhouse_dsn, topics)) as running:
+
+        async def written() -> bool:
+            running.check()
+            return await running.scalar("SELECT count() FROM workflow_receipts") == 1
+
+        await eventually(written, timeout=30)
+    (envelope,) = await read_all(kafka_bootstrap, topics.envelopes, 1)
+    headers = dict(envelope.headers)
+    assert [k for k, _ in envelope.headers] == list(CE_HEADERS)
+    assert headers["ce_specversion"] == b"1.0"
+    assert headers["ce_type"] == ENVELOPE_EVENT_TYPE.encode()
+    assert headers["ce_id"] == b"wf-ce/r/1"  # the streamer's envelope id: workflow/run/revision
+    assert headers["ce_id"] == envelope_id(decode(envelope.value).record).encode()
+    assert headers["ce_source"] == b"urn:chio-receipts:receipt-builder"
+    assert headers["ce_subject"] == key
+    assert headers["content-type"] == CONTENT_TYPE
+    assert envelope.key == key
+
+    (dead,) = await read_all(kafka_bootstrap, topics.dlq, 1)
+    names = [k for k, _ in dead.headers]
+    assert all(names.count(h) == 1 for h in CE_HEADERS), names
+    headers = dict(dead.headers)
+    assert headers["ce_specversion"] == b"1.0"
+    assert headers["ce_type"] == DEAD_LETTER_EVENT_TYPE.encode()
+    assert headers["ce_id"] == f"{topics.steps}/0/1".encode()
+    assert headers["ce_source"] == b"urn:chio-receipts:receipt-builder"
+    assert headers["ce_subject"] == key
+    assert headers["content-type"] == CONTENT_TYPE  # the original's; the value is its bytes
+    assert dead.value == b"not avro"
+    dlq = parse_dead_letter_headers(dead.headers)
+    assert (dlq["topic"], dlq["offset"], dlq["reason"]) == (topics.steps, "1", "unknown_format")
+    assert dlq["original.ce_id"] == "bad-1"
+    assert dlq["original.ce_type"] == STEP_EVENT_TYPE
 
 
 async def test_late_step_gives_revision_2(

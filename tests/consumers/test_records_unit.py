@@ -24,10 +24,14 @@ from chio_receipts.consumers._rows import STEP_COLUMNS, plain_from_row
 from chio_receipts.consumers._wire import RUN_SCHEMA, STEP_SCHEMA, decode_plain, encode_plain
 from chio_receipts.consumers.siem import envelope_to_ocsf, is_deny, step_to_ocsf
 from chio_receipts.schemas import (
+    CE_HEADERS,
+    DEAD_LETTER_EVENT_TYPE,
+    STEP_EVENT_TYPE,
     KeyPair,
     MalformedBody,
     UnknownFormat,
     UnknownSchema,
+    cloudevent_headers,
     verify_receipt,
 )
 from tests.support.consumer_factory import completion, completion_value, signed_run
@@ -139,6 +143,44 @@ def test_dead_letter_headers_keep_origin_and_original_headers() -> None:
         "detail": "not avro",
     }
     assert letter.value == b"\x00bad"
+    headers_of = dict(headers)
+    assert headers_of["ce_specversion"] == b"1.0"
+    assert headers_of["ce_type"] == DEAD_LETTER_EVENT_TYPE.encode()
+    assert headers_of["ce_id"] == b"steps/2/17"
+    assert headers_of["ce_source"] == b"urn:chio-receipts:consumer"
+    assert headers_of["ce_subject"] == b"k"
+    assert headers_of["content-type"] == b"application/octet-stream"
+
+
+def test_dead_letter_replaces_the_originals_cloudevents_headers_and_keeps_them_aside() -> None:
+    original = cloudevent_headers(
+        event_id="r-1", event_type=STEP_EVENT_TYPE, source="urn:w", subject="ns/wf/run"
+    )
+    letter = DeadLetter.of(
+        topic="steps",
+        partition=0,
+        offset=3,
+        key=b"ns/wf/run",
+        value=b"\xc3\x01",
+        headers=[("trace", b"t"), *original],
+        error="BadSignature",
+        reason=Reason.BAD_SIGNATURE,
+    )
+    headers = letter.kafka_headers(source="urn:chio-receipts:receipt-builder")
+    names = [k for k, _ in headers]
+    for name in CE_HEADERS:
+        assert names.count(name) == 1, name  # one value per CloudEvents attribute
+    got = dict(headers)
+    assert got["ce_type"] == DEAD_LETTER_EVENT_TYPE.encode()
+    assert got["ce_id"] == b"steps/0/3"
+    assert got["ce_source"] == b"urn:chio-receipts:receipt-builder"
+    assert got["ce_subject"] == b"ns/wf/run"
+    assert got["content-type"] == b"application/avro"  # the original's: the value is its bytes
+    assert got["trace"] == b"t"
+    parsed = parse_dead_letter_headers(headers)
+    assert parsed["original.ce_id"] == "r-1"
+    assert parsed["original.ce_type"] == STEP_EVENT_TYPE
+    assert parsed["reason"] == "bad_signature"
 
 
 def test_public_keys_in_hex_and_base64() -> None:

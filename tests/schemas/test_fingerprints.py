@@ -1,0 +1,165 @@
+"""Single-object fingerprints: the Avro spec's Parsing Canonical Form, pinned independently.
+
+The pinned values were printed by Java Avro 1.12.1 (``SchemaNormalization.parsingFingerprint64``,
+little-endian as in the single-object header; ``tests/java/AvroDecode.java``, which
+``test_java_avro.py`` runs against the broker). This file also rebuilds each canonical form by
+hand from the ``.avsc`` files and the spec's transformation rules, with the spec's CRC-64-AVRO,
+so neither fastavro nor the package's own inlining is trusted here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import pytest
+
+import chio_receipts.schemas as schemas
+from chio_receipts.consumers._wire import decode_plain
+from tests.support.avro_strategies import sample_step
+
+pytestmark = pytest.mark.unit
+
+STEP, RUN, ENVELOPE = schemas.STEP_SCHEMA, schemas.RUN_COMPLETION_SCHEMA, schemas.ENVELOPE_SCHEMA
+AVSC = Path(__file__).resolve().parents[2] / "schemas" / "avro"
+FILES = {STEP: "step_receipt.avsc", RUN: "run_completion.avsc", ENVELOPE: "workflow_receipt.avsc"}
+
+# Java Avro 1.12.1, SchemaNormalization.parsingFingerprint64, little-endian.
+JAVA_FINGERPRINTS = {
+    STEP: "f4541f5ce249b6eb",
+    RUN: "1a1eab650f9f6638",
+    ENVELOPE: "b042e807cee83c83",
+}
+# What WorkflowReceipt envelopes were framed with before (StepReceipt named, not inlined).
+LEGACY_ENVELOPE_FINGERPRINT = "83ee5e1c7642fcd6"
+
+_PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
+
+
+def _crc64_avro(data: bytes) -> bytes:
+    """CRC-64-AVRO as the Avro specification gives it (table-driven, little-endian result)."""
+    empty = 0xC15D213AA4D7A795
+    table = []
+    for i in range(256):
+        fp = i
+        for _ in range(8):
+            fp = (fp >> 1) ^ (empty & -(fp & 1))
+        table.append(fp)
+    fp = empty
+    for byte in data:
+        fp = (fp >> 8) ^ table[(fp ^ byte) & 0xFF]
+    return fp.to_bytes(8, "little")
+
+
+def _hand_canonical(name: str) -> str:
+    """The spec's transformations ([PRIMITIVES], [FULLNAMES], [STRIP], [ORDER], [WHITESPACE]),
+    a named type written in full at its first use and by full name after that."""
+    definitions: dict[str, dict[str, Any]] = {}
+    for file in FILES.values():
+        raw = json.loads((AVSC / file).read_text("utf-8"))
+        definitions[f"{raw['namespace']}.{raw['name']}"] = raw
+    defined: set[str] = set()
+    text = json.dumps  # JSON string literals; the schemas are ASCII
+
+    def full_name(node: dict[str, Any], ns: str) -> str:
+        nm = str(node["name"])
+        return nm if "." in nm else f"{node.get('namespace', ns)}.{nm}"
+
+    def pcf(node: Any, ns: str) -> str:
+        if isinstance(node, list):
+            return "[" + ",".join(pcf(b, ns) for b in node) + "]"
+        if isinstance(node, str):
+            if node in _PRIMITIVES:
+                return text(node)
+            full = node if "." in node else f"{ns}.{node}"
+            if full in defined:
+                return text(full)
+            return pcf(definitions[full], full.rpartition(".")[0])
+        kind = node["type"]
+        if isinstance(kind, dict | list):
+            return pcf(kind, ns)
+        if kind in _PRIMITIVES:
+            return text(kind)  # logicalType and every other attribute stripped
+        if kind == "array":
+            return '{"type":"array","items":' + pcf(node["items"], ns) + "}"
+        if kind == "map":
+            return '{"type":"map","values":' + pcf(node["values"], ns) + "}"
+        full = full_name(node, ns)
+        if kind not in ("record", "enum", "fixed"):
+            return pcf(full, ns)  # a reference written as {"type": "Name"}
+        defined.add(full)
+        head = '{"name":' + text(full) + ',"type":' + text(kind)
+        inner = full.rpartition(".")[0]
+        if kind == "record":
+            fields = ",".join(
+                '{"name":' + text(f["name"]) + ',"type":' + pcf(f["type"], inner) + "}"
+                for f in node["fields"]
+            )
+            return head + ',"fields":[' + fields + "]}"
+        if kind == "enum":
+            return head + ',"symbols":[' + ",".join(text(s) for s in node["symbols"]) + "]}"
+        return head + ',"size":' + str(int(node["size"])) + "}"
+
+    return pcf(name, "")
+
+
+@pytest.mark.parametrize("name", [STEP, RUN, ENVELOPE])
+def test_canonical_form_and_fingerprint_match_the_spec_and_java(name: str) -> None:
+    canonical = _hand_canonical(name)
+    assert schemas.parsing_canonical_form(schemas.parsed_schema(name)) == canonical
+    assert _crc64_avro(canonical.encode()).hex() == JAVA_FINGERPRINTS[name]
+    assert schemas.schema_fingerprint(schemas.parsed_schema(name)).hex() == JAVA_FINGERPRINTS[name]
+    framed = schemas.frame(name, b"")
+    assert framed[:2] == schemas.SINGLE_OBJECT_MAGIC
+    assert framed[2:10].hex() == JAVA_FINGERPRINTS[name]
+
+
+def test_envelope_canonical_form_inlines_step_receipt_once_at_first_use() -> None:
+    canonical = schemas.parsing_canonical_form(schemas.parsed_schema(ENVELOPE))
+    assert canonical.count('"name":"dev.chio.receipts.v1.StepReceipt","type":"record"') == 1
+    assert canonical.count('"name":"dev.chio.receipts.v1.Verdict","type":"enum"') == 1
+    assert '"items":"dev.chio.receipts.v1.StepReceipt"' not in canonical
+    # The standalone schema (what the Confluent registry gets) has the same canonical form.
+    alone = fastavro.parse_schema(schemas.standalone_schema(ENVELOPE), named_schemas={})
+    assert schemas.parsing_canonical_form(alone) == canonical
+
+
+def _envelope_body() -> bytes:
+    step, _ = schemas.sign_receipt(sample_step(), schemas.KeyPair.generate("k"))
+    record = {
+        "version": "chio-temporal/v1",
+        "workflow_id": step.workflow_id,
+        "run_id": step.run_id,
+        "parent_workflow_ids": [],
+        "started_at": 1,
+        "completed_at": 2,
+        "outcome": "success",
+        "step_count": 1,
+        "allow_count": 1,
+        "deny_count": 0,
+        "steps": [step.to_avro()],
+        "metadata": {"namespace": "default", "revision": "1"},
+    }
+    return schemas.encode_body(ENVELOPE, record)
+
+
+def test_an_envelope_framed_with_the_legacy_fingerprint_still_decodes() -> None:
+    body = _envelope_body()
+    legacy = schemas.SINGLE_OBJECT_MAGIC + bytes.fromhex(LEGACY_ENVELOPE_FINGERPRINT) + body
+    current = schemas.frame(ENVELOPE, body)
+    assert current != legacy  # new messages carry the canonical fingerprint
+    old, new = schemas.decode(legacy), schemas.decode(current)
+    assert old.schema_name == ENVELOPE
+    assert old.record == new.record
+    assert old.record["steps"][0]["workflow_id"] == new.record["workflow_id"]
+    # The consumers' fast path reads it as the current schema too (same schema, same bytes).
+    plain = decode_plain(legacy)
+    assert (plain.schema_name, plain.current, plain.body) == (ENVELOPE, True, body)
+    assert schemas.current_fingerprints()[bytes.fromhex(LEGACY_ENVELOPE_FINGERPRINT)] == ENVELOPE
+
+
+def test_an_unknown_fingerprint_is_still_refused() -> None:
+    with pytest.raises(schemas.UnknownSchema):
+        schemas.decode(schemas.SINGLE_OBJECT_MAGIC + b"\x11" * 8 + _envelope_body())
