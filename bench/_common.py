@@ -51,6 +51,7 @@ class Size:
     e2e_seconds: float
     e2e_rate: int
     rss_seconds: float
+    decisions: int
 
     @classmethod
     def of(cls, name: str) -> Size:
@@ -70,6 +71,7 @@ class Size:
                 e2e_seconds=2.0,
                 e2e_rate=100,
                 rss_seconds=2.0,
+                decisions=40,
             )
         if name == "full":
             return cls(
@@ -86,6 +88,7 @@ class Size:
                 e2e_seconds=20.0,
                 e2e_rate=500,
                 rss_seconds=600.0,
+                decisions=2_000,
             )
         raise ValueError(f"unknown size {name!r} (small | full)")
 

@@ -28,6 +28,7 @@ from bench._workflows import BenchWorkflow, bench_step
 from chio_receipts.interceptor import (
     ArgumentKey,
     ChioActivityInterceptor,
+    Evaluator,
     WorkflowGrant,
 )
 from chio_receipts.schemas import KeyPair, RunCompletion, StepReceipt, sign_receipt
@@ -104,7 +105,7 @@ async def _gate_samples(
     return wall, cpu, n / busy if busy else 0.0
 
 
-def _interceptor(sidecar: LocalSidecar, grant: WorkflowGrant, sink: Any) -> ChioActivityInterceptor:
+def _interceptor(sidecar: Evaluator, grant: WorkflowGrant, sink: Any) -> ChioActivityInterceptor:
     return ChioActivityInterceptor(
         evaluator=sidecar,
         receipt_sink=sink,

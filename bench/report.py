@@ -161,6 +161,37 @@ def _summary(doc: dict[str, Any]) -> list[str]:
                 "10-min run: " + _n(rss["ten_minute_run"]),
             )
         )
+    dec = _get(r, "sidecar", "decisions")
+    if dec:
+        ours = dec["ours"]["sequential"]["latency_ms"]
+        kernel = _get(dec, "kernel", "sequential", "latency_ms")
+        rows.append(
+            (
+                "7. mediated `POST /v1/evaluate` over loopback HTTP, our served sidecar, "
+                "sequential (p50 / p99, ms)",
+                f"{_n(ours['p50'], 2)} / {_n(ours['p99'], 2)}",
+                f"{_n(kernel['p50'], 2)} / {_n(kernel['p99'], 2)} (the kernel's sidecar, "
+                "ephemeral receipts)"
+                if kernel
+                else f"kernel not measured ({_get(dec, 'kernel', 'skipped')})",
+                f"{dec['ratio_p50_ours_vs_kernel']:.2f}x (p50)" if kernel else "-",
+                "(measured, no target)",
+                "-",
+            )
+        )
+    swt = _get(r, "sidecar", "worker_throughput")
+    if swt:
+        rows.append(
+            (
+                "7. activities/s on the dev server, interceptor via `HttpSidecar` to the served "
+                "sidecar (no-op sink)",
+                _n(swt["activities_per_s"]["http_sidecar"]),
+                f"{_n(swt['activities_per_s']['without_interceptor'])} (no interceptor)",
+                f"{swt['ratio_vs_without']:.2f}x",
+                "≥ 0.9x",
+                _n(swt["target_met"]),
+            )
+        )
     codec = _get(r, "micro", "codec")
     if codec:
         rows.append(
@@ -269,6 +300,31 @@ def _details(doc: dict[str, Any]) -> list[str]:
             out.append(
                 f"| {name} | {v['before_us']:.2f} | {v['after_us']:.2f} | {v['speedup']:.2f}x |"
             )
+    dec = _get(r, "sidecar", "decisions")
+    if dec:
+        out += [
+            "",
+            f"Sidecar decisions over HTTP ({dec['requests_per_block']} requests per block, "
+            f"{dec['reps']} interleaved repetitions; latency in ms):",
+            "",
+            "| server | callers | p50 | p99 | mean | requests/s | verdicts |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for server in ("ours", "kernel", "kernel_durable"):
+            node = dec.get(server, {})
+            if "skipped" in node:
+                out.append(f"| {server} | - | - | - | - | - | skipped: {node['skipped']} |")
+                continue
+            for block, b in node.items():
+                if not isinstance(b, dict) or "latency_ms" not in b:
+                    continue
+                callers = "1" if block == "sequential" else block.rsplit("_", 1)[1]
+                lat = b["latency_ms"]
+                mix = ", ".join(f"{k} {v}" for k, v in sorted(b["mix"].items()))
+                out.append(
+                    f"| {server} | {callers} | {_n(lat['p50'], 2)} | {_n(lat['p99'], 2)} | "
+                    f"{_n(lat['mean'], 2)} | {_n(b['requests_per_s'])} | {mix} |"
+                )
     if doc.get("errors"):
         out += ["", "Benchmarks that failed in this run:", ""]
         out += [f"- `{k}`: {v}" for k, v in doc["errors"].items()]
@@ -334,6 +390,21 @@ _COMPARED: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("end to end at 500/s, p50 ms", ("e2e", "to_clickhouse", "latency_ms", "p50"), False),
     ("end to end at 500/s, p95 ms", ("e2e", "to_clickhouse", "latency_ms", "p95"), False),
     ("codec encode, records/s", ("micro", "codec", "encode_per_s", "avro"), True),
+    (
+        "sidecar evaluate over HTTP, ours, sequential p50 ms",
+        ("sidecar", "decisions", "ours", "sequential", "latency_ms", "p50"),
+        False,
+    ),
+    (
+        "sidecar evaluate over HTTP, kernel, sequential p50 ms",
+        ("sidecar", "decisions", "kernel", "sequential", "latency_ms", "p50"),
+        False,
+    ),
+    (
+        "activities/s via HttpSidecar, ratio vs no interceptor",
+        ("sidecar", "worker_throughput", "ratio_vs_without"),
+        True,
+    ),
 )
 
 

@@ -2,9 +2,9 @@
 
     python -m bench.run [--size small|full] [--only NAME] [--out bench/results/latest.json]
 
-NAME is one of: micro, interceptor, producer, consumer, memory, e2e. The stack (a real Kafka
-broker and a real Temporal dev server) is started in a temporary directory and stopped at the
-end. A full run of everything also rewrites the generated part of ``docs/BENCHMARKS.md``.
+NAME is one of: micro, interceptor, producer, consumer, memory, e2e, sidecar. The stack (a real
+Kafka broker and a real Temporal dev server) is started in a temporary directory and stopped at
+the end. A full run of everything also rewrites the generated part of ``docs/BENCHMARKS.md``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ SECTIONS: dict[str, bool] = {
     "consumer": True,
     "memory": True,
     "e2e": True,
+    "sidecar": True,
 }
 
 
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("aiokafka", "temporalio", "kafka", "streamer", "chio_receipts"):
+    for noisy in ("aiokafka", "temporalio", "kafka", "streamer", "chio_receipts", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     names = args.only or list(SECTIONS)
     doc = asyncio.run(run_all(Size.of(args.size), names))

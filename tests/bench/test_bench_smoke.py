@@ -102,6 +102,41 @@ def test_end_to_end_and_memory(results: dict[str, Any]) -> None:
     assert mem["rss"]["ten_minute_run"] is False
 
 
+def _check_decisions(block: dict[str, Any], blocks: tuple[str, ...]) -> None:
+    for name in blocks:
+        b = block[name]
+        assert _positive(b["latency_ms"]["p50"])
+        assert _positive(b["latency_ms"]["mean"])
+        assert b["latency_ms"]["p99"] >= b["latency_ms"]["p50"]
+        assert _positive(b["requests_per_s"])
+        assert sum(b["mix"].values()) == b["latency_ms"]["n"]
+
+
+@pytest.mark.integration
+def test_sidecar_decisions_and_worker_throughput(results: dict[str, Any]) -> None:
+    sc = results["results"]["sidecar"]
+    dec = sc["decisions"]
+    _check_decisions(dec["ours"], ("sequential", "concurrency_8"))
+    # Every request is in scope: our sidecar allows all of them.
+    assert dec["ours"]["sequential"]["all_allow"]
+    assert dec["ours"]["concurrency_8"]["all_allow"]
+    kernel = dec["kernel"]
+    if "skipped" in kernel:  # the kernel's sidecar is not built: recorded, not an error
+        assert kernel["skipped"]
+        assert "skipped" in dec["kernel_durable"]
+    else:
+        _check_decisions(kernel, ("sequential", "concurrency_8"))
+        assert kernel["sequential"]["all_allow"]
+        assert kernel["concurrency_8"]["all_allow"]
+        _check_decisions(dec["kernel_durable"], ("sequential",))
+        assert _positive(dec["ratio_p50_ours_vs_kernel"])
+    wt = sc["worker_throughput"]
+    assert all(_positive(v) for v in wt["activities_per_s"].values())
+    assert _positive(wt["ratio_vs_without"])
+    # The interceptor really decided through the served sidecar: one allow per activity.
+    assert wt["receipts_allowed_last_rep"] == wt["workflows"] * wt["activities_per_workflow"]
+
+
 @pytest.mark.integration
 def test_micro_benchmarks(results: dict[str, Any]) -> None:
     micro = results["results"]["micro"]
