@@ -86,7 +86,7 @@ from chio_receipts.schemas._errors import (
     is_retriable,
 )
 from chio_receipts.schemas._kafka import KafkaConnection, SaslMechanism, Secret, SecurityProtocol
-from chio_receipts.schemas._lifecycle import AsyncCloseable, AsyncService
+from chio_receipts.schemas._lifecycle import AsyncCloseable, AsyncService, Closeable
 from chio_receipts.schemas._protocol import (
     CapabilityToken,
     EvaluationRequest,
@@ -156,6 +156,7 @@ __all__ = [
     "CapabilityVerification",
     "ChioReceiptsError",
     "ChioWireError",
+    "Closeable",
     "Codec",
     "CompletionSource",
     "ContractError",

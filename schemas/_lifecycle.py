@@ -6,7 +6,9 @@ Two shapes recur, and each has a base here:
 - :class:`AsyncService`: entering calls ``start()``, leaving calls ``stop()`` (consumers,
   exporters, streamers, spools, sinks);
 - :class:`AsyncCloseable`: entering hands the object back as it is, leaving calls ``aclose()``
-  (HTTP clients and what wraps them, the httpx convention).
+  (HTTP clients and what wraps them, the httpx convention);
+- :class:`Closeable`: the same with plain ``with`` and ``close()``, for objects whose I/O is
+  synchronous (the sidecar's SQLite store and data directory).
 
 Subclasses make ``start``, ``stop`` and ``aclose`` idempotent; the bases add no state.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 from typing import Self
 
-__all__ = ["AsyncCloseable", "AsyncService"]
+__all__ = ["AsyncCloseable", "AsyncService", "Closeable"]
 
 
 class AsyncService:
@@ -59,3 +61,22 @@ class AsyncCloseable:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+class Closeable:
+    """Base of an object that is usable once built and released with :meth:`close`.
+
+    ``with obj:`` returns ``obj`` and closes it on exit, exception or not.
+    """
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        """Release what the object owns (idempotent)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -23,10 +23,9 @@ import signal
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
-from chio_receipts.schemas import KeyPair
+from chio_receipts.schemas import Closeable, KeyPair
 from chio_receipts.sidecar._errors import StoreError
 from chio_receipts.sidecar._store import SidecarStore
 
@@ -101,7 +100,7 @@ def _read_seed(path: Path) -> bytes:
     return seed
 
 
-class DataDir:
+class DataDir(Closeable):
     """A sidecar data directory: opens (creating) the store and the signing key.
 
     A context manager; :meth:`lock` makes this process the serving one (a second ``serve`` on
@@ -194,17 +193,6 @@ class DataDir:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -28,10 +28,15 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
-from chio_receipts.schemas import CapabilityToken, now_us, verify_body, verify_kernel_receipt
+from chio_receipts.schemas import (
+    CapabilityToken,
+    Closeable,
+    now_us,
+    verify_body,
+    verify_kernel_receipt,
+)
 from chio_receipts.sidecar._errors import StoreError
 
 __all__ = ["ChioTokenRow", "LogFormat", "LogReport", "SidecarStore", "StoredKey"]
@@ -137,7 +142,7 @@ class LogReport:
         return not self.problems
 
 
-class SidecarStore:
+class SidecarStore(Closeable):
     """SQLite state of one sidecar (``path`` a file, or ``":memory:"``).
 
     A context manager; :meth:`close` is idempotent. Thread-safe: one connection, one lock.
@@ -189,17 +194,6 @@ class SidecarStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @contextmanager
     def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
