@@ -17,19 +17,15 @@ command is ready for a secured cluster with the same flags:
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
+from chio_receipts._options import option_group
 from chio_receipts.schemas import ContractError, KafkaConnection, Secret
 
 __all__ = ["kafka_options"]
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 _OPTIONS: dict[str, tuple[Any, Any]] = {
     "bootstrap": (
@@ -113,21 +109,5 @@ def connection_from_options(values: dict[str, Any]) -> KafkaConnection:
         raise typer.BadParameter(str(exc)) from exc
 
 
-def kafka_options(fn: F) -> F:
-    """Give command ``fn`` the Kafka flags; it receives them as ``kafka: KafkaConnection``."""
-    # eval_str: under ``from __future__ import annotations`` the command's own Annotated options
-    # are strings, and typer reads the explicit signature below as it is.
-    signature = inspect.signature(fn, eval_str=True)
-    kept = [p for p in signature.parameters.values() if p.name != "kafka"]
-    added = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hint)
-        for name, (hint, default) in _OPTIONS.items()
-    ]
-
-    @functools.wraps(fn)
-    def command(*args: Any, **kwargs: Any) -> Any:
-        values = {name: kwargs.pop(name) for name in _OPTIONS}
-        return fn(*args, kafka=connection_from_options(values), **kwargs)
-
-    command.__signature__ = signature.replace(parameters=kept + added)  # type: ignore[attr-defined]
-    return command  # type: ignore[return-value]
+kafka_options = option_group("kafka", _OPTIONS, connection_from_options)
+"""Give a command the Kafka flags; it receives them as ``kafka: KafkaConnection``."""

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.table import Table
 
 from chio_receipts import cli_consumers, cli_sidecar, cli_streamer
 from chio_receipts._config import load_config
 from chio_receipts._kafka_options import kafka_options
+from chio_receipts._logging import LogFormat
+from chio_receipts._logging import configure as configure_logging
+from chio_receipts._options import DEFAULT_METRICS_HOST, MetricsHost, MetricsPort
+from chio_receipts._temporal import TemporalConnection
+from chio_receipts._temporal_options import temporal_options
 from chio_receipts.schemas import KafkaConnection
 from chio_receipts.stack import (
     KAFKA_VERSION,
@@ -45,6 +50,21 @@ app.add_typer(dev, name="dev")
 app.add_typer(cli_sidecar.app, name="sidecar")
 cli_streamer.register(app)
 cli_consumers.register(app)
+
+
+@app.callback()
+def _root(
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            envvar="CHIO_LOG_FORMAT",
+            help="Log lines as plain text or as one JSON object per line "
+            "(time, level, logger, message).",
+        ),
+    ] = "text",
+) -> None:
+    """Signed receipts for every Temporal activity, streamed through Kafka into ClickHouse."""
+    configure_logging(log_format)
 
 
 def run_or_exit(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -153,16 +173,12 @@ def demo_command(
 
 @app.command("worker")
 @kafka_options
+@temporal_options
 def worker_command(
     *,
     kafka: KafkaConnection,
+    temporal: TemporalConnection,
     task_queue: Annotated[str, typer.Option(help="Task queue to serve.")] = "chio-demo",
-    temporal_address: Annotated[
-        str, typer.Option(envvar="CHIO_TEMPORAL_ADDRESS", help="Temporal frontend host:port.")
-    ] = "127.0.0.1:7233",
-    namespace: Annotated[
-        str, typer.Option(envvar="CHIO_TEMPORAL_NAMESPACE", help="Temporal namespace.")
-    ] = "default",
     sidecar_url: Annotated[
         str, typer.Option(envvar="CHIO_SIDECAR_URL", help="Policy sidecar URL.")
     ] = "http://127.0.0.1:9090",
@@ -177,6 +193,8 @@ def worker_command(
         ),
     ] = None,
     identity: Annotated[str | None, typer.Option(help="Worker identity.")] = None,
+    metrics_port: MetricsPort = None,
+    metrics_host: MetricsHost = DEFAULT_METRICS_HOST,
 ) -> None:
     """Run a demo worker: the demo's workflows and activities behind the interceptor."""
     import os
@@ -184,6 +202,7 @@ def worker_command(
 
     from chio_receipts.demo._worker import DEFAULT_SCOPE, WorkerSettings, run_worker
     from chio_receipts.interceptor import ArgumentKey, ChioClient
+    from chio_receipts.streamer import StreamerMetrics, start_metrics_server
 
     cfg = load_config()
     secret = os.environ.get("CHIO_ARGUMENT_KEY")
@@ -192,6 +211,11 @@ def worker_command(
     else:
         err.print("warning: CHIO_ARGUMENT_KEY not set; argument digests use a per-process key")
         key = ArgumentKey.generate()
+    metrics = None
+    if metrics_port is not None:
+        registry = CollectorRegistry(auto_describe=True)
+        metrics = StreamerMetrics(registry)
+        start_metrics_server(metrics_port, registry, addr=metrics_host)
 
     async def main() -> None:
         capability = default_capability
@@ -207,8 +231,10 @@ def worker_command(
             loop.add_signal_handler(sig, stop.set)
         await run_worker(
             WorkerSettings(
-                temporal_address=temporal_address,
-                namespace=namespace,
+                temporal_address=temporal.address,
+                namespace=temporal.namespace,
+                temporal=temporal,
+                metrics=metrics,
                 sidecar_url=sidecar_url,
                 kafka=kafka,
                 spool_dir=spool_dir or cfg.data_dir / f"spool-{task_queue}",
@@ -225,5 +251,4 @@ def worker_command(
 
 def main() -> None:
     """Console-script entry point."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

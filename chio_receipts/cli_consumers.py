@@ -8,20 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
+from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import typer
+from prometheus_client import start_http_server
 from rich.console import Console
 from rich.table import Table
 
+from chio_receipts._config import load_config
 from chio_receipts._kafka_options import kafka_options
+from chio_receipts._logging import use_level as use_log_level
+from chio_receipts._options import DEFAULT_METRICS_HOST, MetricsHost, MetricsPort
 from chio_receipts.consumers import (
     BuilderConfig,
     ClickHouseConfig,
@@ -43,12 +51,14 @@ from chio_receipts.schemas import (
     TopicNames,
     retry_async,
 )
+from chio_receipts.stack import default_clickhouse_dsn
 
 __all__ = [
     "builder_key",
     "consume",
     "query",
     "register",
+    "render_rows",
     "siem_export",
     "verify",
 ]
@@ -59,7 +69,8 @@ _out = Console(highlight=False)
 
 
 def _default_dsn() -> str:
-    return f"chdb://{Path('.data/clickhouse').resolve()}"
+    # The same database `dev up` and the demo write: <CHIO_DATA_DIR>/clickhouse.
+    return default_clickhouse_dsn(load_config().data_dir)
 
 
 RegistryUrl = Annotated[
@@ -74,7 +85,8 @@ Dsn = Annotated[
     typer.Option(
         "--dsn",
         envvar="CHIO_CLICKHOUSE_DSN",
-        help="chdb:///path (embedded, default .data/clickhouse) or http(s)://user:pw@host:port/db",
+        help="chdb:///path (embedded, default <CHIO_DATA_DIR>/clickhouse) or "
+        "http(s)://user:pw@host:port/db",
     ),
 ]
 KeysFile = Annotated[
@@ -143,10 +155,7 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("CHIO_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    use_log_level(os.environ.get("CHIO_LOG_LEVEL", "INFO"))
 
 
 class _Service(Protocol):
@@ -199,9 +208,8 @@ def consume(
         float, typer.Option(help="wait this long for missing steps before an incomplete envelope")
     ] = 60.0,
     ttl_days: Annotated[int | None, typer.Option(help="ClickHouse TTL of receipts")] = None,
-    metrics_port: Annotated[
-        int | None, typer.Option(envvar="CHIO_METRICS_PORT", help="Prometheus port (127.0.0.1)")
-    ] = None,
+    metrics_port: MetricsPort = None,
+    metrics_host: MetricsHost = DEFAULT_METRICS_HOST,
     registry_url: RegistryUrl = None,
 ) -> None:
     """Build signed workflow envelopes from the receipt topics into ClickHouse (exactly once)."""
@@ -223,9 +231,7 @@ def consume(
         )
         service = ReceiptBuilderService(config)
         if metrics_port is not None:
-            from prometheus_client import start_http_server
-
-            start_http_server(metrics_port, addr="127.0.0.1", registry=service.metrics.registry)
+            start_http_server(metrics_port, addr=metrics_host, registry=service.metrics.registry)
         asyncio.run(_run_until_signalled(service))
     except ConsumerError as exc:
         raise _fail(str(exc)) from None
@@ -256,6 +262,8 @@ def siem_export(
     drop_denies: Annotated[
         bool, typer.Option(help="explicitly drop denials too (otherwise never dropped)")
     ] = False,
+    metrics_port: MetricsPort = None,
+    metrics_host: MetricsHost = DEFAULT_METRICS_HOST,
     registry_url: RegistryUrl = None,
 ) -> None:
     """Export receipts as OCSF API Activity events to a file, Splunk, Elastic or syslog."""
@@ -277,7 +285,10 @@ def siem_export(
             drop_denies=drop_denies,
             registry_url=registry_url,
         )
-        asyncio.run(_run_until_signalled(SiemExporter(config)))
+        exporter = SiemExporter(config)
+        if metrics_port is not None:
+            start_http_server(metrics_port, addr=metrics_host, registry=exporter.metrics.registry)
+        asyncio.run(_run_until_signalled(exporter))
     except ConsumerError as exc:
         raise _fail(str(exc)) from None
 
@@ -302,11 +313,22 @@ def _open_for_read(dsn: str) -> Any:
         raise _fail(f"cannot open ClickHouse: {exc}") from None
 
 
+QueryFormat = Literal["table", "csv", "tsv", "json", "jsonl"]
+
+
 def query(
     sql: Annotated[str, typer.Argument(help="the SQL to run (read-only use)")],
     dsn: Dsn = None,
+    output_format: Annotated[
+        QueryFormat,
+        typer.Option(
+            "--format",
+            help="table (for people), csv or tsv (with a header line), json (one array) or "
+            "jsonl (one object per line)",
+        ),
+    ] = "table",
 ) -> None:
-    """Run a SQL query on the receipt database and print the result as a table."""
+    """Run a SQL query on the receipt database and print the result (a table by default)."""
     client = _open_for_read(dsn or _default_dsn())
     try:
         result = client.query(sql)
@@ -315,18 +337,73 @@ def query(
     finally:
         with contextlib.suppress(Exception):
             client.close()
-    table = Table(show_lines=False)
-    for name in result.column_names:
-        table.add_column(str(name))
-    for row in result.result_rows:
-        table.add_row(*(_cell(v) for v in row))
-    _out.print(table)
-    _out.print(f"{len(result.result_rows)} row(s)", style="dim")
+    names = [str(name) for name in result.column_names]
+    rows = result.result_rows
+    if output_format == "table":
+        table = Table(show_lines=False)
+        for name in names:
+            table.add_column(name)
+        for row in rows:
+            table.add_row(*(_cell(v) for v in row))
+        _out.print(table)
+        _out.print(f"{len(rows)} row(s)", style="dim")
+    else:
+        sys.stdout.write(render_rows(names, rows, output_format))
+
+
+def render_rows(names: list[str], rows: Sequence[Sequence[Any]], output_format: str) -> str:
+    """``rows`` (with column ``names``) as csv, tsv, json or jsonl text; binary values as hex."""
+    if output_format in ("json", "jsonl"):
+        documents = [{n: _plain(v) for n, v in zip(names, row, strict=True)} for row in rows]
+        if output_format == "json":
+            return json.dumps(documents, ensure_ascii=False, indent=2) + "\n"
+        return "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in documents)
+    if output_format == "tsv":
+        # ClickHouse's TabSeparatedWithNames escaping: one record per line whatever the values.
+        lines = ["\t".join(_tsv(n) for n in names)]
+        lines += ["\t".join(_tsv(_text(v)) for v in row) for row in rows]
+        return "".join(line + "\n" for line in lines)
+    if output_format == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(names)
+        writer.writerows([_text(v) for v in row] for row in rows)
+        return buffer.getvalue()
+    raise ValueError(f"unknown output format {output_format!r}")
 
 
 def _cell(value: Any) -> str:
     if isinstance(value, bytes):
         return value.hex()
+    return str(value)
+
+
+def _text(value: Any) -> str:
+    """A value as one csv/tsv field: NULL is empty, composite values are JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(_plain(value), ensure_ascii=False)
+    plain = _plain(value)
+    return plain if isinstance(plain, str) else json.dumps(plain)
+
+
+def _tsv(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON data: bytes as hex, times as ISO 8601, decimals and UUIDs as text."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(v) for v in value]
     return str(value)
 
 

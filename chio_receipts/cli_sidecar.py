@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from chio_receipts._config import load_config
+from chio_receipts._logging import use_level as use_log_level
 from chio_receipts.sidecar import (
     DEFAULT_MAX_BODY,
     DataDir,
@@ -89,7 +90,7 @@ def serve(
     State (capabilities, revocations, public keys, the receipt log) and the signing key live in
     the data directory and survive restarts; SIGHUP loads a key made by ``sidecar keys rotate``.
     """
-    logging.basicConfig(level=log_level.upper())
+    use_log_level(log_level)
     log = logging.getLogger(__name__)
     if host not in ("127.0.0.1", "::1", "localhost") and token is None:
         log.warning(

@@ -2,7 +2,8 @@
 
 The root app registers them with :func:`register`. Environment variables are read here (typer
 ``envvar``), nowhere deeper. Both take the Kafka connection flags of ``@kafka_options``
-(bootstrap, security protocol, SASL, TLS).
+(bootstrap, security protocol, SASL, TLS); ``watch`` also takes the Temporal connection flags of
+``@temporal_options`` (address, namespace, TLS, API key).
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from typing import Annotated
 import typer
 from prometheus_client import CollectorRegistry
 from rich.console import Console
-from temporalio.client import Client
 
 from chio_receipts._kafka_options import kafka_options
-from chio_receipts.schemas import KafkaConnection
+from chio_receipts._logging import use_level as use_log_level
+from chio_receipts._options import DEFAULT_METRICS_HOST, MetricsHost, MetricsPort
+from chio_receipts._temporal import TemporalConnection
+from chio_receipts._temporal_options import temporal_options
+from chio_receipts.schemas import ContractError, KafkaConnection
 from chio_receipts.streamer import (
     CompletionWatcher,
     ReceiptStreamer,
@@ -93,13 +97,11 @@ def ensure(
 
 
 @kafka_options
+@temporal_options
 def watch(
     *,
     kafka: KafkaConnection,
-    temporal: Annotated[
-        str, typer.Option(envvar="CHIO_TEMPORAL_ADDRESS", help="Temporal frontend host:port")
-    ] = "127.0.0.1:7233",
-    namespace: Annotated[str, typer.Option(envvar="CHIO_TEMPORAL_NAMESPACE")] = "default",
+    temporal: TemporalConnection,
     prefix: Prefix = "",
     state_dir: Annotated[
         Path,
@@ -116,13 +118,12 @@ def watch(
     query_filter: Annotated[
         str, typer.Option(help="Extra visibility filter ANDed to the query, e.g. TaskQueue=...")
     ] = "",
-    metrics_port: Annotated[
-        int | None, typer.Option(envvar="CHIO_METRICS_PORT", help="Prometheus port (127.0.0.1)")
-    ] = None,
+    metrics_port: MetricsPort = None,
+    metrics_host: MetricsHost = DEFAULT_METRICS_HOST,
     once: Annotated[bool, typer.Option(help="Poll once and exit.")] = False,
 ) -> None:
     """Emit a run-completion event for every workflow run that closes on the Temporal server."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    use_log_level(logging.INFO)
     start_from = (
         datetime.now(UTC) - timedelta(hours=lookback_hours) if lookback_hours is not None else None
     )
@@ -143,26 +144,25 @@ def watch(
     registry = CollectorRegistry(auto_describe=True)
     metrics = StreamerMetrics(registry)
     if metrics_port is not None:
-        start_metrics_server(metrics_port, registry)
+        start_metrics_server(metrics_port, registry, addr=metrics_host)
     try:
-        asyncio.run(_watch(temporal, namespace, streamer_config, watcher_config, metrics, once))
+        asyncio.run(_watch(temporal, streamer_config, watcher_config, metrics, once))
     except StreamerError as exc:
         _err.print(f"[red]watcher failed:[/red] {exc}")
         raise typer.Exit(1) from None
 
 
 async def _watch(
-    address: str,
-    namespace: str,
+    temporal: TemporalConnection,
     streamer_config: StreamerConfig,
     watcher_config: WatcherConfig,
     metrics: StreamerMetrics,
     once: bool,
 ) -> None:
     try:
-        client = await asyncio.wait_for(Client.connect(address, namespace=namespace), 30)
-    except (TimeoutError, RuntimeError, OSError) as exc:
-        _err.print(f"[red]cannot connect to Temporal at {address}:[/red] {exc}")
+        client = await asyncio.wait_for(temporal.connect(), 30)
+    except (TimeoutError, RuntimeError, OSError, ContractError) as exc:
+        _err.print(f"[red]cannot connect to Temporal at {temporal.address}:[/red] {exc}")
         raise typer.Exit(1) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -140,11 +140,18 @@ async def serve_sidecar(
 
     ``on_reload`` runs on SIGHUP, on the event loop between requests (``sidecar keys rotate``
     sends it so the new signing key is used at once); a failed reload is logged and the
-    sidecar keeps its current key.
+    sidecar keeps its current key. uvicorn installs no handlers of its own: its records go to
+    the root logger, in the one format the process chose.
     """
     app = create_sidecar_app(sidecar, token=token, max_body_bytes=max_body_bytes)
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, lifespan="off", timeout_keep_alive=5
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=None,
+        lifespan="off",
+        timeout_keep_alive=5,
     )
     loop = asyncio.get_running_loop()
     if on_reload is not None:

@@ -66,5 +66,5 @@ class StreamerMetrics:
 def start_metrics_server(
     port: int, registry: CollectorRegistry, *, addr: str = "127.0.0.1"
 ) -> None:
-    """Serve ``registry`` at ``http://addr:port/metrics`` (daemon thread; loopback)."""
+    """Serve ``registry`` at ``http://addr:port/metrics`` (daemon thread; loopback by default)."""
     start_http_server(port, addr=addr, registry=registry)

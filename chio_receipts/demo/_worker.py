@@ -17,6 +17,7 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from chio_receipts._temporal import TemporalConnection
 from chio_receipts.demo._activities import ALL_ACTIVITIES
 from chio_receipts.demo._workflows import ALL_WORKFLOWS
 from chio_receipts.interceptor import (
@@ -28,7 +29,7 @@ from chio_receipts.interceptor import (
     WorkflowGrant,
 )
 from chio_receipts.schemas import KafkaConnection
-from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig
+from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, StreamerMetrics, TopicsConfig
 
 __all__ = [
     "DEFAULT_SCOPE",
@@ -66,6 +67,15 @@ class WorkerSettings:
     argument_key: ArgumentKey = field(repr=False)
     default_capability_id: str | None = None
     identity: str | None = None
+    temporal: TemporalConnection | None = None
+    metrics: StreamerMetrics | None = None
+
+    def temporal_connection(self) -> TemporalConnection:
+        """How to reach Temporal: ``temporal`` when given (TLS, API key), else plaintext to
+        ``temporal_address`` in ``namespace``."""
+        if self.temporal is not None:
+            return self.temporal
+        return TemporalConnection(address=self.temporal_address, namespace=self.namespace)
 
 
 def task_queue_resolver(token: CapabilityToken) -> GrantResolver:
@@ -97,7 +107,8 @@ async def demo_worker(
                     spool_dir=str(settings.spool_dir),
                     topics=settings.topics,
                     client_id=f"chio-demo-{settings.task_queue}",
-                )
+                ),
+                metrics=settings.metrics,
             )
         )
         resolver = None
@@ -115,7 +126,7 @@ async def demo_worker(
             identity=settings.identity,
         )
         if client is None:
-            client = await Client.connect(settings.temporal_address, namespace=settings.namespace)
+            client = await settings.temporal_connection().connect()
         worker = Worker(
             client,
             task_queue=settings.task_queue,

@@ -37,7 +37,8 @@ def test_topics_ensure_and_watch_once(
     watched = runner.invoke(
         _app(),
         [
-            "watch", "--once", "--bootstrap", kafka_bootstrap, "--temporal", temporal_address,
+            "watch", "--once", "--bootstrap", kafka_bootstrap,
+            "--temporal-address", temporal_address,
             "--prefix", prefix, "--state-dir", str(tmp_path / "w"),
             "--query-filter", f'TaskQueue = "{unique("none")}"',
         ],

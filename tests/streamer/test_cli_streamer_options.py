@@ -88,7 +88,7 @@ def test_topics_ensure_without_a_sasl_password_is_a_usage_error(
 def test_watch_takes_the_kafka_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     seen: dict[str, Any] = {}
 
-    async def record(address: str, namespace: str, streamer_config: Any, *_: Any) -> None:
+    async def record(temporal: object, streamer_config: Any, *_: Any) -> None:
         seen["kafka"] = streamer_config.kafka
 
     monkeypatch.setattr(cli_streamer, "_watch", record)
