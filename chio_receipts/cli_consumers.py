@@ -159,6 +159,9 @@ def _setup_logging() -> None:
 
 
 class _Service(Protocol):
+    @property
+    def metrics(self) -> Any: ...
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -229,10 +232,7 @@ def consume(
             grace_seconds=grace_seconds,
             registry_url=registry_url,
         )
-        service = ReceiptBuilderService(config)
-        if metrics_port is not None:
-            start_http_server(metrics_port, addr=metrics_host, registry=service.metrics.registry)
-        asyncio.run(_run_until_signalled(service))
+        _serve(ReceiptBuilderService(config), metrics_port, metrics_host)
     except ConsumerError as exc:
         raise _fail(str(exc)) from None
 
@@ -285,12 +285,16 @@ def siem_export(
             drop_denies=drop_denies,
             registry_url=registry_url,
         )
-        exporter = SiemExporter(config)
-        if metrics_port is not None:
-            start_http_server(metrics_port, addr=metrics_host, registry=exporter.metrics.registry)
-        asyncio.run(_run_until_signalled(exporter))
+        _serve(SiemExporter(config), metrics_port, metrics_host)
     except ConsumerError as exc:
         raise _fail(str(exc)) from None
+
+
+def _serve(service: _Service, metrics_port: int | None, metrics_host: str) -> None:
+    """Serve ``service``'s metrics (when a port is given) and run it until SIGINT/SIGTERM."""
+    if metrics_port is not None:
+        start_http_server(metrics_port, addr=metrics_host, registry=service.metrics.registry)
+    asyncio.run(_run_until_signalled(service))
 
 
 def _open_for_read(dsn: str) -> Any:
