@@ -21,7 +21,7 @@ fail() {
 
 fresh=1
 for name in "${BINARIES[@]}"; do
-  if [ ! -x "$BIN/$name" ] || [ -n "$(find kernel -type f -newer "$BIN/$name" -print -quit)" ]; then
+  if [ ! -x "$BIN/$name" ] || [ -n "$(find kernel -path kernel/target -prune -o -type f -newer "$BIN/$name" -print -quit)" ]; then
     fresh=0
   fi
 done
