@@ -24,7 +24,7 @@ def kernel_binary(name: str) -> Path:
     """The path of a kernel binary, or skip the test with what to run."""
     path = kernel_bin_dir() / name
     if not os.access(path, os.X_OK):
-        pytest.skip(f"{name} is not built: run `make kernel` (Rust 1.93+, one ~20 minute build)")
+        pytest.skip(f"{name} is not built: run `make kernel` (Rust 1.93+, 20-50 minutes once)")
     return path
 
 

@@ -200,21 +200,40 @@ def test_minted_token_verifies_with_our_verifier(sidecar: Sidecar) -> None:
     assert not schemas.verify_capability_token(forged).valid
 
 
-def test_in_scope_call_is_allowed_and_out_of_scope_denied(sidecar: Sidecar) -> None:
+def test_in_scope_call_is_authorized_and_out_of_scope_denied(sidecar: Sidecar) -> None:
     token = _mint(sidecar, "agent-evaluate", [SCOPE])
     parameters = {"amount": 12.5, "currency": "EUR", "note": "café ☕", "ratio": 0.1 + 0.2}
 
     allowed = _evaluate(sidecar, token, "charge_card", parameters)
     assert allowed.status_code == 200, allowed.text
     assert allowed.json()["status"] == "authorized", allowed.text
-    assert allowed.json()["execution_nonce"] is not None
-    _check_receipt(sidecar, allowed.json()["receipt"], token, "charge_card", parameters, "allow")
+    receipt = allowed.json()["receipt"]
+    # The kernel's allow is a pre-execution authorization: the receipt's verdict is
+    # "incomplete" until the tool runs, and the call is bound by a signed execution nonce.
+    _check_receipt(sidecar, receipt, token, "charge_card", parameters, "incomplete")
+    assert receipt["decision"]["reason"].startswith("pre-execution authorization reserved")
+    assert receipt["metadata"]["execution_nonce"]["stage"] == "authorization"
+    assert receipt["metadata"]["execution_nonce"]["tool_dispatched"] is False
+    nonce = allowed.json()["execution_nonce"]
+    assert nonce["nonce"]["bound_to"] == {
+        "subject_id": token["subject"],
+        "request_id": receipt["metadata"]["receipt_context"]["request_id"],
+        "capability_id": token["id"],
+        "tool_server": "temporal",
+        "tool_name": "charge_card",
+        "parameter_hash": schemas.parameter_hash(parameters),
+    }
+    verify_key = nacl.signing.VerifyKey(bytes.fromhex(sidecar.kernel_key))
+    verify_key.verify(schemas.canonical_json(nonce["nonce"]), bytes.fromhex(nonce["signature"]))
 
     denied = _evaluate(sidecar, token, "refund_card", parameters)
     assert denied.status_code == 200, denied.text
     assert denied.json()["status"] == "deny", denied.text
     assert denied.json()["execution_nonce"] is None
-    _check_receipt(sidecar, denied.json()["receipt"], token, "refund_card", parameters, "deny")
+    receipt = denied.json()["receipt"]
+    _check_receipt(sidecar, receipt, token, "refund_card", parameters, "deny")
+    assert receipt["decision"]["guard"] == "kernel"
+    assert "not in capability scope" in receipt["decision"]["reason"]
 
 
 def test_released_capability_is_denied(sidecar: Sidecar) -> None:
@@ -222,6 +241,7 @@ def test_released_capability_is_denied(sidecar: Sidecar) -> None:
     before = _evaluate(sidecar, token, "charge_card", {"amount": 1})
     assert before.status_code == 200, before.text
     assert before.json()["status"] == "authorized", before.text
+    assert before.json()["receipt"]["decision"]["verdict"] == "incomplete"
 
     with sidecar.client(control=True) as http:
         released = http.post("/v1/capabilities/release", json={"capability_id": token["id"]})
@@ -262,8 +282,8 @@ def test_durable_receipts_deny_every_call(tmp_path: Path) -> None:
         response = _evaluate(durable, token, "charge_card", {"amount": 1})
         assert response.status_code == 200, response.text
         assert response.json()["status"] == "deny", response.text
-        _check_receipt(
-            durable, response.json()["receipt"], token, "charge_card", {"amount": 1}, "deny"
-        )
+        receipt = response.json()["receipt"]
+        _check_receipt(durable, receipt, token, "charge_card", {"amount": 1}, "deny")
+        assert "atomic admission participant" in receipt["decision"]["reason"]
     finally:
         _stop(durable)
