@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` (the main job) and `make test` (every test).
 # Each is complete on its own: it creates .venv, installs pinned packages, fetches the Kafka jars.
-.PHONY: setup demo test lint test-faults bench clean
+.PHONY: setup demo test lint test-faults bench clean kernel test-kernel
 
 setup:
 	@scripts/setup.sh
@@ -19,6 +19,14 @@ test: lint
 
 test-faults: setup
 	.venv/bin/pytest -m slow tests/faults
+
+# The real Chio kernel (kernel/, Rust): built once into .cache/kernel/bin, ~20 minutes the first
+# time, so it is not part of `make test`; its tests skip there when the binaries are absent.
+kernel:
+	@scripts/kernel.sh
+
+test-kernel: setup kernel
+	.venv/bin/pytest -m kernel tests/kernel
 
 bench: setup
 	.venv/bin/python -m bench.run --size full
