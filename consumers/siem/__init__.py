@@ -13,12 +13,19 @@ from chio_receipts.consumers.siem._exporter import ExporterConfig, SiemExporter
 from chio_receipts.consumers.siem._filter import EventFilter
 from chio_receipts.consumers.siem._hec import HecOutput
 from chio_receipts.consumers.siem._jsonl import JsonLinesOutput
-from chio_receipts.consumers.siem._ocsf import OCSF_VERSION, envelope_to_ocsf, is_deny, step_to_ocsf
+from chio_receipts.consumers.siem._ocsf import (
+    OCSF_PROFILES,
+    OCSF_VERSION,
+    envelope_to_ocsf,
+    is_deny,
+    step_to_ocsf,
+)
 from chio_receipts.consumers.siem._output import Output
 from chio_receipts.consumers.siem._spec import OutputSpec, make_output, parse_output
 from chio_receipts.consumers.siem._syslog import SyslogOutput
 
 __all__ = [
+    "OCSF_PROFILES",
     "OCSF_VERSION",
     "ElasticOutput",
     "EventFilter",

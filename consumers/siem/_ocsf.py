@@ -1,5 +1,10 @@
-"""OCSF 1.x API Activity (class_uid 6003) events for step receipts and envelopes (pure).
+"""OCSF 1.5.0 API Activity (class_uid 6003) events for step receipts and envelopes (pure).
 
+Every event declares the ``security_control`` profile in ``metadata.profiles``: it carries that
+profile's ``action``/``action_id`` (the policy verdict) and ``disposition``/``disposition_id``.
+``src_endpoint`` is the worker that ran the activity (Temporal's worker identity, by default
+``pid@host``, whose host part becomes ``hostname``); ``actor`` is the agent (the capability's
+subject) acting for the workflow (``app_name`` the workflow type, ``app_uid`` the workflow id).
 Times are OCSF timestamps (milliseconds since the epoch); the receipt id is ``metadata.uid`` so
 SIEMs can deduplicate. Nothing from activity arguments is present: receipts only carry a keyed
 digest of them.
@@ -7,16 +12,30 @@ digest of them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["OCSF_VERSION", "envelope_to_ocsf", "is_deny", "step_to_ocsf"]
+__all__ = ["OCSF_PROFILES", "OCSF_VERSION", "envelope_to_ocsf", "is_deny", "step_to_ocsf"]
 
-OCSF_VERSION = "1.3.0"
+OCSF_VERSION = "1.5.0"
+OCSF_PROFILES: tuple[str, ...] = ("security_control",)
 _CLASS_UID = 6003
 _CATEGORY_UID = 6
 _ACTIVITY_OTHER = 99
 _PRODUCT = {"name": "chio-receipts", "vendor_name": "chio"}
+
+# status_id: 0 Unknown, 1 Success, 2 Failure, 99 Other (see ``status``).
+_UNKNOWN, _SUCCESS, _FAILURE, _OTHER = 0, 1, 2, 99
+# How a run closed (the envelope's ``outcome``) -> (status_id, status).
+_RUN_STATUS: dict[str, tuple[int, str]] = {
+    "success": (_SUCCESS, "Success"),
+    "failure": (_FAILURE, "Failure"),
+    "cancelled": (_FAILURE, "Failure"),
+    "terminated": (_FAILURE, "Failure"),
+    "timed_out": (_FAILURE, "Failure"),
+    # Not a failure: the run handed its work on to a new run of the same workflow.
+    "continued_as_new": (_OTHER, "Continued As New"),
+}
 
 
 def _base(activity_name: str, time_ms: int, allowed: bool) -> dict[str, Any]:
@@ -39,6 +58,33 @@ def _base(activity_name: str, time_ms: int, allowed: bool) -> dict[str, Any]:
     }
 
 
+def _metadata(uid: str, correlation_uid: str, log_name: str) -> dict[str, Any]:
+    return {
+        "uid": uid,
+        "version": OCSF_VERSION,
+        "profiles": list(OCSF_PROFILES),
+        "product": _PRODUCT,
+        "correlation_uid": correlation_uid,
+        "log_name": log_name,
+    }
+
+
+def _worker_endpoint(identity: str) -> dict[str, Any]:
+    """``src_endpoint`` for a Temporal worker identity (``pid@host`` unless the worker set one)."""
+    endpoint: dict[str, Any] = {"name": identity or "unknown"}
+    _, at, host = identity.rpartition("@")
+    if at and host:
+        endpoint["hostname"] = host
+    return endpoint
+
+
+def _actor(subject: str | None, workflow_type: str, workflow_id: str) -> dict[str, Any]:
+    actor: dict[str, Any] = {"app_name": workflow_type or "workflow", "app_uid": workflow_id}
+    if subject:
+        actor["user"] = {"name": subject, "uid": subject}
+    return actor
+
+
 def is_deny(event: Mapping[str, Any]) -> bool:
     """True for an OCSF event this module made from a denial."""
     return event.get("action_id") == 2
@@ -49,17 +95,19 @@ def step_to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
     verdict = str(record["verdict"])
     allowed = verdict == "ALLOW"
     event = _base(str(record["action"]) or "invoke", int(record["evaluated_at"]) // 1000, allowed)
+    actor = _actor(record["subject"], record["workflow_type"], record["workflow_id"])
+    actor["session"] = {"uid": record["capability_id"]}
+    actor["authorizations"] = [
+        {"decision": "allow" if allowed else "deny", "policy": {"uid": record["capability_id"]}}
+    ]
     event.update(
         {
-            "status_id": 1 if allowed else 2,
+            "status_id": _SUCCESS if allowed else _FAILURE,
             "status": "Success" if allowed else "Failure",
             "status_detail": record["reason"],
             "message": f"{verdict} {record['resource']}: {record['reason']}",
-            "actor": {
-                "user": {"name": record["subject"], "uid": record["subject"]},
-                "app_name": record["worker_identity"],
-                "session": {"uid": record["capability_id"]},
-            },
+            "src_endpoint": _worker_endpoint(record["worker_identity"]),
+            "actor": actor,
             "api": {
                 "operation": record["activity_type"],
                 "service": {"name": record["tool_server"]},
@@ -68,13 +116,11 @@ def step_to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
             "resources": [
                 {"name": record["tool"], "type": "tool", "uid": record["resource"]},
             ],
-            "metadata": {
-                "uid": record["receipt_id"],
-                "version": OCSF_VERSION,
-                "product": _PRODUCT,
-                "correlation_uid": f"{record['workflow_id']}/{record['run_id']}",
-                "log_name": "chio.receipts.steps",
-            },
+            "metadata": _metadata(
+                record["receipt_id"],
+                f"{record['workflow_id']}/{record['run_id']}",
+                "chio.receipts.steps",
+            ),
             "unmapped": {
                 "namespace": record["namespace"],
                 "workflow_id": record["workflow_id"],
@@ -84,6 +130,7 @@ def step_to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
                 "activity_id": record["activity_id"],
                 "attempt": record["attempt"],
                 "verdict": verdict,
+                "worker_identity": record["worker_identity"],
                 "scope": list(record["scope"]),
                 "capability_chain": list(record["capability_chain"]),
                 "argument_digest": record["argument_digest"],
@@ -95,42 +142,68 @@ def step_to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+def _distinct(steps: Sequence[Mapping[str, Any]], name: str) -> list[str]:
+    return list(dict.fromkeys(str(s[name]) for s in steps if s.get(name)))
+
+
 def envelope_to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
-    """Map a plain WorkflowReceipt record (timestamps as int µs) to one OCSF event per run."""
+    """Map a plain WorkflowReceipt record (timestamps as int µs) to one OCSF event per run.
+
+    ``src_endpoint`` and ``actor.user`` come from the run's first step (steps are in receipt-id,
+    i.e. time, order); every distinct worker and subject is listed in ``unmapped``. A run without
+    steps has the Temporal service as its source and the workflow alone as its actor.
+    """
     meta = dict(record["metadata"])
+    steps: list[Mapping[str, Any]] = list(record.get("steps") or ())
+    workers, subjects = _distinct(steps, "worker_identity"), _distinct(steps, "subject")
     allowed = int(record["deny_count"]) == 0
     time_us = record["completed_at"] if record["completed_at"] is not None else record["started_at"]
-    uid = f"{record['workflow_id']}/{record['run_id']}/{meta.get('revision', '1')}"
+    run = f"{record['workflow_id']}/{record['run_id']}"
+    outcome = str(record["outcome"]).lower()
+    status_id, status = _RUN_STATUS.get(outcome, (_UNKNOWN, "Unknown"))
+    detail = outcome
+    if outcome == "continued_as_new" and meta.get("continued_as_new_run_id"):
+        detail = f"continued_as_new as run {meta['continued_as_new_run_id']}"
+    source: dict[str, Any] = _worker_endpoint(workers[0]) if workers else {"svc_name": "temporal"}
+    if not workers and meta.get("namespace"):
+        source["name"] = meta["namespace"]
     event = _base("workflow_run", int(time_us) // 1000, allowed)
     event.update(
         {
-            "status_id": 1 if record["outcome"] == "success" else 2,
-            "status": "Success" if record["outcome"] == "success" else "Failure",
+            "status_id": status_id,
+            "status": status,
+            "status_detail": detail,
             "message": (
-                f"run {record['outcome']}: {record['step_count']} steps, "
-                f"{record['deny_count']} denied"
+                f"run {outcome}: {record['step_count']} steps, {record['deny_count']} denied"
+            ),
+            "src_endpoint": source,
+            "actor": _actor(
+                subjects[0] if subjects else None,
+                meta.get("workflow_type", ""),
+                str(record["workflow_id"]),
             ),
             "api": {
-                "operation": meta.get("workflow_type", ""),
+                "operation": meta.get("workflow_type", "") or "workflow_run",
                 "service": {"name": "temporal"},
-                "request": {"uid": f"{record['workflow_id']}/{record['run_id']}"},
+                "request": {"uid": run},
             },
-            "resources": [{"name": record["workflow_id"], "type": "workflow_run"}],
-            "metadata": {
-                "uid": uid,
-                "version": OCSF_VERSION,
-                "product": _PRODUCT,
-                "correlation_uid": f"{record['workflow_id']}/{record['run_id']}",
-                "log_name": "chio.receipts.envelopes",
-            },
+            "resources": [{"name": record["workflow_id"], "type": "workflow_run", "uid": run}],
+            "metadata": _metadata(
+                f"{run}/{meta.get('revision', '1')}", run, "chio.receipts.envelopes"
+            ),
             "unmapped": {
+                "namespace": meta.get("namespace"),
+                "outcome": outcome,
                 "step_count": record["step_count"],
                 "allow_count": record["allow_count"],
                 "deny_count": record["deny_count"],
+                "worker_identities": workers,
+                "subjects": subjects,
                 "complete": meta.get("complete"),
                 "missing_steps": meta.get("missing_steps"),
                 "chain_root": meta.get("chain_root"),
                 "revision": meta.get("revision"),
+                "continued_as_new_run_id": meta.get("continued_as_new_run_id"),
             },
         }
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import signal
 import subprocess
@@ -14,7 +15,12 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from chio_receipts.consumers import parse_dead_letter_headers
+from chio_receipts.consumers import (
+    BuilderConfig,
+    ClickHouseConfig,
+    ReceiptBuilderService,
+    parse_dead_letter_headers,
+)
 from chio_receipts.consumers._wire import decode_plain
 from chio_receipts.consumers.siem import (
     ElasticOutput,
@@ -23,11 +29,12 @@ from chio_receipts.consumers.siem import (
     SyslogOutput,
     parse_output,
 )
-from chio_receipts.schemas import KafkaConnection, KeyPair, TopicNames
-from tests.support.consumer_factory import signed_run
+from chio_receipts.schemas import KafkaConnection, KeyPair, Outcome, TopicNames
+from tests.support.consumer_factory import completion, completion_value, signed_run
 from tests.support.helpers import eventually
 from tests.support.http_receiver import Receiver
-from tests.support.kafka_topics import create_topics, produce, read_all
+from tests.support.kafka_topics import create_topics, make_topics, produce, read_all
+from tests.support.ocsf import ocsf_errors
 
 KEY = KeyPair.generate("worker-siem")
 
@@ -323,3 +330,81 @@ async def test_syslog_udp_one_datagram_per_event() -> None:
     assert first.startswith(b"<134>1 ")  # local0.info, no octet count over UDP
     assert b'uid="r-0"' in first
     assert b'uid="r-1"' in second
+
+
+@pytest.mark.integration
+async def test_every_exported_event_validates_against_the_ocsf_json_schema(
+    kafka_bootstrap: str, clickhouse_dsn: str, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """Steps (allowed and denied) and the builder's envelopes of runs closed every way, exported
+    to a file by the real exporter; every line it wrote is valid OCSF of the version it claims."""
+    topics = await make_topics(kafka_bootstrap, unique, partitions=2)
+    outcomes = [o for o in Outcome if o is not Outcome.UNKNOWN]
+    steps: list[tuple[bytes, bytes, None]] = []
+    runs: list[tuple[bytes, bytes, None]] = []
+    for i, outcome in enumerate(outcomes):
+        wf = unique(f"wf-{outcome.value.lower()}")
+        key = f"default/{wf}/r1".encode()
+        steps += [(key, w, None) for _, w in signed_run(KEY, wf, "r1", 2, deny=(i % 3,))]
+        done = completion(wf, "r1", expected=2, outcome=outcome)
+        if outcome is Outcome.CONTINUED_AS_NEW:
+            done = dataclasses.replace(done, continued_as_new_run_id="r2")
+        runs.append((key, completion_value(done), None))
+    await produce(kafka_bootstrap, topics.steps, steps)
+    await produce(kafka_bootstrap, topics.runs, runs)
+    builder = ReceiptBuilderService(
+        BuilderConfig(
+            kafka=KafkaConnection(bootstrap_servers=kafka_bootstrap),
+            clickhouse=ClickHouseConfig(dsn=clickhouse_dsn),
+            builder_key=KeyPair.generate("builder-siem"),
+            public_keys={KEY.key_id: KEY.public_key},
+            topics=topics,
+            group_id=unique("builder"),
+            poll_timeout_ms=100,
+        )
+    )
+    stop = asyncio.Event()
+    await builder.start()
+    task = asyncio.create_task(builder.run(stop))
+    try:
+        await read_all(kafka_bootstrap, topics.envelopes, len(runs))
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await builder.stop()
+    out = tmp_path / "ocsf.jsonl"
+    config = ExporterConfig(
+        kafka=KafkaConnection(bootstrap_servers=kafka_bootstrap),
+        output=parse_output(f"jsonl:{out}"),
+        group_id=unique("g"),
+        topics=topics,
+        export_envelopes=True,
+    )
+    total = len(steps) + len(runs)
+    await _export_until(config, lambda: out.exists() and out.read_text().count("\n") >= total)
+    events = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(events) == total
+    invalid = {e["metadata"]["uid"]: errors for e in events if (errors := ocsf_errors(e))}
+    assert invalid == {}, invalid
+    assert {e["metadata"]["version"] for e in events} == {"1.5.0"}
+    assert {tuple(e["metadata"]["profiles"]) for e in events} == {("security_control",)}
+    step_events = [e for e in events if e["metadata"]["log_name"] == "chio.receipts.steps"]
+    assert {e["action"] for e in step_events} == {"Allowed", "Denied"}
+    assert {e["src_endpoint"]["hostname"] for e in events} == {"host"}  # worker-1@host
+    status = {
+        e["unmapped"]["outcome"]: e["status_id"]
+        for e in events
+        if e["metadata"]["log_name"] == "chio.receipts.envelopes"
+    }
+    assert status == {
+        "success": 1,
+        "failure": 2,
+        "cancelled": 2,
+        "terminated": 2,
+        "timed_out": 2,
+        "continued_as_new": 99,
+    }
+    # The validator bites on the exporter's own output: without src_endpoint it is invalid.
+    broken = dict(events[0])
+    del broken["src_endpoint"]
+    assert "<event>: 'src_endpoint' is a required property" in ocsf_errors(broken)
