@@ -231,8 +231,18 @@ async def test_kernel_routes_over_raw_http(served: Served) -> None:
         for receipt in receipts:
             assert verify_kernel_receipt(receipt, trusted_keys={token["issuer"]}), receipt
             report = (await http.post("/v1/receipts/verify", json=receipt)).json()
-            assert report["valid"] is True
-            assert report["signer_trusted"] is True
+            for check in ("signature_valid", "signer_trusted", "receipt_id_valid"):
+                assert report[check] is True, (check, report)
+            assert report["parameter_hash_valid"] is True, report
+            if served.name == "ours":
+                assert report["valid"] is True, report
+            else:
+                # The kernel 0.1.2 answers valid=false for its own mediated receipts: the
+                # authorized call's receipt has the verdict "incomplete" (an execution nonce is
+                # still to be presented) and its policy_hash is a literal, not a hex digest.
+                # Pinned, so a kernel release that changes it is noticed.
+                assert report["valid"] is False, report
+                assert report["decision"] == receipt["decision"]["verdict"], report
 
         released = await http.post(
             "/v1/capabilities/release", json={"capability_id": token["id"]}, headers=_auth()
