@@ -30,7 +30,7 @@ KERNEL = nacl.signing.SigningKey(bytes(range(32)))
 OTHER = nacl.signing.SigningKey(bytes([99]) * 32)
 ISSUER = nacl.signing.SigningKey(bytes([7]) * 32)
 AGENT = nacl.signing.SigningKey(bytes([11]) * 32)
-SUBAGENT = nacl.signing.SigningKey(bytes([13]) * 32)
+DELEGATE_KEY = nacl.signing.SigningKey(bytes([13]) * 32)
 
 Item = tuple[str, dict[str, Any], bool]  # (name, document, should it be valid)
 Verify = Callable[[Sequence[str], str], list[str]]
@@ -279,7 +279,7 @@ def _signed_tokens() -> list[tuple[str, dict[str, Any]]]:
     link = schemas.sign_delegation_link(
         {
             "capability_id": "cap-oracle-1",
-            "delegatee": _hex(SUBAGENT),
+            "delegatee": _hex(DELEGATE_KEY),
             "attenuations": [
                 {"type": "reduce_budget", "server_id": "temporal", "tool_name": "charge_card"}
                 | {"max_invocations": 1}
@@ -292,7 +292,7 @@ def _signed_tokens() -> list[tuple[str, dict[str, Any]]]:
         (
             "token-delegated",
             schemas.sign_capability_token(
-                _token_body(id="cap-oracle-2", subject=_hex(SUBAGENT), delegation_chain=[link]),
+                _token_body(id="cap-oracle-2", subject=_hex(DELEGATE_KEY), delegation_chain=[link]),
                 ISSUER,
             ),
         )

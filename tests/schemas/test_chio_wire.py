@@ -27,7 +27,7 @@ NULL_CONTENT_HASH = "74234e98afe7498fb5daf1f36ac2d78acc339464f950703b8c019892f98
 KERNEL = nacl.signing.SigningKey(bytes(range(32)))
 ISSUER = nacl.signing.SigningKey(bytes([7]) * 32)
 AGENT = nacl.signing.SigningKey(bytes([11]) * 32)
-SUBAGENT = nacl.signing.SigningKey(bytes([13]) * 32)
+DELEGATE_KEY = nacl.signing.SigningKey(bytes([13]) * 32)
 
 
 def _hex(key: nacl.signing.SigningKey) -> str:
@@ -461,7 +461,7 @@ def _delegated_pair() -> tuple[dict[str, Any], dict[str, Any]]:
     link = schemas.sign_delegation_link(
         {
             "capability_id": parent["id"],
-            "delegatee": _hex(SUBAGENT),
+            "delegatee": _hex(DELEGATE_KEY),
             "attenuations": [
                 {
                     "type": "reduce_budget",
@@ -475,7 +475,7 @@ def _delegated_pair() -> tuple[dict[str, Any], dict[str, Any]]:
         AGENT,
     )
     child = schemas.sign_capability_token(
-        _token_body(id="cap-2", subject=_hex(SUBAGENT), delegation_chain=[link]), ISSUER
+        _token_body(id="cap-2", subject=_hex(DELEGATE_KEY), delegation_chain=[link]), ISSUER
     )
     return parent, child
 
