@@ -10,14 +10,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from prometheus_client import start_http_server
 
 from chio_receipts._config import load_config
 from chio_receipts._logging import use_level as use_log_level
+from chio_receipts._options import DEFAULT_METRICS_HOST, MetricsHost, MetricsPort
 from chio_receipts.sidecar import (
     DEFAULT_MAX_BODY,
     DataDir,
     LocalSidecar,
     SidecarError,
+    SidecarMetrics,
     rotate_key,
     serve_sidecar,
 )
@@ -84,11 +87,14 @@ def serve(
         int, typer.Option(help="Largest accepted request body.", min=1024)
     ] = DEFAULT_MAX_BODY,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    metrics_port: MetricsPort = None,
+    metrics_host: MetricsHost = DEFAULT_METRICS_HOST,
 ) -> None:
     """Serve the policy sidecar API (OpenAPI at /openapi.json) until interrupted.
 
     State (capabilities, revocations, public keys, the receipt log) and the signing key live in
     the data directory and survive restarts; SIGHUP loads a key made by ``sidecar keys rotate``.
+    Prometheus metrics are at /metrics, and on --metrics-port when given.
     """
     use_log_level(log_level)
     log = logging.getLogger(__name__)
@@ -97,6 +103,9 @@ def serve(
             "serving on %s without a bearer token: anyone who can reach it can mint capabilities",
             host,
         )
+    metrics = SidecarMetrics()
+    if metrics_port is not None:
+        start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
     if ephemeral:
         asyncio.run(
             serve_sidecar(
@@ -106,6 +115,7 @@ def serve(
                 token=token,
                 max_body_bytes=max_body_bytes,
                 log_level=log_level.lower(),
+                metrics=metrics,
             )
         )
         return
@@ -132,6 +142,7 @@ def serve(
                 max_body_bytes=max_body_bytes,
                 log_level=log_level.lower(),
                 on_reload=reload,
+                metrics=metrics,
             )
         )
 

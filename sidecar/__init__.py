@@ -10,7 +10,8 @@ public keys.
 :func:`create_sidecar_app` serves it over HTTP (Starlette), :class:`SidecarServer` runs that app
 inside an event loop and :func:`serve_sidecar` as a process (uvicorn; the ``chio-receipts
 sidecar serve`` command). :func:`openapi_document` describes the API; it is built from the same
-typed models that validate request bodies.
+typed models that validate request bodies. :class:`SidecarMetrics` holds its Prometheus metrics
+(a private registry per app unless one is shared), served at ``GET /metrics``.
 
 The wire objects (capability tokens, evaluation requests, signed receipts) are the contract's,
 in ``chio_receipts.schemas``; this package and the worker's ``chio_receipts.interceptor`` never
@@ -30,6 +31,7 @@ from chio_receipts.sidecar._errors import (
     UnknownCapability,
 )
 from chio_receipts.sidecar._local import LocalSidecar
+from chio_receipts.sidecar._metrics import SidecarMetrics
 from chio_receipts.sidecar._server import SidecarServer, serve_sidecar
 from chio_receipts.sidecar._store import LogReport, SidecarStore, StoredKey
 
@@ -42,6 +44,7 @@ __all__ = [
     "Rotation",
     "ScopeWidening",
     "SidecarError",
+    "SidecarMetrics",
     "SidecarServer",
     "SidecarStore",
     "StoreError",

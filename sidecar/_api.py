@@ -431,6 +431,8 @@ class Operation:
     """Further bodies a project route accepts for the Chio kernel's shape of the same route."""
     chio_responses: tuple[tuple[int, type[BaseModel]], ...] = ()
     """The answers to those bodies."""
+    text: str | None = None
+    """Media type of a plain-text answer (``response`` is then ``None``)."""
 
     @property
     def path_params(self) -> tuple[str, ...]:
@@ -592,6 +594,16 @@ OPERATIONS: tuple[Operation, ...] = (
         chio=True,
     ),
     Operation(
+        name="metrics",
+        method="GET",
+        path="/metrics",
+        summary="Prometheus metrics: decisions, decision latency, capabilities minted and "
+        "revoked, store errors, the signing key id",
+        description="text exposition format",
+        auth=False,
+        text="text/plain",
+    ),
+    Operation(
         name="openapi",
         method="GET",
         path="/openapi.json",
@@ -627,6 +639,8 @@ def _operation(op: Operation) -> dict[str, Any]:
     ok: dict[str, Any] = {"description": op.description or "ok"}
     if op.response is not None:
         ok["content"] = _json(_ref(op.response))
+    elif op.text is not None:
+        ok["content"] = {op.text: {"schema": {"type": "string"}}}
     error = ChioError if op.chio else Error
     gate = (403 if op.chio else 401,) if op.auth else ()
     errors = sorted({*op.errors, *gate})

@@ -9,6 +9,7 @@ Endpoints (JSON; OpenAPI 3.1 document at ``GET /openapi.json``, built from ``_ap
     POST /v1/evaluate                      decide one attempt and sign its receipt
     GET  /v1/keys                          Ed25519 public keys by key id
     GET  /healthz                          liveness
+    GET  /metrics                          Prometheus metrics (text exposition format)
 
 and the Chio kernel's routes (chio-api-protect 0.1.2 shapes, ``{"error", "message"}`` errors):
 
@@ -39,6 +40,7 @@ import hashlib
 import hmac
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -51,6 +53,7 @@ from starlette.routing import Route
 
 from chio_receipts.schemas import (
     ChioReceiptsError,
+    Verdict,
     parameter_hash,
     receipt_to_json,
     verify_kernel_receipt,
@@ -87,6 +90,7 @@ from chio_receipts.sidecar._errors import (
     UnknownCapability,
 )
 from chio_receipts.sidecar._local import ChioDecision, LocalSidecar
+from chio_receipts.sidecar._metrics import CONTENT_TYPE, SidecarMetrics
 
 __all__ = ["DEFAULT_MAX_BODY", "create_sidecar_app"]
 
@@ -314,8 +318,15 @@ def create_sidecar_app(
     *,
     token: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
+    metrics: SidecarMetrics | None = None,
 ) -> Starlette:
-    """The ASGI app serving ``sidecar``; ``token`` enables bearer authentication."""
+    """The ASGI app serving ``sidecar``; ``token`` enables bearer authentication.
+
+    ``metrics`` (a private :class:`SidecarMetrics` by default; ``app.state.metrics``) counts
+    what the app decides, mints, revokes and fails to store; ``GET /metrics`` serves it.
+    """
+    meter = metrics if metrics is not None else SidecarMetrics()
+    meter.watch_key(lambda: sidecar.key_id)
     expected = f"Bearer {token}".encode() if token else None
     status = {op.name: op.status for op in OPERATIONS}
     # Serialized once: the document is static, and the same object the tests compare with.
@@ -330,7 +341,7 @@ def create_sidecar_app(
         # The kernel's control gate: the token when one is set, else loopback peers only.
         return bearer_ok(request) if expected is not None else _is_loopback(request)
 
-    def guarded(fn: Handler, *, auth: bool = True) -> Handler:
+    def guarded(fn: Handler, name: str, *, auth: bool = True) -> Handler:
         async def endpoint(request: Request) -> Response:
             if auth and not bearer_ok(request):
                 return _error(401, "unauthorized", "missing or wrong bearer token")
@@ -341,12 +352,14 @@ def create_sidecar_app(
             except ChioRequestError as exc:
                 return _chio_error(exc.status, exc.error, exc.message)
             except ChioReceiptsError as exc:
+                if isinstance(exc, StoreError):
+                    meter.store_errors.labels(operation=name).inc()
                 code, error = _wire_error(exc)
                 return _error(code, error, str(exc))
 
         return endpoint
 
-    async def chio_call(make: Callable[[], Awaitable[Response]]) -> Response:
+    async def chio_call(make: Callable[[], Awaitable[Response]], name: str) -> Response:
         try:
             return await make()
         except _BadRequest as exc:
@@ -354,17 +367,18 @@ def create_sidecar_app(
         except ChioRequestError as exc:
             return _chio_error(exc.status, exc.error, exc.message)
         except StoreError as exc:
+            meter.store_errors.labels(operation=name).inc()
             return _chio_error(503, "chio_store_unavailable", str(exc))
         except UnknownCapability as exc:
             return _chio_error(404, "chio_capability_not_found", str(exc))
         except ChioReceiptsError as exc:
             return _chio_error(400, "chio_bad_request", str(exc))
 
-    def chio_route(fn: Handler, *, control: bool) -> Handler:
+    def chio_route(fn: Handler, name: str, *, control: bool) -> Handler:
         async def endpoint(request: Request) -> Response:
             if control and not control_ok(request):
                 return forbidden()
-            return await chio_call(lambda: fn(request))
+            return await chio_call(lambda: fn(request), name)
 
         return endpoint
 
@@ -388,13 +402,14 @@ def create_sidecar_app(
             if not control_ok(request):
                 return forbidden()
             kernel_body = data
-            return await chio_call(lambda: chio_create(kernel_body))
+            return await chio_call(lambda: chio_create(kernel_body), "create_capability")
         if not authed:
             return _error(401, "unauthorized", "missing or wrong bearer token")
         if data is None:
             raise unreadable or _BadRequest(400, "bad_request", "bad request")
         body = _validate(CreateCapability, data)
         cap = sidecar.mint(body.subject, body.scope, body.ttl_seconds, parent_id=body.parent_id)
+        meter.minted.labels(family="project").inc()
         return _json(Capability.of(cap), status["create_capability"])
 
     async def get_capability(request: Request) -> Response:
@@ -406,31 +421,35 @@ def create_sidecar_app(
         cap = sidecar.derive(
             request.path_params["cap_id"], scope=body.scope, ttl_seconds=body.ttl_seconds
         )
+        meter.minted.labels(family="project").inc()
         return _json(Capability.of(cap), status["attenuate"])
 
     async def revoke(request: Request) -> Response:
         cap_id = request.path_params["cap_id"]
         sidecar.revoke_now(cap_id)
+        meter.revoked.labels(family="project").inc()
         return _json(Revoked(revoked=cap_id), status["revoke"])
 
     async def evaluate(request: Request) -> Response:
         data, unreadable = await read_any(request)
         if data is not None and "capability" in data:
             mediated = data
-            return await chio_call(lambda: chio_mediated(mediated))
+            return await chio_call(lambda: chio_mediated(mediated), "evaluate")
         if data is not None and "tool_name" in data and "tool" not in data:
             # chio-sdk-python's body names the capability by id, so it is gated like the
             # project's own evaluate: the token when one is set (403 in the kernel's shape).
             if not bearer_ok(request):
                 return forbidden()
             sdk_body = data
-            return await chio_call(lambda: chio_sdk_evaluate(sdk_body))
+            return await chio_call(lambda: chio_sdk_evaluate(sdk_body), "evaluate")
         if not bearer_ok(request):
             return _error(401, "unauthorized", "missing or wrong bearer token")
         if data is None:
             raise unreadable or _BadRequest(400, "bad_request", "bad request")
         body = _validate(EvaluationRequestBody, data)
+        started = time.perf_counter()
         signed = sidecar.evaluate_now(body.to_request())
+        meter.decision("project", signed.receipt.verdict is Verdict.ALLOW, started)
         answer = Evaluation(
             receipt=receipt_to_json(signed.receipt),
             body=base64.b64encode(signed.body).decode("ascii"),
@@ -451,6 +470,9 @@ def create_sidecar_app(
     async def openapi(request: Request) -> Response:
         return Response(document, media_type="application/json")
 
+    async def metrics_text(request: Request) -> Response:
+        return Response(meter.exposition(), headers={"content-type": CONTENT_TYPE})
+
     # -- the Chio kernel's routes ------------------------------------------------------------
 
     def chio_health_body() -> tuple[int, ChioHealth]:
@@ -459,6 +481,7 @@ def create_sidecar_app(
             sidecar.store.ping()
             state, code = "healthy", 200
         except StoreError:
+            meter.store_errors.labels(operation="chio_health").inc()
             state, code = "unhealthy", 503
         return code, ChioHealth(
             status=state,  # type: ignore[arg-type]
@@ -485,6 +508,7 @@ def create_sidecar_app(
             sdk = _chio_body(ChioCreateCapability, data)
             scope = _chio.normalize_scope(data["scope"])
             token = sidecar.chio_mint(sdk.subject, scope, _ttl(sdk.ttl_seconds), sdk.job_uid)
+            meter.minted.labels(family="sdk").inc()
             # chio-sdk-python parses the answer with its own model, which only knows
             # PascalCase operations: it gets the same token in its spelling (see README).
             return JSONResponse(_chio.sdk_spelling(token))
@@ -493,6 +517,7 @@ def create_sidecar_app(
         token = sidecar.chio_mint(
             body.subject, scope, _ttl(body.ttl_seconds, body.ttl_nanos), body.job_uid
         )
+        meter.minted.labels(family="kernel").inc()
         return JSONResponse(token)
 
     async def chio_mint(request: Request) -> Response:
@@ -501,6 +526,7 @@ def create_sidecar_app(
         token = sidecar.chio_mint(
             body.subject, scope, _ttl(body.ttl_seconds, body.ttl_nanos), body.job_uid
         )
+        meter.minted.labels(family="kernel").inc()
         return JSONResponse({"capability": token})
 
     async def chio_validate(request: Request) -> Response:
@@ -520,12 +546,14 @@ def create_sidecar_app(
     async def chio_release(request: Request) -> Response:
         body = _chio_body(ChioRelease, await _read_json(request, max_body_bytes))
         sidecar.chio_release(body.capability_id)
+        meter.revoked.labels(family="kernel").inc()
         return JSONResponse({"released": True})
 
     async def chio_attenuate(request: Request) -> Response:
         data = await _read_json(request, max_body_bytes)
         _chio_body(ChioAttenuate, data)
         child = sidecar.chio_attenuate(data["parent_token"], data["new_scope"])
+        meter.minted.labels(family="kernel").inc()
         # Answered in the spelling of the parent as sent (chio-sdk-python sends its own).
         sent = data["parent_token"].get("scope", {})
         sdk = any(
@@ -542,6 +570,7 @@ def create_sidecar_app(
 
     async def chio_mediated(data: Mapping[str, Any]) -> Response:
         body = _chio_body(ChioEvaluate, data)
+        started = time.perf_counter()
         decision = sidecar.chio_evaluate(
             token=data["capability"],
             tool_server=body.tool_server,
@@ -549,6 +578,7 @@ def create_sidecar_app(
             parameters=data.get("parameters", {}),
             request_id=body.request_id,
         )
+        meter.decision("kernel", decision.allowed, started)
         if decision.revoked:
             # The kernel's 403 for a revoked capability; the signed deny receipt rides along.
             return JSONResponse(
@@ -576,12 +606,14 @@ def create_sidecar_app(
             raise ChioRequestError(
                 400, "chio_bad_request", "parameter_hash does not match parameters"
             )
+        started = time.perf_counter()
         decision = sidecar.chio_evaluate(
             capability_id=body.capability_id,
             tool_server=body.tool_server,
             tool_name=body.tool_name,
             parameters=parameters,
         )
+        meter.decision("sdk", decision.allowed, started)
         return _sdk_answer(decision)
 
     handlers: dict[str, Handler] = {
@@ -593,6 +625,7 @@ def create_sidecar_app(
         "keys": keys,
         "healthz": healthz,
         "openapi": openapi,
+        "metrics": metrics_text,
         "chio_health": chio_health,
         "chio_live": chio_live,
         "chio_mint": chio_mint,
@@ -605,9 +638,9 @@ def create_sidecar_app(
 
     def endpoint_for(op: Any) -> Handler:
         if op.chio:
-            return chio_route(handlers[op.name], control=op.auth)
+            return chio_route(handlers[op.name], op.name, control=op.auth)
         # The shared routes authenticate after reading the body: its shape says which gate.
-        return guarded(handlers[op.name], auth=op.auth and op.name not in shared)
+        return guarded(handlers[op.name], op.name, auth=op.auth and op.name not in shared)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, HTTPException):
@@ -622,7 +655,9 @@ def create_sidecar_app(
     routes = [
         Route(op.path, endpoint_for(op), methods=[op.method], name=op.name) for op in OPERATIONS
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: http_error, Exception: internal_error},
     )
+    app.state.metrics = meter
+    return app

@@ -16,6 +16,7 @@ import uvicorn
 from chio_receipts.sidecar._app import DEFAULT_MAX_BODY, create_sidecar_app
 from chio_receipts.sidecar._errors import SidecarError
 from chio_receipts.sidecar._local import LocalSidecar
+from chio_receipts.sidecar._metrics import SidecarMetrics
 
 __all__ = ["SidecarServer", "serve_sidecar"]
 
@@ -47,11 +48,16 @@ class SidecarServer:
         token: str | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY,
         shutdown_timeout: float = 5.0,
+        metrics: SidecarMetrics | None = None,
     ) -> None:
         self.sidecar = sidecar
         self.host = host
         self.port = port
-        self._app = create_sidecar_app(sidecar, token=token, max_body_bytes=max_body_bytes)
+        self.metrics = metrics if metrics is not None else SidecarMetrics()
+        """What ``GET /metrics`` serves (a private registry unless one is given)."""
+        self._app = create_sidecar_app(
+            sidecar, token=token, max_body_bytes=max_body_bytes, metrics=self.metrics
+        )
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
         self._shutdown_timeout = shutdown_timeout
@@ -135,15 +141,17 @@ async def serve_sidecar(
     max_body_bytes: int = DEFAULT_MAX_BODY,
     log_level: str = "info",
     on_reload: Callable[[], None] | None = None,
+    metrics: SidecarMetrics | None = None,
 ) -> None:
     """Serve ``sidecar`` until SIGINT/SIGTERM (the ``sidecar serve`` command).
 
     ``on_reload`` runs on SIGHUP, on the event loop between requests (``sidecar keys rotate``
     sends it so the new signing key is used at once); a failed reload is logged and the
-    sidecar keeps its current key. uvicorn installs no handlers of its own: its records go to
-    the root logger, in the one format the process chose.
+    sidecar keeps its current key. ``metrics`` is what ``GET /metrics`` serves (the caller may
+    serve its registry on a port of its own too). uvicorn installs no handlers of its own: its
+    records go to the root logger, in the one format the process chose.
     """
-    app = create_sidecar_app(sidecar, token=token, max_body_bytes=max_body_bytes)
+    app = create_sidecar_app(sidecar, token=token, max_body_bytes=max_body_bytes, metrics=metrics)
     config = uvicorn.Config(
         app,
         host=host,

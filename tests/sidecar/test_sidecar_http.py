@@ -173,8 +173,9 @@ def test_every_route_is_documented_and_every_documented_operation_is_served() ->
     documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
     served = _served_operations(LocalSidecar())
     assert served == documented
-    assert len(served) == len(OPERATIONS) == 15
+    assert len(served) == len(OPERATIONS) == 16
     assert ("/v1/capabilities/{cap_id}/revoke", "post") in served
+    assert ("/metrics", "get") in served
     # The Chio kernel's routes (chio-api-protect 0.1.2) are in the same table.
     assert {
         ("/chio/health", "get"),
@@ -239,6 +240,7 @@ def test_document_schemas_come_from_the_models_that_validate_requests() -> None:
         "/v1/keys",
         "/healthz",
         "/openapi.json",
+        "/metrics",
         "/chio/health",
         "/chio/live",
         "/v1/receipts/verify",
