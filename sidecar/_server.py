@@ -8,11 +8,10 @@ import logging
 import signal
 import socket
 from collections.abc import Callable, Generator
-from types import TracebackType
-from typing import Self
 
 import uvicorn
 
+from chio_receipts.schemas import AsyncService
 from chio_receipts.sidecar._app import DEFAULT_MAX_BODY, create_sidecar_app
 from chio_receipts.sidecar._errors import SidecarError
 from chio_receipts.sidecar._local import LocalSidecar
@@ -31,7 +30,7 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-class SidecarServer:
+class SidecarServer(AsyncService):
     """Serve a :class:`LocalSidecar` over HTTP inside the running event loop.
 
     An idempotent async context manager. ``port=0`` picks a free port; the bound port stays the
@@ -118,18 +117,6 @@ class SidecarServer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 async def serve_sidecar(

@@ -18,7 +18,7 @@ import pytest
 
 import chio_receipts.schemas as schemas
 from chio_receipts.consumers._wire import decode_plain
-from tests.support.avro_strategies import sample_step
+from tests.support.avro_strategies import sample_envelope, sample_step
 
 pytestmark = pytest.mark.unit
 
@@ -128,20 +128,7 @@ def test_envelope_canonical_form_inlines_step_receipt_once_at_first_use() -> Non
 
 def _envelope_body() -> bytes:
     step, _ = schemas.sign_receipt(sample_step(), schemas.KeyPair.generate("k"))
-    record = {
-        "version": "chio-temporal/v1",
-        "workflow_id": step.workflow_id,
-        "run_id": step.run_id,
-        "parent_workflow_ids": [],
-        "started_at": 1,
-        "completed_at": 2,
-        "outcome": "success",
-        "step_count": 1,
-        "allow_count": 1,
-        "deny_count": 0,
-        "steps": [step.to_avro()],
-        "metadata": {"namespace": "default", "revision": "1"},
-    }
+    record = sample_envelope(step)
     return schemas.encode_body(ENVELOPE, record)
 
 

@@ -18,6 +18,7 @@ import pytest
 import chio_receipts.schemas as schemas
 import chio_receipts.streamer as streamer
 from chio_receipts.consumers import BuilderConfig, ClickHouseConfig, ReceiptBuilderService
+from tests.support.avro_strategies import sample_envelope
 from tests.support.consumer_factory import completion, receipt
 from tests.support.helpers import eventually
 from tests.support.java_avro import java_decode
@@ -45,20 +46,11 @@ def _signed_run(workflow_id: str, run_id: str, n: int) -> list[tuple[schemas.Ste
 
 
 def _streamer_envelope(step: schemas.StepReceipt) -> dict[str, Any]:
-    return {
-        "version": schemas.ENVELOPE_VERSION,
-        "workflow_id": step.workflow_id,
-        "run_id": step.run_id,
-        "parent_workflow_ids": ["parent-wf"],
-        "started_at": 1,
-        "completed_at": 2,
-        "outcome": "success",
-        "step_count": 1,
-        "allow_count": 1,
-        "deny_count": 0,
-        "steps": [step.to_avro()],
-        "metadata": {"namespace": step.namespace, "revision": "1"},
-    }
+    return sample_envelope(
+        step,
+        parent_workflow_ids=["parent-wf"],
+        metadata={"namespace": step.namespace, "revision": "1"},
+    )
 
 
 async def test_java_binary_message_decoder_reads_every_topic(

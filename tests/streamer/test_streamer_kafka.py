@@ -15,7 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 import chio_receipts.schemas as schemas
 import chio_receipts.streamer as streamer
-from tests.support.avro_strategies import sample_run, sample_step
+from tests.support.avro_strategies import sample_envelope, sample_run, sample_step
 from tests.support.helpers import eventually
 from tests.support.registry import FakeRegistry
 from tests.support.streamer_kafka import config, consume, receipt_id_of
@@ -34,20 +34,7 @@ def _signed(run: str, i: int) -> tuple[schemas.StepReceipt, bytes]:
 
 def _envelope(run: str) -> dict[str, Any]:
     step, _ = _signed(run, 0)
-    return {
-        "version": "chio-temporal/v1",
-        "workflow_id": f"wf-{run}",
-        "run_id": run,
-        "parent_workflow_ids": [],
-        "started_at": 1,
-        "completed_at": 2,
-        "outcome": "success",
-        "step_count": 1,
-        "allow_count": 1,
-        "deny_count": 0,
-        "steps": [step.to_avro()],
-        "metadata": {"namespace": "default", "revision": "1"},
-    }
+    return sample_envelope(step, workflow_id=f"wf-{run}", run_id=run)
 
 
 async def test_ensure_topics_is_idempotent_and_refuses_broken_co_partitioning(

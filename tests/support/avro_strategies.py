@@ -160,3 +160,23 @@ def sample_run(**overrides: Any) -> schemas.RunCompletion:
     }
     fields.update(overrides)
     return schemas.RunCompletion(**fields)
+
+
+def sample_envelope(step: schemas.StepReceipt, **overrides: Any) -> dict[str, Any]:
+    """A one-step, allowed ``WorkflowReceipt`` record (the dict fastavro encodes) for ``step``."""
+    record: dict[str, Any] = {
+        "version": schemas.ENVELOPE_VERSION,
+        "workflow_id": step.workflow_id,
+        "run_id": step.run_id,
+        "parent_workflow_ids": [],
+        "started_at": 1,
+        "completed_at": 2,
+        "outcome": "success",
+        "step_count": 1,
+        "allow_count": 1,
+        "deny_count": 0,
+        "steps": [step.to_avro()],
+        "metadata": {"namespace": "default", "revision": "1"},
+    }
+    record.update(overrides)
+    return record
