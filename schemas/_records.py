@@ -93,6 +93,10 @@ class StepReceipt:
     latency_us: int
     worker_identity: str
     prev_hash: bytes = b""
+    chio_receipt: str = field(default="", repr=False)
+    """The Chio kernel-format receipt of the decision as compact JSON, exactly as signed."""
+    chio_signed: bytes = field(default=b"", repr=False)
+    """The exact bytes the signature in ``chio_receipt`` covers: ``JCS({"body", "id"})``."""
     key_id: str = ""
     signature: bytes = field(default=b"", repr=False)
 

@@ -57,6 +57,8 @@ def encode_step(r: StepReceipt, key_id: str, signature: bytes) -> bytes | None:
             and _longs(out, r.scheduled_at, r.started_at, r.evaluated_at, r.latency_us)
             and _strings(out, r.worker_identity)
             and _bytes(out, r.prev_hash)
+            and _strings(out, r.chio_receipt)
+            and _bytes(out, r.chio_signed)
             and _strings(out, key_id)
             and _bytes(out, signature)
         )

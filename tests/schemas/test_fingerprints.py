@@ -28,9 +28,9 @@ FILES = {STEP: "step_receipt.avsc", RUN: "run_completion.avsc", ENVELOPE: "workf
 
 # Java Avro 1.12.1, SchemaNormalization.parsingFingerprint64, little-endian.
 JAVA_FINGERPRINTS = {
-    STEP: "f4541f5ce249b6eb",
+    STEP: "6468879d1f00e5b2",
     RUN: "1a1eab650f9f6638",
-    ENVELOPE: "b042e807cee83c83",
+    ENVELOPE: "e2da6419c50121d3",
 }
 # What WorkflowReceipt envelopes were framed with before (StepReceipt named, not inlined).
 LEGACY_ENVELOPE_FINGERPRINT = "83ee5e1c7642fcd6"

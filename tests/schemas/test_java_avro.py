@@ -139,8 +139,10 @@ async def test_java_binary_message_decoder_reads_every_topic(
         assert d["verdict"] == step.verdict.name
         assert d["signature"] == step.signature.hex()
         assert d["prev_hash"] == step.prev_hash.hex()
-        assert {k: v for k, v in d.items() if k not in ("signature", "prev_hash", "verdict")} == {
-            k: v for k, v in expected.items() if k not in ("signature", "prev_hash", "verdict")
+        assert d["chio_signed"] == step.chio_signed.hex()
+        as_bytes = ("signature", "prev_hash", "chio_signed", "verdict")
+        assert {k: v for k, v in d.items() if k not in as_bytes} == {
+            k: v for k, v in expected.items() if k not in as_bytes
         }
 
     # Runs: one completion per run, ids and expected step counts as written.

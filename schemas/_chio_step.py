@@ -1,0 +1,253 @@
+"""The Chio receipt inside a step event: how it is bound to the Temporal context, and checked.
+
+A kernel-format receipt (:mod:`._chio_wire`) signs the tool call: capability, tool server, tool,
+parameters, decision. It does not name a Temporal run. The step event (``StepReceipt``, schema v2)
+carries the Temporal context beside it, and the two are bound by the receipt's
+``metadata.receipt_context.request_id``: the worker (or our sidecar) sends the kernel's mediated
+``/v1/evaluate`` a ``request_id`` that is the hash of the context (:func:`request_id_for`), and
+the sidecar signs it into the receipt. A verifier recomputes that hash from the event's fields, so
+moving a receipt to another run, activity, attempt or chain position breaks it. Every Chio sidecar
+accepts a caller's ``request_id`` (chio-api-protect 0.1.2 requires a fresh one per call; the
+context includes the event's UUIDv7, so it always is).
+
+:func:`check_chio_step` is the hot-path check of the builder, ``verify`` and the SIEM exporter.
+It reads the exact signed bytes the event carries (``chio_signed`` = ``JCS({"body", "id"})``), so
+it needs no canonicalization of the body: ``JCS`` writes ``"body"`` before ``"id"``, hence the
+body's canonical JSON is a slice of those bytes, and the receipt id is its SHA-256. It agrees with
+:func:`._chio_wire.verify_kernel_receipt` (and with the kernel's own verifier, which the tests use
+as an oracle) on every receipt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Collection, Mapping
+from typing import Any, Final
+
+from chio_receipts.schemas._chio_wire import (
+    ChioWireError,
+    _receipt_signing_bytes,
+    _receipt_view,
+    _verifies,
+    parameter_hash,
+)
+from chio_receipts.schemas._chio_wire import canonical_json as _jcs
+from chio_receipts.schemas._records import StepReceipt, Verdict
+
+__all__ = [
+    "REQUEST_ID_PREFIX",
+    "ChioStepFields",
+    "check_chio_step",
+    "chio_step_fields",
+    "chio_step_payload",
+    "chio_verdict",
+    "request_id_for",
+    "signed_message",
+]
+
+REQUEST_ID_PREFIX: Final = "chio-temporal-v1:"
+"""Prefix of a ``request_id`` that binds a receipt to a step event's Temporal context."""
+
+# The step fields the request id covers: where and when the attempt ran, and its place in the
+# run's chain. Tool, capability and decision are in the signed body itself; the sidecar's timing
+# (evaluated_at, latency_us) and the token-derived subject/scope/chain are not bound.
+_BOUND_FIELDS: Final = (
+    "receipt_id",
+    "namespace",
+    "workflow_id",
+    "run_id",
+    "workflow_type",
+    "task_queue",
+    "activity_id",
+    "activity_type",
+    "attempt",
+    "is_local",
+    "argument_digest",
+    "argument_key_id",
+    "scheduled_at",
+    "started_at",
+    "worker_identity",
+)
+
+_BODY_PREFIX: Final = b'{"body":'
+_ID_SUFFIX_LEN: Final = len(b',"id":"') + 64 + len(b'"}')
+
+# Decision verdicts that an ALLOW / DENY step may carry. The kernel's mediated route signs an
+# authorized call as "incomplete" (authorized before execution, with an execution nonce).
+_VERDICTS: Final = {Verdict.ALLOW: ("allow", "incomplete"), Verdict.DENY: ("deny",)}
+
+
+def request_id_for(fields: Mapping[str, Any] | StepReceipt) -> str:
+    """The ``request_id`` binding a receipt to this Temporal context.
+
+    ``fields`` is a step receipt, or a mapping with the same names (an evaluation request plus
+    ``receipt_id``); ``prev_hash`` (bytes) is bound too.
+    """
+    if isinstance(fields, StepReceipt):
+        get: Any = fields.__getattribute__
+    else:
+        get = fields.__getitem__
+    context = {name: get(name) for name in _BOUND_FIELDS}
+    context["prev_hash"] = bytes(get("prev_hash")).hex()
+    return REQUEST_ID_PREFIX + hashlib.sha256(_jcs(context)).hexdigest()
+
+
+def chio_verdict(receipt: Mapping[str, Any]) -> Verdict:
+    """The step verdict a kernel receipt's decision stands for (UNKNOWN when it is neither)."""
+    decision = receipt.get("decision")
+    verdict = decision.get("verdict") if isinstance(decision, Mapping) else None
+    for step_verdict, names in _VERDICTS.items():
+        if verdict in names:
+            return step_verdict
+    return Verdict.UNKNOWN
+
+
+def signed_message(receipt_id: str, body_json: bytes) -> bytes:
+    """``JCS({"body": body, "id": receipt_id})`` from the body's canonical JSON."""
+    return _BODY_PREFIX + body_json + b',"id":"' + receipt_id.encode("ascii") + b'"}'
+
+
+class ChioStepFields:
+    """The columns of a step's Chio receipt that analytics keeps (empty for a v1 step)."""
+
+    __slots__ = (
+        "boundary_class",
+        "content_hash",
+        "decision",
+        "guard",
+        "kernel_key",
+        "parameter_hash",
+        "policy_hash",
+        "receipt_id",
+        "receipt_kind",
+        "redaction_mode",
+        "tool_origin",
+        "trust_level",
+    )
+
+    def __init__(self, receipt: Mapping[str, Any] | None) -> None:
+        r: Mapping[str, Any] = receipt or {}
+        decision = _mapping(r.get("decision"))
+        action = _mapping(r.get("action"))
+        self.receipt_id = str(r.get("id") or "")
+        self.receipt_kind = str(r.get("receipt_kind") or "")
+        self.boundary_class = str(r.get("boundary_class") or "")
+        self.trust_level = str(r.get("trust_level") or "")
+        self.tool_origin = str(r.get("tool_origin") or "")
+        self.redaction_mode = str(r.get("redaction_mode") or "")
+        self.policy_hash = str(r.get("policy_hash") or "")
+        self.content_hash = str(r.get("content_hash") or "")
+        self.kernel_key = str(r.get("kernel_key") or "")
+        self.decision = str(decision.get("verdict") or "")
+        self.guard = str(decision.get("guard") or "")
+        self.parameter_hash = str(action.get("parameter_hash") or "")
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def chio_step_fields(step: StepReceipt) -> ChioStepFields:
+    """The analytics columns of ``step``'s Chio receipt (all empty for a v1 step)."""
+    return ChioStepFields(json.loads(step.chio_receipt) if step.chio_receipt else None)
+
+
+def _normal(receipt: Mapping[str, Any]) -> dict[str, Any]:
+    # The body as serde writes it: no id/signature, no null optional field, no empty list.
+    return {
+        k: v
+        for k, v in receipt.items()
+        if k not in ("id", "signature") and v is not None and v != []
+    }
+
+
+def check_chio_step(
+    step: StepReceipt, *, trusted_keys: Collection[str] | None = None
+) -> str | None:
+    """Why ``step``'s Chio receipt does not hold, or ``None`` when it does.
+
+    Checks, in order: the receipt parses; the signed bytes are ``JCS({"body", "id"})`` of this
+    receipt (its id is the SHA-256 of the body, the body is the receipt's); the Ed25519 signature
+    of ``kernel_key`` over them; ``kernel_key`` is trusted (when ``trusted_keys``, lowercase hex,
+    is given); the parameter hash (unless the sidecar redacted the parameters); the binding
+    ``request_id``; and that capability, tool server, tool and verdict are the step's own.
+    A step without a Chio receipt (schema v1) is not checked here: it returns ``None``.
+    """
+    if not step.chio_receipt:
+        return None
+    try:
+        receipt = json.loads(step.chio_receipt)
+    except ValueError as exc:
+        return f"chio_receipt is not JSON: {exc}"
+    if not isinstance(receipt, dict):
+        return "chio_receipt is not a JSON object"
+    signed = step.chio_signed
+    claimed = receipt.get("id")
+    if not isinstance(claimed, str) or len(claimed) != 64:
+        return "chio_receipt has no receipt id"
+    if (
+        len(signed) <= len(_BODY_PREFIX) + _ID_SUFFIX_LEN
+        or not signed.startswith(_BODY_PREFIX)
+        or signed[-_ID_SUFFIX_LEN:] != b',"id":"' + claimed.encode("ascii", "replace") + b'"}'
+    ):
+        return "chio_signed is not the signed message of this receipt"
+    body_json = signed[len(_BODY_PREFIX) : -_ID_SUFFIX_LEN]
+    if hashlib.sha256(body_json).hexdigest() != claimed:
+        return "the receipt id is not the hash of the signed body"
+    try:
+        body = json.loads(body_json)
+    except ValueError:
+        return "chio_signed does not hold a JSON body"
+    if not isinstance(body, dict) or body != _normal(receipt):
+        return "chio_receipt differs from the body it claims was signed"
+    key_hex = str(body.get("kernel_key", "")).removeprefix("0x").lower()
+    signature = receipt.get("signature")
+    if not _signature_verifies(key_hex, signed, signature):
+        return "the Chio receipt signature does not verify under kernel_key"
+    if trusted_keys is not None and key_hex not in trusted_keys:
+        return f"kernel_key {key_hex[:16]}… is not a trusted signer"
+    action = body.get("action")
+    if not isinstance(action, dict):
+        return "the Chio receipt has no action"
+    if body.get("redaction_mode", "none") == "none":
+        try:
+            if parameter_hash(action.get("parameters")) != action.get("parameter_hash"):
+                return "parameter_hash does not match the receipt's parameters"
+        except ChioWireError as exc:
+            return f"the receipt's parameters have no canonical form: {exc}"
+    metadata = body.get("metadata")
+    context = metadata.get("receipt_context") if isinstance(metadata, dict) else None
+    if not isinstance(context, dict) or context.get("request_id") != request_id_for(step):
+        return "the Chio receipt is not bound to this step's Temporal context"
+    if body.get("capability_id") != step.capability_id:
+        return "the Chio receipt names another capability"
+    if body.get("tool_server") != step.tool_server or body.get("tool_name") != step.tool:
+        return "the Chio receipt names another tool"
+    if chio_verdict(body) is not step.verdict:
+        return "the Chio receipt's decision is not the step's verdict"
+    return None
+
+
+def _signature_verifies(key_hex: str, message: bytes, signature: object) -> bool:
+    if not isinstance(signature, str) or len(key_hex) != 64:
+        return False
+    try:
+        raw = bytes.fromhex(signature.removeprefix("0x"))
+    except ValueError:
+        return False
+    return _verifies(key_hex, message, raw)
+
+
+def chio_step_payload(receipt: Mapping[str, Any]) -> tuple[str, bytes]:
+    """``(chio_receipt, chio_signed)`` of a signed receipt, for a step event.
+
+    The receipt is kept as compact JSON exactly as received (every field, in its order); the
+    signed message is computed once here, by the producer, so verifiers need not.
+    """
+    try:
+        view = _receipt_view(receipt)
+    except ChioWireError as exc:
+        raise ChioWireError(f"the sidecar's receipt cannot be carried: {exc}") from exc
+    text = json.dumps(receipt, separators=(",", ":"), ensure_ascii=False)
+    return text, _receipt_signing_bytes(str(receipt.get("id", "")), view)
