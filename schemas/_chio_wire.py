@@ -542,7 +542,8 @@ def sign_kernel_receipt(
 
     ``body`` holds the receipt fields except ``id``, ``signature`` and (optionally)
     ``kernel_key``, which is taken from ``signing_key``. ``action.parameter_hash`` is computed
-    when absent and must match when present. The nonce (the kernel's ``rcpt-<uuidv7>``,
+    when absent and must match when present; with a ``redaction_mode`` other than ``none`` it
+    must be given (the hash of the parameters before redaction) and is signed as given. The nonce (the kernel's ``rcpt-<uuidv7>``,
     generated when not given; an empty one binds nothing) goes into ``metadata``: a non-object
     metadata value is kept under ``original_metadata``. The result is a new dict in the kernel's
     field order and normal form (empty optional fields left out).
@@ -561,9 +562,13 @@ def sign_kernel_receipt(
     action = dict(_mapping(fields.get("action"), "action"))
     if "parameters" not in action:
         raise ChioWireError("action.parameters is missing")
-    expected_hash = parameter_hash(action["parameters"])
-    if action.setdefault("parameter_hash", expected_hash) != expected_hash:
-        raise ChioWireError("action.parameter_hash is not the hash of action.parameters")
+    if fields.get("redaction_mode", "none") == "none":
+        expected_hash = parameter_hash(action["parameters"])
+        if action.setdefault("parameter_hash", expected_hash) != expected_hash:
+            raise ChioWireError("action.parameter_hash is not the hash of action.parameters")
+    elif "parameter_hash" not in action:
+        # Redacted parameters: the hash is of the parameters the sidecar saw, not of these.
+        raise ChioWireError("a redacted receipt needs the parameter_hash of the real parameters")
     fields["action"] = action
     view = _receipt_view(fields)
     semantics = _semantics_error(view)
