@@ -543,8 +543,8 @@ def sign_kernel_receipt(
     ``body`` holds the receipt fields except ``id``, ``signature`` and (optionally)
     ``kernel_key``, which is taken from ``signing_key``. ``action.parameter_hash`` is computed
     when absent and must match when present; with a ``redaction_mode`` other than ``none`` it
-    must be given (the hash of the parameters before redaction) and is signed as given. The nonce (the kernel's ``rcpt-<uuidv7>``,
-    generated when not given; an empty one binds nothing) goes into ``metadata``: a non-object
+    must be given (the hash of the parameters before redaction) and is signed as given.
+    The nonce (the kernel's ``rcpt-<uuidv7>``, generated when not given; an empty one binds nothing) goes into ``metadata``: a non-object
     metadata value is kept under ``original_metadata``. The result is a new dict in the kernel's
     field order and normal form (empty optional fields left out).
 

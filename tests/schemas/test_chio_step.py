@@ -26,7 +26,8 @@ def test_a_bound_receipt_checks_and_the_full_verifier_agrees() -> None:
     assert schemas.check_chio_step(step, trusted_keys={KEY.public_key.hex()}) is None
     receipt = json.loads(step.chio_receipt)
     full = schemas.verify_kernel_receipt(receipt)
-    assert full.valid and full.parameter_hash_valid
+    assert full.valid
+    assert full.parameter_hash_valid
     assert schemas.chio_verdict(receipt) is schemas.Verdict.ALLOW
 
 
@@ -43,11 +44,12 @@ def test_a_v1_step_has_nothing_to_check() -> None:
 
 def test_an_untrusted_signer_is_named() -> None:
     reason = schemas.check_chio_step(_step(), trusted_keys={OTHER.public_key.hex()})
-    assert reason is not None and "not a trusted signer" in reason
+    assert reason is not None
+    assert "not a trusted signer" in reason
 
 
 @pytest.mark.parametrize(
-    "field, value",
+    ("field", "value"),
     [
         ("workflow_id", "another-run"),
         ("run_id", "r-2"),
@@ -63,11 +65,12 @@ def test_moving_the_receipt_to_another_context_breaks_the_binding(
 ) -> None:
     moved = dataclasses.replace(_step(), **{field: value})
     reason = schemas.check_chio_step(moved)
-    assert reason is not None and "Temporal context" in reason
+    assert reason is not None
+    assert "Temporal context" in reason
 
 
 @pytest.mark.parametrize(
-    "field, value, words",
+    ("field", "value", "words"),
     [
         ("capability_id", "cap-other", "capability"),
         ("tool", "refund", "tool"),
@@ -94,7 +97,8 @@ def test_a_step_that_disagrees_with_its_receipt_is_refused(
         },
     )
     reason = schemas.check_chio_step(bad)
-    assert reason is not None and words in reason
+    assert reason is not None
+    assert words in reason
 
 
 def _tamper_receipt(step: schemas.StepReceipt, **changes: object) -> schemas.StepReceipt:
@@ -131,7 +135,9 @@ def test_a_redacted_receipt_keeps_the_real_hash_and_still_verifies() -> None:
     body["redaction_mode"] = "redacted"
     signed = with_chio_receipt(step, KEY, body=body)
     assert schemas.check_chio_step(signed) is None
-    assert "tok_" not in signed.chio_receipt and b"tok_" not in signed.chio_signed
+    assert "tok_" not in signed.chio_receipt
+    assert b"tok_" not in signed.chio_signed
     assert schemas.chio_step_fields(signed).parameter_hash == schemas.parameter_hash(PARAMS)
     full = schemas.verify_kernel_receipt(json.loads(signed.chio_receipt))
-    assert full.valid and not full.parameter_hash_valid
+    assert full.valid
+    assert not full.parameter_hash_valid
