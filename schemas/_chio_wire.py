@@ -544,9 +544,10 @@ def sign_kernel_receipt(
     ``kernel_key``, which is taken from ``signing_key``. ``action.parameter_hash`` is computed
     when absent and must match when present; with a ``redaction_mode`` other than ``none`` it
     must be given (the hash of the parameters before redaction) and is signed as given.
-    The nonce (the kernel's ``rcpt-<uuidv7>``, generated when not given; an empty one binds nothing) goes into ``metadata``: a non-object
-    metadata value is kept under ``original_metadata``. The result is a new dict in the kernel's
-    field order and normal form (empty optional fields left out).
+    The nonce (the kernel's ``rcpt-<uuidv7>``, generated when not given; an empty one binds
+    nothing) goes into ``metadata``: a non-object metadata value is kept under
+    ``original_metadata``. The result is a new dict in the kernel's field order and normal form
+    (empty optional fields left out).
 
     Raises :class:`ChioWireError` for unknown fields, wrong types, unsignable semantics (e.g. a
     mediated decision without a decision), or a ``kernel_key`` that is not the signer's.
