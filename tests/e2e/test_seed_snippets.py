@@ -21,7 +21,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
 from chio_receipts.interceptor import InMemoryReceiptSink, verify_receipt
-from chio_receipts.schemas import Verdict, verify_capability_token
+from chio_receipts.schemas import Verdict, now_us, verify_capability_token
 from chio_receipts.sidecar import DataDir, LocalSidecar, SidecarServer
 from chio_temporal import (
     DENIED_ERROR_TYPE,
@@ -317,7 +317,9 @@ async def test_a_deny_runs_the_seed_saga(
         interceptor.register_activity_grant_override(
             "credit_account", lambda info: blocked if info.activity_id == "2" else None
         )
-        while not blocked.expired():
+        # The token counts whole seconds (the sidecar's own record is to the microsecond and
+        # ends within a second after it): wait until the second after its expiry has passed.
+        while not blocked.expired(now_us() - 1_000_000):
             await asyncio.sleep(0.05)
         async with Worker(
             client,
