@@ -7,6 +7,11 @@ against the capability of the run's ``WorkflowGrant`` before the body runs, publ
 ``ApplicationError(type=DENIED_ERROR_TYPE)``; a sidecar failure with a retryable
 ``ApplicationError(type=SIDECAR_ERROR_TYPE)``, never an allow.
 
+``chio_client=`` is the seed's ``chio_sdk.ChioClient`` or this package's own ``ChioClient``;
+``WorkflowGrant.token`` a ``chio_sdk.models.CapabilityToken`` or the project's; ``scope_for``
+builds a ``chio_sdk.models.ChioScope`` (grants on server ``"*"``). The seed's import path,
+``chio_temporal``, re-exports this package's public surface.
+
 The sidecar itself (``LocalSidecar``, its HTTP app and server) is ``chio_receipts.sidecar``; this
 package talks to any :class:`Evaluator` and imports no web server.
 """
@@ -38,7 +43,6 @@ from chio_receipts.interceptor._model import (
     EvaluationRequest,
     Scope,
     SignedReceipt,
-    scope_for,
     uuid7,
 )
 from chio_receipts.interceptor._receipt import (
@@ -47,6 +51,7 @@ from chio_receipts.interceptor._receipt import (
     WorkflowStepReceipt,
     envelope_to_json,
 )
+from chio_receipts.interceptor._scope import raw_token, scope_for, tool_names
 from chio_receipts.interceptor._sidecar_http import HttpSidecar
 from chio_receipts.interceptor._sink import InMemoryReceiptSink
 from chio_receipts.interceptor._worker import build_chio_worker
@@ -87,7 +92,9 @@ __all__ = [
     "build_chio_worker",
     "canonical_arguments",
     "envelope_to_json",
+    "raw_token",
     "scope_for",
+    "tool_names",
     "uuid7",
     "verify_receipt",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from chio_receipts.interceptor._errors import ChioTemporalConfigError
@@ -13,6 +13,7 @@ from chio_receipts.interceptor._model import (
     SignedReceipt,
     now_us,
 )
+from chio_receipts.interceptor._scope import ScopeLike, tool_names
 from chio_receipts.interceptor._sidecar_http import HttpSidecar
 from chio_receipts.schemas import AsyncCloseable
 
@@ -57,25 +58,31 @@ class ChioClient(AsyncCloseable):
     async def create_capability(
         self,
         subject: str,
-        scope: Iterable[str],
+        scope: ScopeLike,
         ttl_seconds: float,
         *,
         parent_id: str | None = None,
     ) -> CapabilityToken:
-        """:meth:`Evaluator.create_capability` of this client's evaluator."""
+        """:meth:`Evaluator.create_capability` of this client's evaluator.
+
+        ``scope`` is a ``ChioScope`` (``scope_for(...)``) or tool names; the project's
+        capabilities are tool names, so a ``ChioScope`` is reduced to its tools.
+        """
         return await self._evaluator.create_capability(
-            subject, scope, ttl_seconds, parent_id=parent_id
+            subject, tool_names(scope), ttl_seconds, parent_id=parent_id
         )
 
     async def attenuate(
         self,
         capability_id: str,
         *,
-        scope: Iterable[str],
+        scope: ScopeLike,
         ttl_seconds: float | None = None,
     ) -> CapabilityToken:
-        """:meth:`Evaluator.attenuate` of this client's evaluator."""
-        return await self._evaluator.attenuate(capability_id, scope=scope, ttl_seconds=ttl_seconds)
+        """:meth:`Evaluator.attenuate` of this client's evaluator (``scope`` as above)."""
+        return await self._evaluator.attenuate(
+            capability_id, scope=tool_names(scope), ttl_seconds=ttl_seconds
+        )
 
     async def get_capability(self, capability_id: str) -> CapabilityToken:
         """:meth:`Evaluator.get_capability` of this client's evaluator."""

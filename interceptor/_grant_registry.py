@@ -61,7 +61,7 @@ class GrantRegistry:
 
     def _prune_expired(self) -> None:
         now = now_us()
-        for key in [k for k, g in self._grants.items() if g.token.expired(now)]:
+        for key in [k for k, g in self._grants.items() if g.expired(now)]:
             del self._grants[key]
         self._prune_at = max(_PRUNE_FLOOR, 2 * len(self._grants))
 

@@ -64,6 +64,7 @@ from chio_receipts.interceptor._grants import ActivityGrantOverride, GrantResolv
 from chio_receipts.interceptor._model import EvaluationRequest, SignedReceipt, now_us
 from chio_receipts.interceptor._receipt import WorkflowReceipt
 from chio_receipts.interceptor._run_ledger import RunLedger, RunState
+from chio_receipts.interceptor._sdk import AnyClient, evaluator_for
 from chio_receipts.interceptor._workflow_side import DenialUnwrappingWorkflowInterceptor
 from chio_receipts.schemas import (
     AsyncCloseable,
@@ -103,8 +104,11 @@ class InterceptorStats:
 class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
     """Worker interceptor gating every activity attempt through the chio sidecar.
 
-    ``chio_client`` (a :class:`ChioClient`) or ``sidecar_url`` (a client is made and owned) or
-    ``evaluator`` (any :class:`Evaluator`) supplies decisions. Tool server of an attempt =
+    ``chio_client`` (a ``chio_sdk.ChioClient``, the seed's, or the project's
+    :class:`ChioClient`; see :func:`~chio_receipts.interceptor._sdk.evaluator_for`: with the
+    SDK's client, decisions come from the sidecar at ``sidecar_url``, else at the client's URL)
+    or ``sidecar_url`` alone (a client is made and owned) or ``evaluator`` (any
+    :class:`Evaluator`) supplies decisions. Tool server of an attempt =
     ``activity_tool_server_map.get(activity_type, default_tool_server)``. ``receipt_sink`` gets
     every step receipt as it is made, completion events and flushed envelopes.
 
@@ -122,7 +126,7 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
     def __init__(
         self,
         *,
-        chio_client: ChioClient | None = None,
+        chio_client: AnyClient | None = None,
         sidecar_url: str | None = None,
         default_tool_server: str = "default",
         activity_tool_server_map: Mapping[str, str] | None = None,
@@ -135,14 +139,14 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
         payload_converter: temporalio.converter.PayloadConverter | None = None,
         unwrap_denials: bool = True,
     ) -> None:
-        self._owned_client: ChioClient | None = None
+        self._owned: AsyncCloseable | None = None
         if evaluator is not None:
             self._evaluator = evaluator
         elif chio_client is not None:
-            self._evaluator = chio_client.evaluator
+            self._evaluator, self._owned = evaluator_for(chio_client, sidecar_url)
         elif sidecar_url is not None:
-            self._owned_client = ChioClient(sidecar_url)
-            self._evaluator = self._owned_client.evaluator
+            self._owned = owned = ChioClient(sidecar_url)
+            self._evaluator = owned.evaluator
         else:
             raise ChioTemporalConfigError(
                 "ChioActivityInterceptor needs chio_client=, sidecar_url= or evaluator="
@@ -171,6 +175,11 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
             f"ChioActivityInterceptor(evaluator={self._evaluator!r}, "
             f"default_tool_server={self.default_tool_server!r}, runs={len(self._runs)})"
         )
+
+    @property
+    def evaluator(self) -> Evaluator:
+        """The evaluator this interceptor asks for decisions."""
+        return self._evaluator
 
     @property
     def receipt_sink(self) -> ReceiptSink | None:
@@ -370,8 +379,8 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
     async def aclose(self) -> None:
         """Wait for pending completion publishes and close a client this interceptor made."""
         await self._runs.aclose()
-        if self._owned_client is not None:
-            await self._owned_client.aclose()
+        if self._owned is not None:
+            await self._owned.aclose()
 
 
 def _check_answer(request: EvaluationRequest, receipt: StepReceipt) -> None:

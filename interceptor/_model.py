@@ -32,7 +32,6 @@ __all__ = [
     "normalize_scope",
     "now_us",
     "receipt_from_json",
-    "scope_for",
     "uuid7",
 ]
 
@@ -43,8 +42,3 @@ def normalize_scope(tools: Iterable[str]) -> Scope:
         return _normalize_scope(tools)
     except ProtocolError as exc:
         raise ChioTemporalConfigError(str(exc)) from exc
-
-
-def scope_for(*tools: str) -> Scope:
-    """The scope allowing exactly ``tools`` (activity types / tool names)."""
-    return normalize_scope(tools)

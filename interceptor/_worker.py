@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import temporalio.client
 import temporalio.worker
 
-from chio_receipts.interceptor._client import ChioClient
 from chio_receipts.interceptor._errors import ChioTemporalConfigError
 from chio_receipts.interceptor._grants import WorkflowGrant
 from chio_receipts.interceptor._interceptor import ChioActivityInterceptor
+from chio_receipts.interceptor._scope import AnyToken, ScopeLike
+from chio_receipts.interceptor._sdk import AnyClient, mint_token
 from chio_receipts.schemas import ReceiptSink
 
 __all__ = ["build_chio_worker"]
@@ -23,10 +24,10 @@ async def build_chio_worker(
     task_queue: str,
     activities: Sequence[Callable[..., Any]] = (),
     workflows: Sequence[type] = (),
-    chio_client: ChioClient,
+    chio_client: AnyClient,
     workflow_id: str,
     capability_id: str | None = None,
-    scope: Iterable[str] | None = None,
+    scope: ScopeLike | None = None,
     subject: str | None = None,
     ttl_seconds: float = 3600,
     default_tool_server: str = "default",
@@ -34,51 +35,75 @@ async def build_chio_worker(
     receipt_sink: ReceiptSink | None = None,
     run_id: str | None = None,
     tool_server: str | None = None,
+    sidecar_url: str | None = None,
     interceptor_options: Mapping[str, Any] | None = None,
     **worker_options: Any,
 ) -> tuple[temporalio.worker.Worker, ChioActivityInterceptor, WorkflowGrant]:
     """Build ``(worker, interceptor, grant)`` in one call.
 
-    Pass either ``capability_id`` (a capability minted earlier; fetched from the sidecar) or
-    ``scope`` + ``subject`` (the builder mints one for ``ttl_seconds``), not both. The grant is
-    pinned to ``workflow_id`` (and ``run_id`` if given) and registered on the interceptor.
-    ``interceptor_options`` go to :class:`ChioActivityInterceptor` (for example
-    ``argument_key=``); other keyword arguments go to ``temporalio.worker.Worker``.
+    ``chio_client`` is a ``chio_sdk.ChioClient`` or the project's ``ChioClient`` (with the
+    SDK's, ``sidecar_url`` names the sidecar the interceptor evaluates against; default: the
+    client's URL). Pass either ``capability_id`` (a capability minted earlier; fetched from the
+    sidecar as the project's token) or ``scope`` (``scope_for(...)`` or tool names) +
+    ``subject`` (the builder mints one with ``chio_client.create_capability`` for
+    ``ttl_seconds``), not both. The grant is pinned to ``workflow_id`` (and ``run_id`` if
+    given) and registered on the interceptor. ``interceptor_options`` go to
+    :class:`ChioActivityInterceptor` (for example ``argument_key=``); other keyword arguments
+    go to ``temporalio.worker.Worker``.
     """
     if (capability_id is None) == (scope is None):
         raise ChioTemporalConfigError(
             "build_chio_worker needs either capability_id= or scope= (with subject=), not both"
         )
-    if capability_id is not None:
-        token = await chio_client.get_capability(capability_id)
-    else:
-        assert scope is not None  # noqa: S101 - checked above
-        if not subject:
-            raise ChioTemporalConfigError("build_chio_worker: scope= needs subject=")
-        token = await chio_client.create_capability(subject, scope, ttl_seconds)
-    grant = WorkflowGrant(
-        workflow_id=workflow_id,
-        token=token,
-        tool_server=tool_server or default_tool_server,
-        run_id=run_id,
-    )
+    if scope is not None and not subject:
+        raise ChioTemporalConfigError("build_chio_worker: scope= needs subject=")
     options = dict(interceptor_options or {})
     options.setdefault("identity", client.identity)
     interceptor = ChioActivityInterceptor(
         chio_client=chio_client,
+        sidecar_url=sidecar_url,
         default_tool_server=default_tool_server,
         activity_tool_server_map=activity_tool_server_map,
         receipt_sink=receipt_sink,
         **options,
     )
-    interceptor.register_workflow_grant(grant)
-    extra = list(worker_options.pop("interceptors", ()))
-    worker = temporalio.worker.Worker(
-        client,
-        task_queue=task_queue,
-        activities=list(activities),
-        workflows=list(workflows),
-        interceptors=[interceptor, *extra],
-        **worker_options,
-    )
+    try:
+        token = await _grant_token(
+            interceptor, chio_client, capability_id, scope, subject, ttl_seconds
+        )
+        grant = WorkflowGrant(
+            workflow_id=workflow_id,
+            token=token,
+            tool_server=tool_server or default_tool_server,
+            run_id=run_id,
+        )
+        interceptor.register_workflow_grant(grant)
+        extra = list(worker_options.pop("interceptors", ()))
+        worker = temporalio.worker.Worker(
+            client,
+            task_queue=task_queue,
+            activities=list(activities),
+            workflows=list(workflows),
+            interceptors=[interceptor, *extra],
+            **worker_options,
+        )
+    except BaseException:
+        await interceptor.aclose()
+        raise
     return worker, interceptor, grant
+
+
+async def _grant_token(
+    interceptor: ChioActivityInterceptor,
+    chio_client: AnyClient,
+    capability_id: str | None,
+    scope: ScopeLike | None,
+    subject: str | None,
+    ttl_seconds: float,
+) -> AnyToken:
+    """The grant's token: fetched by id from the interceptor's sidecar, or minted."""
+    if capability_id is not None:
+        return await interceptor.evaluator.get_capability(capability_id)
+    if scope is None or not subject:
+        raise ChioTemporalConfigError("build_chio_worker: scope= needs subject=")
+    return await mint_token(chio_client, subject, scope, ttl_seconds)

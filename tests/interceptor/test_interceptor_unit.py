@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
+from chio_sdk.models import ChioScope, Operation, ToolGrant
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -37,6 +38,7 @@ from chio_receipts.interceptor import (
     canonical_arguments,
     envelope_to_json,
     scope_for,
+    tool_names,
     uuid7,
 )
 from chio_receipts.schemas import ReceiptSink, ReceiptSinkError, Verdict, encode, receipt_hash
@@ -85,10 +87,37 @@ def test_public_surface_matches_all() -> None:
         assert not hasattr(interceptor, name), name
 
 
-def test_scope_for_sorts_and_deduplicates() -> None:
-    assert scope_for("b", "a", "b") == ("a", "b")
+def test_scope_for_is_a_chio_scope_of_invoke_grants_on_any_server() -> None:
+    scope = scope_for("b", "a", "b")
+    assert isinstance(scope, ChioScope)
+    assert scope.grants == [
+        ToolGrant(server_id="*", tool_name="a", operations=[Operation.INVOKE]),
+        ToolGrant(server_id="*", tool_name="b", operations=[Operation.INVOKE]),
+    ]
+    assert (scope.resource_grants, scope.prompt_grants) == ([], [])
+    assert tool_names(scope) == ("a", "b")
+    assert scope_for("a", server="db").grants[0].server_id == "db"
+    # The SDK's own subset check treats "*" as any server.
+    assert scope_for("a", server="db").is_subset_of(scope_for("a", "b"))
+    assert not scope_for("a").is_subset_of(scope_for("a", server="db"))
+    for bad in [("",), (), (3,)]:
+        with pytest.raises(ChioTemporalConfigError):
+            scope_for(*bad)  # type: ignore[arg-type]
     with pytest.raises(ChioTemporalConfigError):
-        scope_for("")
+        scope_for("a", server="")
+
+
+def test_tool_names_of_either_scope_form() -> None:
+    assert tool_names(["b", "a", "b"]) == ("a", "b")
+    mixed = ChioScope(
+        grants=[
+            ToolGrant(server_id="s", tool_name="run", operations=[Operation.INVOKE]),
+            ToolGrant(server_id="s", tool_name="peek", operations=[Operation.READ_RESULT]),
+        ]
+    )
+    assert tool_names(mixed) == ("run",)
+    with pytest.raises(ChioTemporalConfigError):
+        tool_names("ab")
 
 
 def test_uuid7_is_version_7_and_sorts_in_creation_order() -> None:

@@ -1,4 +1,5 @@
-"""The wheel installs one top-level package, and its public API imports from a fresh virtualenv.
+"""The wheel installs two top-level packages, ``chio_receipts`` and the seed's ``chio_temporal``
+facade, and their public API imports from a fresh virtualenv.
 
 The wheel is built from this checkout (pip, isolated build), its top-level names are listed, and
 it is installed without dependencies into a new virtualenv whose only other path is the project
@@ -21,7 +22,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-TOP_LEVEL = {"chio_receipts"}
+TOP_LEVEL = {"chio_receipts", "chio_temporal"}
 
 PUBLIC_API = """
 import chio_receipts, pathlib, sys
@@ -44,6 +45,26 @@ for bare in ("interceptor", "streamer", "consumers", "schemas"):
     else:
         raise AssertionError(f"the wheel installed a top-level {bare!r}")
 assert DENIED_ERROR_TYPE == "ChioCapabilityDenied"
+import chio_temporal
+assert pathlib.Path(chio_temporal.__file__).resolve().is_relative_to(
+    pathlib.Path(sys.prefix).resolve()
+), chio_temporal.__file__
+from chio_temporal import (
+    DENIED_ERROR_TYPE as SEED_DENIED, ActivityGrantOverride, ChioTemporalConfigError,
+    ChioTemporalError, WorkflowReceipt, WorkflowStepReceipt, scope_for,
+)
+assert chio_temporal.ChioActivityInterceptor is ChioActivityInterceptor
+assert chio_temporal.WorkflowGrant is WorkflowGrant
+assert chio_temporal.build_chio_worker is build_chio_worker
+assert SEED_DENIED == DENIED_ERROR_TYPE
+assert sorted(chio_temporal.__all__) == sorted([
+    "ChioActivityInterceptor", "ActivityGrantOverride", "WorkflowGrant", "WorkflowReceipt",
+    "WorkflowStepReceipt", "build_chio_worker", "DENIED_ERROR_TYPE", "ChioTemporalError",
+    "ChioTemporalConfigError", "scope_for",
+])
+assert (pathlib.Path(chio_temporal.__file__).parent / "py.typed").is_file()
+from chio_sdk.models import ChioScope
+assert isinstance(scope_for("read_database"), ChioScope)
 print("ok")
 """
 
@@ -63,7 +84,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return found
 
 
-def test_wheel_has_one_top_level_package(wheel: Path) -> None:
+def test_wheel_has_the_two_top_level_packages(wheel: Path) -> None:
     names = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
     dist_info = {n for n in names if n.endswith(".dist-info")}
     assert len(dist_info) == 1
