@@ -193,6 +193,14 @@ def worker_command(
         ),
     ] = None,
     identity: Annotated[str | None, typer.Option(help="Worker identity.")] = None,
+    redact_parameters: Annotated[
+        bool,
+        typer.Option(
+            "--redact-parameters",
+            envvar="CHIO_REDACT_PARAMETERS",
+            help="Receipts sign only the hash of each activity's arguments, not the arguments.",
+        ),
+    ] = False,
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = DEFAULT_METRICS_HOST,
 ) -> None:
@@ -242,6 +250,7 @@ def worker_command(
                 argument_key=key,
                 default_capability_id=capability,
                 identity=identity,
+                redact_parameters=redact_parameters,
             ),
             stop,
         )

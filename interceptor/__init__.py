@@ -38,6 +38,7 @@ from chio_receipts.interceptor._errors import (
 from chio_receipts.interceptor._evaluator import Evaluator
 from chio_receipts.interceptor._grants import ActivityGrantOverride, GrantResolver, WorkflowGrant
 from chio_receipts.interceptor._interceptor import ChioActivityInterceptor, InterceptorStats
+from chio_receipts.interceptor._kernel_http import ChioKernelSidecar
 from chio_receipts.interceptor._model import (
     CapabilityToken,
     EvaluationRequest,
@@ -68,6 +69,7 @@ __all__ = [
     "CapabilityToken",
     "ChioActivityInterceptor",
     "ChioClient",
+    "ChioKernelSidecar",
     "ChioSidecarError",
     "ChioSidecarProtocolError",
     "ChioSidecarRejected",

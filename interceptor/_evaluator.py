@@ -14,9 +14,10 @@ __all__ = ["Evaluator"]
 class Evaluator(Protocol):
     """A policy sidecar: mints and attenuates capabilities, decides and signs receipts.
 
-    Implementations: :class:`chio_receipts.sidecar.LocalSidecar` (in-process) and
-    :class:`~interceptor.HttpSidecar` (a remote sidecar over HTTP). Transport failures raise
-    :class:`~interceptor.ChioSidecarUnavailable`; they never become an allow.
+    Implementations: :class:`chio_receipts.sidecar.LocalSidecar` (in-process),
+    :class:`~interceptor.HttpSidecar` (a remote sidecar over HTTP) and
+    :class:`~interceptor.ChioKernelSidecar` (a Chio kernel's mediated routes). Transport
+    failures raise :class:`~interceptor.ChioSidecarUnavailable`; they never become an allow.
     """
 
     async def create_capability(

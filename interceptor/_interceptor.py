@@ -9,9 +9,12 @@ Per attempt (regular and local activities, every retry):
 
 1. resolve the grant: registered for (workflow_id, run_id), then for workflow_id, then the
    ``grant_resolver``; an activity-type override may narrow it (never widen it);
-2. digest the arguments (keyed HMAC; the arguments themselves go nowhere);
+2. digest the arguments (keyed HMAC) and convert them to the call's parameters
+   (``{"args": [...]}`` as Temporal's payload converter writes them as JSON, or
+   ``{"args_digest": ...}`` when they have no JSON form; see ``_parameters``);
 3. ask the sidecar to decide and sign, chaining ``prev_hash`` to this worker's previous receipt
-   of the run;
+   of the run; the sidecar signs the parameters into the step's Chio receipt, or, with
+   ``redact_parameters``, only their hash. Parameters are never logged nor put in an error;
 4. publish the signed receipt to the sink and append it to the run's ``WorkflowReceipt``;
 5. allow -> run the body; deny -> ``ApplicationError(type=DENIED_ERROR_TYPE,
    non_retryable=True)``; sidecar failure -> ``ApplicationError(type=SIDECAR_ERROR_TYPE)``
@@ -34,6 +37,7 @@ itself, :meth:`ChioActivityInterceptor.before_attempt`, reads as resolve -> eval
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -62,16 +66,19 @@ from chio_receipts.interceptor._evaluator import Evaluator
 from chio_receipts.interceptor._grant_registry import GrantRegistry, GrantResolution
 from chio_receipts.interceptor._grants import ActivityGrantOverride, GrantResolver, WorkflowGrant
 from chio_receipts.interceptor._model import EvaluationRequest, SignedReceipt, now_us
+from chio_receipts.interceptor._parameters import activity_parameters
 from chio_receipts.interceptor._receipt import WorkflowReceipt
 from chio_receipts.interceptor._run_ledger import RunLedger, RunState
 from chio_receipts.interceptor._sdk import AnyClient, evaluator_for
 from chio_receipts.interceptor._workflow_side import DenialUnwrappingWorkflowInterceptor
 from chio_receipts.schemas import (
     AsyncCloseable,
+    ChioWireError,
     ReceiptSink,
     ReceiptSinkError,
     StepReceipt,
     Verdict,
+    parameter_hash,
 )
 
 __all__ = ["ChioActivityInterceptor", "InterceptorStats"]
@@ -118,7 +125,10 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
     ``max_runs`` (bound of in-process run state), ``payload_converter`` (canonical argument
     encoding; Temporal's default converter when omitted), ``unwrap_denials`` (workflow code
     sees a denied activity as the ``ApplicationError`` itself rather than wrapped in
-    ``ActivityError``, so the seed's ``except ApplicationError`` saga matches it; default on).
+    ``ActivityError``, so the seed's ``except ApplicationError`` saga matches it; default on),
+    ``redact_parameters`` (the sidecar signs only the hash of each call's parameters, so no
+    argument value leaves the worker inside a receipt; default off, so the receipt carries the
+    parameters and a verifier can check their hash).
 
     There is deliberately no ``scope_map``: scope travels with the grant's capability.
     """
@@ -138,6 +148,7 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
         max_runs: int = 10_000,
         payload_converter: temporalio.converter.PayloadConverter | None = None,
         unwrap_denials: bool = True,
+        redact_parameters: bool = False,
     ) -> None:
         self._owned: AsyncCloseable | None = None
         if evaluator is not None:
@@ -159,6 +170,7 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
         self.identity = identity or f"{os.getpid()}@{socket.gethostname()}"
         self.stats = InterceptorStats()
         self._unwrap_denials = unwrap_denials
+        self.redact_parameters = redact_parameters
         if argument_key is None:
             _log.info(
                 "no argument_key configured: argument digests use a random per-process key and "
@@ -258,6 +270,7 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
         started_at: int,
     ) -> EvaluationRequest:
         grant = resolution.grant
+        digest = argument_digest(self._argument_key, args, self._converter)
         return EvaluationRequest(
             capability_id=grant.capability_id if grant else "",
             tool_server=self.tool_server_for(info.activity_type),
@@ -271,13 +284,15 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
             activity_type=info.activity_type,
             attempt=info.attempt,
             is_local=info.is_local,
-            argument_digest=argument_digest(self._argument_key, args, self._converter),
+            argument_digest=digest,
             argument_key_id=self._argument_key.key_id,
             scheduled_at=_us(info.current_attempt_scheduled_time),
             started_at=started_at,
             worker_identity=self.identity,
             prev_hash=prev_hash,
             deny_reason=resolution.deny_reason,
+            parameters=activity_parameters(args, digest, self._converter),
+            redact_parameters=self.redact_parameters,
         )
 
     async def _evaluate(self, request: EvaluationRequest) -> SignedReceipt:
@@ -391,6 +406,27 @@ def _check_answer(request: EvaluationRequest, receipt: StepReceipt) -> None:
         raise ChioSidecarProtocolError("the sidecar allowed an attempt the worker denied")
     if receipt.verdict not in (Verdict.ALLOW, Verdict.DENY):
         raise ChioSidecarProtocolError(f"the sidecar answered verdict {receipt.verdict}")
+    if receipt.chio_receipt:
+        _check_parameters(request, receipt.chio_receipt)
+
+
+def _check_parameters(request: EvaluationRequest, chio_receipt: str) -> None:
+    """Refuse a Chio receipt that signs other parameters than the ones sent, or carries them
+    when the worker asked for redaction (the messages never quote parameters)."""
+    try:
+        receipt = json.loads(chio_receipt)
+        action = receipt["action"]
+        mode = receipt.get("redaction_mode", "none")
+        signed_hash = action["parameter_hash"]
+        sent_hash = parameter_hash(request.parameters)
+    except (ValueError, KeyError, TypeError, AttributeError, ChioWireError):
+        raise ChioSidecarProtocolError(
+            "the sidecar's Chio receipt has no readable action"
+        ) from None
+    if signed_hash != sent_hash:
+        raise ChioSidecarProtocolError("the sidecar's Chio receipt signs other parameters")
+    if request.redact_parameters and (mode == "none" or action.get("parameters") not in ({}, None)):
+        raise ChioSidecarProtocolError("the sidecar did not redact the parameters")
 
 
 class _ActivityInbound(temporalio.worker.ActivityInboundInterceptor):

@@ -4,8 +4,9 @@ One pooled ``httpx.AsyncClient`` per instance, explicit timeouts, bounded retrie
 (``schemas.retry_async``: exponential backoff with full jitter) on connection-level errors only.
 httpx errors never escape: they become :class:`~interceptor.ChioSidecarUnavailable` (retry
 later) or :class:`~interceptor.ChioSidecarRejected` (the request is wrong). Every returned
-receipt is checked: its wire body must be the canonical encoding of the returned fields, and its
-signature must verify under the sidecar's published keys.
+receipt is checked: its wire body must be the canonical encoding of the returned fields, its
+signature must verify under the sidecar's published keys, and the Chio kernel receipt it carries
+must pass ``schemas.check_chio_step`` under those keys.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from chio_receipts.schemas import (
     AsyncCloseable,
     EncodeError,
     RetryPolicy,
+    StepReceipt,
+    check_chio_step,
     retry_async,
     step_body,
     verify_body,
@@ -236,7 +239,18 @@ class HttpSidecar(AsyncCloseable):
             raise ChioSidecarProtocolError("the sidecar's wire body is not its receipt's encoding")
         if self._verify:
             await self._check_signature(receipt.key_id, body)
+            self._check_chio_receipt(receipt)
         return SignedReceipt(receipt=receipt, body=body)
+
+    def _check_chio_receipt(self, receipt: StepReceipt) -> None:
+        # The step's Chio receipt must hold as the consumers will check it, signed by one of
+        # the keys the sidecar publishes (known here: the Avro signature was just checked).
+        if not receipt.chio_receipt:
+            return
+        trusted = {key.hex() for key in self._keys.values()}
+        reason = check_chio_step(receipt, trusted_keys=trusted)
+        if reason is not None:
+            raise ChioSidecarProtocolError(f"the sidecar's Chio receipt does not hold: {reason}")
 
     async def _check_signature(self, key_id: str, body: bytes) -> None:
         key = self._keys.get(key_id)

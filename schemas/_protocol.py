@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from uuid_utils import uuid7 as _uuid7
@@ -126,6 +126,11 @@ class EvaluationRequest:
     scope and chain from the capability, and signs. ``deny_reason`` lets the caller ask for a
     signed *deny* it already decided on (no grant, misconfigured override); it can never turn
     into an allow.
+
+    ``parameters`` is the call's JSON value as the Chio receipt's ``action.parameters`` signs
+    it (the interceptor sends ``{"args": [...]}``, or ``{"args_digest": ...}`` for arguments
+    with no JSON form). With ``redact_parameters`` the sidecar signs empty parameters and only
+    their ``parameter_hash``. Parameters never appear in ``repr`` (nor in logs or errors).
     """
 
     capability_id: str
@@ -147,6 +152,8 @@ class EvaluationRequest:
     worker_identity: str = ""
     prev_hash: bytes = b""
     deny_reason: str | None = None
+    parameters: Any = field(default_factory=dict, repr=False)
+    redact_parameters: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (``prev_hash`` as hex)."""
@@ -170,6 +177,8 @@ class EvaluationRequest:
             "worker_identity": self.worker_identity,
             "prev_hash": self.prev_hash.hex(),
             "deny_reason": self.deny_reason,
+            "parameters": self.parameters,
+            "redact_parameters": self.redact_parameters,
         }
 
     @classmethod
@@ -196,6 +205,8 @@ class EvaluationRequest:
             worker_identity=_str(data.get("worker_identity", "")),
             prev_hash=bytes.fromhex(_str(data.get("prev_hash", ""))),
             deny_reason=None if deny is None else _str(deny),
+            parameters=data.get("parameters", {}),
+            redact_parameters=_bool(data.get("redact_parameters", False)),
         )
 
     def matches(self, receipt: StepReceipt) -> bool:
@@ -263,6 +274,7 @@ def receipt_to_json(receipt: StepReceipt) -> dict[str, Any]:
     """A step receipt as JSON-ready dict (bytes as hex, verdict as its symbol)."""
     d = receipt.to_avro()
     d["prev_hash"] = receipt.prev_hash.hex()
+    d["chio_signed"] = receipt.chio_signed.hex()
     d["signature"] = receipt.signature.hex()
     return d
 
@@ -271,6 +283,9 @@ def receipt_from_json(data: Mapping[str, Any]) -> StepReceipt:
     """Inverse of :func:`receipt_to_json`; raises ``KeyError``/``TypeError``/``ValueError``."""
     d = dict(data)
     d["prev_hash"] = bytes.fromhex(_str(d["prev_hash"]))
+    # A sidecar older than schema v2 sends no Chio receipt.
+    d["chio_receipt"] = _str(d.get("chio_receipt", ""))
+    d["chio_signed"] = bytes.fromhex(_str(d.get("chio_signed", "")))
     d["signature"] = bytes.fromhex(_str(d["signature"]))
     d["capability_chain"] = [_str(s) for s in _list(d["capability_chain"])]
     d["scope"] = [_str(s) for s in _list(d["scope"])]

@@ -108,6 +108,13 @@ class EvaluationRequestBody(_Body):
     deny_reason: Annotated[
         str | None, Field(description="ask for a signed deny; never yields an allow")
     ] = None
+    parameters: Any = Field(
+        default_factory=dict,
+        description="the call's parameters (JSON), signed into the Chio receipt's action",
+    )
+    redact_parameters: bool = Field(
+        default=False, description="sign empty parameters and only their parameter_hash"
+    )
 
     def to_request(self) -> EvaluationRequest:
         """The protocol object this body describes."""
@@ -131,6 +138,8 @@ class EvaluationRequestBody(_Body):
             worker_identity=self.worker_identity,
             prev_hash=bytes.fromhex(self.prev_hash),
             deny_reason=self.deny_reason,
+            parameters=self.parameters,
+            redact_parameters=self.redact_parameters,
         )
 
 

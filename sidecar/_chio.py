@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import nacl.signing
 
-from chio_receipts.schemas import KeyPair, canonical_json, content_hash, uuid7
+from chio_receipts.schemas import KeyPair, canonical_json, content_hash, parameter_hash, uuid7
 from chio_receipts.sidecar._errors import SidecarError
 
 __all__ = [
@@ -355,10 +355,15 @@ def receipt_body(
     reason: str,
     guard: str,
     grant_index: int | None,
+    redact: bool = False,
 ) -> dict[str, Any]:
     """The unsigned body of a mediated decision receipt, as the kernel fills it.
 
-    ``content_hash`` is the hash of no output (the tool has not run at decision time).
+    ``content_hash`` is the hash of no output (the tool has not run at decision time). With
+    ``redact`` the body signs empty parameters, the ``parameter_hash`` of the real ones and
+    ``redaction_mode: "redacted"``: the receipt still verifies and a holder of the parameters
+    can prove them, but none travel. Raises ``ChioWireError`` for parameters with no canonical
+    JSON form.
     """
     attribution: dict[str, Any] = {}
     if token is not None:
@@ -375,17 +380,22 @@ def receipt_body(
     decision: dict[str, Any] = (
         {"verdict": "allow"} if allowed else {"verdict": "deny", "reason": reason, "guard": guard}
     )
+    action: dict[str, Any] = (
+        {"parameters": {}, "parameter_hash": parameter_hash(parameters)}
+        if redact
+        else {"parameters": parameters}
+    )
     return {
         "timestamp": timestamp,
         "capability_id": capability_id,
         "tool_server": tool_server,
         "tool_name": tool_name,
-        "action": {"parameters": parameters},
+        "action": action,
         "decision": decision,
         "receipt_kind": "mediated_decision",
         "boundary_class": "prevent",
         "tool_origin": "caller_executed",
-        "redaction_mode": "none",
+        "redaction_mode": "redacted" if redact else "none",
         "content_hash": content_hash(),
         "policy_hash": POLICY_HASH,
         "metadata": metadata,

@@ -10,6 +10,7 @@ bounded: expired capabilities are dropped after a grace period.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,10 +29,12 @@ from chio_receipts.schemas import (
     SignedReceipt,
     StepReceipt,
     Verdict,
+    chio_step_payload,
     is_subset,
     normalize_scope,
     now_us,
     parameter_hash,
+    request_id_for,
     sign_capability_token,
     sign_delegation_link,
     sign_kernel_receipt,
@@ -62,6 +65,19 @@ class ChioDecision:
     def revoked(self) -> bool:
         """True when the capability or one of its ancestors was revoked."""
         return self.guard == "revocation"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Decision:
+    """One policy decision, before anything is signed: what both evaluation routes share."""
+
+    verdict: Verdict
+    reason: str
+    guard: str
+    capability_id: str
+    token: CapabilityToken | None = None
+    kernel: Mapping[str, Any] | None = None
+    grant_index: int | None = None
 
 
 _MAX_TTL_SECONDS = 366 * 24 * 3600
@@ -353,12 +369,116 @@ class LocalSidecar:
         reason = f"tool {request.tool!r} allowed by capability {token.id}"
         return Verdict.ALLOW, reason, token, ""
 
+    def _decide_call(
+        self,
+        *,
+        capability_id: str,
+        tool_server: str,
+        tool: str,
+        at_us: int,
+        presented: Mapping[str, Any] | None = None,
+        deny_reason: str | None = None,
+    ) -> _Decision:
+        """The one decision of both evaluation routes: a presented kernel token's checks (the
+        mediated route), the policy (:meth:`_decide`), then the kernel-format grant's server."""
+        kernel: Mapping[str, Any] | None
+        if presented is not None:
+            token = _chio.kernel_spelling(presented)
+            capability_id = str(token.get("id", ""))
+            stored = self._chio.get(capability_id)
+            refusal = None
+            if str(token.get("issuer", "")).lower() not in self.trusted_keys():
+                refusal = "capability issuer is not trusted"
+            elif not verify_capability_token(token).valid:
+                refusal = "capability signature did not verify"
+            elif stored is None or stored.get("signature") != token.get("signature"):
+                refusal = f"unknown capability {capability_id}"
+            if refusal is not None:
+                return _Decision(
+                    verdict=Verdict.DENY,
+                    reason=refusal,
+                    guard="capability",
+                    capability_id=capability_id,
+                )
+            kernel = stored
+        else:
+            kernel = self._chio.get(capability_id)
+        request = EvaluationRequest(
+            capability_id=capability_id, tool_server=tool_server, tool=tool, deny_reason=deny_reason
+        )
+        verdict, reason, cap, guard = self._decide(request, at_us)
+        grant_index: int | None = None
+        if verdict is Verdict.ALLOW and kernel is not None:
+            # A capability with a kernel-format token is bound to its grants' servers too.
+            grant_index = _chio.grant_for(kernel["scope"], tool_server, tool)
+            if grant_index is None:
+                verdict, guard = Verdict.DENY, "scope"
+                reason = (
+                    f"tool {tool!r} on server {tool_server!r} is not in the scope of "
+                    f"capability {capability_id}"
+                )
+        return _Decision(
+            verdict=verdict,
+            reason=reason,
+            guard=guard,
+            capability_id=capability_id,
+            token=cap,
+            kernel=kernel,
+            grant_index=grant_index,
+        )
+
+    def _kernel_receipt(
+        self,
+        decision: _Decision,
+        *,
+        at_us: int,
+        tool_server: str,
+        tool: str,
+        parameters: object,
+        request_id: str,
+        redact: bool = False,
+    ) -> dict[str, Any]:
+        """The decision as a kernel-format receipt signed with the sidecar's key."""
+        body = _chio.receipt_body(
+            timestamp=at_us // 1_000_000,
+            token=decision.kernel,
+            capability_id=decision.capability_id,
+            tool_server=tool_server,
+            tool_name=tool,
+            parameters=parameters,
+            request_id=request_id,
+            allowed=decision.verdict is Verdict.ALLOW,
+            reason=decision.reason,
+            guard=decision.guard,
+            grant_index=decision.grant_index,
+            redact=redact,
+        )
+        return sign_kernel_receipt(body, self._key)
+
     def evaluate_now(self, request: EvaluationRequest) -> SignedReceipt:
-        """Synchronous :meth:`evaluate`: decide, build the receipt, sign it."""
+        """Synchronous :meth:`evaluate`: decide once, sign a Chio receipt, sign the step.
+
+        The step event carries the decision twice over: the kernel-format receipt (signed by
+        the sidecar's key, bound to the step's Temporal context by its ``request_id``, with the
+        request's parameters or, with ``redact_parameters``, only their hash) and the Avro
+        signature over the whole record, which covers that receipt too. The receipt log keeps
+        the signed Avro body (format ``step``): it holds the Chio receipt, so one row per
+        decision, and ``verify-log`` checks it with the Avro signature as before.
+
+        Parameters with no canonical JSON form are refused (:class:`ProtocolError`); the
+        message never quotes them.
+        """
         t0 = time.perf_counter_ns()
         evaluated_at = now_us()
-        verdict, reason, token = self.decide(request, evaluated_at)
-        receipt = StepReceipt(
+        decision = self._decide_call(
+            capability_id=request.capability_id,
+            tool_server=request.tool_server,
+            tool=request.tool,
+            at_us=evaluated_at,
+            deny_reason=request.deny_reason,
+        )
+        token = decision.token
+        step = StepReceipt(
             receipt_id=uuid7(),
             namespace=request.namespace,
             workflow_id=request.workflow_id,
@@ -377,22 +497,41 @@ class LocalSidecar:
             capability_id=request.capability_id,
             capability_chain=token.chain if token else (),
             scope=token.scope if token else (),
-            verdict=verdict,
-            reason=reason,
+            verdict=decision.verdict,
+            reason=decision.reason,
             argument_digest=request.argument_digest,
             argument_key_id=request.argument_key_id,
             scheduled_at=request.scheduled_at,
             started_at=request.started_at,
             evaluated_at=evaluated_at,
-            latency_us=(time.perf_counter_ns() - t0) // 1000,
+            latency_us=0,
             worker_identity=request.worker_identity,
             prev_hash=request.prev_hash,
             key_id=self._key.key_id,
         )
-        receipt, body = sign_receipt(receipt, self._key)
+        try:
+            chio = self._kernel_receipt(
+                decision,
+                at_us=evaluated_at,
+                tool_server=request.tool_server,
+                tool=request.tool,
+                parameters=request.parameters,
+                request_id=request_id_for(step),
+                redact=request.redact_parameters,
+            )
+            chio_text, chio_signed = chio_step_payload(chio)
+        except ChioWireError:
+            raise ProtocolError("the parameters have no canonical JSON form") from None
+        step = dataclasses.replace(
+            step,
+            chio_receipt=chio_text,
+            chio_signed=chio_signed,
+            latency_us=(time.perf_counter_ns() - t0) // 1000,
+        )
+        step, body = sign_receipt(step, self._key)
         if self._log_receipts:
-            self._store.log_receipt(receipt.receipt_id, receipt.key_id, body)
-        return SignedReceipt(receipt=receipt, body=body)
+            self._store.log_receipt(step.receipt_id, step.key_id, body)
+        return SignedReceipt(receipt=step, body=body)
 
     async def evaluate(self, request: EvaluationRequest) -> SignedReceipt:
         """Decide one attempt and sign the receipt (no I/O)."""
@@ -530,68 +669,40 @@ class LocalSidecar:
         """
         try:
             param_hash = parameter_hash(parameters)
-        except ChioWireError as exc:
-            raise ChioRequestError(400, "chio_bad_request", f"invalid parameters: {exc}") from exc
+        except ChioWireError:
+            raise ChioRequestError(
+                400, "chio_bad_request", "invalid parameters: no canonical JSON form"
+            ) from None
         at_us = now_us()
         request_id = request_id or uuid7()
-        kernel: Mapping[str, Any] | None = None
-        refusal: tuple[str, str] | None = None
-        if token is not None:
-            presented = _chio.kernel_spelling(token)
-            cap_id = str(presented.get("id", ""))
-            stored = self._chio.get(cap_id)
-            if str(presented.get("issuer", "")).lower() not in self.trusted_keys():
-                refusal = ("capability issuer is not trusted", "capability")
-            elif not verify_capability_token(presented).valid:
-                refusal = ("capability signature did not verify", "capability")
-            elif stored is None or stored.get("signature") != presented.get("signature"):
-                refusal = (f"unknown capability {cap_id}", "capability")
-            kernel = stored if refusal is None else None
-        else:
-            cap_id = capability_id or ""
-            kernel = self._chio.get(cap_id)
-        grant_index: int | None = None
-        if refusal is not None:
-            allowed, (reason, guard) = False, refusal
-        else:
-            request = EvaluationRequest(
-                capability_id=cap_id, tool_server=tool_server, tool=tool_name
-            )
-            verdict, reason, _, guard = self._decide(request, at_us)
-            allowed = verdict is Verdict.ALLOW
-            if allowed and kernel is not None:
-                grant_index = _chio.grant_for(kernel["scope"], tool_server, tool_name)
-                if grant_index is None:
-                    allowed, guard = False, "scope"
-                    reason = (
-                        f"tool {tool_name!r} on server {tool_server!r} is not in the scope of "
-                        f"capability {cap_id}"
-                    )
-        body = _chio.receipt_body(
-            timestamp=at_us // 1_000_000,
-            token=kernel,
-            capability_id=cap_id,
+        decision = self._decide_call(
+            capability_id=capability_id or "",
             tool_server=tool_server,
-            tool_name=tool_name,
+            tool=tool_name,
+            at_us=at_us,
+            presented=token,
+        )
+        allowed = decision.verdict is Verdict.ALLOW
+        receipt = self._kernel_receipt(
+            decision,
+            at_us=at_us,
+            tool_server=tool_server,
+            tool=tool_name,
             parameters=parameters,
             request_id=request_id,
-            allowed=allowed,
-            reason=reason,
-            guard=guard,
-            grant_index=grant_index,
         )
-        receipt = sign_kernel_receipt(body, self._key)
         if self._log_receipts:
             text = json.dumps(receipt, separators=(",", ":"), ensure_ascii=False)
             self._store.log_receipt(receipt["id"], self._key.key_id, text.encode(), fmt="chio")
         nonce = None
+        kernel = decision.kernel
         if allowed:
             nonce = _chio.execution_nonce(
                 self._key,
                 now=at_us // 1_000_000,
                 subject_id=str(kernel["subject"]) if kernel is not None else "",
                 request_id=request_id,
-                capability_id=cap_id,
+                capability_id=decision.capability_id,
                 tool_server=tool_server,
                 tool_name=tool_name,
                 parameter_hash=param_hash,
@@ -599,8 +710,8 @@ class LocalSidecar:
         return ChioDecision(
             allowed=allowed,
             receipt=receipt,
-            reason="" if allowed else reason,
-            guard=guard,
+            reason="" if allowed else decision.reason,
+            guard=decision.guard,
             execution_nonce=nonce,
         )
 

@@ -24,6 +24,7 @@ __all__ = [
     "STEP_SCHEMA",
     "STEP_TYPE",
     "Framer",
+    "chio_headers",
     "completion_record",
     "envelope_id",
     "envelope_record",
@@ -58,6 +59,25 @@ def _body(name: str, record: dict[str, Any]) -> bytes:
         raise schemas.EncodeError(f"{name}: {exc}") from exc
 
 
+def chio_headers(receipt: schemas.StepReceipt) -> tuple[tuple[str, bytes], ...]:
+    """chio-streaming's headers of a step that carries a Chio receipt (none for a v1 step).
+
+    ``X-Chio-Receipt`` is the Chio receipt's id; ``X-Chio-Verdict`` its decision's verdict as
+    signed, in chio-streaming's lowercase spelling: ``allow`` / ``deny`` from our sidecar, and
+    ``incomplete`` for the real kernel's authorized pre-execution decision (chio-streaming 0.1.0
+    writes only ``allow``/``deny``, derived from ``is_allowed``, which would call that ``deny``).
+    """
+    if not receipt.chio_receipt:
+        return ()
+    fields = schemas.chio_step_fields(receipt)
+    out = []
+    if fields.receipt_id:
+        out.append((schemas.X_CHIO_RECEIPT, fields.receipt_id.encode()))
+    if fields.decision:
+        out.append((schemas.X_CHIO_VERDICT, fields.decision.encode()))
+    return tuple(out)
+
+
 def step_record(
     receipt: schemas.StepReceipt,
     body: bytes,
@@ -66,7 +86,10 @@ def step_record(
     source: str,
     framer: Framer = single_object,
 ) -> SpoolRecord:
-    """The Kafka record of a signed step receipt; ``body`` is framed, never re-encoded."""
+    """The Kafka record of a signed step receipt; ``body`` is framed, never re-encoded.
+
+    Headers: CloudEvents binary mode, then :func:`chio_headers` when the step carries a Chio
+    receipt."""
     key = receipt.run_key
     return SpoolRecord(
         topic=topic,
@@ -74,7 +97,8 @@ def step_record(
         value=framer(STEP_SCHEMA, body, topic),
         headers=headers(
             event_id=receipt.receipt_id, event_type=STEP_TYPE, source=source, subject=key
-        ),
+        )
+        + chio_headers(receipt),
     )
 
 

@@ -69,6 +69,8 @@ class WorkerSettings:
     identity: str | None = None
     temporal: TemporalConnection | None = None
     metrics: StreamerMetrics | None = None
+    redact_parameters: bool = False
+    """Receipts sign only the hash of each call's parameters (see ChioActivityInterceptor)."""
 
     def temporal_connection(self) -> TemporalConnection:
         """How to reach Temporal: ``temporal`` when given (TLS, API key), else plaintext to
@@ -124,6 +126,7 @@ async def demo_worker(
             argument_key=settings.argument_key,
             grant_resolver=resolver,
             identity=settings.identity,
+            redact_parameters=settings.redact_parameters,
         )
         if client is None:
             client = await settings.temporal_connection().connect()

@@ -1,11 +1,17 @@
-"""No activity argument ever leaves the worker: not in a receipt, a log line, a Kafka message, a
-ClickHouse row, a spool file or an exception message; and the sidecar's HTTP API refuses a
-chunked body past its limit (the other malformed / oversized / unauthenticated requests are
-covered by the interceptor's own sidecar tests)."""
+"""Where an activity argument lands.
+
+By default a step's Chio receipt signs the call's parameters (so its ``parameter_hash`` stays
+verifiable): the argument is in the step's ``chio_receipt`` and its signed Avro body, hence in
+what carries step bodies, and nowhere else: never in a log line, a receipt's repr or an
+exception message. With ``redact_parameters`` it leaves the worker nowhere: not in a receipt, a
+log line, a Kafka message, a ClickHouse row, a spool file or an exception message. The
+sidecar's HTTP API refuses a chunked body past its limit (the other malformed / oversized /
+unauthenticated requests are covered by the interceptor's own sidecar tests)."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -52,7 +58,7 @@ def _leaks(blob: bytes | str, where: str) -> list[str]:
 async def test_a_secret_argument_appears_in_no_output(
     make_pipeline: Callable[..., Pipeline],
 ) -> None:
-    p = make_pipeline()
+    p = make_pipeline(worker={"redact_parameters": True})
     await p.start()
     # Every run has one denied step (its exception message is checked too).
     await p.start_runs(3, FaultInput(steps=3, payload=SECRET, deny_at=1))
@@ -96,9 +102,9 @@ class _FlakySink(InMemoryReceiptSink):
         await super().publish_step(receipt, body)
 
 
-@pytest.fixture
+@pytest.fixture(params=[True, False], ids=["redacted", "kept"])
 async def in_process_worker(
-    temporal_client: Client, unique: Callable[[str], str]
+    temporal_client: Client, unique: Callable[[str], str], request: pytest.FixtureRequest
 ) -> AsyncIterator[tuple[Worker, _FlakySink, str]]:
     sidecar = LocalSidecar()
     token = sidecar.mint("agent:secret-test", SCOPE, 3600)
@@ -107,6 +113,7 @@ async def in_process_worker(
         evaluator=sidecar,
         receipt_sink=sink,
         grant_resolver=lambda info: WorkflowGrant(workflow_id=info.workflow_id or "x", token=token),
+        redact_parameters=request.param,
     )
     queue = unique("secret")
     worker = Worker(
@@ -127,8 +134,12 @@ async def test_no_log_line_receipt_or_exception_carries_the_argument(
     temporal_client: Client,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """In process, at DEBUG: a sink refusal, a retry, a denial, and a failed workflow."""
-    _, sink, queue = in_process_worker
+    """In process, at DEBUG: a sink refusal, a retry, a denial, and a failed workflow.
+
+    Redacted, the argument is in no receipt; kept, only in the signed Chio receipt (and the Avro
+    body that carries it); in neither case in a log line, a repr or an exception."""
+    worker, sink, queue = in_process_worker
+    redacted = bool(worker.config()["interceptors"][0].redact_parameters)
     caplog.set_level(logging.DEBUG)
     errors: list[str] = []
     ok = await temporal_client.execute_workflow(
@@ -156,8 +167,14 @@ async def test_no_log_line_receipt_or_exception_carries_the_argument(
     assert len(sink.steps) >= 4
     leaks = _leaks(caplog.text, "log records")
     for receipt, body in sink.steps:
-        leaks += _leaks(repr(receipt), "receipt repr") + _leaks(body, "receipt body")
-        leaks += _leaks(repr(receipt.to_avro()), "receipt fields")
+        leaks += _leaks(repr(receipt), "receipt repr")
+        if redacted:
+            leaks += _leaks(body, "receipt body")
+            leaks += _leaks(repr(receipt.to_avro()), "receipt fields")
+        else:
+            assert SECRET.encode() in body
+            outside = dataclasses.replace(receipt, chio_receipt="", chio_signed=b"")
+            leaks += _leaks(repr(outside.to_avro()), "receipt fields but the Chio receipt")
     leaks += _leaks("\n".join(errors), "exception chain")
     assert not leaks, "\n".join(leaks)
     # The caught-denial workflow did not fail, so this one's failure must be the denial.

@@ -19,7 +19,7 @@ from chio_receipts.interceptor import (
     UnknownCapability,
     verify_receipt,
 )
-from chio_receipts.schemas import Verdict
+from chio_receipts.schemas import KeyPair, Verdict
 from chio_receipts.sidecar import LocalSidecar, SidecarServer, create_sidecar_app
 
 
@@ -125,3 +125,33 @@ async def test_http_sidecar_translates_5xx_timeouts_and_retries_connect_errors()
     assert calls.count("/v1/keys") == 3
     assert calls.count("/v1/evaluate") == 1
     assert calls.count("/v1/capabilities/cap-1") == 1
+
+
+class _ForeignChioSigner(LocalSidecar):
+    """A sidecar whose Chio receipts are signed by a key it does not publish."""
+
+    def _kernel_receipt(self, decision, **kw):  # type: ignore[no-untyped-def]
+        real = self._key
+        self._key = KeyPair.generate("foreign")
+        try:
+            return super()._kernel_receipt(decision, **kw)
+        finally:
+            self._key = real
+
+
+@pytest.mark.unit
+async def test_http_sidecar_refuses_a_chio_receipt_not_signed_by_the_sidecars_keys() -> None:
+    side = _ForeignChioSigner()
+    cap = side.mint("agent:a", ["read"], 60)
+    transport = httpx.ASGITransport(app=create_sidecar_app(side))
+    request = EvaluationRequest(capability_id=cap.id, tool_server="s", tool="read")
+    async with HttpSidecar("http://sidecar", transport=transport) as http:
+        with pytest.raises(ChioSidecarProtocolError, match="not a trusted signer"):
+            await http.evaluate(request)
+    # The same sidecar signing with its own key passes.
+    honest = LocalSidecar()
+    cap = honest.mint("agent:a", ["read"], 60)
+    transport = httpx.ASGITransport(app=create_sidecar_app(honest))
+    request = EvaluationRequest(capability_id=cap.id, tool_server="s", tool="read")
+    async with HttpSidecar("http://sidecar", transport=transport) as http:
+        assert (await http.evaluate(request)).receipt.chio_receipt

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,7 +27,7 @@ from chio_receipts.interceptor import (
     scope_for,
     verify_receipt,
 )
-from chio_receipts.schemas import Verdict, receipt_hash
+from chio_receipts.schemas import Verdict, check_chio_step, parameter_hash, receipt_hash
 from chio_receipts.sidecar import LocalSidecar, SidecarServer
 from tests.support.helpers import eventually
 from tests.support.workflows import (
@@ -129,7 +130,14 @@ async def test_allow_path_receipts_envelope_and_history(
     assert [r.tool_server for r in steps] == ["agent-tools", "agent-tools", "email-outbound"]
     assert first.argument_key_id == "args-1"
     assert first.scheduled_at <= first.started_at <= first.evaluated_at
-    assert all(secret.encode() not in body for _, body in sink.steps)
+    # Parameters are kept by default: each step's Chio receipt signs the activity's arguments
+    # as Temporal's JSON converter wrote them, bound to the step, under the sidecar's key.
+    trusted = sidecar.local.trusted_keys()
+    for step in steps:
+        assert check_chio_step(step, trusted_keys=trusted) is None
+        chio = json.loads(step.chio_receipt)
+        assert chio["action"]["parameters"] == {"args": [secret]}
+        assert chio["redaction_mode"] == "none"
     # The receipts verify, chain, and a changed field fails verification.
     keys = await sidecar.chio.public_keys()
     assert all(verify_receipt(r, keys) for r in steps)
@@ -399,3 +407,40 @@ async def test_sidecar_down_retries_with_sidecar_error_then_succeeds(
     assert receipt.verdict is Verdict.ALLOW
     assert receipt.attempt >= 3
     assert EXECUTED[wf_id] == ["call_tool:x"]
+
+
+async def test_redacted_parameters_leave_only_their_hash(
+    temporal_client: Client, unique: Callable[[str], str], sidecar: SidecarEnv
+) -> None:
+    tq, wf_id = unique("tq"), unique("wf")
+    sink = InMemoryReceiptSink()
+    worker, _, _ = await build_chio_worker(
+        temporal_client,
+        task_queue=tq,
+        activities=ALL_ACTIVITIES,
+        workflows=[PlanWorkflow],
+        chio_client=sidecar.chio,
+        workflow_id=wf_id,
+        scope=scope_for("call_tool"),
+        subject="agent:redacted",
+        ttl_seconds=3600,
+        receipt_sink=sink,
+        interceptor_options={"redact_parameters": True},
+    )
+    secret = "redacted-argument-value-456"
+    async with worker:
+        handle = await temporal_client.start_workflow(
+            PlanWorkflow.run,
+            Plan(steps=["call_tool"], arg=secret),
+            id=wf_id,
+            task_queue=tq,
+            execution_timeout=EXEC_TIMEOUT,
+        )
+        assert await handle.result() == [f"call_tool:{secret}"]
+    (step,) = sink.receipts_for(wf_id, handle.result_run_id)
+    assert check_chio_step(step, trusted_keys=sidecar.local.trusted_keys()) is None
+    chio = json.loads(step.chio_receipt)
+    assert chio["redaction_mode"] == "redacted"
+    assert chio["action"]["parameters"] == {}
+    assert chio["action"]["parameter_hash"] == parameter_hash({"args": [secret]})
+    assert all(secret.encode() not in body for _, body in sink.steps)

@@ -271,8 +271,12 @@ def test_the_evaluate_body_model_has_exactly_the_request_fields() -> None:
         worker_identity="w",
         prev_hash=bytes(range(32)),
         deny_reason="no",
+        parameters={"args": [{"amount": 12.5, "note": "café"}, [1, None, True]]},
+        redact_parameters=True,
     )
     assert EvaluationRequestBody.model_validate(request.to_json()).to_request() == request
+    assert EvaluationRequest.from_json(request.to_json()) == request
+    assert "café" not in repr(request)
 
 
 @pytest.mark.unit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 import chio_receipts.schemas as schemas
 import chio_receipts.streamer as streamer
+from chio_receipts.sidecar import LocalSidecar
 from tests.support.avro_strategies import sample_envelope, sample_run, sample_step
 from tests.support.helpers import eventually
 from tests.support.registry import FakeRegistry
@@ -288,3 +290,42 @@ async def test_a_record_kafka_refuses_for_its_size_is_kept_aside_not_blocking(
         kept = rejected.read()
     assert kept is not None
     assert kept.records[0].topic == cfg.topics.envelopes_topic
+
+
+async def test_steps_with_a_chio_receipt_carry_its_id_and_verdict_in_headers(
+    kafka_bootstrap: str, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    cfg = config(kafka_bootstrap, str(tmp_path / "spool"), unique("hd") + ".", durability="queued")
+    await streamer.ensure_topics(cfg.kafka, cfg.topics)
+    side = LocalSidecar()
+    cap = side.mint("agent:a", ["charge"], 60)
+    signed = [
+        side.evaluate_now(
+            schemas.EvaluationRequest(
+                capability_id=cap.id,
+                tool_server="payments",
+                tool=tool,
+                workflow_id="wf-hd",
+                run_id="run-hd",
+                activity_id=str(i),
+                parameters={"args": [i]},
+            )
+        )
+        for i, tool in enumerate(["charge", "refund"])
+    ]
+    legacy, legacy_body = _signed("run-hd", 9)
+    async with streamer.ReceiptStreamer(cfg) as s:
+        for one in signed:
+            await s.publish_step(one.receipt, one.body)
+        await s.publish_step(legacy, legacy_body)
+        assert await s.flush(30)
+    got = await consume(kafka_bootstrap, [cfg.topics.steps], 3)
+    by_id = {dict(r.headers)["ce_id"].decode(): dict(r.headers) for r in got}
+    for one, verdict in zip(signed, [b"allow", b"deny"], strict=True):
+        headers = by_id[one.receipt.receipt_id]
+        chio = json.loads(one.receipt.chio_receipt)
+        assert headers[schemas.X_CHIO_RECEIPT] == chio["id"].encode()
+        assert headers[schemas.X_CHIO_VERDICT] == verdict
+    # A step without a Chio receipt (schema v1 writer) gets neither header.
+    assert schemas.X_CHIO_RECEIPT not in by_id[legacy.receipt_id]
+    assert schemas.X_CHIO_VERDICT not in by_id[legacy.receipt_id]

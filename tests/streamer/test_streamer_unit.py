@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import chio_receipts.schemas as schemas
 import chio_receipts.streamer as streamer
 from chio_receipts.streamer._history import completion_event_id, outcome_of
 from tests.support.avro_strategies import sample_run, sample_step
+from tests.support.chio_steps import kernel_receipt_body, with_chio_receipt
 
 pytestmark = pytest.mark.unit
 
@@ -64,6 +66,25 @@ def test_step_record_frames_the_signed_body_without_re_encoding() -> None:
     assert headers["ce_specversion"] == b"1.0"
     assert headers["ce_source"] == b"urn:test"
     assert headers["content-type"] == b"application/avro"
+
+
+@pytest.mark.parametrize("verdict", ["allow", "incomplete", "deny"])
+def test_a_step_with_a_chio_receipt_gets_chio_streaming_headers(verdict: str) -> None:
+    key = schemas.KeyPair.generate("k1")
+    step = sample_step(verdict=schemas.Verdict.DENY if verdict == "deny" else schemas.Verdict.ALLOW)
+    body = kernel_receipt_body(step, parameters={"args": [1]})
+    if verdict == "incomplete":
+        body["decision"] = {"verdict": "incomplete", "reason": "pre-execution authorization"}
+    step = with_chio_receipt(step, key, body=body)
+    receipt, signed = schemas.sign_receipt(step, key)
+    rec = streamer.step_record(receipt, signed, topic="steps", source="urn:test")
+    names = [name for name, _ in rec.headers]
+    assert names == [*schemas.CE_HEADERS, schemas.X_CHIO_RECEIPT, schemas.X_CHIO_VERDICT]
+    headers = dict(rec.headers)
+    assert headers[schemas.X_CHIO_RECEIPT] == json.loads(step.chio_receipt)["id"].encode()
+    assert headers[schemas.X_CHIO_VERDICT] == verdict.encode()
+    plain = streamer.step_record(*schemas.sign_receipt(sample_step(), key), topic="t", source="s")
+    assert [name for name, _ in plain.headers] == list(schemas.CE_HEADERS)
 
 
 def test_completion_and_envelope_records() -> None:

@@ -99,6 +99,7 @@ async def main(cfg: dict[str, object]) -> None:
             workflow_id=info.workflow_id or "unknown", token=token, tool_server="faults"
         ),
         identity=f"fault-worker-{os.getpid()}",
+        redact_parameters=bool(cfg.get("redact_parameters", False)),
     )
     client = await _connect(str(cfg["temporal"]), 120.0)
     worker = Worker(
