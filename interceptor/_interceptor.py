@@ -65,6 +65,7 @@ from chio_receipts.interceptor._errors import (
 from chio_receipts.interceptor._evaluator import Evaluator
 from chio_receipts.interceptor._grant_registry import GrantRegistry, GrantResolution
 from chio_receipts.interceptor._grants import ActivityGrantOverride, GrantResolver, WorkflowGrant
+from chio_receipts.interceptor._kernel_http import ChioKernelSidecar
 from chio_receipts.interceptor._model import EvaluationRequest, SignedReceipt, now_us
 from chio_receipts.interceptor._parameters import activity_parameters
 from chio_receipts.interceptor._receipt import WorkflowReceipt
@@ -254,12 +255,24 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
         """Evaluate one attempt; returns when it may run, raises ``ApplicationError`` if not."""
         started_at = now_us()
         resolution = self._grants.resolve(info)
+        self._present(resolution.grant)
         run = self._runs.open(info.namespace, info.workflow_id or "", info.workflow_run_id or "")
         async with run.lock:  # one attempt of a run at a time: receipts chain in order
             request = self._request(info, args, resolution, run.last_hash, started_at)
             signed = await self._evaluate(request)
             await self._record(run, signed)
         self._raise_unless_allowed(signed.receipt, resolution)
+
+    def _present(self, grant: WorkflowGrant | None) -> None:
+        """Give a kernel-mediated evaluator the grant's raw signed token, which it presents."""
+        evaluator = self._evaluator
+        if (
+            grant is not None
+            and grant.raw_token is not None
+            and isinstance(evaluator, ChioKernelSidecar)
+            and evaluator.raw_token(grant.capability_id) is None
+        ):
+            evaluator.add_token(grant.raw_token, trust_issuer=False)
 
     def _request(
         self,

@@ -210,8 +210,15 @@ class ChioKernelSidecar(AsyncCloseable):
 
     # -- capabilities --------------------------------------------------------------------------
 
-    def add_token(self, token: Mapping[str, Any], *, subject: str = "") -> CapabilityToken:
-        """Register a raw signed kernel token (minted elsewhere) so attempts can present it."""
+    def add_token(
+        self, token: Mapping[str, Any], *, subject: str = "", trust_issuer: bool = True
+    ) -> CapabilityToken:
+        """Register a raw signed kernel token (minted elsewhere) so attempts can present it.
+
+        ``trust_issuer`` (for tokens this evaluator got from the sidecar's control routes) lets
+        the issuer's key verify receipts when no ``kernel_key`` is pinned; a token from anywhere
+        else (a grant) must pass ``False``: holding a token proves nothing about its issuer.
+        """
         raw = dict(token)
         try:
             cap_id = str(raw["id"])
@@ -242,7 +249,7 @@ class ChioKernelSidecar(AsyncCloseable):
         )
         self._tokens[cap_id] = raw
         self._caps[cap_id] = cap
-        if self._pinned is None and len(issuer) == 64:
+        if trust_issuer and self._pinned is None and len(issuer) == 64:
             # The issuer of a token minted over the authenticated control route is the key the
             # kernel signs receipts with (chio-api-protect signs both with its signer keypair).
             self._keys.setdefault(f"issuer-{issuer[:16]}", bytes.fromhex(issuer))
@@ -315,11 +322,23 @@ class ChioKernelSidecar(AsyncCloseable):
         return self.add_token(payload, subject=self._caps[capability_id].subject)
 
     async def get_capability(self, capability_id: str) -> CapabilityToken:
-        """A capability this evaluator minted or was given (the kernel has no read route)."""
+        """A capability this evaluator minted or was given; else read from the sidecar.
+
+        The kernel has no route to read a token by id; the project's sidecar answers
+        ``GET /v1/capabilities/{id}`` with the raw signed token (``chio_token``), which is then
+        registered (its issuer not trusted by that alone).
+        """
         cap = self._caps.get(capability_id)
-        if cap is None:
-            raise UnknownCapability(f"no kernel token for capability {capability_id!r}")
-        return cap
+        if cap is not None:
+            return cap
+        status, payload = await self._send("GET", f"/v1/capabilities/{capability_id}")
+        raw = payload.get("chio_token") if status == 200 and isinstance(payload, dict) else None
+        if not isinstance(raw, dict) or raw.get("id") != capability_id:
+            raise UnknownCapability(
+                f"no kernel token for capability {capability_id!r}: a Chio kernel cannot read "
+                "one by id; mint it through this evaluator or register it with add_token()"
+            )
+        return self.add_token(raw, subject=str(payload.get("subject", "")), trust_issuer=False)
 
     async def revoke(self, capability_id: str) -> None:
         """Release (revoke) a capability (``POST /v1/capabilities/release``)."""

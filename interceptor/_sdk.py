@@ -20,6 +20,7 @@ from chio_sdk.models import ChioScope
 from chio_receipts.interceptor._client import ChioClient
 from chio_receipts.interceptor._errors import ChioSidecarUnavailable, ChioTemporalConfigError
 from chio_receipts.interceptor._evaluator import Evaluator
+from chio_receipts.interceptor._kernel_http import ChioKernelSidecar
 from chio_receipts.interceptor._scope import (
     AnyToken,
     ScopeLike,
@@ -27,7 +28,6 @@ from chio_receipts.interceptor._scope import (
     scope_for,
     tool_names,
 )
-from chio_receipts.interceptor._sidecar_http import HttpSidecar
 from chio_receipts.schemas import AsyncCloseable
 
 __all__ = ["AnyClient", "attenuate_token", "evaluator_for", "mint_token", "sdk_base_url"]
@@ -49,10 +49,13 @@ def evaluator_for(
     """The evaluator behind ``chio_client``, and what the caller must close (None: nothing).
 
     The project's :class:`ChioClient` delegates to its own evaluator (the caller's to close).
-    A ``chio_sdk.ChioClient`` has no evaluation call the interceptor can use (its
-    ``evaluate_tool_call`` signs no step receipt), so the interceptor talks to the same sidecar
-    through an :class:`HttpSidecar` at ``sidecar_url`` (the seed passes both), else at the SDK
-    client's own base URL; that evaluator is made here and is the caller's to close.
+    A ``chio_sdk.ChioClient`` (0.1.0) cannot evaluate against a kernel: its
+    ``evaluate_tool_call`` posts a capability id, which the kernel's mediated ``/v1/evaluate``
+    refuses (it wants the whole signed token and a ``request_id``). So the interceptor extends it:
+    a :class:`ChioKernelSidecar` at ``sidecar_url`` (the seed passes both), else at the SDK
+    client's own base URL, speaks the mediated route with each grant's raw token; the control
+    token comes from ``CHIO_SIDECAR_CONTROL_TOKEN``. That evaluator is made here and is the
+    caller's to close.
     """
     if isinstance(chio_client, ChioClient):
         return chio_client.evaluator, None
@@ -62,7 +65,7 @@ def evaluator_for(
             raise ChioTemporalConfigError(
                 "cannot tell the sidecar URL of this chio_sdk.ChioClient: pass sidecar_url="
             )
-        sidecar = HttpSidecar(url)
+        sidecar = ChioKernelSidecar(url)
         return sidecar, sidecar
     raise ChioTemporalConfigError(
         "chio_client must be a chio_sdk.ChioClient or a chio_receipts.interceptor.ChioClient, "

@@ -157,10 +157,16 @@ class Capability(_Body):
     parent_id: str | None
     chain: list[str]
     issuer_key_id: str
+    chio_token: dict[str, Any] | None = Field(
+        default=None,
+        description="The capability's signed kernel-format token (chio.capability.v1) exactly as "
+        "signed, when it was minted through the kernel routes; what a kernel-mediated "
+        "evaluation presents.",
+    )
 
     @classmethod
-    def of(cls, token: CapabilityToken) -> Capability:
-        """The JSON body of ``token``."""
+    def of(cls, token: CapabilityToken, chio_token: dict[str, Any] | None = None) -> Capability:
+        """The JSON body of ``token`` (with its raw kernel token, when there is one)."""
         return cls(
             id=token.id,
             subject=token.subject,
@@ -170,6 +176,7 @@ class Capability(_Body):
             parent_id=token.parent_id,
             chain=list(token.chain),
             issuer_key_id=token.issuer_key_id,
+            chio_token=chio_token,
         )
 
 

@@ -414,7 +414,7 @@ def create_sidecar_app(
 
     async def get_capability(request: Request) -> Response:
         cap = await sidecar.get_capability(request.path_params["cap_id"])
-        return _json(Capability.of(cap), status["get_capability"])
+        return _json(Capability.of(cap, sidecar.chio_token(cap.id)), status["get_capability"])
 
     async def attenuate(request: Request) -> Response:
         body = _validate(Attenuate, await _read_json(request, max_body_bytes))

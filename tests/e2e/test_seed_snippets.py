@@ -20,8 +20,8 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
-from chio_receipts.interceptor import InMemoryReceiptSink, verify_receipt
-from chio_receipts.schemas import Verdict, now_us, verify_capability_token
+from chio_receipts.interceptor import InMemoryReceiptSink
+from chio_receipts.schemas import Verdict, check_chio_step, now_us, verify_capability_token
 from chio_receipts.sidecar import DataDir, LocalSidecar, SidecarServer
 from chio_temporal import (
     DENIED_ERROR_TYPE,
@@ -158,9 +158,14 @@ async def test_the_interceptor_snippet_with_attenuation_finalize_and_flush(
             token.id,
         ]
         assert steps[1].capability_chain == (token.id,)
-        assert all(r.subject == "agent:my-pipeline" for r in steps)
+        # The subject a kernel token names is the key derived from the requested subject.
+        assert all(r.subject == token.subject for r in steps)
+        # Decided on the kernel's mediated route: each step carries the sidecar's signed Chio
+        # receipt, bound to its Temporal context, and no Avro signature of its own.
         keys = await interceptor.evaluator.public_keys()
-        assert all(verify_receipt(r, keys) for r in steps)
+        trusted = {k.hex() for k in keys.values()}
+        assert all(r.key_id == "" and r.chio_receipt for r in steps)
+        assert [check_chio_step(r, trusted_keys=trusted) for r in steps] == [None] * 3
 
         # At workflow completion (typically from a "finalise" activity).
         interceptor.finalize_workflow(

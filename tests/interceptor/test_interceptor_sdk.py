@@ -22,8 +22,8 @@ from chio_receipts.interceptor import (
     DENIED_ERROR_TYPE,
     ChioActivityInterceptor,
     ChioClient,
+    ChioKernelSidecar,
     ChioTemporalConfigError,
-    HttpSidecar,
     InMemoryReceiptSink,
     WorkflowGrant,
     raw_token,
@@ -121,16 +121,18 @@ async def test_the_projects_token_has_no_raw_token() -> None:
 # -- the client --------------------------------------------------------------------------------
 
 
-async def test_an_sdk_client_evaluates_through_the_sidecar_url(served: Served) -> None:
+async def test_an_sdk_client_evaluates_on_the_kernel_route_at_the_sidecar_url(
+    served: Served,
+) -> None:
     icp = ChioActivityInterceptor(
         chio_client=served.chio, sidecar_url=served.url, default_tool_server="agent-tools"
     )
-    assert isinstance(icp.evaluator, HttpSidecar)
+    assert isinstance(icp.evaluator, ChioKernelSidecar)
     assert icp.evaluator.base_url == served.url
     assert icp.sidecar_url == served.url
     # Without sidecar_url: the SDK client's own base URL.
     fallback = ChioActivityInterceptor(chio_client=served.chio)
-    assert isinstance(fallback.evaluator, HttpSidecar)
+    assert isinstance(fallback.evaluator, ChioKernelSidecar)
     assert fallback.evaluator.base_url == served.url
     await fallback.aclose()
     # The project's client keeps its own evaluator (not closed by the interceptor).
