@@ -41,6 +41,7 @@ from chio_receipts.consumers import (
     load_keys_file,
     open_client,
     owner_pid,
+    parse_kernel_keys,
     verify_run,
 )
 from chio_receipts.schemas import (
@@ -101,6 +102,16 @@ KeyUrl = Annotated[
     str | None,
     typer.Option("--key-url", envvar="CHIO_SIDECAR_URL", help="sidecar serving GET /v1/keys"),
 ]
+TrustedKernelKeys = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--trusted-kernel-key",
+        envvar="CHIO_TRUSTED_KERNEL_KEYS",
+        help="hex Ed25519 public key of a Chio kernel whose receipts are trusted (repeatable; "
+        "the environment variable takes a comma-separated list); every key of --keys / "
+        "--key-url is trusted as well",
+    ),
+]
 BuilderKeyFile = Annotated[
     Path,
     typer.Option(
@@ -147,6 +158,15 @@ def _builder_public(path: Path) -> dict[str, bytes]:
         key = builder_key(path, create=False)
         return {key.key_id: key.public_key}
     return {}
+
+
+def _kernel_keys(values: Sequence[str] | None) -> frozenset[str]:
+    """The trusted kernel keys of ``--trusted-kernel-key`` / ``CHIO_TRUSTED_KERNEL_KEYS``."""
+    items = [part for value in values or () for part in value.split(",")]
+    try:
+        return parse_kernel_keys(items)
+    except ValueError as exc:
+        raise ConsumerError(str(exc)) from None
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -201,6 +221,7 @@ def consume(
     dsn: Dsn = None,
     keys: KeysFile = None,
     key_url: KeyUrl = None,
+    trusted_kernel_key: TrustedKernelKeys = None,
     builder_key_file: BuilderKeyFile = _BUILDER_KEY_DEFAULT,
     group: Annotated[str, typer.Option(help="consumer group id")] = "chio-receipt-builder",
     steps_topic: Annotated[str, typer.Option()] = _TOPICS.steps,
@@ -225,6 +246,7 @@ def consume(
             builder_key=builder_key(builder_key_file),
             public_keys=public,
             key_url=key_url,
+            trusted_kernel_keys=_kernel_keys(trusted_kernel_key),
             topics=TopicNames(
                 steps=steps_topic, runs=runs_topic, envelopes=envelopes_topic, dlq=dlq_topic
             ),
@@ -252,6 +274,9 @@ def siem_export(
         str | None, typer.Option(envvar="CHIO_HEC_TOKEN", help="Splunk HEC token")
     ] = None,
     index: Annotated[str | None, typer.Option(help="Elastic index / Splunk index")] = None,
+    keys: KeysFile = None,
+    key_url: KeyUrl = None,
+    trusted_kernel_key: TrustedKernelKeys = None,
     group: Annotated[str, typer.Option()] = "chio-siem-exporter",
     steps_topic: Annotated[str, typer.Option()] = _TOPICS.steps,
     envelopes_topic: Annotated[str | None, typer.Option(help="also export envelopes")] = None,
@@ -274,6 +299,9 @@ def siem_export(
         config = ExporterConfig(
             kafka=kafka,
             output=parse_output(output, token=hec_token, index=index),
+            public_keys=load_keys_file(keys) if keys else {},
+            key_url=key_url,
+            trusted_kernel_keys=_kernel_keys(trusted_kernel_key),
             group_id=group,
             topics=TopicNames(
                 steps=steps_topic,
@@ -417,23 +445,29 @@ def verify(
     dsn: Dsn = None,
     keys: KeysFile = None,
     key_url: KeyUrl = None,
+    trusted_kernel_key: TrustedKernelKeys = None,
     builder_key_file: BuilderKeyFile = _BUILDER_KEY_DEFAULT,
 ) -> None:
     """Verify a workflow's receipts from ClickHouse rows alone: OK or exactly what is wrong.
 
-    Checks every step signature, the prev_hash chain, and each envelope's steps, chain root and
-    builder signature.
+    Checks every step signature and Chio kernel receipt, the prev_hash chain, and each
+    envelope's steps, chain root and builder signature.
     """
     try:
-        ring = KeyRing(load_keys_file(keys) if keys else {}, url=key_url)
+        ring = KeyRing(
+            load_keys_file(keys) if keys else {},
+            url=key_url,
+            trusted_kernel_keys=_kernel_keys(trusted_kernel_key),
+        )
         if key_url:
             asyncio.run(ring.refresh(force=True))
         all_keys = {**ring.keys, **_builder_public(builder_key_file)}
+        trusted = ring.trusted_hex
     except ConsumerError as exc:
         raise _fail(str(exc)) from None
     client = _open_for_read(dsn or _default_dsn())
     try:
-        report = verify_run(client, workflow_id, run_id, keys=all_keys)
+        report = verify_run(client, workflow_id, run_id, keys=all_keys, trusted_kernel_keys=trusted)
     except ConsumerError as exc:
         raise _fail(str(exc)) from None
     finally:

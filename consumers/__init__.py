@@ -11,6 +11,7 @@ imports temporalio or interceptor; depends on ``schemas`` only.
 from __future__ import annotations
 
 from chio_receipts.consumers._builder import ReceiptBuilder, RunState, StepEntry
+from chio_receipts.consumers._chio import ChioRefusal, chio_refusal, parse_kernel_keys, signed_by
 from chio_receipts.consumers._clickhouse import (
     ClickHouseConfig,
     ClickHouseSink,
@@ -72,6 +73,7 @@ __all__ = [
     "BatchHandler",
     "BatchRunner",
     "BuilderConfig",
+    "ChioRefusal",
     "ClickHouseConfig",
     "ClickHouseSink",
     "ConfigError",
@@ -102,6 +104,7 @@ __all__ = [
     "StepRow",
     "VerifyReport",
     "chdb_path",
+    "chio_refusal",
     "decode_public_key",
     "envelope_row",
     "failpoint",
@@ -110,8 +113,10 @@ __all__ = [
     "open_client",
     "owner_pid",
     "parse_dead_letter_headers",
+    "parse_kernel_keys",
     "partition_counts",
     "receipt_from_row",
+    "signed_by",
     "step_row",
     "verify_envelope_signature",
     "verify_run",

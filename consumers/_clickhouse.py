@@ -55,7 +55,13 @@ LOCK_NAME = "chio-owner.lock"
 _DATA_CODES = frozenset({6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 190, 349, 354, 395, 691})
 _CODE_RE = re.compile(r"Code: (\d+)")
 
-_BINARY = {"prev_hash": "bytes", "signature": "bytes", "wire": "bytes", "chain_root": "bytes"}
+_BINARY = {
+    "prev_hash": "bytes",
+    "chio_signed": "bytes",
+    "signature": "bytes",
+    "wire": "bytes",
+    "chain_root": "bytes",
+}
 # How a column is read back so the typed row gets its field's type (ids as str, timestamps as
 # int microseconds); every select item is aliased to its column name, and rows are built from
 # the result's column names.

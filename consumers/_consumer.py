@@ -19,11 +19,12 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from aiokafka import TopicPartition
 
 from chio_receipts.consumers._builder import ReceiptBuilder, RunState, StepEntry
+from chio_receipts.consumers._chio import KERNEL_SIGNED, ChioRefusal, chio_refusal, signed_by
 from chio_receipts.consumers._clickhouse import ClickHouseConfig, ClickHouseSink
 from chio_receipts.consumers._dlq import DeadLetter, Reason
 from chio_receipts.consumers._envelope import Envelope
@@ -87,6 +88,9 @@ class BuilderConfig:
     builder_key: KeyPair = field(repr=False)
     public_keys: Mapping[str, bytes] = field(default_factory=dict)
     key_url: str | None = None
+    trusted_kernel_keys: frozenset[str] = frozenset()
+    """Lowercase hex Ed25519 keys of Chio kernels whose receipts are trusted, besides every key
+    of the key ring (``public_keys`` and the sidecar's ``/v1/keys``)."""
     topics: TopicNames = field(default_factory=TopicNames)
     group_id: str = "chio-receipt-builder"
     grace_seconds: float = 60.0
@@ -131,7 +135,11 @@ class ReceiptBuilderService(AsyncService):
             grace_us=int(config.grace_seconds * 1e6),
             evict_after_us=int(config.evict_after_seconds * 1e6),
         )
-        self._keys = KeyRing(config.public_keys, url=config.key_url)
+        self._keys = KeyRing(
+            config.public_keys,
+            url=config.key_url,
+            trusted_kernel_keys=config.trusted_kernel_keys,
+        )
         self.sink = ClickHouseSink(config.clickhouse)
         topics = config.topics
         self._runner = BatchRunner(
@@ -301,33 +309,63 @@ class ReceiptBuilderService(AsyncService):
             return None
 
     async def _verified(self, batch: Batch, steps: list[Message]) -> list[Message]:
-        await self._keys.refresh_for({m.plain.record["key_id"] for m in steps})
-        checks: list[tuple[bytes, bytes]] = []
+        """The steps whose signatures hold; the others are dead-lettered.
+
+        A sidecar-signed step needs its Avro signature by a known key; a kernel-signed step
+        (no ``key_id``, no signature) needs its Chio receipt; a step with a Chio receipt needs
+        it to check under the trusted keys (the ring's, plus the configured kernel keys),
+        refreshing the ring once for an unknown ``kernel_key``."""
+        keys = self._keys
+        await keys.refresh_for(
+            {
+                m.plain.record["key_id"]
+                for m in steps
+                if signed_by(m.plain.record) is not KERNEL_SIGNED
+            }
+        )
+        checks: list[tuple[Plain, bytes | None]] = []
         known: list[Message] = []
         for message in steps:
-            key_id = message.plain.record["key_id"]
-            public_key = self._keys.get(key_id)
-            if public_key is None:
-                batch.dead_letter(message, f"UnknownKey: {key_id!r}", Reason.UNKNOWN_KEY)
+            record = message.plain.record
+            how = signed_by(record)
+            public_key = None if how is KERNEL_SIGNED else keys.get(record["key_id"])
+            if how is not KERNEL_SIGNED and public_key is None:
+                batch.dead_letter(message, f"UnknownKey: {record['key_id']!r}", Reason.UNKNOWN_KEY)
             else:
-                checks.append((message.plain.body, public_key))
+                checks.append((message.plain, public_key))
                 known.append(message)
+        trusted = keys.trusted_hex
         pool = self._verify_pool
         if pool is not None and len(checks) >= 256:
             n = self._config.verify_threads
             loop = asyncio.get_running_loop()
             parts_ok = await asyncio.gather(
-                *(loop.run_in_executor(pool, _verify_all, checks[i::n]) for i in range(n))
+                *(loop.run_in_executor(pool, _verify_all, checks[i::n], trusted) for i in range(n))
             )
-            results = [False] * len(checks)
+            results: list[_Verdict] = [None] * len(checks)
             for i, chunk in enumerate(parts_ok):
                 results[i::n] = chunk
         else:
-            results = _verify_all(checks)
+            results = _verify_all(checks, trusted)
+        untrusted = {
+            r.untrusted_key for r in results if isinstance(r, ChioRefusal) and r.untrusted_key
+        }
+        if untrusted:
+            # A kernel key the ring does not know yet (a rotated sidecar key): ask once.
+            await keys.refresh_for(kernel_keys=untrusted)
+            trusted = keys.trusted_hex
+            results = [
+                chio_refusal(m.plain.record, trusted)
+                if isinstance(r, ChioRefusal) and r.untrusted_key
+                else r
+                for m, r in zip(known, results, strict=True)
+            ]
         good: list[Message] = []
-        for message, ok in zip(known, results, strict=True):
-            if ok:
+        for message, result in zip(known, results, strict=True):
+            if result is None:
                 good.append(message)
+            elif isinstance(result, ChioRefusal):
+                batch.dead_letter(message, result.error(), result.reason)
             else:
                 batch.dead_letter(message, "BadSignature", Reason.BAD_SIGNATURE)
         return good
@@ -509,8 +547,25 @@ def _run_id(plain: Plain) -> _RunId:
     return (rec["namespace"], rec["workflow_id"], rec["run_id"])
 
 
-def _verify_all(checks: Sequence[tuple[bytes, bytes]]) -> list[bool]:
-    return [verify_body(body, key) for body, key in checks]
+# A step's verification result: None (it holds), False (bad Avro signature) or a refusal of
+# its Chio receipt.
+_Verdict = ChioRefusal | Literal[False] | None
+
+
+def _verify_all(
+    checks: Sequence[tuple[Plain, bytes | None]], trusted: frozenset[str]
+) -> list[_Verdict]:
+    """Each step's Avro signature (when it has a key), then its Chio receipt (when it has one).
+    Runs on the verify threads: PyNaCl releases the GIL while verifying."""
+    out: list[_Verdict] = []
+    for plain, key in checks:
+        if key is not None and not verify_body(plain.body, key):
+            out.append(False)
+        elif plain.record["chio_receipt"]:
+            out.append(chio_refusal(plain.record, trusted))
+        else:
+            out.append(None)
+    return out
 
 
 def _stored_entry(row: StepRow) -> StepEntry:

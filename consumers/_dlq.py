@@ -48,6 +48,12 @@ class Reason:
     MALFORMED = "malformed"
     WRONG_SCHEMA = "wrong_schema"
     BAD_SIGNATURE = "bad_signature"
+    BAD_CHIO_RECEIPT = "bad_chio_receipt"
+    """The step's Chio kernel receipt does not check (tampered, moved to another step, not the
+    step's capability/tool/verdict)."""
+    UNTRUSTED_KERNEL_KEY = "untrusted_kernel_key"
+    """The step's Chio receipt is signed by a kernel key that is neither one of the key ring's
+    keys nor a configured trusted kernel key (after one refresh of the ring)."""
     UNKNOWN_KEY = "unknown_key"
     OVERSIZED = "oversized"
     INVALID_RECORD = "invalid_record"

@@ -87,9 +87,22 @@ class KeyRing:
     A rotated sidecar key reaches a verifier as an unknown key id: :meth:`refresh_for` makes
     sure such an id was looked up once before the caller gives up on it (dead-letters), even
     when the last refresh was moments ago.
+
+    The ring is also the trust list of Chio kernel receipts: :attr:`trusted_hex` is the lowercase
+    hex of every public key it knows plus the operator's ``trusted_kernel_keys``; an unknown
+    ``kernel_key`` is refreshed for in the same way as an unknown key id
+    (``refresh_for(kernel_keys=...)``).
     """
 
-    __slots__ = ("_keys", "_last_refresh", "_looked_up", "_min_interval", "_url")
+    __slots__ = (
+        "_kernel_keys",
+        "_keys",
+        "_last_refresh",
+        "_looked_up",
+        "_min_interval",
+        "_trusted",
+        "_url",
+    )
 
     def __init__(
         self,
@@ -97,6 +110,7 @@ class KeyRing:
         *,
         url: str | None = None,
         min_refresh_interval: float = 5.0,
+        trusted_kernel_keys: Iterable[str] = (),
     ) -> None:
         self._keys: dict[str, bytes] = dict(keys or {})
         self._url = url
@@ -104,11 +118,23 @@ class KeyRing:
         self._last_refresh = float("-inf")
         # Ids still unknown after a refresh made for them: they wait for the rate limit.
         self._looked_up: set[str] = set()
+        self._kernel_keys = frozenset(k.lower() for k in trusted_kernel_keys)
+        self._trusted: frozenset[str] | None = None
 
     @property
     def keys(self) -> Mapping[str, bytes]:
         """The keys known now."""
         return self._keys
+
+    @property
+    def trusted_hex(self) -> frozenset[str]:
+        """Who may sign a Chio receipt: the hex of every key known now, plus the configured
+        trusted kernel keys (lowercase hex)."""
+        trusted = self._trusted
+        if trusted is None:
+            trusted = self._kernel_keys | {k.hex() for k in self._keys.values()}
+            self._trusted = trusted
+        return trusted
 
     def get(self, key_id: str) -> bytes | None:
         """The public key of ``key_id``, or None."""
@@ -131,16 +157,23 @@ class KeyRing:
             return False
         added = any(self._keys.get(k) != v for k, v in fetched.items())
         self._keys.update(fetched)
+        if added:
+            self._trusted = None
         return added
 
-    async def refresh_for(self, key_ids: Iterable[str]) -> None:
-        """Refresh once for key ids not known yet, waiting out the rate limit if needed.
+    async def refresh_for(
+        self, key_ids: Iterable[str] = (), *, kernel_keys: Iterable[str] = ()
+    ) -> None:
+        """Refresh once for key ids (or Chio ``kernel_keys``, hex) not known yet, waiting out
+        the rate limit if needed.
 
         An id is looked up by at most one refresh that waited for it; after that (a forged or
         foreign id) it only gets the plain rate-limited :meth:`refresh`, so unknown ids cannot
         make the builder wait more than once each.
         """
+        trusted = self.trusted_hex
         unknown = {k for k in key_ids if k not in self._keys}
+        unknown |= {"kernel:" + k for k in kernel_keys if k not in trusted}
         if not unknown or self._url is None:
             return
         if unknown <= self._looked_up:
@@ -152,4 +185,7 @@ class KeyRing:
         await self.refresh()
         if len(self._looked_up) > 10_000:
             self._looked_up.clear()
-        self._looked_up.update(k for k in unknown if k not in self._keys)
+        trusted = self.trusted_hex
+        self._looked_up.update(
+            k for k in unknown if k not in self._keys and k.removeprefix("kernel:") not in trusted
+        )

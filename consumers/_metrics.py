@@ -34,6 +34,12 @@ class ConsumerMetrics:
             ["output"],
             registry=r,
         )
+        self.refused = Counter(
+            "chio_siem_events_refused",
+            "Events the SIEM exporter did not export because a receipt check failed",
+            ["reason"],
+            registry=r,
+        )
         self.lag = Gauge(
             "chio_consumer_lag",
             "Messages behind the end of the partition",

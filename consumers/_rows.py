@@ -10,24 +10,40 @@ Step rows carry every field of the signed receipt in Avro field order (what anal
 in ``wire``, the framed message exactly as consumed (zstd-compressed). A verifier checks the
 signature over ``wire`` and compares every column with it, so it can say which field of a row was
 changed; a row whose ``wire`` is empty is verified by re-encoding its columns.
+
+Since StepReceipt v2 a step row also keeps the step's Chio kernel receipt: ``chio_receipt`` (its
+JSON exactly as signed) and ``chio_signed`` (the signed bytes ``JCS({"body", "id"})``, stored as
+a binary ``String``), which are all ``schemas.check_chio_step`` needs, and after the Kafka
+position the receipt's analytics columns (``CHIO_COLUMNS``, from ``schemas.chio_step_fields``).
+Rows of v1 steps have them all empty.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from operator import attrgetter
 from typing import Any, Self
 
 from chio_receipts.consumers._envelope import Envelope, RunHeader
-from chio_receipts.schemas import CompletionSource, Outcome, RunCompletion, StepReceipt, Verdict
+from chio_receipts.schemas import (
+    ChioStepFields,
+    CompletionSource,
+    Outcome,
+    RunCompletion,
+    StepReceipt,
+    Verdict,
+)
 
 __all__ = [
+    "CHIO_COLUMNS",
     "ENVELOPE_COLUMNS",
     "STEP_COLUMNS",
     "STEP_FIELDS",
     "EnvelopeRow",
     "StepRow",
+    "chio_columns",
     "completion_from_row",
     "envelope_from_row",
     "envelope_row",
@@ -106,11 +122,26 @@ class StepRow:
     latency_us: int
     worker_identity: str
     prev_hash: bytes
+    chio_receipt: str = ""
+    chio_signed: bytes = b""
     key_id: str
     signature: bytes
     wire: bytes
     kafka_partition: int
     kafka_offset: int
+    # The analytics columns of the Chio receipt (schemas.chio_step_fields), empty for a v1 step.
+    chio_receipt_id: str = ""
+    receipt_kind: str = ""
+    boundary_class: str = ""
+    trust_level: str = ""
+    tool_origin: str = ""
+    redaction_mode: str = ""
+    policy_hash: str = ""
+    content_hash: str = ""
+    kernel_key: str = ""
+    decision: str = ""
+    guard: str = ""
+    parameter_hash: str = ""
 
     @classmethod
     def from_columns(cls, names: Sequence[str], values: Sequence[Any]) -> Self:
@@ -162,6 +193,15 @@ class EnvelopeRow(RunHeader):
 STEP_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(StepRow))
 # Avro field order of StepReceipt: the leading columns of step_receipts.
 STEP_FIELDS: tuple[str, ...] = STEP_COLUMNS[: STEP_COLUMNS.index("signature") + 1]
+# The Chio receipt's analytics columns, and the ChioStepFields attribute each one comes from.
+CHIO_COLUMNS: dict[str, str] = {
+    "chio_receipt_id": "receipt_id",
+    **{
+        name: name
+        for name in STEP_COLUMNS[STEP_COLUMNS.index("receipt_kind") :]
+        if name != "chio_receipt_id"
+    },
+}
 ENVELOPE_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(EnvelopeRow))
 _STEP_VALUES = attrgetter(*STEP_COLUMNS)
 _ENVELOPE_VALUES = attrgetter(*ENVELOPE_COLUMNS)
@@ -179,7 +219,16 @@ def step_row(record: Mapping[str, Any], wire: bytes, partition: int, offset: int
     values = {name: record[name] for name in STEP_FIELDS}
     values["capability_chain"] = tuple(values["capability_chain"])
     values["scope"] = tuple(values["scope"])
+    if values["chio_receipt"]:
+        values.update(chio_columns(record))
     return StepRow(**values, wire=wire, kafka_partition=partition, kafka_offset=offset)
+
+
+def chio_columns(record: Mapping[str, Any]) -> dict[str, str]:
+    """The Chio analytics columns of a plain step record (empty strings for a v1 step)."""
+    text = record["chio_receipt"]
+    fields_ = ChioStepFields(json.loads(text) if text else None)
+    return {column: getattr(fields_, attr) for column, attr in CHIO_COLUMNS.items()}
 
 
 def receipt_from_row(row: StepRow) -> StepReceipt:

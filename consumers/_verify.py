@@ -5,28 +5,33 @@ three checks:
 
 * **steps**: duplicates; for every step row the signature over the stored message (``wire``),
   then every column against that signed message (so a changed field is named); a row without
-  ``wire`` is verified by re-encoding its columns;
+  ``wire`` is verified by re-encoding its columns; a step carrying a Chio kernel receipt (schema
+  v2) must also pass ``schemas.check_chio_step`` under the trusted keys, and a kernel-signed
+  step (no ``key_id``, no signature) is verified by its Chio receipt alone;
 * **chain**: every non-empty ``prev_hash`` is the hash of a step of the same run;
 * **envelope**: the run's current envelope lists exactly the step rows (none missing, none
   extra, in receipt-id order, counts and chain root matching), and the builder's signature over
-  the canonical envelope rebuilt from the rows holds.
+  the canonical envelope rebuilt from the rows holds. The envelope embeds exactly the steps' signed
+  bodies, so each embedded step's Chio receipt is the one the steps check verified.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
+from chio_receipts.consumers._chio import KERNEL_SIGNED, chio_refusal, signed_by
 from chio_receipts.consumers._clickhouse import select_envelopes, select_steps, translate
 from chio_receipts.consumers._envelope import verify_envelope_signature
 from chio_receipts.consumers._rows import (
     STEP_FIELDS,
     EnvelopeRow,
     StepRow,
+    chio_columns,
     envelope_from_row,
     plain_from_row,
     receipt_from_row,
@@ -82,11 +87,18 @@ def verify_run(
     run_id: str | None = None,
     *,
     keys: Mapping[str, bytes],
+    trusted_kernel_keys: Collection[str] | None = None,
 ) -> VerifyReport:
     """Verify the receipts of ``workflow_id`` (one run when ``run_id`` is given).
 
     ``client`` is a clickhouse-connect client; ``keys`` maps key id to Ed25519 public key for
-    the workers' receipt keys and the builder's envelope key."""
+    the workers' receipt keys and the builder's envelope key. ``trusted_kernel_keys`` (lowercase
+    hex) are the signers of Chio receipts to trust; by default every key of ``keys``."""
+    trusted = (
+        frozenset(k.hex() for k in keys.values())
+        if trusted_kernel_keys is None
+        else frozenset(trusted_kernel_keys)
+    )
     report = VerifyReport(workflow_id=workflow_id, run_id=run_id)
     where = "workflow_id = {wf:String}" + (" AND run_id = {run:String}" if run_id else "")
     params = {"wf": workflow_id, "run": run_id or ""}
@@ -102,7 +114,7 @@ def verify_run(
     for rid in sorted(set(by_run) | set(envelopes)):
         report.runs += 1
         rows = by_run.get(rid, [])
-        signed = _check_steps(report, rid, rows, keys)
+        signed = _check_steps(report, rid, rows, keys, trusted)
         _check_chain(report, rid, rows, signed)
         env = envelopes.get(rid)
         if env is None:
@@ -125,9 +137,13 @@ class _Signed:
 
 
 def _check_steps(
-    report: VerifyReport, rid: str, rows: list[StepRow], keys: Mapping[str, bytes]
+    report: VerifyReport,
+    rid: str,
+    rows: list[StepRow],
+    keys: Mapping[str, bytes],
+    trusted: frozenset[str],
 ) -> dict[str, _Signed]:
-    """Duplicates, then each step's signature and columns; returns the signed bodies and
+    """Duplicates, then each step's signatures and columns; returns the signed bodies and
     hashes of the rows that decode, by receipt id."""
     problems = report.problems
     signed: dict[str, _Signed] = {}
@@ -148,26 +164,63 @@ def _check_steps(
             except DecodeError as exc:
                 problems.append(f"{label}: stored message does not decode ({exc})")
                 continue
-            public_key = keys.get(str(plain.record["key_id"]))
-            if public_key is None:
-                problems.append(f"{label}: unknown signing key {plain.record['key_id']!r}")
+            record = plain.record
+            how = signed_by(record)
+            public_key = keys.get(str(record["key_id"]))
+            if how is KERNEL_SIGNED:
+                pass  # its only signature is the Chio receipt, checked below
+            elif public_key is None:
+                problems.append(f"{label}: unknown signing key {record['key_id']!r}")
             elif not verify_body(plain.body, public_key):
                 problems.append(f"{label}: signature invalid (the stored message was altered)")
+            _check_chio(problems, label, record, trusted)
             for name in STEP_FIELDS:
-                if plain.record[name] != columns[name]:
+                if record[name] != columns[name]:
                     problems.append(
-                        f"{label}: field {name} changed: signed value {_fmt(plain.record[name])}, "
+                        f"{label}: field {name} changed: signed value {_fmt(record[name])}, "
                         f"row has {_fmt(columns[name])}"
                     )
+            if record["chio_receipt"] == row.chio_receipt:
+                _check_chio_columns(problems, label, record, row)
             signed[row.receipt_id] = _Signed(
                 body=envelope_step_body(plain), hash=receipt_hash(plain.body)
             )
         else:
-            if not verify_receipt(receipt_from_row(row), keys):
+            if signed_by(columns) is not KERNEL_SIGNED and not verify_receipt(
+                receipt_from_row(row), keys
+            ):
                 problems.append(f"{label}: signature invalid (a field of the row was changed)")
+            _check_chio(problems, label, columns, trusted)
+            _check_chio_columns(problems, label, columns, row)
             body = encode_plain(STEP_SCHEMA, columns)
             signed[row.receipt_id] = _Signed(body=body, hash=receipt_hash(body))
     return signed
+
+
+def _check_chio(
+    problems: list[str], label: str, record: Mapping[str, Any], trusted: frozenset[str]
+) -> None:
+    """The step's Chio receipt, when it carries one, checks under ``trusted``."""
+    refusal = chio_refusal(record, trusted)
+    if refusal is not None:
+        problems.append(f"{label}: Chio receipt refused ({refusal.reason}): {refusal.detail}")
+
+
+def _check_chio_columns(
+    problems: list[str], label: str, record: Mapping[str, Any], row: StepRow
+) -> None:
+    """The Chio analytics columns are the signed receipt's."""
+    try:
+        expected = chio_columns(record)
+    except (ValueError, AttributeError, TypeError):
+        return  # an unreadable receipt was reported by the Chio check
+    for name, value in expected.items():
+        got = getattr(row, name)
+        if got != value:
+            problems.append(
+                f"{label}: column {name} changed: the signed Chio receipt says {value!r}, "
+                f"row has {got!r}"
+            )
 
 
 def _check_chain(

@@ -106,7 +106,13 @@ def _normalize(decoded: Decoded) -> dict[str, Any]:
     record = decoded.record
     try:
         if decoded.schema_name == STEP_SCHEMA:
-            return StepReceipt.from_avro(record).to_avro()
+            plain = StepReceipt.from_avro(record).to_avro()
+            # A v1 writer has no chio_signed: schema resolution fills in the default, which
+            # fastavro reads as "" (str) for a bytes field. Bytes, as a v2 writer's record.
+            signed = plain["chio_signed"]
+            if isinstance(signed, str):
+                plain["chio_signed"] = signed.encode("latin-1")
+            return plain
         if decoded.schema_name == RUN_SCHEMA:
             return RunCompletion.from_avro(record).to_avro()
     except (KeyError, TypeError, ValueError) as exc:

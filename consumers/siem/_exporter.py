@@ -6,6 +6,15 @@ the batch to the output; the runner commits afterwards. A transient failure
 the exporter is stopped, and nothing is committed meanwhile. A batch the output refuses
 (:class:`OutputRejected`) goes to the dead-letter topic with the reason; the exporter carries on
 and commits. Messages that do not decode are skipped: the receipt builder dead-letters them.
+
+Every step's Chio kernel receipt, and that of every step embedded in an envelope, is checked
+(``consumers._chio``) under the trusted keys: the hex of every key of the exporter's key ring
+(``public_keys``, the sidecar's ``/v1/keys``) plus ``trusted_kernel_keys``; an unknown
+``kernel_key`` refreshes the ring once. A step that fails is never exported: it is counted
+(``chio_siem_events_refused``) and logged, and dead-lettered by the receipt builder, which owns
+the steps topic's data errors. An envelope that embeds such a step is dead-lettered here (no one
+else checks the envelopes topic). The exporter does not check the sidecar's Avro signatures (the
+builder does); events never carry the receipt's parameters.
 """
 
 from __future__ import annotations
@@ -13,13 +22,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiokafka import TopicPartition
 
+from chio_receipts.consumers._chio import ChioRefusal, chio_refusal
 from chio_receipts.consumers._dlq import Reason
 from chio_receipts.consumers._errors import OutputRejected, OutputUnavailable
+from chio_receipts.consumers._keys import KeyRing
 from chio_receipts.consumers._metrics import ConsumerMetrics
 from chio_receipts.consumers._runner import Batch, BatchRunner, Message, RunnerConfig
 from chio_receipts.consumers._wire import ENVELOPE_SCHEMA, STEP_SCHEMA, Plain
@@ -63,6 +74,24 @@ class ExporterConfig:
     registry_url: str | None = None
     source: str = "urn:chio-receipts:siem-exporter"
     """CloudEvents source of the dead letters this exporter publishes."""
+    public_keys: Mapping[str, bytes] = field(default_factory=dict)
+    """Key ring of the Chio receipt check (our sidecars' keys), by key id."""
+    key_url: str | None = None
+    """A sidecar serving ``GET /v1/keys`` (refreshed on an unknown ``kernel_key``)."""
+    trusted_kernel_keys: frozenset[str] = frozenset()
+    """Lowercase hex keys of Chio kernels whose receipts are trusted, besides the ring's."""
+
+
+def _refusal(plain: Plain, trusted: frozenset[str]) -> ChioRefusal | None:
+    if plain.schema_name == STEP_SCHEMA:
+        return chio_refusal(plain.record, trusted)
+    if plain.schema_name == ENVELOPE_SCHEMA:
+        for step in plain.record.get("steps") or ():
+            refusal = chio_refusal(step, trusted)
+            if refusal is not None:
+                receipt = step.get("receipt_id")
+                return replace(refusal, detail=f"embedded step {receipt}: {refusal.detail}")
+    return None
 
 
 def _to_ocsf(plain: Plain) -> dict[str, Any] | None:
@@ -124,11 +153,17 @@ class SiemExporter(AsyncService):
             retry_on=lambda exc: isinstance(exc, OutputUnavailable),
             describe=f"SIEM output {self.output.name}",
         )
+        self._keys = KeyRing(
+            config.public_keys,
+            url=config.key_url,
+            trusted_kernel_keys=config.trusted_kernel_keys,
+        )
         self._entered = False
 
     async def start(self) -> None:
         """Open the output, then join the group. Idempotent."""
         try:
+            await self._keys.refresh(force=False)
             if not self._entered:
                 await self.output.__aenter__()
                 self._entered = True
@@ -162,7 +197,12 @@ class SiemExporter(AsyncService):
         """Write the batch's kept events; a refused batch is dead-lettered."""
         events: list[dict[str, Any]] = []
         sources: list[Message] = []
+        refusals = await self._checked(list(batch.messages()))
         for message in batch.messages():
+            refusal = refusals.get(id(message))
+            if refusal is not None:
+                self._refuse(batch, message, refusal)
+                continue
             event = _to_ocsf(message.plain)
             if event is not None and self._filter.keep(event):
                 events.append(event)
@@ -184,6 +224,39 @@ class SiemExporter(AsyncService):
                 batch.dead_letter(message, exc, Reason.OUTPUT_REJECTED)
             return
         self.metrics.exported.labels(self.output.name).inc(len(events))
+
+    async def _checked(self, messages: list[Message]) -> dict[int, ChioRefusal]:
+        """The Chio refusal of each message that has one (by ``id(message)``): a step's own
+        receipt, or the first refused step embedded in an envelope."""
+        trusted = self._keys.trusted_hex
+        refusals = {id(m): r for m in messages if (r := _refusal(m.plain, trusted)) is not None}
+        untrusted = {r.untrusted_key for r in refusals.values() if r.untrusted_key}
+        if untrusted:
+            await self._keys.refresh_for(kernel_keys=untrusted)
+            trusted = self._keys.trusted_hex
+            for m in messages:
+                old = refusals.get(id(m))
+                if old is not None and old.untrusted_key:
+                    new = _refusal(m.plain, trusted)
+                    if new is None:
+                        del refusals[id(m)]
+                    else:
+                        refusals[id(m)] = new
+        return refusals
+
+    def _refuse(self, batch: Batch, message: Message, refusal: ChioRefusal) -> None:
+        self.metrics.refused.labels(refusal.reason).inc()
+        record = message.record
+        _log.warning(
+            "not exporting %s[%d]@%d: %s (%s)",
+            message.tp.topic,
+            message.tp.partition,
+            record.offset,
+            refusal.reason,
+            refusal.detail,
+        )
+        if message.plain.schema_name == ENVELOPE_SCHEMA:
+            batch.dead_letter(message, refusal.error(), refusal.reason)
 
     def offsets(self, batch: Batch) -> Mapping[TopicPartition, int]:
         """The whole batch: delivered or dead-lettered by now."""

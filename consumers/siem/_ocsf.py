@@ -8,12 +8,21 @@ subject) acting for the workflow (``app_name`` the workflow type, ``app_uid`` th
 Times are OCSF timestamps (milliseconds since the epoch); the receipt id is ``metadata.uid`` so
 SIEMs can deduplicate. Nothing from activity arguments is present: receipts only carry a keyed
 digest of them.
+
+A step carrying a Chio kernel receipt (StepReceipt v2) also gets, in ``unmapped``, the receipt's
+id (``chio_receipt_id``), its decision verdict and guard (``chio_decision``, ``chio_guard``), the
+signing ``kernel_key`` and the ``policy_hash``, and the same as one OCSF ``enrichments`` entry
+(name ``chio_receipt``, value the receipt id). The receipt's parameters (and their hash) are
+never copied into an event. An envelope event lists its steps' Chio receipt ids and kernel keys.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from chio_receipts.schemas import ChioStepFields
 
 __all__ = ["OCSF_PROFILES", "OCSF_VERSION", "envelope_to_ocsf", "is_deny", "step_to_ocsf"]
 
@@ -139,7 +148,47 @@ def step_to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
             },
         }
     )
+    chio = _chio(record)
+    if chio is not None:
+        event["unmapped"].update(
+            {
+                "chio_receipt_id": chio.receipt_id,
+                "chio_decision": chio.decision,
+                "chio_guard": chio.guard,
+                "kernel_key": chio.kernel_key,
+                "policy_hash": chio.policy_hash,
+            }
+        )
+        event["enrichments"] = [
+            {
+                "name": "chio_receipt",
+                "value": chio.receipt_id,
+                "type": "chio_kernel_receipt",
+                "provider": "chio",
+                "data": {
+                    "decision": chio.decision,
+                    "guard": chio.guard,
+                    "kernel_key": chio.kernel_key,
+                    "policy_hash": chio.policy_hash,
+                    "receipt_kind": chio.receipt_kind,
+                    "trust_level": chio.trust_level,
+                },
+            }
+        ]
     return event
+
+
+def _chio(record: Mapping[str, Any]) -> ChioStepFields | None:
+    """The Chio receipt's fields of a step (None for a v1 step or an unreadable receipt; the
+    exporter refuses a step whose receipt does not check before mapping it)."""
+    text = record.get("chio_receipt")
+    if not text:
+        return None
+    try:
+        receipt = json.loads(text)
+    except ValueError:
+        return None
+    return ChioStepFields(receipt) if isinstance(receipt, dict) else None
 
 
 def _distinct(steps: Sequence[Mapping[str, Any]], name: str) -> list[str]:
@@ -156,6 +205,7 @@ def envelope_to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
     meta = dict(record["metadata"])
     steps: list[Mapping[str, Any]] = list(record.get("steps") or ())
     workers, subjects = _distinct(steps, "worker_identity"), _distinct(steps, "subject")
+    chio_steps = [c for c in map(_chio, steps) if c is not None]
     allowed = int(record["deny_count"]) == 0
     time_us = record["completed_at"] if record["completed_at"] is not None else record["started_at"]
     run = f"{record['workflow_id']}/{record['run_id']}"
@@ -204,6 +254,8 @@ def envelope_to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
                 "chain_root": meta.get("chain_root"),
                 "revision": meta.get("revision"),
                 "continued_as_new_run_id": meta.get("continued_as_new_run_id"),
+                "chio_receipt_ids": [c.receipt_id for c in chio_steps],
+                "kernel_keys": list(dict.fromkeys(c.kernel_key for c in chio_steps)),
             },
         }
     )

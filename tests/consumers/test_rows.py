@@ -23,6 +23,7 @@ from chio_receipts.consumers import (
 from chio_receipts.consumers._builder import ReceiptBuilder, StepEntry
 from chio_receipts.consumers._envelope import Envelope
 from chio_receipts.consumers._rows import (
+    CHIO_COLUMNS,
     ENVELOPE_COLUMNS,
     STEP_COLUMNS,
     STEP_FIELDS,
@@ -31,7 +32,14 @@ from chio_receipts.consumers._rows import (
     receipt_from_row,
 )
 from chio_receipts.consumers._wire import decode_plain, envelope_step_body
-from chio_receipts.schemas import STEP_SCHEMA, KeyPair, raw_schema, receipt_hash, verify_receipt
+from chio_receipts.schemas import (
+    STEP_SCHEMA,
+    ChioStepFields,
+    KeyPair,
+    raw_schema,
+    receipt_hash,
+    verify_receipt,
+)
 from tests.support.consumer_factory import completion, signed_run
 
 WORKER = KeyPair.generate("worker-rows")
@@ -69,7 +77,11 @@ def test_column_lists_are_the_record_fields() -> None:
     assert tuple(f.name for f in fields(EnvelopeRow)) == ENVELOPE_COLUMNS
     # The signed receipt's fields lead the step row, in Avro field order.
     assert tuple(f["name"] for f in raw_schema(STEP_SCHEMA)["fields"]) == STEP_FIELDS
-    assert STEP_COLUMNS[len(STEP_FIELDS) :] == ("wire", "kafka_partition", "kafka_offset")
+    after = STEP_COLUMNS[len(STEP_FIELDS) :]
+    assert after[:3] == ("wire", "kafka_partition", "kafka_offset")
+    # Then the Chio receipt's analytics columns, each from its schemas.ChioStepFields attribute.
+    assert after[3:] == tuple(CHIO_COLUMNS)
+    assert set(CHIO_COLUMNS.values()) == set(ChioStepFields.__slots__)
 
 
 @pytest.mark.unit

@@ -1,0 +1,123 @@
+"""The Chio receipt check every consumer runs on a step (pure): who may sign, and why not.
+
+A step event (``StepReceipt`` v2) may carry the Chio kernel receipt of its decision
+(``chio_receipt`` and its signed bytes ``chio_signed``). :func:`chio_refusal` runs
+``schemas.check_chio_step`` on a plain decoded step record and says why the step must be
+refused, or nothing. It is the one check the receipt builder, ``verify`` and the SIEM exporter
+share, so they agree on every step.
+
+Which steps are accepted (:func:`signed_by`):
+
+* a step signed by our sidecar (``key_id`` and ``signature`` set) must pass the Avro signature
+  check, and its Chio receipt, when it carries one, must check too;
+* a step whose only signature is its Chio receipt (``key_id`` ``""`` and an empty
+  ``signature``: published by a kernel evaluator) is accepted iff that receipt checks;
+* a step with neither is refused as an unknown key, as before schema v2.
+
+The trusted signers of Chio receipts are the hex public keys of every key the consumer's
+:class:`~chio_receipts.consumers.KeyRing` knows (our sidecars' keys) plus the kernel keys the
+operator configured; an unknown ``kernel_key`` makes the caller refresh its key ring once (the
+check records which key it missed) before it refuses the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from chio_receipts.consumers._dlq import Reason
+from chio_receipts.schemas import StepReceipt, check_chio_step
+
+__all__ = [
+    "KERNEL_SIGNED",
+    "SIDECAR_SIGNED",
+    "UNSIGNED",
+    "ChioRefusal",
+    "chio_refusal",
+    "parse_kernel_keys",
+    "signed_by",
+]
+
+SIDECAR_SIGNED = "sidecar"
+"""The step carries an Avro signature (``key_id`` + ``signature``)."""
+KERNEL_SIGNED = "kernel"
+"""The step's only signature is its Chio receipt."""
+UNSIGNED = "unsigned"
+"""Neither: refused (as an unknown key)."""
+
+
+def signed_by(record: Mapping[str, Any]) -> str:
+    """How the plain step ``record`` is signed: :data:`SIDECAR_SIGNED`, :data:`KERNEL_SIGNED`
+    or :data:`UNSIGNED`."""
+    if record["key_id"] or record["signature"]:
+        return SIDECAR_SIGNED
+    return KERNEL_SIGNED if record.get("chio_receipt") else UNSIGNED
+
+
+def parse_kernel_keys(values: Collection[str]) -> frozenset[str]:
+    """Operator-configured kernel keys as lowercase hex (``0x`` and upper case accepted, as the
+    kernel reads them); a value that is not 32 bytes of hex raises ``ValueError``."""
+    keys: set[str] = set()
+    for value in values:
+        text = value.strip().removeprefix("0x").removeprefix("0X").lower()
+        if not text:
+            continue
+        if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+            raise ValueError(f"a trusted kernel key must be 64 hex digits, got {value!r}")
+        keys.add(text)
+    return frozenset(keys)
+
+
+class _Trust(Collection[str]):
+    """The trusted keys, remembering the one key a check asked for and did not find."""
+
+    __slots__ = ("keys", "missed")
+
+    def __init__(self, keys: Collection[str]) -> None:
+        self.keys = keys
+        self.missed: str | None = None
+
+    def __contains__(self, key: object) -> bool:
+        if key in self.keys:
+            return True
+        self.missed = str(key)
+        return False
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass(frozen=True, slots=True)
+class ChioRefusal:
+    """Why a step's Chio receipt is refused: the dead-letter ``reason`` label, the check's own
+    explanation, and the untrusted ``kernel_key`` when that is the reason."""
+
+    reason: str
+    detail: str
+    untrusted_key: str | None = None
+
+    def error(self) -> str:
+        """The dead letter's error text (its ``detail`` header)."""
+        return f"ChioReceipt: {self.detail}"
+
+
+def chio_refusal(record: Mapping[str, Any], trusted: Collection[str]) -> ChioRefusal | None:
+    """Why the plain step ``record``'s Chio receipt does not hold, or None (also for a step
+    without one). ``trusted`` holds the lowercase hex public keys allowed to sign receipts."""
+    if not record.get("chio_receipt"):
+        return None
+    try:
+        step = StepReceipt.from_avro(dict(record))
+    except (KeyError, TypeError, ValueError) as exc:
+        return ChioRefusal(Reason.BAD_CHIO_RECEIPT, f"the step record is not readable: {exc}")
+    trust = _Trust(trusted)
+    why = check_chio_step(step, trusted_keys=trust)
+    if why is None:
+        return None
+    if trust.missed is not None:
+        return ChioRefusal(Reason.UNTRUSTED_KERNEL_KEY, why, trust.missed)
+    return ChioRefusal(Reason.BAD_CHIO_RECEIPT, why)
