@@ -20,6 +20,7 @@ from importlib import metadata
 from typing import Any
 
 from chio_receipts.schemas import KeyPair, StepReceipt, Verdict, sign_receipt
+from tests.support.chio_steps import with_chio_receipt
 
 __all__ = [
     "Size",
@@ -233,12 +234,26 @@ def sample_receipt(i: int = 0, *, run: int = 0, steps_per_run: int = 5) -> StepR
     )
 
 
+SAMPLE_PARAMETERS: dict[str, Any] = {"args": [{"order": "o-42", "amount_cents": 1250}]}
+"""The call parameters a benchmark step's Chio receipt signs (a small activity argument)."""
+
+
 def signed_batch(
     n: int, key: KeyPair, *, steps_per_run: int = 5, start: int = 0
 ) -> list[tuple[StepReceipt, bytes]]:
     """``n`` signed receipts with their wire bodies, ``steps_per_run`` per run; receipt ``i``
-    for ``i`` in ``start .. start + n - 1`` (distinct ids and runs for distinct ranges)."""
+    for ``i`` in ``start .. start + n - 1`` (distinct ids and runs for distinct ranges).
+
+    Each carries a Chio receipt signed by the same key, as our sidecar's steps do (schema v2),
+    so consumer benchmarks pay for both checks."""
     return [
-        sign_receipt(sample_receipt(i, run=i // steps_per_run, steps_per_run=steps_per_run), key)
+        sign_receipt(
+            with_chio_receipt(
+                sample_receipt(i, run=i // steps_per_run, steps_per_run=steps_per_run),
+                key,
+                parameters=SAMPLE_PARAMETERS,
+            ),
+            key,
+        )
         for i in range(start, start + n)
     ]

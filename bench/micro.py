@@ -31,6 +31,7 @@ def _json_record(record: dict[str, Any]) -> dict[str, Any]:
     out = dict(record)
     out["prev_hash"] = record["prev_hash"].hex()
     out["signature"] = record["signature"].hex()
+    out["chio_signed"] = record["chio_signed"].hex()
     return out
 
 

@@ -416,6 +416,9 @@ class ChioKernelSidecar(AsyncCloseable):
         if status == 403 and isinstance(payload, dict):
             if payload.get("error") == "chio_capability_revoked":
                 reason = f"capability {request.capability_id} has been revoked"
+                if isinstance(receipt, dict):  # our sidecar signs the deny: use its reason
+                    signed = receipt.get("decision")
+                    reason = str(signed.get("reason") or "") if isinstance(signed, dict) else ""
                 return await self._finish_with(step, t0, Verdict.DENY, reason, receipt)
             raise self._rejected(status, payload, "the evaluation")
         if status != 200 or not isinstance(payload, dict) or not isinstance(receipt, dict):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 from collections.abc import Collection, Mapping
 from typing import Any, Final
 
@@ -32,7 +33,6 @@ from chio_receipts.schemas._chio_wire import (
     _verifies,
     parameter_hash,
 )
-from chio_receipts.schemas._chio_wire import canonical_json as _jcs
 from chio_receipts.schemas._records import StepReceipt, Verdict
 
 __all__ = [
@@ -49,9 +49,11 @@ __all__ = [
 REQUEST_ID_PREFIX: Final = "chio-temporal-v1:"
 """Prefix of a ``request_id`` that binds a receipt to a step event's Temporal context."""
 
-# The step fields the request id covers: where and when the attempt ran, and its place in the
-# run's chain. Tool, capability and decision are in the signed body itself; the sidecar's timing
-# (evaluated_at, latency_us) and the token-derived subject/scope/chain are not bound.
+# The step fields the request id covers: every field known before the decision. Tool server,
+# tool, capability and verdict are in the signed body itself (and compared with the step's);
+# a deny's reason is compared with the signed decision's. Left unbound: the allow reason (the
+# sidecar's wording), latency_us (measured after the decision), and the v1 Avro signature
+# fields. ``prev_hash`` is bound as hex.
 _BOUND_FIELDS: Final = (
     "receipt_id",
     "namespace",
@@ -63,13 +65,22 @@ _BOUND_FIELDS: Final = (
     "activity_type",
     "attempt",
     "is_local",
+    "action",
+    "resource",
+    "subject",
+    "capability_chain",
+    "scope",
     "argument_digest",
     "argument_key_id",
     "scheduled_at",
     "started_at",
+    "evaluated_at",
     "worker_identity",
 )
+_get_bound = operator.attrgetter(*_BOUND_FIELDS)
 
+_CHAIN: Final = _BOUND_FIELDS.index("capability_chain")
+_SCOPE: Final = _BOUND_FIELDS.index("scope")
 _BODY_PREFIX: Final = b'{"body":'
 _ID_SUFFIX_LEN: Final = len(b',"id":"') + 64 + len(b'"}')
 
@@ -78,19 +89,23 @@ _ID_SUFFIX_LEN: Final = len(b',"id":"') + 64 + len(b'"}')
 _VERDICTS: Final = {Verdict.ALLOW: ("allow", "incomplete"), Verdict.DENY: ("deny",)}
 
 
-def request_id_for(fields: Mapping[str, Any] | StepReceipt) -> str:
-    """The ``request_id`` binding a receipt to this Temporal context.
+def request_id_for(step: StepReceipt) -> str:
+    """The ``request_id`` binding a receipt to ``step``'s Temporal context.
 
-    ``fields`` is a step receipt, or a mapping with the same names (an evaluation request plus
-    ``receipt_id``); ``prev_hash`` (bytes) is bound too.
+    ``"chio-temporal-v1:"`` + SHA-256 hex of the compact JSON array (``json.dumps`` with
+    ``ensure_ascii``, ``","``/``":"`` separators) of the bound fields in this order: receipt_id,
+    namespace, workflow_id, run_id, workflow_type, task_queue, activity_id, activity_type,
+    attempt, is_local, action, resource, subject, capability_chain (array), scope (array),
+    argument_digest, argument_key_id, scheduled_at, started_at, evaluated_at, worker_identity,
+    then prev_hash as lowercase hex. It is the project's own digest (the kernel only signs the
+    string), so plain JSON of a fixed array is enough: deterministic, no key order to sort.
     """
-    if isinstance(fields, StepReceipt):
-        get: Any = fields.__getattribute__
-    else:
-        get = fields.__getitem__
-    context = {name: get(name) for name in _BOUND_FIELDS}
-    context["prev_hash"] = bytes(get("prev_hash")).hex()
-    return REQUEST_ID_PREFIX + hashlib.sha256(_jcs(context)).hexdigest()
+    values = list(_get_bound(step))
+    values[_CHAIN] = list(values[_CHAIN])
+    values[_SCOPE] = list(values[_SCOPE])
+    values.append(step.prev_hash.hex())
+    text = json.dumps(values, ensure_ascii=True, separators=(",", ":"))
+    return REQUEST_ID_PREFIX + hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def chio_verdict(receipt: Mapping[str, Any]) -> Verdict:
@@ -226,6 +241,11 @@ def check_chio_step(
         return "the Chio receipt names another tool"
     if chio_verdict(body) is not step.verdict:
         return "the Chio receipt's decision is not the step's verdict"
+    decision = body.get("decision")
+    if step.verdict is Verdict.DENY and (
+        not isinstance(decision, dict) or decision.get("reason", "") != step.reason
+    ):
+        return "the step's deny reason is not the one the Chio receipt signed"
     return None
 
 

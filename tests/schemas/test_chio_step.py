@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import pytest
@@ -58,6 +59,11 @@ def test_an_untrusted_signer_is_named() -> None:
         ("receipt_id", "01900000-0000-7000-8000-000000000000"),
         ("prev_hash", b"\x01" * 32),
         ("worker_identity", "elsewhere"),
+        ("subject", "someone-else"),
+        ("scope", ("charge_card", "refund", "wire_money")),
+        ("capability_chain", ()),
+        ("evaluated_at", 1),
+        ("resource", "payments/refund"),
     ],
 )
 def test_moving_the_receipt_to_another_context_breaks_the_binding(
@@ -141,3 +147,29 @@ def test_a_redacted_receipt_keeps_the_real_hash_and_still_verifies() -> None:
     full = schemas.verify_kernel_receipt(json.loads(signed.chio_receipt))
     assert full.valid
     assert not full.parameter_hash_valid
+
+
+def test_a_deny_whose_reason_was_changed_is_refused() -> None:
+    step = _step(verdict=schemas.Verdict.DENY, reason="not in scope")
+    reworded = dataclasses.replace(step, reason="allowed after all")
+    reason = schemas.check_chio_step(reworded)
+    assert reason is not None
+    assert "deny reason" in reason
+
+
+def test_the_request_id_is_a_plain_digest_of_the_bound_fields() -> None:
+    step = sample_step(prev_hash=b"\x07" * 32)
+    values = [
+        step.receipt_id, step.namespace, step.workflow_id, step.run_id, step.workflow_type,
+        step.task_queue, step.activity_id, step.activity_type, step.attempt, step.is_local,
+        step.action, step.resource, step.subject, list(step.capability_chain), list(step.scope),
+        step.argument_digest, step.argument_key_id, step.scheduled_at, step.started_at,
+        step.evaluated_at, step.worker_identity, step.prev_hash.hex(),
+    ]  # fmt: skip
+    text = json.dumps(values, ensure_ascii=True, separators=(",", ":"))
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    assert schemas.request_id_for(step) == "chio-temporal-v1:" + digest
+    # Fields outside the binding do not move it.
+    assert schemas.request_id_for(dataclasses.replace(step, latency_us=9, reason="x")) == (
+        schemas.request_id_for(step)
+    )

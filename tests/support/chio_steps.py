@@ -14,7 +14,7 @@ def kernel_receipt_body(step: schemas.StepReceipt, *, parameters: Any = None) ->
     decision: dict[str, Any] = (
         {"verdict": "allow"}
         if allowed
-        else {"verdict": "deny", "reason": step.reason or "denied", "guard": "capability"}
+        else {"verdict": "deny", "reason": step.reason, "guard": "capability"}
     )
     return {
         "timestamp": step.evaluated_at // 1_000_000,
