@@ -44,11 +44,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import socket
 import time
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, Self
+from typing import Any
 
 import httpx
 
@@ -60,6 +59,7 @@ from chio_receipts.interceptor._errors import (
     ScopeWidening,
     UnknownCapability,
 )
+from chio_receipts.interceptor._http_pool import PooledHttpClient
 from chio_receipts.interceptor._model import (
     CapabilityToken,
     EvaluationRequest,
@@ -69,9 +69,7 @@ from chio_receipts.interceptor._model import (
     uuid7,
 )
 from chio_receipts.schemas import (
-    AsyncCloseable,
     ChioWireError,
-    RetryPolicy,
     StepReceipt,
     Verdict,
     check_chio_step,
@@ -87,11 +85,10 @@ __all__ = ["CONTROL_TOKEN_ENV", "ChioKernelSidecar"]
 CONTROL_TOKEN_ENV = "CHIO_SIDECAR_CONTROL_TOKEN"  # noqa: S105 - a variable name, not a secret
 """Where the control token is read from when ``control_token`` is not given."""
 
-_RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 _STATUS_VERDICT = {"authorized": Verdict.ALLOW, "deny": Verdict.DENY}
 
 
-class ChioKernelSidecar(AsyncCloseable):
+class ChioKernelSidecar(PooledHttpClient):
     """An :class:`~chio_receipts.interceptor.Evaluator` that talks a Chio kernel's routes.
 
     ``tool_server`` is the server of the grants it mints (``"*"``: any server). ``kernel_key``
@@ -117,9 +114,18 @@ class ChioKernelSidecar(AsyncCloseable):
         max_connections: int = 32,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
         token = control_token if control_token is not None else os.environ.get(CONTROL_TOKEN_ENV)
-        self._control_token = token or None
+        super().__init__(
+            base_url,
+            bearer=token,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            retries=retries,
+            retry_wait=retry_wait,
+            max_connections=max_connections,
+            transport=transport,
+            describe="kernel sidecar request",
+        )
         self._pinned: str | None = None
         if kernel_key is not None:
             key = kernel_key.lower().removeprefix("0x")
@@ -128,49 +134,12 @@ class ChioKernelSidecar(AsyncCloseable):
             self._pinned = key
         self.tool_server = tool_server
         self.job_uid = job_uid
-        self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
-        self._limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
-        self._retry = RetryPolicy(
-            initial_seconds=retry_wait,
-            maximum_seconds=1.0,
-            attempts=max(0, retries) + 1,
-            retry_on=lambda exc: isinstance(exc, _RETRYABLE),
-            describe="kernel sidecar request",
-        )
-        self._transport = transport
-        self._client: httpx.AsyncClient | None = None
         self._tokens: dict[str, dict[str, Any]] = {}
         self._caps: dict[str, CapabilityToken] = {}
         self._keys: dict[str, bytes] = {}
 
     def __repr__(self) -> str:
         return f"ChioKernelSidecar({self.base_url!r}, capabilities={len(self._tokens)})"
-
-    async def __aenter__(self) -> Self:
-        self._open()
-        return self
-
-    def _open(self) -> httpx.AsyncClient:
-        if self._client is None or self._client.is_closed:
-            headers = {"accept": "application/json"}
-            if self._control_token:
-                headers["authorization"] = f"Bearer {self._control_token}"
-            transport = self._transport or httpx.AsyncHTTPTransport(
-                limits=self._limits,
-                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            )
-            self._client = httpx.AsyncClient(
-                base_url=self.base_url, timeout=self._timeout, headers=headers, transport=transport
-            )
-        return self._client
-
-    async def aclose(self) -> None:
-        """Close the connection pool (idempotent)."""
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
 
     # -- transport -----------------------------------------------------------------------------
 
@@ -433,36 +402,12 @@ class ChioKernelSidecar(AsyncCloseable):
         return await self._finish_with(step, t0, verdict, reason, receipt)
 
     def _step(self, request: EvaluationRequest, evaluated_at: int) -> StepReceipt:
-        cap = self._caps.get(request.capability_id)
-        return StepReceipt(
+        return request.step(
             receipt_id=uuid7(),
-            namespace=request.namespace,
-            workflow_id=request.workflow_id,
-            run_id=request.run_id,
-            workflow_type=request.workflow_type,
-            task_queue=request.task_queue,
-            activity_id=request.activity_id,
-            activity_type=request.activity_type,
-            attempt=request.attempt,
-            is_local=request.is_local,
-            tool_server=request.tool_server,
-            tool=request.tool,
-            action="invoke",
-            resource=f"{request.tool_server}/{request.tool}",
-            subject=cap.subject if cap else "",
-            capability_id=request.capability_id,
-            capability_chain=cap.chain if cap else (),
-            scope=cap.scope if cap else (),
+            token=self._caps.get(request.capability_id),
             verdict=Verdict.UNKNOWN,
             reason="",
-            argument_digest=request.argument_digest,
-            argument_key_id=request.argument_key_id,
-            scheduled_at=request.scheduled_at,
-            started_at=request.started_at,
             evaluated_at=evaluated_at,
-            latency_us=0,
-            worker_identity=request.worker_identity,
-            prev_hash=request.prev_hash,
         )
 
     async def _finish_with(

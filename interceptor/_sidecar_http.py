@@ -14,10 +14,9 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import socket
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, Self
+from typing import Any
 
 import httpx
 
@@ -30,6 +29,7 @@ from chio_receipts.interceptor._errors import (
     ScopeWidening,
     UnknownCapability,
 )
+from chio_receipts.interceptor._http_pool import PooledHttpClient
 from chio_receipts.interceptor._model import (
     CapabilityToken,
     EvaluationRequest,
@@ -37,9 +37,7 @@ from chio_receipts.interceptor._model import (
     receipt_from_json,
 )
 from chio_receipts.schemas import (
-    AsyncCloseable,
     EncodeError,
-    RetryPolicy,
     StepReceipt,
     check_chio_step,
     retry_async,
@@ -50,10 +48,9 @@ from chio_receipts.schemas import (
 __all__ = ["HttpSidecar"]
 
 _log = logging.getLogger(__name__)
-_RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
 
-class HttpSidecar(AsyncCloseable):
+class HttpSidecar(PooledHttpClient):
     """Client of a remote chio sidecar (for example ``chio-receipts sidecar serve``).
 
     An idempotent async context manager; it also works without ``async with`` (the client is
@@ -73,55 +70,22 @@ class HttpSidecar(AsyncCloseable):
         verify_signatures: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._token = token
-        self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
-        self._limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
-        self._retry = RetryPolicy(
-            initial_seconds=retry_wait,
-            maximum_seconds=1.0,
-            attempts=max(0, retries) + 1,
-            retry_on=_connection_failed,
+        super().__init__(
+            base_url,
+            bearer=token,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            retries=retries,
+            retry_wait=retry_wait,
+            max_connections=max_connections,
+            transport=transport,
             describe="sidecar request",
         )
         self._verify = verify_signatures
-        self._transport = transport
-        self._client: httpx.AsyncClient | None = None
         self._keys: dict[str, bytes] = {}
 
     def __repr__(self) -> str:
         return f"HttpSidecar({self.base_url!r})"
-
-    async def __aenter__(self) -> Self:
-        self._open()
-        return self
-
-    def _open(self) -> httpx.AsyncClient:
-        if self._client is None or self._client.is_closed:
-            headers = {"accept": "application/json"}
-            if self._token:
-                headers["authorization"] = f"Bearer {self._token}"
-            # TCP_NODELAY: a request is written as headers then body; with Nagle's algorithm
-            # and delayed ACKs that costs ~40 ms per evaluation.
-            transport = self._transport or httpx.AsyncHTTPTransport(
-                limits=self._limits,
-                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            )
-            self._client = httpx.AsyncClient(
-                base_url=self.base_url,
-                timeout=self._timeout,
-                headers=headers,
-                transport=transport,
-            )
-        return self._client
-
-    async def aclose(self) -> None:
-        """Close the connection pool (idempotent)."""
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
 
     # -- transport -----------------------------------------------------------------------------
 
@@ -261,11 +225,6 @@ class HttpSidecar(AsyncCloseable):
             raise ChioSidecarProtocolError(
                 f"receipt signature does not verify under the sidecar's key {key_id!r}"
             )
-
-
-def _connection_failed(exc: BaseException) -> bool:
-    """Connection-level failures only: an answer, even a 5xx, is never retried here."""
-    return isinstance(exc, _RETRYABLE)
 
 
 def _segment(value: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 from uuid_utils import uuid7 as _uuid7
 
 from chio_receipts.schemas._errors import ProtocolError
-from chio_receipts.schemas._records import StepReceipt
+from chio_receipts.schemas._records import StepReceipt, Verdict
 
 __all__ = [
     "CapabilityToken",
@@ -180,6 +180,50 @@ class EvaluationRequest:
             "parameters": self.parameters,
             "redact_parameters": self.redact_parameters,
         }
+
+    def step(
+        self,
+        *,
+        receipt_id: str,
+        token: CapabilityToken | None,
+        verdict: Verdict,
+        reason: str,
+        evaluated_at: int,
+        key_id: str = "",
+    ) -> StepReceipt:
+        """The step receipt of this attempt, as a sidecar decided it: subject, chain and scope
+        from ``token`` (empty without one), no latency, no Chio receipt, no signature yet."""
+        return StepReceipt(
+            receipt_id=receipt_id,
+            namespace=self.namespace,
+            workflow_id=self.workflow_id,
+            run_id=self.run_id,
+            workflow_type=self.workflow_type,
+            task_queue=self.task_queue,
+            activity_id=self.activity_id,
+            activity_type=self.activity_type,
+            attempt=self.attempt,
+            is_local=self.is_local,
+            tool_server=self.tool_server,
+            tool=self.tool,
+            action="invoke",
+            resource=f"{self.tool_server}/{self.tool}",
+            subject=token.subject if token else "",
+            capability_id=self.capability_id,
+            capability_chain=token.chain if token else (),
+            scope=token.scope if token else (),
+            verdict=verdict,
+            reason=reason,
+            argument_digest=self.argument_digest,
+            argument_key_id=self.argument_key_id,
+            scheduled_at=self.scheduled_at,
+            started_at=self.started_at,
+            evaluated_at=evaluated_at,
+            latency_us=0,
+            worker_identity=self.worker_identity,
+            prev_hash=self.prev_hash,
+            key_id=key_id,
+        )
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> EvaluationRequest:
