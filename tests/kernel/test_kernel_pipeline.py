@@ -23,11 +23,10 @@ Skipped, with the reason, when the kernel binaries are not built (``make kernel`
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,12 +57,12 @@ from chio_receipts.schemas import KafkaConnection, KeyPair, StepReceipt
 from tests.kernel.test_kernel_sidecar import CONTROL_TOKEN, Sidecar, _start, _stop
 from tests.support.helpers import eventually
 from tests.support.kafka_topics import read_all
+from tests.support.kernel import KernelVerify, tampered_receipts
 from tests.support.streamer_kafka import config as streamer_config
 from tests.support.workflows import ALL_ACTIVITIES, Plan, PlanWorkflow
 
 pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 
-Verify = Callable[[Sequence[str], str], list[str]]
 TOOL_SERVER = "temporal"
 
 
@@ -399,45 +398,12 @@ async def _dead_letters_of(
     return out
 
 
-def _tampered(receipt: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    def changed(edit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        copy_ = copy.deepcopy(receipt)
-        edit(copy_)
-        return copy_
-
-    def reason(r: dict[str, Any]) -> None:
-        r["decision"]["reason"] = str(r["decision"].get("reason")) + " (rewritten)"
-
-    def verdict(r: dict[str, Any]) -> None:
-        r["decision"] = {"verdict": "allow"} if r["decision"]["verdict"] == "deny" else {
-            "verdict": "deny", "reason": "flipped", "guard": "kernel"
-        }  # fmt: skip
-
-    def parameters(r: dict[str, Any]) -> None:
-        r["action"]["parameters"] = {**r["action"]["parameters"], "injected": 1}
-
-    def signature(r: dict[str, Any]) -> None:
-        sig = r["signature"]
-        r["signature"] = sig[:5] + ("0" if sig[5] != "0" else "1") + sig[6:]
-
-    def tool(r: dict[str, Any]) -> None:
-        r["tool_name"] = r["tool_name"] + "-x"
-
-    return {
-        "reason": changed(reason),
-        "verdict": changed(verdict),
-        "parameters": changed(parameters),
-        "signature": changed(signature),
-        "tool": changed(tool),
-    }
-
-
 async def test_the_kernel_verifier_agrees_on_every_stored_receipt_and_tampered_copies(
     pipeline: KernelPipeline,
     allowed_run: tuple[str, str],
     denied_run: tuple[str, str, BaseException | None],
     revoked_run: tuple[str, str, BaseException | None],
-    kernel_verify: Verify,
+    kernel_verify: KernelVerify,
 ) -> None:
     for wf, run_id, *_ in (allowed_run, denied_run, revoked_run):
         await pipeline.envelope(wf, run_id)
@@ -455,7 +421,7 @@ async def test_the_kernel_verifier_agrees_on_every_stored_receipt_and_tampered_c
         items.append((f"{step.receipt_id}", receipt, step, True))
         items += [
             (f"{step.receipt_id}/{name}", forged, step, False)
-            for name, forged in _tampered(receipt).items()
+            for name, forged in tampered_receipts(receipt).items()
         ]
     verdicts = kernel_verify([json.dumps(doc) for _, doc, _, _ in items], "receipts")
     for (name, doc, step, expected), kernel in zip(items, verdicts, strict=True):
