@@ -22,11 +22,12 @@ test-faults: setup
 
 # The real Chio kernel (kernel/, Rust): built once into .cache/kernel/bin, ~20 minutes the first
 # time, so it is not part of `make test`; its tests skip there when the binaries are absent.
+# test-kernel runs the kernel-marked tests, the demo's oracle over its receipts included.
 kernel:
 	@scripts/kernel.sh
 
 test-kernel: setup kernel
-	.venv/bin/pytest -m kernel tests/kernel
+	.venv/bin/pytest -m kernel tests/kernel tests/demo
 
 bench: setup
 	.venv/bin/python -m bench.run --size full

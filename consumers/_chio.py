@@ -12,7 +12,8 @@ Which steps are accepted (:func:`signed_by`):
   check, and its Chio receipt, when it carries one, must check too;
 * a step whose only signature is its Chio receipt (``key_id`` ``""`` and an empty
   ``signature``: published by a kernel evaluator) is accepted iff that receipt checks;
-* a step with neither is refused as an unknown key, as before schema v2.
+* a step with neither is refused as unsigned (:data:`UNSIGNED`, dead-letter reason
+  ``unsigned_step``): there is no key to look up, so it is not an unknown key.
 
 The trusted signers of Chio receipts are the hex public keys of every key the consumer's
 :class:`~chio_receipts.consumers.KeyRing` knows (our sidecars' keys) plus the kernel keys the
@@ -33,6 +34,7 @@ __all__ = [
     "KERNEL_SIGNED",
     "SIDECAR_SIGNED",
     "UNSIGNED",
+    "UNSIGNED_DETAIL",
     "ChioRefusal",
     "chio_refusal",
     "parse_kernel_keys",
@@ -44,7 +46,10 @@ SIDECAR_SIGNED = "sidecar"
 KERNEL_SIGNED = "kernel"
 """The step's only signature is its Chio receipt."""
 UNSIGNED = "unsigned"
-"""Neither: refused (as an unknown key)."""
+"""Neither: refused as unsigned (``Reason.UNSIGNED_STEP``)."""
+
+UNSIGNED_DETAIL = "UnsignedStep: the step carries neither an Avro signature nor a Chio receipt"
+"""The dead letter's error text for an unsigned step."""
 
 
 def signed_by(record: Mapping[str, Any]) -> str:

@@ -24,7 +24,15 @@ from typing import Any, Literal
 from aiokafka import TopicPartition
 
 from chio_receipts.consumers._builder import ReceiptBuilder, RunState, StepEntry
-from chio_receipts.consumers._chio import KERNEL_SIGNED, ChioRefusal, chio_refusal, signed_by
+from chio_receipts.consumers._chio import (
+    KERNEL_SIGNED,
+    SIDECAR_SIGNED,
+    UNSIGNED,
+    UNSIGNED_DETAIL,
+    ChioRefusal,
+    chio_refusal,
+    signed_by,
+)
 from chio_receipts.consumers._clickhouse import ClickHouseConfig, ClickHouseSink
 from chio_receipts.consumers._dlq import DeadLetter, Reason
 from chio_receipts.consumers._envelope import Envelope
@@ -312,16 +320,13 @@ class ReceiptBuilderService(AsyncService):
         """The steps whose signatures hold; the others are dead-lettered.
 
         A sidecar-signed step needs its Avro signature by a known key; a kernel-signed step
-        (no ``key_id``, no signature) needs its Chio receipt; a step with a Chio receipt needs
+        (no ``key_id``, no signature) needs its Chio receipt; a step with neither is refused as
+        unsigned; a step with a Chio receipt needs
         it to check under the trusted keys (the ring's, plus the configured kernel keys),
         refreshing the ring once for an unknown ``kernel_key``."""
         keys = self._keys
         await keys.refresh_for(
-            {
-                m.plain.record["key_id"]
-                for m in steps
-                if signed_by(m.plain.record) is not KERNEL_SIGNED
-            }
+            {m.plain.record["key_id"] for m in steps if signed_by(m.plain.record) is SIDECAR_SIGNED}
         )
         checks: list[tuple[Plain, bytes | None]] = []
         known: list[Message] = []
@@ -329,7 +334,9 @@ class ReceiptBuilderService(AsyncService):
             record = message.plain.record
             how = signed_by(record)
             public_key = None if how is KERNEL_SIGNED else keys.get(record["key_id"])
-            if how is not KERNEL_SIGNED and public_key is None:
+            if how is UNSIGNED:
+                batch.dead_letter(message, UNSIGNED_DETAIL, Reason.UNSIGNED_STEP)
+            elif how is not KERNEL_SIGNED and public_key is None:
                 batch.dead_letter(message, f"UnknownKey: {record['key_id']!r}", Reason.UNKNOWN_KEY)
             else:
                 checks.append((message.plain, public_key))

@@ -55,6 +55,10 @@ class Reason:
     """The step's Chio receipt is signed by a kernel key that is neither one of the key ring's
     keys nor a configured trusted kernel key (after one refresh of the ring)."""
     UNKNOWN_KEY = "unknown_key"
+    UNSIGNED_STEP = "unsigned_step"
+    """The step carries neither an Avro signature (``key_id``, ``signature``) nor a Chio receipt:
+    nothing vouches for it (a kernel evaluator's deny without a receipt, such as the kernel's
+    403 for a revoked capability). Not an unknown key: there is no key to look up."""
     OVERSIZED = "oversized"
     INVALID_RECORD = "invalid_record"
     CLICKHOUSE_DATA = "clickhouse_data"

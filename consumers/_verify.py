@@ -24,7 +24,7 @@ from typing import Any
 
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from chio_receipts.consumers._chio import KERNEL_SIGNED, chio_refusal, signed_by
+from chio_receipts.consumers._chio import KERNEL_SIGNED, UNSIGNED, chio_refusal, signed_by
 from chio_receipts.consumers._clickhouse import select_envelopes, select_steps, translate
 from chio_receipts.consumers._envelope import verify_envelope_signature
 from chio_receipts.consumers._rows import (
@@ -79,6 +79,9 @@ def _fmt(value: Any) -> str:
     if isinstance(value, bytes):
         return value.hex() or "''"
     return repr(value)
+
+
+_UNSIGNED = "unsigned step (neither an Avro signature nor a Chio receipt)"
 
 
 def verify_run(
@@ -169,6 +172,8 @@ def _check_steps(
             public_key = keys.get(str(record["key_id"]))
             if how is KERNEL_SIGNED:
                 pass  # its only signature is the Chio receipt, checked below
+            elif how is UNSIGNED:
+                problems.append(f"{label}: {_UNSIGNED}")
             elif public_key is None:
                 problems.append(f"{label}: unknown signing key {record['key_id']!r}")
             elif not verify_body(plain.body, public_key):
@@ -186,9 +191,10 @@ def _check_steps(
                 body=envelope_step_body(plain), hash=receipt_hash(plain.body)
             )
         else:
-            if signed_by(columns) is not KERNEL_SIGNED and not verify_receipt(
-                receipt_from_row(row), keys
-            ):
+            row_how = signed_by(columns)
+            if row_how is UNSIGNED:
+                problems.append(f"{label}: {_UNSIGNED}")
+            elif row_how is not KERNEL_SIGNED and not verify_receipt(receipt_from_row(row), keys):
                 problems.append(f"{label}: signature invalid (a field of the row was changed)")
             _check_chio(problems, label, columns, trusted)
             _check_chio_columns(problems, label, columns, row)

@@ -111,7 +111,8 @@ async def test_good_receipts_are_built_and_bad_ones_dead_lettered_never_counted(
 ) -> None:
     """Sidecar+kernel signed, kernel-only and sidecar-as-kernel steps are built into rows and
     envelopes; a tampered receipt, an untrusted kernel key, a receipt moved from another run and a
-    step signed by nobody go to the DLQ with their reason and no envelope counts them."""
+    step signed by nobody (``unsigned_step``, not ``unknown_key``) go to the DLQ with their reason
+    and no envelope counts them."""
     topics = await make_topics(kafka_bootstrap, unique, partitions=1)
     wf = unique("wf-chio")
     both = chio_run(wf, "both", 3, kernel=KERNEL, sidecar=SIDECAR, deny=(1,))
@@ -145,8 +146,8 @@ async def test_good_receipts_are_built_and_bad_ones_dead_lettered_never_counted(
         (rogue_only[4][1], "untrusted_kernel_key", "is not a trusted signer"),
         (
             resign(bad_run[5][0], None, chio_receipt="", chio_signed=b""),
-            "unknown_key",
-            "UnknownKey",
+            "unsigned_step",
+            "UnsignedStep",
         ),
     ]
     steps: list[_Msg] = [(_key(wf, rid), w, None) for rid, run in good.items() for _, w in run]

@@ -36,11 +36,14 @@ from chio_receipts.schemas import (
     STEP_SCHEMA,
     ChioStepFields,
     KeyPair,
+    Verdict,
+    frame,
     raw_schema,
     receipt_hash,
+    step_body,
     verify_receipt,
 )
-from tests.support.consumer_factory import completion, signed_run
+from tests.support.consumer_factory import completion, receipt, signed_run
 
 WORKER = KeyPair.generate("worker-rows")
 BUILDER = KeyPair.generate("builder-rows")
@@ -193,3 +196,37 @@ async def test_verify_compares_the_same_fields_after_columns_are_added_and_reord
         f"receipt {rows[-1].receipt_id}" in p and "signature invalid" in p for p in problems
     ), problems
     assert any("builder signature invalid" in p for p in problems), problems
+
+
+@pytest.mark.integration
+async def test_verify_names_an_unsigned_step_row_as_unsigned_not_an_unknown_key(
+    clickhouse_dsn: str,
+) -> None:
+    # A step with neither an Avro signature nor a Chio receipt (a kernel evaluator's deny without
+    # a receipt) never becomes a row through the builder (it is dead-lettered as unsigned_step);
+    # written some other way, verify reports it as unsigned, with or without its stored message.
+    builder = ReceiptBuilder(grace_us=0, evict_after_us=10**9)
+    run = builder.open_run("default/wf-unsigned/r1", "default", "wf-unsigned", "r1", 0)
+    rows = []
+    for i in range(2):
+        step = receipt("wf-unsigned", "r1", i, verdict=Verdict.DENY, key_id="", signature=b"")
+        wire = frame(STEP_SCHEMA, step_body(step))
+        plain = decode_plain(wire)
+        rec = plain.record
+        entry = StepEntry(
+            rec["receipt_id"], rec["verdict"], envelope_step_body(plain), receipt_hash(plain.body)
+        )
+        assert builder.add_step(run, entry, 0)
+        rows.append(step_row(rec, wire if i == 0 else b"", 0, i))
+    builder.add_completion(run, completion("wf-unsigned", "r1", expected=2), 0, 0)
+    envelope = builder.envelope(run).signed_by(BUILDER)
+    async with ClickHouseSink(ClickHouseConfig(dsn=clickhouse_dsn)) as sink:
+        await sink.insert_steps(rows, "rows-unsigned-steps")
+        await sink.insert_envelopes([envelope_row(envelope)], "rows-unsigned-envelope")
+        report = await sink.call(lambda c: verify_run(c, "wf-unsigned", keys=KEYS))
+    assert not report.ok
+    for row in rows:
+        assert any(
+            f"receipt {row.receipt_id}" in p and "unsigned step" in p for p in report.problems
+        ), report.problems
+    assert not any("unknown signing key" in p for p in report.problems), report.problems

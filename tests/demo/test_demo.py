@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import os
 import signal
 import subprocess
@@ -10,13 +12,19 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
 
+from chio_receipts import schemas
 from chio_receipts._config import AppConfig
+from chio_receipts.consumers import open_client
+from chio_receipts.consumers._wire import decode_plain
 from chio_receipts.demo._run import DemoOptions, DemoResult, run_demo
+from chio_receipts.stack import default_clickhouse_dsn
 from chio_receipts.stack._process import pid_alive
+from tests.support.kernel import kernel_verifier, tampered_receipts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,6 +90,91 @@ def test_summary_matches_the_designed_workflows(demo: tuple[DemoResult, str, Pat
     assert result.verify_failures == []
     assert "verify: 14/14 runs verified" in output
     assert "0 incomplete envelopes" in output
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoReceipt:
+    """One Chio receipt of the demo's ClickHouse, or a tampered copy of one."""
+
+    name: str
+    receipt: dict[str, Any]
+    step: schemas.StepReceipt  # the step it is carried by (with this receipt)
+    valid: bool
+
+
+@pytest.fixture(scope="module")
+def demo_receipts(demo: tuple[DemoResult, str, Path]) -> tuple[list[DemoReceipt], set[str]]:
+    """Every step's Chio receipt from the demo's ClickHouse, then tampered copies of each; and
+    the sidecar's public keys (hex) from the demo's keys.json, the builder's left out."""
+    result, _output, data = demo
+    assert result.keys_path is not None
+    listed = json.loads(result.keys_path.read_text())
+    sidecar_keys = {v for k, v in listed.items() if k != "demo-builder"}
+    assert sidecar_keys
+    assert len(sidecar_keys) < len(listed)
+    client = open_client(default_clickhouse_dsn(data))
+    try:
+        rows = client.query(
+            "SELECT toString(receipt_id), wire, chio_receipt FROM step_receipts "
+            "ORDER BY toString(receipt_id)",
+            column_formats={"wire": "bytes"},
+        ).result_rows
+    finally:
+        client.close()
+    items: list[DemoReceipt] = []
+    for receipt_id, wire, text in rows:
+        # Every step the demo's workers publish was decided on our sidecar's mediated route.
+        assert text, f"step {receipt_id} carries no Chio receipt"
+        step = schemas.StepReceipt.from_avro(decode_plain(wire).record)
+        assert step.chio_receipt == text
+        receipt = json.loads(text)
+        items.append(DemoReceipt(receipt_id, receipt, step, True))
+        for how, forged in tampered_receipts(receipt).items():
+            chio_text, chio_signed = schemas.chio_step_payload(forged)
+            carried = dataclasses.replace(step, chio_receipt=chio_text, chio_signed=chio_signed)
+            items.append(DemoReceipt(f"{receipt_id}/{how}", forged, carried, False))
+    return items, sidecar_keys
+
+
+@pytest.mark.e2e
+def test_every_demo_receipt_checks_in_the_pipeline(
+    demo: tuple[DemoResult, str, Path], demo_receipts: tuple[list[DemoReceipt], set[str]]
+) -> None:
+    result, _output, _data = demo
+    items, keys = demo_receipts
+    assert result.summary is not None
+    originals = [item for item in items if item.valid]
+    assert len(originals) == result.summary.step_rows
+    verdicts = {item.receipt["decision"]["verdict"] for item in originals}
+    assert verdicts == {"allow", "deny"}
+    for item in items:
+        ours = schemas.verify_kernel_receipt(item.receipt, trusted_keys=sorted(keys))
+        assert ours.valid is item.valid, (item.name, ours.reason)
+        check = schemas.check_chio_step(item.step, trusted_keys=keys)
+        assert (check is None) is item.valid, (item.name, check)
+    # The sidecar's keys are the only trusted signers: under another key nothing checks.
+    for item in originals:
+        assert schemas.check_chio_step(item.step, trusted_keys={"00" * 32}) is not None
+
+
+@pytest.mark.e2e
+@pytest.mark.kernel
+def test_the_kernel_verifier_agrees_on_every_demo_receipt(
+    demo_receipts: tuple[list[DemoReceipt], set[str]],
+) -> None:
+    """The oracle on every receipt the demo produces: chio-receipt-verify (the kernel's own
+    ChioReceipt::verify_signature) says valid to each one and invalid to each tampered copy,
+    as the pipeline does. Skips, with the reason, when the kernel is not built."""
+    verify = kernel_verifier()
+    items, keys = demo_receipts
+    verdicts = verify([json.dumps(item.receipt, ensure_ascii=False) for item in items], "receipts")
+    disagree = [
+        (item.name, kernel)
+        for item, kernel in zip(items, verdicts, strict=True)
+        if (kernel == "valid") is not item.valid
+    ]
+    assert not disagree, disagree
+    assert {item.receipt["kernel_key"] for item in items if item.valid} <= keys
 
 
 @pytest.mark.e2e

@@ -29,7 +29,7 @@ import nacl.signing
 import pytest
 
 import chio_receipts.schemas as schemas
-from tests.kernel.conftest import kernel_binary
+from tests.support.kernel import kernel_binary
 
 pytestmark = pytest.mark.kernel
 
