@@ -2,9 +2,10 @@
 
     python -m bench.run [--size small|full] [--only NAME] [--out bench/results/latest.json]
 
-NAME is one of: micro, interceptor, producer, consumer, memory, e2e, sidecar. The stack (a real
-Kafka broker and a real Temporal dev server) is started in a temporary directory and stopped at
-the end. A full run of everything also rewrites the generated part of ``docs/BENCHMARKS.md``.
+NAME is one of: micro, interceptor, producer, consumer, memory, e2e, sidecar, watcher. The
+stack (a real Kafka broker and a real Temporal dev server) is started in a temporary directory
+and stopped at the end. A full run of everything also rewrites the generated part of
+``docs/BENCHMARKS.md``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ SECTIONS: dict[str, bool] = {
     "memory": True,
     "e2e": True,
     "sidecar": True,
+    "watcher": True,
 }
 
 

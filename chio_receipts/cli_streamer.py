@@ -28,6 +28,7 @@ from chio_receipts._temporal import TemporalConnection
 from chio_receipts._temporal_options import temporal_options
 from chio_receipts.schemas import ContractError, KafkaConnection
 from chio_receipts.streamer import (
+    DEFAULT_LAG_WINDOW_S,
     CompletionWatcher,
     ReceiptStreamer,
     StreamerConfig,
@@ -118,6 +119,19 @@ def watch(
     query_filter: Annotated[
         str, typer.Option(help="Extra visibility filter ANDed to the query, e.g. TaskQueue=...")
     ] = "",
+    lag_window_seconds: Annotated[
+        float,
+        typer.Option(
+            "--lag-window-seconds",
+            envvar="CHIO_WATCHER_LAG_WINDOW",
+            min=0.0,
+            help=(
+                "How far below the newest close time emitted each poll lists again, for runs"
+                " the visibility store shows late; later ones are not emitted (a warning"
+                " counts them)."
+            ),
+        ),
+    ] = DEFAULT_LAG_WINDOW_S,
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = DEFAULT_METRICS_HOST,
     once: Annotated[bool, typer.Option(help="Poll once and exit.")] = False,
@@ -140,6 +154,7 @@ def watch(
         poll_interval_s=poll_seconds,
         start_from=start_from,
         query_filter=query_filter,
+        lag_window_s=lag_window_seconds,
     )
     registry = CollectorRegistry(auto_describe=True)
     metrics = StreamerMetrics(registry)

@@ -39,11 +39,17 @@ from chio_receipts.streamer._partition import PartitionCache, murmur2, partition
 from chio_receipts.streamer._spool import AsyncSpool, Spool, SpoolBatch, SpoolPosition, SpoolRecord
 from chio_receipts.streamer._streamer import ReceiptStreamer
 from chio_receipts.streamer._topics import TopicState, describe_topics, ensure_topics
-from chio_receipts.streamer._watcher import Checkpoint, CompletionWatcher, WatcherConfig
+from chio_receipts.streamer._watcher import (
+    DEFAULT_LAG_WINDOW_S,
+    Checkpoint,
+    CompletionWatcher,
+    WatcherConfig,
+)
 
 __all__ = [
     "COMPLETION_TYPE",
     "CONTENT_TYPE",
+    "DEFAULT_LAG_WINDOW_S",
     "ENVELOPE_TYPE",
     "STEP_TYPE",
     "AsyncSpool",

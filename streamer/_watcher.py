@@ -1,16 +1,23 @@
 """``CompletionWatcher``: one run-completion event for every closed run on a Temporal server.
 
-A poll loop over the visibility API (``ExecutionStatus != "Running" AND CloseTime >= W``), where
-W is the persisted watermark minus an overlap that covers visibility lag. Runs are processed in
-close-time order; each one's history gives the expected step count and the continued-as-new
-links (see ``_history``), its visibility record the parent chain. The event is handed to the sink
-(the streamer, whose write-ahead spool makes it durable) before the run is recorded as seen.
+A poll loop over the visibility API: ``ExecutionStatus != "Running" AND CloseTime >= W - window``,
+where W is the persisted watermark (the newest close time emitted) and ``window`` the configured
+lag window (``WatcherConfig.lag_window_s``). The listing is read page by page, newest first, and
+each new run is emitted as it is read: its history gives the expected step count and the
+continued-as-new links (see ``_history``), its visibility record the parent chain. The event is
+handed to the sink (the streamer, whose write-ahead spool makes it durable) before the run is
+recorded as seen. Nothing holds the listing; the state is ``_watcher_state.Checkpoint``.
 
-Checkpoint: a JSON file written atomically (temp file, fsync, rename) after every
-``checkpoint_every`` runs and at the end of a poll: the watermark (close time of the last run
-processed in order) and the run ids seen at or after ``watermark - overlap``, so the overlap
-window never emits a run twice. A crash between the sink and the checkpoint re-emits at most
-the runs since the last checkpoint, with the same deterministic event ids.
+Checkpoint: a JSON file written atomically (temp file, fsync, rename) every ``checkpoint_every``
+runs (or every tenth of the dedup set when larger) and at the end of a poll: the watermark, the
+ids of the runs emitted inside the lag window, and an unfinished poll's cursor. A crash between
+the sink and the checkpoint re-emits at most the runs since the last save, with the same
+deterministic event ids; a restart resumes an unfinished poll at its cursor.
+
+Visibility lag: a run that becomes visible late but closed inside the window is emitted by the
+next poll, exactly once. One that becomes visible after its close time left the window is not
+emitted; when the next poll can count it, the watcher logs a warning with the count (see
+``_watcher_state``).
 
 A failed poll (Temporal unreachable, the sink refusing a completion) is retried through
 ``schemas.retry_async``: backoff from ``poll_interval_s`` up to ``max_retry_backoff_s`` with
@@ -21,10 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,22 +42,36 @@ import chio_receipts.schemas as schemas
 from chio_receipts.streamer._errors import WatcherError
 from chio_receipts.streamer._history import completion_event, history_facts, micros
 from chio_receipts.streamer._metrics import StreamerMetrics
+from chio_receipts.streamer._watcher_state import (
+    EPOCH,
+    Band,
+    Checkpoint,
+    Progress,
+    ScanSummary,
+    drain,
+)
 
-__all__ = ["Checkpoint", "CompletionWatcher", "WatcherConfig"]
+__all__ = ["DEFAULT_LAG_WINDOW_S", "Checkpoint", "CompletionWatcher", "WatcherConfig"]
 
 log = logging.getLogger(__name__)
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+DEFAULT_LAG_WINDOW_S = 30.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WatcherConfig:
-    """How the watcher polls and where it keeps its checkpoint."""
+    """How the watcher polls and where it keeps its checkpoint.
+
+    ``lag_window_s`` is how far below its watermark every poll lists again, for runs the
+    visibility store shows late: a run visible within that many seconds of close time behind
+    the newest run emitted is emitted once; a run later than that is not (a warning counts the
+    ones the next poll can see). The dedup set holds the runs that close within one window.
+    """
 
     checkpoint_path: str
     poll_interval_s: float = 2.0
     max_retry_backoff_s: float = 30.0
-    overlap_s: float = 30.0
+    lag_window_s: float = DEFAULT_LAG_WINDOW_S
     start_from: datetime | None = None
     query_filter: str = ""
     page_size: int = 500
@@ -59,54 +79,15 @@ class WatcherConfig:
     checkpoint_every: int = 100
     max_parent_depth: int = 16
 
+    def __post_init__(self) -> None:
+        if self.lag_window_s < 0:
+            raise ValueError(f"lag_window_s must be >= 0, not {self.lag_window_s}")
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, not {self.page_size}")
 
-@dataclass(slots=True)
-class Checkpoint:
-    """Close-time watermark and the run ids seen inside the overlap window."""
 
-    watermark: datetime
-    seen: dict[str, datetime]
-
-    @classmethod
-    def load(cls, path: Path, default: datetime) -> Checkpoint:
-        """Read ``path``; a missing file starts at ``default``."""
-        try:
-            raw = json.loads(path.read_text("utf-8"))
-        except FileNotFoundError:
-            return cls(watermark=default, seen={})
-        except (OSError, ValueError) as exc:
-            raise WatcherError(f"unreadable watcher checkpoint {path}: {exc}") from exc
-        try:
-            return cls(
-                watermark=datetime.fromisoformat(raw["watermark"]),
-                seen={k: datetime.fromisoformat(v) for k, v in raw["seen"].items()},
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise WatcherError(f"malformed watcher checkpoint {path}: {exc}") from exc
-
-    def save(self, path: Path) -> None:
-        """Atomically replace ``path`` with this checkpoint."""
-        data = json.dumps(
-            {
-                "watermark": self.watermark.isoformat(),
-                "seen": {k: v.isoformat() for k, v in sorted(self.seen.items())},
-            }
-        )
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tmp.open("w", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise WatcherError(f"cannot write watcher checkpoint {path}: {exc}") from exc
-
-    def prune(self, overlap: timedelta) -> None:
-        """Forget run ids that closed before the overlap window."""
-        floor = self.watermark - overlap
-        self.seen = {k: v for k, v in self.seen.items() if v >= floor}
+def _ts(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class CompletionWatcher:
@@ -136,51 +117,95 @@ class CompletionWatcher:
         """The namespace the watcher observes (the client's)."""
         return self.client.namespace
 
-    def _query(self, since: datetime) -> str:
-        ts = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        q = f'ExecutionStatus != "Running" AND CloseTime >= "{ts}"'
+    @property
+    def window(self) -> timedelta:
+        """The lag window: how far below the watermark each poll lists again."""
+        return timedelta(seconds=self.config.lag_window_s)
+
+    @property
+    def checkpoint(self) -> Checkpoint | None:
+        """The state in memory (``None`` before the first poll)."""
+        return self._checkpoint
+
+    def _query(self, since: datetime, until: datetime | None = None) -> str:
+        q = f'ExecutionStatus != "Running" AND CloseTime >= "{_ts(since)}"'
+        if until is not None:
+            q += f' AND CloseTime < "{_ts(until)}"'
         if self.config.query_filter:
             q += f" AND ({self.config.query_filter})"
         return q
 
     async def poll_once(self) -> int:
-        """List closed runs since the watermark, emit the new ones; returns how many."""
+        """List closed runs from the window's floor, emit the new ones; returns how many."""
         if self._checkpoint is None:
-            self._checkpoint = Checkpoint.load(self._path, self.config.start_from or _EPOCH)
+            self._checkpoint = Checkpoint.load(self._path, self.config.start_from or EPOCH)
         cp = self._checkpoint
-        overlap = timedelta(seconds=self.config.overlap_s)
-        since = max(cp.watermark - overlap, _EPOCH)
-        executions: list[WorkflowExecution] = []
+        if cp.band is not None:
+            await self._check_band(cp, cp.band)
+        progress = Progress(cp, self.window, checkpoint_every=self.config.checkpoint_every)
+        since, until = progress.begin().bounds()
+        async with contextlib.aclosing(self._list(self._query(since, until))) as entries:
+            emitted, summary = await drain(entries, progress, self._emit, self._save)
+        if summary is not None:
+            self._report(summary)
+        return emitted
+
+    async def _list(self, query: str) -> AsyncGenerator[WorkflowExecution, None]:
+        """The visibility listing, one page of ``page_size`` in memory at a time."""
         try:
             async for ex in self.client.list_workflows(
-                self._query(since),
+                query,
                 page_size=self.config.page_size,
                 rpc_timeout=timedelta(seconds=self.config.rpc_timeout_s),
             ):
-                if ex.close_time is not None and ex.run_id not in cp.seen:
-                    executions.append(ex)
+                yield ex
         except RPCError as exc:
             raise WatcherError(f"cannot list closed workflows: {exc}") from exc
-        executions.sort(key=lambda e: (e.close_time or _EPOCH, e.run_id))
-        emitted = 0
+
+    async def _emit(self, ex: WorkflowExecution) -> None:
+        event = await self._completion(ex)
+        await self.sink.publish_completion(event)
+        self.metrics.completions.labels(event.outcome.value).inc()
+
+    async def _save(self) -> None:
+        if self._checkpoint is not None:
+            await asyncio.to_thread(self._checkpoint.save, self._path)
+
+    async def _check_band(self, cp: Checkpoint, band: Band) -> None:
+        """Count the closed runs of the span that left the window at the last poll; more than
+        were emitted there became visible too late (best effort: a failed count is logged)."""
         try:
-            for ex in executions:
-                if ex.close_time is None:  # filtered above; keeps the type checker informed
-                    continue
-                event = await self._completion(ex)
-                await self.sink.publish_completion(event)
-                self.metrics.completions.labels(event.outcome.value).inc()
-                cp.seen[ex.run_id] = ex.close_time
-                cp.watermark = max(cp.watermark, ex.close_time)
-                emitted += 1
-                if emitted % self.config.checkpoint_every == 0:
-                    cp.prune(overlap)
-                    await asyncio.to_thread(cp.save, self._path)
-        finally:
-            # Also after a failure part-way: what was handed to the sink is not emitted again.
-            cp.prune(overlap)
-            await asyncio.to_thread(cp.save, self._path)
-        return emitted
+            found = await self.client.count_workflows(
+                self._query(band.since, band.until),
+                rpc_timeout=timedelta(seconds=self.config.rpc_timeout_s),
+            )
+        except RPCError as exc:
+            log.info("watcher: cannot count runs behind the lag window: %s", exc)
+            cp.band = None
+            return
+        cp.band = None
+        if found.count > band.emitted:
+            log.warning(
+                "watcher: %d run(s) that closed between %s and %s became visible after they"
+                " left the %gs lag window and were not emitted; widen the lag window",
+                found.count - band.emitted,
+                band.since.isoformat(),
+                band.until.isoformat(),
+                self.config.lag_window_s,
+            )
+
+    def _report(self, summary: ScanSummary) -> None:
+        if summary.late:
+            log.info(
+                "watcher: %d run(s) became visible late (inside the %gs lag window), emitted once",
+                summary.late,
+                self.config.lag_window_s,
+            )
+        if not summary.ordered:
+            log.warning(
+                "watcher: the visibility listing was not newest first; this poll kept every id"
+                " it emitted (a restart during such a poll may emit a run twice)"
+            )
 
     async def _completion(self, ex: WorkflowExecution) -> schemas.RunCompletion:
         handle = self.client.get_workflow_handle(ex.id, run_id=ex.run_id)

@@ -175,3 +175,18 @@ def test_compare_lists_every_headline_figure_of_both_runs(results: dict[str, Any
     assert producer_row.endswith("| 2.00x better |")
     # Every figure the smoke run produced has its row (the memory section has none).
     assert table.count("\n| ") >= 12
+
+
+@pytest.mark.integration
+def test_watcher_rate_and_memory(results: dict[str, Any]) -> None:
+    r = results["results"]["watcher"]
+    rate = r["rate"]
+    assert _positive(rate["server_closes_per_s"])
+    assert _positive(rate["watcher_runs_per_s"])
+    assert _positive(rate["ratio_vs_server"])
+    for m in r["memory"]:
+        assert m["pages"] == math.ceil(m["runs"] / 500)
+        assert _positive(m["peak_bytes"])
+        assert _positive(m["peak_bytes_holding_listing"])
+        # The dedup set ends at the runs of one lag window, never the whole listing.
+        assert m["dedup_ids_after"] == m["runs_in_window"]

@@ -17,7 +17,7 @@ import chio_receipts.demo._worker as demo_worker
 from chio_receipts import cli_streamer
 from chio_receipts.cli import app
 from chio_receipts.schemas import KafkaConnection, Secret
-from chio_receipts.streamer import TopicsConfig
+from chio_receipts.streamer import DEFAULT_LAG_WINDOW_S, TopicsConfig
 
 pytestmark = pytest.mark.unit
 
@@ -104,6 +104,27 @@ def test_watch_takes_the_kafka_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert seen["kafka"] == KafkaConnection(
         bootstrap_servers="b:9093", security_protocol="SSL", ssl_cafile=str(ca)
     )
+
+
+def test_watch_takes_its_lag_window_from_the_flag_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: list[float] = []
+
+    async def record(temporal: object, streamer_config: Any, watcher_config: Any, *_: Any) -> None:
+        seen.append(watcher_config.lag_window_s)
+
+    monkeypatch.setattr(cli_streamer, "_watch", record)
+    monkeypatch.delenv("CHIO_WATCHER_LAG_WINDOW", raising=False)
+    base = ["watch", "--once", "--state-dir", str(tmp_path / "w")]
+    runner = CliRunner()
+    assert runner.invoke(app, base).exit_code == 0
+    assert runner.invoke(app, [*base, "--lag-window-seconds", "120"]).exit_code == 0
+    monkeypatch.setenv("CHIO_WATCHER_LAG_WINDOW", "7.5")
+    assert runner.invoke(app, base).exit_code == 0
+    assert seen == [DEFAULT_LAG_WINDOW_S, 120.0, 7.5]
+    refused = runner.invoke(app, [*base, "--lag-window-seconds", "-1"])
+    assert refused.exit_code == 2
 
 
 def test_worker_takes_the_kafka_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

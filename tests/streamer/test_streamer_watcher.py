@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections import Counter
-from collections.abc import Callable
-from datetime import timedelta
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +166,151 @@ async def test_expected_steps_equals_receipted_attempts_with_retries(
     assert counting.attempts[handle.result_run_id or ""] == 8
     assert event.expected_steps == 8
     assert event.outcome is schemas.Outcome.SUCCESS
+
+
+class _LaggingVisibility:
+    """The real client, except that its visibility listing does not show ``hidden`` runs yet
+    (visibility lag, which the dev server does not have on its own)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self.hidden: set[str] = set()
+        self.namespace = client.namespace
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def list_workflows(self, query: str, **kwargs: Any) -> AsyncIterator[Any]:
+        async for ex in self._client.list_workflows(query, **kwargs):
+            if ex.run_id not in self.hidden:
+                yield ex
+
+
+async def _closed_runs(client: Client, tq: str, prefix: str, n: int) -> list[str]:
+    """``n`` runs closed on the server (started without a worker, then terminated)."""
+    run_ids: list[str] = []
+    for i in range(n):
+        handle = await client.start_workflow("Sleeper", id=f"{prefix}-{i}", task_queue=tq)
+        await handle.terminate("closed for the watcher")
+        assert handle.result_run_id is not None
+        run_ids.append(handle.result_run_id)
+
+    # The dev server has visibility lag of its own (its visibility tasks run after the close):
+    # wait until all are listed, so that only the lag a test adds is in play.
+    async def all_visible() -> bool:
+        found = await client.count_workflows(f'TaskQueue = "{tq}" AND ExecutionStatus != "Running"')
+        return found.count == n
+
+    await eventually(all_visible, timeout=30)
+    return run_ids
+
+
+def _lagging_watcher(
+    client: _LaggingVisibility,
+    sink: schemas.ReceiptSink,
+    tmp_path: Path,
+    tq: str,
+    *,
+    window_s: float,
+    page_size: int = 500,
+) -> streamer.CompletionWatcher:
+    return streamer.CompletionWatcher(
+        client,  # type: ignore[arg-type]
+        sink,
+        streamer.WatcherConfig(
+            checkpoint_path=str(tmp_path / "lagging.json"),
+            start_from=datetime.now(UTC) - timedelta(minutes=5),
+            query_filter=f'TaskQueue = "{tq}"',
+            lag_window_s=window_s,
+            page_size=page_size,
+        ),
+    )
+
+
+async def test_a_run_visible_late_inside_the_window_reaches_kafka_exactly_once(
+    temporal_client: Client, kafka_bootstrap: str, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    tq = unique("tq")
+    cfg = config(kafka_bootstrap, str(tmp_path / "spool"), unique("w") + ".")
+    await streamer.ensure_topics(cfg.kafka, cfg.topics)
+    run_ids = await _closed_runs(temporal_client, tq, unique("lag"), 5)
+    lagging = _LaggingVisibility(temporal_client)
+    lagging.hidden = {run_ids[1]}
+    async with streamer.ReceiptStreamer(cfg) as sink:
+        watcher = _lagging_watcher(lagging, sink, tmp_path, tq, window_s=300, page_size=2)
+        assert await watcher.poll_once() == 4
+        lagging.hidden.clear()
+        assert await watcher.poll_once() == 1
+        assert await watcher.poll_once() == 0
+        restarted = _lagging_watcher(lagging, sink, tmp_path, tq, window_s=300, page_size=2)
+        assert await restarted.poll_once() == 0
+        assert await sink.flush(30)
+    got = await consume(kafka_bootstrap, [cfg.topics.runs], 5, timeout=30)
+    events = [schemas.RunCompletion.from_avro(schemas.decode(r.value).record) for r in got]
+    assert sorted(e.run_id for e in events) == sorted(run_ids)
+
+
+async def test_a_run_visible_after_the_window_is_not_emitted_and_is_counted(
+    temporal_client: Client,
+    unique: Callable[[str], str],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tq = unique("tq")
+    run_ids = await _closed_runs(temporal_client, tq, unique("lost"), 4)
+    lagging = _LaggingVisibility(temporal_client)
+    lagging.hidden = {run_ids[1]}
+    sink = _ListSink()
+    watcher = _lagging_watcher(lagging, sink, tmp_path, tq, window_s=0)
+    assert await watcher.poll_once() == 3
+    lagging.hidden.clear()
+    with caplog.at_level(logging.WARNING, logger="chio_receipts.streamer._watcher"):
+        assert await watcher.poll_once() == 0
+    assert run_ids[1] not in {e.run_id for e in sink.events}
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith("watcher: 1 run(s) that closed between")
+
+
+class _FailingSink(_ListSink):
+    """Refuses the ``fail_at``-th completion once (a sink outage part-way through a poll), and
+    records the size of the watcher's dedup set at every completion."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+        self.watcher: streamer.CompletionWatcher | None = None
+        self.max_seen = 0
+
+    async def publish_completion(self, event: schemas.RunCompletion) -> None:
+        if len(self.events) + 1 == self.fail_at:
+            self.fail_at = 0
+            raise streamer.StreamerClosed("the sink is down")
+        await super().publish_completion(event)
+        cp = self.watcher.checkpoint if self.watcher is not None else None
+        if cp is not None:
+            self.max_seen = max(self.max_seen, len(cp.seen))
+
+
+async def test_a_poll_pages_through_many_runs_with_a_bounded_dedup_set_and_resumes(
+    temporal_client: Client, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    tq = unique("tq")
+    run_ids = await _closed_runs(temporal_client, tq, unique("many"), 120)
+    sink = _FailingSink(fail_at=50)
+    lagging = _LaggingVisibility(temporal_client)
+    watcher = _lagging_watcher(lagging, sink, tmp_path, tq, window_s=0.5, page_size=10)
+    sink.watcher = watcher
+    with pytest.raises(streamer.StreamerClosed):
+        await watcher.poll_once()
+    assert len(sink.events) == 49
+    # A new process, from the checkpoint saved when the sink failed: it resumes at the cursor.
+    restarted = _lagging_watcher(lagging, sink, tmp_path, tq, window_s=0.5, page_size=10)
+    sink.watcher = restarted
+    assert await restarted.poll_once() == 71
+    assert sorted(e.run_id for e in sink.events) == sorted(run_ids)
+    # Bounded by the runs that closed within half a second of each other (twice, while a poll
+    # replaces one window by the next), not by the 120 listed.
+    closes = sorted(e.closed_at for e in sink.events)
+    per_window = max(sum(1 for c in closes if t - 500_000 <= c <= t) for t in closes)
+    assert sink.max_seen <= 2 * per_window + 1
+    assert sink.max_seen < 120

@@ -94,7 +94,7 @@ def watcher_for(
             checkpoint_path=str(tmp_path / "watcher.json"),
             start_from=datetime.now(UTC) - timedelta(minutes=5),
             query_filter=f'TaskQueue = "{task_queue}"',
-            overlap_s=30,
+            lag_window_s=30,
             poll_interval_s=0.2,
         ),
     )

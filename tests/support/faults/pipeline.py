@@ -364,7 +364,7 @@ class Pipeline:
             WatcherConfig(
                 checkpoint_path=str(self.root / "watcher.json"),
                 poll_interval_s=self.options.watcher_poll_s,
-                overlap_s=10.0,
+                lag_window_s=10.0,
                 query_filter=f'TaskQueue = "{self.task_queue}"',
             ),
         )
