@@ -215,7 +215,7 @@ async def pipeline(
                 checkpoint_path=str(root / "watcher.json"),
                 start_from=datetime.now(UTC) - timedelta(minutes=1),
                 query_filter=f'TaskQueue = "{task_queue}"',
-                overlap_s=30,
+                lag_window_s=30,
                 poll_interval_s=0.2,
             ),
         )
