@@ -336,14 +336,17 @@ async def test_f22_soak(make_pipeline: Callable[..., Pipeline]) -> None:
         note=f"RSS MiB {rss}; fds per round {fds}; chDB threads {threads['consumer']}",
     )
     assert out.snap.envelopes
-    # No leak: descriptors level off (the last third of the rounds opens no more than the
-    # middle third did, give or take a few), whatever the warm-up took. chDB keeps three
+    # No leak: the descriptors' floor levels off (the fewest open in the last third of the
+    # rounds is no more than the fewest in the middle third, give or take a few), whatever the
+    # warm-up took. A leak raises the floor round after round; a merge or a flush that holds
+    # part files open for a moment is a spike the next round no longer shows, so the floor,
+    # not the peak, is compared (wider step rows made those spikes taller). chDB keeps three
     # procfs descriptors per engine thread (stat, schedstat, io), released with the thread:
     # those follow its thread pool's size and are reported, not counted as a leak.
     for name, series in fds.items():
         third = max(1, len(series) // 3)
         middle, last = series[third : 2 * third] or series, series[-third:]
-        assert max(last) <= max(middle) + 8, (
+        assert min(last) <= min(middle) + 4, (
             f"{name}: descriptors keep growing {series}: {kinds[name]}"
         )
     assert max(lags[len(lags) // 2 :], default=0) <= max(lags[: len(lags) // 2] or [0]) + 200
