@@ -23,7 +23,13 @@ from typing import Any, Literal
 
 from aiokafka import TopicPartition
 
-from chio_receipts.consumers._builder import ReceiptBuilder, RunState, StepEntry
+from chio_receipts.consumers._builder import (
+    DECLARED_OUTCOME,
+    OUTCOME_SOURCE,
+    ReceiptBuilder,
+    RunState,
+    StepEntry,
+)
 from chio_receipts.consumers._chio import (
     KERNEL_SIGNED,
     SIDECAR_SIGNED,
@@ -418,6 +424,7 @@ class ReceiptBuilderService(AsyncService):
             if env is None:
                 self._builder.hydrate(run, entries)
             else:
+                extra = dict(env.extra)
                 self._builder.hydrate(
                     run,
                     entries,
@@ -425,6 +432,11 @@ class ReceiptBuilderService(AsyncService):
                     written_root=env.chain_root,
                     written_complete=env.complete,
                     completion=completion_from_row(env),
+                    declared=extra.get(DECLARED_OUTCOME, ""),
+                    # Rows older than ``outcome_source`` are compared by steps only.
+                    written_meta=(env.outcome, tuple(sorted(env.extra)))
+                    if OUTCOME_SOURCE in extra
+                    else None,
                 )
 
     async def _insert_steps(self, batch: Batch, parts: Mapping[TopicPartition, _Rows]) -> None:
