@@ -294,6 +294,13 @@ class ReceiptBuilder:
         self._clear_pending(run)
         run.last_touch_us = now_us
 
+    def refused(self, run: RunState, now_us: int) -> None:
+        """Storage refused ``envelope`` for good (it was dead-lettered): nothing is marked
+        written, the completion no longer holds its offset; the next event of the run makes
+        the same revision due again."""
+        self._clear_pending(run)
+        run.last_touch_us = now_us
+
     def requeue(self, run: RunState) -> None:
         """Make ``run`` due again (its write failed and will be retried)."""
         self._due.add(run.key)
