@@ -3,13 +3,26 @@ default): refused envelope rows and mis-keyed messages are dead-lettered with th
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+import chio_receipts.streamer as streamer
 from chio_receipts.consumers import parse_dead_letter_headers
 from chio_receipts.consumers._failpoints import reset_failpoints
-from chio_receipts.schemas import DEAD_LETTER_EVENT_TYPE, ENVELOPE_EVENT_TYPE, decode
+from chio_receipts.consumers.siem import ExporterConfig, SiemExporter, parse_output
+from chio_receipts.schemas import (
+    DEAD_LETTER_EVENT_TYPE,
+    ENVELOPE_EVENT_TYPE,
+    WORKER_ENVELOPE_EVENT_TYPE,
+    KafkaConnection,
+    decode,
+    envelope_event_id,
+)
 from tests.consumers.test_builder_kafka import WORKER, Running, _config
 from tests.support.consumer_factory import completion, completion_value, signed_run
 from tests.support.helpers import eventually
@@ -102,3 +115,87 @@ async def test_a_message_keyed_by_another_run_is_dead_lettered_as_a_key_mismatch
     origins = sorted((d["topic"], d["offset"]) for d in dlq)
     assert origins == sorted([(topics.steps, "1"), (topics.steps, "2"), (topics.runs, "0")])
     assert all(d["detail"].startswith("KeyMismatch") for d in dlq)
+
+
+def _worker_flush(workflow_id: str) -> dict[str, Any]:
+    """A worker's own ``flush_workflow_receipt`` envelope (metadata as the interceptor's)."""
+    return {
+        "version": "chio-temporal/v1",
+        "workflow_id": workflow_id,
+        "run_id": "r1",
+        "parent_workflow_ids": [],
+        "started_at": 1,
+        "completed_at": 2,
+        "outcome": "success",
+        "step_count": 0,
+        "allow_count": 0,
+        "deny_count": 0,
+        "steps": [],
+        "metadata": {"namespace": "default", "revision": "1", "source": "worker"},
+    }
+
+
+async def test_the_siem_exporter_exports_builder_envelopes_and_skips_worker_flushes(
+    kafka_bootstrap: str, clickhouse_dsn: str, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    topics = await make_topics(kafka_bootstrap, unique, partitions=1)
+    wf = unique("wf-flushed")
+    key = f"default/{wf}/r1".encode()
+    await produce(
+        kafka_bootstrap, topics.steps, [(key, w, None) for _, w in signed_run(WORKER, wf, "r1", 2)]
+    )
+    done = completion_value(completion(wf, "r1", expected=2))
+    await produce(kafka_bootstrap, topics.runs, [(key, done, None)])
+    # The worker's flush of the same run, as the streamer publishes it (its own type and id) ...
+    flushed = streamer.envelope_record(_worker_flush(wf), topic=topics.envelopes, source="urn:w")
+    # ... and one from a streamer older than the type (the builder's type, source "worker").
+    legacy = streamer.envelope_record(_worker_flush(wf), topic=topics.envelopes, source="urn:w")
+    legacy_headers = [
+        (k, ENVELOPE_EVENT_TYPE.encode() if k == "ce_type" else v) for k, v in legacy.headers
+    ]
+    await produce(
+        kafka_bootstrap,
+        topics.envelopes,
+        [
+            (flushed.key, flushed.value, list(flushed.headers)),
+            (legacy.key, legacy.value, legacy_headers),
+        ],
+    )
+    assert dict(flushed.headers)["ce_type"] == WORKER_ENVELOPE_EVENT_TYPE.encode()
+    assert dict(flushed.headers)["ce_id"] != envelope_event_id(wf, "r1", 1).encode()
+    async with Running(_config(kafka_bootstrap, clickhouse_dsn, topics)) as running:
+
+        async def built() -> bool:
+            running.check()
+            return await running.scalar("SELECT count() FROM workflow_receipts") == 1
+
+        await eventually(built, timeout=30)
+    out = tmp_path / "ocsf.jsonl"
+    config = ExporterConfig(
+        kafka=KafkaConnection(bootstrap_servers=kafka_bootstrap),
+        output=parse_output(f"jsonl:{out}"),
+        group_id=unique("g"),
+        topics=topics,
+        export_envelopes=True,
+    )
+    stop = asyncio.Event()
+    async with SiemExporter(config) as exporter:
+        task = asyncio.create_task(exporter.run(stop))
+        try:
+
+            async def drained() -> bool:
+                if task.done():
+                    task.result()
+                lines = out.read_text().count("\n") if out.exists() else 0
+                return lines >= 3 and await exporter.lag() == 0
+
+            await eventually(drained, timeout=30)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+    events = [json.loads(line) for line in out.read_text().splitlines()]
+    envelopes = [e for e in events if e["metadata"]["log_name"] == "chio.receipts.envelopes"]
+    assert len(envelopes) == 1  # the builder's; neither worker flush
+    assert len(events) == 3  # and the two steps
+    # Skipped, not refused: nothing dead-lettered.
+    assert await read_all(kafka_bootstrap, topics.dlq, 1, timeout=3) == []
