@@ -273,14 +273,12 @@ class ReceiptBuilderService(AsyncService):
             event = self._completion(batch, message)
             if event is not None and _keyed_by_run(batch, message, event.run_key):
                 completions.append((message, event))
-        steps = await self._verified(
-            batch,
-            [
-                m
-                for m in batch.messages(topics.steps)
-                if _keyed_by_run(batch, m, "/".join(_run_id(m.plain)))
-            ],
-        )
+        # A step is checked for its signatures first (a more specific reason), then its key.
+        steps = [
+            m
+            for m in await self._verified(batch, list(batch.messages(topics.steps)))
+            if _keyed_by_run(batch, m, "/".join(_run_id(m.plain)))
+        ]
         touched: dict[_RunId, int] = {_run_id(m.plain): m.tp.partition for m in steps}
         touched.update(
             {(e.namespace, e.workflow_id, e.run_id): m.tp.partition for m, e in completions}
