@@ -5,8 +5,20 @@ copy is ignored) as compact ``StepEntry`` objects holding the step's current-sch
 hash of its wire body. The envelope is due when the completion has arrived and every expected
 step is there, or, once the grace deadline has passed, marked incomplete with the missing count.
 After a run was written, a new step makes it due again as revision + 1; a duplicate completion is
-ignored. Written runs are evicted after ``evict_after_us`` of quiet; the I/O layer re-hydrates a
-run it does not hold from storage (its steps and last revision) before feeding it new events, so
+ignored.
+
+Temporal is the authority on the run: the outcome, start and close times and the expected attempt
+count come from the completion watcher's event (``CompletionSource.WATCHER``; a completion of
+unknown source, from producers older than the field, is taken as Temporal's too). A worker's
+``finalize_workflow`` event (``CompletionSource.FINALIZE``) only declares an outcome: it is kept
+as ``metadata["declared_outcome"]`` and never overrides Temporal's. A run that only has a declared
+completion waits up to the grace deadline for the watcher's; then a provisional envelope is
+written (outcome ``unknown``, no close time, ``complete`` false,
+``metadata["outcome_source"] = "finalize"``), and the watcher's completion, when it arrives,
+supersedes it with a new revision.
+
+Written runs are evicted after ``evict_after_us`` of quiet; the I/O layer re-hydrates a run it
+does not hold from storage (its steps and last revision) before feeding it new events, so
 eviction never produces a second envelope or a duplicate step.
 """
 
@@ -15,9 +27,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from chio_receipts.consumers._envelope import Envelope
-from chio_receipts.schemas import RunCompletion, chain_root
+from chio_receipts.schemas import CompletionSource, Outcome, RunCompletion, chain_root
 
-__all__ = ["ReceiptBuilder", "RunState", "StepEntry"]
+__all__ = ["DECLARED_OUTCOME", "OUTCOME_SOURCE", "ReceiptBuilder", "RunState", "StepEntry"]
+
+DECLARED_OUTCOME = "declared_outcome"
+"""Envelope metadata key: the outcome a worker declared with ``finalize_workflow`` (lowercase)."""
+OUTCOME_SOURCE = "outcome_source"
+"""Envelope metadata key: who the envelope's outcome comes from, the completion's source in
+lowercase (``watcher``: Temporal; ``finalize``: only a worker's declaration, provisional)."""
+
+
+def authoritative(event: RunCompletion | None) -> bool:
+    """True when ``event`` speaks for Temporal (anything but a worker's declaration)."""
+    return event is not None and event.source is not CompletionSource.FINALIZE
 
 
 class StepEntry:
@@ -39,6 +62,7 @@ class RunState:
         "completion",
         "completion_offset",
         "deadline_us",
+        "declared",
         "hydrated",
         "key",
         "last_touch_us",
@@ -50,6 +74,7 @@ class RunState:
         "workflow_id",
         "workflow_type",
         "written_complete",
+        "written_meta",
         "written_root",
     )
 
@@ -64,11 +89,14 @@ class RunState:
         self.partition = partition
         self.steps: dict[str, StepEntry] = {}
         self.completion: RunCompletion | None = None
+        self.declared = ""
         self.completion_offset = -1
         self.deadline_us = 0
         self.revision = 0
         self.written_root = b""
         self.written_complete = False
+        # (outcome, sorted extra) of the written revision; None when unknown (not compared)
+        self.written_meta: tuple[str, tuple[tuple[str, str], ...]] | None = None
         self.hydrated = False
         self.last_touch_us = 0
 
@@ -119,18 +147,26 @@ class ReceiptBuilder:
         written_root: bytes = b"",
         written_complete: bool = False,
         completion: RunCompletion | None = None,
+        declared: str = "",
+        written_meta: tuple[str, tuple[tuple[str, str], ...]] | None = None,
     ) -> None:
         """Merge what storage already holds for ``run``: its steps and, when an envelope was
-        written, its last revision and the completion facts it was built from."""
+        written, its last revision, the completion facts it was built from, the declared
+        outcome it carried and its (outcome, extra) to recognize a rewrite of the same facts."""
         for entry in steps:
             run.steps.setdefault(entry.receipt_id, entry)
         if revision > run.revision:
             run.revision = revision
             run.written_root = written_root
             run.written_complete = written_complete
-            if run.completion is None and completion is not None:
+            run.written_meta = written_meta
+            if completion is not None and (
+                run.completion is None
+                or (authoritative(completion) and not authoritative(run.completion))
+            ):
                 run.completion = completion
                 run.workflow_type = completion.workflow_type or run.workflow_type
+            run.declared = run.declared or declared
         run.hydrated = True
 
     def add_step(self, run: RunState, entry: StepEntry, now_us: int) -> bool:
@@ -144,25 +180,43 @@ class ReceiptBuilder:
         return True
 
     def add_completion(self, run: RunState, event: RunCompletion, offset: int, now_us: int) -> bool:
-        """Add the completion event; False for a duplicate (the first one wins)."""
+        """Add a completion event; False when it changes nothing (a duplicate).
+
+        Temporal's completion (the watcher's) replaces a worker's declared one and is kept
+        once; a declared completion only records its outcome (the first declaration wins) and
+        stands in for Temporal's until it arrives. A completion that changes the run makes it
+        due (a new revision when one was written) and holds its offset until that is written."""
         run.last_touch_us = now_us
-        if run.completion is not None:
-            return False
-        run.completion = event
+        current = run.completion
+        if authoritative(event):
+            if authoritative(current):
+                return False
+            run.completion = event
+            # Wait for the steps Temporal announced (as for a first completion).
+            run.deadline_us = now_us + self._grace_us
+        else:
+            declared = event.outcome.value.lower()
+            if run.declared:
+                return False
+            run.declared = declared
+            if current is None:
+                run.completion = event
+                # Wait for Temporal's completion before writing a provisional envelope.
+                run.deadline_us = now_us + self._grace_us
         run.workflow_type = event.workflow_type or run.workflow_type
-        if run.revision == 0:
+        if run.completion_offset < 0:
             run.completion_offset = offset
             self._pending.setdefault(run.partition, {})[run.key] = offset
-            run.deadline_us = now_us + self._grace_us
-            self._due.add(run.key)
+        self._due.add(run.key)
         return True
 
     @staticmethod
     def missing(run: RunState) -> int:
         """Steps the completion announced that have not arrived (0 when unknown)."""
-        if run.completion is None or run.completion.expected_steps is None:
+        done = run.completion
+        if done is None or not authoritative(done) or done.expected_steps is None:
             return 0
-        return max(0, run.completion.expected_steps - len(run.steps))
+        return max(0, done.expected_steps - len(run.steps))
 
     def due(self, now_us: int) -> Iterator[tuple[RunState, Envelope]]:
         """Envelopes to write now (unsigned, revision already incremented in the envelope)."""
@@ -172,7 +226,8 @@ class ReceiptBuilder:
                 self._due.discard(key)
                 continue
             missing = self.missing(run)
-            if missing and now_us < run.deadline_us and run.revision == 0:
+            waiting = missing or not authoritative(run.completion)
+            if waiting and now_us < run.deadline_us:
                 continue
             self._due.discard(key)
             envelope = self.envelope(run, missing)
@@ -180,6 +235,10 @@ class ReceiptBuilder:
                 run.revision > 0
                 and envelope.chain_root == run.written_root
                 and envelope.complete == run.written_complete
+                and (
+                    run.written_meta is None
+                    or run.written_meta == (envelope.outcome, tuple(sorted(envelope.extra)))
+                )
             ):
                 # Already written with these steps (e.g. replay after a crash).
                 self._clear_pending(run)
@@ -201,6 +260,10 @@ class ReceiptBuilder:
             value = getattr(done, name)
             if value:
                 extra.append((name, value))
+        temporal = authoritative(done)
+        if run.declared:
+            extra.append((DECLARED_OUTCOME, run.declared))
+        extra.append((OUTCOME_SOURCE, done.source.value.lower()))
         return Envelope(
             namespace=run.namespace,
             workflow_id=run.workflow_id,
@@ -208,12 +271,12 @@ class ReceiptBuilder:
             workflow_type=run.workflow_type or done.workflow_type,
             parent_workflow_ids=done.parent_workflow_ids,
             started_at=done.started_at,
-            completed_at=done.closed_at,
-            outcome=done.outcome.value.lower(),
+            completed_at=done.closed_at if temporal else None,
+            outcome=(done.outcome if temporal else Outcome.UNKNOWN).value.lower(),
             revision=run.revision + 1,
-            complete=missing == 0,
+            complete=temporal and missing == 0,
             missing_steps=missing,
-            expected_steps=done.expected_steps,
+            expected_steps=done.expected_steps if temporal else None,
             allow_count=allow,
             deny_count=deny,
             receipt_ids=tuple(e.receipt_id for e in ordered),
@@ -227,6 +290,14 @@ class ReceiptBuilder:
         run.revision = envelope.revision
         run.written_root = envelope.chain_root
         run.written_complete = envelope.complete
+        run.written_meta = (envelope.outcome, tuple(sorted(envelope.extra)))
+        self._clear_pending(run)
+        run.last_touch_us = now_us
+
+    def refused(self, run: RunState, now_us: int) -> None:
+        """Storage refused ``envelope`` for good (it was dead-lettered): nothing is marked
+        written, the completion no longer holds its offset; the next event of the run makes
+        the same revision due again."""
         self._clear_pending(run)
         run.last_touch_us = now_us
 

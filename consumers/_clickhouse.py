@@ -377,6 +377,10 @@ class ClickHouseSink(AsyncService):
             failpoint("clickhouse.insert")
         except FailpointError as exc:  # an injected write failure is an operational one
             raise SinkUnavailable(f"insert into {table}: {exc}") from exc
+        try:
+            failpoint(f"clickhouse.refuse.{table}")
+        except FailpointError as exc:  # an injected refusal of the rows (a data error)
+            raise SinkDataError(f"insert into {table}: {exc}") from exc
         columns = STEP_COLUMNS if table == "step_receipts" else ENVELOPE_COLUMNS
         self._call(
             lambda: self._client.insert(

@@ -23,7 +23,13 @@ from typing import Any, Literal
 
 from aiokafka import TopicPartition
 
-from chio_receipts.consumers._builder import ReceiptBuilder, RunState, StepEntry
+from chio_receipts.consumers._builder import (
+    DECLARED_OUTCOME,
+    OUTCOME_SOURCE,
+    ReceiptBuilder,
+    RunState,
+    StepEntry,
+)
 from chio_receipts.consumers._chio import (
     KERNEL_SIGNED,
     SIDECAR_SIGNED,
@@ -265,9 +271,14 @@ class ReceiptBuilderService(AsyncService):
         completions: list[tuple[Message, RunCompletion]] = []
         for message in batch.messages(topics.runs):
             event = self._completion(batch, message)
-            if event is not None:
+            if event is not None and _keyed_by_run(batch, message, event.run_key):
                 completions.append((message, event))
-        steps = await self._verified(batch, list(batch.messages(topics.steps)))
+        # A step is checked for its signatures first (a more specific reason), then its key.
+        steps = [
+            m
+            for m in await self._verified(batch, list(batch.messages(topics.steps)))
+            if _keyed_by_run(batch, m, "/".join(_run_id(m.plain)))
+        ]
         touched: dict[_RunId, int] = {_run_id(m.plain): m.tp.partition for m in steps}
         touched.update(
             {(e.namespace, e.workflow_id, e.run_id): m.tp.partition for m, e in completions}
@@ -285,7 +296,7 @@ class ReceiptBuilderService(AsyncService):
             )
             self._builder.add_completion(run, event, message.record.offset, now)
         await self._insert_steps(batch, step_rows)
-        wrote_envelopes = await self._write_due(now)
+        wrote_envelopes = await self._write_due(batch, now)
         for tp, part in batch.parts.items():
             if tp.topic == topics.runs:
                 self._runs_next[tp.partition] = part.last + 1
@@ -418,6 +429,7 @@ class ReceiptBuilderService(AsyncService):
             if env is None:
                 self._builder.hydrate(run, entries)
             else:
+                extra = dict(env.extra)
                 self._builder.hydrate(
                     run,
                     entries,
@@ -425,6 +437,11 @@ class ReceiptBuilderService(AsyncService):
                     written_root=env.chain_root,
                     written_complete=env.complete,
                     completion=completion_from_row(env),
+                    declared=extra.get(DECLARED_OUTCOME, ""),
+                    # Rows older than ``outcome_source`` are compared by steps only.
+                    written_meta=(env.outcome, tuple(sorted(env.extra)))
+                    if OUTCOME_SOURCE in extra
+                    else None,
                 )
 
     async def _insert_steps(self, batch: Batch, parts: Mapping[TopicPartition, _Rows]) -> None:
@@ -468,7 +485,7 @@ class ReceiptBuilderService(AsyncService):
             subject=run.key,
         )
 
-    async def _write_due(self, now: int) -> bool:
+    async def _write_due(self, batch: Batch, now: int) -> bool:
         due: list[tuple[RunState, Envelope]] = [
             (run, envelope.signed_by(self._config.builder_key))
             for run, envelope in self._builder.due(now)
@@ -489,28 +506,60 @@ class ReceiptBuilderService(AsyncService):
                 for run, envelope in due
             ]
             await self._runner.produced(asyncio.gather(*futures))
-        rows = [envelope_row(envelope) for _, envelope in due]
         ident = "\n".join(f"{r.key}@{e.revision}:{e.chain_root.hex()}" for r, e in due)
         token = "envelopes:" + hashlib.sha256(ident.encode()).hexdigest()
+        refused: dict[int, SinkDataError] = {}
+        await self._insert_envelopes(due, list(range(len(due))), token, refused)
+        self.metrics.written.labels("workflow_receipts").inc(len(due) - len(refused))
+        failpoint("consumer.after_envelope_insert")
+        for i, (run, envelope) in enumerate(due):
+            exc = refused.get(i)
+            if exc is None:
+                self._builder.mark_written(run, envelope, now)
+            else:
+                # Never marked written: dead-lettered with the reason instead.
+                batch.dead.append(self._dead_envelope(run, envelope, exc))
+                self._builder.refused(run, now)
+        return True
+
+    async def _insert_envelopes(
+        self,
+        due: Sequence[tuple[RunState, Envelope]],
+        indices: list[int],
+        token: str,
+        refused: dict[int, SinkDataError],
+    ) -> None:
+        """Insert the envelope rows of ``due[i]`` for ``i`` in ``indices``; the rows ClickHouse
+        refuses are isolated by bisection (halves get derived, deterministic tokens) and
+        recorded in ``refused``."""
+        rows = [envelope_row(due[i][1]) for i in indices]
         try:
             await self._retry(lambda: self.sink.insert_envelopes(rows, token))
-        except SinkDataError:
-            _log.exception("envelope rows refused by ClickHouse; inserting one by one")
-            for (run, envelope), row in zip(due, rows, strict=True):
-                try:
-                    await self._retry(
-                        lambda row=row, e=envelope: self.sink.insert_envelopes(
-                            [row], f"{token}:{e.workflow_id}/{e.run_id}@{e.revision}"
-                        )
-                    )
-                except SinkDataError:
-                    _log.exception("envelope %s revision %s refused", run.key, envelope.revision)
-                    self.metrics.dead_letters.labels(Reason.CLICKHOUSE_DATA).inc()
-        self.metrics.written.labels("workflow_receipts").inc(len(rows))
-        failpoint("consumer.after_envelope_insert")
-        for run, envelope in due:
-            self._builder.mark_written(run, envelope, now)
-        return True
+        except SinkDataError as exc:
+            if len(indices) == 1:
+                run, envelope = due[indices[0]]
+                _log.error("envelope %s revision %s refused: %s", run.key, envelope.revision, exc)
+                refused[indices[0]] = exc
+                return
+            mid = len(indices) // 2
+            await self._insert_envelopes(due, indices[:mid], f"{token}/a", refused)
+            await self._insert_envelopes(due, indices[mid:], f"{token}/b", refused)
+
+    def _dead_envelope(self, run: RunState, envelope: Envelope, exc: SinkDataError) -> DeadLetter:
+        """The dead letter of an envelope revision ClickHouse refused: the framed envelope, its
+        CloudEvents headers kept as the original's, an id naming the run and revision."""
+        event_id = envelope_event_id(envelope.workflow_id, envelope.run_id, envelope.revision)
+        return DeadLetter.of(
+            topic=self._config.topics.envelopes,
+            partition=run.partition,
+            offset=-1,
+            key=run.key.encode(),
+            value=envelope.framed(),
+            headers=self._envelope_headers(run, envelope),
+            error=exc,
+            reason=Reason.CLICKHOUSE_DATA,
+            id=f"workflow_receipts/{event_id}",
+        )
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
@@ -547,6 +596,17 @@ def _dead_row(tp: TopicPartition, row: StepRow, exc: Exception) -> DeadLetter:
         error=exc,
         reason=Reason.CLICKHOUSE_DATA,
     )
+
+
+def _keyed_by_run(batch: Batch, message: Message, key: str) -> bool:
+    """True when ``message``'s Kafka key is its run key; otherwise it is dead-lettered as a key
+    mismatch (it may sit on another partition than the rest of its run)."""
+    got = message.record.key
+    if got is not None and bytes(got) == key.encode():
+        return True
+    shown = "none" if got is None else repr(bytes(got).decode("utf-8", "replace")[:200])
+    batch.dead_letter(message, f"KeyMismatch: key {shown}, run key {key!r}", Reason.KEY_MISMATCH)
+    return False
 
 
 def _run_id(plain: Plain) -> _RunId:

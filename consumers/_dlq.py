@@ -2,9 +2,11 @@
 and why they were refused.
 
 A dead letter is a CloudEvent of its own (binary mode, type ``DEAD_LETTER_EVENT_TYPE``, id
-``topic/partition/offset`` of the refused message, subject its key, content type the original's
-or ``application/octet-stream``). The original message's other headers are kept as they were;
-its own CloudEvents headers are replaced, their values kept as ``chio.dlq.original.<header>``.
+``topic/partition/offset`` of the refused message, or for an envelope row ClickHouse refused,
+which was never consumed, ``workflow_receipts/workflow_id/run_id/revision``; subject its key,
+content type the original's or ``application/octet-stream``). The original message's other
+headers are kept as they were; its own CloudEvents headers are replaced, their values kept as
+``chio.dlq.original.<header>``.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ class Reason:
     INVALID_RECORD = "invalid_record"
     CLICKHOUSE_DATA = "clickhouse_data"
     OUTPUT_REJECTED = "output_rejected"
+    KEY_MISMATCH = "key_mismatch"
+    """The message's Kafka key is not its run key (``namespace/workflow_id/run_id``): it may
+    sit on another partition than the rest of its run, so it is not folded into any run."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,12 +83,15 @@ class DeadLetter:
     error_class: str
     reason: str
     detail: str
+    id: str = ""
+    """The CloudEvents id when the refused thing is not a consumed message (an envelope row the
+    builder made): derived from what it is, so a replay gives the same id."""
 
     @property
     def event_id(self) -> str:
         """The dead letter's CloudEvents id: where the refused message was (the same on a
-        re-send, so a subscriber can drop duplicates)."""
-        return f"{self.topic}/{self.partition}/{self.offset}"
+        re-send, so a subscriber can drop duplicates), or the stable ``id`` it was given."""
+        return self.id or f"{self.topic}/{self.partition}/{self.offset}"
 
     def kafka_headers(self, *, source: str = DEAD_LETTER_SOURCE) -> list[tuple[str, bytes]]:
         """The original's non-CloudEvents headers, the dead letter's CloudEvents headers, then
@@ -129,6 +137,7 @@ class DeadLetter:
         headers: Sequence[tuple[str, bytes]] | None,
         error: BaseException | str,
         reason: str,
+        id: str = "",
     ) -> DeadLetter:
         """Build from a consumed message and the error (an exception or a class name)."""
         if isinstance(error, BaseException):
@@ -145,6 +154,7 @@ class DeadLetter:
             error_class=error_class,
             reason=reason,
             detail=detail,
+            id=id,
         )
 
 

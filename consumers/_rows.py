@@ -259,6 +259,9 @@ def envelope_from_row(row: EnvelopeRow, steps: Sequence[bytes]) -> Envelope:
     return Envelope(**values, steps=tuple(steps))
 
 
+_SOURCES = {s.value.lower(): s for s in CompletionSource}
+
+
 def completion_from_row(row: EnvelopeRow) -> RunCompletion:
     """The completion facts an envelope row was built from (to revise it later)."""
     extra = dict(row.extra)
@@ -278,5 +281,7 @@ def completion_from_row(row: EnvelopeRow) -> RunCompletion:
         continued_from_run_id=extra.get("continued_from_run_id"),
         continued_as_new_run_id=extra.get("continued_as_new_run_id"),
         expected_steps=row.expected_steps,
-        source=CompletionSource.UNKNOWN,
+        # The source named by the builder's ``outcome_source`` metadata (a provisional envelope
+        # was built from a worker's declaration only); unknown for rows older than the key.
+        source=_SOURCES.get(extra.get("outcome_source", ""), CompletionSource.UNKNOWN),
     )

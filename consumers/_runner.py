@@ -137,6 +137,8 @@ class Batch:
     stop: asyncio.Event
     size: int = 0
     """Messages polled (decoded or not)."""
+    dead: list[DeadLetter] = field(default_factory=list)
+    """Dead letters of things the handler made (not consumed messages): refused envelope rows."""
 
     def messages(self, topic: str | None = None) -> Iterator[Message]:
         """The decoded messages (of ``topic``), partition by partition, in offset order."""
@@ -150,7 +152,7 @@ class Batch:
 
     def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter of the batch."""
-        return [d for part in self.parts.values() for d in part.dead]
+        return [d for part in self.parts.values() for d in part.dead] + self.dead
 
     def next_offsets(self) -> dict[TopicPartition, int]:
         """The offsets that commit the whole batch."""

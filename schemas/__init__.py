@@ -75,12 +75,14 @@ from chio_receipts.schemas._contract import (
     RUNS_TOPIC,
     STEP_EVENT_TYPE,
     STEPS_TOPIC,
+    WORKER_ENVELOPE_EVENT_TYPE,
     X_CHIO_RECEIPT,
     X_CHIO_VERDICT,
     TopicNames,
     check_copartitioned,
     cloudevent_headers,
     envelope_event_id,
+    worker_envelope_event_id,
 )
 from chio_receipts.schemas._errors import (
     ChioReceiptsError,
@@ -159,6 +161,7 @@ __all__ = [
     "STEPS_TOPIC",
     "STEP_EVENT_TYPE",
     "STEP_SCHEMA",
+    "WORKER_ENVELOPE_EVENT_TYPE",
     "X_CHIO_RECEIPT",
     "X_CHIO_VERDICT",
     "AsyncCloseable",
@@ -254,4 +257,5 @@ __all__ = [
     "verify_capability_token",
     "verify_kernel_receipt",
     "verify_receipt",
+    "worker_envelope_event_id",
 ]

@@ -30,12 +30,14 @@ __all__ = [
     "STEPS_TOPIC",
     "STEP_EVENT_TYPE",
     "STEP_SCHEMA",
+    "WORKER_ENVELOPE_EVENT_TYPE",
     "X_CHIO_RECEIPT",
     "X_CHIO_VERDICT",
     "TopicNames",
     "check_copartitioned",
     "cloudevent_headers",
     "envelope_event_id",
+    "worker_envelope_event_id",
 ]
 
 # Topics (default names; a deployment may prefix them).
@@ -53,6 +55,11 @@ ENVELOPE_SCHEMA = "dev.chio.receipts.v1.WorkflowReceipt"
 STEP_EVENT_TYPE = "dev.chio.receipts.step.v1"
 RUN_COMPLETION_EVENT_TYPE = "dev.chio.receipts.run_completion.v1"
 ENVELOPE_EVENT_TYPE = "dev.chio.receipts.workflow_receipt.v1"
+"""A builder's envelope revision: signed by the builder, built from what storage holds."""
+WORKER_ENVELOPE_EVENT_TYPE = "dev.chio.receipts.worker_envelope.v1"
+"""A worker's own flush (``flush_workflow_receipt``): the worker's view of the run, not signed by
+the builder and not checked against storage. Consumers of the envelopes topic tell the two apart
+by this type (and by ``metadata["source"] == "worker"`` for flushes older than the type)."""
 DEAD_LETTER_EVENT_TYPE = "dev.chio.receipts.dead_letter.v1"
 CONTENT_TYPE = b"application/avro"
 DEAD_LETTER_CONTENT_TYPE = b"application/octet-stream"
@@ -109,6 +116,14 @@ def cloudevent_headers(
 def envelope_event_id(workflow_id: str, run_id: str, revision: int | str) -> str:
     """The CloudEvents id of an envelope revision: ``workflow_id/run_id/revision``."""
     return f"{workflow_id}/{run_id}/{revision}"
+
+
+def worker_envelope_event_id(workflow_id: str, run_id: str, chain_root_hex: str) -> str:
+    """The CloudEvents id of a worker's flush: ``workflow_id/run_id/worker-<chain root>``.
+
+    A builder's id ends in a decimal revision, this one in ``worker-``: the two never collide;
+    a re-flush of the same steps gets the same id."""
+    return f"{workflow_id}/{run_id}/worker-{chain_root_hex}"
 
 
 def check_copartitioned(partition_counts: Mapping[str, int], steps: str, runs: str) -> int:

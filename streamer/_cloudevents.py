@@ -9,6 +9,7 @@ package's names for the contract's event types.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,11 +32,13 @@ __all__ = [
     "headers",
     "single_object",
     "step_record",
+    "worker_envelope_id",
 ]
 
 STEP_TYPE = schemas.STEP_EVENT_TYPE
 COMPLETION_TYPE = schemas.RUN_COMPLETION_EVENT_TYPE
 ENVELOPE_TYPE = schemas.ENVELOPE_EVENT_TYPE
+WORKER_ENVELOPE_TYPE = schemas.WORKER_ENVELOPE_EVENT_TYPE
 CONTENT_TYPE = schemas.CONTENT_TYPE
 STEP_SCHEMA = schemas.STEP_SCHEMA
 RUN_COMPLETION_SCHEMA = schemas.RUN_COMPLETION_SCHEMA
@@ -125,19 +128,39 @@ def envelope_id(envelope: Mapping[str, Any]) -> str:
     )
 
 
+def worker_envelope_id(envelope: Mapping[str, Any], body: bytes) -> str:
+    """The event id of a worker's flush: ``workflow_id/run_id/worker-<chain root>`` (the hash
+    of the body when the envelope names no chain root); never a builder revision's id."""
+    root = str(dict(envelope.get("metadata") or {}).get("chain_root") or "")
+    return schemas.worker_envelope_event_id(
+        str(envelope["workflow_id"]), str(envelope["run_id"]), root or _sha256_hex(body)
+    )
+
+
 def envelope_record(
     envelope: Mapping[str, Any], *, topic: str, source: str, framer: Framer = single_object
 ) -> SpoolRecord:
-    """The Kafka record of a ``chio-temporal/v1`` envelope, keyed by its run key."""
+    """The Kafka record of a worker's ``chio-temporal/v1`` envelope (its own flush), keyed by
+    its run key. It shares the envelopes topic with the builder's revisions but never looks
+    like one: type ``WORKER_ENVELOPE_TYPE``, an id of its own (:func:`worker_envelope_id`)."""
     metadata = dict(envelope.get("metadata") or {})
     key = schemas.run_key(
         str(metadata.get("namespace", "")), str(envelope["workflow_id"]), str(envelope["run_id"])
     )
+    body = _body(ENVELOPE_SCHEMA, dict(envelope))
     return SpoolRecord(
         topic=topic,
         key=key.encode(),
-        value=framer(ENVELOPE_SCHEMA, _body(ENVELOPE_SCHEMA, dict(envelope)), topic),
+        value=framer(ENVELOPE_SCHEMA, body, topic),
         headers=headers(
-            event_id=envelope_id(envelope), event_type=ENVELOPE_TYPE, source=source, subject=key
+            event_id=worker_envelope_id(envelope, body),
+            event_type=WORKER_ENVELOPE_TYPE,
+            source=source,
+            subject=key,
         ),
     )
+
+
+def _sha256_hex(body: bytes) -> str:
+    """Hex SHA-256 of ``body``."""
+    return hashlib.sha256(body).hexdigest()

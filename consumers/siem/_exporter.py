@@ -15,6 +15,11 @@ Every step's Chio kernel receipt, and that of every step embedded in an envelope
 the steps topic's data errors. An envelope that embeds such a step is dead-lettered here (no one
 else checks the envelopes topic). The exporter does not check the sidecar's Avro signatures (the
 builder does); events never carry the receipt's parameters.
+
+Only the builder's envelopes are exported. A worker's own flush (``flush_workflow_receipt``
+through the streamer) shares the envelopes topic but is the worker's unattested view of the run
+(type ``WORKER_ENVELOPE_EVENT_TYPE``, or ``metadata["source"] == "worker"`` when older): it is
+skipped, neither exported nor dead-lettered, and committed with the batch.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from chio_receipts.consumers.siem._ocsf import envelope_to_ocsf, step_to_ocsf
 from chio_receipts.consumers.siem._output import Output
 from chio_receipts.consumers.siem._spec import OutputSpec, make_output
 from chio_receipts.schemas import (
+    WORKER_ENVELOPE_EVENT_TYPE,
     AsyncService,
     KafkaConnection,
     RetryPolicy,
@@ -92,6 +98,19 @@ def _refusal(plain: Plain, trusted: frozenset[str]) -> ChioRefusal | None:
                 receipt = step.get("receipt_id")
                 return replace(refusal, detail=f"embedded step {receipt}: {refusal.detail}")
     return None
+
+
+def _worker_flush(message: Message) -> bool:
+    """True for a worker's own envelope flush on the envelopes topic (type
+    ``WORKER_ENVELOPE_EVENT_TYPE``, or ``metadata["source"] == "worker"`` for flushes older than
+    the type): not a builder envelope, so never exported as one."""
+    if message.plain.schema_name != ENVELOPE_SCHEMA:
+        return False
+    ce_type = next((bytes(v) for k, v in message.record.headers or () if k == "ce_type"), b"")
+    if ce_type == WORKER_ENVELOPE_EVENT_TYPE.encode():
+        return True
+    metadata = message.plain.record.get("metadata") or {}
+    return bool(metadata.get("source") == "worker")
 
 
 def _to_ocsf(plain: Plain) -> dict[str, Any] | None:
@@ -197,8 +216,9 @@ class SiemExporter(AsyncService):
         """Write the batch's kept events; a refused batch is dead-lettered."""
         events: list[dict[str, Any]] = []
         sources: list[Message] = []
-        refusals = await self._checked(list(batch.messages()))
-        for message in batch.messages():
+        messages = [m for m in batch.messages() if not _worker_flush(m)]
+        refusals = await self._checked(messages)
+        for message in messages:
             refusal = refusals.get(id(message))
             if refusal is not None:
                 self._refuse(batch, message, refusal)

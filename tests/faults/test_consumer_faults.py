@@ -271,3 +271,44 @@ async def test_f20_duplicate_and_early_completions(make_pipeline: Callable[..., 
     out = await finish(p, "F20", "early + duplicate completion events", recovery_from=t0)
     assert len(out.snap.envelopes) == 8
     assert all(e.complete for e in out.snap.envelopes), out.snap.envelopes
+
+
+@pytest.mark.timeout(400)
+async def test_f27_message_key_differs_from_its_run_key(
+    make_pipeline: Callable[..., Pipeline],
+) -> None:
+    """A well-formed, signed step and a completion whose Kafka keys name another run, injected
+    while runs execute: both are dead-lettered as key mismatches exactly once, and every run's
+    envelope is as if they had never been produced."""
+    import tests.support.avro_strategies as avro_strategies
+    from chio_receipts.schemas import RunCompletion, encode, sign_receipt
+    from tests.support.consumer_factory import completion
+
+    p = make_pipeline()
+    await p.start()
+    await p.start_runs(6, FaultInput(steps=3))
+    step, body = sign_receipt(
+        avro_strategies.sample_step(key_id=p.worker_key.key_id, workflow_id=f"{p.name}-f27"),
+        p.worker_key,
+    )
+    injected: dict[tuple[str, int, int], str] = {}
+    [origin] = await p.produce_raw(
+        p.topics.steps, [(b"default/f27-elsewhere/run", frame(STEP_SCHEMA, body))]
+    )
+    injected[origin] = "key_mismatch"
+    done: RunCompletion = completion(f"{p.name}-f27", step.run_id, expected=1)
+    [origin] = await p.produce_raw(
+        p.topics.runs,
+        [
+            (
+                b"default/f27-elsewhere/run",
+                encode("dev.chio.receipts.v1.RunCompletion", done.to_avro()),
+            )
+        ],
+    )
+    injected[origin] = "key_mismatch"
+    await p.start_runs(3, FaultInput(steps=2))
+    out = await finish(p, "F27", "message key differs from its run key", injected=injected)
+    assert len(out.snap.dead_letters) == 2
+    assert all(e.complete for e in out.snap.envelopes)
+    assert not any(e.workflow_id == f"{p.name}-f27" for e in out.snap.envelopes)

@@ -108,7 +108,15 @@ def test_completion_and_envelope_records() -> None:
     }
     rec = streamer.envelope_record(envelope, topic="env", source="s")
     assert rec.key == b"ns/w/r"
-    assert dict(rec.headers)["ce_id"] == b"w/r/3"
+    # A worker's flush: its own type, and an id no builder revision ("w/r/3") can have.
+    assert dict(rec.headers)["ce_type"] == schemas.WORKER_ENVELOPE_EVENT_TYPE.encode()
+    assert dict(rec.headers)["ce_type"] != schemas.ENVELOPE_EVENT_TYPE.encode()
+    ce_id = dict(rec.headers)["ce_id"].decode()
+    assert ce_id.startswith("w/r/worker-")
+    assert ce_id != schemas.envelope_event_id("w", "r", 3)
+    rooted = {**envelope, "metadata": {**envelope["metadata"], "chain_root": "ab" * 32}}
+    rec = streamer.envelope_record(rooted, topic="env", source="s")
+    assert dict(rec.headers)["ce_id"] == f"w/r/worker-{'ab' * 32}".encode()
     with pytest.raises(schemas.EncodeError):
         streamer.envelope_record({**envelope, "step_count": "x"}, topic="env", source="s")
 
