@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import socket
-from typing import Self
+from collections.abc import Mapping
+from typing import Any, Self
 
 import httpx
 
-from chio_receipts.schemas import AsyncCloseable, RetryPolicy
+from chio_receipts.interceptor._errors import ChioSidecarUnavailable
+from chio_receipts.schemas import AsyncCloseable, RetryPolicy, retry_async
 
 __all__ = ["PooledHttpClient"]
 
@@ -32,8 +34,10 @@ class PooledHttpClient(AsyncCloseable):
         max_connections: int,
         transport: httpx.AsyncBaseTransport | None,
         describe: str,
+        peer: str,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._peer = peer
         self._bearer = bearer or None
         self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
         self._limits = httpx.Limits(
@@ -74,3 +78,24 @@ class PooledHttpClient(AsyncCloseable):
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
+
+    async def _exchange(
+        self, method: str, path: str, body: Mapping[str, Any] | None = None
+    ) -> httpx.Response:
+        """One request, retried on connection failures only; a transport failure or a timeout
+        is :class:`ChioSidecarUnavailable` (retriable, never an allow)."""
+        client = self._open()
+
+        async def send() -> httpx.Response:
+            return await client.request(method, path, json=body)
+
+        try:
+            return await retry_async(send, policy=self._retry)
+        except httpx.TimeoutException as exc:
+            raise ChioSidecarUnavailable(
+                f"{self._peer} {self.base_url} timed out: {exc!r}"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise ChioSidecarUnavailable(
+                f"{self._peer} {self.base_url} unreachable: {type(exc).__name__}"
+            ) from exc

@@ -76,7 +76,6 @@ from chio_receipts.schemas import (
     chio_step_payload,
     chio_verdict,
     request_id_for,
-    retry_async,
     step_body,
 )
 
@@ -125,6 +124,7 @@ class ChioKernelSidecar(PooledHttpClient):
             max_connections=max_connections,
             transport=transport,
             describe="kernel sidecar request",
+            peer="kernel",
         )
         self._pinned: str | None = None
         if kernel_key is not None:
@@ -149,19 +149,7 @@ class ChioKernelSidecar(PooledHttpClient):
     async def _send(
         self, method: str, path: str, body: Mapping[str, Any] | None = None
     ) -> tuple[int, Any]:
-        client = self._open()
-
-        async def send() -> httpx.Response:
-            return await client.request(method, path, json=body)
-
-        try:
-            response = await retry_async(send, policy=self._retry)
-        except httpx.TimeoutException as exc:
-            raise ChioSidecarUnavailable(f"kernel {self.base_url} timed out: {exc!r}") from exc
-        except httpx.HTTPError as exc:
-            raise ChioSidecarUnavailable(
-                f"kernel {self.base_url} unreachable: {type(exc).__name__}"
-            ) from exc
+        response = await self._exchange(method, path, body)
         try:
             payload = response.json()
         except ValueError:

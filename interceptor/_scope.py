@@ -18,7 +18,7 @@ from chio_sdk.models import ChioScope, Operation, ToolGrant
 
 from chio_receipts.interceptor._errors import ChioTemporalConfigError
 from chio_receipts.interceptor._model import CapabilityToken, Scope, normalize_scope
-from chio_receipts.schemas import verify_capability_token
+from chio_receipts.schemas import SDK_OPERATION_SPELLING, verify_capability_token
 
 __all__ = [
     "ANY_SERVER",
@@ -47,14 +47,7 @@ ScopeLike: TypeAlias = ChioScope | Iterable[str]
 """A scope as callers pass it: a ``ChioScope`` (what :func:`scope_for` returns) or tool names."""
 
 # chio-sdk-python spells operations "Invoke"; the kernel's serde (and its signatures) "invoke".
-_KERNEL_OPERATION: Final = {
-    "Invoke": "invoke",
-    "ReadResult": "read_result",
-    "Read": "read",
-    "Subscribe": "subscribe",
-    "Get": "get",
-    "Delegate": "delegate",
-}
+_KERNEL_OPERATION: Final = SDK_OPERATION_SPELLING
 
 
 def scope_for(*tools: str, server: str = ANY_SERVER) -> ChioScope:

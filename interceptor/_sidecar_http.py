@@ -40,7 +40,6 @@ from chio_receipts.schemas import (
     EncodeError,
     StepReceipt,
     check_chio_step,
-    retry_async,
     step_body,
     verify_body,
 )
@@ -80,6 +79,7 @@ class HttpSidecar(PooledHttpClient):
             max_connections=max_connections,
             transport=transport,
             describe="sidecar request",
+            peer="sidecar",
         )
         self._verify = verify_signatures
         self._keys: dict[str, bytes] = {}
@@ -90,19 +90,7 @@ class HttpSidecar(PooledHttpClient):
     # -- transport -----------------------------------------------------------------------------
 
     async def _request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
-        client = self._open()
-
-        async def send() -> httpx.Response:
-            return await client.request(method, path, json=body)
-
-        try:
-            response = await retry_async(send, policy=self._retry)
-        except httpx.TimeoutException as exc:
-            raise ChioSidecarUnavailable(f"sidecar {self.base_url} timed out: {exc!r}") from exc
-        except httpx.HTTPError as exc:
-            raise ChioSidecarUnavailable(
-                f"sidecar {self.base_url} unreachable: {type(exc).__name__}: {exc}"
-            ) from exc
+        response = await self._exchange(method, path, body)
         return self._decode(response)
 
     def _decode(self, response: httpx.Response) -> Any:

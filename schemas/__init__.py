@@ -28,6 +28,7 @@ from chio_receipts.schemas._chio_step import (
 from chio_receipts.schemas._chio_wire import (
     CAPABILITY_SCHEMA,
     RECEIPT_NONCE_KEY,
+    SDK_OPERATION_SPELLING,
     CapabilityVerification,
     ChioWireError,
     KernelReceiptVerification,
@@ -156,6 +157,7 @@ __all__ = [
     "RUN_COMPLETION_EVENT_TYPE",
     "RUN_COMPLETION_SCHEMA",
     "SCHEMA_FILES",
+    "SDK_OPERATION_SPELLING",
     "SIGNATURE_SIZE",
     "SINGLE_OBJECT_MAGIC",
     "STEPS_TOPIC",

@@ -45,6 +45,7 @@ from chio_receipts.schemas._signing import KeyPair
 __all__ = [
     "CAPABILITY_SCHEMA",
     "RECEIPT_NONCE_KEY",
+    "SDK_OPERATION_SPELLING",
     "CapabilityVerification",
     "ChioWireError",
     "KernelReceiptVerification",
@@ -62,6 +63,16 @@ __all__ = [
 
 CAPABILITY_SCHEMA: Final = "chio.capability.v1"
 """The ``schema`` of a capability token (``CHIO_CAPABILITY_SCHEMA``)."""
+
+SDK_OPERATION_SPELLING: Final = {
+    "Invoke": "invoke",
+    "ReadResult": "read_result",
+    "Read": "read",
+    "Subscribe": "subscribe",
+    "Get": "get",
+    "Delegate": "delegate",
+}
+"""chio-sdk-python's ``Operation`` spelling → the kernel's serde spelling (what signatures cover)."""
 
 RECEIPT_NONCE_KEY: Final = "chio_receipt_signing_nonce"
 """The metadata key the signer's nonce is bound under before the receipt id is computed."""

@@ -23,7 +23,14 @@ from typing import Any, Final
 
 import nacl.signing
 
-from chio_receipts.schemas import KeyPair, canonical_json, content_hash, parameter_hash, uuid7
+from chio_receipts.schemas import (
+    SDK_OPERATION_SPELLING,
+    KeyPair,
+    canonical_json,
+    content_hash,
+    parameter_hash,
+    uuid7,
+)
 from chio_receipts.sidecar._errors import SidecarError
 
 __all__ = [
@@ -80,14 +87,7 @@ _OPERATION_ALIASES: Final = {
     "delegate": "delegate",
 }
 # chio-sdk-python's ``Operation`` spelling and the kernel's serde spelling.
-_SDK_TO_KERNEL: Final = {
-    "Invoke": "invoke",
-    "ReadResult": "read_result",
-    "Read": "read",
-    "Subscribe": "subscribe",
-    "Get": "get",
-    "Delegate": "delegate",
-}
+_SDK_TO_KERNEL: Final = SDK_OPERATION_SPELLING
 _KERNEL_TO_SDK: Final = {v: k for k, v in _SDK_TO_KERNEL.items()}
 _KERNEL_OPERATIONS: Final = frozenset(_KERNEL_TO_SDK)
 
