@@ -72,7 +72,7 @@ SDK_OPERATION_SPELLING: Final = {
     "Get": "get",
     "Delegate": "delegate",
 }
-"""chio-sdk-python's ``Operation`` spelling → the kernel's serde spelling (what signatures cover)."""
+"""chio-sdk-python's ``Operation`` → the kernel's serde spelling (which signatures cover)."""
 
 RECEIPT_NONCE_KEY: Final = "chio_receipt_signing_nonce"
 """The metadata key the signer's nonce is bound under before the receipt id is computed."""
