@@ -1,8 +1,9 @@
 """The ``chio-temporal/v1`` envelope of one run, its canonical encoding and its signature.
 
 Canonical encoding (what the builder signs): the schemaless Avro body of ``WorkflowReceipt`` whose
-``steps`` are the step receipts in receipt-id order and whose ``metadata`` map holds every entry
-except ``signature``, in ascending key order, in one map block. Avro is deterministic for a given
+``steps`` are the step receipts in receipt-id order, whose ``metadata`` map holds every entry
+except ``signature``, in ascending key order, in one map block, followed by the ``outcomes``
+(outcome records in order) and the ``attempts`` accounts. Avro is deterministic for a given
 record, and the steps' bytes inside it are exactly their current-schema bodies, so the envelope is
 encoded by splicing the step bodies (no re-encoding) and a verifier can rebuild the same bytes from
 stored rows. The signature (Ed25519, hex) is then added to ``metadata["signature"]``; the
@@ -25,7 +26,15 @@ from chio_receipts.consumers._wire import (
     encode_plain,
     read_plain,
 )
-from chio_receipts.schemas import ENVELOPE_VERSION, KeyPair, frame
+from chio_receipts.schemas import (
+    ENVELOPE_VERSION,
+    STEP_OUTCOME_SCHEMA,
+    AccountState,
+    AttemptAccount,
+    KeyPair,
+    StepStatus,
+    frame,
+)
 
 __all__ = ["Envelope", "RunHeader", "verify_envelope_signature"]
 
@@ -60,6 +69,10 @@ class Envelope(RunHeader):
     steps: tuple[bytes, ...] = field(repr=False)
     chain_root: bytes
     extra: tuple[tuple[str, str], ...] = ()
+    outcomes: tuple[bytes, ...] = field(default=(), repr=False)
+    """Current-schema ``StepOutcome`` bodies, in (activity_id, attempt, outcome_id) order."""
+    attempts: tuple[AttemptAccount, ...] = ()
+    """How every attempt Temporal started is accounted for, in (activity_id, attempt) order."""
     key_id: str = ""
     signature: bytes = field(default=b"", repr=False)
     # The signed Avro body, kept by ``signed_by`` so it is encoded once.
@@ -101,29 +114,34 @@ class Envelope(RunHeader):
             "deny_count": self.deny_count,
             "steps": [],
             "metadata": {},
+            "outcomes": [],
+            "attempts": [],
         }
 
     def avro_body(self, *, signed: bool = True) -> bytes:
         """Schemaless Avro body; ``signed=False`` gives the canonical bytes that are signed."""
         if signed and self.encoded:
             return self.encoded
-        return self._head() + _map_bytes(self.metadata(signed=signed))
+        return self._head() + _map_bytes(self.metadata(signed=signed)) + self._tail()
 
     def _head(self) -> bytes:
-        # Empty steps and metadata end the body with two 0x00 terminators: splice there.
-        prefix = encode_plain(ENVELOPE_SCHEMA, self._header())[:-2]
-        if not self.steps:
-            return prefix + b"\x00"
-        return prefix + avro_long(len(self.steps)) + b"".join(self.steps) + b"\x00"
+        # Empty steps, metadata, outcomes and attempts end the body with four 0x00
+        # terminators: splice the steps in before the last four.
+        prefix = encode_plain(ENVELOPE_SCHEMA, self._header())[:-4]
+        return prefix + _array(self.steps)
+
+    def _tail(self) -> bytes:
+        return _array(self.outcomes) + _array(tuple(_account_bytes(a) for a in self.attempts))
 
     def signed_by(self, key: KeyPair) -> Envelope:
         """A copy signed by ``key`` (the builder's key), its Avro body encoded once."""
         unsigned = replace(self, key_id=key.key_id, signature=b"", encoded=b"")
         head = unsigned._head()
         meta = unsigned.metadata(signed=False)
-        signature = key.sign(head + _map_bytes(meta))
+        tail = unsigned._tail()
+        signature = key.sign(head + _map_bytes(meta) + tail)
         meta["signature"] = signature.hex()
-        encoded = head + _map_bytes(dict(sorted(meta.items())))
+        encoded = head + _map_bytes(dict(sorted(meta.items()))) + tail
         return replace(unsigned, signature=signature, encoded=encoded)
 
     def framed(self) -> bytes:
@@ -138,7 +156,42 @@ class Envelope(RunHeader):
             record["prev_hash"] = record["prev_hash"].hex()
             record["signature"] = record["signature"].hex()
             steps.append(record)
-        return {**self._header(), "steps": steps, "metadata": self.metadata()}
+        outcomes: list[dict[str, Any]] = []
+        for body in self.outcomes:
+            record = read_plain(STEP_OUTCOME_SCHEMA, body)
+            record["chio_signed"] = record["chio_signed"].hex()
+            outcomes.append(record)
+        return {
+            **self._header(),
+            "steps": steps,
+            "metadata": self.metadata(),
+            "outcomes": outcomes,
+            "attempts": [a.to_avro() for a in self.attempts],
+        }
+
+
+_ACCOUNT_INDEX = {state: i for i, state in enumerate(AccountState)}
+_STATUS_INDEX = {status: i for i, status in enumerate(StepStatus)}
+
+
+def _array(items: tuple[bytes, ...]) -> bytes:
+    """An Avro array of already encoded items, in one block."""
+    if not items:
+        return b"\x00"
+    return avro_long(len(items)) + b"".join(items) + b"\x00"
+
+
+def _account_bytes(a: AttemptAccount) -> bytes:
+    """Avro body of one ``AttemptAccount`` (enum symbols in schema order)."""
+    return (
+        avro_string(a.activity_id)
+        + avro_string(a.activity_type)
+        + avro_long(a.attempt)
+        + (b"\x01" if a.is_local else b"\x00")
+        + avro_long(_ACCOUNT_INDEX[a.account])
+        + avro_string(a.reason)
+        + avro_long(_STATUS_INDEX[a.outcome])
+    )
 
 
 def _map_bytes(meta: dict[str, str]) -> bytes:

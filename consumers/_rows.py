@@ -124,6 +124,8 @@ class StepRow:
     prev_hash: bytes
     chio_receipt: str = ""
     chio_signed: bytes = b""
+    trace_id: str = ""
+    span_id: str = ""
     key_id: str
     signature: bytes
     wire: bytes

@@ -24,6 +24,7 @@ from chio_receipts.schemas import (
     Decoded,
     MalformedBody,
     RunCompletion,
+    StepOutcome,
     StepReceipt,
     UnknownFormat,
     avro_long,
@@ -36,6 +37,7 @@ from chio_receipts.schemas import (
 __all__ = [
     "ENVELOPE_SCHEMA",
     "RUN_SCHEMA",
+    "STEP_OUTCOME_SCHEMA",
     "STEP_SCHEMA",
     "Plain",
     "avro_long",
@@ -47,6 +49,7 @@ __all__ = [
 ]
 
 STEP_SCHEMA = "dev.chio.receipts.v1.StepReceipt"
+STEP_OUTCOME_SCHEMA = "dev.chio.receipts.v1.StepOutcome"
 RUN_SCHEMA = "dev.chio.receipts.v1.RunCompletion"
 ENVELOPE_SCHEMA = "dev.chio.receipts.v1.WorkflowReceipt"
 _HEADER = len(SINGLE_OBJECT_MAGIC) + 8
@@ -115,6 +118,8 @@ def _normalize(decoded: Decoded) -> dict[str, Any]:
             return plain
         if decoded.schema_name == RUN_SCHEMA:
             return RunCompletion.from_avro(record).to_avro()
+        if decoded.schema_name == STEP_OUTCOME_SCHEMA:
+            return StepOutcome.from_avro(record).to_avro()
     except (KeyError, TypeError, ValueError) as exc:
         raise MalformedBody(f"{decoded.schema_name}: {exc}") from exc
     return record
@@ -123,7 +128,7 @@ def _normalize(decoded: Decoded) -> dict[str, Any]:
 def encode_plain(name: str, record: dict[str, Any]) -> bytes:
     """Schemaless body of a plain record (ids as strings, timestamps as int microseconds)."""
     buf = io.BytesIO()
-    fastavro.schemaless_writer(buf, _plain_schemas()[name], record, strict=True)
+    fastavro.schemaless_writer(buf, _plain_schemas()[name], record, strict_allow_default=True)
     return buf.getvalue()
 
 

@@ -30,6 +30,7 @@ __all__ = [
 # Parse order matters: later schemas refer to named types of earlier ones.
 SCHEMA_FILES: dict[str, str] = {
     "dev.chio.receipts.v1.StepReceipt": "step_receipt.avsc",
+    "dev.chio.receipts.v1.StepOutcome": "step_outcome.avsc",
     "dev.chio.receipts.v1.RunCompletion": "run_completion.avsc",
     "dev.chio.receipts.v1.WorkflowReceipt": "workflow_receipt.avsc",
 }
@@ -161,7 +162,8 @@ def _plain_schemas() -> dict[str, Schema]:
 
 
 def encode_body(name: str, record: dict[str, Any]) -> bytes:
-    """Schemaless Avro encoding of ``record`` with schema ``name``; strict (no extra fields).
+    """Schemaless Avro encoding of ``record`` with schema ``name``; strict (no extra fields; a
+    missing field must have a default).
 
     Records of plain values (ids as ``str``, timestamps as ``int`` microseconds, as the records
     of this package hold them) are written with the schema stripped of logical types: the bytes
@@ -171,8 +173,8 @@ def encode_body(name: str, record: dict[str, Any]) -> bytes:
     """
     buf = io.BytesIO()
     try:
-        fastavro.schemaless_writer(buf, _plain_schemas()[name], record, strict=True)
+        fastavro.schemaless_writer(buf, _plain_schemas()[name], record, strict_allow_default=True)
     except (TypeError, ValueError, AttributeError, KeyError, OverflowError):
         buf = io.BytesIO()
-        fastavro.schemaless_writer(buf, parsed_schema(name), record, strict=True)
+        fastavro.schemaless_writer(buf, parsed_schema(name), record, strict_allow_default=True)
     return buf.getvalue()

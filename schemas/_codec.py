@@ -7,10 +7,14 @@ spec defines it (named types inlined at first use), so other implementations (Ja
 among the current schemas and the released versions kept in ``avro/released/``, and reads it
 with the current schema.
 
+A released schema ``avro/released/<name>.v<N>.avsc`` is parsed with the named types of the same
+release (``workflow_receipt.v2`` holds ``step_receipt.v2`` steps), so an old envelope is read
+with the step schema it was written with.
+
 Legacy fingerprints: before the canonical form inlined named types, ``WorkflowReceipt`` was
-fingerprinted with ``StepReceipt`` written as a bare name. Messages framed that way are still on
-the topics, so each writer schema is also known under that legacy fingerprint (same schema,
-same bytes); nothing is framed with it any more.
+fingerprinted with ``StepReceipt`` written as a bare name (then still v1). Messages framed that
+way are still on the topics, so each writer schema is also known under that legacy fingerprint;
+when two releases share one, the oldest keeps it. Nothing is framed with it any more.
 """
 
 from __future__ import annotations
@@ -101,28 +105,54 @@ def _writers() -> dict[bytes, _Writer]:
     writers: dict[bytes, _Writer] = {}
     for name in SCHEMA_FILES:
         writers[_current_fingerprint(name)] = _Writer(name, parsed_schema(name))
-    released = resources.files("chio_receipts.schemas").joinpath("avro", "released")
-    if released.is_dir():
-        for item in sorted(released.iterdir(), key=lambda p: p.name):
-            if not item.name.endswith(".avsc"):
-                continue
-            raw = json.loads(item.read_text("utf-8"))
-            full = f"{raw.get('namespace', '')}.{raw['name']}"
-            if full not in SCHEMA_FILES:
-                continue
-            named: dict[str, Any] = {}
-            # Released schemas may refer to named types of the current schemas parsed before
-            # them (SCHEMA_FILES is in dependency order); parse up to the released one.
-            for other in SCHEMA_FILES:
-                if other == full:
-                    break
-                fastavro.parse_schema(raw_schema(other), named_schemas=named)
-            schema = fastavro.parse_schema(raw, named_schemas=named)
-            writers.setdefault(schema_fingerprint(schema), _Writer(full, schema))
-    # Legacy aliases last: a canonical fingerprint always wins.
-    for writer in list(writers.values()):
+    released = _released()
+    for (full, _version), raw in sorted(released.items(), key=lambda kv: kv[0]):
+        schema = _parse_released(full, raw, _version, released)
+        writers.setdefault(schema_fingerprint(schema), _Writer(full, schema))
+    # Legacy aliases last: a canonical fingerprint always wins, and among released versions
+    # the oldest (the one written when legacy framing was in use) keeps the alias.
+    for writer in list(writers.values())[len(SCHEMA_FILES) :]:
+        writers.setdefault(_legacy_fingerprint(writer.schema), writer)
+    for writer in list(writers.values())[: len(SCHEMA_FILES)]:
         writers.setdefault(_legacy_fingerprint(writer.schema), writer)
     return writers
+
+
+def _released() -> dict[tuple[str, int], dict[str, Any]]:
+    """Released schemas by (full name, version), from ``avro/released/<file>.v<N>.avsc``."""
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    folder = resources.files("chio_receipts.schemas").joinpath("avro", "released")
+    if not folder.is_dir():
+        return out
+    for item in folder.iterdir():
+        stem, _, version = item.name.removesuffix(".avsc").rpartition(".v")
+        if not item.name.endswith(".avsc") or not stem or not version.isdigit():
+            continue
+        raw = json.loads(item.read_text("utf-8"))
+        full = f"{raw.get('namespace', '')}.{raw['name']}"
+        if full in SCHEMA_FILES:
+            out[(full, int(version))] = raw
+    return out
+
+
+def _parse_released(
+    full: str,
+    raw: dict[str, Any],
+    version: int,
+    released: dict[tuple[str, int], dict[str, Any]],
+) -> Schema:
+    """Parse a released schema with the named types it was written with: for each schema it
+    may refer to (those before it in SCHEMA_FILES), the released file of the same version when
+    there is one, else the newest released one older than it, else the current schema. A
+    ``workflow_receipt.v2`` envelope thus carries ``step_receipt.v2`` steps."""
+    named: dict[str, Any] = {}
+    for other in SCHEMA_FILES:
+        if other == full:
+            break
+        older = [v for (name, v) in released if name == other and v <= version]
+        dep = released[(other, max(older))] if older else raw_schema(other)
+        fastavro.parse_schema(dep, named_schemas=named)
+    return fastavro.parse_schema(raw, named_schemas=named)
 
 
 def encode(name: str, record: dict[str, Any]) -> bytes:

@@ -29,6 +29,8 @@ __all__ = [
     "RUN_COMPLETION_SCHEMA",
     "STEPS_TOPIC",
     "STEP_EVENT_TYPE",
+    "STEP_OUTCOME_EVENT_TYPE",
+    "STEP_OUTCOME_SCHEMA",
     "STEP_SCHEMA",
     "WORKER_ENVELOPE_EVENT_TYPE",
     "X_CHIO_RECEIPT",
@@ -48,11 +50,14 @@ DLQ_TOPIC = "chio.receipts.dlq.v1"
 
 # Avro schema full names (the files under ``schemas/avro``).
 STEP_SCHEMA = "dev.chio.receipts.v1.StepReceipt"
+STEP_OUTCOME_SCHEMA = "dev.chio.receipts.v1.StepOutcome"
+"""Outcome records travel on the steps topic, under the run's key, after their decision."""
 RUN_COMPLETION_SCHEMA = "dev.chio.receipts.v1.RunCompletion"
 ENVELOPE_SCHEMA = "dev.chio.receipts.v1.WorkflowReceipt"
 
 # CloudEvents (Kafka binding, binary mode): event types and the headers that carry attributes.
 STEP_EVENT_TYPE = "dev.chio.receipts.step.v1"
+STEP_OUTCOME_EVENT_TYPE = "dev.chio.receipts.step_outcome.v1"
 RUN_COMPLETION_EVENT_TYPE = "dev.chio.receipts.run_completion.v1"
 ENVELOPE_EVENT_TYPE = "dev.chio.receipts.workflow_receipt.v1"
 """A builder's envelope revision: signed by the builder, built from what storage holds."""

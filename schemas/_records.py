@@ -15,10 +15,15 @@ from typing import Any
 
 __all__ = [
     "ENVELOPE_VERSION",
+    "AccountState",
+    "AttemptAccount",
     "CompletionSource",
+    "ExpectedAttempt",
     "Outcome",
     "RunCompletion",
+    "StepOutcome",
     "StepReceipt",
+    "StepStatus",
     "Verdict",
     "run_key",
 ]
@@ -46,6 +51,27 @@ class Outcome(enum.StrEnum):
     TERMINATED = "TERMINATED"
     TIMED_OUT = "TIMED_OUT"
     CONTINUED_AS_NEW = "CONTINUED_AS_NEW"
+
+
+class StepStatus(enum.StrEnum):
+    """How an activity attempt ended (schema ``StepOutcome.status``)."""
+
+    UNKNOWN = "UNKNOWN"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMED_OUT = "TIMED_OUT"
+    GATE_FAILED = "GATE_FAILED"
+
+
+class AccountState(enum.StrEnum):
+    """How an attempt Temporal started is accounted for in its envelope."""
+
+    UNKNOWN = "UNKNOWN"
+    RECEIPTED = "RECEIPTED"
+    GATE_FAILED = "GATE_FAILED"
+    WORKER_LOST = "WORKER_LOST"
+    MISSING = "MISSING"
 
 
 class CompletionSource(enum.StrEnum):
@@ -97,6 +123,10 @@ class StepReceipt:
     """The Chio kernel-format receipt of the decision as compact JSON, exactly as signed."""
     chio_signed: bytes = field(default=b"", repr=False)
     """The exact bytes the signature in ``chio_receipt`` covers: ``JCS({"body", "id"})``."""
+    trace_id: str = ""
+    """W3C trace id of the OpenTelemetry span the attempt ran in; empty when not traced."""
+    span_id: str = ""
+    """W3C span id of that span; empty when not traced."""
     key_id: str = ""
     signature: bytes = field(default=b"", repr=False)
 
@@ -156,6 +186,8 @@ class RunCompletion:
     expected_steps: int | None = None
     source: CompletionSource = CompletionSource.UNKNOWN
     emitted_at: int = 0
+    expected_attempts: tuple[ExpectedAttempt, ...] = ()
+    """Every attempt the run's history shows as started (watcher only; empty otherwise)."""
 
     @property
     def run_key(self) -> str:
@@ -168,6 +200,7 @@ class RunCompletion:
         d["outcome"] = self.outcome.value
         d["source"] = self.source.value
         d["parent_workflow_ids"] = list(self.parent_workflow_ids)
+        d["expected_attempts"] = [a.to_avro() for a in self.expected_attempts]
         return d
 
     @classmethod
@@ -178,9 +211,159 @@ class RunCompletion:
         kw["outcome"] = _enum(Outcome, d["outcome"])
         kw["source"] = _enum(CompletionSource, d.get("source", "UNKNOWN"))
         kw["parent_workflow_ids"] = tuple(d["parent_workflow_ids"])
+        kw["expected_attempts"] = tuple(
+            ExpectedAttempt.from_avro(a) for a in d.get("expected_attempts", ())
+        )
         for ts in ("started_at", "closed_at", "emitted_at"):
             if ts in d:
                 kw[ts] = _micros(d[ts])
+        return cls(**kw)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExpectedAttempt:
+    """One attempt a run's Temporal history shows as started (``RunCompletion``)."""
+
+    activity_id: str
+    activity_type: str
+    attempt: int
+    is_local: bool
+    temporal_end: str = ""
+    """completed, failed:<type>, timed_out:<kind>, cancelled; empty when history does not say."""
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """``(activity_id, attempt)``: what a receipt or outcome of this attempt carries."""
+        return (self.activity_id, self.attempt)
+
+    def to_avro(self) -> dict[str, Any]:
+        """The record as the dict fastavro encodes."""
+        return {
+            "activity_id": self.activity_id,
+            "activity_type": self.activity_type,
+            "attempt": self.attempt,
+            "is_local": self.is_local,
+            "temporal_end": self.temporal_end,
+        }
+
+    @classmethod
+    def from_avro(cls, d: dict[str, Any]) -> ExpectedAttempt:
+        """Build from a decoded Avro dict."""
+        return cls(
+            activity_id=d["activity_id"],
+            activity_type=d["activity_type"],
+            attempt=d["attempt"],
+            is_local=d["is_local"],
+            temporal_end=d.get("temporal_end", ""),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttemptAccount:
+    """How one attempt Temporal started is accounted for in an envelope (``WorkflowReceipt``)."""
+
+    activity_id: str
+    activity_type: str
+    attempt: int
+    is_local: bool
+    account: AccountState
+    reason: str = ""
+    outcome: StepStatus = StepStatus.UNKNOWN
+
+    @property
+    def explained(self) -> bool:
+        """True unless the attempt is a real gap (:attr:`AccountState.MISSING`)."""
+        return self.account is not AccountState.MISSING
+
+    def to_avro(self) -> dict[str, Any]:
+        """The record as the dict fastavro encodes."""
+        return {
+            "activity_id": self.activity_id,
+            "activity_type": self.activity_type,
+            "attempt": self.attempt,
+            "is_local": self.is_local,
+            "account": self.account.value,
+            "reason": self.reason,
+            "outcome": self.outcome.value,
+        }
+
+    @classmethod
+    def from_avro(cls, d: dict[str, Any]) -> AttemptAccount:
+        """Build from a decoded Avro dict."""
+        return cls(
+            activity_id=d["activity_id"],
+            activity_type=d["activity_type"],
+            attempt=d["attempt"],
+            is_local=d["is_local"],
+            account=_enum(AccountState, d.get("account", "UNKNOWN")),
+            reason=d.get("reason", ""),
+            outcome=_enum(StepStatus, d.get("outcome", "UNKNOWN")),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepOutcome:
+    """What happened to one attempt after its decision (schema ``StepOutcome``).
+
+    A gate failure (``status`` GATE_FAILED) has no decision: ``decision_receipt_id`` is empty
+    and ``error_type`` says why the gate refused the attempt."""
+
+    outcome_id: str
+    namespace: str
+    workflow_id: str
+    run_id: str
+    workflow_type: str
+    task_queue: str
+    activity_id: str
+    activity_type: str
+    attempt: int
+    is_local: bool
+    tool_server: str
+    tool: str
+    decision_receipt_id: str
+    decision_chio_id: str = ""
+    status: StepStatus = StepStatus.UNKNOWN
+    error_type: str = ""
+    started_at: int = 0
+    ended_at: int = 0
+    duration_us: int = 0
+    result_digest: str = ""
+    result_key_id: str = ""
+    worker_identity: str = ""
+    trace_id: str = ""
+    span_id: str = ""
+    chio_receipt: str = field(default="", repr=False)
+    """The Chio ``trace_observation`` receipt of this outcome as compact JSON, as signed."""
+    chio_signed: bytes = field(default=b"", repr=False)
+    """The exact bytes the signature in ``chio_receipt`` covers: ``JCS({"body", "id"})``."""
+
+    @property
+    def run_key(self) -> str:
+        """Kafka key of this record's run."""
+        return run_key(self.namespace, self.workflow_id, self.run_id)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """``(activity_id, attempt)`` of the attempt this record is about."""
+        return (self.activity_id, self.attempt)
+
+    def to_avro(self) -> dict[str, Any]:
+        """The record as the dict fastavro encodes."""
+        d = dict(zip(_OUTCOME_NAMES, _outcome_values(self), strict=True))
+        d["status"] = self.status.value
+        return d
+
+    @classmethod
+    def from_avro(cls, d: dict[str, Any]) -> StepOutcome:
+        """Build from a decoded Avro dict (ids as str, timestamps as int microseconds)."""
+        kw = {name: d[name] for name in _OUTCOME_NAMES if name in d}
+        kw["outcome_id"] = str(d["outcome_id"])
+        kw["status"] = _enum(StepStatus, d.get("status", "UNKNOWN"))
+        for ts in ("started_at", "ended_at"):
+            kw[ts] = _micros(d[ts])
+        signed = kw.get("chio_signed", b"")
+        if isinstance(signed, str):  # a resolved default reads as str for a bytes field
+            kw["chio_signed"] = signed.encode("latin-1")
         return cls(**kw)
 
 
@@ -189,6 +372,8 @@ _STEP_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(StepRece
 _step_values = operator.attrgetter(*_STEP_NAMES)
 _RUN_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunCompletion))
 _run_values = operator.attrgetter(*_RUN_NAMES)
+_OUTCOME_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(StepOutcome))
+_outcome_values = operator.attrgetter(*_OUTCOME_NAMES)
 
 
 def _enum(kind: type[Any], value: Any) -> Any:

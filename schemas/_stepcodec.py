@@ -59,7 +59,7 @@ def encode_step(r: StepReceipt, key_id: str, signature: bytes) -> bytes | None:
             and _bytes(out, r.prev_hash)
             and _strings(out, r.chio_receipt)
             and _bytes(out, r.chio_signed)
-            and _strings(out, key_id)
+            and _strings(out, r.trace_id, r.span_id, key_id)
             and _bytes(out, signature)
         )
     except UnicodeEncodeError:  # a lone surrogate: fastavro reports it as before

@@ -155,6 +155,8 @@ def test_envelope_body_is_the_avro_encoding_and_signature_verifies() -> None:
         "deny_count",
         "steps",
         "metadata",
+        "outcomes",
+        "attempts",
     }
     assert doc["outcome"] == "success"
     assert {

@@ -9,6 +9,7 @@ so neither fastavro nor the package's own inlining is trusted here.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -23,16 +24,30 @@ from tests.support.avro_strategies import sample_envelope, sample_step
 pytestmark = pytest.mark.unit
 
 STEP, RUN, ENVELOPE = schemas.STEP_SCHEMA, schemas.RUN_COMPLETION_SCHEMA, schemas.ENVELOPE_SCHEMA
+OUTCOME = schemas.STEP_OUTCOME_SCHEMA
 AVSC = Path(__file__).resolve().parents[2] / "schemas" / "avro"
-FILES = {STEP: "step_receipt.avsc", RUN: "run_completion.avsc", ENVELOPE: "workflow_receipt.avsc"}
+FILES = {
+    STEP: "step_receipt.avsc",
+    OUTCOME: "step_outcome.avsc",
+    RUN: "run_completion.avsc",
+    ENVELOPE: "workflow_receipt.avsc",
+}
 
 # Java Avro 1.12.1, SchemaNormalization.parsingFingerprint64, little-endian.
 JAVA_FINGERPRINTS = {
-    STEP: "6468879d1f00e5b2",
-    RUN: "1a1eab650f9f6638",
-    ENVELOPE: "e2da6419c50121d3",
+    STEP: "dd52140b2d1b51c2",
+    OUTCOME: "8834b4d903071a3f",
+    RUN: "805d9cf57d23e9c1",
+    ENVELOPE: "0f60bd58b1cc0423",
 }
-# What WorkflowReceipt envelopes were framed with before (StepReceipt named, not inlined).
+# Released versions, as Java Avro printed them when each was current.
+RELEASED_FINGERPRINTS = {
+    "step_receipt.v2": "6468879d1f00e5b2",
+    "run_completion.v1": "1a1eab650f9f6638",
+    "workflow_receipt.v2": "e2da6419c50121d3",
+}
+# What WorkflowReceipt envelopes were framed with before (StepReceipt named, not inlined; the
+# steps were still StepReceipt v1).
 LEGACY_ENVELOPE_FINGERPRINT = "83ee5e1c7642fcd6"
 
 _PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
@@ -105,7 +120,7 @@ def _hand_canonical(name: str) -> str:
     return pcf(name, "")
 
 
-@pytest.mark.parametrize("name", [STEP, RUN, ENVELOPE])
+@pytest.mark.parametrize("name", [STEP, OUTCOME, RUN, ENVELOPE])
 def test_canonical_form_and_fingerprint_match_the_spec_and_java(name: str) -> None:
     canonical = _hand_canonical(name)
     assert schemas.parsing_canonical_form(schemas.parsed_schema(name)) == canonical
@@ -132,19 +147,94 @@ def _envelope_body() -> bytes:
     return schemas.encode_body(ENVELOPE, record)
 
 
+def _released_schema(envelope: str, step: str) -> Any:
+    named: dict[str, Any] = {}
+    for file in (step, envelope):
+        raw = json.loads((AVSC / "released" / f"{file}.avsc").read_text("utf-8"))
+        parsed = fastavro.parse_schema(raw, named_schemas=named)
+    return parsed
+
+
+def _released_envelope(envelope: str, step: str, *, drop: tuple[str, ...]) -> tuple[Any, bytes]:
+    """A body written with a released envelope and step schema, and its schema."""
+    schema = _released_schema(envelope, step)
+    record = sample_envelope(sample_step(chio_receipt="{}", chio_signed=b"x"))
+    record["steps"] = [{k: v for k, v in s.items() if k not in drop} for s in record["steps"]]
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, schema, record)
+    return schema, buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("release", "step", "drop"),
+    [
+        ("workflow_receipt.v2", "step_receipt.v2", ("trace_id", "span_id")),
+        ("run_completion.v1", None, ()),
+        ("step_receipt.v2", None, ("trace_id", "span_id")),
+    ],
+)
+def test_released_versions_keep_their_java_fingerprints_and_still_decode(
+    release: str, step: str | None, drop: tuple[str, ...]
+) -> None:
+    if step is not None:
+        schema, body = _released_envelope(release, step, drop=drop)
+    else:
+        raw = json.loads((AVSC / "released" / f"{release}.avsc").read_text("utf-8"))
+        schema = fastavro.parse_schema(raw, named_schemas={})
+        sample: dict[str, Any] = (
+            {k: v for k, v in sample_step().to_avro().items() if k not in drop}
+            if release.startswith("step")
+            else _sample_run()
+        )
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, schema, sample)
+        body = buf.getvalue()
+    fp = RELEASED_FINGERPRINTS[release]
+    assert schemas.schema_fingerprint(schema).hex() == fp
+    decoded = schemas.decode(schemas.SINGLE_OBJECT_MAGIC + bytes.fromhex(fp) + body)
+    if release.startswith("workflow"):
+        assert decoded.record["outcomes"] == []
+        assert decoded.record["attempts"] == []
+        assert decoded.record["steps"][0]["chio_receipt"] == "{}"
+        assert decoded.record["steps"][0]["trace_id"] == ""
+    elif release.startswith("run"):
+        assert decoded.record["expected_attempts"] == []
+    else:
+        assert decoded.record["trace_id"] == ""
+        assert decoded.record["span_id"] == ""
+
+
+def _sample_run() -> dict[str, Any]:
+    return {
+        "event_id": "0b7c1d9e-4f44-4b8e-a0a3-4c1e4c7a2d11",
+        "namespace": "default",
+        "workflow_id": "w",
+        "run_id": "r",
+        "workflow_type": "t",
+        "task_queue": "q",
+        "outcome": "SUCCESS",
+        "started_at": 1,
+        "closed_at": 2,
+        "parent_workflow_ids": [],
+        "source": "WATCHER",
+        "emitted_at": 3,
+    }
+
+
 def test_an_envelope_framed_with_the_legacy_fingerprint_still_decodes() -> None:
-    body = _envelope_body()
+    # Legacy framing was in use while steps were StepReceipt v1.
+    drop = ("chio_receipt", "chio_signed", "trace_id", "span_id")
+    _, body = _released_envelope("workflow_receipt.v1", "step_receipt.v1", drop=drop)
     legacy = schemas.SINGLE_OBJECT_MAGIC + bytes.fromhex(LEGACY_ENVELOPE_FINGERPRINT) + body
-    current = schemas.frame(ENVELOPE, body)
-    assert current != legacy  # new messages carry the canonical fingerprint
-    old, new = schemas.decode(legacy), schemas.decode(current)
+    old = schemas.decode(legacy)
     assert old.schema_name == ENVELOPE
-    assert old.record == new.record
-    assert old.record["steps"][0]["workflow_id"] == new.record["workflow_id"]
-    # The consumers' fast path reads it as the current schema too (same schema, same bytes).
+    assert old.record["steps"][0]["workflow_id"] == old.record["workflow_id"]
+    assert old.record["steps"][0]["chio_receipt"] == ""  # v1 steps: resolved to the default
+    assert old.record["outcomes"] == []
     plain = decode_plain(legacy)
-    assert (plain.schema_name, plain.current, plain.body) == (ENVELOPE, True, body)
-    assert schemas.current_fingerprints()[bytes.fromhex(LEGACY_ENVELOPE_FINGERPRINT)] == ENVELOPE
+    assert (plain.schema_name, plain.current) == (ENVELOPE, False)
+    current = schemas.frame(ENVELOPE, _envelope_body())
+    assert current[2:10].hex() == JAVA_FINGERPRINTS[ENVELOPE]  # new messages: canonical
 
 
 def test_an_unknown_fingerprint_is_still_refused() -> None:

@@ -177,6 +177,8 @@ def sample_envelope(step: schemas.StepReceipt, **overrides: Any) -> dict[str, An
         "deny_count": 0,
         "steps": [step.to_avro()],
         "metadata": {"namespace": "default", "revision": "1"},
+        "outcomes": [],
+        "attempts": [],
     }
     record.update(overrides)
     return record

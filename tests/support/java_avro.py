@@ -23,7 +23,12 @@ REPO = Path(__file__).resolve().parents[2]
 JAVA_DIR = REPO / "tests" / "java"
 AVSC_DIR = REPO / "schemas" / "avro"
 # Parse order: WorkflowReceipt refers to StepReceipt.
-AVSC_FILES = ("step_receipt.avsc", "run_completion.avsc", "workflow_receipt.avsc")
+AVSC_FILES = (
+    "step_receipt.avsc",
+    "step_outcome.avsc",
+    "run_completion.avsc",
+    "workflow_receipt.avsc",
+)
 
 
 def _cache_dir() -> Path:
