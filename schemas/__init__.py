@@ -15,6 +15,14 @@ from chio_receipts.schemas._avro import (
     raw_schema,
     standalone_schema,
 )
+from chio_receipts.schemas._chio_outcome import (
+    OUTCOME_METADATA_KEY,
+    OUTCOME_REQUEST_ID_PREFIX,
+    check_chio_outcome,
+    outcome_receipt_body,
+    outcome_request_id,
+    sign_chio_outcome,
+)
 from chio_receipts.schemas._chio_step import (
     REQUEST_ID_PREFIX,
     ChioStepFields,
@@ -158,6 +166,8 @@ __all__ = [
     "ENVELOPE_EVENT_TYPE",
     "ENVELOPE_SCHEMA",
     "ENVELOPE_VERSION",
+    "OUTCOME_METADATA_KEY",
+    "OUTCOME_REQUEST_ID_PREFIX",
     "RECEIPT_NONCE_KEY",
     "REQUEST_ID_PREFIX",
     "RUNS_TOPIC",
@@ -224,6 +234,7 @@ __all__ = [
     "canonical_json",
     "chain_root",
     "check_backward",
+    "check_chio_outcome",
     "check_chio_step",
     "check_copartitioned",
     "chio_step_fields",
@@ -244,6 +255,8 @@ __all__ = [
     "is_subset",
     "normalize_scope",
     "now_us",
+    "outcome_receipt_body",
+    "outcome_request_id",
     "parameter_hash",
     "parsed_schema",
     "parsing_canonical_form",
@@ -259,6 +272,7 @@ __all__ = [
     "run_key",
     "schema_fingerprint",
     "sign_capability_token",
+    "sign_chio_outcome",
     "sign_delegation_link",
     "sign_kernel_receipt",
     "sign_receipt",

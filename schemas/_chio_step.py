@@ -39,6 +39,7 @@ __all__ = [
     "REQUEST_ID_PREFIX",
     "ChioStepFields",
     "check_chio_step",
+    "check_signed_receipt",
     "chio_step_fields",
     "chio_step_payload",
     "chio_verdict",
@@ -191,37 +192,10 @@ def check_chio_step(
     """
     if not step.chio_receipt:
         return None
-    try:
-        receipt = json.loads(step.chio_receipt)
-    except ValueError as exc:
-        return f"chio_receipt is not JSON: {exc}"
-    if not isinstance(receipt, dict):
-        return "chio_receipt is not a JSON object"
-    signed = step.chio_signed
-    claimed = receipt.get("id")
-    if not isinstance(claimed, str) or len(claimed) != 64:
-        return "chio_receipt has no receipt id"
-    if (
-        len(signed) <= len(_BODY_PREFIX) + _ID_SUFFIX_LEN
-        or not signed.startswith(_BODY_PREFIX)
-        or signed[-_ID_SUFFIX_LEN:] != b',"id":"' + claimed.encode("ascii", "replace") + b'"}'
-    ):
-        return "chio_signed is not the signed message of this receipt"
-    body_json = signed[len(_BODY_PREFIX) : -_ID_SUFFIX_LEN]
-    if hashlib.sha256(body_json).hexdigest() != claimed:
-        return "the receipt id is not the hash of the signed body"
-    try:
-        body = json.loads(body_json)
-    except ValueError:
-        return "chio_signed does not hold a JSON body"
-    if not isinstance(body, dict) or body != _normal(receipt):
-        return "chio_receipt differs from the body it claims was signed"
-    key_hex = str(body.get("kernel_key", "")).removeprefix("0x").lower()
-    signature = receipt.get("signature")
-    if not _signature_verifies(key_hex, signed, signature):
-        return "the Chio receipt signature does not verify under kernel_key"
-    if trusted_keys is not None and key_hex not in trusted_keys:
-        return f"kernel_key {key_hex[:16]}… is not a trusted signer"
+    checked = check_signed_receipt(step.chio_receipt, step.chio_signed, trusted_keys)
+    if isinstance(checked, str):
+        return checked
+    body = checked
     action = body.get("action")
     if not isinstance(action, dict):
         return "the Chio receipt has no action"
@@ -247,6 +221,50 @@ def check_chio_step(
     ):
         return "the step's deny reason is not the one the Chio receipt signed"
     return None
+
+
+def check_signed_receipt(
+    chio_receipt: str, signed: bytes, trusted_keys: Collection[str] | None
+) -> dict[str, Any] | str:
+    """The signed body of a carried Chio receipt, or why it does not hold.
+
+    ``chio_receipt`` is the receipt's compact JSON and ``signed`` the bytes its signature covers
+    (``JCS({"body", "id"})``). Checks that the receipt parses; that ``signed`` is the signed
+    message of this receipt (its id is the SHA-256 of the body, the body is the receipt's); the
+    Ed25519 signature of ``kernel_key`` over it; and that ``kernel_key`` is trusted (when
+    ``trusted_keys``, lowercase hex, is given). Shared by decisions and outcome records.
+    """
+    try:
+        receipt = json.loads(chio_receipt)
+    except ValueError as exc:
+        return f"chio_receipt is not JSON: {exc}"
+    if not isinstance(receipt, dict):
+        return "chio_receipt is not a JSON object"
+    claimed = receipt.get("id")
+    if not isinstance(claimed, str) or len(claimed) != 64:
+        return "chio_receipt has no receipt id"
+    if (
+        len(signed) <= len(_BODY_PREFIX) + _ID_SUFFIX_LEN
+        or not signed.startswith(_BODY_PREFIX)
+        or signed[-_ID_SUFFIX_LEN:] != b',"id":"' + claimed.encode("ascii", "replace") + b'"}'
+    ):
+        return "chio_signed is not the signed message of this receipt"
+    body_json = signed[len(_BODY_PREFIX) : -_ID_SUFFIX_LEN]
+    if hashlib.sha256(body_json).hexdigest() != claimed:
+        return "the receipt id is not the hash of the signed body"
+    try:
+        body = json.loads(body_json)
+    except ValueError:
+        return "chio_signed does not hold a JSON body"
+    if not isinstance(body, dict) or body != _normal(receipt):
+        return "chio_receipt differs from the body it claims was signed"
+    key_hex = str(body.get("kernel_key", "")).removeprefix("0x").lower()
+    signature = receipt.get("signature")
+    if not _signature_verifies(key_hex, signed, signature):
+        return "the Chio receipt signature does not verify under kernel_key"
+    if trusted_keys is not None and key_hex not in trusted_keys:
+        return f"kernel_key {key_hex[:16]}… is not a trusted signer"
+    return body
 
 
 def _signature_verifies(key_hex: str, message: bytes, signature: object) -> bool:

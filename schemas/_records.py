@@ -320,6 +320,7 @@ class StepOutcome:
     is_local: bool
     tool_server: str
     tool: str
+    capability_id: str
     decision_receipt_id: str
     decision_chio_id: str = ""
     status: StepStatus = StepStatus.UNKNOWN

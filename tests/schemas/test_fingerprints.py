@@ -36,9 +36,9 @@ FILES = {
 # Java Avro 1.12.1, SchemaNormalization.parsingFingerprint64, little-endian.
 JAVA_FINGERPRINTS = {
     STEP: "dd52140b2d1b51c2",
-    OUTCOME: "8834b4d903071a3f",
+    OUTCOME: "bf1f0538b35d23d1",
     RUN: "805d9cf57d23e9c1",
-    ENVELOPE: "0f60bd58b1cc0423",
+    ENVELOPE: "f8fcfc5f41602dff",
 }
 # Released versions, as Java Avro printed them when each was current.
 RELEASED_FINGERPRINTS = {

@@ -1,0 +1,170 @@
+"""Outcome records as Chio receipts: how an attempt's body ended, signed and bound (pure).
+
+The Chio kernel records what happens after an allow in three places, none of which fits one
+Temporal attempt:
+
+* ``/v1/receipts`` (chio-api-protect 0.1.2) signs a *job* submission (``job_name``,
+  ``namespace``, ``job_uid``, pod ``steps``) as an HTTP receipt, not a ``ChioReceipt`` of a tool
+  call;
+* ``/v1/reconcile`` settles a budget hold at its realized cost, from the trusted tool-server side:
+  it records money, not whether the call completed, failed or timed out;
+* a receipt's ``content_hash`` is the SHA-256 of the call's output; a plain hash of a small result
+  (``true``, an order id) is a dictionary oracle for it.
+
+The receipt model itself has the right kind: a ``trace_observation`` receipt (no decision,
+``boundary_class`` ``detect_only``, ``observation_outcome`` ``observed``, ``trust_level``
+``verified``) is the kernel's record of something observed rather than decided. So an outcome is a
+``StepOutcome`` event carrying a ``trace_observation`` ChioReceipt signed by the key that signed
+the decision (our sidecar's), like the decision's own receipt in ``StepReceipt``:
+
+* ``metadata.receipt_context.request_id`` is ``"chio-temporal-v1-outcome:"`` + SHA-256 of the
+  fixed JSON array of every field of the event (:func:`outcome_request_id`), so the receipt is
+  bound to the attempt, its status, duration and result digest;
+* ``metadata.chio_temporal_outcome`` repeats them readably, with ``decision_receipt_id`` and the
+  decision's Chio receipt id (the SHA-256 of its signed body): the chain to the decision;
+* ``content_hash`` is the kernel's hash of ``null`` (no output is recorded); the keyed digest
+  of the result travels in the event and is bound through the request id;
+* ``action.parameters`` is ``{}``: the decision's receipt holds the call's parameters.
+
+:func:`check_chio_outcome` is the check the builder, ``verify`` and the SIEM exporter share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+from collections.abc import Collection
+from dataclasses import replace
+from typing import Any, Final
+
+from nacl.signing import SigningKey
+
+from chio_receipts.schemas._chio_step import check_signed_receipt, chio_step_payload
+from chio_receipts.schemas._chio_wire import content_hash, sign_kernel_receipt
+from chio_receipts.schemas._records import StepOutcome
+
+__all__ = [
+    "OUTCOME_METADATA_KEY",
+    "OUTCOME_REQUEST_ID_PREFIX",
+    "check_chio_outcome",
+    "outcome_receipt_body",
+    "outcome_request_id",
+    "sign_chio_outcome",
+]
+
+OUTCOME_REQUEST_ID_PREFIX: Final = "chio-temporal-v1-outcome:"
+OUTCOME_METADATA_KEY: Final = "chio_temporal_outcome"
+
+# Every field of the event except the receipt itself, in schema order.
+_BOUND_FIELDS: Final = (
+    "outcome_id",
+    "namespace",
+    "workflow_id",
+    "run_id",
+    "workflow_type",
+    "task_queue",
+    "activity_id",
+    "activity_type",
+    "attempt",
+    "is_local",
+    "tool_server",
+    "tool",
+    "capability_id",
+    "decision_receipt_id",
+    "decision_chio_id",
+    "status",
+    "error_type",
+    "started_at",
+    "ended_at",
+    "duration_us",
+    "result_digest",
+    "result_key_id",
+    "worker_identity",
+    "trace_id",
+    "span_id",
+)
+_get_bound = operator.attrgetter(*_BOUND_FIELDS)
+_STATUS: Final = _BOUND_FIELDS.index("status")
+_NULL_CONTENT_HASH: Final = content_hash(None)
+
+
+def outcome_request_id(outcome: StepOutcome) -> str:
+    """``"chio-temporal-v1-outcome:"`` + SHA-256 hex of the compact JSON array of every field of
+    ``outcome`` but its receipt (schema order, ``status`` as its symbol)."""
+    values = list(_get_bound(outcome))
+    values[_STATUS] = outcome.status.value
+    text = json.dumps(values, ensure_ascii=True, separators=(",", ":"))
+    return OUTCOME_REQUEST_ID_PREFIX + hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def outcome_receipt_body(outcome: StepOutcome, *, policy_hash: str) -> dict[str, Any]:
+    """The ``trace_observation`` receipt body (unsigned) that records ``outcome``."""
+    return {
+        "timestamp": max(outcome.ended_at, 0) // 1_000_000,
+        "capability_id": outcome.capability_id,
+        "tool_server": outcome.tool_server,
+        "tool_name": outcome.tool,
+        "action": {"parameters": {}},
+        "receipt_kind": "trace_observation",
+        "boundary_class": "detect_only",
+        "observation_outcome": "observed",
+        "tool_origin": "caller_executed",
+        "redaction_mode": "none",
+        "content_hash": _NULL_CONTENT_HASH,
+        "policy_hash": policy_hash,
+        "metadata": {
+            "receipt_context": {"request_id": outcome_request_id(outcome)},
+            OUTCOME_METADATA_KEY: {
+                "decision_receipt_id": outcome.decision_receipt_id,
+                "decision_chio_id": outcome.decision_chio_id,
+                "status": outcome.status.value,
+                "error_type": outcome.error_type,
+                "duration_us": outcome.duration_us,
+                "result_digest": outcome.result_digest,
+                "result_key_id": outcome.result_key_id,
+            },
+        },
+        "trust_level": "verified",
+    }
+
+
+def sign_chio_outcome(
+    outcome: StepOutcome, signing_key: SigningKey, *, policy_hash: str
+) -> StepOutcome:
+    """``outcome`` carrying its ``trace_observation`` receipt signed by ``signing_key``."""
+    receipt = sign_kernel_receipt(
+        outcome_receipt_body(outcome, policy_hash=policy_hash), signing_key
+    )
+    text, signed = chio_step_payload(receipt)
+    return replace(outcome, chio_receipt=text, chio_signed=signed)
+
+
+def check_chio_outcome(
+    outcome: StepOutcome, *, trusted_keys: Collection[str] | None = None
+) -> str | None:
+    """Why ``outcome``'s receipt does not hold, or ``None`` when it does.
+
+    Checks the signed bytes, id and Ed25519 signature as for a decision (and that the signer is
+    trusted, when ``trusted_keys`` is given); that it is a ``trace_observation`` receipt; that
+    its request id binds every field of the event; and that capability, tool server and tool are
+    the event's. An event without a receipt (an unsigned gate failure) is refused here: callers
+    decide whether an unsigned record may stand (see the builder's gap accounting).
+    """
+    if not outcome.chio_receipt:
+        return "the outcome record carries no Chio receipt"
+    checked = check_signed_receipt(outcome.chio_receipt, outcome.chio_signed, trusted_keys)
+    if isinstance(checked, str):
+        return checked
+    body = checked
+    if body.get("receipt_kind") != "trace_observation" or "decision" in body:
+        return "the outcome's Chio receipt is not a trace observation"
+    metadata = body.get("metadata")
+    context = metadata.get("receipt_context") if isinstance(metadata, dict) else None
+    if not isinstance(context, dict) or context.get("request_id") != outcome_request_id(outcome):
+        return "the Chio receipt is not bound to this outcome record"
+    if body.get("capability_id") != outcome.capability_id:
+        return "the Chio receipt names another capability"
+    if body.get("tool_server") != outcome.tool_server or body.get("tool_name") != outcome.tool:
+        return "the Chio receipt names another tool"
+    return None
