@@ -3,10 +3,12 @@
 A poll loop over the visibility API: ``ExecutionStatus != "Running" AND CloseTime >= W - window``,
 where W is the persisted watermark (the newest close time emitted) and ``window`` the configured
 lag window (``WatcherConfig.lag_window_s``). The listing is read page by page, newest first, and
-each new run is emitted as it is read: its history gives the expected step count and the
-continued-as-new links (see ``_history``), its visibility record the parent chain. The event is
-handed to the sink (the streamer, whose write-ahead spool makes it durable) before the run is
-recorded as seen. Nothing holds the listing; the state is ``_watcher_state.Checkpoint``.
+each new run is emitted as it is read: its history, read page by page, gives every activity
+attempt Temporal started (``RunCompletion.expected_attempts``, and their count
+``expected_steps``) and the continued-as-new links (see ``_history``), its visibility record the
+parent chain. The event is handed to the sink (the streamer, whose write-ahead spool makes it
+durable) before the run is recorded as seen. Nothing holds the listing, and a run's attempt list
+lives only until its event is handed over; the state is ``_watcher_state.Checkpoint``.
 
 Checkpoint: a JSON file written atomically (temp file, fsync, rename) every ``checkpoint_every``
 runs (or every tenth of the dedup set when larger) and at the end of a poll: the watermark, the
@@ -40,7 +42,7 @@ from temporalio.service import RPCError
 
 import chio_receipts.schemas as schemas
 from chio_receipts.streamer._errors import WatcherError
-from chio_receipts.streamer._history import completion_event, history_facts, micros
+from chio_receipts.streamer._history import HistoryFold, completion_event, micros
 from chio_receipts.streamer._metrics import StreamerMetrics
 from chio_receipts.streamer._watcher_state import (
     EPOCH,
@@ -209,13 +211,15 @@ class CompletionWatcher:
 
     async def _completion(self, ex: WorkflowExecution) -> schemas.RunCompletion:
         handle = self.client.get_workflow_handle(ex.id, run_id=ex.run_id)
+        fold = HistoryFold()  # one page of the history in memory at a time
         try:
-            history = await handle.fetch_history(
+            async for ev in handle.fetch_history_events(
                 rpc_timeout=timedelta(seconds=self.config.rpc_timeout_s)
-            )
+            ):
+                fold.add(ev)
         except RPCError as exc:
             raise WatcherError(f"cannot read history of {ex.id}/{ex.run_id}: {exc}") from exc
-        facts = history_facts(history.events)
+        facts = fold.facts()
         parents = await self._parent_chain(ex.parent_id, ex.parent_run_id)
         return completion_event(
             namespace=ex.namespace or self.namespace,
