@@ -23,11 +23,20 @@ ids the receipt interceptor reads from ``activity.info()``. ``expected_steps`` i
   attempts inside one marker are ``""``. A marker whose data cannot be read (another SDK's
   format) counts as one attempt with an empty id.
 
-Not counted, because history does not show them:
+- Activities still open when the run closed (terminated, timed out, cancelled, or completed
+  while an activity was still running or backing off) have no started event. The watcher then
+  reads the closed run's pending activities (``DescribeWorkflowExecution`` keeps them after the
+  close) and :meth:`HistoryFold.add_pending` adds their attempts: 1..N for attempt N that had
+  started, 1..N-1 for attempt N still scheduled (backing off after attempt N-1, whose end is the
+  pending activity's ``last_failure``). A started attempt cut off by the close has no end
+  (``""``).
 
-- an activity still running or backing off when the run was terminated, timed out or cancelled
-  has no started event yet; for such runs the list is a lower bound (the receipt builder revises
-  the envelope when a late step arrives);
+Not counted, because Temporal does not show them:
+
+- an activity cancelled while it was backing off between attempts: its history is scheduled,
+  cancel requested, cancelled (``ACTIVITY_ID_NOT_STARTED``), with nothing of the attempts that
+  ran before; for such runs the list is a lower bound (a receipt of such an attempt is one the
+  list does not name);
 - local-activity attempts that ran in a workflow task that never completed (the worker died or
   the task failed) left no marker; a later workflow task runs them again from attempt 1.
 """
@@ -41,9 +50,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from temporalio.api.enums.v1 import EventType, TimeoutType
+from temporalio.api.enums.v1 import EventType, PendingActivityState, TimeoutType
 from temporalio.api.failure.v1 import Failure
 from temporalio.api.history.v1 import HistoryEvent, MarkerRecordedEventAttributes
+from temporalio.api.workflow.v1 import PendingActivityInfo
 from temporalio.client import WorkflowExecutionStatus
 
 import chio_receipts.schemas as schemas
@@ -154,6 +164,8 @@ class _Started:
 
 def _regular_attempts(s: _Started, end: str) -> list[schemas.ExpectedAttempt]:
     """Attempts 1..N of a regular activity whose attempt N ended as ``end``."""
+    if s.attempt < 1:
+        return []
     return [
         schemas.ExpectedAttempt(
             activity_id=s.activity_id,
@@ -231,6 +243,39 @@ class HistoryFold:
         if started is not None:
             self._attempts.extend(_regular_attempts(started, end))
             self._regular += started.attempt
+
+    @property
+    def open_activities(self) -> int:
+        """Activities scheduled and neither started nor closed in the events folded so far."""
+        return sum(1 for eid in self._scheduled if eid not in self._started)
+
+    def add_pending(self, pending: Iterable[PendingActivityInfo]) -> None:
+        """Add the attempts of the activities the run left open, from its pending activities
+        (``DescribeWorkflowExecution`` of the closed run); each open activity is added once."""
+        open_ids = {
+            aid: eid for eid, (aid, _) in self._scheduled.items() if eid not in self._started
+        }
+        for p in pending:
+            eid = open_ids.pop(p.activity_id, None)
+            if eid is None:
+                continue
+            aid, atype = self._scheduled.pop(eid)
+            attempt = max(p.attempt, 1)
+            started = p.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED or (
+                p.state != PendingActivityState.PENDING_ACTIVITY_STATE_SCHEDULED
+                and p.HasField("last_started_time")
+                and p.last_started_time.ToNanoseconds() > 0
+            )
+            failed = failure_end(p.last_failure) if p.HasField("last_failure") else ""
+            if started:
+                # Attempt N was running when the run closed; N-1 ended with the last failure.
+                s = _Started(aid, atype, attempt, failed)
+                self._attempts.extend(_regular_attempts(s, ""))
+            else:
+                # Attempt N never started: attempts 1..N-1 did, N-1 ending with the last failure.
+                s = _Started(aid, atype, attempt - 1, "")
+                self._attempts.extend(_regular_attempts(s, failed))
+            self._regular += s.attempt
 
     def _marker(self, m: MarkerRecordedEventAttributes) -> None:
         self._markers += 1

@@ -5,10 +5,12 @@ where W is the persisted watermark (the newest close time emitted) and ``window`
 lag window (``WatcherConfig.lag_window_s``). The listing is read page by page, newest first, and
 each new run is emitted as it is read: its history, read page by page, gives every activity
 attempt Temporal started (``RunCompletion.expected_attempts``, and their count
-``expected_steps``) and the continued-as-new links (see ``_history``), its visibility record the
-parent chain. The event is handed to the sink (the streamer, whose write-ahead spool makes it
-durable) before the run is recorded as seen. Nothing holds the listing, and a run's attempt list
-lives only until its event is handed over; the state is ``_watcher_state.Checkpoint``.
+``expected_steps``) and the continued-as-new links (see ``_history``); when the run closed with
+activities still open, its pending activities (one describe call) give theirs; its visibility
+record gives the parent chain. The event is handed to the sink (the streamer, whose write-ahead
+spool makes it durable) before the run is recorded as seen. Nothing holds the listing, and a
+run's attempt list lives only until its event is handed over; the state is
+``_watcher_state.Checkpoint``.
 
 Checkpoint: a JSON file written atomically (temp file, fsync, rename) every ``checkpoint_every``
 runs (or every tenth of the dedup set when larger) and at the end of a poll: the watermark, the
@@ -36,9 +38,10 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from temporalio.client import Client, WorkflowExecution
-from temporalio.service import RPCError
+from temporalio.client import Client, WorkflowExecution, WorkflowHandle
+from temporalio.service import RPCError, RPCStatusCode
 
 import chio_receipts.schemas as schemas
 from chio_receipts.streamer._errors import WatcherError
@@ -219,6 +222,8 @@ class CompletionWatcher:
                 fold.add(ev)
         except RPCError as exc:
             raise WatcherError(f"cannot read history of {ex.id}/{ex.run_id}: {exc}") from exc
+        if fold.open_activities:
+            await self._add_pending(handle, fold)
         facts = fold.facts()
         parents = await self._parent_chain(ex.parent_id, ex.parent_run_id)
         return completion_event(
@@ -234,6 +239,18 @@ class CompletionWatcher:
             parent_workflow_ids=parents,
             emitted_at=micros(datetime.now(UTC)),
         )
+
+    async def _add_pending(self, handle: WorkflowHandle[Any, Any], fold: HistoryFold) -> None:
+        """The attempts of activities the run left open (running or backing off when it closed)
+        are not in its history; the closed run's pending activities still show them."""
+        try:
+            desc = await handle.describe(rpc_timeout=timedelta(seconds=self.config.rpc_timeout_s))
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:  # gone since (retention): keep history's
+                log.info("watcher: cannot describe %s/%s: %s", handle.id, handle.run_id, exc)
+                return
+            raise WatcherError(f"cannot describe {handle.id}/{handle.run_id}: {exc}") from exc
+        fold.add_pending(desc.raw_description.pending_activities)
 
     async def _parent_chain(
         self, parent_id: str | None, parent_run_id: str | None

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from temporalio.api.common.v1 import ActivityType, Payload, Payloads
-from temporalio.api.enums.v1 import EventType, TimeoutType
+from temporalio.api.enums.v1 import EventType, PendingActivityState, TimeoutType
 from temporalio.api.failure.v1 import (
     ApplicationFailureInfo,
     CanceledFailureInfo,
@@ -27,6 +27,7 @@ from temporalio.api.history.v1 import (
     HistoryEvent,
     MarkerRecordedEventAttributes,
 )
+from temporalio.api.workflow.v1 import PendingActivityInfo
 from temporalio.client import WorkflowExecutionStatus
 
 import chio_receipts.schemas as schemas
@@ -376,3 +377,66 @@ def test_completion_event_carries_the_expected_attempts_through_avro() -> None:
     body = schemas.encode(schemas.RUN_COMPLETION_SCHEMA, ev.to_avro())
     back = schemas.RunCompletion.from_avro(schemas.decode(body).record)
     assert back.expected_attempts == facts.expected_attempts
+
+
+P = PendingActivityState
+
+
+def _pending(
+    activity_id: str,
+    attempt: int,
+    state: PendingActivityState.ValueType,
+    last_failure: Failure | None = None,
+    *,
+    started_s: int = 0,
+) -> PendingActivityInfo:
+    p = PendingActivityInfo(
+        activity_id=activity_id,
+        activity_type=ActivityType(name="ignored"),
+        attempt=attempt,
+        state=state,
+    )
+    if last_failure is not None:
+        p.last_failure.CopyFrom(last_failure)
+    if started_s:
+        p.last_started_time.FromSeconds(started_s)
+    return p
+
+
+def test_open_activities_take_their_attempts_from_the_pending_activities() -> None:
+    """The run closed with activities open: backing off after attempt 1, running attempt 3,
+    never started, cancel requested while running and while scheduled."""
+    h = _History()
+    for aid in ("back", "run", "never", "cr-run", "cr-sched"):
+        h.scheduled(aid, f"t-{aid}")
+    done = h.scheduled("done", "t-done")
+    h.started(done, 1)
+    h.completed(done)
+    fold = HistoryFold()
+    for ev in h.events:
+        fold.add(ev)
+    assert fold.open_activities == 5
+    pending = [
+        _pending("back", 2, P.PENDING_ACTIVITY_STATE_SCHEDULED, _app("Flake")),
+        _pending(
+            "run", 3, P.PENDING_ACTIVITY_STATE_STARTED, _timeout(TimeoutType.TIMEOUT_TYPE_HEARTBEAT)
+        ),
+        _pending("never", 1, P.PENDING_ACTIVITY_STATE_SCHEDULED),
+        _pending("cr-run", 1, P.PENDING_ACTIVITY_STATE_CANCEL_REQUESTED, started_s=1_700_000_000),
+        _pending("cr-sched", 1, P.PENDING_ACTIVITY_STATE_CANCEL_REQUESTED),
+        _pending("done", 1, P.PENDING_ACTIVITY_STATE_STARTED),  # closed in history: not again
+        _pending("elsewhere", 1, P.PENDING_ACTIVITY_STATE_STARTED),  # not this history's
+    ]
+    fold.add_pending(pending)
+    fold.add_pending(pending)  # each open activity is added once
+    assert fold.open_activities == 0
+    facts = fold.facts()
+    assert facts.expected_attempts == (
+        _att("back", "t-back", 1, "failed:Flake"),
+        _att("cr-run", "t-cr-run", 1, ""),
+        _att("done", "t-done", 1, "completed"),
+        _att("run", "t-run", 1, ""),
+        _att("run", "t-run", 2, "timed_out:heartbeat"),
+        _att("run", "t-run", 3, ""),
+    )
+    assert facts.expected_steps == facts.activity_attempts == 6
