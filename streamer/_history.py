@@ -22,14 +22,13 @@ ids the receipt interceptor reads from ``activity.info()``. ``expected_steps`` i
   failure (``failed:<type>``, ``timed_out:<kind>``, ``cancelled``) or is ``completed``; earlier
   attempts inside one marker are ``""``. A marker whose data cannot be read (another SDK's
   format) counts as one attempt with an empty id.
-
 - Activities still open when the run closed (terminated, timed out, cancelled, or completed
   while an activity was still running or backing off) have no started event. The watcher then
   reads the closed run's pending activities (``DescribeWorkflowExecution`` keeps them after the
   close) and :meth:`HistoryFold.add_pending` adds their attempts: 1..N for attempt N that had
   started, 1..N-1 for attempt N still scheduled (backing off after attempt N-1, whose end is the
   pending activity's ``last_failure``). A started attempt cut off by the close has no end
-  (``""``).
+  (``""``); an activity whose first attempt never started adds nothing.
 
 Not counted, because Temporal does not show them:
 
