@@ -29,6 +29,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from temporalio.api.enums.v1 import WorkflowExecutionStatus
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.workflow.v1 import WorkflowExecutionInfo
 from temporalio.client import Client, WorkflowExecution, WorkflowHistory
 from temporalio.converter import DataConverter
@@ -86,6 +87,11 @@ class _Handle:
 
     async def fetch_history(self, **_: Any) -> WorkflowHistory:
         return WorkflowHistory(self.workflow_id, [])
+
+    async def fetch_history_events(self, **_: Any) -> AsyncIterator[HistoryEvent]:
+        events: tuple[HistoryEvent, ...] = ()  # an empty history
+        for ev in events:
+            yield ev
 
 
 class _SyntheticVisibility:

@@ -3,10 +3,14 @@
 A poll loop over the visibility API: ``ExecutionStatus != "Running" AND CloseTime >= W - window``,
 where W is the persisted watermark (the newest close time emitted) and ``window`` the configured
 lag window (``WatcherConfig.lag_window_s``). The listing is read page by page, newest first, and
-each new run is emitted as it is read: its history gives the expected step count and the
-continued-as-new links (see ``_history``), its visibility record the parent chain. The event is
-handed to the sink (the streamer, whose write-ahead spool makes it durable) before the run is
-recorded as seen. Nothing holds the listing; the state is ``_watcher_state.Checkpoint``.
+each new run is emitted as it is read: its history, read page by page, gives every activity
+attempt Temporal started (``RunCompletion.expected_attempts``, and their count
+``expected_steps``) and the continued-as-new links (see ``_history``); when the run closed with
+activities still open, its pending activities (one describe call) give theirs; its visibility
+record gives the parent chain. The event is handed to the sink (the streamer, whose write-ahead
+spool makes it durable) before the run is recorded as seen. Nothing holds the listing, and a
+run's attempt list lives only until its event is handed over; the state is
+``_watcher_state.Checkpoint``.
 
 Checkpoint: a JSON file written atomically (temp file, fsync, rename) every ``checkpoint_every``
 runs (or every tenth of the dedup set when larger) and at the end of a poll: the watermark, the
@@ -34,13 +38,14 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from temporalio.client import Client, WorkflowExecution
-from temporalio.service import RPCError
+from temporalio.client import Client, WorkflowExecution, WorkflowHandle
+from temporalio.service import RPCError, RPCStatusCode
 
 import chio_receipts.schemas as schemas
 from chio_receipts.streamer._errors import WatcherError
-from chio_receipts.streamer._history import completion_event, history_facts, micros
+from chio_receipts.streamer._history import HistoryFold, completion_event, micros
 from chio_receipts.streamer._metrics import StreamerMetrics
 from chio_receipts.streamer._watcher_state import (
     EPOCH,
@@ -209,13 +214,17 @@ class CompletionWatcher:
 
     async def _completion(self, ex: WorkflowExecution) -> schemas.RunCompletion:
         handle = self.client.get_workflow_handle(ex.id, run_id=ex.run_id)
+        fold = HistoryFold()  # one page of the history in memory at a time
         try:
-            history = await handle.fetch_history(
+            async for ev in handle.fetch_history_events(
                 rpc_timeout=timedelta(seconds=self.config.rpc_timeout_s)
-            )
+            ):
+                fold.add(ev)
         except RPCError as exc:
             raise WatcherError(f"cannot read history of {ex.id}/{ex.run_id}: {exc}") from exc
-        facts = history_facts(history.events)
+        if fold.open_activities:
+            await self._add_pending(handle, fold)
+        facts = fold.facts()
         parents = await self._parent_chain(ex.parent_id, ex.parent_run_id)
         return completion_event(
             namespace=ex.namespace or self.namespace,
@@ -230,6 +239,18 @@ class CompletionWatcher:
             parent_workflow_ids=parents,
             emitted_at=micros(datetime.now(UTC)),
         )
+
+    async def _add_pending(self, handle: WorkflowHandle[Any, Any], fold: HistoryFold) -> None:
+        """The attempts of activities the run left open (running or backing off when it closed)
+        are not in its history; the closed run's pending activities still show them."""
+        try:
+            desc = await handle.describe(rpc_timeout=timedelta(seconds=self.config.rpc_timeout_s))
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:  # gone since (retention): keep history's
+                log.info("watcher: cannot describe %s/%s: %s", handle.id, handle.run_id, exc)
+                return
+            raise WatcherError(f"cannot describe {handle.id}/{handle.run_id}: {exc}") from exc
+        fold.add_pending(desc.raw_description.pending_activities)
 
     async def _parent_chain(
         self, parent_id: str | None, parent_run_id: str | None

@@ -145,11 +145,11 @@ def test_history_facts_count_attempts_markers_and_links() -> None:
         ),
         _ev(
             EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED,
-            activity_task_started_event_attributes={"attempt": 3},
+            activity_task_started_event_attributes={"attempt": 3, "scheduled_event_id": 10},
         ),
         _ev(
             EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED,
-            activity_task_started_event_attributes={"attempt": 1},
+            activity_task_started_event_attributes={"attempt": 1, "scheduled_event_id": 11},
         ),
         _ev(
             EventType.EVENT_TYPE_MARKER_RECORDED,
