@@ -19,6 +19,7 @@ from chio_receipts.consumers import (
     parse_dead_letter_headers,
     verify_run,
 )
+from chio_receipts.consumers._clickhouse import migrations as shipped_migrations
 from chio_receipts.consumers._clickhouse import split_statements
 from chio_receipts.consumers._envelope import Envelope
 from chio_receipts.consumers._wire import decode_plain, encode_plain, envelope_step_body
@@ -382,7 +383,7 @@ async def test_a_v1_database_upgrades_in_place_and_verify_checks_v1_and_v2_rows(
         tampered = await sink.call(
             lambda c: verify_run(c, wf, keys=KEYS, trusted_kernel_keys=trusted)
         )
-    assert [m[0] for m in migrations] == [1, 2, 3]
+    assert [m[0] for m in migrations] == [m.version for m in shipped_migrations()]
     assert v1_cols == [("", 0, "", "")] * 3
     problems = "\n".join(tampered.problems)
     assert f"receipt {new_id}" in problems
