@@ -360,3 +360,67 @@ async def test_refused_outcome_records_are_dead_lettered_and_never_counted(
     assert message.key == key
     # A stable id: the consumed message's position, the same if a replay refuses it again.
     assert dict(message.headers)["ce_id"] == f"{topics.steps}/0/4".encode()
+
+
+async def test_late_records_after_a_restart_give_one_new_revision_and_replays_none(
+    kafka_bootstrap: str, clickhouse_dsn: str, unique: Callable[[str], str]
+) -> None:
+    topics = await make_topics(kafka_bootstrap, unique, partitions=1)
+    wf, rid = unique("wf-late"), "r1"
+    key = _key(wf, rid)
+    d1, w1 = _decision(wf, rid, "1", 1)
+    await produce(kafka_bootstrap, topics.steps, [(key, w1, None)])
+    expected = [("1", 1, "failed:IOError"), ("1", 2, "timed_out:start_to_close")]
+    await produce(kafka_bootstrap, topics.runs, [(key, _completion(wf, rid, expected), None)])
+    sql = (
+        "SELECT revision, complete, outcome_ids, "
+        "arrayMap(a -> (a.account, a.outcome), attempts) "
+        f"FROM workflow_receipts WHERE workflow_id = '{wf}' ORDER BY revision"
+    )
+    async with Running(_config(kafka_bootstrap, clickhouse_dsn, topics)) as running:
+
+        async def first() -> list[tuple[Any, ...]]:
+            return await running.rows(sql)
+
+        assert await eventually(first, timeout=60) == [
+            (1, True, [], [("RECEIPTED", "UNKNOWN"), ("WORKER_LOST", "UNKNOWN")])
+        ]
+    # While the builder is down: attempt 1's outcome, and attempt 2's receipt and outcome (its
+    # worker's spool replayed after a restart).
+    d2, w2 = _decision(wf, rid, "1", 2)
+    failed = _outcome(wf, rid, "1", 1, StepStatus.FAILED, decision=d1, error_type="IOError")
+    done = _outcome(wf, rid, "1", 2, StepStatus.COMPLETED, decision=d2)
+    late: list[_Msg] = [(key, _value(failed), None), (key, w2, None), (key, _value(done), None)]
+    await produce(kafka_bootstrap, topics.steps, late)
+    revised = [
+        (1, True, [], [("RECEIPTED", "UNKNOWN"), ("WORKER_LOST", "UNKNOWN")]),
+        (
+            2,
+            True,
+            [failed.outcome_id, done.outcome_id],
+            [("RECEIPTED", "FAILED"), ("RECEIPTED", "COMPLETED")],
+        ),
+    ]
+    # A new process re-hydrates the run from ClickHouse (its steps, records and accounts).
+    async with Running(_config(kafka_bootstrap, clickhouse_dsn, topics)) as running:
+
+        async def second() -> list[tuple[Any, ...]] | None:
+            rows = await running.rows(sql)
+            return rows if len(rows) == 2 else None
+
+        assert await eventually(second, timeout=60) == revised
+        # The same records again (producer retries): nothing new, no revision 3.
+        await produce(kafka_bootstrap, topics.steps, [(key, w1, None), *late])
+
+        async def drained() -> bool:
+            await running.rows("SELECT 1")
+            return await running.service.lag() == 0
+
+        await eventually(drained, timeout=30)
+        assert await running.rows(sql) == revised
+        assert await running.rows(
+            f"SELECT count() FROM step_outcomes WHERE workflow_id = '{wf}'"
+        ) == [(2,)]
+        report = await running.service.sink.call(lambda c: verify_run(c, wf, keys=KEYS))
+    assert report.ok, report.summary()
+    assert report.notes == []
