@@ -21,6 +21,7 @@ from chio_receipts.consumers import (
     BuilderConfig,
     ClickHouseConfig,
     ReceiptBuilderService,
+    open_client,
     parse_dead_letter_headers,
     verify_run,
 )
@@ -39,8 +40,8 @@ from chio_receipts.schemas import (
     encode,
     frame,
     sign_chio_outcome,
-    sign_receipt,
 )
+from tests.support.chio_runs import chio_step
 from tests.support.consumer_factory import STEP, completion, completion_value, receipt, uuid7
 from tests.support.helpers import eventually
 from tests.support.kafka_topics import make_topics, produce, read_all
@@ -101,9 +102,10 @@ def _key(wf: str, rid: str) -> bytes:
 
 
 def _decision(wf: str, rid: str, activity: str, attempt: int) -> tuple[StepReceipt, bytes]:
-    """A sidecar-signed decision receipt of one attempt, and its framed wire value."""
+    """A sidecar-signed decision receipt of one attempt carrying its Chio receipt, and its
+    framed wire value."""
     step = receipt(wf, rid, 0, activity_id=activity, attempt=attempt, activity_type="charge")
-    signed, body = sign_receipt(step, SIDECAR)
+    signed, body = chio_step(step, SIDECAR, SIDECAR)
     return signed, frame(STEP, body)
 
 
@@ -136,6 +138,7 @@ def _outcome(
         tool="tool_0",
         capability_id="cap-1" if decision is not None else "",
         decision_receipt_id=decision.receipt_id if decision is not None else "",
+        decision_chio_id=json.loads(decision.chio_receipt)["id"] if decision is not None else "",
         status=status,
         error_type=error_type,
         started_at=now,
@@ -424,3 +427,79 @@ async def test_late_records_after_a_restart_give_one_new_revision_and_replays_no
         report = await running.service.sink.call(lambda c: verify_run(c, wf, keys=KEYS))
     assert report.ok, report.summary()
     assert report.notes == []
+
+
+async def test_verify_names_tampered_and_unbound_outcome_rows(
+    kafka_bootstrap: str, clickhouse_dsn: str, unique: Callable[[str], str]
+) -> None:
+    topics = await make_topics(kafka_bootstrap, unique, partitions=1)
+    wf = unique("wf-tamper")
+    messages: list[_Msg] = []
+    records: dict[str, StepOutcome] = {}
+    for rid in ("status", "deleted", "accounts", "unbound"):
+        key = _key(wf, rid)
+        decision, wire = _decision(wf, rid, "1", 1)
+        if rid == "unbound":
+            # Signed and well formed, but the decision it names is another run's.
+            decision = _decision(wf, "elsewhere", "1", 1)[0]
+        records[rid] = _outcome(
+            wf, rid, "1", 1, StepStatus.FAILED, decision=decision, error_type="IOError"
+        )
+        messages += [(key, wire, None), (key, _value(records[rid]), None)]
+    await produce(kafka_bootstrap, topics.steps, messages)
+    done = [
+        (_key(wf, rid), _completion(wf, rid, [("1", 1, "failed:IOError")]), None)
+        for rid in ("status", "deleted", "accounts", "unbound")
+    ]
+    await produce(kafka_bootstrap, topics.runs, done)
+    async with Running(_config(kafka_bootstrap, clickhouse_dsn, topics)) as running:
+
+        async def written() -> bool:
+            rows = await running.rows(
+                f"SELECT count() FROM workflow_receipts WHERE workflow_id = '{wf}'"
+            )
+            return rows == [(4,)]
+
+        await eventually(written, timeout=60)
+    client = open_client(clickhouse_dsn)
+    try:
+        sync = {"mutations_sync": 2}
+        client.command(
+            "ALTER TABLE step_outcomes UPDATE status = 'COMPLETED' WHERE run_id = 'status'",
+            settings=sync,
+        )
+        client.command("ALTER TABLE step_outcomes DELETE WHERE run_id = 'deleted'", settings=sync)
+        client.command(
+            "ALTER TABLE workflow_receipts UPDATE attempts = "
+            "arrayMap(a -> tuple(a.1, a.2, a.3, a.4, 'WORKER_LOST', 'timed_out:x', a.7), attempts)"
+            " WHERE run_id = 'accounts'",
+            settings=sync,
+        )
+        report = verify_run(client, wf, keys=KEYS)
+    finally:
+        client.close()
+    problems = "\n".join(report.problems)
+    by_run = {
+        rid: [p for p in report.problems if p.startswith(f"run {rid}:")]
+        for rid in ("status", "deleted", "accounts", "unbound")
+    }
+    status, deleted = records["status"].outcome_id, records["deleted"].outcome_id
+    assert any(
+        f"outcome record {status}" in p and "field status changed" in p for p in by_run["status"]
+    ), problems
+    # The envelope embeds the signed record (from ``wire``), so only the column is named.
+    assert len(by_run["status"]) == 1, problems
+    assert (
+        f"run deleted: envelope revision 1: outcome record {deleted} has no row (deleted)"
+        in by_run["deleted"]
+    ), problems
+    assert any(
+        "is accounted WORKER_LOST (timed_out:x, outcome FAILED) but its rows give RECEIPTED" in p
+        for p in by_run["accounts"]
+    ), problems
+    assert any("builder signature invalid" in p for p in by_run["accounts"]), problems
+    assert by_run["unbound"] == [
+        f"run unbound: outcome record {records['unbound'].outcome_id} (activity 1 attempt 1, "
+        f"FAILED): its decision receipt {records['unbound'].decision_receipt_id} is not among "
+        "the run's step rows"
+    ]
