@@ -484,7 +484,7 @@ class ReceiptBuilder:
             receipt_ids=tuple(e.receipt_id for e in ordered),
             steps=tuple(e.body for e in ordered),
             chain_root=chain_root(e.hash for e in ordered),
-            extra=tuple(extra),
+            extra=tuple(sorted(extra)),
             outcomes=tuple(e.body for e in records),
             outcome_ids=tuple(e.outcome_id for e in records),
             attempts=accounts,
