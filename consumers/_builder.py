@@ -46,6 +46,7 @@ from chio_receipts.schemas import (
 
 __all__ = [
     "DECLARED_OUTCOME",
+    "DENIED",
     "NO_RECEIPT",
     "OUTCOME_SOURCE",
     "OUTCOME_WITHOUT_RECEIPT",
@@ -76,6 +77,9 @@ worker was lost (a real gap)."""
 OUTCOME_WITHOUT_RECEIPT = "outcome_without_receipt"
 """Reason of a ``MISSING`` attempt that has an outcome record after a decision, but not that
 decision's receipt (a receipt that should exist and does not)."""
+DENIED = "denied"
+"""Reason of a receipted attempt whose decision was a denial and that has no outcome record: its
+body never ran, so its outcome is UNKNOWN for that reason, not because the worker died."""
 UNSIGNED_OUTCOME = "unsigned_outcome:"
 """Reason prefix of a receipted attempt whose only outcome record is unsigned (and not a gate
 failure): its claimed status follows in lowercase, and the account's ``outcome`` stays UNKNOWN."""
@@ -138,17 +142,18 @@ def account_attempts(
     expected: Sequence[ExpectedAttempt],
     receipted: Collection[tuple[str, int]],
     outcomes: Iterable[OutcomeEntry],
+    denied: Collection[tuple[str, int]] = (),
 ) -> tuple[AttemptAccount, ...]:
     """How each attempt Temporal started is accounted for (pure), in (activity_id, attempt)
     order, one account per distinct (activity_id, attempt) of ``expected``.
 
-    ``receipted`` holds the (activity_id, attempt) of the run's step receipts; ``outcomes`` are
-    the run's outcome records. An attempt is:
+    ``receipted`` holds the (activity_id, attempt) of the run's step receipts, ``denied`` those
+    whose receipt is a denial; ``outcomes`` are the run's outcome records. An attempt is:
 
     * ``RECEIPTED`` when a receipt exists; ``outcome`` is the status of its outcome record
       (a signed record first, then by outcome id), ``UNKNOWN`` when none arrived (the worker
-      died before writing one) or when the only record is unsigned (``reason``
-      ``unsigned_outcome:<status>``);
+      died before writing one; ``reason`` ``denied`` when the decision was a denial: the body
+      never ran) or when the only record is unsigned (``reason`` ``unsigned_outcome:<status>``);
     * ``GATE_FAILED`` when no receipt but a gate-failure record exists (``reason`` its
       ``error_type``: sidecar unreachable, sink refused);
     * ``WORKER_LOST`` when there is neither and Temporal ended the attempt ``timed_out:...``
@@ -176,6 +181,8 @@ def account_attempts(
                     outcome = first.status
                 else:
                     reason = UNSIGNED_OUTCOME + first.status.value.lower()
+            elif key in denied:
+                reason = DENIED
         elif gate is not None:
             state, reason, outcome = AccountState.GATE_FAILED, gate.error_type, gate.status
         elif records:
@@ -392,7 +399,8 @@ class ReceiptBuilder:
         if done is None or not authoritative(done) or not done.expected_attempts:
             return ()
         receipted = {(e.activity_id, e.attempt) for e in run.steps.values()}
-        return account_attempts(done.expected_attempts, receipted, run.outcomes.values())
+        denied = {(e.activity_id, e.attempt) for e in run.steps.values() if e.verdict == "DENY"}
+        return account_attempts(done.expected_attempts, receipted, run.outcomes.values(), denied)
 
     @classmethod
     def missing(cls, run: RunState, accounts: tuple[AttemptAccount, ...] | None = None) -> int:

@@ -471,8 +471,13 @@ def _check_attempts(
     report.attempts += len(env.attempts)
     in_envelope = set(listed)
     receipted = {(r.activity_id, r.attempt) for r in rows if r.receipt_id in in_envelope}
+    denied = {
+        (r.activity_id, r.attempt)
+        for r in rows
+        if r.receipt_id in in_envelope and r.verdict == "DENY"
+    }
     records = [outcomes[o] for o in listed_outcomes if o in outcomes]
-    expected = account_attempts(expected_from_accounts(env.attempts), receipted, records)
+    expected = account_attempts(expected_from_accounts(env.attempts), receipted, records, denied)
     stored = {(a.activity_id, a.attempt): a for a in env.attempts}
     for account in expected:
         have = stored.get((account.activity_id, account.attempt))

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 from chio_receipts.consumers._builder import (
+    DENIED,
     NO_RECEIPT,
     OUTCOME_WITHOUT_RECEIPT,
     OutcomeEntry,
@@ -82,6 +83,15 @@ def test_every_state_of_an_attempt() -> None:
         ("6", 1, "MISSING", OUTCOME_WITHOUT_RECEIPT, "UNKNOWN"),
     ]
     assert [a.explained for a in accounts] == [True, True, True, True, False, False]
+
+
+def test_a_denied_attempt_without_outcome_says_why_its_outcome_is_unknown() -> None:
+    expected = [_want("1", 1, "failed:PermissionError"), _want("2", 1, "timed_out:x")]
+    accounts = account_attempts(expected, {("1", 1), ("2", 1)}, [], denied={("1", 1)})
+    assert _states(accounts) == [
+        ("1", 1, "RECEIPTED", DENIED, "UNKNOWN"),
+        ("2", 1, "RECEIPTED", "", "UNKNOWN"),
+    ]
 
 
 def test_a_receipt_wins_over_a_timeout_and_a_gate_failure_over_a_timeout() -> None:

@@ -36,6 +36,7 @@ from chio_receipts.schemas import (
     StepReceipt,
     StepStatus,
     TopicNames,
+    Verdict,
     decode,
     encode,
     frame,
@@ -101,10 +102,14 @@ def _key(wf: str, rid: str) -> bytes:
     return f"default/{wf}/{rid}".encode()
 
 
-def _decision(wf: str, rid: str, activity: str, attempt: int) -> tuple[StepReceipt, bytes]:
+def _decision(
+    wf: str, rid: str, activity: str, attempt: int, verdict: Verdict = Verdict.ALLOW
+) -> tuple[StepReceipt, bytes]:
     """A sidecar-signed decision receipt of one attempt carrying its Chio receipt, and its
     framed wire value."""
-    step = receipt(wf, rid, 0, activity_id=activity, attempt=attempt, activity_type="charge")
+    step = receipt(
+        wf, rid, 0, activity_id=activity, attempt=attempt, activity_type="charge", verdict=verdict
+    )
     signed, body = chio_step(step, SIDECAR, SIDECAR)
     return signed, frame(STEP, body)
 
@@ -180,13 +185,14 @@ async def test_outcomes_and_every_expected_attempt_are_accounted_and_verified(
     d1, w1 = _decision(wf, rid, "1", 1)
     d2, w2 = _decision(wf, rid, "2", 2)
     d3, w3 = _decision(wf, rid, "3", 1)
+    _, w4 = _decision(wf, rid, "4", 1, Verdict.DENY)
     completed = _outcome(wf, rid, "1", 1, StepStatus.COMPLETED, decision=d1)
     failed = _outcome(wf, rid, "2", 2, StepStatus.FAILED, decision=d2, error_type="ValueError")
     # The sidecar was unreachable for activity 2's first attempt: the gate failed, unsigned.
     gate = _outcome(
         wf, rid, "2", 1, StepStatus.GATE_FAILED, error_type="sidecar_unreachable", signer=None
     )
-    steps: list[_Msg] = [(key, w, None) for w in (w1, w2, w3)]
+    steps: list[_Msg] = [(key, w, None) for w in (w1, w2, w3, w4)]
     records: list[_Msg] = [(key, _value(o), None) for o in (completed, gate, failed)]
     records.append((key, _value(completed), None))  # a producer retry: the same record again
     await produce(kafka_bootstrap, topics.steps, steps + records)
@@ -196,6 +202,7 @@ async def test_outcomes_and_every_expected_attempt_are_accounted_and_verified(
         ("2", 2, "failed:ValueError"),
         ("2", 3, "timed_out:start_to_close"),  # the worker died before evaluation
         ("3", 1, "timed_out:heartbeat"),  # receipted; the worker died before its outcome
+        ("4", 1, "failed:PermissionError"),  # denied: its body never ran
     ]
     await produce(kafka_bootstrap, topics.runs, [(key, _completion(wf, rid, expected), None)])
     async with Running(_config(kafka_bootstrap, clickhouse_dsn, topics)) as running:
@@ -214,7 +221,7 @@ async def test_outcomes_and_every_expected_attempt_are_accounted_and_verified(
         )
         report = await running.service.sink.call(lambda c: verify_run(c, wf, keys=KEYS))
     revision, complete, step_count, missing, outcome_ids, attempts, extra = env
-    assert (revision, complete, step_count, missing) == (1, True, 3, 0)
+    assert (revision, complete, step_count, missing) == (1, True, 4, 0)
     assert list(outcome_ids) == [completed.outcome_id, gate.outcome_id, failed.outcome_id]
     assert [
         (a["activity_id"], a["attempt"], a["account"], a["reason"], a["outcome"]) for a in attempts
@@ -224,11 +231,12 @@ async def test_outcomes_and_every_expected_attempt_are_accounted_and_verified(
         ("2", 2, "RECEIPTED", "", "FAILED"),
         ("2", 3, "WORKER_LOST", "timed_out:start_to_close", "UNKNOWN"),
         ("3", 1, "RECEIPTED", "", "UNKNOWN"),
+        ("4", 1, "RECEIPTED", "denied", "UNKNOWN"),
     ]
     assert (extra["outcomes"], extra["unsigned_outcomes"], extra["expected_attempts"]) == (
         "3",
         "1",
-        "5",
+        "6",
     )
     assert (extra["missing_attempts"], extra["gate_failed_attempts"]) == ("0", "1")
     assert extra["worker_lost_attempts"] == "1"
@@ -240,7 +248,7 @@ async def test_outcomes_and_every_expected_attempt_are_accounted_and_verified(
     ]
     assert d3.receipt_id not in {r[7] for r in outcome_rows}
     assert report.ok, report.summary()
-    assert (report.steps, report.outcomes, report.attempts) == (3, 3, 5)
+    assert (report.steps, report.outcomes, report.attempts) == (4, 3, 6)
     assert report.notes == [
         f"run {rid}: outcome record {gate.outcome_id} (activity 2 attempt 1, GATE_FAILED): "
         "unsigned (no Chio receipt)"
@@ -255,6 +263,7 @@ async def test_outcomes_and_every_expected_attempt_are_accounted_and_verified(
         "GATE_FAILED",
         "RECEIPTED",
         "WORKER_LOST",
+        "RECEIPTED",
         "RECEIPTED",
     ]
     assert await read_all(kafka_bootstrap, topics.dlq, 1, timeout=3) == []  # nothing refused
