@@ -640,7 +640,9 @@ class ReceiptBuilderService(AsyncService):
                 for run, envelope in due
             ]
             await self._runner.produced(asyncio.gather(*futures))
-        ident = "\n".join(f"{r.key}@{e.revision}:{e.chain_root.hex()}" for r, e in due)
+        # The signature covers everything the envelope says (steps, records, accounts, metadata)
+        # and Ed25519 is deterministic: the same envelope gives the same token.
+        ident = "\n".join(f"{r.key}@{e.revision}:{e.signature.hex()}" for r, e in due)
         token = "envelopes:" + hashlib.sha256(ident.encode()).hexdigest()
         refused: dict[int, SinkDataError] = {}
         await self._insert_envelopes(due, list(range(len(due))), token, refused)
