@@ -20,6 +20,7 @@ from chio_receipts.cli_consumers import register
 from chio_receipts.consumers import (
     BuilderConfig,
     ClickHouseConfig,
+    ClickHouseSink,
     ReceiptBuilderService,
     open_client,
     parse_dead_letter_headers,
@@ -512,3 +513,19 @@ async def test_verify_names_tampered_and_unbound_outcome_rows(
         f"FAILED): its decision receipt {records['unbound'].decision_receipt_id} is not among "
         "the run's step rows"
     ]
+
+
+async def test_migration_0005_and_the_ttl_cover_step_outcomes(clickhouse_dsn: str) -> None:
+    async with ClickHouseSink(ClickHouseConfig(dsn=clickhouse_dsn, ttl_days=30)) as sink:
+        _, versions = await sink.query("SELECT version FROM schema_migrations ORDER BY version")
+        _, ddl = await sink.query("SHOW CREATE TABLE step_outcomes")
+        _, columns = await sink.query(
+            "SELECT name, type FROM system.columns WHERE database = currentDatabase() "
+            "AND table = 'workflow_receipts' AND name IN ('outcome_ids', 'attempts') ORDER BY name"
+        )
+    assert 5 in {v for (v,) in versions}
+    assert "ReplacingMergeTree" in ddl[0][0]
+    assert "toIntervalDay(30)" in ddl[0][0]
+    assert [name for name, _ in columns] == ["attempts", "outcome_ids"]
+    assert columns[1][1] == "Array(String)"
+    assert "account LowCardinality(String)" in columns[0][1]
