@@ -450,8 +450,11 @@ def verify(
 ) -> None:
     """Verify a workflow's receipts from ClickHouse rows alone: OK or exactly what is wrong.
 
-    Checks every step signature and Chio kernel receipt, the prev_hash chain, and each
-    envelope's steps, chain root and builder signature.
+    Checks every step signature and Chio kernel receipt, the prev_hash chain, every outcome
+    record (its Chio receipt and the decision it follows), and each envelope's steps, outcome
+    records, attempt accounts, chain root and builder signature. Every attempt Temporal started
+    that nothing accounts for is named (workflow, run, activity, attempt) and fails the check;
+    unsigned outcome records are listed as notes.
     """
     try:
         ring = KeyRing(

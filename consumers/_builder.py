@@ -17,6 +17,12 @@ written (outcome ``unknown``, no close time, ``complete`` false,
 ``metadata["outcome_source"] = "finalize"``), and the watcher's completion, when it arrives,
 supersedes it with a new revision.
 
+Outcome records (``StepOutcome``: how an attempt's body ended, or why the gate refused it) are
+kept by outcome id like steps, and the envelope carries them all. When Temporal's completion lists
+the attempts it started (``expected_attempts``), the envelope accounts for each of them
+(:func:`account_attempts`) and is complete when none is a real gap (``MISSING``); otherwise the
+count rule (``expected_steps``) decides. A late step or outcome record gives a new revision.
+
 Written runs are evicted after ``evict_after_us`` of quiet; the I/O layer re-hydrates a run it
 does not hold from storage (its steps and last revision) before feeding it new events, so
 eviction never produces a second envelope or a duplicate step.
@@ -24,12 +30,34 @@ eviction never produces a second envelope or a duplicate step.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 
 from chio_receipts.consumers._envelope import Envelope
-from chio_receipts.schemas import CompletionSource, Outcome, RunCompletion, chain_root
+from chio_receipts.schemas import (
+    AccountState,
+    AttemptAccount,
+    CompletionSource,
+    ExpectedAttempt,
+    Outcome,
+    RunCompletion,
+    StepStatus,
+    chain_root,
+)
 
-__all__ = ["DECLARED_OUTCOME", "OUTCOME_SOURCE", "ReceiptBuilder", "RunState", "StepEntry"]
+__all__ = [
+    "DECLARED_OUTCOME",
+    "DENIED",
+    "NO_RECEIPT",
+    "OUTCOME_SOURCE",
+    "OUTCOME_WITHOUT_RECEIPT",
+    "UNSIGNED_OUTCOME",
+    "OutcomeEntry",
+    "ReceiptBuilder",
+    "RunState",
+    "StepEntry",
+    "account_attempts",
+    "outcome_order",
+]
 
 DECLARED_OUTCOME = "declared_outcome"
 """Envelope metadata key: the outcome a worker declared with ``finalize_workflow`` (lowercase)."""
@@ -43,16 +71,134 @@ def authoritative(event: RunCompletion | None) -> bool:
     return event is not None and event.source is not CompletionSource.FINALIZE
 
 
+NO_RECEIPT = "no_receipt"
+"""Reason of a ``MISSING`` attempt: no receipt, no gate failure, and Temporal does not say the
+worker was lost (a real gap)."""
+OUTCOME_WITHOUT_RECEIPT = "outcome_without_receipt"
+"""Reason of a ``MISSING`` attempt that has an outcome record after a decision, but not that
+decision's receipt (a receipt that should exist and does not)."""
+DENIED = "denied"
+"""Reason of a receipted attempt whose decision was a denial and that has no outcome record: its
+body never ran, so its outcome is UNKNOWN for that reason, not because the worker died."""
+UNSIGNED_OUTCOME = "unsigned_outcome:"
+"""Reason prefix of a receipted attempt whose only outcome record is unsigned (and not a gate
+failure): its claimed status follows in lowercase, and the account's ``outcome`` stays UNKNOWN."""
+
+
 class StepEntry:
-    """One step of a run, compact: what the envelope and the chain need."""
+    """One step of a run, compact: what the envelope, the chain and the accounting need."""
 
-    __slots__ = ("body", "hash", "receipt_id", "verdict")
+    __slots__ = ("activity_id", "attempt", "body", "hash", "receipt_id", "verdict")
 
-    def __init__(self, receipt_id: str, verdict: str, body: bytes, hash_: bytes) -> None:
+    def __init__(
+        self,
+        receipt_id: str,
+        verdict: str,
+        body: bytes,
+        hash_: bytes,
+        activity_id: str = "",
+        attempt: int = 0,
+    ) -> None:
         self.receipt_id = receipt_id
         self.verdict = verdict
         self.body = body
         self.hash = hash_
+        self.activity_id = activity_id
+        self.attempt = attempt
+
+
+class OutcomeEntry:
+    """One outcome record of a run, compact: its current-schema body and what accounting needs.
+
+    ``signed`` is False for a record without a Chio receipt (accepted, see the README)."""
+
+    __slots__ = ("activity_id", "attempt", "body", "error_type", "outcome_id", "signed", "status")
+
+    def __init__(
+        self,
+        outcome_id: str,
+        activity_id: str,
+        attempt: int,
+        status: StepStatus,
+        error_type: str,
+        signed: bool,
+        body: bytes,
+    ) -> None:
+        self.outcome_id = outcome_id
+        self.activity_id = activity_id
+        self.attempt = attempt
+        self.status = status
+        self.error_type = error_type
+        self.signed = signed
+        self.body = body
+
+
+def outcome_order(entry: OutcomeEntry) -> tuple[str, int, str]:
+    """Envelope order of outcome records: (activity_id, attempt, outcome_id)."""
+    return (entry.activity_id, entry.attempt, entry.outcome_id)
+
+
+def account_attempts(
+    expected: Sequence[ExpectedAttempt],
+    receipted: Collection[tuple[str, int]],
+    outcomes: Iterable[OutcomeEntry],
+    denied: Collection[tuple[str, int]] = (),
+) -> tuple[AttemptAccount, ...]:
+    """How each attempt Temporal started is accounted for (pure), in (activity_id, attempt)
+    order, one account per distinct (activity_id, attempt) of ``expected``.
+
+    ``receipted`` holds the (activity_id, attempt) of the run's step receipts, ``denied`` those
+    whose receipt is a denial; ``outcomes`` are the run's outcome records. An attempt is:
+
+    * ``RECEIPTED`` when a receipt exists; ``outcome`` is the status of its outcome record
+      (a signed record first, then by outcome id), ``UNKNOWN`` when none arrived (the worker
+      died before writing one; ``reason`` ``denied`` when the decision was a denial: the body
+      never ran) or when the only record is unsigned (``reason`` ``unsigned_outcome:<status>``);
+    * ``GATE_FAILED`` when no receipt but a gate-failure record exists (``reason`` its
+      ``error_type``: sidecar unreachable, sink refused);
+    * ``WORKER_LOST`` when there is neither and Temporal ended the attempt ``timed_out:...``
+      (the worker was lost before evaluation; ``reason`` Temporal's end);
+    * ``MISSING`` otherwise: a real gap (``reason`` ``no_receipt``, or
+      ``outcome_without_receipt`` when a post-decision record names a receipt that is not
+      there).
+    """
+    by_attempt: dict[tuple[str, int], list[OutcomeEntry]] = {}
+    for entry in outcomes:
+        by_attempt.setdefault((entry.activity_id, entry.attempt), []).append(entry)
+    accounts: dict[tuple[str, int], AttemptAccount] = {}
+    for want in expected:
+        key = (want.activity_id, want.attempt)
+        if key in accounts:
+            continue
+        records = sorted(by_attempt.get(key, ()), key=lambda e: (not e.signed, e.outcome_id))
+        gate = next((e for e in records if e.status is StepStatus.GATE_FAILED), None)
+        state, reason, outcome = AccountState.MISSING, NO_RECEIPT, StepStatus.UNKNOWN
+        if key in receipted:
+            state, reason = AccountState.RECEIPTED, ""
+            if records:
+                first = records[0]
+                if first.signed:
+                    outcome = first.status
+                else:
+                    reason = UNSIGNED_OUTCOME + first.status.value.lower()
+            elif key in denied:
+                reason = DENIED
+        elif gate is not None:
+            state, reason, outcome = AccountState.GATE_FAILED, gate.error_type, gate.status
+        elif records:
+            reason = OUTCOME_WITHOUT_RECEIPT
+        elif want.temporal_end.startswith("timed_out"):
+            state, reason = AccountState.WORKER_LOST, want.temporal_end
+        accounts[key] = AttemptAccount(
+            activity_id=want.activity_id,
+            activity_type=want.activity_type,
+            attempt=want.attempt,
+            is_local=want.is_local,
+            account=state,
+            reason=reason,
+            outcome=outcome,
+        )
+    return tuple(accounts[k] for k in sorted(accounts))
 
 
 class RunState:
@@ -67,14 +213,17 @@ class RunState:
         "key",
         "last_touch_us",
         "namespace",
+        "outcomes",
         "partition",
         "revision",
         "run_id",
         "steps",
         "workflow_id",
         "workflow_type",
+        "written_attempts",
         "written_complete",
         "written_meta",
+        "written_outcomes",
         "written_root",
     )
 
@@ -88,6 +237,7 @@ class RunState:
         self.workflow_type = ""
         self.partition = partition
         self.steps: dict[str, StepEntry] = {}
+        self.outcomes: dict[str, OutcomeEntry] = {}
         self.completion: RunCompletion | None = None
         self.declared = ""
         self.completion_offset = -1
@@ -97,6 +247,9 @@ class RunState:
         self.written_complete = False
         # (outcome, sorted extra) of the written revision; None when unknown (not compared)
         self.written_meta: tuple[str, tuple[tuple[str, str], ...]] | None = None
+        # outcome ids and attempt accounts of the written revision
+        self.written_outcomes: tuple[str, ...] = ()
+        self.written_attempts: tuple[AttemptAccount, ...] = ()
         self.hydrated = False
         self.last_touch_us = 0
 
@@ -149,17 +302,25 @@ class ReceiptBuilder:
         completion: RunCompletion | None = None,
         declared: str = "",
         written_meta: tuple[str, tuple[tuple[str, str], ...]] | None = None,
+        outcomes: Iterable[OutcomeEntry] = (),
+        written_outcomes: tuple[str, ...] = (),
+        written_attempts: tuple[AttemptAccount, ...] = (),
     ) -> None:
-        """Merge what storage already holds for ``run``: its steps and, when an envelope was
-        written, its last revision, the completion facts it was built from, the declared
-        outcome it carried and its (outcome, extra) to recognize a rewrite of the same facts."""
+        """Merge what storage already holds for ``run``: its steps and outcome records and,
+        when an envelope was written, its last revision, the completion facts it was built
+        from, the declared outcome it carried, and its (outcome, extra), outcome ids and
+        attempt accounts to recognize a rewrite of the same facts."""
         for entry in steps:
             run.steps.setdefault(entry.receipt_id, entry)
+        for record in outcomes:
+            run.outcomes.setdefault(record.outcome_id, record)
         if revision > run.revision:
             run.revision = revision
             run.written_root = written_root
             run.written_complete = written_complete
             run.written_meta = written_meta
+            run.written_outcomes = written_outcomes
+            run.written_attempts = written_attempts
             if completion is not None and (
                 run.completion is None
                 or (authoritative(completion) and not authoritative(run.completion))
@@ -178,6 +339,26 @@ class ReceiptBuilder:
         if run.completion is not None or run.revision > 0:
             self._due.add(run.key)
         return True
+
+    def add_outcome(self, run: RunState, entry: OutcomeEntry, now_us: int) -> bool:
+        """Add an outcome record; False when its outcome id is already known (a duplicate)."""
+        if entry.outcome_id in run.outcomes:
+            return False
+        run.outcomes[entry.outcome_id] = entry
+        run.last_touch_us = now_us
+        if run.completion is not None or run.revision > 0:
+            self._due.add(run.key)
+        return True
+
+    @staticmethod
+    def drop_step(run: RunState, receipt_id: str) -> None:
+        """Forget a step storage refused (it was dead-lettered): no envelope counts it."""
+        run.steps.pop(receipt_id, None)
+
+    @staticmethod
+    def drop_outcome(run: RunState, outcome_id: str) -> None:
+        """Forget an outcome record storage refused (it was dead-lettered)."""
+        run.outcomes.pop(outcome_id, None)
 
     def add_completion(self, run: RunState, event: RunCompletion, offset: int, now_us: int) -> bool:
         """Add a completion event; False when it changes nothing (a duplicate).
@@ -211,10 +392,27 @@ class ReceiptBuilder:
         return True
 
     @staticmethod
-    def missing(run: RunState) -> int:
-        """Steps the completion announced that have not arrived (0 when unknown)."""
+    def accounts(run: RunState) -> tuple[AttemptAccount, ...]:
+        """The attempt accounts of ``run``: one per attempt Temporal's completion lists (empty
+        when it lists none: an older watcher, or only a worker's declaration)."""
         done = run.completion
-        if done is None or not authoritative(done) or done.expected_steps is None:
+        if done is None or not authoritative(done) or not done.expected_attempts:
+            return ()
+        receipted = {(e.activity_id, e.attempt) for e in run.steps.values()}
+        denied = {(e.activity_id, e.attempt) for e in run.steps.values() if e.verdict == "DENY"}
+        return account_attempts(done.expected_attempts, receipted, run.outcomes.values(), denied)
+
+    @classmethod
+    def missing(cls, run: RunState, accounts: tuple[AttemptAccount, ...] | None = None) -> int:
+        """Real gaps: attempts accounted ``MISSING`` when Temporal listed its attempts, else the
+        steps the completion announced that have not arrived (0 when unknown)."""
+        done = run.completion
+        if done is None or not authoritative(done):
+            return 0
+        if done.expected_attempts:
+            found = cls.accounts(run) if accounts is None else accounts
+            return sum(1 for a in found if a.account is AccountState.MISSING)
+        if done.expected_steps is None:
             return 0
         return max(0, done.expected_steps - len(run.steps))
 
@@ -225,16 +423,19 @@ class ReceiptBuilder:
             if run is None or run.completion is None:
                 self._due.discard(key)
                 continue
-            missing = self.missing(run)
+            accounts = self.accounts(run)
+            missing = self.missing(run, accounts)
             waiting = missing or not authoritative(run.completion)
             if waiting and now_us < run.deadline_us:
                 continue
             self._due.discard(key)
-            envelope = self.envelope(run, missing)
+            envelope = self.envelope(run, missing, accounts)
             if (
                 run.revision > 0
                 and envelope.chain_root == run.written_root
                 and envelope.complete == run.written_complete
+                and envelope.outcome_ids == run.written_outcomes
+                and envelope.attempts == run.written_attempts
                 and (
                     run.written_meta is None
                     or run.written_meta == (envelope.outcome, tuple(sorted(envelope.extra)))
@@ -245,14 +446,22 @@ class ReceiptBuilder:
                 continue
             yield run, envelope
 
-    def envelope(self, run: RunState, missing: int | None = None) -> Envelope:
+    def envelope(
+        self,
+        run: RunState,
+        missing: int | None = None,
+        accounts: tuple[AttemptAccount, ...] | None = None,
+    ) -> Envelope:
         """The next revision of ``run``'s envelope (pure)."""
         done = run.completion
         if done is None:
             raise ValueError(f"run {run.key} has no completion")
+        if accounts is None:
+            accounts = self.accounts(run)
         if missing is None:
-            missing = self.missing(run)
+            missing = self.missing(run, accounts)
         ordered = sorted(run.steps.values(), key=lambda e: e.receipt_id)
+        records = sorted(run.outcomes.values(), key=outcome_order)
         allow = sum(1 for e in ordered if e.verdict == "ALLOW")
         deny = sum(1 for e in ordered if e.verdict == "DENY")
         extra: list[tuple[str, str]] = []
@@ -264,6 +473,7 @@ class ReceiptBuilder:
         if run.declared:
             extra.append((DECLARED_OUTCOME, run.declared))
         extra.append((OUTCOME_SOURCE, done.source.value.lower()))
+        extra.extend(_counts(records, accounts))
         return Envelope(
             namespace=run.namespace,
             workflow_id=run.workflow_id,
@@ -282,7 +492,10 @@ class ReceiptBuilder:
             receipt_ids=tuple(e.receipt_id for e in ordered),
             steps=tuple(e.body for e in ordered),
             chain_root=chain_root(e.hash for e in ordered),
-            extra=tuple(extra),
+            extra=tuple(sorted(extra)),
+            outcomes=tuple(e.body for e in records),
+            outcome_ids=tuple(e.outcome_id for e in records),
+            attempts=accounts,
         )
 
     def mark_written(self, run: RunState, envelope: Envelope, now_us: int) -> None:
@@ -291,6 +504,8 @@ class ReceiptBuilder:
         run.written_root = envelope.chain_root
         run.written_complete = envelope.complete
         run.written_meta = (envelope.outcome, tuple(sorted(envelope.extra)))
+        run.written_outcomes = envelope.outcome_ids
+        run.written_attempts = envelope.attempts
         self._clear_pending(run)
         run.last_touch_us = now_us
 
@@ -336,3 +551,27 @@ class ReceiptBuilder:
             if run.partition in gone:
                 del self.runs[key]
                 self._due.discard(key)
+
+
+def _counts(
+    records: Sequence[OutcomeEntry], accounts: Sequence[AttemptAccount]
+) -> list[tuple[str, str]]:
+    """Envelope metadata counting outcome records and attempt accounts (only when there are
+    any, so an envelope of a run without them says what it said before they existed)."""
+    out: list[tuple[str, str]] = []
+    if records:
+        out.append(("outcomes", str(len(records))))
+        unsigned = sum(1 for r in records if not r.signed)
+        if unsigned:
+            out.append(("unsigned_outcomes", str(unsigned)))
+    if accounts:
+        states = [a.account for a in accounts]
+        out.extend(
+            (
+                ("expected_attempts", str(len(accounts))),
+                ("missing_attempts", str(states.count(AccountState.MISSING))),
+                ("gate_failed_attempts", str(states.count(AccountState.GATE_FAILED))),
+                ("worker_lost_attempts", str(states.count(AccountState.WORKER_LOST))),
+            )
+        )
+    return out

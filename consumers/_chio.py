@@ -19,6 +19,11 @@ The trusted signers of Chio receipts are the hex public keys of every key the co
 :class:`~chio_receipts.consumers.KeyRing` knows (our sidecars' keys) plus the kernel keys the
 operator configured; an unknown ``kernel_key`` makes the caller refresh its key ring once (the
 check records which key it missed) before it refuses the step.
+
+Outcome records (``StepOutcome``) carry a Chio ``trace_observation`` receipt signed by the same
+keys; :func:`outcome_refusal` runs ``schemas.check_chio_outcome`` under the same trusted keys and
+refuses with the same reasons. A record without a receipt is not refused here: the builder keeps
+it flagged unsigned (a gate failure the sidecar could not sign).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chio_receipts.consumers._dlq import Reason
-from chio_receipts.schemas import StepReceipt, check_chio_step
+from chio_receipts.schemas import StepOutcome, StepReceipt, check_chio_outcome, check_chio_step
 
 __all__ = [
     "KERNEL_SIGNED",
@@ -37,6 +42,7 @@ __all__ = [
     "UNSIGNED_DETAIL",
     "ChioRefusal",
     "chio_refusal",
+    "outcome_refusal",
     "parse_kernel_keys",
     "signed_by",
 ]
@@ -121,6 +127,25 @@ def chio_refusal(record: Mapping[str, Any], trusted: Collection[str]) -> ChioRef
         return ChioRefusal(Reason.BAD_CHIO_RECEIPT, f"the step record is not readable: {exc}")
     trust = _Trust(trusted)
     why = check_chio_step(step, trusted_keys=trust)
+    if why is None:
+        return None
+    if trust.missed is not None:
+        return ChioRefusal(Reason.UNTRUSTED_KERNEL_KEY, why, trust.missed)
+    return ChioRefusal(Reason.BAD_CHIO_RECEIPT, why)
+
+
+def outcome_refusal(record: Mapping[str, Any], trusted: Collection[str]) -> ChioRefusal | None:
+    """Why the plain outcome ``record``'s Chio receipt does not hold, or None (also for a record
+    without one: an unsigned record is the caller's to flag). ``trusted`` as for
+    :func:`chio_refusal`."""
+    if not record.get("chio_receipt"):
+        return None
+    try:
+        outcome = StepOutcome.from_avro(dict(record))
+    except (KeyError, TypeError, ValueError) as exc:
+        return ChioRefusal(Reason.BAD_CHIO_RECEIPT, f"the outcome record is not readable: {exc}")
+    trust = _Trust(trusted)
+    why = check_chio_outcome(outcome, trusted_keys=trust)
     if why is None:
         return None
     if trust.missed is not None:

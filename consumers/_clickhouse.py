@@ -36,12 +36,20 @@ from chio_receipts.consumers._errors import (
     SinkUnavailable,
 )
 from chio_receipts.consumers._failpoints import failpoint
-from chio_receipts.consumers._rows import ENVELOPE_COLUMNS, STEP_COLUMNS, EnvelopeRow, StepRow
+from chio_receipts.consumers._rows import (
+    ENVELOPE_COLUMNS,
+    OUTCOME_COLUMNS,
+    STEP_COLUMNS,
+    EnvelopeRow,
+    OutcomeRow,
+    StepRow,
+)
 from chio_receipts.schemas import AsyncService
 
 __all__ = [
     "ClickHouseConfig",
     "ClickHouseSink",
+    "StoredRuns",
     "chdb_path",
     "migrations",
     "open_client",
@@ -67,6 +75,8 @@ _BINARY = {
 # the result's column names.
 _READ_AS = {
     "receipt_id": "toString(receipt_id)",
+    "outcome_id": "toString(outcome_id)",
+    "ended_at": "toUnixTimestamp64Micro(ended_at)",
     "verdict": "toString(verdict)",
     "scheduled_at": "toUnixTimestamp64Micro(scheduled_at)",
     "evaluated_at": "toUnixTimestamp64Micro(evaluated_at)",
@@ -84,6 +94,12 @@ def select_list(columns: Sequence[str]) -> str:
 
 STEP_SELECT = select_list(STEP_COLUMNS)
 ENVELOPE_SELECT = select_list(ENVELOPE_COLUMNS)
+OUTCOME_SELECT = select_list(OUTCOME_COLUMNS)
+_COLUMNS = {
+    "step_receipts": STEP_COLUMNS,
+    "workflow_receipts": ENVELOPE_COLUMNS,
+    "step_outcomes": OUTCOME_COLUMNS,
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -235,8 +251,7 @@ class ClickHouseSink(AsyncService):
         self._client: Any = None
         self._executor: ThreadPoolExecutor | None = None
         self._lock_fd: int | None = None
-        self._step_types: Any = None
-        self._envelope_types: Any = None
+        self._types: dict[str, Any] = {}
 
     @property
     def client(self) -> Any:
@@ -277,12 +292,9 @@ class ClickHouseSink(AsyncService):
             create=True,
         )
         self._migrate_sync()
-        ctx = self._call(lambda: self._client.create_insert_context("step_receipts", STEP_COLUMNS))
-        self._step_types = ctx.column_types
-        ctx = self._call(
-            lambda: self._client.create_insert_context("workflow_receipts", ENVELOPE_COLUMNS)
-        )
-        self._envelope_types = ctx.column_types
+        for table, columns in _COLUMNS.items():
+            ctx = self._call(partial(self._client.create_insert_context, table, columns))
+            self._types[table] = ctx.column_types
 
     def _call(self, fn: Callable[[], _T], what: str = "clickhouse") -> _T:
         try:
@@ -338,6 +350,13 @@ class ClickHouseSink(AsyncService):
                 ),
                 "ttl",
             )
+            self._call(
+                lambda: c.command(
+                    "ALTER TABLE step_outcomes MODIFY TTL "
+                    f"toDateTime(ended_at) + INTERVAL {days} DAY"
+                ),
+                "ttl",
+            )
         if not self._config.embedded and self._config.apply_roles:
             db = self._call(lambda: c.command("SELECT currentDatabase()"), "roles")
             text = (
@@ -361,16 +380,19 @@ class ClickHouseSink(AsyncService):
     async def insert_steps(self, rows: Sequence[StepRow], token: str) -> None:
         """Insert step rows in one statement, deduplicated by ``token``."""
         values = [row.values() for row in rows]
-        await self._run(lambda: self._insert("step_receipts", values, token, self._step_types))
+        await self._run(lambda: self._insert("step_receipts", values, token))
+
+    async def insert_outcomes(self, rows: Sequence[OutcomeRow], token: str) -> None:
+        """Insert outcome record rows in one statement, deduplicated by ``token``."""
+        values = [row.values() for row in rows]
+        await self._run(lambda: self._insert("step_outcomes", values, token))
 
     async def insert_envelopes(self, rows: Sequence[EnvelopeRow], token: str) -> None:
         """Insert envelope rows in one statement, deduplicated by ``token``."""
         values = [row.values() for row in rows]
-        await self._run(
-            lambda: self._insert("workflow_receipts", values, token, self._envelope_types)
-        )
+        await self._run(lambda: self._insert("workflow_receipts", values, token))
 
-    def _insert(self, table: str, rows: Sequence[tuple[Any, ...]], token: str, types: Any) -> None:
+    def _insert(self, table: str, rows: Sequence[tuple[Any, ...]], token: str) -> None:
         if not rows:
             return
         try:
@@ -381,13 +403,12 @@ class ClickHouseSink(AsyncService):
             failpoint(f"clickhouse.refuse.{table}")
         except FailpointError as exc:  # an injected refusal of the rows (a data error)
             raise SinkDataError(f"insert into {table}: {exc}") from exc
-        columns = STEP_COLUMNS if table == "step_receipts" else ENVELOPE_COLUMNS
         self._call(
             lambda: self._client.insert(
                 table,
                 rows,
-                column_names=columns,
-                column_types=types,
+                column_names=_COLUMNS[table],
+                column_types=self._types[table],
                 settings={
                     "insert_deduplication_token": token,
                     # A deduplicated block must not feed the materialized views again.
@@ -416,10 +437,8 @@ class ClickHouseSink(AsyncService):
         while the sink is in use: one chDB client is never used from two threads at once)."""
         return await self._run(lambda: fn(self._client))
 
-    async def load_runs(
-        self, keys: Sequence[tuple[str, str, str]]
-    ) -> tuple[dict[tuple[str, str, str], list[StepRow]], dict[tuple[str, str, str], EnvelopeRow]]:
-        """Stored step rows and the latest envelope row of each run, by run key."""
+    async def load_runs(self, keys: Sequence[tuple[str, str, str]]) -> StoredRuns:
+        """Stored step rows, outcome rows and the latest envelope row of each run, by run key."""
         return await self._run(lambda: load_runs_sync(self._client, keys))
 
     async def close(self) -> None:
@@ -463,21 +482,45 @@ def select_envelopes(client: Any, where: str, parameters: Mapping[str, Any]) -> 
     return [EnvelopeRow.from_columns(names, row) for row in result.result_rows]
 
 
-def load_runs_sync(
-    client: Any, keys: Sequence[tuple[str, str, str]]
-) -> tuple[dict[tuple[str, str, str], list[StepRow]], dict[tuple[str, str, str], EnvelopeRow]]:
+def select_outcomes(client: Any, where: str, parameters: Mapping[str, Any]) -> list[OutcomeRow]:
+    """The outcome record rows matching ``where`` (blocking; errors propagate)."""
+    result = client.query(
+        f"SELECT {OUTCOME_SELECT} FROM step_outcomes WHERE {where}",  # noqa: S608 - bound params
+        parameters=parameters,
+        column_formats=_BINARY,
+    )
+    names = result.column_names
+    return [OutcomeRow.from_columns(names, row) for row in result.result_rows]
+
+
+_RunKey = tuple[str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRuns:
+    """What storage holds of some runs, by run key: step rows, outcome rows, latest envelope."""
+
+    steps: dict[_RunKey, list[StepRow]]
+    outcomes: dict[_RunKey, list[OutcomeRow]]
+    envelopes: dict[_RunKey, EnvelopeRow]
+
+
+def load_runs_sync(client: Any, keys: Sequence[_RunKey]) -> StoredRuns:
     """Blocking form of :meth:`ClickHouseSink.load_runs`."""
-    steps: dict[tuple[str, str, str], list[StepRow]] = {}
-    envelopes: dict[tuple[str, str, str], EnvelopeRow] = {}
+    stored = StoredRuns({}, {}, {})
     if not keys:
-        return steps, envelopes
+        return stored
     where = "(namespace, workflow_id, run_id) IN {keys:Array(Tuple(String, String, String))}"
     params = {"keys": list(keys)}
     try:
         for step in select_steps(client, where, params):
-            steps.setdefault((step.namespace, step.workflow_id, step.run_id), []).append(step)
+            key = (step.namespace, step.workflow_id, step.run_id)
+            stored.steps.setdefault(key, []).append(step)
+        for outcome in select_outcomes(client, where, params):
+            key = (outcome.namespace, outcome.workflow_id, outcome.run_id)
+            stored.outcomes.setdefault(key, []).append(outcome)
         for env in select_envelopes(client, where, params):
-            envelopes[(env.namespace, env.workflow_id, env.run_id)] = env
+            stored.envelopes[(env.namespace, env.workflow_id, env.run_id)] = env
     except (ClickHouseError, OSError, TypeError, ValueError, KeyError) as exc:
         raise translate(exc, "load runs") from exc
-    return steps, envelopes
+    return stored

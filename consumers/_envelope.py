@@ -71,6 +71,8 @@ class Envelope(RunHeader):
     extra: tuple[tuple[str, str], ...] = ()
     outcomes: tuple[bytes, ...] = field(default=(), repr=False)
     """Current-schema ``StepOutcome`` bodies, in (activity_id, attempt, outcome_id) order."""
+    outcome_ids: tuple[str, ...] = ()
+    """The matching outcome ids (as ``receipt_ids`` for ``steps``; not signed themselves)."""
     attempts: tuple[AttemptAccount, ...] = ()
     """How every attempt Temporal started is accounted for, in (activity_id, attempt) order."""
     key_id: str = ""

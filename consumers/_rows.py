@@ -16,6 +16,11 @@ JSON exactly as signed) and ``chio_signed`` (the signed bytes ``JCS({"body", "id
 a binary ``String``), which are all ``schemas.check_chio_step`` needs, and after the Kafka
 position the receipt's analytics columns (``CHIO_COLUMNS``, from ``schemas.chio_step_fields``).
 Rows of v1 steps have them all empty.
+
+:class:`OutcomeRow` is a ``step_outcomes`` row: every field of the ``StepOutcome`` record in Avro
+order, ``wire`` and the Kafka position as for steps, then analytics columns (``is_signed`` and
+the outcome receipt's id, signer and policy). Envelope rows also keep what a verifier needs to
+rebuild the signed envelope: ``outcome_ids`` in envelope order and the ``attempts`` accounts.
 """
 
 from __future__ import annotations
@@ -27,11 +32,16 @@ from operator import attrgetter
 from typing import Any, Self
 
 from chio_receipts.consumers._envelope import Envelope, RunHeader
+from chio_receipts.consumers._wire import STEP_OUTCOME_SCHEMA, Plain, encode_plain
 from chio_receipts.schemas import (
+    AccountState,
+    AttemptAccount,
     ChioStepFields,
     CompletionSource,
+    ExpectedAttempt,
     Outcome,
     RunCompletion,
+    StepOutcome,
     StepReceipt,
     Verdict,
 )
@@ -39,14 +49,23 @@ from chio_receipts.schemas import (
 __all__ = [
     "CHIO_COLUMNS",
     "ENVELOPE_COLUMNS",
+    "OUTCOME_COLUMNS",
+    "OUTCOME_FIELDS",
     "STEP_COLUMNS",
     "STEP_FIELDS",
     "EnvelopeRow",
+    "OutcomeRow",
     "StepRow",
     "chio_columns",
     "completion_from_row",
     "envelope_from_row",
     "envelope_row",
+    "expected_from_accounts",
+    "outcome_body",
+    "outcome_columns",
+    "outcome_from_row",
+    "outcome_plain_from_row",
+    "outcome_row",
     "plain_from_row",
     "receipt_from_row",
     "step_row",
@@ -66,6 +85,23 @@ def _pairs(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((str(k), str(v)) for k, v in items))
 
 
+def _account(value: Any) -> AttemptAccount:
+    """An attempt account read back (a named tuple reads as a dict) or as inserted (a tuple)."""
+    if not isinstance(value, Mapping):
+        value = dict(zip(_ACCOUNT_FIELDS, value, strict=True))
+    return AttemptAccount.from_avro(
+        {**value, "attempt": int(value["attempt"]), "is_local": bool(value["is_local"])}
+    )
+
+
+def _accounts(value: Any) -> tuple[AttemptAccount, ...]:
+    return tuple(_account(v) for v in value)
+
+
+_ACCOUNT_FIELDS: tuple[str, ...] = (
+    *("activity_id", "activity_type", "attempt", "is_local", "account", "reason", "outcome"),
+)
+
 # How a value read back (or decoded from Avro) becomes the field's type, by field type.
 _CONVERT: dict[str, Callable[[Any], Any]] = {
     "str": str,
@@ -75,6 +111,7 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "int | None": _opt_int,
     "tuple[str, ...]": _strs,
     "tuple[tuple[str, str], ...]": _pairs,
+    "tuple[AttemptAccount, ...]": _accounts,
 }
 
 
@@ -177,6 +214,8 @@ class EnvelopeRow(RunHeader):
     key_id: str
     signature: bytes
     extra: tuple[tuple[str, str], ...]
+    outcome_ids: tuple[str, ...] = ()
+    attempts: tuple[AttemptAccount, ...] = ()
 
     @classmethod
     def from_columns(cls, names: Sequence[str], values: Sequence[Any]) -> Self:
@@ -189,7 +228,72 @@ class EnvelopeRow(RunHeader):
         """The row's values in ``ENVELOPE_COLUMNS`` order (what an insert sends)."""
         values: list[Any] = list(_ENVELOPE_VALUES(self))
         values[_EXTRA] = dict(self.extra)  # a Map column takes a dict
+        values[_ATTEMPTS] = [
+            (
+                a.activity_id,
+                a.activity_type,
+                a.attempt,
+                a.is_local,
+                a.account.value,
+                a.reason,
+                a.outcome.value,
+            )
+            for a in self.attempts
+        ]
         return tuple(values)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutcomeRow:
+    """One ``step_outcomes`` row; the field order is the insert column order, and the first
+    fields (through ``chio_signed``) are the ``StepOutcome`` record's Avro fields in Avro order."""
+
+    outcome_id: str
+    namespace: str
+    workflow_id: str
+    run_id: str
+    workflow_type: str
+    task_queue: str
+    activity_id: str
+    activity_type: str
+    attempt: int
+    is_local: bool
+    tool_server: str
+    tool: str
+    capability_id: str
+    decision_receipt_id: str
+    decision_chio_id: str
+    status: str
+    error_type: str
+    started_at: int
+    ended_at: int
+    duration_us: int
+    result_digest: str
+    result_key_id: str
+    worker_identity: str
+    trace_id: str
+    span_id: str
+    chio_receipt: str
+    chio_signed: bytes
+    wire: bytes
+    kafka_partition: int
+    kafka_offset: int
+    is_signed: bool
+    chio_receipt_id: str = ""
+    kernel_key: str = ""
+    policy_hash: str = ""
+
+    @classmethod
+    def from_columns(cls, names: Sequence[str], values: Sequence[Any]) -> Self:
+        """The row of a query result row ``values`` whose column names are ``names`` (by name,
+        as :meth:`StepRow.from_columns`)."""
+        row: Self = _from_columns(cls, OUTCOME_COLUMNS, names, values)
+        return row
+
+    def values(self) -> tuple[Any, ...]:
+        """The row's values in ``OUTCOME_COLUMNS`` order (what an insert sends)."""
+        values: tuple[Any, ...] = _OUTCOME_VALUES(self)
+        return values
 
 
 STEP_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(StepRow))
@@ -205,11 +309,17 @@ CHIO_COLUMNS: dict[str, str] = {
     },
 }
 ENVELOPE_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(EnvelopeRow))
+OUTCOME_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(OutcomeRow))
+# Avro field order of StepOutcome: the leading columns of step_outcomes.
+OUTCOME_FIELDS: tuple[str, ...] = OUTCOME_COLUMNS[: OUTCOME_COLUMNS.index("chio_signed") + 1]
 _STEP_VALUES = attrgetter(*STEP_COLUMNS)
 _ENVELOPE_VALUES = attrgetter(*ENVELOPE_COLUMNS)
+_OUTCOME_VALUES = attrgetter(*OUTCOME_COLUMNS)
 _EXTRA = ENVELOPE_COLUMNS.index("extra")
+_ATTEMPTS = ENVELOPE_COLUMNS.index("attempts")
 _CONVERTERS: dict[type[Any], dict[str, Callable[[Any], Any]]] = {
-    cls: {f.name: _CONVERT[str(f.type)] for f in fields(cls)} for cls in (StepRow, EnvelopeRow)
+    cls: {f.name: _CONVERT[str(f.type)] for f in fields(cls)}
+    for cls in (StepRow, EnvelopeRow, OutcomeRow)
 }
 
 
@@ -249,16 +359,64 @@ def plain_from_row(row: StepRow) -> dict[str, Any]:
     return rec
 
 
+def outcome_row(record: Mapping[str, Any], wire: bytes, partition: int, offset: int) -> OutcomeRow:
+    """The step_outcomes row of a plain decoded ``StepOutcome`` record (fields taken by name)."""
+    values = {name: record[name] for name in OUTCOME_FIELDS}
+    return OutcomeRow(
+        **values,
+        wire=wire,
+        kafka_partition=partition,
+        kafka_offset=offset,
+        **outcome_columns(record),
+    )
+
+
+def outcome_columns(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The analytics columns of a plain outcome record: ``is_signed`` and its receipt's id,
+    signer and policy (empty for an unsigned record or an unreadable receipt)."""
+    text = record["chio_receipt"]
+    try:
+        receipt = json.loads(text) if text else None
+    except ValueError:
+        receipt = None
+    chio = ChioStepFields(receipt if isinstance(receipt, dict) else None)
+    return {
+        "is_signed": bool(text),
+        "chio_receipt_id": chio.receipt_id,
+        "kernel_key": chio.kernel_key,
+        "policy_hash": chio.policy_hash,
+    }
+
+
+def outcome_plain_from_row(row: OutcomeRow) -> dict[str, Any]:
+    """The plain Avro record of an outcome row, in Avro field order."""
+    return {name: getattr(row, name) for name in OUTCOME_FIELDS}
+
+
+def outcome_from_row(row: OutcomeRow) -> StepOutcome:
+    """Rebuild the ``StepOutcome`` record from an outcome row's columns."""
+    return StepOutcome.from_avro(outcome_plain_from_row(row))
+
+
+def outcome_body(plain: Plain) -> bytes:
+    """The bytes of an outcome record inside an envelope: its current-schema body (the wire body
+    itself for the current writer schema, a re-encoding otherwise)."""
+    return plain.body if plain.current else encode_plain(STEP_OUTCOME_SCHEMA, plain.record)
+
+
 def envelope_row(envelope: Envelope) -> EnvelopeRow:
     """The workflow_receipts row of an envelope (its revision is the replacing version)."""
     # Every column is an envelope attribute of the same name (``step_count`` a property).
     return EnvelopeRow(**dict(zip(ENVELOPE_COLUMNS, _ENVELOPE_VALUES(envelope), strict=True)))
 
 
-def envelope_from_row(row: EnvelopeRow, steps: Sequence[bytes]) -> Envelope:
-    """Rebuild an envelope from its row and its steps' bodies."""
+def envelope_from_row(
+    row: EnvelopeRow, steps: Sequence[bytes], outcomes: Sequence[bytes] = ()
+) -> Envelope:
+    """Rebuild an envelope from its row, its steps' bodies and its outcome records' bodies (in
+    the row's ``outcome_ids`` order)."""
     values = {name: getattr(row, name) for name in ENVELOPE_COLUMNS if name != "step_count"}
-    return Envelope(**values, steps=tuple(steps))
+    return Envelope(**values, steps=tuple(steps), outcomes=tuple(outcomes))
 
 
 _SOURCES = {s.value.lower(): s for s in CompletionSource}
@@ -283,7 +441,25 @@ def completion_from_row(row: EnvelopeRow) -> RunCompletion:
         continued_from_run_id=extra.get("continued_from_run_id"),
         continued_as_new_run_id=extra.get("continued_as_new_run_id"),
         expected_steps=row.expected_steps,
+        expected_attempts=expected_from_accounts(row.attempts),
         # The source named by the builder's ``outcome_source`` metadata (a provisional envelope
         # was built from a worker's declaration only); unknown for rows older than the key.
         source=_SOURCES.get(extra.get("outcome_source", ""), CompletionSource.UNKNOWN),
+    )
+
+
+def expected_from_accounts(accounts: Sequence[AttemptAccount]) -> tuple[ExpectedAttempt, ...]:
+    """The attempts Temporal listed, as far as an envelope's accounts keep them: Temporal's end
+    of an attempt survives only as a ``WORKER_LOST`` account's reason, which is the only state
+    where it decides anything (a receipt or a gate-failure record, when it arrives later,
+    accounts for the attempt whatever its end)."""
+    return tuple(
+        ExpectedAttempt(
+            activity_id=a.activity_id,
+            activity_type=a.activity_type,
+            attempt=a.attempt,
+            is_local=a.is_local,
+            temporal_end=a.reason if a.account is AccountState.WORKER_LOST else "",
+        )
+        for a in accounts
     )

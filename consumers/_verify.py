@@ -12,7 +12,15 @@ three checks:
 * **envelope**: the run's current envelope lists exactly the step rows (none missing, none
   extra, in receipt-id order, counts and chain root matching), and the builder's signature over
   the canonical envelope rebuilt from the rows holds. The envelope embeds exactly the steps' signed
-  bodies, so each embedded step's Chio receipt is the one the steps check verified.
+  bodies, so each embedded step's Chio receipt is the one the steps check verified;
+* **outcome records** (``step_outcomes``): duplicates; every column against the stored message;
+  the record's Chio receipt (``schemas.check_chio_outcome``) under the trusted keys; a record
+  after a decision (any status but GATE_FAILED) names a decision receipt of the same run and
+  attempt, and that decision's Chio receipt id. An unsigned record is reported as a note, not a
+  failure (a gate failure the sidecar could not sign);
+* **attempts**: the envelope lists exactly the run's outcome records (in envelope order, embedded
+  in the signed bytes), its attempt accounts are what the rows give, and every attempt accounted
+  ``MISSING`` (a receipt that should exist and does not) is named as a failure.
 """
 
 from __future__ import annotations
@@ -24,25 +32,52 @@ from typing import Any
 
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from chio_receipts.consumers._chio import KERNEL_SIGNED, UNSIGNED, chio_refusal, signed_by
-from chio_receipts.consumers._clickhouse import select_envelopes, select_steps, translate
+from chio_receipts.consumers._builder import OutcomeEntry, account_attempts, outcome_order
+from chio_receipts.consumers._chio import (
+    KERNEL_SIGNED,
+    UNSIGNED,
+    chio_refusal,
+    outcome_refusal,
+    signed_by,
+)
+from chio_receipts.consumers._clickhouse import (
+    select_envelopes,
+    select_outcomes,
+    select_steps,
+    translate,
+)
 from chio_receipts.consumers._envelope import verify_envelope_signature
 from chio_receipts.consumers._rows import (
+    OUTCOME_FIELDS,
     STEP_FIELDS,
     EnvelopeRow,
+    OutcomeRow,
     StepRow,
     chio_columns,
     envelope_from_row,
+    expected_from_accounts,
+    outcome_body,
+    outcome_columns,
+    outcome_plain_from_row,
     plain_from_row,
     receipt_from_row,
 )
 from chio_receipts.consumers._wire import (
+    STEP_OUTCOME_SCHEMA,
     STEP_SCHEMA,
     decode_plain,
     encode_plain,
     envelope_step_body,
 )
-from chio_receipts.schemas import DecodeError, chain_root, receipt_hash, verify_body, verify_receipt
+from chio_receipts.schemas import (
+    AccountState,
+    DecodeError,
+    StepStatus,
+    chain_root,
+    receipt_hash,
+    verify_body,
+    verify_receipt,
+)
 
 __all__ = ["VerifyReport", "verify_run"]
 
@@ -55,8 +90,14 @@ class VerifyReport:
     run_id: str | None
     runs: int = 0
     steps: int = 0
+    outcomes: int = 0
+    attempts: int = 0
     envelopes: int = 0
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """What is worth knowing but not wrong: unsigned outcome records."""
+    missing: list[tuple[str, str, str, int]] = field(default_factory=list)
+    """Every attempt accounted MISSING: (workflow id, run id, activity id, attempt)."""
 
     @property
     def ok(self) -> bool:
@@ -64,15 +105,21 @@ class VerifyReport:
         return not self.problems and self.runs > 0
 
     def summary(self) -> str:
-        """One line for OK, else one line per problem."""
+        """One line for OK, else one line per problem; then one line per note."""
+        notes = [f"NOTE: {n}" for n in self.notes]
         if self.ok:
-            return (
-                f"OK: {self.runs} run(s), {self.steps} step(s), {self.envelopes} envelope(s) "
-                f"of workflow {self.workflow_id} verified"
+            attempts = f", {self.attempts} attempt(s) accounted" if self.attempts else ""
+            return "\n".join(
+                [
+                    f"OK: {self.runs} run(s), {self.steps} step(s), {self.outcomes} outcome "
+                    f"record(s), {self.envelopes} envelope(s){attempts} of workflow "
+                    f"{self.workflow_id} verified",
+                    *notes,
+                ]
             )
         if self.runs == 0:
             return f"NOT FOUND: no receipts for workflow {self.workflow_id}"
-        return "\n".join(f"FAIL: {p}" for p in self.problems)
+        return "\n".join([*(f"FAIL: {p}" for p in self.problems), *notes])
 
 
 def _fmt(value: Any) -> str:
@@ -107,27 +154,34 @@ def verify_run(
     params = {"wf": workflow_id, "run": run_id or ""}
     try:
         step_rows = select_steps(client, where, params)
+        outcome_rows = select_outcomes(client, where, params)
         env_rows = select_envelopes(client, where, params)
     except (ClickHouseError, OSError, ValueError, KeyError) as exc:
         raise translate(exc, "verify") from exc
     by_run: dict[str, list[StepRow]] = {}
     for row in step_rows:
         by_run.setdefault(row.run_id, []).append(row)
+    outcomes_by_run: dict[str, list[OutcomeRow]] = {}
+    for outcome in outcome_rows:
+        outcomes_by_run.setdefault(outcome.run_id, []).append(outcome)
     envelopes = {env.run_id: env for env in env_rows}
-    for rid in sorted(set(by_run) | set(envelopes)):
+    for rid in sorted(set(by_run) | set(envelopes) | set(outcomes_by_run)):
         report.runs += 1
         rows = by_run.get(rid, [])
+        records = outcomes_by_run.get(rid, [])
         signed = _check_steps(report, rid, rows, keys, trusted)
         _check_chain(report, rid, rows, signed)
+        signed_outcomes = _check_outcomes(report, rid, records, rows, trusted)
         env = envelopes.get(rid)
         if env is None:
-            if rows:
+            if rows or records:
                 report.problems.append(
-                    f"run {rid}: no envelope ({len(rows)} step rows, run still open?)"
+                    f"run {rid}: no envelope ({len(rows)} step rows, {len(records)} outcome "
+                    "rows, run still open?)"
                 )
             continue
         report.envelopes += 1
-        _check_envelope(report, rid, env, rows, signed, keys)
+        _check_envelope(report, rid, env, rows, signed, keys, signed_outcomes)
     return report
 
 
@@ -243,6 +297,103 @@ def _check_chain(
             )
 
 
+def _check_outcomes(
+    report: VerifyReport,
+    rid: str,
+    records: list[OutcomeRow],
+    steps: list[StepRow],
+    trusted: frozenset[str],
+) -> dict[str, OutcomeEntry]:
+    """Duplicates, then each outcome record's columns, Chio receipt and decision binding;
+    returns the entries (current-schema bodies) of the rows that decode, by outcome id."""
+    problems = report.problems
+    entries: dict[str, OutcomeEntry] = {}
+    counts = Counter(row.outcome_id for row in records)
+    for outcome_id, n in sorted(counts.items()):
+        if n > 1:
+            problems.append(f"run {rid}: outcome record {outcome_id} has {n} rows (duplicate)")
+    decisions = {row.receipt_id: row for row in steps}
+    for row in records:
+        report.outcomes += 1
+        label = (
+            f"run {rid}: outcome record {row.outcome_id} "
+            f"(activity {row.activity_id} attempt {row.attempt}, {row.status})"
+        )
+        columns = outcome_plain_from_row(row)
+        record = columns
+        body = b""
+        if row.wire:
+            try:
+                plain = decode_plain(row.wire)
+            except DecodeError as exc:
+                problems.append(f"{label}: stored message does not decode ({exc})")
+                continue
+            if plain.schema_name != STEP_OUTCOME_SCHEMA:
+                problems.append(f"{label}: stored message is a {plain.schema_name}")
+                continue
+            record, body = plain.record, outcome_body(plain)
+            for name in OUTCOME_FIELDS:
+                if record[name] != columns[name]:
+                    problems.append(
+                        f"{label}: field {name} changed: signed value {_fmt(record[name])}, "
+                        f"row has {_fmt(columns[name])}"
+                    )
+        else:
+            body = encode_plain(STEP_OUTCOME_SCHEMA, columns)
+        for name, value in outcome_columns(record).items():
+            if getattr(row, name) != value:
+                problems.append(
+                    f"{label}: column {name} changed: the record says {value!r}, "
+                    f"row has {getattr(row, name)!r}"
+                )
+        if not record["chio_receipt"]:
+            report.notes.append(f"{label}: unsigned (no Chio receipt)")
+        else:
+            refusal = outcome_refusal(record, trusted)
+            if refusal is not None:
+                problems.append(
+                    f"{label}: Chio receipt refused ({refusal.reason}): {refusal.detail}"
+                )
+        if record["status"] != StepStatus.GATE_FAILED.value:
+            _check_decision(problems, label, record, decisions)
+        status = str(record["status"])
+        entries[row.outcome_id] = OutcomeEntry(
+            row.outcome_id,
+            str(record["activity_id"]),
+            int(record["attempt"]),
+            StepStatus(status) if status in StepStatus.__members__ else StepStatus.UNKNOWN,
+            str(record["error_type"]),
+            bool(record["chio_receipt"]),
+            body,
+        )
+    return entries
+
+
+def _check_decision(
+    problems: list[str], label: str, record: Mapping[str, Any], decisions: Mapping[str, StepRow]
+) -> None:
+    """An outcome after a decision names a decision receipt of the same run and attempt (and
+    that decision's Chio receipt id, when it gives one)."""
+    decision = decisions.get(str(record["decision_receipt_id"]))
+    if decision is None:
+        problems.append(
+            f"{label}: its decision receipt {record['decision_receipt_id'] or '(none)'} is not "
+            "among the run's step rows"
+        )
+        return
+    if (decision.activity_id, decision.attempt) != (record["activity_id"], record["attempt"]):
+        problems.append(
+            f"{label}: its decision receipt {decision.receipt_id} is of activity "
+            f"{decision.activity_id} attempt {decision.attempt}"
+        )
+    chio_id = record["decision_chio_id"]
+    if chio_id and chio_id != decision.chio_receipt_id:
+        problems.append(
+            f"{label}: decision_chio_id {chio_id} is not the decision's Chio receipt id "
+            f"{decision.chio_receipt_id or '(none)'}"
+        )
+
+
 def _check_envelope(
     report: VerifyReport,
     rid: str,
@@ -250,8 +401,10 @@ def _check_envelope(
     rows: list[StepRow],
     signed: Mapping[str, _Signed],
     keys: Mapping[str, bytes],
+    outcomes: Mapping[str, OutcomeEntry],
 ) -> None:
-    """The envelope's steps equal the run's rows, and its builder signature holds."""
+    """The envelope's steps and outcome records equal the run's rows, its attempt accounts are
+    what they give, and its builder signature holds; every MISSING attempt is named."""
     problems = report.problems
     listed = list(env.receipt_ids)
     tag = f"run {rid}: envelope revision {env.revision}"
@@ -267,8 +420,21 @@ def _check_envelope(
             f"{tag}: row {receipt_id} is not in the envelope (inserted, or a late step "
             "not yet enveloped)"
         )
-    if missing:
+    listed_outcomes = list(env.outcome_ids)
+    absent = [o for o in listed_outcomes if o not in outcomes]
+    for outcome_id in absent:
+        problems.append(f"{tag}: outcome record {outcome_id} has no row (deleted)")
+    for outcome_id in sorted(set(outcomes) - set(listed_outcomes)):
+        problems.append(
+            f"{tag}: outcome row {outcome_id} is not in the envelope (inserted, or a late "
+            "record not yet enveloped)"
+        )
+    _check_attempts(report, rid, env, rows, listed, outcomes, listed_outcomes)
+    if missing or absent:
         return
+    ordered = sorted((outcomes[o] for o in listed_outcomes), key=outcome_order)
+    if [o.outcome_id for o in ordered] != listed_outcomes:
+        problems.append(f"{tag}: outcome records are not in (activity, attempt, id) order")
     verdicts = {row.receipt_id: row.verdict for row in rows}
     allow = sum(1 for r in listed if verdicts.get(r) == "ALLOW")
     deny = sum(1 for r in listed if verdicts.get(r) == "DENY")
@@ -279,9 +445,55 @@ def _check_envelope(
         )
     if chain_root(signed[r].hash for r in listed) != env.chain_root:
         problems.append(f"{tag}: chain_root does not match its steps")
-    envelope = envelope_from_row(env, [signed[r].body for r in listed])
+    envelope = envelope_from_row(
+        env, [signed[r].body for r in listed], [outcomes[o].body for o in listed_outcomes]
+    )
     builder_key = keys.get(envelope.key_id)
     if builder_key is None:
         problems.append(f"{tag}: unknown builder key {envelope.key_id!r}")
     elif not verify_envelope_signature(envelope, builder_key):
         problems.append(f"{tag}: builder signature invalid (the envelope row was altered)")
+
+
+def _check_attempts(
+    report: VerifyReport,
+    rid: str,
+    env: EnvelopeRow,
+    rows: list[StepRow],
+    listed: list[str],
+    outcomes: Mapping[str, OutcomeEntry],
+    listed_outcomes: list[str],
+) -> None:
+    """The envelope's accounts are what its listed steps and outcome records give for the
+    attempts they name; every MISSING attempt is a failure, named."""
+    problems = report.problems
+    tag = f"run {rid}: envelope revision {env.revision}"
+    report.attempts += len(env.attempts)
+    in_envelope = set(listed)
+    receipted = {(r.activity_id, r.attempt) for r in rows if r.receipt_id in in_envelope}
+    denied = {
+        (r.activity_id, r.attempt)
+        for r in rows
+        if r.receipt_id in in_envelope and r.verdict == "DENY"
+    }
+    records = [outcomes[o] for o in listed_outcomes if o in outcomes]
+    expected = account_attempts(expected_from_accounts(env.attempts), receipted, records, denied)
+    stored = {(a.activity_id, a.attempt): a for a in env.attempts}
+    for account in expected:
+        have = stored.get((account.activity_id, account.attempt))
+        if have is not None and have != account:
+            problems.append(
+                f"{tag}: activity {account.activity_id} attempt {account.attempt} is accounted "
+                f"{have.account.value} ({have.reason or 'no reason'}, outcome "
+                f"{have.outcome.value}) but its rows give {account.account.value} "
+                f"({account.reason or 'no reason'}, outcome {account.outcome.value})"
+            )
+    for account in env.attempts:
+        if account.account is AccountState.MISSING:
+            report.missing.append((env.workflow_id, rid, account.activity_id, account.attempt))
+            problems.append(
+                f"MISSING attempt: workflow {env.workflow_id} run {rid} activity "
+                f"{account.activity_id} attempt {account.attempt}"
+                f"{' (local)' if account.is_local else ''}: Temporal started it and no receipt "
+                f"or gate failure accounts for it ({account.reason})"
+            )
