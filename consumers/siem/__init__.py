@@ -16,8 +16,10 @@ from chio_receipts.consumers.siem._jsonl import JsonLinesOutput
 from chio_receipts.consumers.siem._ocsf import (
     OCSF_PROFILES,
     OCSF_VERSION,
+    attempt_events,
     envelope_to_ocsf,
     is_deny,
+    outcome_to_ocsf,
     step_to_ocsf,
 )
 from chio_receipts.consumers.siem._output import Output
@@ -36,9 +38,11 @@ __all__ = [
     "OutputSpec",
     "SiemExporter",
     "SyslogOutput",
+    "attempt_events",
     "envelope_to_ocsf",
     "is_deny",
     "make_output",
+    "outcome_to_ocsf",
     "parse_output",
     "step_to_ocsf",
 ]
