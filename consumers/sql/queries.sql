@@ -61,7 +61,7 @@ LIMIT 100;
 -- name: tool_failure_rates
 -- How each tool's calls ended (outcome records): completed, failed, cancelled, timed out, and the
 -- failure rate (failed + timed out over the calls that ran), worst first.
-SELECT tool_server, tool, attempts, completed, failed, cancelled, timed_out, failure_rate
+SELECT failure_rate, tool_server, tool, attempts, completed, failed, cancelled, timed_out
 FROM tool_failure_rate
 ORDER BY failure_rate DESC, attempts DESC
 LIMIT 100;
@@ -69,7 +69,7 @@ LIMIT 100;
 -- name: tool_duration_p50_p95
 -- Median and 95th percentile of each tool's run time (the activity body, COMPLETED and FAILED
 -- calls), slowest first.
-SELECT tool_server, tool, calls, completed, failed, p50_us, p95_us, max_us
+SELECT p95_us, p50_us, tool_server, tool, calls, completed, failed, max_us
 FROM tool_duration
 ORDER BY p95_us DESC
 LIMIT 100;
