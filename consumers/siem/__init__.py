@@ -19,6 +19,7 @@ from chio_receipts.consumers.siem._ocsf import (
     attempt_events,
     envelope_to_ocsf,
     is_deny,
+    is_gap,
     outcome_to_ocsf,
     step_to_ocsf,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "attempt_events",
     "envelope_to_ocsf",
     "is_deny",
+    "is_gap",
     "make_output",
     "outcome_to_ocsf",
     "parse_output",

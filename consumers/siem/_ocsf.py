@@ -63,6 +63,7 @@ __all__ = [
     "attempt_events",
     "envelope_to_ocsf",
     "is_deny",
+    "is_gap",
     "outcome_to_ocsf",
     "step_to_ocsf",
 ]
@@ -178,6 +179,16 @@ def _actor(subject: str | None, workflow_type: str, workflow_id: str) -> dict[st
 def is_deny(event: Mapping[str, Any]) -> bool:
     """True for an OCSF event this module made from a denial."""
     return event.get("action_id") == 2
+
+
+def is_gap(event: Mapping[str, Any]) -> bool:
+    """True for an event this module made from a real gap: an attempt Temporal started whose
+    receipt does not exist (account MISSING)."""
+    metadata = event.get("metadata") or {}
+    unmapped = event.get("unmapped") or {}
+    return bool(
+        metadata.get("log_name") == "chio.receipts.attempts" and unmapped.get("account") == _MISSING
+    )
 
 
 def step_to_ocsf(record: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from chio_receipts.consumers.siem import (
     attempt_events,
     envelope_to_ocsf,
     is_deny,
+    is_gap,
     outcome_to_ocsf,
     step_to_ocsf,
 )
@@ -349,14 +350,20 @@ def test_unreceipted_attempts_are_events_of_their_own() -> None:
     assert missing["status_detail"] == "missing: no receipt for a started attempt"
     assert missing["src_endpoint"] == {"svc_name": "temporal", "name": "default"}
     assert missing["api"]["request"]["uid"] == "order-42/run-1/3/1"
-    # The exporter sends the run event, then these; deny_only keeps the gate failure only.
+    # The exporter sends the run event, then these. deny_only keeps the gate failure (a
+    # refusal) and the real gap (never filtered out); a tool-server filter keeps the gap too.
     out = to_ocsf(decode_plain(_run_framed()))
     assert [e["metadata"]["log_name"] for e in out] == [
         "chio.receipts.envelopes",
         *["chio.receipts.attempts"] * 3,
     ]
     kept = [e for e in out if EventFilter(deny_only=True).keep(e)]
-    assert [e["unmapped"].get("account") for e in kept] == ["GATE_FAILED"]
+    assert [e["unmapped"].get("account") for e in kept] == ["GATE_FAILED", "MISSING"]
+    kept = [e for e in out if EventFilter(tool_servers=frozenset({"other"})).keep(e)]
+    assert [e["unmapped"].get("account") for e in kept] == ["GATE_FAILED", "MISSING"]
+    kept = [e for e in out if EventFilter(drop_denies=True, deny_only=True).keep(e)]
+    assert [e["unmapped"].get("account") for e in kept] == ["MISSING"]
+    assert [is_gap(e) for e in out] == [False, False, False, True]
 
 
 def test_the_exporter_checks_an_outcome_receipt_as_a_step_receipt() -> None:
