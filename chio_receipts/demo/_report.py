@@ -274,8 +274,10 @@ async def _read_outcomes(query: QueryFn, params: Mapping[str, Any], s: Summary) 
         )
         gate_failed_by_run = {str(r): int(n) for r, n in rows}
     if has_accounts:
+        # An envelope row written before the accounts were kept reads them as an empty array.
         _, rows = await query(
-            "SELECT workflow_id, run_id, workflow_type, length(attempts), "
+            "SELECT workflow_id, run_id, workflow_type, missing_steps, "
+            "length(attempts) = 0 AND step_count > 0, length(attempts), "
             "arrayCount(a -> tupleElement(a, 'account') = 'RECEIPTED', attempts), "
             "arrayCount(a -> tupleElement(a, 'account') = 'GATE_FAILED', attempts), "
             "arrayCount(a -> tupleElement(a, 'account') = 'WORKER_LOST', attempts), "
@@ -284,22 +286,30 @@ async def _read_outcomes(query: QueryFn, params: Mapping[str, Any], s: Summary) 
             "ORDER BY started_at",
             params,
         )
-        s.run_accounts = [
-            RunAccountRow(str(w), str(r), str(t), int(n), int(ok), int(g), int(lost), int(m))
-            for w, r, t, n, ok, g, lost, m in rows
-        ]
-        return
-    _, rows = await query(
-        "SELECT workflow_id, run_id, workflow_type, missing_steps FROM workflow_receipts FINAL "
-        "WHERE has({ids:Array(String)}, run_id) ORDER BY started_at",
-        params,
-    )
-    s.run_accounts = [
-        RunAccountRow(
-            str(w), str(r), str(t), None, None, gate_failed_by_run.get(str(r), 0), None, int(m)
+    else:
+        _, rows = await query(
+            "SELECT workflow_id, run_id, workflow_type, missing_steps, true, 0, 0, 0, 0, 0 "
+            "FROM workflow_receipts FINAL WHERE has({ids:Array(String)}, run_id) "
+            "ORDER BY started_at",
+            params,
         )
-        for w, r, t, m in rows
-    ]
+    for w, r, t, missing_steps, unkept, n, ok, gate, lost, missing in rows:
+        if unkept:  # only what the outcome records and the missing-step count say
+            row = RunAccountRow(
+                str(w),
+                str(r),
+                str(t),
+                None,
+                None,
+                gate_failed_by_run.get(str(r), 0),
+                None,
+                int(missing_steps),
+            )
+        else:
+            row = RunAccountRow(
+                str(w), str(r), str(t), int(n), int(ok), int(gate), int(lost), int(missing)
+            )
+        s.run_accounts.append(row)
 
 
 def _us_as_ms(value: float | None) -> str:

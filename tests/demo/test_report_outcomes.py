@@ -29,6 +29,7 @@ from tests.consumers.test_outcome_views import migrate_with_outcomes
 
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 T1 = T0 + timedelta(days=1)
+T2 = T0 + timedelta(days=2)
 # The per-attempt accounts of an envelope row, as the outcome records' migration keeps them.
 ATTEMPTS_COLUMN = (
     "ALTER TABLE workflow_receipts ADD COLUMN IF NOT EXISTS attempts Array(Tuple("
@@ -128,10 +129,12 @@ def _query(client: Any) -> Any:
 
 def _runs(client: Any, accounts: Mapping[str, list[tuple[str, int, str]]] | None) -> None:
     names = ["namespace", "workflow_id", "run_id", "workflow_type", "started_at", "outcome"]
-    names += ["revision", "complete", "missing_steps"]
+    names += ["revision", "complete", "missing_steps", "step_count"]
     rows: list[list[Any]] = [
-        ["default", "flaky-1", "run-1", "FlakyToolWorkflow", T0, "success", 1, True, 0],
-        ["default", "transfer-1", "run-2", "TransferWorkflow", T1, "failure", 1, False, 1],
+        ["default", "flaky-1", "run-1", "FlakyToolWorkflow", T0, "success", 1, True, 0, 3],
+        ["default", "transfer-1", "run-2", "TransferWorkflow", T1, "failure", 1, False, 1, 2],
+        # Written before the envelope kept its accounts: two steps, no accounts.
+        ["default", "old-1", "run-3", "OldWorkflow", T2, "success", 1, True, 0, 2],
     ]
     if accounts is not None:
         names.append("attempts")
@@ -139,7 +142,7 @@ def _runs(client: Any, accounts: Mapping[str, list[tuple[str, int, str]]] | None
             row.append(
                 [
                     (activity, "t", attempt, False, state, "", "UNKNOWN")
-                    for activity, attempt, state in accounts[row[2]]
+                    for activity, attempt, state in accounts.get(row[2], [])
                 ]
             )
     client.insert("workflow_receipts", rows, column_names=names)
@@ -160,12 +163,13 @@ async def test_a_database_without_outcomes_reads_as_none(client: Any) -> None:
             for statement in split_statements(migration.sql):
                 client.command(statement)
     _runs(client, None)
-    s = await read_summary(_query(client), ["run-1", "run-2"])
+    s = await read_summary(_query(client), ["run-1", "run-2", "run-3"])
     assert s.outcomes_available is False
     assert s.tool_outcomes == []
     assert s.run_accounts == [
         RunAccountRow("flaky-1", "run-1", "FlakyToolWorkflow", None, None, 0, None, 0),
         RunAccountRow("transfer-1", "run-2", "TransferWorkflow", None, None, 0, None, 1),
+        RunAccountRow("old-1", "run-3", "OldWorkflow", None, None, 0, None, 0),
     ]
 
 
@@ -193,20 +197,23 @@ async def test_outcomes_per_tool_and_accounts_per_run(client: Any) -> None:
             _outcome("run-1", "flaky_tool", "COMPLETED", 3000),
             _outcome("run-2", "debit", "COMPLETED", 500),
             _outcome("run-2", "refund", "GATE_FAILED", 0),
+            _outcome("run-3", "refund", "GATE_FAILED", 0),
         ],
         column_names=OUTCOME_NAMES,
     )
-    s = await read_summary(_query(client), ["run-1", "run-2"])
+    s = await read_summary(_query(client), ["run-1", "run-2", "run-3"])
     assert s.outcomes_available is True
     assert s.tool_outcomes == [
         ToolOutcomeRow("agent-tools", "debit", 1, 1, 0, 0, 0, 0, 500.0, 500.0),
         ToolOutcomeRow(
             "agent-tools", "flaky_tool", 3, 1, 2, 0, 0, 0, 2000.0, pytest.approx(2900.0)
         ),
-        ToolOutcomeRow("agent-tools", "refund", 0, 0, 0, 0, 0, 1, None, None),
+        ToolOutcomeRow("agent-tools", "refund", 0, 0, 0, 0, 0, 2, None, None),
     ]
-    assert s.outcome_count == 5
+    assert s.outcome_count == 6
     assert s.run_accounts == [
         RunAccountRow("flaky-1", "run-1", "FlakyToolWorkflow", 3, 3, 0, 0, 0),
         RunAccountRow("transfer-1", "run-2", "TransferWorkflow", 4, 1, 1, 1, 1),
+        # No accounts kept: the gate failure its outcome record says, the rest unknown.
+        RunAccountRow("old-1", "run-3", "OldWorkflow", None, None, 1, None, 0),
     ]
