@@ -312,8 +312,8 @@ async def _read_outcomes(query: QueryFn, params: Mapping[str, Any], s: Summary) 
         s.run_accounts.append(row)
 
 
-def _us_as_ms(value: float | None) -> str:
-    return "-" if value is None else f"{value / 1000:.1f}"
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _count(value: int | None) -> str:
@@ -332,8 +332,8 @@ def outcome_table_rows(s: Summary) -> list[tuple[str, ...]]:
             str(t.timed_out),
             str(t.cancelled),
             str(t.gate_failed),
-            _us_as_ms(t.p50_us),
-            _us_as_ms(t.p95_us),
+            _us(t.p50_us),
+            _us(t.p95_us),
         )
         for t in s.tool_outcomes
     ]
@@ -348,8 +348,8 @@ OUTCOME_HEAD = (
     "timed out",
     "cancelled",
     "gate failed",
-    "p50 ms",
-    "p95 ms",
+    "p50 µs",
+    "p95 µs",
 )
 ACCOUNT_HEAD = (
     "workflow",

@@ -61,7 +61,7 @@ def test_the_html_report_has_outcomes_and_durations_per_tool(tmp_path: Path) -> 
     assert "<h2 id='attempts'>Attempts accounted per run</h2>" in text
     assert "7 outcome records: 4 calls ran, 2 failed or timed out, 3 refused at the gate." in text
     row = "<tr><td>agent-tools</td><td>flaky_tool</td><td>3</td><td>1</td><td>2</td>"
-    assert row + "<td>0</td><td>0</td><td>0</td><td>1.5</td><td>2.5</td></tr>" in text
+    assert row + "<td>0</td><td>0</td><td>0</td><td>1500</td><td>2450</td></tr>" in text
     # A tool only ever refused at the gate ran no call: no duration.
     assert "<td>refund_account</td><td>0</td><td>0</td><td>0</td><td>0</td><td>0</td>" in text
     assert "<td>2</td><td>-</td><td>-</td></tr>" in text
@@ -100,8 +100,8 @@ def test_the_text_summary_prints_both_tables() -> None:
         "0",
         "0",
         "0",
-        "1.5",
-        "2.5",
+        "1500",
+        "2450",
     ]
 
 
