@@ -10,7 +10,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["QueryFn", "RunRow", "StepRow", "Summary", "read_summary", "write_html_report"]
+__all__ = [
+    "QueryFn",
+    "RunAccountRow",
+    "RunRow",
+    "StepRow",
+    "Summary",
+    "ToolOutcomeRow",
+    "read_summary",
+    "write_html_report",
+]
 
 QueryFn = Callable[[str, Mapping[str, Any]], Awaitable[tuple[list[str], list[tuple[Any, ...]]]]]
 
@@ -49,6 +58,40 @@ class StepRow:
     evaluated_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class ToolOutcomeRow:
+    """How one tool's calls ended and how long they ran (the outcome views of 0006)."""
+
+    tool_server: str
+    tool: str
+    calls: int
+    """Outcome records whose body ran (every status but GATE_FAILED)."""
+    completed: int
+    failed: int
+    cancelled: int
+    timed_out: int
+    gate_failed: int
+    """Attempts the gate refused before any decision (the tool never ran)."""
+    p50_us: float | None
+    """Median run time over COMPLETED and FAILED calls (None when there were none)."""
+    p95_us: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunAccountRow:
+    """How a run's attempts are accounted for in its current envelope. ``None``: the envelope
+    rows of this database do not keep the accounts (only what the outcome records say)."""
+
+    workflow_id: str
+    run_id: str
+    workflow_type: str
+    attempts: int | None
+    receipted: int | None
+    gate_failed: int
+    worker_lost: int | None
+    missing: int
+
+
 @dataclass(slots=True)
 class Summary:
     """Everything the demo prints and draws, read from ClickHouse only."""
@@ -63,6 +106,15 @@ class Summary:
     runs: list[RunRow] = field(default_factory=list)
     steps: list[StepRow] = field(default_factory=list)
     deny_rate_over_time: list[tuple[datetime, int, int]] = field(default_factory=list)
+    outcomes_available: bool = False
+    """The database has the outcome records' table and views."""
+    tool_outcomes: list[ToolOutcomeRow] = field(default_factory=list)
+    run_accounts: list[RunAccountRow] = field(default_factory=list)
+
+    @property
+    def outcome_count(self) -> int:
+        """Outcome records (gate failures included)."""
+        return sum(t.calls + t.gate_failed for t in self.tool_outcomes)
 
     @property
     def denied(self) -> int:
@@ -160,7 +212,187 @@ async def read_summary(query: QueryFn, run_ids: Sequence[str]) -> Summary:
         params,
     )
     s.deny_rate_over_time = [(t, int(n), int(d)) for t, n, d in rows]
+    await _read_outcomes(query, params, s)
     return s
+
+
+_OUTCOME_VIEWS = ("tool_failure_rate", "tool_duration", "tool_denials_vs_failures")
+
+
+async def _read_outcomes(query: QueryFn, params: Mapping[str, Any], s: Summary) -> None:
+    """Outcomes per tool (the views of migration 0006) and each run's attempt accounts. A
+    database without the outcome table reads as no outcomes; envelope rows without the
+    ``attempts`` accounts leave what only they know as ``None``."""
+    _, rows = await query(
+        "SELECT (SELECT count() FROM system.tables WHERE database = currentDatabase() "
+        "AND name IN {names:Array(String)}), "
+        "(SELECT count() FROM system.columns WHERE database = currentDatabase() "
+        "AND table = 'workflow_receipts' AND name = 'attempts' AND position(type, 'account') > 0)",
+        {"names": ["step_outcomes", *_OUTCOME_VIEWS]},
+    )
+    s.outcomes_available = int(rows[0][0]) == 1 + len(_OUTCOME_VIEWS)
+    has_accounts = int(rows[0][1]) == 1
+    gate_failed_by_run: dict[str, int] = {}
+    if s.outcomes_available:
+        # The views cover the whole database: the demo's own, fresh for each demo run.
+        _, rows = await query(
+            "SELECT f.tool_server, f.tool, f.attempts, f.completed, f.failed, f.cancelled, "
+            "f.timed_out, d.calls, d.p50_us, d.p95_us "
+            "FROM tool_failure_rate AS f LEFT JOIN tool_duration AS d "
+            "ON f.tool_server = d.tool_server AND f.tool = d.tool",
+            {},
+        )
+        by_tool = {(str(r[0]), str(r[1])): r for r in rows}
+        _, rows = await query(
+            "SELECT tool_server, tool, gate_failed FROM tool_denials_vs_failures "
+            "WHERE gate_failed > 0",
+            {},
+        )
+        gates = {(str(a), str(b)): int(n) for a, b, n in rows}
+        for key in sorted(set(by_tool) | set(gates)):
+            r = by_tool.get(key)
+            counts = [int(v) for v in r[2:7]] if r is not None else [0] * 5
+            timed = r is not None and int(r[7] or 0) > 0  # COMPLETED or FAILED calls
+            s.tool_outcomes.append(
+                ToolOutcomeRow(
+                    tool_server=key[0],
+                    tool=key[1],
+                    calls=counts[0],
+                    completed=counts[1],
+                    failed=counts[2],
+                    cancelled=counts[3],
+                    timed_out=counts[4],
+                    gate_failed=gates.get(key, 0),
+                    p50_us=float(r[8]) if r is not None and timed else None,
+                    p95_us=float(r[9]) if r is not None and timed else None,
+                )
+            )
+        _, rows = await query(
+            "SELECT run_id, countIf(status = 'GATE_FAILED') FROM step_outcomes FINAL "
+            "WHERE has({ids:Array(String)}, run_id) GROUP BY run_id",
+            params,
+        )
+        gate_failed_by_run = {str(r): int(n) for r, n in rows}
+    if has_accounts:
+        # An envelope row written before the accounts were kept reads them as an empty array.
+        _, rows = await query(
+            "SELECT workflow_id, run_id, workflow_type, missing_steps, "
+            "length(attempts) = 0 AND step_count > 0, length(attempts), "
+            "arrayCount(a -> tupleElement(a, 'account') = 'RECEIPTED', attempts), "
+            "arrayCount(a -> tupleElement(a, 'account') = 'GATE_FAILED', attempts), "
+            "arrayCount(a -> tupleElement(a, 'account') = 'WORKER_LOST', attempts), "
+            "arrayCount(a -> tupleElement(a, 'account') = 'MISSING', attempts) "
+            "FROM workflow_receipts FINAL WHERE has({ids:Array(String)}, run_id) "
+            "ORDER BY started_at",
+            params,
+        )
+    else:
+        _, rows = await query(
+            "SELECT workflow_id, run_id, workflow_type, missing_steps, true, 0, 0, 0, 0, 0 "
+            "FROM workflow_receipts FINAL WHERE has({ids:Array(String)}, run_id) "
+            "ORDER BY started_at",
+            params,
+        )
+    for w, r, t, missing_steps, unkept, n, ok, gate, lost, missing in rows:
+        if unkept:  # only what the outcome records and the missing-step count say
+            row = RunAccountRow(
+                str(w),
+                str(r),
+                str(t),
+                None,
+                None,
+                gate_failed_by_run.get(str(r), 0),
+                None,
+                int(missing_steps),
+            )
+        else:
+            row = RunAccountRow(
+                str(w), str(r), str(t), int(n), int(ok), int(gate), int(lost), int(missing)
+            )
+        s.run_accounts.append(row)
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def outcome_table_rows(s: Summary) -> list[tuple[str, ...]]:
+    """The rows of the outcomes-per-tool table (text summary and HTML report)."""
+    return [
+        (
+            t.tool_server,
+            t.tool,
+            str(t.calls),
+            str(t.completed),
+            str(t.failed),
+            str(t.timed_out),
+            str(t.cancelled),
+            str(t.gate_failed),
+            _us(t.p50_us),
+            _us(t.p95_us),
+        )
+        for t in s.tool_outcomes
+    ]
+
+
+OUTCOME_HEAD = (
+    "tool server",
+    "tool",
+    "calls",
+    "completed",
+    "failed",
+    "timed out",
+    "cancelled",
+    "gate failed",
+    "p50 µs",
+    "p95 µs",
+)
+ACCOUNT_HEAD = (
+    "workflow",
+    "run",
+    "type",
+    "attempts",
+    "receipted",
+    "gate failed",
+    "worker lost",
+    "missing",
+)
+
+
+def account_table_rows(s: Summary) -> list[tuple[str, ...]]:
+    """The rows of the attempts-per-run table (text summary and HTML report)."""
+    return [
+        (
+            a.workflow_id,
+            "…" + a.run_id[-6:],
+            a.workflow_type,
+            _count(a.attempts),
+            _count(a.receipted),
+            str(a.gate_failed),
+            _count(a.worker_lost),
+            str(a.missing),
+        )
+        for a in s.run_accounts
+    ]
+
+
+def outcomes_note(s: Summary) -> str:
+    """One line saying where the outcomes stand (shown above the tables)."""
+    if not s.outcomes_available:
+        return "No outcome records: this database has no step_outcomes table."
+    if not s.tool_outcomes:
+        return "No outcome records for these runs yet."
+    calls = sum(t.calls for t in s.tool_outcomes)
+    failed = sum(t.failed + t.timed_out for t in s.tool_outcomes)
+    gate = sum(t.gate_failed for t in s.tool_outcomes)
+    return (
+        f"{s.outcome_count} outcome records: {calls} calls ran, {failed} failed or timed out, "
+        f"{gate} refused at the gate."
+    )
 
 
 def _svg(fig: Any) -> str:
@@ -217,6 +449,16 @@ def _charts(s: Summary) -> list[tuple[str, str]]:
         ax.set_xlabel("receipts")
         ax.legend(loc="lower right")
         charts.append(("Per tool server / tool", _svg(fig)))
+        plt.close(fig)
+    timed = [t for t in s.tool_outcomes if t.p50_us is not None and t.p95_us is not None]
+    if timed:
+        fig, ax = plt.subplots(figsize=(8, 0.35 * len(timed) + 1))
+        labels = [f"{t.tool_server}/{t.tool}" for t in timed]
+        ax.barh(labels, [(t.p95_us or 0) / 1000 for t in timed], color="#e0a050", label="p95")
+        ax.barh(labels, [(t.p50_us or 0) / 1000 for t in timed], color="#5470c6", label="p50")
+        ax.set_xlabel("call duration, ms (completed and failed calls)")
+        ax.legend(loc="lower right")
+        charts.append(("Call duration per tool (p50, p95)", _svg(fig)))
         plt.close(fig)
     if s.runs and s.steps:
         order = {(r.workflow_id, r.run_id): i for i, r in enumerate(s.runs)}
@@ -299,6 +541,11 @@ def write_html_report(s: Summary, path: Path) -> Path:
             ["activity type", "evaluations", "p50 µs", "p95 µs"],
             [(a, n, f"{p50:.0f}", f"{p95:.0f}") for a, n, p50, p95 in s.latency],
         ),
+        "<h2 id='outcomes'>Outcomes and durations per tool</h2>",
+        f"<p>{html.escape(outcomes_note(s))}</p>",
+        _table(OUTCOME_HEAD, outcome_table_rows(s)) if s.tool_outcomes else "",
+        "<h2 id='attempts'>Attempts accounted per run</h2>",
+        _table(ACCOUNT_HEAD, account_table_rows(s)),
     ]
     for title, svg in _charts(s):
         parts.append(f"<h2>{html.escape(title)}</h2>{svg}")

@@ -49,7 +49,16 @@ from chio_receipts.consumers import (
     verify_run,
 )
 from chio_receipts.demo import _workflows as wf
-from chio_receipts.demo._report import Summary, read_summary, write_html_report
+from chio_receipts.demo._report import (
+    ACCOUNT_HEAD,
+    OUTCOME_HEAD,
+    Summary,
+    account_table_rows,
+    outcome_table_rows,
+    outcomes_note,
+    read_summary,
+    write_html_report,
+)
 from chio_receipts.demo._worker import DEFAULT_SCOPE, WorkerSettings, demo_worker
 from chio_receipts.interceptor import (
     ArgumentKey,
@@ -616,12 +625,28 @@ def _print_summary(console: Console, result: DemoResult) -> None:
     for activity_type, n, p50, p95 in s.latency:
         table.add_row(activity_type, str(n), f"{p50:.0f}", f"{p95:.0f}")
     console.print(table)
+    _print_outcomes(console, s)
     console.print(
         f"{len(s.runs)} runs · {s.step_rows} step receipts ({s.distinct_receipts} distinct) · "
         f"{s.denied} denied · {s.incomplete} incomplete envelopes"
     )
     if result.report_path is not None:
         console.print(f"HTML report: {result.report_path}")
+
+
+def _print_outcomes(console: Console, s: Summary) -> None:
+    """How each tool's calls ended and how long they ran; how each run's attempts are
+    accounted for."""
+    console.print(outcomes_note(s))
+    if s.tool_outcomes:
+        table = Table(*OUTCOME_HEAD, title="Outcomes and durations per tool")
+        for row in outcome_table_rows(s):
+            table.add_row(*row)
+        console.print(table)
+    table = Table(*ACCOUNT_HEAD, title="Attempts accounted per run")
+    for row in account_table_rows(s):
+        table.add_row(*row)
+    console.print(table)
 
 
 async def _poll(fn: Callable[[], Awaitable[bool]], limit_s: float, what: str) -> None:

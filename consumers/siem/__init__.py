@@ -16,8 +16,11 @@ from chio_receipts.consumers.siem._jsonl import JsonLinesOutput
 from chio_receipts.consumers.siem._ocsf import (
     OCSF_PROFILES,
     OCSF_VERSION,
+    attempt_events,
     envelope_to_ocsf,
     is_deny,
+    is_gap,
+    outcome_to_ocsf,
     step_to_ocsf,
 )
 from chio_receipts.consumers.siem._output import Output
@@ -36,9 +39,12 @@ __all__ = [
     "OutputSpec",
     "SiemExporter",
     "SyslogOutput",
+    "attempt_events",
     "envelope_to_ocsf",
     "is_deny",
+    "is_gap",
     "make_output",
+    "outcome_to_ocsf",
     "parse_output",
     "step_to_ocsf",
 ]

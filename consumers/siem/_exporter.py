@@ -16,6 +16,16 @@ the steps topic's data errors. An envelope that embeds such a step is dead-lette
 else checks the envelopes topic). The exporter does not check the sidecar's Avro signatures (the
 builder does); events never carry the receipt's parameters.
 
+Outcome records (``StepOutcome``) share the steps topic and are exported as events of their
+own (``_ocsf.outcome_to_ocsf``); an envelope is its run's event followed by one event per attempt
+it does not account for with receipts (``_ocsf.attempt_events``: gate failures, workers lost,
+real gaps). An outcome's Chio ``trace_observation`` receipt is checked like a step's
+(``schemas.check_chio_outcome`` under the same trusted keys, an unknown ``kernel_key`` refreshing
+the ring once); one that does not check is not exported, and an envelope embedding it is
+dead-lettered. An outcome without a receipt is exported only as a GATE_FAILED record (a gate
+failure the sidecar could not sign; its event says ``unmapped.signed`` false): any other unsigned
+outcome is refused as unsigned.
+
 Only the builder's envelopes are exported. A worker's own flush (``flush_workflow_receipt``
 through the streamer) shares the envelopes topic but is the worker's unattested view of the run
 (type ``WORKER_ENVELOPE_EVENT_TYPE``, or ``metadata["source"] == "worker"`` when older): it is
@@ -25,6 +35,7 @@ skipped, neither exported nor dead-lettered, and committed with the batch.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -38,9 +49,14 @@ from chio_receipts.consumers._errors import OutputRejected, OutputUnavailable
 from chio_receipts.consumers._keys import KeyRing
 from chio_receipts.consumers._metrics import ConsumerMetrics
 from chio_receipts.consumers._runner import Batch, BatchRunner, Message, RunnerConfig
-from chio_receipts.consumers._wire import ENVELOPE_SCHEMA, STEP_SCHEMA, Plain
+from chio_receipts.consumers._wire import ENVELOPE_SCHEMA, STEP_OUTCOME_SCHEMA, STEP_SCHEMA, Plain
 from chio_receipts.consumers.siem._filter import EventFilter
-from chio_receipts.consumers.siem._ocsf import envelope_to_ocsf, step_to_ocsf
+from chio_receipts.consumers.siem._ocsf import (
+    attempt_events,
+    envelope_to_ocsf,
+    outcome_to_ocsf,
+    step_to_ocsf,
+)
 from chio_receipts.consumers.siem._output import Output
 from chio_receipts.consumers.siem._spec import OutputSpec, make_output
 from chio_receipts.schemas import (
@@ -48,7 +64,10 @@ from chio_receipts.schemas import (
     AsyncService,
     KafkaConnection,
     RetryPolicy,
+    StepOutcome,
+    StepStatus,
     TopicNames,
+    check_chio_outcome,
     retry_async,
 )
 
@@ -88,15 +107,50 @@ class ExporterConfig:
     """Lowercase hex keys of Chio kernels whose receipts are trusted, besides the ring's."""
 
 
+def outcome_refusal(record: Mapping[str, Any], trusted: frozenset[str]) -> ChioRefusal | None:
+    """Why the plain outcome ``record`` is not exported, or None: its Chio receipt does not
+    check under ``trusted``, or it has none and is not a gate failure."""
+    try:
+        outcome = StepOutcome.from_avro(dict(record))
+    except (KeyError, TypeError, ValueError) as exc:
+        return ChioRefusal(Reason.BAD_CHIO_RECEIPT, f"the outcome record is not readable: {exc}")
+    if not outcome.chio_receipt:
+        if outcome.status is StepStatus.GATE_FAILED:
+            return None
+        return ChioRefusal(Reason.UNSIGNED_STEP, "the outcome record carries no Chio receipt")
+    why = check_chio_outcome(outcome, trusted_keys=trusted)
+    if why is None:
+        return None
+    kernel_key = _kernel_key(outcome.chio_receipt)
+    if kernel_key and kernel_key not in trusted:
+        return ChioRefusal(Reason.UNTRUSTED_KERNEL_KEY, why, kernel_key)
+    return ChioRefusal(Reason.BAD_CHIO_RECEIPT, why)
+
+
+def _kernel_key(text: str) -> str:
+    try:
+        receipt = json.loads(text)
+    except ValueError:
+        return ""
+    return str(receipt.get("kernel_key") or "").lower() if isinstance(receipt, dict) else ""
+
+
 def _refusal(plain: Plain, trusted: frozenset[str]) -> ChioRefusal | None:
     if plain.schema_name == STEP_SCHEMA:
         return chio_refusal(plain.record, trusted)
+    if plain.schema_name == STEP_OUTCOME_SCHEMA:
+        return outcome_refusal(plain.record, trusted)
     if plain.schema_name == ENVELOPE_SCHEMA:
         for step in plain.record.get("steps") or ():
             refusal = chio_refusal(step, trusted)
             if refusal is not None:
                 receipt = step.get("receipt_id")
                 return replace(refusal, detail=f"embedded step {receipt}: {refusal.detail}")
+        for outcome in plain.record.get("outcomes") or ():
+            refusal = outcome_refusal(outcome, trusted)
+            if refusal is not None:
+                uid = outcome.get("outcome_id")
+                return replace(refusal, detail=f"embedded outcome {uid}: {refusal.detail}")
     return None
 
 
@@ -113,12 +167,16 @@ def _worker_flush(message: Message) -> bool:
     return bool(metadata.get("source") == "worker")
 
 
-def _to_ocsf(plain: Plain) -> dict[str, Any] | None:
+def to_ocsf(plain: Plain) -> list[dict[str, Any]]:
+    """The OCSF events of one decoded message: a step's decision, an outcome, or an envelope's
+    run event followed by its unreceipted attempts."""
     if plain.schema_name == STEP_SCHEMA:
-        return step_to_ocsf(plain.record)
+        return [step_to_ocsf(plain.record)]
+    if plain.schema_name == STEP_OUTCOME_SCHEMA:
+        return [outcome_to_ocsf(plain.record)]
     if plain.schema_name == ENVELOPE_SCHEMA:
-        return envelope_to_ocsf(plain.record)
-    return None
+        return [envelope_to_ocsf(plain.record), *attempt_events(plain.record)]
+    return []
 
 
 class SiemExporter(AsyncService):
@@ -148,7 +206,7 @@ class SiemExporter(AsyncService):
                 topics=tuple(read),
                 dlq_topic=topics.dlq,
                 schemas={
-                    topics.steps: frozenset({STEP_SCHEMA}),
+                    topics.steps: frozenset({STEP_SCHEMA, STEP_OUTCOME_SCHEMA}),
                     topics.envelopes: frozenset({ENVELOPE_SCHEMA}),
                 },
                 dead_letter_data_errors=False,
@@ -223,9 +281,9 @@ class SiemExporter(AsyncService):
             if refusal is not None:
                 self._refuse(batch, message, refusal)
                 continue
-            event = _to_ocsf(message.plain)
-            if event is not None and self._filter.keep(event):
-                events.append(event)
+            kept = [e for e in to_ocsf(message.plain) if self._filter.keep(e)]
+            if kept:
+                events += kept
                 sources.append(message)
         if not events:
             return

@@ -57,3 +57,37 @@ GROUP BY workflow_id, run_id
 HAVING revisions > 1
 ORDER BY revisions DESC
 LIMIT 100;
+
+-- name: tool_failure_rates
+-- How each tool's calls ended (outcome records): completed, failed, cancelled, timed out, and the
+-- failure rate (failed + timed out over the calls that ran), worst first.
+SELECT failure_rate, tool_server, tool, attempts, completed, failed, cancelled, timed_out
+FROM tool_failure_rate
+ORDER BY failure_rate DESC, attempts DESC
+LIMIT 100;
+
+-- name: tool_duration_p50_p95
+-- Median and 95th percentile of each tool's run time (the activity body, COMPLETED and FAILED
+-- calls), slowest first.
+SELECT p95_us, p50_us, tool_server, tool, calls, completed, failed, max_us
+FROM tool_duration
+ORDER BY p95_us DESC
+LIMIT 100;
+
+-- name: tool_denials_vs_failures
+-- Per tool: what the policy denied next to what failed after an allow, and the attempts the gate
+-- refused before any decision.
+SELECT tool_server, tool, allowed, denied, deny_rate, failed, timed_out, gate_failed
+FROM tool_denials_vs_failures
+ORDER BY denied + failed + timed_out + gate_failed DESC
+LIMIT 100;
+
+-- name: failed_calls_recent
+-- The latest calls that failed or timed out after an allow: which run, which tool, the error type
+-- (never the message) and the decision they followed.
+SELECT ended_at, workflow_id, run_id, activity_type, tool_server, tool, attempt, status,
+       error_type, duration_us, decision_receipt_id
+FROM step_outcomes FINAL
+WHERE status IN ('FAILED', 'TIMED_OUT')
+ORDER BY ended_at DESC
+LIMIT 50;

@@ -20,6 +20,7 @@ from rich.console import Console
 from chio_receipts import schemas
 from chio_receipts._config import AppConfig
 from chio_receipts.consumers import open_client
+from chio_receipts.consumers._clickhouse import migrations
 from chio_receipts.consumers._wire import decode_plain
 from chio_receipts.demo._run import DemoOptions, DemoResult, run_demo
 from chio_receipts.stack import default_clickhouse_dsn
@@ -90,6 +91,48 @@ def test_summary_matches_the_designed_workflows(demo: tuple[DemoResult, str, Pat
     assert result.verify_failures == []
     assert "verify: 14/14 runs verified" in output
     assert "0 incomplete envelopes" in output
+
+
+@pytest.mark.e2e
+def test_summary_shows_outcomes_and_durations_per_tool(
+    demo: tuple[DemoResult, str, Path],
+) -> None:
+    """What the demo's workflows do, as outcome records: every allowed attempt ran and left one
+    outcome; only the flaky tool failed (twice, then completed); nothing was refused at the gate
+    and no attempt is unaccounted for."""
+    # For the lead: the outcome records' table comes with migration 0005 and the records with
+    # the worker's outcome emission; in a tree without 0005 there is nothing to show yet.
+    if not any(m.version == 5 for m in migrations()):
+        pytest.skip("no step_outcomes table in this tree (migration 0005 is not here yet)")
+    result, output, _data = demo
+    s = result.summary
+    assert s is not None
+    assert s.outcomes_available
+    assert "Outcomes and durations per tool" in output
+    assert "Attempts accounted per run" in output
+    allowed = sum(a for _ts, _t, a, _d in s.by_tool)
+    assert allowed == s.step_rows - 2
+    by_tool = {(t.tool_server, t.tool): t for t in s.tool_outcomes}
+    assert sum(t.calls for t in by_tool.values()) == allowed
+    assert all(t.gate_failed == 0 for t in by_tool.values())
+    (flaky,) = [t for (_ts, tool), t in by_tool.items() if tool == "flaky_tool"]
+    assert (flaky.calls, flaky.completed, flaky.failed) == (3, 1, 2)
+    assert flaky.p50_us is not None
+    assert flaky.p95_us is not None
+    assert 0 <= flaky.p50_us <= flaky.p95_us
+    for t in by_tool.values():
+        if t.tool != "flaky_tool":
+            assert (t.completed, t.failed, t.timed_out, t.cancelled) == (t.calls, 0, 0, 0), t
+    # The denied credit ran nothing: no outcome for it.
+    assert ("payments", "credit_account") not in by_tool
+    # Every attempt of every run is accounted for by its receipts.
+    assert len(s.run_accounts) == 14
+    steps = {r.run_id: r.step_count for r in s.runs}
+    for account in s.run_accounts:
+        assert (account.gate_failed, account.missing) == (0, 0), account
+        assert account.worker_lost in (0, None), account
+        if account.attempts is not None:
+            assert account.attempts == account.receipted == steps[account.run_id], account
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,8 +225,12 @@ def test_report_is_one_html_file_with_charts(demo: tuple[DemoResult, str, Path])
     result, _output, data = demo
     assert result.report_path == data / "report.html"
     text = result.report_path.read_text()
-    assert text.count("<svg") == 3
+    assert result.summary is not None
+    timed = any(t.p50_us is not None for t in result.summary.tool_outcomes)
+    assert text.count("<svg") == 3 + timed  # + call durations per tool, once there are outcomes
     assert "credit_account" in text
+    assert "<h2 id='outcomes'>Outcomes and durations per tool</h2>" in text
+    assert "<h2 id='attempts'>Attempts accounted per run</h2>" in text
     # One file: no external stylesheet, script or image.
     assert "<link" not in text
     assert "<script" not in text
