@@ -6,12 +6,14 @@
 CREATE ROLE IF NOT EXISTS chio_writer;
 GRANT INSERT ON {db}.step_receipts TO chio_writer;
 GRANT INSERT ON {db}.workflow_receipts TO chio_writer;
+GRANT INSERT ON {db}.step_outcomes TO chio_writer;
 
 -- The receipt builder: inserts, plus the reads it needs to rebuild runs after a restart.
 CREATE ROLE IF NOT EXISTS chio_builder;
 GRANT chio_writer TO chio_builder;
 GRANT SELECT ON {db}.step_receipts TO chio_builder;
 GRANT SELECT ON {db}.workflow_receipts TO chio_builder;
+GRANT SELECT ON {db}.step_outcomes TO chio_builder;
 GRANT SELECT ON {db}.schema_migrations TO chio_builder;
 
 -- Read-only analyst: every table and view of the database, nothing else.
