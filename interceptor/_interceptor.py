@@ -46,6 +46,7 @@ itself, :meth:`ChioActivityInterceptor.before_attempt`, reads as resolve -> eval
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -356,7 +357,8 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
         digest = ""
         if exc is None:
             digest = result_digest(self._argument_key, result, self._converter)
-        outcome = body_outcome(
+        outcome = functools.partial(  # built by the background task, off the activity's path
+            body_outcome,
             decision.receipt,
             status=status,
             error_type=error_type,

@@ -247,7 +247,8 @@ def gate_outcome(request: EvaluationRequest, reason: str, *, ended_at: int) -> S
 
 @dataclass(slots=True, frozen=True)
 class _Pending:
-    outcome: StepOutcome
+    outcome: StepOutcome | Callable[[], StepOutcome]
+    """The record, or how to build it (off the activity's path)."""
     decision: StepReceipt | None
     """The decision whose Chio receipt id the record links to (parsed off the activity path)."""
     sign: bool
@@ -274,6 +275,7 @@ class OutcomeRecorder:
         max_backlog: int = 1_000,
         batch: int = 64,
         retry_interval: float = 0.5,
+        linger: float = 1.0,
     ) -> None:
         if max_queue < 1 or max_backlog < 1 or batch < 1:
             raise ValueError("max_queue, max_backlog and batch must be at least 1")
@@ -284,13 +286,17 @@ class OutcomeRecorder:
         self._max_backlog = max_backlog
         self._batch = batch
         self._retry_interval = retry_interval
+        self._linger = linger
         self._queue: collections.deque[_Pending] = collections.deque()
         self._backlog: collections.deque[StepOutcome] = collections.deque()
         self._busy = 0
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
         self._closed = False
         self._warned_sink = False
+        self._sink_seen: object | None = None
+        self._sink_ok: OutcomeSink | None = None
 
     def __repr__(self) -> str:
         return f"OutcomeRecorder(queued={len(self._queue)}, backlog={len(self._backlog)})"
@@ -302,9 +308,13 @@ class OutcomeRecorder:
 
     def _publisher(self) -> OutcomeSink | None:
         sink = self._sink()
+        if sink is self._sink_seen:  # the protocol check costs microseconds: once per sink
+            return self._sink_ok
+        self._sink_seen, self._sink_ok = sink, None
         if sink is None:
             return None
         if isinstance(sink, OutcomeSink):
+            self._sink_ok = sink
             return sink
         if not self._warned_sink:
             self._warned_sink = True
@@ -313,8 +323,15 @@ class OutcomeRecorder:
 
     # -- the activity's side: never waits ----------------------------------------------------------
 
-    def submit(self, outcome: StepOutcome, *, decision: StepReceipt | None, sign: bool) -> None:
-        """Queue one record for signing (``sign``) and publishing; returns at once."""
+    def submit(
+        self,
+        outcome: StepOutcome | Callable[[], StepOutcome],
+        *,
+        decision: StepReceipt | None,
+        sign: bool,
+    ) -> None:
+        """Queue one record (or a function that builds it, called by the background task) for
+        signing (``sign``) and publishing; returns at once."""
         if self._publisher() is None:
             return
         if self._closed:
@@ -335,20 +352,33 @@ class OutcomeRecorder:
         self._start()
 
     def _start(self) -> None:
-        if self._wake is None:
-            self._wake = asyncio.Event()
-        if self._task is None or self._task.done():
+        if self._task is None or self._task.done() or self._wake is None or self._idle is None:
+            # New events with each task: they bind to the loop the task runs on.
+            self._wake, self._idle = asyncio.Event(), asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="chio-outcome-recorder"
+                self._run(self._wake, self._idle), name="chio-outcome-recorder"
             )
-        self._wake.set()
+        else:
+            self._idle.clear()
+            self._wake.set()
 
     # -- the background task -----------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        wake = self._wake
-        assert wake is not None  # noqa: S101 - set by _start before the task exists
-        while self._queue or self._backlog:
+    async def _run(self, wake: asyncio.Event, idle: asyncio.Event) -> None:
+        """Work until queue and backlog are empty, then linger a little for the next record
+        (a task per attempt would cost every attempt its creation)."""
+        while True:
+            if not self._queue and not self._backlog:
+                idle.set()
+                if self._closed:
+                    return
+                wake.clear()
+                try:
+                    await asyncio.wait_for(wake.wait(), self._linger)
+                except TimeoutError:
+                    if not self._queue and not self._backlog:
+                        return
+                continue
             if self._backlog:
                 await self._publish_backlog()
             if self._queue:
@@ -370,7 +400,8 @@ class OutcomeRecorder:
         return list(await asyncio.gather(*(self._signed(p) for p in batch)))
 
     async def _signed(self, pending: _Pending) -> StepOutcome:
-        outcome = pending.outcome
+        made = pending.outcome
+        outcome = made if isinstance(made, StepOutcome) else made()
         if pending.decision is not None and pending.decision.chio_receipt:
             try:
                 chio_id = chio_step_fields(pending.decision).receipt_id
@@ -440,11 +471,12 @@ class OutcomeRecorder:
     async def flush(self, wait_s: float) -> bool:
         """Wait until every record submitted so far is accepted by the sink; False after
         ``wait_s`` seconds."""
-        task = self._task
-        if task is None or task.done():
+        task, idle = self._task, self._idle
+        if task is None or task.done() or idle is None:
             return self.pending == 0
-        done, _ = await asyncio.wait({task}, timeout=wait_s)
-        return bool(done) and self.pending == 0
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(idle.wait(), wait_s)
+        return self.pending == 0
 
     async def aclose(self, wait_s: float) -> None:
         """Stop taking records; drain queue and backlog for at most ``wait_s`` seconds."""

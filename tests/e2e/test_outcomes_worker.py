@@ -332,3 +332,68 @@ async def test_an_unreachable_sidecar_leaves_a_gate_failed_record_per_refused_at
         assert (o.status, o.error_type) == (StepStatus.GATE_FAILED, "sidecar_unreachable")
         assert (o.decision_receipt_id, o.duration_us, o.chio_receipt) == ("", 0, "")
         assert (o.workflow_id, o.activity_type) == (wid, "charge_ok")
+
+
+@workflow.defn(sandboxed=False)
+class ChargeWithPatience:
+    @workflow.run
+    async def run(self) -> str:
+        retry = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_attempts=5)
+        return await workflow.execute_activity(
+            charge_ok, "o-1", start_to_close_timeout=_S10, retry_policy=retry
+        )
+
+
+async def test_a_refusing_sink_leaves_a_gate_failed_record_published_once_it_accepts(
+    temporal_client: Client,
+    kafka_bootstrap: str,
+    unique: Callable[[str], str],
+    tmp_path: Path,
+    served: tuple[LocalSidecar, str],
+) -> None:
+    """The sink refuses the first attempt's receipt (the streamer is not running yet, as it
+    refuses while its spool is full): the attempt fails retryably before its body runs, and its
+    GATE_FAILED record waits in the backlog until the sink accepts again."""
+    side, url = served
+    cfg = config(kafka_bootstrap, str(tmp_path / "spool"), unique("refuse") + ".")
+    await streamer.ensure_topics(cfg.kafka, cfg.topics)
+    tq, wid = unique("tq"), unique("refused")
+    chio = ChioClient(url)
+    sink = streamer.ReceiptStreamer(cfg)
+    icp = ChioActivityInterceptor(chio_client=chio, receipt_sink=sink)
+    cap = await chio.create_capability("agent:pay", ["charge_ok"], 600)
+    icp.register_workflow_grant(WorkflowGrant(workflow_id=wid, token=cap))
+    try:
+        async with Worker(
+            temporal_client,
+            task_queue=tq,
+            workflows=[ChargeWithPatience],
+            activities=[charge_ok],
+            interceptors=[icp],
+        ):
+            handle = await temporal_client.start_workflow(
+                ChargeWithPatience.run, id=wid, task_queue=tq, execution_timeout=timedelta(seconds=60)
+            )
+            while icp.stats.sink_errors < 1:
+                await asyncio.sleep(0.05)
+            assert icp.stats.outcomes_backlogged >= 1
+            assert icp.stats.outcomes_published == 0
+            await sink.start()  # the sink accepts again before Temporal's retry
+            assert await handle.result() == RESULT
+        await icp.aclose()
+        assert icp.stats.outcomes_published == 2
+        assert await sink.flush(30)
+    finally:
+        await sink.stop()
+        await chio.aclose()
+
+    got = await _read(kafka_bootstrap, cfg.topics.steps, 3)
+    assert [s.attempt for s in got.steps] == [2]
+    by_status = {o.status: o for o in got.outcomes}
+    assert set(by_status) == {StepStatus.GATE_FAILED, StepStatus.COMPLETED}
+    gate = by_status[StepStatus.GATE_FAILED]
+    assert (gate.attempt, gate.error_type, gate.decision_receipt_id) == (1, "sink_refused", "")
+    assert gate.chio_receipt == ""
+    done = by_status[StepStatus.COMPLETED]
+    assert (done.attempt, done.decision_receipt_id) == (2, got.steps[0].receipt_id)
+    assert check_chio_outcome(done, trusted_keys=side.trusted_keys()) is None
