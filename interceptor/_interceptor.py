@@ -334,11 +334,13 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
         body_started_ns: int,
         exc: BaseException | None = None,
         result: Any = None,
+        heartbeat_gap_ns: int | None = None,
     ) -> None:
         """Queue the outcome record of an allowed attempt whose body ended (returns at once).
 
         ``body_started_ns`` is :func:`time.perf_counter_ns` when the body started; ``exc`` what
-        it raised, else ``result`` what it returned (only its keyed digest is kept)."""
+        it raised, else ``result`` what it returned (only its keyed digest is kept);
+        ``heartbeat_gap_ns`` the longest the body went without a heartbeat, when watched."""
         if not self.record_outcomes:
             return
         elapsed_us = (time.perf_counter_ns() - body_started_ns) // 1000
@@ -353,6 +355,7 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
             start_to_close=info.start_to_close_timeout,
             heartbeat=info.heartbeat_timeout,
             schedule_to_close=info.schedule_to_close_timeout,
+            heartbeat_gap_us=None if heartbeat_gap_ns is None else heartbeat_gap_ns // 1000,
         )
         digest = ""
         if exc is None:
@@ -571,24 +574,55 @@ def _check_parameters(request: EvaluationRequest, chio_receipt: str) -> None:
         raise ChioSidecarProtocolError("the sidecar did not redact the parameters")
 
 
+class _Heartbeats(temporalio.worker.ActivityOutboundInterceptor):
+    """Watches an attempt's heartbeats: the longest silence tells a heartbeat timeout apart."""
+
+    def __init__(self, next: temporalio.worker.ActivityOutboundInterceptor) -> None:
+        super().__init__(next)
+        self.last_ns = 0
+        self.max_gap_ns = 0
+
+    def heartbeat(self, *details: Any) -> None:
+        now = time.perf_counter_ns()
+        if self.last_ns:
+            self.max_gap_ns = max(self.max_gap_ns, now - self.last_ns)
+        self.last_ns = now
+        super().heartbeat(*details)
+
+    def gap_until(self, now_ns: int) -> int:
+        """The longest silence up to ``now_ns``, the current one included."""
+        return max(self.max_gap_ns, now_ns - self.last_ns)
+
+
 class _ActivityInbound(temporalio.worker.ActivityInboundInterceptor):
-    """Per-activity gate: holds only ``next`` and the root interceptor."""
+    """Per-activity gate: holds only ``next``, the root interceptor and the heartbeat watch."""
 
     def __init__(
         self, next: temporalio.worker.ActivityInboundInterceptor, root: ChioActivityInterceptor
     ) -> None:
         super().__init__(next)
         self._root = root
+        self._beats: _Heartbeats | None = None
+
+    def init(self, outbound: temporalio.worker.ActivityOutboundInterceptor) -> None:
+        self._beats = _Heartbeats(outbound)
+        super().init(self._beats)
 
     async def execute_activity(self, input: temporalio.worker.ExecuteActivityInput) -> Any:
         root = self._root
         info = temporalio.activity.info()
         decision = await root.before_attempt(info, input.args)
         started = time.perf_counter_ns()
+        beats = self._beats
+        if beats is not None:
+            beats.last_ns = started
         try:
             result = await super().execute_activity(input)
         except BaseException as exc:
-            root.after_attempt(info, decision, body_started_ns=started, exc=exc)
+            gap = beats.gap_until(time.perf_counter_ns()) if beats is not None else None
+            root.after_attempt(
+                info, decision, body_started_ns=started, exc=exc, heartbeat_gap_ns=gap
+            )
             raise
         root.after_attempt(info, decision, body_started_ns=started, result=result)
         return result

@@ -59,6 +59,7 @@ __all__ = [
     "body_outcome",
     "classify_end",
     "gate_outcome",
+    "server_timeout",
     "timeout_kind",
 ]
 
@@ -105,19 +106,44 @@ def timeout_kind(
     start_to_close: timedelta | None,
     heartbeat: timedelta | None,
     schedule_to_close: timedelta | None,
+    heartbeat_gap_us: int | None = None,
 ) -> str:
     """Which timeout most likely ended a body that Temporal cancelled as timed out.
 
     The worker is told *that* the attempt timed out, not which timeout fired: a body that ran
     for (nearly) its start-to-close timeout hit that one; else a heartbeat timeout, when one is
-    set; else the schedule-to-close timeout."""
+    set (and, when the longest silence between heartbeats is known, it came near it); else the
+    schedule-to-close timeout."""
     if start_to_close is not None and elapsed_us * 10 >= _us(start_to_close) * 9:
         return "start_to_close"
-    if heartbeat is not None:
+    if heartbeat is not None and (
+        heartbeat_gap_us is None or heartbeat_gap_us * 10 >= _us(heartbeat) * 9
+    ):
         return "heartbeat"
     if schedule_to_close is not None:
         return "schedule_to_close"
     return "start_to_close" if start_to_close is not None else ""
+
+
+def server_timeout(
+    elapsed_us: int,
+    *,
+    start_to_close: timedelta | None,
+    heartbeat: timedelta | None,
+    heartbeat_gap_us: int | None,
+) -> str:
+    """The timeout the server must have applied to an attempt it no longer knows (a heartbeat
+    answered "not found"), or ``""`` when nothing proves one: the body ran past its
+    start-to-close timeout, or went longer than its heartbeat timeout without a heartbeat."""
+    if start_to_close is not None and elapsed_us >= _us(start_to_close):
+        return "start_to_close"
+    if (
+        heartbeat is not None
+        and heartbeat_gap_us is not None
+        and heartbeat_gap_us >= _us(heartbeat)
+    ):
+        return "heartbeat"
+    return ""
 
 
 def _us(value: timedelta) -> int:
@@ -132,16 +158,20 @@ def classify_end(
     start_to_close: timedelta | None = None,
     heartbeat: timedelta | None = None,
     schedule_to_close: timedelta | None = None,
+    heartbeat_gap_us: int | None = None,
 ) -> tuple[StepStatus, str]:
     """``(status, error_type)`` of a body that returned (``exc`` None) or raised ``exc``.
 
     ``cancellation`` is ``temporalio.activity.cancellation_details()`` (None when the attempt
-    was not cancelled). A cancellation whose details say timed out is ``TIMED_OUT`` with
-    :func:`timeout_kind`; another cancellation is ``CANCELLED`` (``error_type`` names the
-    reason when it was not a plain cancel request: ``worker_shutdown``, ``not_found``,
-    ``paused``, ``reset``); an ``ApplicationError`` is ``FAILED`` with its type (its class name
-    when it has none); anything else ``FAILED`` with the exception's class name. Never the
-    message.
+    was not cancelled); ``heartbeat_gap_us`` the longest time the body went without a heartbeat
+    (None if unknown). Where the worker sees a timeout it is ``TIMED_OUT``: a cancellation whose
+    details say timed out (the worker's own timer, for a local activity), with
+    :func:`timeout_kind`; or a "not found" cancellation (the server timed the attempt out and
+    answered its next heartbeat so) when :func:`server_timeout` proves which timeout. Any other
+    cancellation is ``CANCELLED`` (``error_type`` names the reason when it was not a plain
+    cancel request: ``worker_shutdown``, ``not_found``, ``paused``, ``reset``); an
+    ``ApplicationError`` is ``FAILED`` with its type (its class name when it has none); anything
+    else ``FAILED`` with the exception's class name. Never the message.
     """
     if exc is None:
         return StepStatus.COMPLETED, ""
@@ -152,8 +182,18 @@ def classify_end(
                 start_to_close=start_to_close,
                 heartbeat=heartbeat,
                 schedule_to_close=schedule_to_close,
+                heartbeat_gap_us=heartbeat_gap_us,
             )
             return StepStatus.TIMED_OUT, kind
+        if cancellation is not None and getattr(cancellation, "not_found", False):
+            kind = server_timeout(
+                elapsed_us,
+                start_to_close=start_to_close,
+                heartbeat=heartbeat,
+                heartbeat_gap_us=heartbeat_gap_us,
+            )
+            if kind:
+                return StepStatus.TIMED_OUT, kind
         return StepStatus.CANCELLED, _cancel_reason(cancellation)
     if isinstance(exc, ApplicationError):
         return StepStatus.FAILED, exc.type or type(exc).__name__

@@ -53,6 +53,7 @@ from chio_receipts.schemas import (
     verify_receipt,
 )
 from chio_receipts.sidecar import LocalSidecar, SidecarServer
+from tests.support.helpers import eventually
 from tests.support.streamer_kafka import config, consume
 
 pytestmark = pytest.mark.e2e
@@ -61,7 +62,15 @@ SECRET_HEX = "5e" * 32
 RESULT = "order-result-7f3a-do-not-leak"
 FLAKY_RESULT = "flaky-result-91c2-do-not-leak"
 DECLINE_MESSAGE = "card 4111 declined for customer 42"
-ACTIVITIES = ("charge_ok", "charge_declined", "flaky", "slow_local", "heartbeater")
+ACTIVITIES = (
+    "charge_ok",
+    "charge_declined",
+    "flaky",
+    "slow_local",
+    "heartbeater",
+    "goes_silent",
+    "overruns",
+)
 
 
 @activity.defn
@@ -92,6 +101,27 @@ async def heartbeater(order: str) -> str:
     while True:
         activity.heartbeat()
         await asyncio.sleep(0.1)
+
+
+@activity.defn
+async def goes_silent(order: str) -> str:
+    """Stops heartbeating for longer than its heartbeat timeout, then heartbeats again: the
+    server has timed it out and answers the next heartbeat "not found"."""
+    activity.heartbeat()
+    await asyncio.sleep(2.5)
+    for _ in range(100):
+        activity.heartbeat()
+        await asyncio.sleep(0.1)
+    return "never"
+
+
+@activity.defn
+async def overruns(order: str) -> str:
+    """Heartbeats, but runs past its start-to-close timeout."""
+    for _ in range(100):
+        activity.heartbeat()
+        await asyncio.sleep(0.1)
+    return "never"
 
 
 ONCE = RetryPolicy(maximum_attempts=1)
@@ -132,6 +162,23 @@ class OutcomesWorkflow:
             await handle
         except ActivityError:
             out.append("cancelled")
+        for fn, timeouts in (
+            (
+                goes_silent,
+                {"heartbeat_timeout": timedelta(seconds=1), "start_to_close_timeout": _S10},
+            ),
+            (
+                overruns,
+                {
+                    "heartbeat_timeout": timedelta(seconds=3),
+                    "start_to_close_timeout": timedelta(seconds=1.5),
+                },
+            ),
+        ):
+            try:
+                await workflow.execute_activity(fn, "o-6", retry_policy=ONCE, **timeouts)
+            except ActivityError:
+                out.append("timed out")
         return out
 
 
@@ -218,26 +265,45 @@ async def test_one_signed_outcome_per_body_run_linked_to_its_decision(
             temporal_client,
             task_queue=tq,
             workflows=[OutcomesWorkflow],
-            activities=[charge_ok, charge_declined, flaky, slow_local, heartbeater],
+            activities=[
+                charge_ok,
+                charge_declined,
+                flaky,
+                slow_local,
+                heartbeater,
+                goes_silent,
+                overruns,
+            ],
             interceptors=[icp],
         ):
             result = await temporal_client.execute_workflow(
                 OutcomesWorkflow.run, id=wid, task_queue=tq, execution_timeout=timedelta(seconds=60)
             )
-        assert result == [RESULT, "declined", FLAKY_RESULT, "timed out", "cancelled"]
+            # The server timed the last two out while their bodies ran on: they end at their
+            # next heartbeat ("not found"), after the workflow has moved on.
+            await eventually(lambda: icp.stats.outcomes_recorded == 8, timeout=30)
+        assert result == [
+            RESULT,
+            "declined",
+            FLAKY_RESULT,
+            "timed out",
+            "cancelled",
+            "timed out",
+            "timed out",
+        ]
         await icp.aclose()
-        assert icp.stats.outcomes_published == 6
+        assert icp.stats.outcomes_published == 8
         assert icp.stats.outcomes_unsigned == 0
         assert await sink.flush(30)
     await chio.aclose()
 
-    got = await _read(kafka_bootstrap, cfg.topics.steps, 12)
-    assert len(got.steps) == 6
+    got = await _read(kafka_bootstrap, cfg.topics.steps, 16)
+    assert len(got.steps) == 8
     assert all(s.verdict is Verdict.ALLOW for s in got.steps)
-    assert len(got.outcomes) == 6
+    assert len(got.outcomes) == 8
     # One outcome per body run, linked to the decision of that attempt.
     decisions = {s.receipt_id: s for s in got.steps}
-    assert len({o.decision_receipt_id for o in got.outcomes}) == 6
+    assert len({o.decision_receipt_id for o in got.outcomes}) == 8
     trusted = side.trusted_keys()
     by_attempt: dict[tuple[str, int], StepOutcome] = {}
     for o in got.outcomes:
@@ -276,8 +342,13 @@ async def test_one_signed_outcome_per_body_run_linked_to_its_decision(
     )
     assert 900_000 <= timed_out.duration_us < 10_000_000
     cancelled = by_attempt[("heartbeater", 1)]
-    assert cancelled.status is StepStatus.CANCELLED
+    assert (cancelled.status, cancelled.error_type) == (StepStatus.CANCELLED, "")
     assert cancelled.duration_us >= 1_000_000
+    silent = by_attempt[("goes_silent", 1)]
+    assert (silent.status, silent.error_type) == (StepStatus.TIMED_OUT, "heartbeat")
+    overran = by_attempt[("overruns", 1)]
+    assert (overran.status, overran.error_type) == (StepStatus.TIMED_OUT, "start_to_close")
+    assert overran.duration_us >= 1_500_000
     # Results and failure messages never travel: only their keyed digest.
     for m in got.raw:
         blob = m.value + b"".join(v for _, v in m.headers)
@@ -372,7 +443,10 @@ async def test_a_refusing_sink_leaves_a_gate_failed_record_published_once_it_acc
             interceptors=[icp],
         ):
             handle = await temporal_client.start_workflow(
-                ChargeWithPatience.run, id=wid, task_queue=tq, execution_timeout=timedelta(seconds=60)
+                ChargeWithPatience.run,
+                id=wid,
+                task_queue=tq,
+                execution_timeout=timedelta(seconds=60),
             )
             while icp.stats.sink_errors < 1:
                 await asyncio.sleep(0.05)

@@ -23,6 +23,7 @@ from chio_receipts.interceptor._outcomes import (
     body_outcome,
     classify_end,
     gate_outcome,
+    server_timeout,
     timeout_kind,
 )
 from chio_receipts.interceptor._trace import current_trace_ids
@@ -92,6 +93,35 @@ def test_a_timed_out_cancellation_names_the_timeout() -> None:
         heartbeat=timedelta(seconds=2),
     )
     assert silent == (StepStatus.TIMED_OUT, "heartbeat")
+
+
+def test_a_not_found_cancellation_is_a_timeout_only_with_proof() -> None:
+    gone = ActivityCancellationDetails(not_found=True)
+    hb = timedelta(seconds=1)
+    overran = classify_end(
+        asyncio.CancelledError(), cancellation=gone, elapsed_us=2_100_000, start_to_close=S2C / 5
+    )
+    assert overran == (StepStatus.TIMED_OUT, "start_to_close")
+    silent = classify_end(
+        asyncio.CancelledError(),
+        cancellation=gone,
+        elapsed_us=3_000_000,
+        start_to_close=S2C,
+        heartbeat=hb,
+        heartbeat_gap_us=2_500_000,
+    )
+    assert silent == (StepStatus.TIMED_OUT, "heartbeat")
+    # Heartbeating steadily, within its timeouts: the run closed, not a timeout.
+    closed = classify_end(
+        asyncio.CancelledError(),
+        cancellation=gone,
+        elapsed_us=3_000_000,
+        start_to_close=S2C,
+        heartbeat=hb,
+        heartbeat_gap_us=100_000,
+    )
+    assert closed == (StepStatus.CANCELLED, "not_found")
+    assert server_timeout(5, start_to_close=None, heartbeat=hb, heartbeat_gap_us=None) == ""
 
 
 @pytest.mark.parametrize(
