@@ -54,25 +54,31 @@ def _gate(sidecar: LocalSidecar, grant: WorkflowGrant, sink: Any, outcomes: bool
     )
 
 
-async def _block(gate: ChioActivityInterceptor, n: int) -> tuple[list[float], list[float], float]:
-    """Per-attempt path wall and loop-thread CPU µs, and process CPU µs per attempt including
-    the background work (outcome records signed and accepted by the sink)."""
+async def _block(
+    gate: ChioActivityInterceptor, n: int
+) -> tuple[list[float], list[float], list[float], float]:
+    """Per-attempt path wall and loop-thread CPU µs, loop-thread CPU µs of the body's end alone
+    (``after_attempt``), and process CPU µs per attempt including the background work (outcome
+    records signed and accepted by the sink)."""
     infos = [_info(i, i // 10) for i in range(n)]
     perf, thread = time.perf_counter_ns, time.thread_time_ns
     wall: list[float] = []
     cpu: list[float] = []
+    end: list[float] = []
     c0 = cpu_seconds()
     for info in infos:
         w0, t0 = perf(), thread()
         decision = await gate.before_attempt(info, _ARGS, ("", ""))
+        te = thread()
         gate.after_attempt(info, decision, body_started_ns=perf(), result=_RESULT)
         t1, w1 = thread(), perf()
         wall.append((w1 - w0) / 1000)
         cpu.append((t1 - t0) / 1000)
+        end.append((t1 - te) / 1000)
         await asyncio.sleep(0)  # let the background task run between attempts
     assert await gate.flush_outcomes(60.0), "outcome records not accepted"
     total = (cpu_seconds() - c0) / n * 1e6
-    return wall, cpu, total
+    return wall, cpu, end, total
 
 
 async def bench_outcome_cost(size: Size, env: Env | None) -> dict[str, Any]:
@@ -110,15 +116,17 @@ async def bench_outcome_cost(size: Size, env: Env | None) -> dict[str, Any]:
             cpus: dict[str, list[float]] = {v: [] for v in _VARIANTS}
             walls: dict[str, list[float]] = {v: [] for v in _VARIANTS}
             totals: dict[str, list[float]] = {v: [] for v in _VARIANTS}
+            ends: dict[str, list[float]] = {v: [] for v in _VARIANTS}
             stats: dict[str, dict[str, int]] = {}
             for _ in range(max(1, size.reps)):
                 for variant in _VARIANTS:  # interleaved: noise hits both alike
                     gate = _gate(sidecar, grant, sink, variant != "decision_only")
-                    wall, cpu, total = await _block(gate, n)
+                    wall, cpu, end, total = await _block(gate, n)
                     if streamer is not None:
                         assert await streamer.flush(60.0), "records not acknowledged"
                     walls[variant] += wall
                     cpus[variant] += cpu
+                    ends[variant] += end
                     totals[variant].append(total)
                     stats[variant] = {
                         "published": gate.stats.outcomes_published,
@@ -130,6 +138,7 @@ async def bench_outcome_cost(size: Size, env: Env | None) -> dict[str, Any]:
             out["sinks"][name] = {
                 "path_cpu_us": {v: percentiles(cpus[v]) for v in _VARIANTS},
                 "path_wall_us": {v: percentiles(walls[v]) for v in _VARIANTS},
+                "body_end_cpu_us": {v: percentiles(ends[v]) for v in _VARIANTS},
                 "process_cpu_us_per_attempt": process,
                 "added_path_cpu_us": path["with_outcomes"] - path["decision_only"],
                 "added_process_cpu_us": process["with_outcomes"] - process["decision_only"],
