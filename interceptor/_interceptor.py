@@ -340,9 +340,25 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
 
         ``body_started_ns`` is :func:`time.perf_counter_ns` when the body started; ``exc`` what
         it raised, else ``result`` what it returned (only its keyed digest is kept);
-        ``heartbeat_gap_ns`` the longest the body went without a heartbeat, when watched."""
+        ``heartbeat_gap_ns`` the longest the body went without a heartbeat, when watched. It
+        never raises: the activity's own result or error is what Temporal gets."""
         if not self.record_outcomes:
             return
+        try:
+            self._queue_outcome(info, decision, body_started_ns, exc, result, heartbeat_gap_ns)
+        except Exception as problem:  # noqa: BLE001 - an outcome never changes the attempt
+            self.stats.outcomes_dropped += 1
+            _log.warning("outcome record not made (%s)", type(problem).__name__)
+
+    def _queue_outcome(
+        self,
+        info: temporalio.activity.Info,
+        decision: SignedReceipt,
+        body_started_ns: int,
+        exc: BaseException | None,
+        result: Any,
+        heartbeat_gap_ns: int | None,
+    ) -> None:
         elapsed_us = (time.perf_counter_ns() - body_started_ns) // 1000
         cancellation = None
         if exc is not None:
@@ -377,8 +393,12 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
         if not self.record_outcomes:
             return
         self.stats.gate_failures += 1
-        outcome = gate_outcome(request, reason, ended_at=now_us())
-        self._outcomes.submit(outcome, decision=None, sign=False)
+        try:
+            outcome = gate_outcome(request, reason, ended_at=now_us())
+            self._outcomes.submit(outcome, decision=None, sign=False)
+        except Exception as problem:  # noqa: BLE001 - the gate's own error is what is raised
+            self.stats.outcomes_dropped += 1
+            _log.warning("gate-failure record not made (%s)", type(problem).__name__)
 
     async def flush_outcomes(self, wait_s: float = 5.0) -> bool:
         """Wait until every outcome record queued so far is accepted by the sink (tests,

@@ -17,7 +17,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from temporalio.activity import ActivityCancellationDetails
 from temporalio.exceptions import ApplicationError
 
-from chio_receipts.interceptor import ArgumentKey, InterceptorStats, result_digest
+from chio_receipts.interceptor import (
+    ArgumentKey,
+    ChioActivityInterceptor,
+    InMemoryReceiptSink,
+    InterceptorStats,
+    result_digest,
+)
 from chio_receipts.interceptor._outcomes import (
     OutcomeRecorder,
     body_outcome,
@@ -30,12 +36,15 @@ from chio_receipts.interceptor._trace import current_trace_ids
 from chio_receipts.schemas import (
     EvaluationRequest,
     ReceiptSinkError,
+    SignedReceipt,
     StepOutcome,
     StepReceipt,
     StepStatus,
     Verdict,
+    step_body,
     uuid7,
 )
+from chio_receipts.sidecar import LocalSidecar
 
 pytestmark = pytest.mark.unit
 
@@ -366,3 +375,14 @@ async def test_the_decision_chio_id_is_filled_off_the_activity_path() -> None:
     recorder.submit(_outcome(1), decision=decision, sign=True)
     assert await recorder.flush(5)
     assert sink.outcomes[0].decision_chio_id == "c" * 64
+
+
+async def test_the_body_end_never_raises_into_the_activity() -> None:
+    receipt = _receipt()
+    decision = SignedReceipt(receipt=receipt, body=step_body(receipt))
+    icp = ChioActivityInterceptor(evaluator=LocalSidecar(), receipt_sink=InMemoryReceiptSink())
+    not_an_info: Any = object()  # no timeouts to read: making the record fails
+    icp.after_attempt(not_an_info, decision, body_started_ns=0, exc=ValueError("x"))
+    assert icp.stats.outcomes_dropped == 1
+    assert icp.stats.outcomes_recorded == 0
+    await icp.aclose()
