@@ -136,7 +136,7 @@ class InterceptorStats:
     outcomes_unsigned: int = 0
     """Outcome records published without a signature because signing failed."""
     outcomes_dropped: int = 0
-    """Outcome records dropped: oldest of a full queue or backlog, or unencodable."""
+    """Outcome records dropped: oldest of a full queue or backlog, unencodable, or not made."""
     outcomes_backlogged: int = 0
     """Times a record waited in the backlog because the sink refused it."""
     outcomes_lost: int = 0
@@ -208,6 +208,10 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
             )
         if max_runs < 1:
             raise ChioTemporalConfigError("max_runs must be at least 1")
+        if outcome_queue_size < 1 or outcome_backlog_size < 1:
+            raise ChioTemporalConfigError(
+                "outcome_queue_size and outcome_backlog_size must be at least 1"
+            )
         self.sidecar_url = sidecar_url
         self.default_tool_server = default_tool_server
         self.activity_tool_server_map: dict[str, str] = dict(activity_tool_server_map or {})
