@@ -16,7 +16,7 @@ __all__ = ["current_trace_ids"]
 _get_current_span: Any
 try:
     from opentelemetry.trace import get_current_span as _get_current_span
-except ImportError:  # pragma: no cover - exercised by installs without the otel extra
+except ImportError:  # installs without the otel extra
     _get_current_span = None
 
 _NONE = ("", "")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import subprocess
+import sys
 from datetime import timedelta
 from typing import Any
 
@@ -386,3 +388,19 @@ async def test_the_body_end_never_raises_into_the_activity() -> None:
     assert icp.stats.outcomes_dropped == 1
     assert icp.stats.outcomes_recorded == 0
     await icp.aclose()
+
+
+def test_without_opentelemetry_the_trace_ids_are_empty() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['opentelemetry'] = None  # as if the otel extra were not installed\n"
+        "from chio_receipts.interceptor import ChioActivityInterceptor\n"
+        "from chio_receipts.interceptor._trace import current_trace_ids\n"
+        "assert current_trace_ids() == ('', '')\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "ok"
