@@ -471,3 +471,72 @@ async def test_a_refusing_sink_leaves_a_gate_failed_record_published_once_it_acc
     done = by_status[StepStatus.COMPLETED]
     assert (done.attempt, done.decision_receipt_id) == (2, got.steps[0].receipt_id)
     assert check_chio_outcome(done, trusted_keys=side.trusted_keys()) is None
+
+
+STOP_SIDECAR: list[SidecarServer] = []
+
+
+@activity.defn
+async def charge_then_sidecar_stops(order: str) -> str:
+    """Completes; the sidecar goes away while the body runs, so the outcome cannot be signed."""
+    await STOP_SIDECAR[0].stop()
+    return RESULT
+
+
+@workflow.defn(sandboxed=False)
+class ChargeWhileSidecarStops:
+    @workflow.run
+    async def run(self) -> str:
+        return await workflow.execute_activity(
+            charge_then_sidecar_stops, "o-1", start_to_close_timeout=_S10, retry_policy=ONCE
+        )
+
+
+async def test_an_outcome_the_sidecar_cannot_sign_is_published_unsigned(
+    temporal_client: Client,
+    kafka_bootstrap: str,
+    unique: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    side = LocalSidecar()
+    server = SidecarServer(side)
+    await server.start()
+    STOP_SIDECAR[:] = [server]
+    cfg = config(kafka_bootstrap, str(tmp_path / "spool"), unique("unsigned") + ".")
+    await streamer.ensure_topics(cfg.kafka, cfg.topics)
+    tq, wid = unique("tq"), unique("unsigned")
+    chio = ChioClient(server.url, timeout=0.5, retries=0)
+    try:
+        async with streamer.ReceiptStreamer(cfg) as sink:
+            icp = ChioActivityInterceptor(chio_client=chio, receipt_sink=sink)
+            cap = await chio.create_capability("agent:pay", ["charge_then_sidecar_stops"], 600)
+            icp.register_workflow_grant(WorkflowGrant(workflow_id=wid, token=cap))
+            async with Worker(
+                temporal_client,
+                task_queue=tq,
+                workflows=[ChargeWhileSidecarStops],
+                activities=[charge_then_sidecar_stops],
+                interceptors=[icp],
+            ):
+                result = await temporal_client.execute_workflow(
+                    ChargeWhileSidecarStops.run,
+                    id=wid,
+                    task_queue=tq,
+                    execution_timeout=timedelta(seconds=60),
+                )
+            assert result == RESULT
+            await icp.aclose()
+            assert (icp.stats.outcomes_published, icp.stats.outcomes_unsigned) == (1, 1)
+            assert await sink.flush(30)
+    finally:
+        STOP_SIDECAR.clear()
+        await server.stop()
+        await chio.aclose()
+
+    got = await _read(kafka_bootstrap, cfg.topics.steps, 2)
+    (step,) = got.steps
+    (outcome,) = got.outcomes
+    assert (outcome.status, outcome.decision_receipt_id) == (StepStatus.COMPLETED, step.receipt_id)
+    assert (outcome.chio_receipt, outcome.chio_signed) == ("", b"")
+    assert check_chio_outcome(outcome) == "the outcome record carries no Chio receipt"
+    assert outcome.result_digest  # still keyed, never the result
