@@ -448,9 +448,9 @@ async def test_a_refusing_sink_leaves_a_gate_failed_record_published_once_it_acc
                 task_queue=tq,
                 execution_timeout=timedelta(seconds=60),
             )
-            while icp.stats.sink_errors < 1:
-                await asyncio.sleep(0.05)
-            assert icp.stats.outcomes_backlogged >= 1
+            await eventually(lambda: icp.stats.sink_errors >= 1, timeout=30, interval=0.02)
+            # The gate-failure record was refused too: it waits in the backlog.
+            await eventually(lambda: icp.stats.outcomes_backlogged >= 1, timeout=5, interval=0.02)
             assert icp.stats.outcomes_published == 0
             await sink.start()  # the sink accepts again before Temporal's retry
             assert await handle.result() == RESULT
