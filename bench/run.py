@@ -2,7 +2,7 @@
 
     python -m bench.run [--size small|full] [--only NAME] [--out bench/results/latest.json]
 
-NAME is one of: micro, interceptor, producer, consumer, memory, e2e, sidecar, watcher. The
+NAME is one of: micro, interceptor, outcomes, producer, consumer, memory, e2e, sidecar, watcher. The
 stack (a real Kafka broker and a real Temporal dev server) is started in a temporary directory
 and stopped at the end. A full run of everything also rewrites the generated part of
 ``docs/BENCHMARKS.md``.
@@ -38,6 +38,7 @@ Section = Callable[[Size, Env | None], Awaitable[dict[str, Any]]]
 SECTIONS: dict[str, bool] = {
     "micro": False,
     "interceptor": True,
+    "outcomes": True,
     "producer": True,
     "consumer": True,
     "memory": True,

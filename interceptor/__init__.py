@@ -3,9 +3,10 @@
 ``ChioActivityInterceptor`` evaluates each attempt (regular and local activities, every retry)
 against the capability of the run's ``WorkflowGrant`` before the body runs, publishes the signed
 ``StepReceipt`` to a ``ReceiptSink`` and aggregates the run's steps into a ``WorkflowReceipt``
-(``chio-temporal/v1`` envelope). A deny fails the attempt with a non-retryable
-``ApplicationError(type=DENIED_ERROR_TYPE)``; a sidecar failure with a retryable
-``ApplicationError(type=SIDECAR_ERROR_TYPE)``, never an allow.
+(``chio-temporal/v1`` envelope). After the body, an outcome record (``StepOutcome``) says how it
+ended, signed by the evaluator and published off the activity's path. A deny fails the attempt
+with a non-retryable ``ApplicationError(type=DENIED_ERROR_TYPE)``; a sidecar failure with a
+retryable ``ApplicationError(type=SIDECAR_ERROR_TYPE)``, never an allow.
 
 ``chio_client=`` is the seed's ``chio_sdk.ChioClient`` or this package's own ``ChioClient``;
 ``WorkflowGrant.token`` a ``chio_sdk.models.CapabilityToken`` or the project's; ``scope_for``
@@ -19,7 +20,12 @@ package talks to any :class:`Evaluator` and imports no web server.
 from __future__ import annotations
 
 from chio_receipts.interceptor._client import ChioClient
-from chio_receipts.interceptor._digest import ArgumentKey, argument_digest, canonical_arguments
+from chio_receipts.interceptor._digest import (
+    ArgumentKey,
+    argument_digest,
+    canonical_arguments,
+    result_digest,
+)
 from chio_receipts.interceptor._errors import (
     CONFIG_ERROR_TYPE,
     DENIED_ERROR_TYPE,
@@ -46,6 +52,13 @@ from chio_receipts.interceptor._model import (
     SignedReceipt,
     uuid7,
 )
+from chio_receipts.interceptor._outcomes import (
+    SIDECAR_ERROR,
+    SIDECAR_UNREACHABLE,
+    SINK_REFUSED,
+    OutcomeSink,
+    classify_end,
+)
 from chio_receipts.interceptor._receipt import (
     ENVELOPE_KEYS,
     WorkflowReceipt,
@@ -62,8 +75,11 @@ __all__ = [
     "CONFIG_ERROR_TYPE",
     "DENIED_ERROR_TYPE",
     "ENVELOPE_KEYS",
+    "SIDECAR_ERROR",
     "SIDECAR_ERROR_TYPE",
+    "SIDECAR_UNREACHABLE",
     "SINK_ERROR_TYPE",
+    "SINK_REFUSED",
     "ActivityGrantOverride",
     "ArgumentKey",
     "CapabilityToken",
@@ -82,6 +98,7 @@ __all__ = [
     "HttpSidecar",
     "InMemoryReceiptSink",
     "InterceptorStats",
+    "OutcomeSink",
     "Scope",
     "ScopeWidening",
     "SignedReceipt",
@@ -93,8 +110,10 @@ __all__ = [
     "argument_digest",
     "build_chio_worker",
     "canonical_arguments",
+    "classify_end",
     "envelope_to_json",
     "raw_token",
+    "result_digest",
     "scope_for",
     "tool_names",
     "uuid7",

@@ -15,7 +15,7 @@ from chio_receipts.interceptor._model import (
 )
 from chio_receipts.interceptor._scope import ScopeLike, tool_names
 from chio_receipts.interceptor._sidecar_http import HttpSidecar
-from chio_receipts.schemas import AsyncCloseable
+from chio_receipts.schemas import AsyncCloseable, StepOutcome
 
 __all__ = ["ChioClient"]
 
@@ -99,6 +99,10 @@ class ChioClient(AsyncCloseable):
     async def evaluate(self, request: EvaluationRequest) -> SignedReceipt:
         """:meth:`Evaluator.evaluate` of this client's evaluator (what the interceptor sends)."""
         return await self._evaluator.evaluate(request)
+
+    async def record_outcome(self, outcome: StepOutcome) -> StepOutcome:
+        """:meth:`Evaluator.record_outcome` of this client's evaluator."""
+        return await self._evaluator.record_outcome(outcome)
 
     async def evaluate_tool_call(
         self,

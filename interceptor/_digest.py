@@ -18,7 +18,7 @@ from typing import Any
 
 import temporalio.converter
 
-__all__ = ["ArgumentKey", "argument_digest", "canonical_arguments"]
+__all__ = ["ArgumentKey", "argument_digest", "canonical_arguments", "result_digest"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,3 +140,16 @@ def argument_digest(
 ) -> str:
     """Hex HMAC-SHA256 of the canonical encoding of ``args`` under ``key``."""
     return key.hexdigest(canonical_arguments(args, converter))
+
+
+def result_digest(
+    key: ArgumentKey,
+    result: Any,
+    converter: temporalio.converter.PayloadConverter | None = None,
+) -> str:
+    """Hex HMAC-SHA256 of the canonical encoding of an activity's result under ``key`` (the
+    argument key): :func:`canonical_arguments` of the one-value list ``[result]``, so a result
+    digests as an argument equal to it would. ``""`` for ``None`` (no result to bind)."""
+    if result is None:
+        return ""
+    return key.hexdigest(canonical_arguments((result,), converter))

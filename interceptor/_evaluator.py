@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
 from chio_receipts.interceptor._model import CapabilityToken, EvaluationRequest, SignedReceipt
+from chio_receipts.schemas import StepOutcome
 
 __all__ = ["Evaluator"]
 
@@ -55,4 +56,11 @@ class Evaluator(Protocol):
 
     async def public_keys(self) -> Mapping[str, bytes]:
         """Ed25519 public keys by key id, for ``verify_receipt``."""
+        ...
+
+    async def record_outcome(self, outcome: StepOutcome) -> StepOutcome:
+        """``outcome`` signed as a Chio ``trace_observation`` receipt by the key that signs the
+        decisions (``schemas.sign_chio_outcome``), or returned unsigned by an evaluator that
+        cannot sign outcomes (a Chio kernel has no such route). Called off the activity's path;
+        a failure leaves the record unsigned."""
         ...

@@ -19,7 +19,15 @@ Per attempt (regular and local activities, every retry):
 5. allow -> run the body; deny -> ``ApplicationError(type=DENIED_ERROR_TYPE,
    non_retryable=True)``; sidecar failure -> ``ApplicationError(type=SIDECAR_ERROR_TYPE)``
    (retryable, no receipt, never an allow); sink failure -> ``ApplicationError(type=
-   SINK_ERROR_TYPE)`` (retryable, the body does not run).
+   SINK_ERROR_TYPE)`` (retryable, the body does not run);
+6. after the body: an outcome record (``StepOutcome``: completed, failed with its error type,
+   cancelled, timed out; duration; keyed digest of the result) linked to the decision, signed
+   by the evaluator and published off the activity's path (see ``_outcomes``). A sidecar or
+   sink failure at step 3 or 4 leaves an unsigned ``GATE_FAILED`` record instead.
+
+With ``temporalio.contrib.opentelemetry.TracingInterceptor`` before this interceptor in the
+worker's list, the ``RunActivity`` span's trace and span ids go into the receipt (signed by the
+sidecar) and the outcome record (see ``_trace``).
 
 Receipts never enter workflow history: activity results are returned untouched.
 
@@ -37,10 +45,13 @@ itself, :meth:`ChioActivityInterceptor.before_attempt`, reads as resolve -> eval
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -52,7 +63,7 @@ import temporalio.worker
 from temporalio.exceptions import ApplicationError
 
 from chio_receipts.interceptor._client import ChioClient
-from chio_receipts.interceptor._digest import ArgumentKey, argument_digest
+from chio_receipts.interceptor._digest import ArgumentKey, argument_digest, result_digest
 from chio_receipts.interceptor._errors import (
     CONFIG_ERROR_TYPE,
     DENIED_ERROR_TYPE,
@@ -60,6 +71,7 @@ from chio_receipts.interceptor._errors import (
     SINK_ERROR_TYPE,
     ChioSidecarError,
     ChioSidecarProtocolError,
+    ChioSidecarUnavailable,
     ChioTemporalConfigError,
 )
 from chio_receipts.interceptor._evaluator import Evaluator
@@ -67,10 +79,20 @@ from chio_receipts.interceptor._grant_registry import GrantRegistry, GrantResolu
 from chio_receipts.interceptor._grants import ActivityGrantOverride, GrantResolver, WorkflowGrant
 from chio_receipts.interceptor._kernel_http import ChioKernelSidecar
 from chio_receipts.interceptor._model import EvaluationRequest, SignedReceipt, now_us
+from chio_receipts.interceptor._outcomes import (
+    SIDECAR_ERROR,
+    SIDECAR_UNREACHABLE,
+    SINK_REFUSED,
+    OutcomeRecorder,
+    body_outcome,
+    classify_end,
+    gate_outcome,
+)
 from chio_receipts.interceptor._parameters import activity_parameters
 from chio_receipts.interceptor._receipt import WorkflowReceipt
 from chio_receipts.interceptor._run_ledger import RunLedger, RunState
 from chio_receipts.interceptor._sdk import AnyClient, evaluator_for
+from chio_receipts.interceptor._trace import current_trace_ids
 from chio_receipts.interceptor._workflow_side import DenialUnwrappingWorkflowInterceptor
 from chio_receipts.schemas import (
     AsyncCloseable,
@@ -107,6 +129,20 @@ class InterceptorStats:
     sidecar_errors: int = 0
     sink_errors: int = 0
     evicted_runs: int = 0
+    outcomes_recorded: int = 0
+    """Outcome records queued (bodies that ended, gate failures)."""
+    outcomes_published: int = 0
+    """Outcome records the sink accepted."""
+    outcomes_unsigned: int = 0
+    """Outcome records published without a signature because signing failed."""
+    outcomes_dropped: int = 0
+    """Outcome records dropped: oldest of a full queue or backlog, unencodable, or not made."""
+    outcomes_backlogged: int = 0
+    """Times a record waited in the backlog because the sink refused it."""
+    outcomes_lost: int = 0
+    """Outcome records still pending when the interceptor closed."""
+    gate_failures: int = 0
+    """Attempts refused at the gate with a GATE_FAILED record (sidecar or sink failure)."""
 
 
 class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
@@ -129,7 +165,10 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
     ``ActivityError``, so the seed's ``except ApplicationError`` saga matches it; default on),
     ``redact_parameters`` (the sidecar signs only the hash of each call's parameters, so no
     argument value leaves the worker inside a receipt; default off, so the receipt carries the
-    parameters and a verifier can check their hash).
+    parameters and a verifier can check their hash), ``record_outcomes`` (an outcome record per
+    attempt whose body ran, and per gate failure; default on), ``outcome_queue_size`` and
+    ``outcome_backlog_size`` (bounds of the outcome queue and of the backlog kept while the sink
+    refuses), ``outcome_drain_timeout`` (seconds :meth:`aclose` waits for pending outcomes).
 
     There is deliberately no ``scope_map``: scope travels with the grant's capability.
     """
@@ -150,6 +189,10 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
         payload_converter: temporalio.converter.PayloadConverter | None = None,
         unwrap_denials: bool = True,
         redact_parameters: bool = False,
+        record_outcomes: bool = True,
+        outcome_queue_size: int = 10_000,
+        outcome_backlog_size: int = 1_000,
+        outcome_drain_timeout: float = 5.0,
     ) -> None:
         self._owned: AsyncCloseable | None = None
         if evaluator is not None:
@@ -165,6 +208,10 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
             )
         if max_runs < 1:
             raise ChioTemporalConfigError("max_runs must be at least 1")
+        if outcome_queue_size < 1 or outcome_backlog_size < 1:
+            raise ChioTemporalConfigError(
+                "outcome_queue_size and outcome_backlog_size must be at least 1"
+            )
         self.sidecar_url = sidecar_url
         self.default_tool_server = default_tool_server
         self.activity_tool_server_map: dict[str, str] = dict(activity_tool_server_map or {})
@@ -182,6 +229,15 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
         self._converter = payload_converter
         self._grants = GrantRegistry(grant_resolver)
         self._runs = RunLedger(max_runs=max_runs, sink=receipt_sink, on_evict=self._count_eviction)
+        self.record_outcomes = record_outcomes
+        self._outcome_drain_timeout = outcome_drain_timeout
+        self._outcomes = OutcomeRecorder(
+            signer=getattr(self._evaluator, "record_outcome", None),
+            sink=lambda: self._runs.sink,
+            stats=self.stats,
+            max_queue=outcome_queue_size,
+            max_backlog=outcome_backlog_size,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -251,17 +307,107 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
 
     # -- the gate --------------------------------------------------------------------------------
 
-    async def before_attempt(self, info: temporalio.activity.Info, args: Sequence[Any]) -> None:
-        """Evaluate one attempt; returns when it may run, raises ``ApplicationError`` if not."""
+    async def before_attempt(
+        self,
+        info: temporalio.activity.Info,
+        args: Sequence[Any],
+        trace: tuple[str, str] | None = None,
+    ) -> SignedReceipt:
+        """Evaluate one attempt; returns its allow when it may run, raises ``ApplicationError``
+        if not. ``trace`` is ``(trace_id, span_id)`` (default: the current OpenTelemetry span's
+        ids, empty without one)."""
         started_at = now_us()
+        trace_id, span_id = current_trace_ids() if trace is None else trace
         resolution = self._grants.resolve(info)
         self._present(resolution.grant)
         run = self._runs.open(info.namespace, info.workflow_id or "", info.workflow_run_id or "")
         async with run.lock:  # one attempt of a run at a time: receipts chain in order
-            request = self._request(info, args, resolution, run.last_hash, started_at)
+            request = self._request(
+                info, args, resolution, run.last_hash, started_at, (trace_id, span_id)
+            )
             signed = await self._evaluate(request)
-            await self._record(run, signed)
+            await self._record(run, signed, request)
         self._raise_unless_allowed(signed.receipt, resolution)
+        return signed
+
+    def after_attempt(
+        self,
+        info: temporalio.activity.Info,
+        decision: SignedReceipt,
+        *,
+        body_started_ns: int,
+        exc: BaseException | None = None,
+        result: Any = None,
+        heartbeat_gap_ns: int | None = None,
+    ) -> None:
+        """Queue the outcome record of an allowed attempt whose body ended (returns at once).
+
+        ``body_started_ns`` is :func:`time.perf_counter_ns` when the body started; ``exc`` what
+        it raised, else ``result`` what it returned (only its keyed digest is kept);
+        ``heartbeat_gap_ns`` the longest the body went without a heartbeat, when watched. It
+        never raises: the activity's own result or error is what Temporal gets."""
+        if not self.record_outcomes:
+            return
+        try:
+            self._queue_outcome(info, decision, body_started_ns, exc, result, heartbeat_gap_ns)
+        except Exception as problem:  # noqa: BLE001 - an outcome never changes the attempt
+            self.stats.outcomes_dropped += 1
+            _log.warning("outcome record not made (%s)", type(problem).__name__)
+
+    def _queue_outcome(
+        self,
+        info: temporalio.activity.Info,
+        decision: SignedReceipt,
+        body_started_ns: int,
+        exc: BaseException | None,
+        result: Any,
+        heartbeat_gap_ns: int | None,
+    ) -> None:
+        elapsed_us = (time.perf_counter_ns() - body_started_ns) // 1000
+        cancellation = None
+        if exc is not None:
+            with contextlib.suppress(RuntimeError):
+                cancellation = temporalio.activity.cancellation_details()
+        status, error_type = classify_end(
+            exc,
+            cancellation=cancellation,
+            elapsed_us=elapsed_us,
+            start_to_close=info.start_to_close_timeout,
+            heartbeat=info.heartbeat_timeout,
+            schedule_to_close=info.schedule_to_close_timeout,
+            heartbeat_gap_us=None if heartbeat_gap_ns is None else heartbeat_gap_ns // 1000,
+        )
+        digest = ""
+        if exc is None:
+            digest = result_digest(self._argument_key, result, self._converter)
+        outcome = functools.partial(  # built by the background task, off the activity's path
+            body_outcome,
+            decision.receipt,
+            status=status,
+            error_type=error_type,
+            ended_at=now_us(),
+            duration_us=elapsed_us,
+            result_digest=digest,
+            result_key_id=self._argument_key.key_id,
+        )
+        self._outcomes.submit(outcome, decision=decision.receipt, sign=True)
+
+    def _gate_failed(self, request: EvaluationRequest, reason: str) -> None:
+        """Queue the unsigned GATE_FAILED record of an attempt refused before its body ran."""
+        if not self.record_outcomes:
+            return
+        self.stats.gate_failures += 1
+        try:
+            outcome = gate_outcome(request, reason, ended_at=now_us())
+            self._outcomes.submit(outcome, decision=None, sign=False)
+        except Exception as problem:  # noqa: BLE001 - the gate's own error is what is raised
+            self.stats.outcomes_dropped += 1
+            _log.warning("gate-failure record not made (%s)", type(problem).__name__)
+
+    async def flush_outcomes(self, wait_s: float = 5.0) -> bool:
+        """Wait until every outcome record queued so far is accepted by the sink (tests,
+        benchmarks, orderly shutdown); False after ``wait_s`` seconds."""
+        return await self._outcomes.flush(wait_s)
 
     def _present(self, grant: WorkflowGrant | None) -> None:
         """Give a kernel-mediated evaluator the grant's raw signed token, which it presents."""
@@ -281,6 +427,7 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
         resolution: GrantResolution,
         prev_hash: bytes,
         started_at: int,
+        trace: tuple[str, str] = ("", ""),
     ) -> EvaluationRequest:
         grant = resolution.grant
         digest = argument_digest(self._argument_key, args, self._converter)
@@ -306,6 +453,8 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
             deny_reason=resolution.deny_reason,
             parameters=activity_parameters(args, digest, self._converter),
             redact_parameters=self.redact_parameters,
+            trace_id=trace[0],
+            span_id=trace[1],
         )
 
     async def _evaluate(self, request: EvaluationRequest) -> SignedReceipt:
@@ -317,6 +466,8 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
             _check_answer(request, signed.receipt)
         except ChioSidecarError as exc:
             self.stats.sidecar_errors += 1
+            unreachable = isinstance(exc, ChioSidecarUnavailable)
+            self._gate_failed(request, SIDECAR_UNREACHABLE if unreachable else SIDECAR_ERROR)
             raise ApplicationError(
                 f"policy sidecar failed, the attempt will be retried: {exc}",
                 {"activity_type": request.activity_type, "error": type(exc).__name__},
@@ -325,13 +476,16 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
             ) from exc
         return signed
 
-    async def _record(self, run: RunState, signed: SignedReceipt) -> None:
+    async def _record(
+        self, run: RunState, signed: SignedReceipt, request: EvaluationRequest
+    ) -> None:
         """Publish the receipt and add it to the run; a refusing sink fails the attempt
         (retryable) before its body runs."""
         try:
             await self._runs.record(run, signed)
         except ReceiptSinkError as exc:
             self.stats.sink_errors += 1
+            self._gate_failed(request, SINK_REFUSED)
             receipt_id = signed.receipt.receipt_id
             raise ApplicationError(
                 f"receipt sink refused receipt {receipt_id}; the attempt will be retried: {exc}",
@@ -405,7 +559,9 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Wait for pending completion publishes and close a client this interceptor made."""
+        """Drain pending outcome records (for at most ``outcome_drain_timeout``), wait for
+        pending completion publishes and close a client this interceptor made."""
+        await self._outcomes.aclose(self._outcome_drain_timeout)
         await self._runs.aclose()
         if self._owned is not None:
             await self._owned.aclose()
@@ -442,15 +598,55 @@ def _check_parameters(request: EvaluationRequest, chio_receipt: str) -> None:
         raise ChioSidecarProtocolError("the sidecar did not redact the parameters")
 
 
+class _Heartbeats(temporalio.worker.ActivityOutboundInterceptor):
+    """Watches an attempt's heartbeats: the longest silence tells a heartbeat timeout apart."""
+
+    def __init__(self, next: temporalio.worker.ActivityOutboundInterceptor) -> None:
+        super().__init__(next)
+        self.last_ns = 0
+        self.max_gap_ns = 0
+
+    def heartbeat(self, *details: Any) -> None:
+        now = time.perf_counter_ns()
+        if self.last_ns:
+            self.max_gap_ns = max(self.max_gap_ns, now - self.last_ns)
+        self.last_ns = now
+        super().heartbeat(*details)
+
+    def gap_until(self, now_ns: int) -> int:
+        """The longest silence up to ``now_ns``, the current one included."""
+        return max(self.max_gap_ns, now_ns - self.last_ns)
+
+
 class _ActivityInbound(temporalio.worker.ActivityInboundInterceptor):
-    """Per-activity gate: holds only ``next`` and the root interceptor."""
+    """Per-activity gate: holds only ``next``, the root interceptor and the heartbeat watch."""
 
     def __init__(
         self, next: temporalio.worker.ActivityInboundInterceptor, root: ChioActivityInterceptor
     ) -> None:
         super().__init__(next)
         self._root = root
+        self._beats: _Heartbeats | None = None
+
+    def init(self, outbound: temporalio.worker.ActivityOutboundInterceptor) -> None:
+        self._beats = _Heartbeats(outbound)
+        super().init(self._beats)
 
     async def execute_activity(self, input: temporalio.worker.ExecuteActivityInput) -> Any:
-        await self._root.before_attempt(temporalio.activity.info(), input.args)
-        return await super().execute_activity(input)
+        root = self._root
+        info = temporalio.activity.info()
+        decision = await root.before_attempt(info, input.args)
+        started = time.perf_counter_ns()
+        beats = self._beats
+        if beats is not None:
+            beats.last_ns = started
+        try:
+            result = await super().execute_activity(input)
+        except BaseException as exc:
+            gap = beats.gap_until(time.perf_counter_ns()) if beats is not None else None
+            root.after_attempt(
+                info, decision, body_started_ns=started, exc=exc, heartbeat_gap_ns=gap
+            )
+            raise
+        root.after_attempt(info, decision, body_started_ns=started, result=result)
+        return result

@@ -33,7 +33,14 @@ What is not a kernel decision:
 - ``redact_parameters`` cannot be honoured: the kernel signs the parameters it is given, so a
   redacting worker is refused (:class:`ChioSidecarRejected`) rather than publishing them;
 - a reused ``request_id`` (409), a timeout, a transport failure or a 5xx is
-  :class:`ChioSidecarUnavailable` (retriable); none is ever an allow.
+  :class:`ChioSidecarUnavailable` (retriable); none is ever an allow;
+- outcome records (:meth:`ChioKernelSidecar.record_outcome`) stay unsigned: the kernel has no
+  route that signs what happened after an allow for one tool call (its ``/v1/receipts`` signs
+  job submissions, ``/v1/reconcile`` settles budget holds), so the records are published
+  without a Chio receipt and the builder accounts for them as unsigned.
+
+The worker fills the step's trace context (``trace_id``, ``span_id``) itself: the kernel's
+receipt does not carry it, so on this path it is part of the worker-built step only.
 
 The control token (``control_token=`` or ``CHIO_SIDECAR_CONTROL_TOKEN``) is sent as a bearer
 token and never printed.
@@ -70,6 +77,7 @@ from chio_receipts.interceptor._model import (
 )
 from chio_receipts.schemas import (
     ChioWireError,
+    StepOutcome,
     StepReceipt,
     Verdict,
     check_chio_step,
@@ -388,6 +396,10 @@ class ChioKernelSidecar(PooledHttpClient):
         if verdict is Verdict.ALLOW and not reason:
             reason = f"tool {request.tool!r} allowed by capability {request.capability_id}"
         return await self._finish_with(step, t0, verdict, reason, receipt)
+
+    async def record_outcome(self, outcome: StepOutcome) -> StepOutcome:
+        """``outcome`` unchanged and unsigned: a Chio kernel cannot sign outcome records."""
+        return outcome
 
     def _step(self, request: EvaluationRequest, evaluated_at: int) -> StepReceipt:
         return request.step(

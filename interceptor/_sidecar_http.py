@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
@@ -38,7 +39,9 @@ from chio_receipts.interceptor._model import (
 )
 from chio_receipts.schemas import (
     EncodeError,
+    StepOutcome,
     StepReceipt,
+    check_chio_outcome,
     check_chio_step,
     step_body,
     verify_body,
@@ -193,6 +196,35 @@ class HttpSidecar(PooledHttpClient):
             await self._check_signature(receipt.key_id, body)
             self._check_chio_receipt(receipt)
         return SignedReceipt(receipt=receipt, body=body)
+
+    async def record_outcome(self, outcome: StepOutcome) -> StepOutcome:
+        """Have the sidecar sign an outcome record (``POST /v1/outcomes``) and check it.
+
+        The record is sent without its receipt; the answer's Chio receipt must hold for the
+        record as sent (``schemas.check_chio_outcome``: it binds every field) under the
+        sidecar's published keys."""
+        body = outcome.to_avro()
+        del body["chio_receipt"], body["chio_signed"]
+        payload = await self._request("POST", "/v1/outcomes", body)
+        try:
+            answer = payload["outcome"]
+            text = answer["chio_receipt"]
+            signed_bytes = bytes.fromhex(answer["chio_signed"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ChioSidecarProtocolError(f"malformed outcome from sidecar: {exc!r}") from exc
+        if not isinstance(text, str) or not text:
+            raise ChioSidecarProtocolError("the sidecar's outcome carries no Chio receipt")
+        signed = dataclasses.replace(outcome, chio_receipt=text, chio_signed=signed_bytes)
+        if self._verify:
+            reason = check_chio_outcome(signed, trusted_keys=await self._trusted_hex())
+            if reason is not None:
+                raise ChioSidecarProtocolError(f"the sidecar's outcome receipt: {reason}")
+        return signed
+
+    async def _trusted_hex(self) -> set[str]:
+        if not self._keys:
+            await self.public_keys()
+        return {key.hex() for key in self._keys.values()}
 
     def _check_chio_receipt(self, receipt: StepReceipt) -> None:
         # The step's Chio receipt must hold as the consumers will check it, signed by one of

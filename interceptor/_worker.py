@@ -49,7 +49,8 @@ async def build_chio_worker(
     ``ttl_seconds``), not both. The grant is pinned to ``workflow_id`` (and ``run_id`` if
     given) and registered on the interceptor. ``interceptor_options`` go to
     :class:`ChioActivityInterceptor` (for example ``argument_key=``); other keyword arguments
-    go to ``temporalio.worker.Worker``.
+    go to ``temporalio.worker.Worker``. A ``TracingInterceptor`` among ``interceptors=`` is put
+    before the gate, so receipts and outcome records carry the attempt's trace context.
     """
     if (capability_id is None) == (scope is None):
         raise ChioTemporalConfigError(
@@ -84,13 +85,24 @@ async def build_chio_worker(
             task_queue=task_queue,
             activities=list(activities),
             workflows=list(workflows),
-            interceptors=[interceptor, *extra],
+            interceptors=_ordered(interceptor, extra),
             **worker_options,
         )
     except BaseException:
         await interceptor.aclose()
         raise
     return worker, interceptor, grant
+
+
+def _ordered(interceptor: ChioActivityInterceptor, extra: Sequence[Any]) -> list[Any]:
+    """The worker's interceptors: OpenTelemetry's ``TracingInterceptor`` first (so attempts run
+    inside its ``RunActivity`` span and receipts carry its ids), then the gate, then the rest."""
+    tracing = [i for i in extra if type(i).__module__.startswith(_TRACING_MODULE)]
+    rest = [i for i in extra if not type(i).__module__.startswith(_TRACING_MODULE)]
+    return [*tracing, interceptor, *rest]
+
+
+_TRACING_MODULE = "temporalio.contrib.opentelemetry"
 
 
 async def _grant_token(

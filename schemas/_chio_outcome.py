@@ -38,10 +38,8 @@ from collections.abc import Collection
 from dataclasses import replace
 from typing import Any, Final
 
-from nacl.signing import SigningKey
-
 from chio_receipts.schemas._chio_step import check_signed_receipt, chio_step_payload
-from chio_receipts.schemas._chio_wire import content_hash, sign_kernel_receipt
+from chio_receipts.schemas._chio_wire import SigningKey, content_hash, sign_kernel_receipt
 from chio_receipts.schemas._records import StepOutcome
 
 __all__ = [

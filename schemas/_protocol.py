@@ -154,6 +154,10 @@ class EvaluationRequest:
     deny_reason: str | None = None
     parameters: Any = field(default_factory=dict, repr=False)
     redact_parameters: bool = False
+    trace_id: str = ""
+    """OpenTelemetry trace id of the attempt's span (32 lowercase hex), or empty."""
+    span_id: str = ""
+    """OpenTelemetry span id of the attempt's span (16 lowercase hex), or empty."""
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (``prev_hash`` as hex)."""
@@ -179,6 +183,8 @@ class EvaluationRequest:
             "deny_reason": self.deny_reason,
             "parameters": self.parameters,
             "redact_parameters": self.redact_parameters,
+            "trace_id": self.trace_id,
+            "span_id": self.span_id,
         }
 
     def step(
@@ -222,6 +228,8 @@ class EvaluationRequest:
             latency_us=0,
             worker_identity=self.worker_identity,
             prev_hash=self.prev_hash,
+            trace_id=self.trace_id,
+            span_id=self.span_id,
             key_id=key_id,
         )
 
@@ -251,6 +259,8 @@ class EvaluationRequest:
             deny_reason=None if deny is None else _str(deny),
             parameters=data.get("parameters", {}),
             redact_parameters=_bool(data.get("redact_parameters", False)),
+            trace_id=_str(data.get("trace_id", "")),
+            span_id=_str(data.get("span_id", "")),
         )
 
     def matches(self, receipt: StepReceipt) -> bool:
@@ -274,6 +284,8 @@ class EvaluationRequest:
             and receipt.started_at == self.started_at
             and receipt.worker_identity == self.worker_identity
             and receipt.prev_hash == self.prev_hash
+            and receipt.trace_id == self.trace_id
+            and receipt.span_id == self.span_id
         )
 
 

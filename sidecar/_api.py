@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from chio_receipts.schemas import CapabilityToken, EvaluationRequest
+from chio_receipts.schemas import CapabilityToken, EvaluationRequest, StepOutcome, StepStatus
 
 __all__ = [
     "OPERATIONS",
@@ -47,14 +47,20 @@ __all__ = [
     "Health",
     "Keys",
     "Operation",
+    "OutcomeBody",
+    "OutcomeRecord",
     "PublicKey",
     "Revoked",
+    "SignedOutcome",
     "openapi_document",
 ]
 
 _INT_MAX = 2**63 - 1
 _Long = Annotated[int, Field(ge=-_INT_MAX, le=_INT_MAX)]
 _Micros = Annotated[int, Field(description="µs since the Unix epoch")]
+_TraceId = Annotated[str, Field(pattern=r"^(?:[0-9a-f]{32})?$", description="W3C trace id, hex")]
+_SpanId = Annotated[str, Field(pattern=r"^(?:[0-9a-f]{16})?$", description="W3C span id, hex")]
+_UUID = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
 class _Body(BaseModel):
@@ -115,6 +121,8 @@ class EvaluationRequestBody(_Body):
     redact_parameters: bool = Field(
         default=False, description="sign empty parameters and only their parameter_hash"
     )
+    trace_id: _TraceId = ""
+    span_id: _SpanId = ""
 
     def to_request(self) -> EvaluationRequest:
         """The protocol object this body describes."""
@@ -140,7 +148,49 @@ class EvaluationRequestBody(_Body):
             deny_reason=self.deny_reason,
             parameters=self.parameters,
             redact_parameters=self.redact_parameters,
+            trace_id=self.trace_id,
+            span_id=self.span_id,
         )
+
+
+class OutcomeBody(_Body):
+    """Body of ``POST /v1/outcomes``: a ``StepOutcome`` (Avro schema StepOutcome) without its
+    receipt: how one attempt's body ended, linked to its decision. Never the result: only its
+    keyed digest."""
+
+    outcome_id: Annotated[str, Field(pattern=_UUID, description="UUID of the record")]
+    namespace: str
+    workflow_id: str
+    run_id: str
+    workflow_type: str
+    task_queue: str
+    activity_id: str
+    activity_type: str
+    attempt: Annotated[int, Field(ge=0, le=2**31 - 1)]
+    is_local: bool
+    tool_server: str
+    tool: str
+    capability_id: str
+    decision_receipt_id: str = Field(description="receipt_id of the decision's StepReceipt")
+    decision_chio_id: str = Field(default="", description="id of the decision's Chio receipt")
+    status: Literal["COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT", "GATE_FAILED"]
+    error_type: str = Field(default="", description="the failure's type; never its message")
+    started_at: _Micros
+    ended_at: _Micros
+    duration_us: Annotated[int, Field(ge=0, le=_INT_MAX)]
+    result_digest: Annotated[
+        str, Field(pattern=r"^(?:[0-9a-f]{64})?$", description="hex HMAC-SHA256 of the result")
+    ] = ""
+    result_key_id: str = ""
+    worker_identity: str = ""
+    trace_id: _TraceId = ""
+    span_id: _SpanId = ""
+
+    def to_outcome(self) -> StepOutcome:
+        """The record this body describes (unsigned)."""
+        fields = self.model_dump()
+        fields["status"] = StepStatus(self.status)
+        return StepOutcome(**fields)
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -187,6 +237,30 @@ class Evaluation(_Body):
         description="StepReceipt fields (Avro schema StepReceipt); prev_hash and signature as hex"
     )
     body: str = Field(description="base64 of the signed schemaless Avro body")
+
+
+class SignedOutcome(_Body):
+    """An outcome record as signed: the body's fields, ``chio_receipt`` and ``chio_signed``."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="allow")
+
+    chio_receipt: str = Field(
+        description="the Chio trace_observation receipt as compact JSON, exactly as signed"
+    )
+    chio_signed: str = Field(description="hex of the bytes its signature covers")
+
+
+class OutcomeRecord(_Body):
+    """A signed outcome record (``schemas.sign_chio_outcome`` with the sidecar's key)."""
+
+    outcome: SignedOutcome
+
+    @classmethod
+    def of(cls, outcome: StepOutcome) -> OutcomeRecord:
+        """The JSON answer for a signed ``outcome`` (bytes as hex, as in ``Evaluation``)."""
+        fields = outcome.to_avro()
+        fields["chio_signed"] = outcome.chio_signed.hex()
+        return cls(outcome=SignedOutcome(**fields))
 
 
 class PublicKey(_Body):
@@ -512,6 +586,17 @@ OPERATIONS: tuple[Operation, ...] = (
         errors=_BODY_ERRORS,
         chio_requests=(ChioEvaluate, ChioSdkEvaluate),
         chio_responses=((200, ChioEvaluation), (403, ChioDenied)),
+    ),
+    Operation(
+        name="outcomes",
+        method="POST",
+        path="/v1/outcomes",
+        summary="Sign how one allowed attempt ended (an outcome record) as a Chio "
+        "trace_observation receipt",
+        request=OutcomeBody,
+        response=OutcomeRecord,
+        description="the record with its signed receipt (nothing is stored)",
+        errors=_BODY_ERRORS,
     ),
     Operation(
         name="keys",

@@ -7,6 +7,7 @@ Endpoints (JSON; OpenAPI 3.1 document at ``GET /openapi.json``, built from ``_ap
     POST /v1/capabilities/{id}/attenuate   mint a narrower child
     POST /v1/capabilities/{id}/revoke      revoke (descendants follow through their chain)
     POST /v1/evaluate                      decide one attempt and sign its receipt
+    POST /v1/outcomes                      sign how one attempt ended (an outcome record)
     GET  /v1/keys                          Ed25519 public keys by key id
     GET  /healthz                          liveness
     GET  /metrics                          Prometheus metrics (text exposition format)
@@ -77,6 +78,8 @@ from chio_receipts.sidecar._api import (
     EvaluationRequestBody,
     Health,
     Keys,
+    OutcomeBody,
+    OutcomeRecord,
     PublicKey,
     Revoked,
     openapi_document,
@@ -456,6 +459,13 @@ def create_sidecar_app(
         )
         return _json(answer, status["evaluate"])
 
+    async def outcomes(request: Request) -> Response:
+        body = _validate(OutcomeBody, await _read_json(request, max_body_bytes))
+        started = time.perf_counter()
+        signed = sidecar.record_outcome_now(body.to_outcome())
+        meter.outcome(signed.status.value, started)
+        return _json(OutcomeRecord.of(signed), status["outcomes"])
+
     async def keys(request: Request) -> Response:
         pub = await sidecar.public_keys()
         answer = Keys(
@@ -622,6 +632,7 @@ def create_sidecar_app(
         "attenuate": attenuate,
         "revoke": revoke,
         "evaluate": evaluate,
+        "outcomes": outcomes,
         "keys": keys,
         "healthz": healthz,
         "openapi": openapi,

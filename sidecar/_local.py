@@ -27,6 +27,7 @@ from chio_receipts.schemas import (
     KeyPair,
     ProtocolError,
     SignedReceipt,
+    StepOutcome,
     Verdict,
     chio_step_payload,
     is_subset,
@@ -35,6 +36,7 @@ from chio_receipts.schemas import (
     parameter_hash,
     request_id_for,
     sign_capability_token,
+    sign_chio_outcome,
     sign_delegation_link,
     sign_kernel_receipt,
     sign_receipt,
@@ -512,6 +514,16 @@ class LocalSidecar:
     async def evaluate(self, request: EvaluationRequest) -> SignedReceipt:
         """Decide one attempt and sign the receipt (no I/O)."""
         return self.evaluate_now(request)
+
+    def record_outcome_now(self, outcome: StepOutcome) -> StepOutcome:
+        """Synchronous :meth:`record_outcome`: ``outcome`` carrying its Chio
+        ``trace_observation`` receipt signed by the key that signs the decisions, under the
+        sidecar's policy hash (``schemas.sign_chio_outcome``). Nothing is stored."""
+        return sign_chio_outcome(outcome, self._key, policy_hash=_chio.POLICY_HASH)
+
+    async def record_outcome(self, outcome: StepOutcome) -> StepOutcome:
+        """Sign an outcome record (no I/O)."""
+        return self.record_outcome_now(outcome)
 
     # -- the Chio kernel's routes -------------------------------------------------------------
 

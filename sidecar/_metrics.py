@@ -36,6 +36,7 @@ Family = Literal["project", "kernel", "sdk"]
 
 FAMILIES: Final[tuple[Family, ...]] = ("project", "kernel", "sdk")
 VERDICTS: Final = ("allow", "deny")
+STATUSES: Final = ("UNKNOWN", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT", "GATE_FAILED")
 
 
 class _KeyCollector(Collector):
@@ -52,7 +53,8 @@ class _KeyCollector(Collector):
 
 
 class SidecarMetrics:
-    """Decisions, decision latency, capabilities minted and revoked, store errors, key id."""
+    """Decisions, decision latency, outcome records signed, capabilities minted and revoked,
+    store errors, key id."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
@@ -82,6 +84,18 @@ class SidecarMetrics:
             ["family"],
             registry=r,
         )
+        self.outcomes = Counter(
+            "chio_sidecar_outcomes",
+            "Outcome records signed, by status.",
+            ["status"],
+            registry=r,
+        )
+        self.outcome_latency = Histogram(
+            "chio_sidecar_outcome_latency_seconds",
+            "Time to sign one outcome record.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
         self.store_errors = Counter(
             "chio_sidecar_store_errors",
             "Requests refused because the store could not be used, by operation.",
@@ -96,6 +110,8 @@ class SidecarMetrics:
             self.minted.labels(family=family)
         for family in ("project", "kernel"):
             self.revoked.labels(family=family)
+        for status in STATUSES:
+            self.outcomes.labels(status=status)
         self._key: _KeyCollector | None = None
 
     def watch_key(self, key_id: Callable[[], str]) -> None:
@@ -110,6 +126,11 @@ class SidecarMetrics:
         """Count one decision that took since ``started`` (a :func:`time.perf_counter`)."""
         self.decision_latency.labels(family=family).observe(time.perf_counter() - started)
         self.decisions.labels(verdict="allow" if allowed else "deny", family=family).inc()
+
+    def outcome(self, status: str, started: float) -> None:
+        """Count one signed outcome record that took since ``started``."""
+        self.outcome_latency.observe(time.perf_counter() - started)
+        self.outcomes.labels(status=status if status in STATUSES else "UNKNOWN").inc()
 
     def exposition(self) -> bytes:
         """The registry in the text exposition format."""

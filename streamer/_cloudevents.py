@@ -21,6 +21,8 @@ __all__ = [
     "CONTENT_TYPE",
     "ENVELOPE_SCHEMA",
     "ENVELOPE_TYPE",
+    "OUTCOME_SCHEMA",
+    "OUTCOME_TYPE",
     "RUN_COMPLETION_SCHEMA",
     "STEP_SCHEMA",
     "STEP_TYPE",
@@ -30,17 +32,20 @@ __all__ = [
     "envelope_id",
     "envelope_record",
     "headers",
+    "outcome_record",
     "single_object",
     "step_record",
     "worker_envelope_id",
 ]
 
 STEP_TYPE = schemas.STEP_EVENT_TYPE
+OUTCOME_TYPE = schemas.STEP_OUTCOME_EVENT_TYPE
 COMPLETION_TYPE = schemas.RUN_COMPLETION_EVENT_TYPE
 ENVELOPE_TYPE = schemas.ENVELOPE_EVENT_TYPE
 WORKER_ENVELOPE_TYPE = schemas.WORKER_ENVELOPE_EVENT_TYPE
 CONTENT_TYPE = schemas.CONTENT_TYPE
 STEP_SCHEMA = schemas.STEP_SCHEMA
+OUTCOME_SCHEMA = schemas.STEP_OUTCOME_SCHEMA
 RUN_COMPLETION_SCHEMA = schemas.RUN_COMPLETION_SCHEMA
 ENVELOPE_SCHEMA = schemas.ENVELOPE_SCHEMA
 headers = schemas.cloudevent_headers
@@ -102,6 +107,22 @@ def step_record(
             event_id=receipt.receipt_id, event_type=STEP_TYPE, source=source, subject=key
         )
         + chio_headers(receipt),
+    )
+
+
+def outcome_record(
+    outcome: schemas.StepOutcome, *, topic: str, source: str, framer: Framer = single_object
+) -> SpoolRecord:
+    """The Kafka record of an outcome record: steps topic, keyed by its run key (so it lands on
+    the partition of its run's steps), CloudEvents type ``OUTCOME_TYPE``, id its outcome id."""
+    key = outcome.run_key
+    return SpoolRecord(
+        topic=topic,
+        key=key.encode(),
+        value=framer(OUTCOME_SCHEMA, _body(OUTCOME_SCHEMA, outcome.to_avro()), topic),
+        headers=headers(
+            event_id=outcome.outcome_id, event_type=OUTCOME_TYPE, source=source, subject=key
+        ),
     )
 
 

@@ -1,5 +1,8 @@
 """``ReceiptStreamer``: the Kafka implementation of ``schemas.ReceiptSink``.
 
+It also takes outcome records (``publish_outcome``: steps topic, run key), as the
+interceptor's outcome recorder expects of a sink.
+
 Nothing on the activity path waits on Kafka. ``publish_*`` builds the Kafka record (pure, see
 ``_cloudevents``) and either appends it to the spool (``durability="before_execute"``, fsync'd,
 group commit) or puts it in a bounded in-memory queue (``"queued"``); one tracked background task,
@@ -48,6 +51,7 @@ from chio_receipts.streamer._cloudevents import (
     Framer,
     completion_record,
     envelope_record,
+    outcome_record,
     single_object,
     step_record,
 )
@@ -131,6 +135,7 @@ class ReceiptStreamer(schemas.AsyncService):
         t = self.config.topics
         pairs = (
             (schemas.STEP_SCHEMA, t.steps),
+            (schemas.STEP_OUTCOME_SCHEMA, t.steps),
             (schemas.RUN_COMPLETION_SCHEMA, t.runs),
             (schemas.ENVELOPE_SCHEMA, t.envelopes_topic),
         )
@@ -186,6 +191,18 @@ class ReceiptStreamer(schemas.AsyncService):
             step_record(
                 receipt,
                 body,
+                topic=self.config.topics.steps,
+                source=self.config.source,
+                framer=self._framer,
+            )
+        )
+
+    async def publish_outcome(self, outcome: schemas.StepOutcome) -> None:
+        """Accept an outcome record (steps topic, keyed by run key, under the same durability
+        policy as the step receipts; ``ReceiptSinkError`` when the spool refuses)."""
+        await self._accept(
+            outcome_record(
+                outcome,
                 topic=self.config.topics.steps,
                 source=self.config.source,
                 framer=self._framer,

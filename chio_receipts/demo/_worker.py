@@ -128,6 +128,8 @@ async def demo_worker(
             identity=settings.identity,
             redact_parameters=settings.redact_parameters,
         )
+        # After the worker stops, before the streamer does: drain pending outcome records.
+        stack.push_async_callback(interceptor.aclose)
         if client is None:
             client = await settings.temporal_connection().connect()
         worker = Worker(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from chio_receipts import schemas
 from chio_receipts.interceptor import (
     ChioKernelSidecar,
     ChioSidecarUnavailable,
@@ -77,3 +78,26 @@ def test_the_control_token_comes_from_the_environment_and_never_prints(
     assert "env-secret-token" not in repr(kernel)
     with pytest.raises(ChioTemporalConfigError):
         ChioKernelSidecar("http://kernel", kernel_key="not-hex")
+
+
+@pytest.mark.integration
+async def test_the_worker_fills_the_trace_context_on_the_kernel_path() -> None:
+    side = LocalSidecar()
+    async with (
+        SidecarServer(side, token=CONTROL) as server,
+        ChioKernelSidecar(server.url, control_token=CONTROL, tool_server="temporal") as kernel,
+    ):
+        cap = await kernel.create_capability("agent:t", ["charge_card"], 60)
+        traced = request(
+            cap.id,
+            "charge_card",
+            trace_id="0af7651916cd43dd8448eb211c80319c",
+            span_id="b7ad6b7169203331",
+        )
+        signed = await kernel.evaluate(traced)
+    assert traced.matches(signed.receipt)
+    assert (signed.receipt.trace_id, signed.receipt.span_id) == (
+        "0af7651916cd43dd8448eb211c80319c",
+        "b7ad6b7169203331",
+    )
+    assert signed.body == schemas.step_body(signed.receipt)

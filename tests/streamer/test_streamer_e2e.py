@@ -44,11 +44,15 @@ async def test_interceptor_receipts_reach_kafka_and_match_the_watchers_expected_
             assert await asyncio.wait_for(handle.result(), 60) == 4
         watcher = watcher_for(temporal_client, sink, tmp_path, tq)
         assert await watcher.poll_once() == 1
+        await icp.aclose()  # its outcome records, one per body run, are accepted by the sink
         assert await sink.flush(30)
 
     t = cfg.topics
-    got = await consume(kafka_bootstrap, [t.steps, t.runs], 9, timeout=30)
-    steps = [schemas.decode(r.value) for r in got if r.topic == t.steps]
+    got = await consume(kafka_bootstrap, [t.steps, t.runs], 17, timeout=30)
+    on_steps = [schemas.decode(r.value) for r in got if r.topic == t.steps]
+    steps = [d for d in on_steps if d.schema_name == schemas.STEP_SCHEMA]
+    outcomes = [d for d in on_steps if d.schema_name == schemas.STEP_OUTCOME_SCHEMA]
+    assert len(outcomes) == 8
     runs = [schemas.decode(r.value) for r in got if r.topic == t.runs]
     (completion,) = [schemas.RunCompletion.from_avro(d.record) for d in runs]
     receipts = [schemas.StepReceipt.from_avro(d.record) for d in steps]
