@@ -264,7 +264,11 @@ class EvaluationRequest:
         )
 
     def matches(self, receipt: StepReceipt) -> bool:
-        """True when ``receipt`` carries this request's identity and context unchanged."""
+        """True when ``receipt`` carries this request's identity and context unchanged.
+
+        The trace context is correlation data, not authority: a receipt from a sidecar that
+        predates it (empty trace and span ids) still matches, so workers can be upgraded before
+        their sidecar; a receipt naming *other* ids does not."""
         return (
             receipt.capability_id == self.capability_id
             and receipt.tool_server == self.tool_server
@@ -284,8 +288,9 @@ class EvaluationRequest:
             and receipt.started_at == self.started_at
             and receipt.worker_identity == self.worker_identity
             and receipt.prev_hash == self.prev_hash
-            and receipt.trace_id == self.trace_id
-            and receipt.span_id == self.span_id
+            and receipt.trace_id in (self.trace_id, "")
+            and receipt.span_id in (self.span_id, "")
+            and bool(receipt.trace_id) == bool(receipt.span_id)
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import httpx
 import pytest
 
@@ -101,3 +103,24 @@ async def test_the_worker_fills_the_trace_context_on_the_kernel_path() -> None:
         "b7ad6b7169203331",
     )
     assert signed.body == schemas.step_body(signed.receipt)
+
+
+@pytest.mark.unit
+def test_a_receipt_without_trace_context_matches_a_traced_request() -> None:
+    """A sidecar older than the trace context signs empty ids: still the request's receipt
+    (workers may be upgraded first); other ids, or half a context, are not."""
+    traced = request(
+        "cap-1", "charge_card", trace_id="0af7651916cd43dd8448eb211c80319c", span_id="b7ad6b71"
+    )
+    plain = traced.step(
+        receipt_id=schemas.uuid7(),
+        token=None,
+        verdict=schemas.Verdict.ALLOW,
+        reason="ok",
+        evaluated_at=1,
+    )
+    untraced = dataclasses.replace(plain, trace_id="", span_id="")
+    assert traced.matches(plain)
+    assert traced.matches(untraced)
+    assert not traced.matches(dataclasses.replace(plain, trace_id="ff" * 16))
+    assert not traced.matches(dataclasses.replace(plain, span_id=""))
