@@ -193,10 +193,19 @@ async def test_f18_spool_full_fails_closed(
         quiesce_timeout=180,
         note=f"{refused} attempts refused (retried)",
     )
-    # Known limitation, reported: the watcher counts every started attempt as a receipt
-    # (attempt N => N), so a run with refused attempts is enveloped as incomplete although
-    # every receipt that exists arrived (finish() notes how many envelopes are incomplete).
     assert not (out.oracle.refused & out.snap.receipt_ids), "a refused receipt was delivered"
+    # Each refused attempt is accounted for (GATE_FAILED, sink_refused: its record waited in the
+    # worker until the sink accepted again), so no envelope is left incomplete for it.
+    reasons = {
+        reason
+        for e in out.snap.envelopes
+        for *_, account, reason in e.accounts
+        if account == "GATE_FAILED"
+    }
+    assert reasons == {"sink_refused"}, reasons
+    assert all(e.complete for e in out.snap.envelopes), [
+        e for e in out.snap.envelopes if not e.complete
+    ]
 
 
 @pytest.mark.slow

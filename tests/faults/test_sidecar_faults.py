@@ -1,7 +1,8 @@
 """Sidecar rows on the session stack: the workers decide through the served sidecar (a child
 process, ``python -m chio_receipts sidecar serve`` on a data directory) and the builder fetches
-its keys from ``/v1/keys``. F24 ``kill -9`` of the sidecar and a restart on the same data
-directory; F25 ``sidecar keys rotate`` while load runs."""
+its keys from ``/v1/keys``. F23 the sidecar unreachable for 30 s mid-run; F24 ``kill -9`` of
+the sidecar and a restart on the same data directory; F25 ``sidecar keys rotate`` while load
+runs."""
 
 from __future__ import annotations
 
@@ -62,8 +63,52 @@ def _verify_cli(p: Pipeline, workflow_ids: set[str]) -> list[str]:
     return failures
 
 
+def gate_failed_attempts(p: Pipeline) -> list[tuple[str, str, str, int, str]]:
+    """(workflow, run, activity, attempt, reason) of every GATE_FAILED outcome record stored."""
+    client = p.clickhouse()
+    try:
+        rows = client.query(
+            "SELECT workflow_id, run_id, activity_id, attempt, error_type FROM step_outcomes "
+            "FINAL WHERE workflow_id LIKE {p:String} AND status = 'GATE_FAILED'",
+            parameters={"p": f"{p.name}-%"},
+        ).result_rows
+    finally:
+        client.close()
+    return [(str(a), str(b), str(c), int(d), str(e)) for a, b, c, d, e in rows]
+
+
 def _no_dead_letters(out: Outcome) -> None:
     assert not out.snap.dead_letters, [(d.reason, d.error_class) for d in out.snap.dead_letters[:5]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_f23_sidecar_unreachable_for_30s_mid_run(
+    make_pipeline: Callable[..., Pipeline],
+) -> None:
+    """The served sidecar goes away for 30 s while runs execute, then comes back on its data
+    directory: attempts in the gap fail retryably (never an allow, the body never runs), each
+    refused attempt is accounted for in its run's envelope with the reason, and every envelope
+    ends complete."""
+    p = make_pipeline(grace_seconds=5.0)
+    await p.start_sidecar()
+    await p.start()
+    await p.start_runs(6, FaultInput(steps=6, step_sleep_s=0.5))
+    await eventually(lambda: len(p.oracle().accepted) >= 6, 120)
+    assert p.sidecar is not None
+    await p.sidecar.kill9()
+    await asyncio.sleep(30.0)
+    t0 = time.monotonic()
+    await p.start_sidecar()
+    out = await finish(
+        p, "F23", "sidecar unreachable 30 s mid-run", recovery_from=t0, run_timeout=300
+    )
+    _no_dead_letters(out)
+    gate_failed = gate_failed_attempts(p)
+    assert gate_failed, "no attempt was refused while the sidecar was away"
+    assert {reason for *_, reason in gate_failed} == {"sidecar_unreachable"}
+    incomplete = [e for e in out.snap.envelopes if not e.complete]
+    assert not incomplete, incomplete
 
 
 @pytest.mark.timeout(400)
@@ -73,8 +118,8 @@ async def test_f24_sidecar_killed_and_restarted_on_its_data_dir(
     """kill -9 of the served sidecar mid-run, restarted on the same data directory: the
     capability and the signing key survive; attempts in the gap fail retryably (never an
     allow); no receipt is dead-lettered; every run completes."""
-    # Attempts refused while the sidecar is down have no receipt but count in the completion
-    # event, so their runs' envelopes end incomplete after the grace period: a short one.
+    # Attempts refused while the sidecar is down have no receipt; their GATE_FAILED records
+    # account for them. A short grace period all the same, should one be late.
     p = make_pipeline(grace_seconds=5.0)
     await p.start_sidecar()
     key_before = dict(p.sidecar_keys)

@@ -68,6 +68,9 @@ async def test_f6_worker_killed_inside_the_activity_body(
         assert len(set(ids)) == len(ids)
         env = next(e for e in out.snap.envelopes if (e.workflow_id, e.run_id) == (wf, run))
         assert set(ids) <= set(env.receipt_ids), "the envelope does not list every attempt"
+    # An attempt the worker received but never evaluated is WORKER_LOST (Temporal saw it time
+    # out), not a gap: every envelope ends complete.
+    assert all(e.complete for e in out.snap.envelopes), out.snap.envelopes
 
 
 @pytest.mark.timeout(500)
@@ -97,6 +100,10 @@ async def test_f7_worker_killed_around_the_spool_write(
     else:
         assert fifth not in out.oracle.accepted
         assert fifth not in out.snap.receipt_ids, "a receipt that was never written appeared"
+        lost = [a for e in out.snap.envelopes for a in e.accounts if a[2] == "WORKER_LOST"]
+        assert lost, "the attempt whose receipt was never written is not accounted for"
+    # No envelope is left incomplete for an explained gap.
+    assert all(e.complete for e in out.snap.envelopes), out.snap.envelopes
 
 
 @pytest.mark.timeout(500)

@@ -63,6 +63,13 @@ class EnvelopeRow:
     expected_steps: int | None
     receipt_ids: tuple[str, ...]
     outcome: str
+    accounts: tuple[tuple[str, int, str, str], ...] = ()
+    """``(activity_id, attempt, account, reason)`` of every attempt Temporal started (empty when
+    the completion listed none)."""
+
+
+# Accounts that explain an attempt without a receipt.
+EXPLAINED = frozenset({"GATE_FAILED", "WORKER_LOST"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +183,9 @@ def i4_envelopes(
                 f"{_ids(expected - listed) or '-'}; "
                 f"not in the oracle: {_ids(listed - expected) or '-'}"
             )
-        if env.expected_steps is not None and len(listed) < env.expected_steps and env.complete:
+        if env.accounts:
+            out += _account_problems(tag, env, oracle.attempts_of(*run))
+        elif env.expected_steps is not None and len(listed) < env.expected_steps and env.complete:
             out.append(
                 f"{tag}: marked complete with {len(listed)} of {env.expected_steps} expected steps"
             )
@@ -185,6 +194,26 @@ def i4_envelopes(
     for wf, problems in sorted(snap.verify_problems.items()):
         for p in problems:
             out.append(f"I4: verify {wf}: {p}")
+    return out
+
+
+def _account_problems(tag: str, env: EnvelopeRow, receipted: set[tuple[str, int]]) -> list[str]:
+    """With attempt accounts: complete iff no attempt is MISSING; an attempt is RECEIPTED iff
+    the oracle accepted a receipt for it; every other attempt is explained or MISSING."""
+    out = []
+    missing = [(a, n) for a, n, account, _ in env.accounts if account == "MISSING"]
+    if env.complete and missing:
+        out.append(f"{tag}: marked complete with MISSING attempts {missing[:5]}")
+    if not env.complete and not missing:
+        out.append(f"{tag}: every attempt is accounted for, yet the envelope is incomplete")
+    for activity, attempt, account, reason in env.accounts:
+        has_receipt = (activity, attempt) in receipted
+        if account == "RECEIPTED" and not has_receipt:
+            out.append(f"{tag}: attempt {activity}#{attempt} RECEIPTED without a receipt")
+        elif account in EXPLAINED and has_receipt:
+            out.append(f"{tag}: attempt {activity}#{attempt} {account} ({reason}) has a receipt")
+        elif account == "MISSING" and has_receipt:
+            out.append(f"{tag}: attempt {activity}#{attempt} MISSING but its receipt exists")
     return out
 
 

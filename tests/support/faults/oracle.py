@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chio_receipts.schemas import ReceiptSink, ReceiptSinkError, RunCompletion, StepReceipt
+from chio_receipts.schemas import (
+    ReceiptSink,
+    ReceiptSinkError,
+    RunCompletion,
+    StepOutcome,
+    StepReceipt,
+)
 from tests.support.faults.failpoints import failpoint
 
 __all__ = ["Oracle", "OracleEntry", "OracleSink", "read_oracle"]
@@ -75,6 +81,10 @@ class OracleSink:
         """Delegate."""
         await self.inner.publish_envelope(envelope)
 
+    async def publish_outcome(self, outcome: StepOutcome) -> None:
+        """Delegate (outcome records are not receipts the oracle tracks)."""
+        await self.inner.publish_outcome(outcome)  # type: ignore[attr-defined]
+
     def close(self) -> None:
         """Close the log."""
         os.close(self._fd)
@@ -107,6 +117,13 @@ class Oracle:
             i
             for i in self.accepted
             if self.proposed[i].workflow_id == workflow_id and self.proposed[i].run_id == run_id
+        }
+
+    def attempts_of(self, workflow_id: str, run_id: str) -> set[tuple[str, int]]:
+        """``(activity_id, attempt)`` of every accepted receipt of one run."""
+        return {
+            (self.proposed[i].activity_id, self.proposed[i].attempt)
+            for i in self.steps_of(workflow_id, run_id)
         }
 
     def runs(self) -> set[tuple[str, str]]:

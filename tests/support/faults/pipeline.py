@@ -577,7 +577,8 @@ class Pipeline:
                 snap.counts[mode or "without FINAL"] = (int(count), int(uniq))
             for row in client.query(
                 "SELECT workflow_id, run_id, revision, complete, missing_steps, expected_steps, "
-                "receipt_ids, outcome FROM workflow_receipts FINAL "
+                "receipt_ids, outcome, arrayMap(a -> (a.activity_id, a.attempt, a.account, "
+                "a.reason), attempts) FROM workflow_receipts FINAL "
                 "WHERE workflow_id LIKE {p:String}",
                 parameters={"p": f"{self.name}-%"},
             ).result_rows:
@@ -591,6 +592,10 @@ class Pipeline:
                         expected_steps=None if row[5] is None else int(row[5]),
                         receipt_ids=tuple(str(r) for r in row[6]),
                         outcome=str(row[7]),
+                        accounts=tuple(
+                            (str(a), int(n), str(account), str(reason))
+                            for a, n, account, reason in row[8]
+                        ),
                     )
                 )
             for row in client.query(

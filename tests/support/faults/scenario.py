@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -49,6 +50,12 @@ async def finish(
     incomplete = sum(1 for e in snap.envelopes if not e.complete)
     if incomplete:
         note = f"{note}; {incomplete} envelope(s) incomplete".lstrip("; ")
+    explained = Counter(
+        account for e in snap.envelopes for *_, account, _ in e.accounts if account != "RECEIPTED"
+    )
+    if explained:
+        said = ", ".join(f"{n} {account}" for account, n in sorted(explained.items()))
+        note = f"{note}; attempts {said}".lstrip("; ")
     record_row(
         row,
         fault,

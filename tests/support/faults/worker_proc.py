@@ -133,6 +133,7 @@ async def main(cfg: dict[str, object]) -> None:
         await worker.shutdown()
     with contextlib.suppress(asyncio.CancelledError):
         await runner
+    await interceptor.aclose()  # drain queued outcome records into the streamer
     await streamer.stop()
     if remote is not None:
         await remote.aclose()
