@@ -23,7 +23,8 @@ from chio_receipts.schemas import (
     decode,
     envelope_event_id,
 )
-from tests.consumers.test_builder_kafka import WORKER, Running, _config
+from tests.consumers.test_builder_kafka import WORKER, _config
+from tests.support.builder_service import Running
 from tests.support.consumer_factory import completion, completion_value, signed_run
 from tests.support.helpers import eventually
 from tests.support.kafka_topics import make_topics, produce, read_all

@@ -37,6 +37,7 @@ from chio_receipts.schemas import (
     standalone_schema,
 )
 from chio_receipts.streamer._cloudevents import envelope_id
+from tests.support.builder_service import Running
 from tests.support.consumer_factory import STEP, completion, completion_value, receipt, signed_run
 from tests.support.helpers import eventually
 from tests.support.http_receiver import Receiver
@@ -59,34 +60,6 @@ def _config(bootstrap: str, dsn: str, topics: TopicNames, **kw: Any) -> BuilderC
         poll_timeout_ms=100,
         **kw,
     )
-
-
-class Running:
-    """A builder service running in this process until the context exits."""
-
-    def __init__(self, config: BuilderConfig) -> None:
-        self.service = ReceiptBuilderService(config)
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Running:
-        await self.service.start()
-        self._task = asyncio.create_task(self.service.run(self._stop))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._task is not None:
-            await asyncio.wait_for(self._task, 30)
-        await self.service.stop()
-
-    async def scalar(self, sql: str) -> Any:
-        _, rows = await self.service.sink.query(sql)
-        return rows[0][0]
-
-    def check(self) -> None:
-        if self._task is not None and self._task.done():
-            self._task.result()  # surface a crash of the loop
 
 
 def _run_messages(n_runs: int, steps: int, prefix: str) -> tuple[list[Any], list[Any]]:

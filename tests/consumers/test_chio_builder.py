@@ -14,7 +14,6 @@ import pytest
 from chio_receipts.consumers import (
     BuilderConfig,
     ClickHouseConfig,
-    ReceiptBuilderService,
     open_client,
     parse_dead_letter_headers,
     verify_run,
@@ -34,6 +33,7 @@ from chio_receipts.schemas import (
     chio_step_fields,
     receipt_hash,
 )
+from tests.support.builder_service import Running
 from tests.support.chio_runs import chio_run, resign, tampered_receipt, v1_run
 from tests.support.consumer_factory import completion, completion_value
 from tests.support.helpers import eventually
@@ -67,32 +67,6 @@ def _config(bootstrap: str, dsn: str, topics: TopicNames, **kw: Any) -> BuilderC
         poll_timeout_ms=100,
         **settings,
     )
-
-
-class Running:
-    """A builder service running in this process until the context exits."""
-
-    def __init__(self, config: BuilderConfig) -> None:
-        self.service = ReceiptBuilderService(config)
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Running:
-        await self.service.start()
-        self._task = asyncio.create_task(self.service.run(self._stop))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._task is not None:
-            await asyncio.wait_for(self._task, 30)
-        await self.service.stop()
-
-    async def rows(self, sql: str) -> list[tuple[Any, ...]]:
-        if self._task is not None and self._task.done():
-            self._task.result()  # surface a crash of the loop
-        _, rows = await self.service.sink.query(sql)
-        return rows
 
 
 def _key(wf: str, rid: str) -> bytes:

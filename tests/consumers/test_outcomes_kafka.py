@@ -4,7 +4,6 @@ builder stores and envelopes outcome records, accounts for every attempt Tempora
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 from collections.abc import Callable
@@ -21,7 +20,6 @@ from chio_receipts.consumers import (
     BuilderConfig,
     ClickHouseConfig,
     ClickHouseSink,
-    ReceiptBuilderService,
     open_client,
     parse_dead_letter_headers,
     verify_run,
@@ -43,6 +41,7 @@ from chio_receipts.schemas import (
     frame,
     sign_chio_outcome,
 )
+from tests.support.builder_service import Running
 from tests.support.chio_runs import chio_step
 from tests.support.consumer_factory import STEP, completion, completion_value, receipt, uuid7
 from tests.support.helpers import eventually
@@ -71,32 +70,6 @@ def _config(bootstrap: str, dsn: str, topics: TopicNames) -> BuilderConfig:
         poll_timeout_ms=100,
         grace_seconds=1.0,
     )
-
-
-class Running:
-    """A builder service running in this process until the context exits."""
-
-    def __init__(self, config: BuilderConfig) -> None:
-        self.service = ReceiptBuilderService(config)
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Running:
-        await self.service.start()
-        self._task = asyncio.create_task(self.service.run(self._stop))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._task is not None:
-            await asyncio.wait_for(self._task, 30)
-        await self.service.stop()
-
-    async def rows(self, sql: str) -> list[tuple[Any, ...]]:
-        if self._task is not None and self._task.done():
-            self._task.result()  # surface a crash of the loop
-        _, rows = await self.service.sink.query(sql)
-        return rows
 
 
 def _key(wf: str, rid: str) -> bytes:
