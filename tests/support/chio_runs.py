@@ -78,25 +78,28 @@ def tampered_receipt(step: StepReceipt) -> str:
     return json.dumps(receipt_json, separators=(",", ":"))
 
 
-def _v1_schema() -> Any:
+def _released_step_schema(version: int) -> Any:
     text = (
         resources.files("chio_receipts.schemas")
-        .joinpath("avro", "released", "step_receipt.v1.avsc")
+        .joinpath("avro", "released", f"step_receipt.v{version}.avsc")
         .read_text("utf-8")
     )
     return fastavro.parse_schema(json.loads(text), named_schemas={})
 
 
-def v1_run(workflow_id: str, run_id: str, n: int, key: KeyPair) -> list[tuple[StepReceipt, bytes]]:
-    """``n`` chained steps as a v1 writer sent them: (step, framed v1 wire value)."""
-    schema = _v1_schema()
+def released_run(
+    workflow_id: str, run_id: str, n: int, key: KeyPair, *, version: int
+) -> list[tuple[StepReceipt, bytes]]:
+    """``n`` chained steps as a writer of the released ``StepReceipt`` v``version`` sent them:
+    (step, framed wire value), signed over that version's encoding."""
+    schema = _released_step_schema(version)
+    names = {f["name"] for f in schema["fields"]}
     magic = SINGLE_OBJECT_MAGIC + schema_fingerprint(schema)
     out: list[tuple[StepReceipt, bytes]] = []
     prev = b""
     for i in range(n):
         step = receipt(workflow_id, run_id, i, prev_hash=prev)
-        record = step.to_avro()
-        del record["chio_receipt"], record["chio_signed"]
+        record = {k: v for k, v in step.to_avro().items() if k in names}
         record["key_id"], record["signature"] = key.key_id, b""
         buf = io.BytesIO()
         fastavro.schemaless_writer(buf, schema, record)
@@ -106,3 +109,8 @@ def v1_run(workflow_id: str, run_id: str, n: int, key: KeyPair) -> list[tuple[St
         prev = receipt_hash(body)
         out.append((step.with_signature(key_id=key.key_id, signature=signature), magic + body))
     return out
+
+
+def v1_run(workflow_id: str, run_id: str, n: int, key: KeyPair) -> list[tuple[StepReceipt, bytes]]:
+    """``n`` chained steps as a v1 writer sent them: (step, framed v1 wire value)."""
+    return released_run(workflow_id, run_id, n, key, version=1)
