@@ -380,11 +380,13 @@ async def test_revoked_capability_gives_an_unsigned_deny_the_builder_dead_letter
         "",
     )
     assert "revoked" in step.reason
-    # verify checks integrity, not completeness: the rows (none) and the builder-signed envelope
-    # agree, so it says OK; the envelope's own complete=false, missing_steps=1 is the signal.
+    # The rows (none) and the builder-signed envelope agree, but Temporal started an attempt
+    # that nothing accounts for (its only record was refused): verify names that gap.
     report = pipeline.verify(wf)
-    assert report.ok, report.summary()
     assert (report.runs, report.steps, report.envelopes) == (1, 0, 1)
+    assert report.missing == [(wf, run_id, "1", 1)], report.summary()
+    assert not report.ok
+    assert all("MISSING attempt" in p for p in report.problems), report.problems
 
 
 async def _dead_letters_of(
