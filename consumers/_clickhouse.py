@@ -472,6 +472,8 @@ class ClickHouseSink(AsyncService):
             create=True,
         )
         self._migrate_sync()
+        if self._config.cluster:
+            self._sync_replica()
         for table, columns in _COLUMNS.items():
             ctx = self._call(
                 partial(self._client.create_insert_context, self._table(table), columns)
@@ -487,6 +489,15 @@ class ClickHouseSink(AsyncService):
     def _table(self, name: str) -> str:
         """Where rows of table ``name`` are inserted: its local table on a cluster."""
         return f"{name}{LOCAL_SUFFIX}" if self._config.cluster else name
+
+    def _sync_replica(self) -> None:
+        """Have this replica fetch every part the shard's other replicas hold before the builder
+        re-hydrates runs from it (a builder that moved to this replica sees what it wrote)."""
+        for table in _COLUMNS:
+            try:
+                self._client.command(f"SYSTEM SYNC REPLICA {table}{LOCAL_SUFFIX}")
+            except ClickHouseError as exc:
+                _log.warning("SYSTEM SYNC REPLICA %s%s failed: %s", table, LOCAL_SUFFIX, exc)
 
     def _migrate_sync(self) -> None:
         c = self._client
