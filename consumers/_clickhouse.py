@@ -29,6 +29,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, DataError
 
 from chio_receipts.consumers._errors import (
+    ConfigError,
     DatabaseBusy,
     FailpointError,
     SinkDataError,
@@ -505,7 +506,7 @@ class ClickHouseSink(AsyncService):
         db = ""
         if cluster:
             if self._config.embedded:
-                raise SinkUnavailable("a cluster needs a ClickHouse server DSN, not chDB")
+                raise ConfigError("a cluster needs a ClickHouse server DSN, not chDB")
             db = str(self._call(lambda: c.command("SELECT currentDatabase()"), "migrate"))
 
         def ddl(statement: str) -> list[str]:
@@ -513,6 +514,19 @@ class ClickHouseSink(AsyncService):
 
         for statement in ddl(MIGRATIONS_TABLE_DDL):
             self._call(partial(c.command, statement), "migrate")
+        engine = self._call(
+            lambda: c.command(
+                "SELECT engine FROM system.tables "
+                "WHERE database = currentDatabase() AND name = 'schema_migrations'"
+            ),
+            "migrate",
+        )
+        if bool(cluster) != (str(engine) == "Distributed"):
+            raise ConfigError(
+                "the database was migrated for a cluster: give the same cluster name"
+                if not cluster
+                else "the database was migrated without a cluster: --cluster needs a new database"
+            )
         done = {
             int(r[0])
             for r in self._call(

@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 
-from chio_receipts.consumers import ClickHouseConfig, ClickHouseSink, open_client, step_row
+from chio_receipts.consumers import (
+    ClickHouseConfig,
+    ClickHouseSink,
+    ConfigError,
+    open_client,
+    step_row,
+)
 from chio_receipts.consumers._clickhouse import (
     MIGRATIONS_TABLE_DDL,
     cluster_ddl,
@@ -44,6 +51,13 @@ def test_clickhouse_parses_every_generated_statement(clickhouse_dsn: str) -> Non
             assert "ON CLUSTER chio" in str(formatted), statement[:200]
     finally:
         client.close()
+
+
+async def test_a_cluster_on_the_embedded_database_is_refused(tmp_path: Path) -> None:
+    sink = ClickHouseSink(ClickHouseConfig(dsn=f"chdb://{tmp_path / 'ch'}", cluster="chio"))
+    with pytest.raises(ConfigError, match="needs a ClickHouse server DSN"):
+        await sink.start()
+    await sink.close()
 
 
 @pytest.mark.skipif(
@@ -82,6 +96,10 @@ async def test_cluster_migrations_and_deduplicated_inserts_on_a_server() -> None
         async with ClickHouseSink(config) as sink:  # applied again: nothing to do
             _, again = await sink.query("SELECT count() FROM schema_migrations")
             assert again == [(len(migrations()),)]
+        single = ClickHouseSink(ClickHouseConfig(dsn=dsn, apply_roles=False))
+        with pytest.raises(ConfigError, match="migrated for a cluster"):
+            await single.start()
+        await single.close()
     finally:
         admin.command(f"DROP DATABASE IF EXISTS {database} ON CLUSTER '{CLUSTER}' SYNC")
         admin.close()
