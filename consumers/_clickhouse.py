@@ -184,8 +184,11 @@ def translate(exc: Exception, what: str) -> SinkError:
     return SinkUnavailable(f"{what}: {type(exc).__name__}: {text[:500]}")
 
 
-def _create_database(dsn: str, connect_timeout: float, timeout: float) -> None:
-    """Create the database a server DSN names (``http://host:port/<db>``) if it is missing."""
+def _create_database(
+    dsn: str, connect_timeout: float, timeout: float, cluster: str | None = None
+) -> None:
+    """Create the database a server DSN names (``http://host:port/<db>``) if it is missing (on
+    every node of ``cluster`` when one is given)."""
     parsed = urlparse(dsn)
     database = parsed.path.strip("/").split("/")[0]
     if not database or not re.fullmatch(r"[A-Za-z0-9_]+", database):
@@ -196,16 +199,23 @@ def _create_database(dsn: str, connect_timeout: float, timeout: float) -> None:
         send_receive_timeout=timeout,
     )
     try:
-        admin.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+        on = f" ON CLUSTER '{check_cluster_name(cluster)}'" if cluster else ""
+        admin.command(f"CREATE DATABASE IF NOT EXISTS {database}{on}")
     finally:
         admin.close()
 
 
 def open_client(
-    dsn: str, *, connect_timeout: float = 10.0, timeout: float = 60.0, create: bool = False
+    dsn: str,
+    *,
+    connect_timeout: float = 10.0,
+    timeout: float = 60.0,
+    create: bool = False,
+    cluster: str | None = None,
 ) -> Any:
     """A clickhouse-connect client for ``dsn`` (blocking; errors translated). ``create``
-    creates the database of a server DSN first (the consumer does; read tools do not)."""
+    creates the database of a server DSN first (the consumer does; read tools do not), on every
+    node of ``cluster`` when one is given."""
     path = chdb_path(dsn)
     if path is not None:
         pid = owner_pid(path)
@@ -216,7 +226,7 @@ def open_client(
         if dsn.startswith("chdb:"):
             return clickhouse_connect.get_client(dsn=dsn)
         if create:
-            _create_database(dsn, connect_timeout, timeout)
+            _create_database(dsn, connect_timeout, timeout, cluster)
         return clickhouse_connect.get_client(
             dsn=dsn, connect_timeout=connect_timeout, send_receive_timeout=timeout
         )
@@ -471,6 +481,7 @@ class ClickHouseSink(AsyncService):
             connect_timeout=self._config.connect_timeout,
             timeout=self._config.send_receive_timeout,
             create=True,
+            cluster=self._config.cluster,
         )
         self._migrate_sync()
         if self._config.cluster:

@@ -69,14 +69,22 @@ async def test_cluster_migrations_and_deduplicated_inserts_on_a_server() -> None
     database = f"chio_cluster_{uuid.uuid4().hex[:8]}"
     dsn = urlparse(SERVER)._replace(path=f"/{database}").geturl()
     admin = open_client(urlparse(SERVER)._replace(path="/default").geturl())
-    admin.command(f"CREATE DATABASE IF NOT EXISTS {database} ON CLUSTER '{CLUSTER}'")
     rows = [
         step_row(decode_plain(wire).record, wire, 0, i)
         for i, (_, wire) in enumerate(signed_run(KEY, "wf-cluster", "r", 3))
     ]
     try:
         config = ClickHouseConfig(dsn=dsn, cluster=CLUSTER, apply_roles=False, ttl_days=30)
-        async with ClickHouseSink(config) as sink:
+        async with ClickHouseSink(config) as sink:  # creates the database on every node
+            _, nodes = await sink.query(
+                "SELECT count() FROM clusterAllReplicas({c:String}, system.databases) "
+                "WHERE name = currentDatabase()",
+                {"c": CLUSTER},
+            )
+            _, replicas = await sink.query(
+                "SELECT count() FROM system.clusters WHERE cluster = {c:String}", {"c": CLUSTER}
+            )
+            assert nodes == replicas
             _, engines = await sink.query(
                 "SELECT name, engine FROM system.tables WHERE database = currentDatabase()"
             )
@@ -91,6 +99,11 @@ async def test_cluster_migrations_and_deduplicated_inserts_on_a_server() -> None
                 "SELECT count() FROM step_receipts SETTINGS prefer_localhost_replica = 1"
             )
             assert count == [(3,)]
+            _, counted = await sink.query("SELECT sum(total) FROM deny_counts_hourly")
+            assert counted == [(3,)]  # the view fired on the local table, once
+            _, ddl = await sink.query("SHOW CREATE TABLE step_receipts_local")
+            assert "toIntervalDay(30)" in ddl[0][0]
+            assert "replicated_deduplication_window = 10000" in ddl[0][0]
             _, versions = await sink.query("SELECT version FROM schema_migrations FINAL")
             assert sorted(v for (v,) in versions) == [m.version for m in migrations()]
         async with ClickHouseSink(config) as sink:  # applied again: nothing to do
