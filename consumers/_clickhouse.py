@@ -285,13 +285,16 @@ _MV_RE = re.compile(
 )
 _VIEW_RE = re.compile(rf"^CREATE (OR REPLACE )?VIEW (IF NOT EXISTS )?({_NAME})", re.IGNORECASE)
 _ALTER_RE = re.compile(rf"^ALTER TABLE ({_NAME})\s", re.IGNORECASE)
+# Clauses that change the columns, which the Distributed table must follow; every other clause
+# (TTL, settings, indexes) concerns the stored parts and applies to the local table alone.
+_COLUMN_CLAUSE_RE = re.compile(r"(ADD|DROP|MODIFY|RENAME|COMMENT) COLUMN\b", re.IGNORECASE)
 _FROM_RE = re.compile(rf"\b(FROM|JOIN)\s+({_NAME})\b", re.IGNORECASE)
 # Columns of the run key: a table having them is sharded by run in its Distributed table.
 _RUN_KEY = ("namespace", "workflow_id", "run_id")
 
 
 def check_cluster_name(cluster: str) -> str:
-    """``cluster`` if it is a usable cluster name (it is put into DDL unquoted)."""
+    """``cluster`` if it is a usable cluster name (it goes into DDL as a string literal)."""
     if not _CLUSTER_RE.fullmatch(cluster):
         raise ValueError(f"invalid ClickHouse cluster name {cluster!r}")
     return cluster
@@ -315,8 +318,9 @@ def cluster_ddl(statement: str, cluster: str, database: str) -> list[str]:
       the local tables (a view fires on the inserts into ``s_local``).
     - ``CREATE [OR REPLACE] VIEW``: ON CLUSTER, unchanged otherwise (it reads the Distributed
       tables).
-    - ``ALTER TABLE t ADD COLUMN ...``: ON CLUSTER on ``t_local`` and on ``t``; any other
-      ``ALTER TABLE t`` (TTL, settings) applies to ``t_local`` only.
+    - ``ALTER TABLE t ADD COLUMN ...`` (or DROP, MODIFY, RENAME, COMMENT COLUMN): ON CLUSTER on
+      ``t_local`` and on ``t``; any other ``ALTER TABLE t`` (TTL, settings, indexes) applies to
+      ``t_local`` only, and one mixing both kinds is refused.
     """
     check_cluster_name(cluster)
     if not re.fullmatch(_NAME, database):
@@ -335,10 +339,12 @@ def cluster_ddl(statement: str, cluster: str, database: str) -> list[str]:
     if m := _ALTER_RE.match(text):
         table, rest = m.group(1), text[m.end() :].lstrip()
         local = f"ALTER TABLE {table}{LOCAL_SUFFIX}{on} {rest}"
-        clauses = _top_level_split(rest)
-        if all(re.match(r"ADD COLUMN\b", c.strip(), re.IGNORECASE) for c in clauses):
+        columns = [bool(_COLUMN_CLAUSE_RE.match(c.strip())) for c in _top_level_split(rest)]
+        if all(columns):
             return [local, f"ALTER TABLE {table}{on} {rest}"]
-        return [local]
+        if not any(columns):
+            return [local]
+        raise ValueError(f"ALTER TABLE {table}: put column and storage changes in two statements")
     raise ValueError(f"no cluster form for statement: {text.splitlines()[0][:80]}")
 
 

@@ -120,6 +120,17 @@ def test_other_alters_apply_to_the_local_table_only() -> None:
     ]
 
 
+def test_column_changes_follow_on_the_distributed_table_and_mixed_alters_are_refused() -> None:
+    modify = "ALTER TABLE step_outcomes MODIFY COLUMN error_type String"
+    assert [o.split(" ON CLUSTER")[0] for o in cluster_ddl(modify, CLUSTER, DB)] == [
+        "ALTER TABLE step_outcomes_local",
+        "ALTER TABLE step_outcomes",
+    ]
+    mixed = "ALTER TABLE step_outcomes ADD COLUMN x String, MODIFY TTL toDateTime(ended_at)"
+    with pytest.raises(ValueError, match="two statements"):
+        cluster_ddl(mixed, CLUSTER, DB)
+
+
 def test_every_statement_runs_on_the_cluster() -> None:
     pairs = _all_statements()
     assert len(pairs) > 20
