@@ -272,8 +272,9 @@ def split_statements(sql: str) -> list[str]:
 # name, so every query, view and tool keeps reading ``<name>``. The sink inserts into the local
 # table of the node its DSN names (see the README, "ClickHouse clusters").
 LOCAL_SUFFIX = "_local"
-# How long a replicated insert's token is remembered, next to the count of blocks
-# (non_replicated_deduplication_window has no time bound: seven days keeps the count binding).
+# How long a replicated insert's token is remembered, next to the count of blocks: a hash goes at
+# whichever limit comes first. non_replicated_deduplication_window has no time limit and the
+# server's default here is one hour; seven days keeps the count the binding limit.
 DEDUP_WINDOW_SECONDS = 7 * 24 * 3600
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _CLUSTER_RE = re.compile(r"[A-Za-z0-9_.-]+")
