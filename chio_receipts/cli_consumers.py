@@ -90,6 +90,16 @@ Dsn = Annotated[
         "http(s)://user:pw@host:port/db",
     ),
 ]
+Cluster = Annotated[
+    str | None,
+    typer.Option(
+        "--cluster",
+        envvar="CHIO_CLICKHOUSE_CLUSTER",
+        help="ClickHouse cluster the migrations target (server DSN only): ON CLUSTER, "
+        "Replicated* local tables <name>_local, Distributed tables <name>; inserts go to the "
+        "local tables of the DSN's node",
+    ),
+]
 KeysFile = Annotated[
     Path | None,
     typer.Option(
@@ -232,6 +242,7 @@ def consume(
         float, typer.Option(help="wait this long for missing steps before an incomplete envelope")
     ] = 60.0,
     ttl_days: Annotated[int | None, typer.Option(help="ClickHouse TTL of receipts")] = None,
+    cluster: Cluster = None,
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = DEFAULT_METRICS_HOST,
     registry_url: RegistryUrl = None,
@@ -242,7 +253,7 @@ def consume(
         public = load_keys_file(keys) if keys else {}
         config = BuilderConfig(
             kafka=kafka,
-            clickhouse=ClickHouseConfig(dsn=dsn or _default_dsn(), ttl_days=ttl_days),
+            clickhouse=_clickhouse_config(dsn or _default_dsn(), ttl_days, cluster),
             builder_key=builder_key(builder_key_file),
             public_keys=public,
             key_url=key_url,
@@ -257,6 +268,15 @@ def consume(
         _serve(ReceiptBuilderService(config), metrics_port, metrics_host)
     except ConsumerError as exc:
         raise _fail(str(exc)) from None
+
+
+def _clickhouse_config(dsn: str, ttl_days: int | None, cluster: str | None) -> ClickHouseConfig:
+    if cluster and dsn.startswith("chdb:"):
+        raise ConsumerError("--cluster needs a ClickHouse server DSN (--dsn http(s)://...)")
+    try:
+        return ClickHouseConfig(dsn=dsn, ttl_days=ttl_days, cluster=cluster or None)
+    except ValueError as exc:
+        raise ConsumerError(str(exc)) from None
 
 
 @kafka_options

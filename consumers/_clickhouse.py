@@ -29,6 +29,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, DataError
 
 from chio_receipts.consumers._errors import (
+    ConfigError,
     DatabaseBusy,
     FailpointError,
     SinkDataError,
@@ -51,6 +52,9 @@ __all__ = [
     "ClickHouseSink",
     "StoredRuns",
     "chdb_path",
+    "cluster_ddl",
+    "cluster_role_ddl",
+    "cluster_statements",
     "migrations",
     "open_client",
     "owner_pid",
@@ -111,6 +115,13 @@ class ClickHouseConfig:
     apply_roles: bool = True
     connect_timeout: float = 10.0
     send_receive_timeout: float = 60.0
+    # A ClickHouse cluster name: migrations run ON CLUSTER with replicated local tables and
+    # Distributed read tables (see cluster_ddl), and inserts go to the local tables.
+    cluster: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.cluster is not None:
+            check_cluster_name(self.cluster)
 
     @property
     def embedded(self) -> bool:
@@ -173,8 +184,11 @@ def translate(exc: Exception, what: str) -> SinkError:
     return SinkUnavailable(f"{what}: {type(exc).__name__}: {text[:500]}")
 
 
-def _create_database(dsn: str, connect_timeout: float, timeout: float) -> None:
-    """Create the database a server DSN names (``http://host:port/<db>``) if it is missing."""
+def _create_database(
+    dsn: str, connect_timeout: float, timeout: float, cluster: str | None = None
+) -> None:
+    """Create the database a server DSN names (``http://host:port/<db>``) if it is missing (on
+    every node of ``cluster`` when one is given)."""
     parsed = urlparse(dsn)
     database = parsed.path.strip("/").split("/")[0]
     if not database or not re.fullmatch(r"[A-Za-z0-9_]+", database):
@@ -185,16 +199,23 @@ def _create_database(dsn: str, connect_timeout: float, timeout: float) -> None:
         send_receive_timeout=timeout,
     )
     try:
-        admin.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+        on = f" ON CLUSTER '{check_cluster_name(cluster)}'" if cluster else ""
+        admin.command(f"CREATE DATABASE IF NOT EXISTS {database}{on}")
     finally:
         admin.close()
 
 
 def open_client(
-    dsn: str, *, connect_timeout: float = 10.0, timeout: float = 60.0, create: bool = False
+    dsn: str,
+    *,
+    connect_timeout: float = 10.0,
+    timeout: float = 60.0,
+    create: bool = False,
+    cluster: str | None = None,
 ) -> Any:
     """A clickhouse-connect client for ``dsn`` (blocking; errors translated). ``create``
-    creates the database of a server DSN first (the consumer does; read tools do not)."""
+    creates the database of a server DSN first (the consumer does; read tools do not), on every
+    node of ``cluster`` when one is given."""
     path = chdb_path(dsn)
     if path is not None:
         pid = owner_pid(path)
@@ -205,7 +226,7 @@ def open_client(
         if dsn.startswith("chdb:"):
             return clickhouse_connect.get_client(dsn=dsn)
         if create:
-            _create_database(dsn, connect_timeout, timeout)
+            _create_database(dsn, connect_timeout, timeout, cluster)
         return clickhouse_connect.get_client(
             dsn=dsn, connect_timeout=connect_timeout, send_receive_timeout=timeout
         )
@@ -241,6 +262,183 @@ def split_statements(sql: str) -> list[str]:
     """Statements of a SQL file (``;`` at line end separates; ``--`` comments dropped)."""
     lines = [ln for ln in sql.splitlines() if not ln.lstrip().startswith("--")]
     return [s.strip() for s in "\n".join(lines).split(";\n") if s.strip().rstrip(";").strip()]
+
+
+# --- Clusters -------------------------------------------------------------------------------
+# With a cluster name every migration statement is rewritten by :func:`cluster_ddl`: each table
+# becomes a replicated local table ``<name>_local`` on every node (ON CLUSTER, the Replicated*
+# engine of its MergeTree family, the replicated deduplication window sized like the
+# non-replicated one of the single-node DDL) plus a ``Distributed`` table under the original
+# name, so every query, view and tool keeps reading ``<name>``. The sink inserts into the local
+# table of the node its DSN names (see the README, "ClickHouse clusters").
+LOCAL_SUFFIX = "_local"
+# How long a replicated insert's token is remembered, next to the count of blocks: a hash goes at
+# whichever limit comes first. non_replicated_deduplication_window has no time limit and the
+# server's default here is one hour; seven days keeps the count the binding limit.
+DEDUP_WINDOW_SECONDS = 7 * 24 * 3600
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_CLUSTER_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_CREATE_TABLE_RE = re.compile(rf"^CREATE TABLE (IF NOT EXISTS )?({_NAME})(\s*\()", re.IGNORECASE)
+_ENGINE_RE = re.compile(r"\bENGINE\s*=\s*(\w*MergeTree)\b(\s*\(([^()]*)\))?", re.IGNORECASE)
+_NR_WINDOW_RE = re.compile(r"\bnon_replicated_deduplication_window\s*=\s*(\d+)", re.IGNORECASE)
+_MV_RE = re.compile(
+    rf"^CREATE MATERIALIZED VIEW (IF NOT EXISTS )?({_NAME}) TO ({_NAME})", re.IGNORECASE
+)
+_VIEW_RE = re.compile(rf"^CREATE (OR REPLACE )?VIEW (IF NOT EXISTS )?({_NAME})", re.IGNORECASE)
+_ALTER_RE = re.compile(rf"^ALTER TABLE ({_NAME})\s", re.IGNORECASE)
+# Clauses that change the columns, which the Distributed table must follow; every other clause
+# (TTL, settings, indexes) concerns the stored parts and applies to the local table alone.
+_COLUMN_CLAUSE_RE = re.compile(r"(ADD|DROP|MODIFY|RENAME|COMMENT) COLUMN\b", re.IGNORECASE)
+_FROM_RE = re.compile(rf"\b(FROM|JOIN)\s+({_NAME})\b", re.IGNORECASE)
+# Columns of the run key: a table having them is sharded by run in its Distributed table.
+_RUN_KEY = ("namespace", "workflow_id", "run_id")
+
+
+def check_cluster_name(cluster: str) -> str:
+    """``cluster`` if it is a usable cluster name (it goes into DDL as a string literal)."""
+    if not _CLUSTER_RE.fullmatch(cluster):
+        raise ValueError(f"invalid ClickHouse cluster name {cluster!r}")
+    return cluster
+
+
+def _quoted(cluster: str) -> str:
+    return f"'{cluster}'"
+
+
+def cluster_ddl(statement: str, cluster: str, database: str) -> list[str]:
+    """The statements that apply one migration ``statement`` (as :func:`split_statements`
+    returns it) to every node of ``cluster`` in ``database``.
+
+    - ``CREATE TABLE t (...) ENGINE = XMergeTree[(args)] ...``: ``t_local`` ON CLUSTER with
+      ``ReplicatedXMergeTree('/clickhouse/tables/{shard}/{database}/t_local', '{replica}'
+      [, args])`` and ``replicated_deduplication_window`` (+ ``_seconds``) in place of
+      ``non_replicated_deduplication_window``; then ``t`` ON CLUSTER ``AS t_local`` with
+      ``ENGINE = Distributed(cluster, database, t_local[, sharding key])``, sharded by the run key
+      when the table has one.
+    - ``CREATE MATERIALIZED VIEW v TO t AS SELECT ... FROM s``: ON CLUSTER, reading and writing
+      the local tables (a view fires on the inserts into ``s_local``).
+    - ``CREATE [OR REPLACE] VIEW``: ON CLUSTER, unchanged otherwise (it reads the Distributed
+      tables).
+    - ``ALTER TABLE t ADD COLUMN ...`` (or DROP, MODIFY, RENAME, COMMENT COLUMN): ON CLUSTER on
+      ``t_local`` and on ``t``; any other ``ALTER TABLE t`` (TTL, settings, indexes) applies to
+      ``t_local`` only, and one mixing both kinds is refused.
+    """
+    check_cluster_name(cluster)
+    if not re.fullmatch(_NAME, database):
+        raise ValueError(f"invalid database name {database!r}")
+    text = statement.strip().rstrip(";").strip()
+    on = f" ON CLUSTER {_quoted(cluster)}"
+    if m := _CREATE_TABLE_RE.match(text):
+        return _cluster_table(text, m, cluster, database)
+    if m := _MV_RE.match(text):
+        rest = text[m.end() :]
+        rest = _FROM_RE.sub(lambda f: f"{f.group(1)} {f.group(2)}{LOCAL_SUFFIX}", rest)
+        head = f"CREATE MATERIALIZED VIEW {m.group(1) or ''}{m.group(2)}{on}"
+        return [f"{head} TO {m.group(3)}{LOCAL_SUFFIX}{rest}"]
+    if m := _VIEW_RE.match(text):
+        return [f"{text[: m.end()]}{on}{text[m.end() :]}"]
+    if m := _ALTER_RE.match(text):
+        table, rest = m.group(1), text[m.end() :].lstrip()
+        local = f"ALTER TABLE {table}{LOCAL_SUFFIX}{on} {rest}"
+        columns = [bool(_COLUMN_CLAUSE_RE.match(c.strip())) for c in _top_level_split(rest)]
+        if all(columns):
+            return [local, f"ALTER TABLE {table}{on} {rest}"]
+        if not any(columns):
+            return [local]
+        raise ValueError(f"ALTER TABLE {table}: put column and storage changes in two statements")
+    raise ValueError(f"no cluster form for statement: {text.splitlines()[0][:80]}")
+
+
+def _top_level_split(text: str) -> list[str]:
+    """``text`` split at the commas outside parentheses (ALTER clauses)."""
+    parts: list[str] = []
+    depth, start = 0, 0
+    for i, ch in enumerate(text):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+_GRANT_RE = re.compile(r"^GRANT (.+?) ON ([A-Za-z0-9_{}]+)\.([A-Za-z0-9_*]+) TO (.+)$", re.DOTALL)
+
+
+def cluster_role_ddl(statement: str, cluster: str) -> list[str]:
+    """A ``roles.sql`` statement for every node of ``cluster``: ON CLUSTER, and a grant on a
+    receipt table also given on its ``_local`` table (the builder inserts there, and a
+    Distributed read runs on the local tables of every shard)."""
+    check_cluster_name(cluster)
+    text = statement.strip().rstrip(";").strip()
+    on = f"ON CLUSTER {_quoted(cluster)}"
+    if m := re.match(rf"^CREATE ROLE (IF NOT EXISTS )?({_NAME})$", text):
+        return [f"{text} {on}"]
+    if m := _GRANT_RE.match(text):
+        what, db, table, to = m.groups()
+        out = [f"GRANT {on} {what} ON {db}.{table} TO {to}"]
+        if table != "*":
+            out.append(f"GRANT {on} {what} ON {db}.{table}{LOCAL_SUFFIX} TO {to}")
+        return out
+    if text.startswith("GRANT "):
+        return [f"GRANT {on} {text[len('GRANT ') :]}"]
+    raise ValueError(f"no cluster form for statement: {text.splitlines()[0][:80]}")
+
+
+def _cluster_table(text: str, m: re.Match[str], cluster: str, database: str) -> list[str]:
+    name = m.group(2)
+    local = f"{name}{LOCAL_SUFFIX}"
+    engine = _ENGINE_RE.search(text)
+    if engine is None:
+        raise ValueError(f"table {name}: only MergeTree-family tables have a cluster form")
+    family = engine.group(1)
+    if family.lower().startswith("replicated"):
+        raise ValueError(f"table {name}: already replicated")
+    args = [f"'/clickhouse/tables/{{shard}}/{{database}}/{local}'", "'{replica}'"]
+    if engine.group(3) and engine.group(3).strip():
+        args.append(engine.group(3).strip())
+    body = (
+        text[: engine.start()]
+        + f"ENGINE = Replicated{family}({', '.join(args)})"
+        + text[engine.end() :]
+    )
+    window = _NR_WINDOW_RE.search(body)
+    replicated = (
+        f"replicated_deduplication_window = {window.group(1) if window else 10000}, "
+        f"replicated_deduplication_window_seconds = {DEDUP_WINDOW_SECONDS}"
+    )
+    if window is not None:
+        body = body[: window.start()] + replicated + body[window.end() :]
+    elif re.search(r"\bSETTINGS\b", body, re.IGNORECASE):
+        body = re.sub(r"\bSETTINGS\b", f"SETTINGS {replicated},", body, count=1)
+    else:
+        body = f"{body}\nSETTINGS {replicated}"
+    on = f" ON CLUSTER {_quoted(cluster)}"
+    create = f"CREATE TABLE {m.group(1) or ''}"
+    head = f"{create}{local}{on}{m.group(3)}"
+    columns = text[m.end() : engine.start()]
+    sharded = all(re.search(rf"^\s*{c}\s", columns, re.MULTILINE) for c in _RUN_KEY)
+    shard_key = f", cityHash64({', '.join(_RUN_KEY)})" if sharded else ""
+    distributed = (
+        f"{create}{name}{on} AS {local}\n"
+        f"ENGINE = Distributed({_quoted(cluster)}, {database}, {local}{shard_key})"
+    )
+    return [head + body[m.end() :], distributed]
+
+
+def cluster_statements(sql: str, cluster: str, database: str) -> list[str]:
+    """Every statement of a migration file in its cluster form (see :func:`cluster_ddl`)."""
+    return [out for s in split_statements(sql) for out in cluster_ddl(s, cluster, database)]
+
+
+MIGRATIONS_TABLE_DDL = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
+    "checksum String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
+    "ENGINE = ReplacingMergeTree ORDER BY version"
+)
 
 
 class ClickHouseSink(AsyncService):
@@ -290,10 +488,15 @@ class ClickHouseSink(AsyncService):
             connect_timeout=self._config.connect_timeout,
             timeout=self._config.send_receive_timeout,
             create=True,
+            cluster=self._config.cluster,
         )
         self._migrate_sync()
+        if self._config.cluster:
+            self._sync_replica()
         for table, columns in _COLUMNS.items():
-            ctx = self._call(partial(self._client.create_insert_context, table, columns))
+            ctx = self._call(
+                partial(self._client.create_insert_context, self._table(table), columns)
+            )
             self._types[table] = ctx.column_types
 
     def _call(self, fn: Callable[[], _T], what: str = "clickhouse") -> _T:
@@ -302,16 +505,46 @@ class ClickHouseSink(AsyncService):
         except (ClickHouseError, OSError, TypeError, ValueError, OverflowError, KeyError) as exc:
             raise translate(exc, what) from exc
 
+    def _table(self, name: str) -> str:
+        """Where rows of table ``name`` are inserted: its local table on a cluster."""
+        return f"{name}{LOCAL_SUFFIX}" if self._config.cluster else name
+
+    def _sync_replica(self) -> None:
+        """Have this replica fetch every part the shard's other replicas hold before the builder
+        re-hydrates runs from it (a builder that moved to this replica sees what it wrote)."""
+        for table in _COLUMNS:
+            try:
+                self._client.command(f"SYSTEM SYNC REPLICA {table}{LOCAL_SUFFIX}")
+            except ClickHouseError as exc:
+                _log.warning("SYSTEM SYNC REPLICA %s%s failed: %s", table, LOCAL_SUFFIX, exc)
+
     def _migrate_sync(self) -> None:
         c = self._client
-        self._call(
+        cluster = self._config.cluster
+        db = ""
+        if cluster:
+            if self._config.embedded:
+                raise ConfigError("a cluster needs a ClickHouse server DSN, not chDB")
+            db = str(self._call(lambda: c.command("SELECT currentDatabase()"), "migrate"))
+
+        def ddl(statement: str) -> list[str]:
+            return cluster_ddl(statement, cluster, db) if cluster else [statement]
+
+        for statement in ddl(MIGRATIONS_TABLE_DDL):
+            self._call(partial(c.command, statement), "migrate")
+        engine = self._call(
             lambda: c.command(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
-                "checksum String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
-                "ENGINE = ReplacingMergeTree ORDER BY version"
+                "SELECT engine FROM system.tables "
+                "WHERE database = currentDatabase() AND name = 'schema_migrations'"
             ),
             "migrate",
         )
+        if bool(cluster) != (str(engine) == "Distributed"):
+            raise ConfigError(
+                "the database was migrated for a cluster: give the same cluster name"
+                if not cluster
+                else "the database was migrated without a cluster: --cluster needs a new database"
+            )
         done = {
             int(r[0])
             for r in self._call(
@@ -323,11 +556,12 @@ class ClickHouseSink(AsyncService):
             if migration.version in done:
                 continue
             for statement in split_statements(migration.sql):
-                self._call(partial(c.command, statement), f"migration {migration.name}")
+                for applied in ddl(statement):
+                    self._call(partial(c.command, applied), f"migration {migration.name}")
             self._call(
                 partial(
                     c.insert,
-                    "schema_migrations",
+                    self._table("schema_migrations"),
                     [(migration.version, migration.name, migration.checksum)],
                     column_names=("version", "name", "checksum"),
                 ),
@@ -336,27 +570,14 @@ class ClickHouseSink(AsyncService):
             _log.info("applied migration %s", migration.name)
         if self._config.ttl_days:
             days = int(self._config.ttl_days)
-            self._call(
-                lambda: c.command(
-                    "ALTER TABLE step_receipts MODIFY TTL "
-                    f"toDateTime(evaluated_at) + INTERVAL {days} DAY"
-                ),
-                "ttl",
-            )
-            self._call(
-                lambda: c.command(
-                    "ALTER TABLE workflow_receipts MODIFY TTL "
-                    f"toDateTime(started_at) + INTERVAL {days} DAY"
-                ),
-                "ttl",
-            )
-            self._call(
-                lambda: c.command(
-                    "ALTER TABLE step_outcomes MODIFY TTL "
-                    f"toDateTime(ended_at) + INTERVAL {days} DAY"
-                ),
-                "ttl",
-            )
+            for table, column in (
+                ("step_receipts", "evaluated_at"),
+                ("workflow_receipts", "started_at"),
+                ("step_outcomes", "ended_at"),
+            ):
+                ttl = f"ALTER TABLE {table} MODIFY TTL toDateTime({column}) + INTERVAL {days} DAY"
+                for statement in ddl(ttl):
+                    self._call(partial(c.command, statement), "ttl")
         if not self._config.embedded and self._config.apply_roles:
             db = self._call(lambda: c.command("SELECT currentDatabase()"), "roles")
             text = (
@@ -364,7 +585,10 @@ class ClickHouseSink(AsyncService):
                 .joinpath("sql", "roles.sql")
                 .read_text("utf-8")
             )
-            for statement in split_statements(text.replace("{db}", str(db))):
+            statements = split_statements(text.replace("{db}", str(db)))
+            if cluster:
+                statements = [out for s in statements for out in cluster_role_ddl(s, cluster)]
+            for statement in statements:
                 try:
                     c.command(statement)
                 except ClickHouseError as exc:
@@ -405,7 +629,7 @@ class ClickHouseSink(AsyncService):
             raise SinkDataError(f"insert into {table}: {exc}") from exc
         self._call(
             lambda: self._client.insert(
-                table,
+                self._table(table),
                 rows,
                 column_names=_COLUMNS[table],
                 column_types=self._types[table],

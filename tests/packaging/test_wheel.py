@@ -21,7 +21,6 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 TOP_LEVEL = {"chio_receipts", "chio_temporal"}
 
 PUBLIC_API = """
@@ -67,21 +66,6 @@ from chio_sdk.models import ChioScope
 assert isinstance(scope_for("read_database"), ChioScope)
 print("ok")
 """
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(REPO)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert build.returncode == 0, build.stderr[-3000:]
-    (found,) = out.glob("chio_receipts-*.whl")
-    return found
 
 
 def test_wheel_has_the_two_top_level_packages(wheel: Path) -> None:
