@@ -1,0 +1,202 @@
+"""Confluent framing chosen by configuration, against a real schema registry (Apicurio).
+
+The streamer writes steps and runs, the builder its envelopes, all Confluent-framed with the
+schemas registered in the session's registry; the builder reads the steps and runs through the
+registry; ClickHouse's own ``AvroConfluent`` reader (chDB through clickhouse-connect) decodes
+the messages as they are on the topic, fetching the writer schemas from the same registry.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import chio_receipts.schemas as schemas
+import chio_receipts.streamer as streamer
+from chio_receipts.consumers import BuilderConfig, ClickHouseConfig, verify_run
+from chio_receipts.stack import connect_clickhouse
+from tests.support.avro_strategies import sample_run, sample_step
+from tests.support.builder_service import Running
+from tests.support.helpers import eventually
+from tests.support.streamer_kafka import config, consume
+
+pytestmark = pytest.mark.integration
+
+WORKER = schemas.KeyPair.generate("worker-cf")
+BUILDER = schemas.KeyPair.generate("builder-cf")
+
+
+def _run(workflow_id: str, run_id: str, n: int) -> list[tuple[schemas.StepReceipt, bytes]]:
+    out = []
+    prev = b""
+    for i in range(n):
+        step = sample_step(
+            receipt_id=str(uuid.uuid4()),
+            workflow_id=workflow_id,
+            run_id=run_id,
+            activity_id=str(i + 1),
+            attempt=1,
+            namespace="default",
+            prev_hash=prev,
+            key_id=WORKER.key_id,
+            chio_receipt="",
+            chio_signed=b"",
+        )
+        signed, body = schemas.sign_receipt(step, WORKER)
+        prev = schemas.receipt_hash(body)
+        out.append((signed, body))
+    return out
+
+
+async def _subjects(registry_url: str) -> list[str]:
+    async with httpx.AsyncClient() as client:
+        resp = await client.get(f"{registry_url}/subjects")
+        resp.raise_for_status()
+        subjects: list[str] = resp.json()
+        return subjects
+
+
+async def test_confluent_framing_by_configuration_end_to_end(
+    kafka_bootstrap: str,
+    clickhouse_dsn: str,
+    schema_registry_url: str,
+    unique: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    cfg = config(
+        kafka_bootstrap,
+        str(tmp_path / "spool"),
+        unique("cf") + ".",
+        durability="queued",
+        wire_format="confluent",
+        registry_url=schema_registry_url,
+    )
+    await streamer.ensure_topics(cfg.kafka, cfg.topics)
+    run = _run("wf-cf", "run-cf", 3)
+    done = sample_run(
+        namespace="default",
+        workflow_id="wf-cf",
+        run_id="run-cf",
+        expected_steps=3,
+        expected_attempts=(),
+    )
+    async with streamer.ReceiptStreamer(cfg) as s:
+        for step, body in run:
+            await s.publish_step(step, body)
+        await s.publish_completion(done)
+        assert await s.flush(30)
+    t = cfg.topics
+    # TopicNameStrategy by default: <topic>-value.
+    subjects = set(await _subjects(schema_registry_url))
+    assert {f"{t.steps}-value", f"{t.runs}-value"} <= subjects, subjects
+
+    builder = BuilderConfig(
+        kafka=cfg.kafka,
+        clickhouse=ClickHouseConfig(dsn=clickhouse_dsn),
+        builder_key=BUILDER,
+        public_keys={WORKER.key_id: WORKER.public_key},
+        topics=t.names,
+        group_id=f"g-{t.steps}",
+        poll_timeout_ms=100,
+        grace_seconds=0.0,
+        registry_url=schema_registry_url,
+        envelope_wire_format="confluent",
+    )
+    async with Running(builder) as running:
+
+        async def written() -> bool:
+            running.check()
+            return await running.scalar("SELECT count() FROM workflow_receipts") == 1
+
+        await eventually(written, timeout=60)
+        assert await running.scalar("SELECT count() FROM step_receipts") == 3
+        keys = {WORKER.key_id: WORKER.public_key, BUILDER.key_id: BUILDER.public_key}
+        report = verify_run(running.service.sink.client, "wf-cf", keys=keys)
+        assert report.ok, report.summary()
+    assert f"{t.envelopes_topic}-value" in set(await _subjects(schema_registry_url))
+    [env] = await consume(kafka_bootstrap, [t.envelopes_topic], 1)
+    assert env.value[:1] == b"\x00"
+    reader = schemas.Codec(schemas.SchemaRegistryClient(schema_registry_url))
+    try:
+        decoded = await reader.decode_async(env.value)
+    finally:
+        await reader.registry.aclose()  # type: ignore[union-attr]
+    assert decoded.schema_name == schemas.ENVELOPE_SCHEMA
+    assert decoded.record["run_id"] == "run-cf"
+    assert len(decoded.record["steps"]) == 3
+
+
+async def test_clickhouse_reads_the_topics_with_its_own_avro_confluent_decoder(
+    kafka_bootstrap: str,
+    clickhouse_dsn: str,
+    schema_registry_url: str,
+    unique: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    cfg = config(
+        kafka_bootstrap,
+        str(tmp_path / "spool"),
+        unique("ch") + ".",
+        durability="queued",
+        wire_format="confluent",
+        registry_url=schema_registry_url,
+    )
+    await streamer.ensure_topics(cfg.kafka, cfg.topics)
+    run = _run("wf-ch", "run-ch", 4)
+    done = sample_run(namespace="default", workflow_id="wf-ch", run_id="run-ch", expected_steps=4)
+    async with streamer.ReceiptStreamer(cfg) as s:
+        for step, body in run:
+            await s.publish_step(step, body)
+        await s.publish_completion(done)
+        assert await s.flush(30)
+    records = await consume(kafka_bootstrap, [cfg.topics.steps, cfg.topics.runs], 5)
+    steps = sorted(
+        (r for r in records if r.topic == cfg.topics.steps), key=lambda r: (r.partition, r.offset)
+    )
+    runs = [r for r in records if r.topic == cfg.topics.runs]
+    assert len(steps) == 4
+    assert len(runs) == 1
+    assert all(r.value[:1] == b"\x00" for r in records)
+    # The messages exactly as on the topic, one after the other: what the Kafka engine reads.
+    steps_file = tmp_path / "steps.avroconfluent"
+    steps_file.write_bytes(b"".join(r.value for r in steps))
+    runs_file = tmp_path / "runs.avroconfluent"
+    runs_file.write_bytes(runs[0].value)
+    client: Any = connect_clickhouse(clickhouse_dsn)
+    settings = f"SETTINGS format_avro_schema_registry_url = '{schema_registry_url}'"
+    try:
+        got = client.query(
+            "SELECT receipt_id, workflow_id, run_id, activity_id, attempt, verdict, key_id, "
+            "hex(signature), hex(prev_hash) FROM file("
+            f"'{steps_file}', 'AvroConfluent', 'receipt_id String, workflow_id String, "
+            "run_id String, activity_id String, attempt Int32, verdict String, key_id String, "
+            f"signature String, prev_hash String') {settings}"
+        ).result_rows
+        completion = client.query(
+            f"SELECT workflow_id, run_id, expected_steps FROM file('{runs_file}', "
+            "'AvroConfluent', 'workflow_id String, run_id String, expected_steps Nullable(Int32)') "
+            f"{settings}"
+        ).result_rows
+    finally:
+        client.close()
+    expected = sorted(
+        (
+            step.receipt_id,
+            step.workflow_id,
+            step.run_id,
+            step.activity_id,
+            step.attempt,
+            step.verdict.name,
+            step.key_id,
+            step.signature.hex().upper(),
+            step.prev_hash.hex().upper(),
+        )
+        for step, _ in run
+    )
+    assert sorted(got) == expected
+    assert completion == [("wf-ch", "run-ch", 4)]
