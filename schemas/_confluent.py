@@ -2,7 +2,9 @@
 
 Confluent frame: ``00`` + the writer schema's registry id (4 bytes, big-endian) + the schemaless
 Avro body. Schemas are registered self-contained (named types they refer to are inlined), under
-the subject the registry client's strategy names (TopicRecordNameStrategy by default).
+the subject the registry client's strategy names (TopicNameStrategy, ``<topic>-value``, by
+default). Any Confluent-compatible API works: Confluent Schema Registry at its root, Apicurio
+Registry at ``/apis/ccompat/v7``.
 
 :class:`Codec` picks the format from the first byte: ``C3`` is single-object (no registry
 needed, see ``_codec``), ``00`` is Confluent (writer schema by id from the registry, read with

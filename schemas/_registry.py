@@ -26,7 +26,9 @@ _CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 
 
 class SubjectStrategy(StrEnum):
-    """How a subject name is derived from topic and record name (Confluent's strategies)."""
+    """How a subject name is derived from topic and record name (Confluent's strategies).
+
+    ``TOPIC`` (TopicNameStrategy, Confluent's default) is the default here too."""
 
     TOPIC = "topic"  # <topic>-value
     RECORD = "record"  # <record full name>
@@ -53,7 +55,7 @@ class SchemaRegistryClient(AsyncCloseable):
         self,
         url: str,
         *,
-        strategy: SubjectStrategy = SubjectStrategy.TOPIC_RECORD,
+        strategy: SubjectStrategy = SubjectStrategy.TOPIC,
         timeout_s: float = 10.0,
         auth: httpx.Auth | tuple[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,

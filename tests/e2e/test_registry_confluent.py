@@ -8,21 +8,26 @@ the messages as they are on the topic, fetching the writer schemas from the same
 
 from __future__ import annotations
 
+import copy
+import io
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import fastavro
 import httpx
 import pytest
 
 import chio_receipts.schemas as schemas
 import chio_receipts.streamer as streamer
 from chio_receipts.consumers import BuilderConfig, ClickHouseConfig, verify_run
+from chio_receipts.schemas import KafkaConnection
 from chio_receipts.stack import connect_clickhouse
 from tests.support.avro_strategies import sample_run, sample_step
 from tests.support.builder_service import Running
 from tests.support.helpers import eventually
+from tests.support.kafka_topics import make_topics, produce, read_all
 from tests.support.streamer_kafka import config, consume
 
 pytestmark = pytest.mark.integration
@@ -200,3 +205,48 @@ async def test_clickhouse_reads_the_topics_with_its_own_avro_confluent_decoder(
     )
     assert sorted(got) == expected
     assert completion == [("wf-ch", "run-ch", 4)]
+
+
+async def test_a_v2_writer_registered_in_the_registry_is_read_by_resolution(
+    kafka_bootstrap: str,
+    clickhouse_dsn: str,
+    schema_registry_url: str,
+    unique: Callable[[str], str],
+) -> None:
+    """The F17a path in process: a StepReceipt schema with an added field (with a default),
+    registered by a newer producer, is read by the current builder through the registry."""
+    topics = await make_topics(kafka_bootstrap, unique, partitions=1)
+    v2 = copy.deepcopy(schemas.raw_schema(schemas.STEP_SCHEMA))
+    v2["fields"].insert(len(v2["fields"]) - 1, {"name": "region", "type": "string", "default": ""})
+    async with schemas.SchemaRegistryClient(schema_registry_url) as registry:
+        schema_id = await registry.register(f"{topics.steps}-value", v2)
+    [(step, _)] = _run("wf-v2", "run-v2", 1)
+    parsed = fastavro.parse_schema(v2, named_schemas={})
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, parsed, {**step.to_avro(), "region": "eu", "signature": b""})
+    unsigned = buf.getvalue()
+    body = unsigned[:-1] + b"\x80\x01" + WORKER.sign(unsigned)
+    key = step.run_key.encode()
+    await produce(
+        kafka_bootstrap, topics.steps, [(key, schemas.confluent_frame(schema_id, body), None)]
+    )
+    builder = BuilderConfig(
+        kafka=KafkaConnection(bootstrap_servers=kafka_bootstrap),
+        clickhouse=ClickHouseConfig(dsn=clickhouse_dsn),
+        builder_key=BUILDER,
+        public_keys={WORKER.key_id: WORKER.public_key},
+        topics=topics,
+        group_id=f"g-{topics.steps}",
+        poll_timeout_ms=100,
+        registry_url=schema_registry_url,
+    )
+    async with Running(builder) as running:
+
+        async def written() -> bool:
+            running.check()
+            return await running.scalar("SELECT count() FROM step_receipts") == 1
+
+        await eventually(written, timeout=30)
+        got = await running.scalar("SELECT toString(any(receipt_id)) FROM step_receipts")
+        assert got == step.receipt_id
+    assert not await read_all(kafka_bootstrap, topics.dlq, 0, timeout=2)
