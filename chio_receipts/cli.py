@@ -20,7 +20,7 @@ from chio_receipts._logging import configure as configure_logging
 from chio_receipts._options import DEFAULT_METRICS_HOST, MetricsHost, MetricsPort
 from chio_receipts._temporal import TemporalConnection
 from chio_receipts._temporal_options import temporal_options
-from chio_receipts.schemas import KafkaConnection
+from chio_receipts.schemas import KafkaConnection, SubjectStrategy
 from chio_receipts.stack import (
     APICURIO_VERSION,
     KAFKA_VERSION,
@@ -226,8 +226,12 @@ def worker_command(
     ] = False,
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = DEFAULT_METRICS_HOST,
+    wire_format: cli_streamer.WireFormatOption = cli_streamer.WireFormatChoice.SINGLE_OBJECT,
+    registry_url: cli_streamer.RegistryUrl = None,
+    subject_strategy: cli_streamer.SubjectStrategyOption = SubjectStrategy.TOPIC,
 ) -> None:
     """Run a demo worker: the demo's workflows and activities behind the interceptor."""
+    cli_streamer.check_framing(wire_format, registry_url)
     import os
     import signal
 
@@ -274,6 +278,9 @@ def worker_command(
                 default_capability_id=capability,
                 identity=identity,
                 redact_parameters=redact_parameters,
+                wire_format=cli_streamer.wire_format_of(wire_format),
+                registry_url=registry_url,
+                subject_strategy=subject_strategy,
             ),
             stop,
         )

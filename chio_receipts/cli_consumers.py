@@ -30,6 +30,12 @@ from chio_receipts._config import load_config
 from chio_receipts._kafka_options import kafka_options
 from chio_receipts._logging import use_level as use_log_level
 from chio_receipts._options import DEFAULT_METRICS_HOST, MetricsHost, MetricsPort
+from chio_receipts.cli_streamer import (
+    SubjectStrategyOption,
+    WireFormatChoice,
+    check_framing,
+    wire_format_of,
+)
 from chio_receipts.consumers import (
     BuilderConfig,
     ClickHouseConfig,
@@ -49,6 +55,7 @@ from chio_receipts.schemas import (
     KafkaConnection,
     KeyPair,
     RetryPolicy,
+    SubjectStrategy,
     TopicNames,
     retry_async,
 )
@@ -235,9 +242,20 @@ def consume(
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = DEFAULT_METRICS_HOST,
     registry_url: RegistryUrl = None,
+    envelope_wire_format: Annotated[
+        WireFormatChoice,
+        typer.Option(
+            "--envelope-wire-format",
+            envvar="CHIO_ENVELOPE_WIRE_FORMAT",
+            help="Framing of the published envelopes: single_object, or confluent (registered "
+            "in --registry-url).",
+        ),
+    ] = WireFormatChoice.SINGLE_OBJECT,
+    subject_strategy: SubjectStrategyOption = SubjectStrategy.TOPIC,
 ) -> None:
     """Build signed workflow envelopes from the receipt topics into ClickHouse (exactly once)."""
     _setup_logging()
+    check_framing(envelope_wire_format, registry_url)
     try:
         public = load_keys_file(keys) if keys else {}
         config = BuilderConfig(
@@ -253,6 +271,8 @@ def consume(
             group_id=group,
             grace_seconds=grace_seconds,
             registry_url=registry_url,
+            envelope_wire_format=wire_format_of(envelope_wire_format),
+            subject_strategy=subject_strategy,
         )
         _serve(ReceiptBuilderService(config), metrics_port, metrics_host)
     except ConsumerError as exc:
