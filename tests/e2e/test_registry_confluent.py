@@ -175,12 +175,14 @@ async def test_clickhouse_reads_the_topics_with_its_own_avro_confluent_decoder(
     client: Any = connect_clickhouse(clickhouse_dsn)
     settings = f"SETTINGS format_avro_schema_registry_url = '{schema_registry_url}'"
     try:
+        # The column list of the Kafka-engine table the README shows.
         got = client.query(
             "SELECT receipt_id, workflow_id, run_id, activity_id, attempt, verdict, key_id, "
-            "hex(signature), hex(prev_hash) FROM file("
-            f"'{steps_file}', 'AvroConfluent', 'receipt_id String, workflow_id String, "
-            "run_id String, activity_id String, attempt Int32, verdict String, key_id String, "
-            f"signature String, prev_hash String') {settings}"
+            "hex(signature), toUnixTimestamp64Micro(evaluated_at), tool FROM file("
+            f"'{steps_file}', 'AvroConfluent', 'receipt_id String, namespace String, "
+            "workflow_id String, run_id String, activity_id String, activity_type String, "
+            "attempt Int32, tool_server String, tool String, verdict String, reason String, "
+            f"evaluated_at DateTime64(6), key_id String, signature String') {settings}"
         ).result_rows
         completion = client.query(
             f"SELECT workflow_id, run_id, expected_steps FROM file('{runs_file}', "
@@ -199,7 +201,8 @@ async def test_clickhouse_reads_the_topics_with_its_own_avro_confluent_decoder(
             step.verdict.name,
             step.key_id,
             step.signature.hex().upper(),
-            step.prev_hash.hex().upper(),
+            step.evaluated_at,
+            step.tool,
         )
         for step, _ in run
     )
