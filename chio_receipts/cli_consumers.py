@@ -52,9 +52,11 @@ from chio_receipts.consumers import (
 )
 from chio_receipts.schemas import (
     ChioReceiptsError,
+    Codec,
     KafkaConnection,
     KeyPair,
     RetryPolicy,
+    SchemaRegistryClient,
     SubjectStrategy,
     TopicNames,
     retry_async,
@@ -467,6 +469,7 @@ def verify(
     key_url: KeyUrl = None,
     trusted_kernel_key: TrustedKernelKeys = None,
     builder_key_file: BuilderKeyFile = _BUILDER_KEY_DEFAULT,
+    registry_url: RegistryUrl = None,
 ) -> None:
     """Verify a workflow's receipts from ClickHouse rows alone: OK or exactly what is wrong.
 
@@ -489,8 +492,12 @@ def verify(
     except ConsumerError as exc:
         raise _fail(str(exc)) from None
     client = _open_for_read(dsn or _default_dsn())
+    # Stored Confluent-framed steps of another writer schema are read through the registry.
+    codec = Codec(SchemaRegistryClient(registry_url)) if registry_url else None
     try:
-        report = verify_run(client, workflow_id, run_id, keys=all_keys, trusted_kernel_keys=trusted)
+        report = verify_run(
+            client, workflow_id, run_id, keys=all_keys, trusted_kernel_keys=trusted, codec=codec
+        )
     except ConsumerError as exc:
         raise _fail(str(exc)) from None
     finally:

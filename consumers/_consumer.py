@@ -553,9 +553,17 @@ class ReceiptBuilderService(AsyncService):
         if not missing:
             return
         stored = await self._retry(lambda: self.sink.load_runs(missing))
+        codec = self._runner.codec
+        if codec is not None:
+            # Writer schemas of stored Confluent-framed steps, so they re-enter as written.
+            for rows in stored.steps.values():
+                for row in rows:
+                    if row.wire[:1] == b"\x00":
+                        with contextlib.suppress(SchemaError):
+                            await codec.decode_async(row.wire)
         for ns, wf, rid in missing:
             run = self._builder.open_run(f"{ns}/{wf}/{rid}", ns, wf, rid, keys[(ns, wf, rid)])
-            entries = [_stored_entry(row) for row in stored.steps.get((ns, wf, rid), ())]
+            entries = [_stored_entry(row, codec) for row in stored.steps.get((ns, wf, rid), ())]
             records = [_stored_outcome(row) for row in stored.outcomes.get((ns, wf, rid), ())]
             env = stored.envelopes.get((ns, wf, rid))
             if env is None:
@@ -828,12 +836,13 @@ def _verify_all(
     return out
 
 
-def _stored_entry(row: StepRow) -> StepEntry:
-    """The builder's entry for a stored step row."""
+def _stored_entry(row: StepRow, codec: Codec | None = None) -> StepEntry:
+    """The builder's entry for a stored step row (``codec``: Confluent-framed ones whose writer
+    schema it holds)."""
     plain: Plain | None = None
     if row.wire:
         with contextlib.suppress(DecodeError):
-            plain = decode_plain(row.wire)
+            plain = decode_plain(row.wire, codec)
     if plain is not None:
         return StepEntry(
             row.receipt_id,

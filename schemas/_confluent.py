@@ -132,6 +132,19 @@ class Codec:
             raise UnknownSchema(f"schema id {schema_id} is not cached; use decode_async")
         return _read(writer, data[_HEADER:])
 
+    def fetch_blocking(self, data: bytes) -> None:
+        """Fetch (blocking) the writer schema of a Confluent-framed ``data`` if it is not cached,
+        so :meth:`decode` can read it; a no-op for other messages. For synchronous readers of
+        stored messages; consumers use :meth:`decode_async`."""
+        if data[:1] != CONFLUENT_MAGIC or len(data) < _HEADER:
+            return
+        schema_id = confluent_schema_id(data)
+        if schema_id in self._writers:
+            return
+        if self.registry is None:
+            raise UnknownSchema(f"schema id {schema_id}: no schema registry configured")
+        self._writers[schema_id] = _writer_from(self.registry.get_schema_blocking(schema_id))
+
     async def decode_async(self, data: bytes) -> Decoded:
         """Decode either format, fetching an unknown Confluent writer schema by id."""
         if data[:1] == CONFLUENT_MAGIC and len(data) >= _HEADER:

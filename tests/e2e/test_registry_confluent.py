@@ -26,6 +26,7 @@ from chio_receipts.schemas import KafkaConnection
 from chio_receipts.stack import connect_clickhouse
 from tests.support.avro_strategies import sample_run, sample_step
 from tests.support.builder_service import Running
+from tests.support.consumer_factory import completion_value
 from tests.support.helpers import eventually
 from tests.support.kafka_topics import make_topics, produce, read_all
 from tests.support.streamer_kafka import config, consume
@@ -233,6 +234,8 @@ async def test_a_v2_writer_registered_in_the_registry_is_read_by_resolution(
     await produce(
         kafka_bootstrap, topics.steps, [(key, schemas.confluent_frame(schema_id, body), None)]
     )
+    done = sample_run(namespace="default", workflow_id="wf-v2", run_id="run-v2", expected_steps=1)
+    await produce(kafka_bootstrap, topics.runs, [(key, completion_value(done), None)])
     builder = BuilderConfig(
         kafka=KafkaConnection(bootstrap_servers=kafka_bootstrap),
         clickhouse=ClickHouseConfig(dsn=clickhouse_dsn),
@@ -247,9 +250,18 @@ async def test_a_v2_writer_registered_in_the_registry_is_read_by_resolution(
 
         async def written() -> bool:
             running.check()
-            return await running.scalar("SELECT count() FROM step_receipts") == 1
+            return await running.scalar("SELECT count() FROM workflow_receipts") == 1
 
         await eventually(written, timeout=30)
         got = await running.scalar("SELECT toString(any(receipt_id)) FROM step_receipts")
         assert got == step.receipt_id
+        keys = {WORKER.key_id: WORKER.public_key, BUILDER.key_id: BUILDER.public_key}
+        client = running.service.sink.client
+        # Without the registry the stored v2 message cannot be read; with it, it verifies.
+        blind = verify_run(client, "wf-v2", keys=keys)
+        assert any("does not decode" in p for p in blind.problems), blind.problems
+        codec = schemas.Codec(schemas.SchemaRegistryClient(schema_registry_url))
+        report = verify_run(client, "wf-v2", keys=keys, codec=codec)
+        assert report.ok, report.summary()
+        await codec.registry.aclose()  # type: ignore[union-attr]
     assert not await read_all(kafka_bootstrap, topics.dlq, 0, timeout=2)

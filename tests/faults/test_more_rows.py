@@ -23,7 +23,10 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 import chio_receipts.schemas as schemas
+from chio_receipts.consumers import verify_run
 from chio_receipts.stack import KafkaBroker, KafkaConfig
+from tests.support.avro_strategies import sample_run
+from tests.support.consumer_factory import completion_value
 from tests.support.faults.pipeline import Pipeline, cache_dir, clickhouse_dsn_for
 from tests.support.faults.procs import rss_bytes
 from tests.support.faults.report import record_row
@@ -203,19 +206,36 @@ async def test_f17a_v2_writer_read_by_a_v1_consumer(
     value = schemas.confluent_frame(schema_id, _signed_body(v2, record, p.worker_key))
     key = f"{record['namespace']}/{record['workflow_id']}/{record['run_id']}".encode()
     [origin] = await p.produce_raw(p.topics.steps, [(key, value)])
+    done = sample_run(
+        namespace=record["namespace"],
+        workflow_id=record["workflow_id"],
+        run_id=record["run_id"],
+        expected_steps=1,
+    )
+    [closed] = await p.produce_raw(p.topics.runs, [(key, completion_value(done))])
     # The group's lag can read 0 before the builder polled (end offsets of a topic created a
-    # moment ago): wait for the commit past this very message instead.
+    # moment ago): wait for the commit past these very messages instead.
     await eventually(lambda: _committed_past(p, origin), 60)
+    await eventually(lambda: _committed_past(p, closed), 60)
     snap = await p.snapshot()
+    codec = schemas.Codec(schemas.SchemaRegistryClient(schema_registry_url))
+    client = p.clickhouse()
+    try:
+        report = verify_run(client, record["workflow_id"], keys=p.public_keys, codec=codec)
+    finally:
+        client.close()
+        await codec.registry.aclose()  # type: ignore[union-attr]
     read = str(record["receipt_id"]) in snap.receipt_ids and not snap.dead_letters
     record_row(
         "F17a",
         "v2 writer (registry), v1 reader",
         snap=snap,
-        result="held" if read else "VIOLATED (not read by resolution)",
+        result="held" if read and report.ok else "VIOLATED (not read by resolution)",
     )
     assert str(record["receipt_id"]) in snap.receipt_ids, [d.reason for d in snap.dead_letters]
     assert not snap.dead_letters, [d.reason for d in snap.dead_letters]
+    assert [e.complete for e in snap.envelopes] == [True]
+    assert report.ok, report.summary()
 
 
 async def _zero(p: Pipeline) -> bool:
