@@ -257,7 +257,7 @@ def consume(
 ) -> None:
     """Build signed workflow envelopes from the receipt topics into ClickHouse (exactly once)."""
     _setup_logging()
-    check_framing(envelope_wire_format, registry_url)
+    check_framing(envelope_wire_format, registry_url, "--envelope-wire-format")
     try:
         public = load_keys_file(keys) if keys else {}
         config = BuilderConfig(

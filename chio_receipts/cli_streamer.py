@@ -111,12 +111,14 @@ def wire_format_of(choice: WireFormatChoice) -> WireFormat:
     return "confluent" if choice is WireFormatChoice.CONFLUENT else "single_object"
 
 
-def check_framing(wire_format: WireFormatChoice, registry_url: str | None) -> None:
+def check_framing(
+    wire_format: WireFormatChoice, registry_url: str | None, flag: str = "--wire-format"
+) -> None:
     """Confluent framing without a registry is a usage error (exit 2)."""
     if wire_format is WireFormatChoice.CONFLUENT and not registry_url:
         raise typer.BadParameter(
             "Confluent framing needs --registry-url (or CHIO_SCHEMA_REGISTRY_URL)",
-            param_hint="--wire-format",
+            param_hint=flag,
         )
 
 
