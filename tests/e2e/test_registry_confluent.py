@@ -8,8 +8,10 @@ the messages as they are on the topic, fetching the writer schemas from the same
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import io
+import json
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +24,7 @@ import pytest
 import chio_receipts.schemas as schemas
 import chio_receipts.streamer as streamer
 from chio_receipts.consumers import BuilderConfig, ClickHouseConfig, verify_run
+from chio_receipts.consumers.siem import ExporterConfig, SiemExporter, parse_output
 from chio_receipts.schemas import KafkaConnection
 from chio_receipts.stack import connect_clickhouse
 from tests.support.avro_strategies import sample_run, sample_step
@@ -135,6 +138,36 @@ async def test_confluent_framing_by_configuration_end_to_end(
     assert decoded.schema_name == schemas.ENVELOPE_SCHEMA
     assert decoded.record["run_id"] == "run-cf"
     assert len(decoded.record["steps"]) == 3
+
+    # The SIEM exporter reads the Confluent-framed steps and envelopes through the registry.
+    out = tmp_path / "ocsf.jsonl"
+    exporter_config = ExporterConfig(
+        kafka=cfg.kafka,
+        output=parse_output(f"jsonl:{out}"),
+        group_id=unique("siem"),
+        topics=t.names,
+        export_envelopes=True,
+        registry_url=schema_registry_url,
+    )
+    stop = asyncio.Event()
+    async with SiemExporter(exporter_config) as exporter:
+        task = asyncio.create_task(exporter.run(stop))
+        try:
+
+            async def drained() -> bool:
+                if task.done():
+                    task.result()
+                lines = out.read_text().count("\n") if out.exists() else 0
+                return lines >= 4 and await exporter.lag() == 0
+
+            await eventually(drained, timeout=30)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+    events = [json.loads(line) for line in out.read_text().splitlines()]
+    logs = sorted(e["metadata"]["log_name"] for e in events)
+    assert logs == ["chio.receipts.envelopes", *["chio.receipts.steps"] * 3], logs
+    assert not await read_all(kafka_bootstrap, t.dlq_topic, 0, timeout=2)
 
 
 async def test_clickhouse_reads_the_topics_with_its_own_avro_confluent_decoder(
