@@ -20,13 +20,15 @@ from chio_receipts._logging import configure as configure_logging
 from chio_receipts._options import DEFAULT_METRICS_HOST, MetricsHost, MetricsPort
 from chio_receipts._temporal import TemporalConnection
 from chio_receipts._temporal_options import temporal_options
-from chio_receipts.schemas import KafkaConnection
+from chio_receipts.schemas import KafkaConnection, SubjectStrategy
 from chio_receipts.stack import (
+    APICURIO_VERSION,
     KAFKA_VERSION,
     LocalStack,
     StackConfig,
     StackError,
     ensure_kafka_jars,
+    ensure_registry_package,
     java_binary,
     port_open,
     read_state,
@@ -81,24 +83,39 @@ def run_or_exit(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
         raise typer.Exit(130) from None
 
 
+WithRegistry = Annotated[
+    bool,
+    typer.Option(
+        "--with-registry",
+        envvar="CHIO_DEV_WITH_REGISTRY",
+        help="Also the Confluent-compatible schema registry (Apicurio Registry, in memory).",
+    ),
+]
+
+
 @dev.command("fetch")
-def dev_fetch() -> None:
+def dev_fetch(with_registry: WithRegistry = False) -> None:
     """Check Java and download the Kafka jars (Maven) and check the Temporal binary."""
     cfg = load_config()
     try:
         java = java_binary()
         libs = ensure_kafka_jars(cfg.cache_dir)
         temporal = temporal_binary()
+        registry = ensure_registry_package(cfg.cache_dir) if with_registry else None
     except StackError as exc:
         err.print(f"[bold red]error[/]: {exc.render()}", highlight=False)
         raise typer.Exit(1) from None
     console.print(f"java: {java}\nkafka {KAFKA_VERSION} jars: {libs}\ntemporal: {temporal}")
+    if registry is not None:
+        console.print(f"apicurio registry {APICURIO_VERSION}: {registry}")
 
 
 @dev.command("up")
 def dev_up(
     temporal_port: Annotated[int, typer.Option(help="Temporal gRPC port (0 = free)")] = 7233,
     kafka_port: Annotated[int, typer.Option(help="Kafka port (0 = free)")] = 9092,
+    with_registry: WithRegistry = False,
+    registry_port: Annotated[int, typer.Option(help="Schema registry port (0 = free)")] = 8081,
 ) -> None:
     """Start the local stack in the background and record it in <data dir>/stack.json."""
     cfg = load_config()
@@ -115,13 +132,16 @@ def dev_up(
                 temporal_port=temporal_port,
                 kafka_port=kafka_port,
                 clickhouse_dsn=cfg.clickhouse_dsn,
+                with_registry=with_registry,
+                registry_port=registry_port,
             )
         )
         await stack.start()
         stack.write_state()
+        registry = f"registry: {stack.registry_url}\n" if stack.registry_url else ""
         console.print(
             f"temporal: {stack.temporal_address}\nkafka:    {stack.kafka_bootstrap}\n"
-            f"clickhouse: {stack.clickhouse_dsn}\nlogs:     {cfg.data_dir}/*/*.log\n"
+            f"{registry}clickhouse: {stack.clickhouse_dsn}\nlogs:     {cfg.data_dir}/*/*.log\n"
             "stop with: chio-receipts dev down"
         )
 
@@ -145,6 +165,9 @@ def dev_status() -> None:
     table = Table("component", "address", "up")
     table.add_row("temporal", state.temporal_address, str(port_open(state.temporal_address)))
     table.add_row("kafka", state.kafka_bootstrap, str(port_open(state.kafka_bootstrap)))
+    if state.registry_url:
+        address = state.registry_url.split("//", 1)[-1].split("/", 1)[0]
+        table.add_row("registry", state.registry_url, str(port_open(address)))
     table.add_row("clickhouse", state.clickhouse_dsn, "embedded")
     console.print(table)
 
@@ -203,8 +226,12 @@ def worker_command(
     ] = False,
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = DEFAULT_METRICS_HOST,
+    wire_format: cli_streamer.WireFormatOption = cli_streamer.WireFormatChoice.SINGLE_OBJECT,
+    registry_url: cli_streamer.RegistryUrl = None,
+    subject_strategy: cli_streamer.SubjectStrategyOption = SubjectStrategy.TOPIC,
 ) -> None:
     """Run a demo worker: the demo's workflows and activities behind the interceptor."""
+    cli_streamer.check_framing(wire_format, registry_url)
     import os
     import signal
 
@@ -251,6 +278,9 @@ def worker_command(
                 default_capability_id=capability,
                 identity=identity,
                 redact_parameters=redact_parameters,
+                wire_format=cli_streamer.wire_format_of(wire_format),
+                registry_url=registry_url,
+                subject_strategy=subject_strategy,
             ),
             stop,
         )

@@ -30,6 +30,12 @@ from chio_receipts._config import load_config
 from chio_receipts._kafka_options import kafka_options
 from chio_receipts._logging import use_level as use_log_level
 from chio_receipts._options import DEFAULT_METRICS_HOST, MetricsHost, MetricsPort
+from chio_receipts.cli_streamer import (
+    SubjectStrategyOption,
+    WireFormatChoice,
+    check_framing,
+    wire_format_of,
+)
 from chio_receipts.consumers import (
     BuilderConfig,
     ClickHouseConfig,
@@ -46,9 +52,12 @@ from chio_receipts.consumers import (
 )
 from chio_receipts.schemas import (
     ChioReceiptsError,
+    Codec,
     KafkaConnection,
     KeyPair,
     RetryPolicy,
+    SchemaRegistryClient,
+    SubjectStrategy,
     TopicNames,
     retry_async,
 )
@@ -246,9 +255,20 @@ def consume(
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = DEFAULT_METRICS_HOST,
     registry_url: RegistryUrl = None,
+    envelope_wire_format: Annotated[
+        WireFormatChoice,
+        typer.Option(
+            "--envelope-wire-format",
+            envvar="CHIO_ENVELOPE_WIRE_FORMAT",
+            help="Framing of the published envelopes: single_object, or confluent (registered "
+            "in --registry-url).",
+        ),
+    ] = WireFormatChoice.SINGLE_OBJECT,
+    subject_strategy: SubjectStrategyOption = SubjectStrategy.TOPIC,
 ) -> None:
     """Build signed workflow envelopes from the receipt topics into ClickHouse (exactly once)."""
     _setup_logging()
+    check_framing(envelope_wire_format, registry_url, "--envelope-wire-format")
     try:
         public = load_keys_file(keys) if keys else {}
         config = BuilderConfig(
@@ -264,6 +284,8 @@ def consume(
             group_id=group,
             grace_seconds=grace_seconds,
             registry_url=registry_url,
+            envelope_wire_format=wire_format_of(envelope_wire_format),
+            subject_strategy=subject_strategy,
         )
         _serve(ReceiptBuilderService(config), metrics_port, metrics_host)
     except ConsumerError as exc:
@@ -467,6 +489,7 @@ def verify(
     key_url: KeyUrl = None,
     trusted_kernel_key: TrustedKernelKeys = None,
     builder_key_file: BuilderKeyFile = _BUILDER_KEY_DEFAULT,
+    registry_url: RegistryUrl = None,
 ) -> None:
     """Verify a workflow's receipts from ClickHouse rows alone: OK or exactly what is wrong.
 
@@ -489,8 +512,12 @@ def verify(
     except ConsumerError as exc:
         raise _fail(str(exc)) from None
     client = _open_for_read(dsn or _default_dsn())
+    # Stored Confluent-framed steps of another writer schema are read through the registry.
+    codec = Codec(SchemaRegistryClient(registry_url)) if registry_url else None
     try:
-        report = verify_run(client, workflow_id, run_id, keys=all_keys, trusted_kernel_keys=trusted)
+        report = verify_run(
+            client, workflow_id, run_id, keys=all_keys, trusted_kernel_keys=trusted, codec=codec
+        )
     except ConsumerError as exc:
         raise _fail(str(exc)) from None
     finally:

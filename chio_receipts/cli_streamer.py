@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +27,7 @@ from chio_receipts._logging import use_level as use_log_level
 from chio_receipts._options import DEFAULT_METRICS_HOST, MetricsHost, MetricsPort
 from chio_receipts._temporal import TemporalConnection
 from chio_receipts._temporal_options import temporal_options
-from chio_receipts.schemas import ContractError, KafkaConnection
+from chio_receipts.schemas import ContractError, KafkaConnection, SubjectStrategy, WireFormat
 from chio_receipts.streamer import (
     DEFAULT_LAG_WINDOW_S,
     CompletionWatcher,
@@ -40,7 +41,17 @@ from chio_receipts.streamer import (
     start_metrics_server,
 )
 
-__all__ = ["ensure", "register", "topics_app", "watch"]
+__all__ = [
+    "RegistryUrl",
+    "SubjectStrategyOption",
+    "WireFormatChoice",
+    "WireFormatOption",
+    "ensure",
+    "register",
+    "topics_app",
+    "watch",
+    "wire_format_of",
+]
 
 log = logging.getLogger(__name__)
 _err = Console(stderr=True, highlight=False)
@@ -57,6 +68,59 @@ Partitions = Annotated[
         help="Partitions of the steps and runs topics (always equal: co-partitioning).",
     ),
 ]
+
+
+class WireFormatChoice(StrEnum):
+    """Framing of the Avro records the command produces."""
+
+    SINGLE_OBJECT = "single_object"
+    CONFLUENT = "confluent"
+
+
+WireFormatOption = Annotated[
+    WireFormatChoice,
+    typer.Option(
+        "--wire-format",
+        envvar="CHIO_WIRE_FORMAT",
+        help="Avro single-object framing (no registry), or Confluent framing (00 + schema id; "
+        "needs --registry-url) as ClickHouse's AvroConfluent and Confluent clients read.",
+    ),
+]
+RegistryUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--registry-url",
+        envvar="CHIO_SCHEMA_REGISTRY_URL",
+        help="Confluent-compatible schema registry, e.g. http://host:8081 or Apicurio's "
+        "http://host:8080/apis/ccompat/v7.",
+    ),
+]
+SubjectStrategyOption = Annotated[
+    SubjectStrategy,
+    typer.Option(
+        "--subject-strategy",
+        envvar="CHIO_SUBJECT_STRATEGY",
+        help="Registry subject of each schema: topic (<topic>-value, TopicNameStrategy), "
+        "record (<record name>) or topic_record (<topic>-<record name>).",
+    ),
+]
+
+
+def wire_format_of(choice: WireFormatChoice) -> WireFormat:
+    """The configuration value of a ``--wire-format`` choice."""
+    return "confluent" if choice is WireFormatChoice.CONFLUENT else "single_object"
+
+
+def check_framing(
+    wire_format: WireFormatChoice, registry_url: str | None, flag: str = "--wire-format"
+) -> None:
+    """Confluent framing without a registry is a usage error (exit 2)."""
+    if wire_format is WireFormatChoice.CONFLUENT and not registry_url:
+        raise typer.BadParameter(
+            "Confluent framing needs --registry-url (or CHIO_SCHEMA_REGISTRY_URL)",
+            param_hint=flag,
+        )
+
 
 topics_app = typer.Typer(help="Kafka topics of the pipeline.", no_args_is_help=True)
 
@@ -135,9 +199,13 @@ def watch(
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = DEFAULT_METRICS_HOST,
     once: Annotated[bool, typer.Option(help="Poll once and exit.")] = False,
+    wire_format: WireFormatOption = WireFormatChoice.SINGLE_OBJECT,
+    registry_url: RegistryUrl = None,
+    subject_strategy: SubjectStrategyOption = SubjectStrategy.TOPIC,
 ) -> None:
     """Emit a run-completion event for every workflow run that closes on the Temporal server."""
     use_log_level(logging.INFO)
+    check_framing(wire_format, registry_url)
     start_from = (
         datetime.now(UTC) - timedelta(hours=lookback_hours) if lookback_hours is not None else None
     )
@@ -148,6 +216,9 @@ def watch(
         client_id="chio-receipts-watcher",
         source="urn:chio-receipts:watcher",
         durability="before_execute",
+        wire_format=wire_format_of(wire_format),
+        registry_url=registry_url,
+        subject_strategy=subject_strategy,
     )
     watcher_config = WatcherConfig(
         checkpoint_path=str(state_dir / "checkpoint.json"),

@@ -72,6 +72,7 @@ from chio_receipts.consumers._runner import (
     partition_counts,
 )
 from chio_receipts.consumers._wire import (
+    ENVELOPE_SCHEMA,
     RUN_SCHEMA,
     STEP_OUTCOME_SCHEMA,
     STEP_SCHEMA,
@@ -83,14 +84,19 @@ from chio_receipts.consumers._wire import (
 from chio_receipts.schemas import (
     ENVELOPE_EVENT_TYPE,
     AsyncService,
+    Codec,
     ContractError,
     DecodeError,
     KafkaConnection,
     KeyPair,
     RetryPolicy,
     RunCompletion,
+    SchemaError,
+    SchemaRegistryClient,
     StepStatus,
+    SubjectStrategy,
     TopicNames,
+    WireFormat,
     check_copartitioned,
     cloudevent_headers,
     envelope_event_id,
@@ -131,6 +137,12 @@ class BuilderConfig:
     retry_max_seconds: float = 10.0
     max_poll_interval_ms: int = 900_000
     registry_url: str | None = None
+    """Confluent-compatible registry: reads Confluent-framed input, and is where envelopes are
+    registered when ``envelope_wire_format`` is ``confluent``."""
+    envelope_wire_format: WireFormat = "single_object"
+    """Framing of the published envelopes: single-object, or Confluent (needs ``registry_url``;
+    the schema is registered on start under ``subject_strategy``'s subject)."""
+    subject_strategy: SubjectStrategy = SubjectStrategy.TOPIC
     verify_threads: int = 2
     source: str = "urn:chio-receipts:receipt-builder"
     """CloudEvents source of the envelopes and dead letters this builder publishes."""
@@ -198,6 +210,15 @@ class ReceiptBuilderService(AsyncService):
         self._stop = asyncio.Event()
         self._started = False
         self._verify_pool: ThreadPoolExecutor | None = None
+        self._envelope_registry: SchemaRegistryClient | None = None
+        self._envelope_codec: Codec | None = None
+        if config.envelope_wire_format == "confluent":
+            if not config.registry_url:
+                raise ConfigError("Confluent-framed envelopes need a schema registry URL")
+            self._envelope_registry = SchemaRegistryClient(
+                config.registry_url, strategy=config.subject_strategy
+            )
+            self._envelope_codec = Codec(self._envelope_registry, wire_format="confluent")
 
     @property
     def builder(self) -> ReceiptBuilder:
@@ -226,17 +247,36 @@ class ReceiptBuilderService(AsyncService):
                     cfg.verify_threads, thread_name_prefix="verify"
                 )
             await self._keys.refresh(force=False)
+            if self._envelope_codec is not None:
+                await self._register_envelope_schema(self._envelope_codec)
             await self.sink.start()
             await self._runner.start()
         except BaseException:
             await self.stop()
             raise
 
+    async def _register_envelope_schema(self, codec: Codec) -> None:
+        """Register the envelope schema once, so publishing never waits on the registry."""
+        try:
+            await codec.schema_id(ENVELOPE_SCHEMA, self._config.topics.envelopes)
+        except SchemaError as exc:
+            raise ConfigError(f"cannot register the envelope schema: {exc}") from exc
+
+    def _envelope_value(self, envelope: Envelope) -> bytes:
+        """The published bytes of an envelope, in the configured framing."""
+        if self._envelope_codec is None:
+            return envelope.framed()
+        return self._envelope_codec.frame_known(
+            ENVELOPE_SCHEMA, envelope.avro_body(), self._config.topics.envelopes
+        )
+
     async def stop(self) -> None:
         """Stop consuming and close every client (nothing uncommitted is lost: it is re-read).
 
         Idempotent."""
         await self._runner.stop()
+        if self._envelope_registry is not None:
+            await self._envelope_registry.aclose()
         await self.sink.close()
         if self._verify_pool is not None:
             self._verify_pool.shutdown(wait=True)
@@ -513,9 +553,17 @@ class ReceiptBuilderService(AsyncService):
         if not missing:
             return
         stored = await self._retry(lambda: self.sink.load_runs(missing))
+        codec = self._runner.codec
+        if codec is not None:
+            # Writer schemas of stored Confluent-framed steps, so they re-enter as written.
+            for rows in stored.steps.values():
+                for row in rows:
+                    if row.wire[:1] == b"\x00":
+                        with contextlib.suppress(SchemaError):
+                            await codec.decode_async(row.wire)
         for ns, wf, rid in missing:
             run = self._builder.open_run(f"{ns}/{wf}/{rid}", ns, wf, rid, keys[(ns, wf, rid)])
-            entries = [_stored_entry(row) for row in stored.steps.get((ns, wf, rid), ())]
+            entries = [_stored_entry(row, codec) for row in stored.steps.get((ns, wf, rid), ())]
             records = [_stored_outcome(row) for row in stored.outcomes.get((ns, wf, rid), ())]
             env = stored.envelopes.get((ns, wf, rid))
             if env is None:
@@ -633,7 +681,7 @@ class ReceiptBuilderService(AsyncService):
             futures = [
                 await producer.send(
                     self._config.topics.envelopes,
-                    envelope.framed(),
+                    self._envelope_value(envelope),
                     key=run.key.encode(),
                     headers=list(self._envelope_headers(run, envelope)),
                 )
@@ -788,12 +836,13 @@ def _verify_all(
     return out
 
 
-def _stored_entry(row: StepRow) -> StepEntry:
-    """The builder's entry for a stored step row."""
+def _stored_entry(row: StepRow, codec: Codec | None = None) -> StepEntry:
+    """The builder's entry for a stored step row (``codec``: Confluent-framed ones whose writer
+    schema it holds)."""
     plain: Plain | None = None
     if row.wire:
         with contextlib.suppress(DecodeError):
-            plain = decode_plain(row.wire)
+            plain = decode_plain(row.wire, codec)
     if plain is not None:
         return StepEntry(
             row.receipt_id,

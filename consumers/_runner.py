@@ -262,6 +262,11 @@ class BatchRunner:
         return self._producer
 
     @property
+    def codec(self) -> Codec | None:
+        """The codec reading Confluent-framed input (a registry is configured), while started."""
+        return self._codec
+
+    @property
     def committed(self) -> Mapping[TopicPartition, int]:
         """The offsets this member committed, by partition it holds."""
         return self._committed

@@ -65,13 +65,16 @@ from chio_receipts.consumers._rows import (
 from chio_receipts.consumers._wire import (
     STEP_OUTCOME_SCHEMA,
     STEP_SCHEMA,
+    Plain,
     decode_plain,
     encode_plain,
     envelope_step_body,
 )
 from chio_receipts.schemas import (
     AccountState,
+    Codec,
     DecodeError,
+    RegistryError,
     StepStatus,
     chain_root,
     receipt_hash,
@@ -138,12 +141,15 @@ def verify_run(
     *,
     keys: Mapping[str, bytes],
     trusted_kernel_keys: Collection[str] | None = None,
+    codec: Codec | None = None,
 ) -> VerifyReport:
     """Verify the receipts of ``workflow_id`` (one run when ``run_id`` is given).
 
     ``client`` is a clickhouse-connect client; ``keys`` maps key id to Ed25519 public key for
     the workers' receipt keys and the builder's envelope key. ``trusted_kernel_keys`` (lowercase
-    hex) are the signers of Chio receipts to trust; by default every key of ``keys``."""
+    hex) are the signers of Chio receipts to trust; by default every key of ``keys``.
+    ``codec`` (with a schema registry) reads stored Confluent-framed messages whose writer schema
+    is not the current one: their writer schema is fetched by id."""
     trusted = (
         frozenset(k.hex() for k in keys.values())
         if trusted_kernel_keys is None
@@ -169,9 +175,9 @@ def verify_run(
         report.runs += 1
         rows = by_run.get(rid, [])
         records = outcomes_by_run.get(rid, [])
-        signed = _check_steps(report, rid, rows, keys, trusted)
+        signed = _check_steps(report, rid, rows, keys, trusted, codec)
         _check_chain(report, rid, rows, signed)
-        signed_outcomes = _check_outcomes(report, rid, records, rows, trusted)
+        signed_outcomes = _check_outcomes(report, rid, records, rows, trusted, codec)
         env = envelopes.get(rid)
         if env is None:
             if rows or records:
@@ -183,6 +189,17 @@ def verify_run(
         report.envelopes += 1
         _check_envelope(report, rid, env, rows, signed, keys, signed_outcomes)
     return report
+
+
+def _decode_stored(wire: bytes, codec: Codec | None) -> Plain:
+    """Decode a stored message; a Confluent frame's writer schema comes from ``codec``'s
+    registry (an unreachable registry is reported as the message not decoding, with why)."""
+    if codec is not None:
+        try:
+            codec.fetch_blocking(wire)
+        except RegistryError as exc:
+            raise DecodeError(f"writer schema not available: {exc}") from exc
+    return decode_plain(wire, codec)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -199,6 +216,7 @@ def _check_steps(
     rows: list[StepRow],
     keys: Mapping[str, bytes],
     trusted: frozenset[str],
+    codec: Codec | None = None,
 ) -> dict[str, _Signed]:
     """Duplicates, then each step's signatures and columns; returns the signed bodies and
     hashes of the rows that decode, by receipt id."""
@@ -217,7 +235,7 @@ def _check_steps(
         columns = plain_from_row(row)
         if row.wire:
             try:
-                plain = decode_plain(row.wire)
+                plain = _decode_stored(row.wire, codec)
             except DecodeError as exc:
                 problems.append(f"{label}: stored message does not decode ({exc})")
                 continue
@@ -303,6 +321,7 @@ def _check_outcomes(
     records: list[OutcomeRow],
     steps: list[StepRow],
     trusted: frozenset[str],
+    codec: Codec | None = None,
 ) -> dict[str, OutcomeEntry]:
     """Duplicates, then each outcome record's columns, Chio receipt and decision binding;
     returns the entries (current-schema bodies) of the rows that decode, by outcome id."""
@@ -324,7 +343,7 @@ def _check_outcomes(
         body = b""
         if row.wire:
             try:
-                plain = decode_plain(row.wire)
+                plain = _decode_stored(row.wire, codec)
             except DecodeError as exc:
                 problems.append(f"{label}: stored message does not decode ({exc})")
                 continue

@@ -10,7 +10,9 @@ microseconds, exactly what the ClickHouse rows need); any other writer schema go
 from __future__ import annotations
 
 import io
+import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
 
@@ -122,7 +124,71 @@ def _normalize(decoded: Decoded) -> dict[str, Any]:
             return StepOutcome.from_avro(record).to_avro()
     except (KeyError, TypeError, ValueError) as exc:
         raise MalformedBody(f"{decoded.schema_name}: {exc}") from exc
-    return record
+    # Any other record (the envelope): logical types back to their plain values.
+    plain_record: dict[str, Any] = _plain_value(decoded.schema_name, record)
+    return plain_record
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@cache
+def _named_raw() -> dict[str, Any]:
+    """Every named type of the shipped schemas, by full and by short name."""
+    named: dict[str, Any] = {}
+
+    def walk(node: Any, ns: str) -> None:
+        if isinstance(node, list):
+            for branch in node:
+                walk(branch, ns)
+        elif isinstance(node, dict):
+            kind = node.get("type")
+            if kind in ("record", "enum", "fixed"):
+                space = node.get("namespace", ns)
+                named[f"{space}.{node['name']}"] = named[node["name"]] = node
+                for f in node.get("fields", ()):
+                    walk(f["type"], space)
+            elif kind == "array":
+                walk(node["items"], ns)
+            elif kind == "map":
+                walk(node["values"], ns)
+            elif isinstance(kind, (dict, list)):
+                walk(kind, ns)
+
+    for name in SCHEMA_FILES:
+        walk(raw_schema(name), name.rpartition(".")[0])
+    return named
+
+
+def _plain_value(schema: Any, value: Any) -> Any:
+    """``value`` read with ``schema``'s logical types, as the plain form (timestamps as int
+    microseconds, uuids as strings) the rest of the consumer works with."""
+    if isinstance(schema, str):
+        target = _named_raw().get(schema)
+        return value if target is None else _plain_value(target, value)
+    if isinstance(schema, list):
+        branches = [b for b in schema if b != "null"]
+        if value is None or len(branches) != 1:
+            return value
+        return _plain_value(branches[0], value)
+    kind = schema.get("type")
+    logical = schema.get("logicalType")
+    if isinstance(value, datetime) and logical in ("timestamp-micros", "timestamp-millis"):
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        unit = timedelta(microseconds=1 if logical == "timestamp-micros" else 1000)
+        return (aware - _EPOCH) // unit
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if kind == "record" and isinstance(value, dict):
+        types = {f["name"]: f["type"] for f in schema["fields"]}
+        return {k: _plain_value(types[k], v) if k in types else v for k, v in value.items()}
+    if kind == "array" and isinstance(value, list):
+        return [_plain_value(schema["items"], v) for v in value]
+    if kind == "map" and isinstance(value, dict):
+        return {k: _plain_value(schema["values"], v) for k, v in value.items()}
+    if isinstance(kind, (dict, list)):
+        return _plain_value(kind, value)
+    return value
 
 
 def encode_plain(name: str, record: dict[str, Any]) -> bytes:

@@ -2,7 +2,9 @@
 
 Confluent frame: ``00`` + the writer schema's registry id (4 bytes, big-endian) + the schemaless
 Avro body. Schemas are registered self-contained (named types they refer to are inlined), under
-the subject the registry client's strategy names (TopicRecordNameStrategy by default).
+the subject the registry client's strategy names (TopicNameStrategy, ``<topic>-value``, by
+default). Any Confluent-compatible API works: Confluent Schema Registry at its root, Apicurio
+Registry at ``/apis/ccompat/v7``.
 
 :class:`Codec` picks the format from the first byte: ``C3`` is single-object (no registry
 needed, see ``_codec``), ``00`` is Confluent (writer schema by id from the registry, read with
@@ -129,6 +131,19 @@ class Codec:
         if writer is None:
             raise UnknownSchema(f"schema id {schema_id} is not cached; use decode_async")
         return _read(writer, data[_HEADER:])
+
+    def fetch_blocking(self, data: bytes) -> None:
+        """Fetch (blocking) the writer schema of a Confluent-framed ``data`` if it is not cached,
+        so :meth:`decode` can read it; a no-op for other messages. For synchronous readers of
+        stored messages; consumers use :meth:`decode_async`."""
+        if data[:1] != CONFLUENT_MAGIC or len(data) < _HEADER:
+            return
+        schema_id = confluent_schema_id(data)
+        if schema_id in self._writers:
+            return
+        if self.registry is None:
+            raise UnknownSchema(f"schema id {schema_id}: no schema registry configured")
+        self._writers[schema_id] = _writer_from(self.registry.get_schema_blocking(schema_id))
 
     async def decode_async(self, data: bytes) -> Decoded:
         """Decode either format, fetching an unknown Confluent writer schema by id."""

@@ -26,7 +26,9 @@ _CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 
 
 class SubjectStrategy(StrEnum):
-    """How a subject name is derived from topic and record name (Confluent's strategies)."""
+    """How a subject name is derived from topic and record name (Confluent's strategies).
+
+    ``TOPIC`` (TopicNameStrategy, Confluent's default) is the default here too."""
 
     TOPIC = "topic"  # <topic>-value
     RECORD = "record"  # <record full name>
@@ -53,7 +55,7 @@ class SchemaRegistryClient(AsyncCloseable):
         self,
         url: str,
         *,
-        strategy: SubjectStrategy = SubjectStrategy.TOPIC_RECORD,
+        strategy: SubjectStrategy = SubjectStrategy.TOPIC,
         timeout_s: float = 10.0,
         auth: httpx.Auth | tuple[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -67,6 +69,8 @@ class SchemaRegistryClient(AsyncCloseable):
             transport=transport,
             headers={"Accept": _CONTENT_TYPE},
         )
+        self._timeout_s = timeout_s
+        self._auth = auth
         self._ids: dict[tuple[str, str], int] = {}
         self._schemas: dict[int, dict[str, Any]] = {}
         self._lock = asyncio.Lock()
@@ -137,6 +141,27 @@ class SchemaRegistryClient(AsyncCloseable):
         if cached is not None:
             return cached
         resp = await self._request("GET", f"/schemas/ids/{schema_id}")
+        return self._schema_from(resp, schema_id)
+
+    def get_schema_blocking(self, schema_id: int) -> dict[str, Any]:
+        """:meth:`get_schema` for synchronous callers (e.g. ``verify`` reading stored messages):
+        one short-lived blocking HTTP client per uncached id."""
+        cached = self._schemas.get(schema_id)
+        if cached is not None:
+            return cached
+        try:
+            with httpx.Client(
+                base_url=self.url,
+                timeout=self._timeout_s,
+                auth=self._auth,
+                headers={"Accept": _CONTENT_TYPE},
+            ) as client:
+                resp = client.get(f"/schemas/ids/{schema_id}")
+        except httpx.HTTPError as exc:
+            raise RegistryError(f"schema registry {self.url}: {type(exc).__name__}: {exc}") from exc
+        return self._schema_from(resp, schema_id)
+
+    def _schema_from(self, resp: httpx.Response, schema_id: int) -> dict[str, Any]:
         if resp.status_code == 404:
             raise UnknownSchema(f"schema id {schema_id} is not in the registry")
         data = self._json(resp, f"get schema {schema_id}")

@@ -16,7 +16,9 @@ from chio_receipts.schemas import (
     RUNS_TOPIC,
     STEPS_TOPIC,
     KafkaConnection,
+    SubjectStrategy,
     TopicNames,
+    WireFormat,
 )
 
 __all__ = ["Compression", "Durability", "StreamerConfig", "TopicSettings", "TopicsConfig"]
@@ -159,6 +161,15 @@ class StreamerConfig:
     a spool error the sender waits a random time up to ``retry_backoff_s * 2**n`` (full jitter,
     capped at ``max_retry_backoff_s``) before it tries again; the first acknowledgement after
     the failure resets ``n``.
+
+    ``wire_format``: ``"single_object"`` (the default: Avro single-object encoding, no registry
+    needed) or ``"confluent"`` (``00`` + the schema's registry id + the body, the framing
+    ClickHouse's ``AvroConfluent`` format and Confluent clients read). Confluent framing needs
+    ``registry_url`` (a Confluent-compatible API, e.g. Apicurio's ``/apis/ccompat/v7``); every
+    schema is registered once when the streamer starts, under the subject ``subject_strategy``
+    names (``topic``: ``<topic>-value``, Confluent's default TopicNameStrategy; the steps topic
+    carries StepReceipt and StepOutcome, so a registry enforcing compatibility per subject
+    wants ``topic_record``).
     """
 
     kafka: KafkaConnection
@@ -183,3 +194,12 @@ class StreamerConfig:
     max_retry_backoff_s: float = 5.0
     spool_max_bytes: int = 1 << 30
     spool_segment_bytes: int = 16 << 20
+    wire_format: WireFormat = "single_object"
+    registry_url: str | None = None
+    subject_strategy: SubjectStrategy = SubjectStrategy.TOPIC
+
+    def __post_init__(self) -> None:
+        if self.wire_format not in ("single_object", "confluent"):
+            raise ValueError(f"unknown wire format {self.wire_format!r}")
+        if self.wire_format == "confluent" and not self.registry_url:
+            raise ValueError("the confluent wire format needs registry_url")

@@ -80,6 +80,12 @@ class ReceiptStreamer(schemas.AsyncService):
         codec: schemas.Codec | None = None,
     ) -> None:
         self.config = config
+        self._own_registry: schemas.SchemaRegistryClient | None = None
+        if codec is None and config.wire_format == "confluent" and config.registry_url:
+            self._own_registry = schemas.SchemaRegistryClient(
+                config.registry_url, strategy=config.subject_strategy
+            )
+            codec = schemas.Codec(self._own_registry, wire_format="confluent")
         self.codec = codec
         self._framer: Framer = codec.frame_known if codec is not None else single_object
         self.metrics = metrics if metrics is not None else StreamerMetrics()
@@ -125,7 +131,11 @@ class ReceiptStreamer(schemas.AsyncService):
         if self._started:
             return
         if self.codec is not None and self.codec.wire_format == "confluent":
-            await self._register_schemas(self.codec)
+            try:
+                await self._register_schemas(self.codec)
+            except BaseException:
+                await self._close_registry()
+                raise
         self._started = True
         await self._spool.start()
         self._sender = asyncio.create_task(self._run(), name="chio-streamer-sender")
@@ -144,6 +154,11 @@ class ReceiptStreamer(schemas.AsyncService):
                 await codec.schema_id(name, topic)
         except schemas.SchemaError as exc:
             raise StreamerError(f"cannot register schemas: {exc}") from exc
+
+    async def _close_registry(self) -> None:
+        registry, self._own_registry = self._own_registry, None
+        if registry is not None:
+            await registry.aclose()
 
     async def stop(self) -> None:
         """Drain for up to half of ``stop_timeout_s``, persist the rest, stop the producer."""
@@ -182,6 +197,7 @@ class ReceiptStreamer(schemas.AsyncService):
         await self._close_producer(max(0.5, deadline - time.monotonic()))
         await self._spool.stop()
         self._rejected.close()
+        await self._close_registry()
 
     # -- ReceiptSink -----------------------------------------------------------------------------
 

@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from chio_receipts.stack import LocalStack, StackConfig, StackError
+from chio_receipts.stack import (
+    ApicurioRegistry,
+    LocalStack,
+    RegistryConfig,
+    StackConfig,
+    StackError,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,6 +43,23 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Local
         yield local
     finally:
         local.stop()
+
+
+@pytest.fixture(scope="session")
+async def schema_registry_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """Confluent-compatible API URL of a real schema registry (Apicurio Registry, in memory),
+    started once per session when a test asks for it; a start failure fails those tests."""
+    registry = ApicurioRegistry(
+        RegistryConfig(data_dir=tmp_path_factory.mktemp("registry"), cache_dir=_cache_dir())
+    )
+    try:
+        await registry.start()
+    except StackError as exc:
+        pytest.fail(f"the schema registry could not start:\n{exc}", pytrace=False)
+    try:
+        yield registry.url
+    finally:
+        registry.stop()
 
 
 @pytest.fixture(scope="session")

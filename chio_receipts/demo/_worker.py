@@ -28,7 +28,7 @@ from chio_receipts.interceptor import (
     GrantResolver,
     WorkflowGrant,
 )
-from chio_receipts.schemas import KafkaConnection
+from chio_receipts.schemas import KafkaConnection, SubjectStrategy, WireFormat
 from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, StreamerMetrics, TopicsConfig
 
 __all__ = [
@@ -71,6 +71,10 @@ class WorkerSettings:
     metrics: StreamerMetrics | None = None
     redact_parameters: bool = False
     """Receipts sign only the hash of each call's parameters (see ChioActivityInterceptor)."""
+    wire_format: WireFormat = "single_object"
+    registry_url: str | None = None
+    subject_strategy: SubjectStrategy = SubjectStrategy.TOPIC
+    """Framing of the receipts (``StreamerConfig``: Confluent needs ``registry_url``)."""
 
     def temporal_connection(self) -> TemporalConnection:
         """How to reach Temporal: ``temporal`` when given (TLS, API key), else plaintext to
@@ -109,6 +113,9 @@ async def demo_worker(
                     spool_dir=str(settings.spool_dir),
                     topics=settings.topics,
                     client_id=f"chio-demo-{settings.task_queue}",
+                    wire_format=settings.wire_format,
+                    registry_url=settings.registry_url,
+                    subject_strategy=settings.subject_strategy,
                 ),
                 metrics=settings.metrics,
             )

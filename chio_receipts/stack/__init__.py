@@ -15,6 +15,13 @@ from chio_receipts.stack._kafka import (
     java_binary,
 )
 from chio_receipts.stack._process import free_port
+from chio_receipts.stack._registry import (
+    APICURIO_VERSION,
+    CCOMPAT_PATH,
+    ApicurioRegistry,
+    RegistryConfig,
+    ensure_registry_package,
+)
 from chio_receipts.stack._stack import (
     LocalStack,
     StackConfig,
@@ -26,11 +33,15 @@ from chio_receipts.stack._stack import (
 from chio_receipts.stack._temporal import TemporalConfig, TemporalServer, temporal_binary
 
 __all__ = [
+    "APICURIO_VERSION",
+    "CCOMPAT_PATH",
     "KAFKA_VERSION",
+    "ApicurioRegistry",
     "KafkaBroker",
     "KafkaConfig",
     "LocalStack",
     "PortBusyError",
+    "RegistryConfig",
     "StackConfig",
     "StackError",
     "StackState",
@@ -39,6 +50,7 @@ __all__ = [
     "connect_clickhouse",
     "default_clickhouse_dsn",
     "ensure_kafka_jars",
+    "ensure_registry_package",
     "free_port",
     "is_chdb",
     "java_binary",

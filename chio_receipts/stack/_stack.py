@@ -1,4 +1,5 @@
-"""The local stack: Temporal dev server + Kafka broker (+ the ClickHouse DSN), started together.
+"""The local stack: Temporal dev server + Kafka broker (+ the ClickHouse DSN), started together,
+plus a Confluent-compatible schema registry (Apicurio) when asked for.
 
 Used by the CLI (`chio-receipts dev up|down|status`) and by the test fixtures. The CLI leaves the
 services running after it exits, so it records their pids and ports in ``<data dir>/stack.json``.
@@ -16,6 +17,7 @@ from chio_receipts.stack._clickhouse import default_clickhouse_dsn
 from chio_receipts.stack._errors import StackError
 from chio_receipts.stack._kafka import KafkaBroker, KafkaConfig
 from chio_receipts.stack._process import pid_alive, stop_pid
+from chio_receipts.stack._registry import ApicurioRegistry, RegistryConfig
 from chio_receipts.stack._temporal import TemporalConfig, TemporalServer
 
 __all__ = ["LocalStack", "StackConfig", "StackState", "read_state", "stop_recorded"]
@@ -31,6 +33,9 @@ class StackConfig:
     kafka_port: int = 0
     kafka_heap: str = "512m"
     clickhouse_dsn: str | None = None
+    with_registry: bool = False
+    """Also start Apicurio Registry (Confluent-compatible API) for Confluent framing."""
+    registry_port: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,6 +48,9 @@ class StackState:
     temporal_pid: int
     kafka_pid: int
     data_dir: str
+    registry_url: str = ""
+    """Confluent-compatible API of the registry; "" when the stack runs without one."""
+    registry_pid: int = 0
 
 
 class LocalStack:
@@ -61,6 +69,15 @@ class LocalStack:
                 heap=config.kafka_heap,
             )
         )
+        self.registry = (
+            ApicurioRegistry(
+                RegistryConfig(
+                    data_dir=config.data_dir, cache_dir=config.cache_dir, port=config.registry_port
+                )
+            )
+            if config.with_registry
+            else None
+        )
         self.clickhouse_dsn = config.clickhouse_dsn or default_clickhouse_dsn(config.data_dir)
         self._started = False
 
@@ -74,14 +91,21 @@ class LocalStack:
         """bootstrap.servers of the broker."""
         return self.kafka.bootstrap
 
+    @property
+    def registry_url(self) -> str:
+        """Confluent-compatible API of the registry ("" without one)."""
+        return self.registry.url if self.registry is not None else ""
+
     async def start(self) -> None:
-        """Start both services (Kafka first: its JVM takes longest); stop both on failure."""
+        """Start the services (Kafka first: its JVM takes longest); stop all on failure."""
         if self._started:
             return
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             await self.kafka.start()
             await self.temporal.start()
+            if self.registry is not None:
+                await self.registry.start()
         except BaseException:
             self.stop()
             raise
@@ -96,6 +120,12 @@ class LocalStack:
             temporal_pid=(self.temporal.process.pid or 0) if self.temporal.process else 0,
             kafka_pid=(self.kafka.process.pid or 0) if self.kafka.process else 0,
             data_dir=str(self.config.data_dir),
+            registry_url=self.registry_url,
+            registry_pid=(
+                (self.registry.process.pid or 0)
+                if self.registry is not None and self.registry.process
+                else 0
+            ),
         )
 
     def write_state(self) -> Path:
@@ -105,7 +135,9 @@ class LocalStack:
         return path
 
     def stop(self) -> None:
-        """Stop Temporal then Kafka; idempotent."""
+        """Stop the registry, Temporal, then Kafka; idempotent."""
+        if self.registry is not None:
+            self.registry.stop()
         self.temporal.stop()
         self.kafka.stop()
         self._started = False
@@ -153,7 +185,12 @@ def stop_recorded(data_dir: Path) -> list[str]:
     if state is None:
         return []
     stopped = []
-    for name, pid in (("temporal", state.temporal_pid), ("kafka", state.kafka_pid)):
+    recorded = (
+        ("registry", state.registry_pid),
+        ("temporal", state.temporal_pid),
+        ("kafka", state.kafka_pid),
+    )
+    for name, pid in recorded:
         if pid and pid_alive(pid):
             stop_pid(pid)
             stopped.append(f"{name} (pid {pid})")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +27,7 @@ from chio_receipts.schemas import (
     STEP_EVENT_TYPE,
     KafkaConnection,
     KeyPair,
+    SchemaRegistryClient,
     TopicNames,
     cloudevent_headers,
     confluent_frame,
@@ -40,7 +40,6 @@ from chio_receipts.streamer._cloudevents import envelope_id
 from tests.support.builder_service import Running
 from tests.support.consumer_factory import STEP, completion, completion_value, receipt, signed_run
 from tests.support.helpers import eventually
-from tests.support.http_receiver import Receiver
 from tests.support.kafka_topics import create_topics, make_topics, produce, read_all
 
 pytestmark = pytest.mark.integration
@@ -371,30 +370,31 @@ async def test_rows_clickhouse_refuses_are_isolated_and_dead_lettered(
 
 
 async def test_confluent_framed_messages_are_read_through_the_registry(
-    kafka_bootstrap: str, clickhouse_dsn: str, unique: Callable[[str], str]
+    kafka_bootstrap: str,
+    clickhouse_dsn: str,
+    schema_registry_url: str,
+    unique: Callable[[str], str],
 ) -> None:
     topics = await make_topics(kafka_bootstrap, unique, partitions=1)
+    async with SchemaRegistryClient(schema_registry_url) as registry:
+        schema_id = await registry.register(f"{topics.steps}-value", standalone_schema(STEP))
     run = signed_run(WORKER, "wf-cf", "r", 2)
     key = b"default/wf-cf/r"
-    registry_doc = json.dumps({"schema": json.dumps(standalone_schema(STEP))}).encode()
-    steps = [(key, confluent_frame(7, wire[10:]), None) for _, wire in run]
+    steps = [(key, confluent_frame(schema_id, wire[10:]), None) for _, wire in run]
     await produce(kafka_bootstrap, topics.steps, steps)
     done = completion_value(completion("wf-cf", "r", expected=2))
     await produce(kafka_bootstrap, topics.runs, [(key, done, None)])
-    async with Receiver(reply=lambda _: registry_doc) as registry:
-        cfg = _config(kafka_bootstrap, clickhouse_dsn, topics, registry_url=registry.url)
-        async with Running(cfg) as running:
+    cfg = _config(kafka_bootstrap, clickhouse_dsn, topics, registry_url=schema_registry_url)
+    async with Running(cfg) as running:
 
-            async def written() -> bool:
-                running.check()
-                return await running.scalar("SELECT count() FROM workflow_receipts") == 1
+        async def written() -> bool:
+            running.check()
+            return await running.scalar("SELECT count() FROM workflow_receipts") == 1
 
-            await eventually(written, timeout=30)
-            assert await running.scalar("SELECT count() FROM step_receipts") == 2
-            report = verify_run(running.service.sink.client, "wf-cf", keys=KEYS)
-            assert report.ok, report.summary()
-        assert registry.requests[0][:2] == ("GET", "/schemas/ids/7")
-        assert len(registry.requests) == 1  # fetched once, then cached
+        await eventually(written, timeout=30)
+        assert await running.scalar("SELECT count() FROM step_receipts") == 2
+        report = verify_run(running.service.sink.client, "wf-cf", keys=KEYS)
+        assert report.ok, report.summary()
 
 
 async def test_restart_with_a_pending_completion_rebuilds_the_run(

@@ -19,10 +19,14 @@ from typing import Any
 
 import fastavro
 import pytest
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 import chio_receipts.schemas as schemas
+from chio_receipts.consumers import verify_run
 from chio_receipts.stack import KafkaBroker, KafkaConfig
+from tests.support.avro_strategies import sample_run
+from tests.support.consumer_factory import completion_value
 from tests.support.faults.pipeline import Pipeline, cache_dir, clickhouse_dsn_for
 from tests.support.faults.procs import rss_bytes
 from tests.support.faults.report import record_row
@@ -163,15 +167,19 @@ def _v2_step_schema(extra_type: Any, default: Any) -> dict[str, Any]:
     return raw
 
 
-def _signed_frame(raw: dict[str, Any], record: dict[str, Any], key: schemas.KeyPair) -> bytes:
+def _signed_body(raw: dict[str, Any], record: dict[str, Any], key: schemas.KeyPair) -> bytes:
     named: dict[str, Any] = {}
     parsed = fastavro.parse_schema(raw, named_schemas=named)
     buf = io.BytesIO()
     fastavro.schemaless_writer(buf, parsed, {**record, "signature": b""})
     unsigned = buf.getvalue()
     signature = key.sign(unsigned)
-    body = unsigned[:-1] + b"\x80\x01" + signature
-    return b"\xc3\x01" + schemas.schema_fingerprint(parsed) + body
+    return unsigned[:-1] + b"\x80\x01" + signature
+
+
+def _signed_frame(raw: dict[str, Any], record: dict[str, Any], key: schemas.KeyPair) -> bytes:
+    parsed = fastavro.parse_schema(raw, named_schemas={})
+    return b"\xc3\x01" + schemas.schema_fingerprint(parsed) + _signed_body(raw, record, key)
 
 
 def _record(key: schemas.KeyPair) -> dict[str, Any]:
@@ -181,31 +189,64 @@ def _record(key: schemas.KeyPair) -> dict[str, Any]:
     return {**step.to_avro(), "region": "eu"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="schema evolution without a registry: the builder resolves writers by fingerprint "
-    "among the schemas it ships (consumers._wire.decode_plain reads single-object frames only), "
-    "so a newer producer's v2 step (a field added with a default) is dead-lettered as "
-    "unknown_schema instead of being read by resolution; needs Confluent framing + a registry "
-    "lookup in the builder",
-)
 @pytest.mark.timeout(400)
-async def test_f17a_v2_writer_read_by_a_v1_consumer(make_pipeline: Callable[..., Pipeline]) -> None:
-    p = make_pipeline()
+async def test_f17a_v2_writer_read_by_a_v1_consumer(
+    make_pipeline: Callable[..., Pipeline], schema_registry_url: str
+) -> None:
+    """A newer producer registers its v2 StepReceipt (a field added with a default) in the real
+    registry and writes Confluent framing; the builder, on the current schema, fetches the
+    writer schema by id and reads the step by schema resolution."""
+    p = make_pipeline(consumer={"registry_url": schema_registry_url})
     await p.start(workers=0)
-    record = _record(p.worker_key)
-    value = _signed_frame(_v2_step_schema("string", ""), record, p.worker_key)
+    # The snapshot reads the pipeline's own workflows (ids starting with its name).
+    record = {**_record(p.worker_key), "workflow_id": f"{p.name}-v2"}
+    v2 = _v2_step_schema("string", "")
+    async with schemas.SchemaRegistryClient(schema_registry_url) as registry:
+        schema_id = await registry.register(f"{p.topics.steps}-value", v2)  # TopicNameStrategy
+    value = schemas.confluent_frame(schema_id, _signed_body(v2, record, p.worker_key))
     key = f"{record['namespace']}/{record['workflow_id']}/{record['run_id']}".encode()
-    await p.produce_raw(p.topics.steps, [(key, value)])
-    await eventually(lambda: _zero(p), 60)
+    [origin] = await p.produce_raw(p.topics.steps, [(key, value)])
+    done = sample_run(
+        namespace=record["namespace"],
+        workflow_id=record["workflow_id"],
+        run_id=record["run_id"],
+        expected_steps=1,
+    )
+    [closed] = await p.produce_raw(p.topics.runs, [(key, completion_value(done))])
+    # The group's lag can read 0 before the builder polled (end offsets of a topic created a
+    # moment ago): wait for the commit past these very messages instead.
+    await eventually(lambda: _committed_past(p, origin), 60)
+    await eventually(lambda: _committed_past(p, closed), 60)
     snap = await p.snapshot()
-    record_row("F17a", "v2 writer, v1 reader", result="XFAIL (DLQ)" if snap.dead_letters else "?")
+    codec = schemas.Codec(schemas.SchemaRegistryClient(schema_registry_url))
+    client = p.clickhouse()
+    try:
+        report = verify_run(client, record["workflow_id"], keys=p.public_keys, codec=codec)
+    finally:
+        client.close()
+        await codec.registry.aclose()  # type: ignore[union-attr]
+    read = str(record["receipt_id"]) in snap.receipt_ids and not snap.dead_letters
+    record_row(
+        "F17a",
+        "v2 writer (registry), v1 reader",
+        snap=snap,
+        result="held" if read and report.ok else "VIOLATED (not read by resolution)",
+    )
     assert str(record["receipt_id"]) in snap.receipt_ids, [d.reason for d in snap.dead_letters]
+    assert not snap.dead_letters, [d.reason for d in snap.dead_letters]
+    assert [e.complete for e in snap.envelopes] == [True]
+    assert report.ok, report.summary()
 
 
 async def _zero(p: Pipeline) -> bool:
     return await p.lag() == 0
+
+
+async def _committed_past(p: Pipeline, origin: tuple[str, int, int]) -> bool:
+    topic, partition, offset = origin
+    consumer = await p._lag_client()
+    committed = await consumer.committed(TopicPartition(topic, partition))
+    return committed is not None and committed > offset
 
 
 @pytest.mark.timeout(400)

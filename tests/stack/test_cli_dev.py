@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from chio_receipts.stack import port_open
@@ -30,20 +31,28 @@ def test_dev_up_status_down(tmp_path: Path) -> None:
             [*CLI, "dev", *args], env=env, capture_output=True, text=True, timeout=180
         )
 
-    up = cli("up", "--temporal-port", "0", "--kafka-port", "0")
+    up = cli(
+        "up", "--temporal-port", "0", "--kafka-port", "0", "--with-registry", "--registry-port", "0"
+    )
     assert up.returncode == 0, up.stdout + up.stderr
     state = json.loads((tmp_path / "data" / "stack.json").read_text())
     try:
         assert port_open(state["kafka_bootstrap"])
         assert port_open(state["temporal_address"])
+        registry = state["registry_url"]
+        assert registry.endswith("/apis/ccompat/v7"), registry
+        assert httpx.get(f"{registry}/subjects", timeout=5).json() == []
         status = cli("status")
         assert status.returncode == 0
         assert state["kafka_bootstrap"] in status.stdout
+        assert "registry" in status.stdout
     finally:
         down = cli("down")
     assert down.returncode == 0
     assert "kafka" in down.stdout
     assert "temporal" in down.stdout
+    assert "registry" in down.stdout
+    assert not pid_alive(state["registry_pid"])
     assert not pid_alive(state["kafka_pid"])
     assert not pid_alive(state["temporal_pid"])
     assert not (tmp_path / "data" / "stack.json").exists()

@@ -10,9 +10,12 @@ from typer.testing import CliRunner
 
 from chio_receipts.cli import app
 from chio_receipts.stack import (
+    APICURIO_VERSION,
+    ApicurioRegistry,
     KafkaBroker,
     KafkaConfig,
     PortBusyError,
+    RegistryConfig,
     StackError,
     TemporalConfig,
     TemporalServer,
@@ -107,3 +110,29 @@ def test_cluster_ids_never_look_like_an_option() -> None:
     ids = [_cluster_id() for _ in range(2000)]
     assert all(len(i) == 22 and not i.startswith("-") for i in ids)
     assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.unit
+def test_busy_registry_port_names_the_port_and_the_fix(busy_port: int, tmp_path: Path) -> None:
+    with pytest.raises(PortBusyError) as info:
+        ApicurioRegistry(RegistryConfig(data_dir=tmp_path, cache_dir=tmp_path, port=busy_port))
+    assert str(info.value).startswith(f"registry: port {busy_port} busy")
+    assert "--registry-port 0" in str(info.value)
+
+
+@pytest.mark.unit
+async def test_a_registry_that_exits_while_starting_is_an_error_with_its_log(
+    tmp_path: Path,
+) -> None:
+    # A cached package whose runner jar is not a jar: java exits at once.
+    home = tmp_path / "cache" / f"apicurio-registry-{APICURIO_VERSION}"
+    home.mkdir(parents=True)
+    (home / f"apicurio-registry-app-{APICURIO_VERSION}-runner.jar").write_text("not a jar")
+    (home / ".complete").write_text(APICURIO_VERSION)
+    registry = ApicurioRegistry(RegistryConfig(data_dir=tmp_path, cache_dir=tmp_path / "cache"))
+    with pytest.raises(StackError) as info:
+        await registry.start()
+    text = str(info.value)
+    assert text.startswith("registry: Apicurio Registry exited with code"), text
+    assert "last log lines" in text
+    assert registry.process is None

@@ -39,6 +39,7 @@ async def main(cfg: dict[str, object]) -> int:
         ),
         public_keys=keys,
         key_url=str(cfg["key_url"]) if cfg.get("key_url") else None,
+        registry_url=str(cfg["registry_url"]) if cfg.get("registry_url") else None,
         topics=TopicNames.with_prefix(prefix),
         group_id=str(cfg["group"]),
         grace_seconds=float(str(cfg.get("grace_seconds", 20.0))),
