@@ -9,6 +9,7 @@ from pathlib import Path
 from temporalio.client import Client
 
 from chio_receipts.schemas import KafkaConnection
+from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
 
 __all__ = ["Env"]
 
@@ -35,3 +36,19 @@ class Env:
         path = self.scratch / self.unique(prefix)
         path.mkdir(parents=True)
         return path
+
+    async def started_streamer(self, prefix: str, durability: str = "queued") -> ReceiptStreamer:
+        """A started :class:`ReceiptStreamer` on fresh topics (6 partitions) named after
+        ``prefix``, spooling under the scratch dir."""
+        topics = TopicsConfig(prefix=self.unique(prefix) + ".", partitions=6)
+        await ensure_topics(self.kafka, topics)
+        streamer = ReceiptStreamer(
+            StreamerConfig(
+                kafka=self.kafka,
+                spool_dir=str(self.directory("spool")),
+                topics=topics,
+                durability=durability,  # type: ignore[arg-type]
+            )
+        )
+        await streamer.start()
+        return streamer

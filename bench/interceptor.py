@@ -33,7 +33,7 @@ from chio_receipts.interceptor import (
 )
 from chio_receipts.schemas import KeyPair, RunCompletion, StepReceipt, sign_receipt
 from chio_receipts.sidecar import LocalSidecar
-from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
+from chio_receipts.streamer import ReceiptStreamer
 
 __all__ = ["bench_attempt_cpu", "bench_worker_throughput", "run"]
 
@@ -142,17 +142,7 @@ async def bench_attempt_cpu(size: Size, env: Env | None) -> dict[str, Any]:
         sink: Any = NullSink()
         if durability is not None:
             assert env is not None
-            topics = TopicsConfig(prefix=env.unique("bench-gate") + ".", partitions=6)
-            await ensure_topics(env.kafka, topics)
-            streamer = ReceiptStreamer(
-                StreamerConfig(
-                    kafka=env.kafka,
-                    spool_dir=str(env.directory("spool")),
-                    topics=topics,
-                    durability=durability,
-                )
-            )
-            await streamer.start()
+            streamer = await env.started_streamer("bench-gate", durability)
             sink = streamer
         try:
             gate = _interceptor(sidecar, grant, sink)
@@ -223,17 +213,7 @@ async def _throughput(env: Env, size: Size, durability: str | None) -> tuple[flo
     streamer: ReceiptStreamer | None = None
     gate: ChioActivityInterceptor | None = None
     if durability is not None:
-        topics = TopicsConfig(prefix=env.unique("bench-wk") + ".", partitions=6)
-        await ensure_topics(env.kafka, topics)
-        streamer = ReceiptStreamer(
-            StreamerConfig(
-                kafka=env.kafka,
-                spool_dir=str(env.directory("spool")),
-                topics=topics,
-                durability=durability,  # type: ignore[arg-type]
-            )
-        )
-        await streamer.start()
+        streamer = await env.started_streamer("bench-wk", durability)
         sidecar = LocalSidecar()
         token = sidecar.mint("svc-bench", ["bench_step"], 3600)
         grant = WorkflowGrant(workflow_id="*", token=token)

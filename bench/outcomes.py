@@ -27,7 +27,7 @@ from bench.interceptor import _ARG_KEY, _ARGS, NullSink, _info, _run_workflows
 from chio_receipts.interceptor import ChioActivityInterceptor, WorkflowGrant
 from chio_receipts.schemas import StepOutcome
 from chio_receipts.sidecar import LocalSidecar
-from chio_receipts.streamer import ReceiptStreamer, StreamerConfig, TopicsConfig, ensure_topics
+from chio_receipts.streamer import ReceiptStreamer
 
 __all__ = ["bench_outcome_cost", "bench_outcome_throughput", "run"]
 
@@ -96,17 +96,7 @@ async def bench_outcome_cost(size: Size, env: Env | None) -> dict[str, Any]:
         sink: Any = NullOutcomeSink()
         if durability is not None:
             assert env is not None
-            topics = TopicsConfig(prefix=env.unique("bench-out") + ".", partitions=6)
-            await ensure_topics(env.kafka, topics)
-            streamer = ReceiptStreamer(
-                StreamerConfig(
-                    kafka=env.kafka,
-                    spool_dir=str(env.directory("spool")),
-                    topics=topics,
-                    durability="queued",
-                )
-            )
-            await streamer.start()
+            streamer = await env.started_streamer("bench-out", durability)
             sink = streamer
         try:
             for variant in _VARIANTS:  # warm-up
@@ -153,17 +143,7 @@ async def bench_outcome_cost(size: Size, env: Env | None) -> dict[str, Any]:
 
 
 async def _throughput(env: Env, size: Size, outcomes: bool) -> tuple[float, int]:
-    topics = TopicsConfig(prefix=env.unique("bench-outwk") + ".", partitions=6)
-    await ensure_topics(env.kafka, topics)
-    streamer = ReceiptStreamer(
-        StreamerConfig(
-            kafka=env.kafka,
-            spool_dir=str(env.directory("spool")),
-            topics=topics,
-            durability="queued",
-        )
-    )
-    await streamer.start()
+    streamer = await env.started_streamer("bench-outwk", "queued")
     sidecar = LocalSidecar()
     token = sidecar.mint("svc-bench", ["bench_step"], 3600)
     gate = _gate(sidecar, WorkflowGrant(workflow_id="*", token=token), streamer, outcomes)
