@@ -28,7 +28,7 @@ it flagged unsigned (a gate failure the sidecar could not sign).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,33 +119,31 @@ class ChioRefusal:
 def chio_refusal(record: Mapping[str, Any], trusted: Collection[str]) -> ChioRefusal | None:
     """Why the plain step ``record``'s Chio receipt does not hold, or None (also for a step
     without one). ``trusted`` holds the lowercase hex public keys allowed to sign receipts."""
-    if not record.get("chio_receipt"):
-        return None
-    try:
-        step = StepReceipt.from_avro(dict(record))
-    except (KeyError, TypeError, ValueError) as exc:
-        return ChioRefusal(Reason.BAD_CHIO_RECEIPT, f"the step record is not readable: {exc}")
-    trust = _Trust(trusted)
-    why = check_chio_step(step, trusted_keys=trust)
-    if why is None:
-        return None
-    if trust.missed is not None:
-        return ChioRefusal(Reason.UNTRUSTED_KERNEL_KEY, why, trust.missed)
-    return ChioRefusal(Reason.BAD_CHIO_RECEIPT, why)
+    return _refusal(record, trusted, "step", StepReceipt.from_avro, check_chio_step)
 
 
 def outcome_refusal(record: Mapping[str, Any], trusted: Collection[str]) -> ChioRefusal | None:
     """Why the plain outcome ``record``'s Chio receipt does not hold, or None (also for a record
     without one: an unsigned record is the caller's to flag). ``trusted`` as for
     :func:`chio_refusal`."""
+    return _refusal(record, trusted, "outcome", StepOutcome.from_avro, check_chio_outcome)
+
+
+def _refusal(
+    record: Mapping[str, Any],
+    trusted: Collection[str],
+    kind: str,
+    parse: Callable[[dict[str, Any]], Any],
+    check: Callable[..., str | None],
+) -> ChioRefusal | None:
     if not record.get("chio_receipt"):
         return None
     try:
-        outcome = StepOutcome.from_avro(dict(record))
+        parsed = parse(dict(record))
     except (KeyError, TypeError, ValueError) as exc:
-        return ChioRefusal(Reason.BAD_CHIO_RECEIPT, f"the outcome record is not readable: {exc}")
+        return ChioRefusal(Reason.BAD_CHIO_RECEIPT, f"the {kind} record is not readable: {exc}")
     trust = _Trust(trusted)
-    why = check_chio_outcome(outcome, trusted_keys=trust)
+    why = check(parsed, trusted_keys=trust)
     if why is None:
         return None
     if trust.missed is not None:

@@ -592,37 +592,22 @@ class ReceiptBuilderService(AsyncService):
 
         The deduplication token names every partition's offset range, so a retry of this very
         insert is recognized; replays with other batch boundaries are handled by hydration."""
-        with_rows = sorted(
-            ((tp, part) for tp, part in parts.items() if part.rows), key=lambda i: i[0].partition
-        )
-        if not with_rows:
+        token, rows = _batch_rows(parts, "steps", lambda part: part.rows)
+        if not rows:
             return
-        topic = with_rows[0][0].topic
-        ranges = ",".join(f"p{tp.partition}:{part.first}-{part.last}" for tp, part in with_rows)
-        rows = [(tp, row) for tp, part in with_rows for row in part.rows]
         refused: list[tuple[TopicPartition, StepRow, SinkDataError]] = []
-        await self._insert_rows(
-            rows, f"steps:{topic}:{ranges}", self.sink.insert_steps, "step_receipts", refused
-        )
+        await self._insert_rows(rows, token, self.sink.insert_steps, "step_receipts", refused)
         for tp, row, exc in refused:
             batch.parts[tp].dead.append(_dead_row(tp, row, exc))
             self._forget(row, self._builder.drop_step, row.receipt_id)
 
     async def _insert_outcomes(self, batch: Batch, parts: Mapping[TopicPartition, _Rows]) -> None:
         """The outcome rows of the batch, as :meth:`_insert_steps` (their own token)."""
-        with_rows = sorted(
-            ((tp, part) for tp, part in parts.items() if part.outcomes),
-            key=lambda i: i[0].partition,
-        )
-        if not with_rows:
+        token, rows = _batch_rows(parts, "outcomes", lambda part: part.outcomes)
+        if not rows:
             return
-        topic = with_rows[0][0].topic
-        ranges = ",".join(f"p{tp.partition}:{part.first}-{part.last}" for tp, part in with_rows)
-        rows = [(tp, row) for tp, part in with_rows for row in part.outcomes]
         refused: list[tuple[TopicPartition, OutcomeRow, SinkDataError]] = []
-        await self._insert_rows(
-            rows, f"outcomes:{topic}:{ranges}", self.sink.insert_outcomes, "step_outcomes", refused
-        )
+        await self._insert_rows(rows, token, self.sink.insert_outcomes, "step_outcomes", refused)
         for tp, row, exc in refused:
             batch.parts[tp].dead.append(_dead_outcome_row(tp, row, exc))
             self._forget(row, self._builder.drop_outcome, row.outcome_id)
@@ -763,6 +748,21 @@ class ReceiptBuilderService(AsyncService):
     async def _retry(self, fn: Any) -> Any:
         """``fn()`` until ClickHouse takes it; a set stop event ends the waiting (re-raised)."""
         return await retry_async(fn, policy=self._retry_policy("ClickHouse"), stop=self._stop)
+
+
+def _batch_rows(
+    parts: Mapping[TopicPartition, _Rows], kind: str, pick: Callable[[_Rows], Sequence[Any]]
+) -> tuple[str, list[tuple[TopicPartition, Any]]]:
+    """The deduplication token (``kind:<topic>:p<n>:<first>-<last>,…``) and the rows ``pick``
+    takes from each partition of the batch, in partition order; no rows, no token."""
+    with_rows = sorted(
+        ((tp, part) for tp, part in parts.items() if pick(part)), key=lambda i: i[0].partition
+    )
+    if not with_rows:
+        return "", []
+    ranges = ",".join(f"p{tp.partition}:{part.first}-{part.last}" for tp, part in with_rows)
+    token = f"{kind}:{with_rows[0][0].topic}:{ranges}"
+    return token, [(tp, row) for tp, part in with_rows for row in pick(part)]
 
 
 def _dead_row(tp: TopicPartition, row: StepRow, exc: Exception) -> DeadLetter:
