@@ -9,6 +9,7 @@ writer schema only by its Parsing Canonical Form fingerprint.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 import chio_receipts.schemas as schemas
 import chio_receipts.streamer as streamer
 from chio_receipts.consumers import BuilderConfig, ClickHouseConfig, ReceiptBuilderService
+from chio_receipts.consumers._envelope import Envelope
 from tests.support.avro_strategies import sample_envelope
 from tests.support.consumer_factory import completion, receipt
 from tests.support.helpers import eventually
@@ -168,3 +170,135 @@ async def test_java_binary_message_decoder_reads_every_topic(
         assert env["metadata"]["key_id"] == BUILDER.key_id
         assert env["metadata"]["complete"] == "true"
         assert env["outcome"] == "success"
+
+
+async def test_java_reads_outcome_records_attempt_lists_and_accounted_envelopes(
+    kafka_bootstrap: str, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """The schema v3 additions, written by the project, read by Java Avro: a signed outcome
+    record and a completion listing expected attempts (through the streamer and the broker), and
+    an envelope carrying outcome records and attempt accounts (the builder's spliced encoding)."""
+    import nacl.signing
+
+    cfg = config(kafka_bootstrap, str(tmp_path / "spool"), unique("java3") + ".")
+    await streamer.ensure_topics(cfg.kafka, cfg.topics)
+    topics = cfg.topics.names
+    workflow = unique("wf")
+    step, _ = schemas.sign_receipt(receipt(workflow, "run-o", 0), WORKER)
+    outcome = schemas.sign_chio_outcome(
+        schemas.StepOutcome(
+            outcome_id=schemas.uuid7(),
+            namespace=step.namespace,
+            workflow_id=workflow,
+            run_id="run-o",
+            workflow_type=step.workflow_type,
+            task_queue=step.task_queue,
+            activity_id=step.activity_id,
+            activity_type=step.activity_type,
+            attempt=1,
+            is_local=False,
+            tool_server=step.tool_server,
+            tool=step.tool,
+            capability_id=step.capability_id,
+            decision_receipt_id=step.receipt_id,
+            status=schemas.StepStatus.FAILED,
+            error_type="CardDeclined",
+            started_at=step.started_at,
+            ended_at=step.started_at + 1500,
+            duration_us=1500,
+            worker_identity=step.worker_identity,
+            trace_id="0af7651916cd43dd8448eb211c80319c",
+            span_id="b7ad6b7169203331",
+        ),
+        nacl.signing.SigningKey.generate(),
+        policy_hash="00" * 32,
+    )
+    attempts = (
+        schemas.ExpectedAttempt(
+            activity_id=step.activity_id,
+            activity_type=step.activity_type,
+            attempt=1,
+            is_local=False,
+            temporal_end="failed:CardDeclined",
+        ),
+        schemas.ExpectedAttempt(
+            activity_id="2", activity_type="refund", attempt=1, is_local=True, temporal_end=""
+        ),
+    )
+    event = dataclasses.replace(
+        completion(workflow, "run-o", expected=2), expected_attempts=attempts
+    )
+    async with streamer.ReceiptStreamer(cfg) as s:
+        await s.publish_outcome(outcome)
+        await s.publish_completion(event)
+        assert await s.flush(30)
+    records = await consume(kafka_bootstrap, [topics.steps, topics.runs], 2)
+    reader = {topics.steps: schemas.STEP_OUTCOME_SCHEMA, topics.runs: RUN}
+    accounts = (
+        schemas.AttemptAccount(
+            activity_id=step.activity_id,
+            activity_type=step.activity_type,
+            attempt=1,
+            is_local=False,
+            account=schemas.AccountState.RECEIPTED,
+            outcome=schemas.StepStatus.FAILED,
+        ),
+        schemas.AttemptAccount(
+            activity_id="2",
+            activity_type="refund",
+            attempt=1,
+            is_local=True,
+            account=schemas.AccountState.MISSING,
+            reason="no_receipt",
+        ),
+    )
+    envelope = Envelope(
+        namespace=step.namespace,
+        workflow_id=workflow,
+        run_id="run-o",
+        workflow_type=step.workflow_type,
+        parent_workflow_ids=(),
+        started_at=1,
+        completed_at=2,
+        outcome="failure",
+        revision=1,
+        complete=False,
+        missing_steps=1,
+        expected_steps=2,
+        allow_count=0,
+        deny_count=0,
+        receipt_ids=(),
+        steps=(),
+        chain_root=b"\0" * 32,
+        outcomes=(schemas.encode_body(schemas.STEP_OUTCOME_SCHEMA, outcome.to_avro()),),
+        attempts=accounts,
+    ).signed_by(BUILDER)
+    messages = [(reader[r.topic], r.value) for r in records] + [(ENVELOPE, envelope.framed())]
+    java = java_decode(messages, tmp_path / "java")
+    parsed = schemas.parsed_schema(schemas.STEP_OUTCOME_SCHEMA)
+    assert (
+        java.fingerprints[schemas.STEP_OUTCOME_SCHEMA] == schemas.schema_fingerprint(parsed).hex()
+    )
+    assert [out["ok"] for out in java.results] == [True, True, True], java.results
+    by_schema = {name: out["record"] for (name, _), out in zip(messages, java.results, strict=True)}
+    got = by_schema[schemas.STEP_OUTCOME_SCHEMA]
+    assert (got["status"], got["error_type"], got["duration_us"]) == (
+        "FAILED",
+        "CardDeclined",
+        1500,
+    )
+    assert got["decision_receipt_id"] == step.receipt_id
+    assert got["chio_signed"] == outcome.chio_signed.hex()
+    assert got["trace_id"] == outcome.trace_id
+    run = by_schema[RUN]
+    assert [
+        (a["activity_id"], a["attempt"], a["is_local"], a["temporal_end"])
+        for a in run["expected_attempts"]
+    ] == [(a.activity_id, a.attempt, a.is_local, a.temporal_end) for a in attempts]
+    env = by_schema[ENVELOPE]
+    assert [o["outcome_id"] for o in env["outcomes"]] == [outcome.outcome_id]
+    assert [(a["account"], a["reason"], a["outcome"], a["is_local"]) for a in env["attempts"]] == [
+        ("RECEIPTED", "", "FAILED", False),
+        ("MISSING", "no_receipt", "UNKNOWN", True),
+    ]
+    assert env["metadata"]["signature"] == envelope.signature.hex()
