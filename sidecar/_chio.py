@@ -18,7 +18,7 @@ Tokens and receipts stay raw JSON objects; nothing here re-serialises them throu
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import nacl.signing
@@ -356,6 +356,8 @@ def receipt_body(
     guard: str,
     grant_index: int | None,
     redact: bool = False,
+    evidence: Sequence[Mapping[str, Any]] = (),
+    policy_hash: str = POLICY_HASH,
 ) -> dict[str, Any]:
     """The unsigned body of a mediated decision receipt, as the kernel fills it.
 
@@ -363,7 +365,8 @@ def receipt_body(
     ``redact`` the body signs empty parameters, the ``parameter_hash`` of the real ones and
     ``redaction_mode: "redacted"``: the receipt still verifies and a holder of the parameters
     can prove them, but none travel. Raises ``ChioWireError`` for parameters with no canonical
-    JSON form.
+    JSON form. ``evidence`` is the kernel's ``GuardEvidence`` list of the guards that ran (left
+    out when empty, as the kernel serializes it); ``policy_hash`` names the active policy set.
     """
     attribution: dict[str, Any] = {}
     if token is not None:
@@ -385,7 +388,7 @@ def receipt_body(
         if redact
         else {"parameters": parameters}
     )
-    return {
+    body: dict[str, Any] = {
         "timestamp": timestamp,
         "capability_id": capability_id,
         "tool_server": tool_server,
@@ -397,10 +400,13 @@ def receipt_body(
         "tool_origin": "caller_executed",
         "redaction_mode": "redacted" if redact else "none",
         "content_hash": content_hash(),
-        "policy_hash": POLICY_HASH,
+        "policy_hash": policy_hash,
         "metadata": metadata,
         "trust_level": "mediated",
     }
+    if evidence:
+        body["evidence"] = [dict(e) for e in evidence]
+    return body
 
 
 def execution_nonce(

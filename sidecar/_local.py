@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -47,6 +47,14 @@ from chio_receipts.sidecar import _chio
 from chio_receipts.sidecar._chio import ChioRequestError
 from chio_receipts.sidecar._datadir import key_id_for
 from chio_receipts.sidecar._errors import InvalidCapability, ScopeWidening, UnknownCapability
+from chio_receipts.sidecar._guards import (
+    CallContext,
+    Guard,
+    GuardResult,
+    GuardVerdict,
+    evidence_json,
+    run_guards,
+)
 from chio_receipts.sidecar._store import ChioTokenRow, SidecarStore
 
 __all__ = ["ChioDecision", "LocalSidecar"]
@@ -79,6 +87,10 @@ class _Decision:
     token: CapabilityToken | None = None
     kernel: Mapping[str, Any] | None = None
     grant_index: int | None = None
+    evidence: tuple[GuardResult, ...] = ()
+    """The results of the guards that ran (the receipt's ``evidence``)."""
+    approval: GuardResult | None = None
+    """The guard result that asked for a person's approval (the verdict is then a deny)."""
 
 
 _MAX_TTL_SECONDS = 366 * 24 * 3600
@@ -97,6 +109,9 @@ class LocalSidecar:
     without one, an in-memory store that keeps no receipt log (it would only grow).
     ``max_capabilities`` bounds memory: beyond it, expired capabilities older than
     ``expired_grace_seconds`` are dropped, and then creation is refused.
+    ``guards`` run in order on every call that scope and expiry allow (see ``_guards``);
+    ``policy_hash`` names the policy they enforce in every receipt (:meth:`use_guards` swaps
+    both at once, for a reload).
     """
 
     def __init__(
@@ -107,7 +122,11 @@ class LocalSidecar:
         retired_keys: Mapping[str, bytes] | None = None,
         max_capabilities: int = 100_000,
         expired_grace_seconds: float = 3600.0,
+        guards: Sequence[Guard] = (),
+        policy_hash: str = _chio.POLICY_HASH,
     ) -> None:
+        # One tuple, swapped whole: a request in flight keeps the set it started with.
+        self._policy: tuple[tuple[Guard, ...], str] = (tuple(guards), policy_hash)
         self._log_receipts = store is not None
         self._store = store if store is not None else SidecarStore.memory()
         self._retired = dict(retired_keys or {})
@@ -141,6 +160,20 @@ class LocalSidecar:
         self._store.add_key(key.key_id, key.public_key)
         self._store.retire_keys(except_key_id=key.key_id)
         self._key = key
+
+    @property
+    def policy_hash(self) -> str:
+        """``policy_hash`` of the receipts signed now: the active policy set."""
+        return self._policy[1]
+
+    @property
+    def guards(self) -> tuple[Guard, ...]:
+        """The active guards, in the order they run."""
+        return self._policy[0]
+
+    def use_guards(self, guards: Sequence[Guard], policy_hash: str) -> None:
+        """Replace the guards and the policy hash at once (a policy reload)."""
+        self._policy = (tuple(guards), policy_hash)
 
     # -- capabilities ------------------------------------------------------------------------
 
@@ -379,9 +412,14 @@ class LocalSidecar:
         at_us: int,
         presented: Mapping[str, Any] | None = None,
         deny_reason: str | None = None,
+        parameters: object = None,
+        temporal: Mapping[str, Any] | None = None,
+        request_id: str = "",
+        guards: Sequence[Guard] = (),
     ) -> _Decision:
         """The one decision of both evaluation routes: a presented kernel token's checks (the
-        mediated route), the policy (:meth:`_decide`), then the kernel-format grant's server."""
+        mediated route), the policy (:meth:`_decide`), the kernel-format grant's server, then
+        the guards (``guards``, in order) on the call's parameters and Temporal context."""
         kernel: Mapping[str, Any] | None
         if presented is not None:
             token = _chio.kernel_spelling(presented)
@@ -418,6 +456,28 @@ class LocalSidecar:
                     f"tool {tool!r} on server {tool_server!r} is not in the scope of "
                     f"capability {capability_id}"
                 )
+        evidence: tuple[GuardResult, ...] = ()
+        approval: GuardResult | None = None
+        if verdict is Verdict.ALLOW and guards:
+            call = CallContext(
+                capability_id=capability_id,
+                tool_server=tool_server,
+                tool=tool,
+                parameters=parameters,
+                grant=kernel["scope"]["grants"][grant_index]
+                if kernel is not None and grant_index is not None
+                else None,
+                grant_index=grant_index,
+                token=kernel,
+                temporal=temporal or {},
+                request_id=request_id,
+                at_us=at_us,
+            )
+            stopped, evidence = run_guards(guards, call)
+            if stopped is not None:
+                verdict, guard, reason = Verdict.DENY, stopped.guard, stopped.reason
+                if stopped.verdict is GuardVerdict.APPROVAL_REQUIRED:
+                    approval = stopped
         return _Decision(
             verdict=verdict,
             reason=reason,
@@ -426,6 +486,8 @@ class LocalSidecar:
             token=cap,
             kernel=kernel,
             grant_index=grant_index,
+            evidence=evidence,
+            approval=approval,
         )
 
     def _kernel_receipt(
@@ -437,6 +499,7 @@ class LocalSidecar:
         tool: str,
         parameters: object,
         request_id: str,
+        policy_hash: str,
         redact: bool = False,
     ) -> dict[str, Any]:
         """The decision as a kernel-format receipt signed with the sidecar's key."""
@@ -453,6 +516,8 @@ class LocalSidecar:
             guard=decision.guard,
             grant_index=decision.grant_index,
             redact=redact,
+            evidence=evidence_json(decision.evidence),
+            policy_hash=policy_hash,
         )
         return sign_kernel_receipt(body, self._key)
 
@@ -471,12 +536,16 @@ class LocalSidecar:
         """
         t0 = time.perf_counter_ns()
         evaluated_at = now_us()
+        guards, policy_hash = self._policy
         decision = self._decide_call(
             capability_id=request.capability_id,
             tool_server=request.tool_server,
             tool=request.tool,
             at_us=evaluated_at,
             deny_reason=request.deny_reason,
+            parameters=request.parameters,
+            temporal=_temporal_context(request) if guards else None,
+            guards=guards,
         )
         token = decision.token
         step = request.step(
@@ -495,6 +564,7 @@ class LocalSidecar:
                 tool=request.tool,
                 parameters=request.parameters,
                 request_id=request_id_for(step),
+                policy_hash=policy_hash,
                 redact=request.redact_parameters,
             )
             chio_text, chio_signed = chio_step_payload(chio)
@@ -519,7 +589,7 @@ class LocalSidecar:
         """Synchronous :meth:`record_outcome`: ``outcome`` carrying its Chio
         ``trace_observation`` receipt signed by the key that signs the decisions, under the
         sidecar's policy hash (``schemas.sign_chio_outcome``). Nothing is stored."""
-        return sign_chio_outcome(outcome, self._key, policy_hash=_chio.POLICY_HASH)
+        return sign_chio_outcome(outcome, self._key, policy_hash=self.policy_hash)
 
     async def record_outcome(self, outcome: StepOutcome) -> StepOutcome:
         """Sign an outcome record (no I/O)."""
@@ -663,12 +733,16 @@ class LocalSidecar:
             ) from None
         at_us = now_us()
         request_id = request_id or uuid7()
+        guards, policy_hash = self._policy
         decision = self._decide_call(
             capability_id=capability_id or "",
             tool_server=tool_server,
             tool=tool_name,
             at_us=at_us,
             presented=token,
+            parameters=parameters,
+            request_id=request_id,
+            guards=guards,
         )
         allowed = decision.verdict is Verdict.ALLOW
         receipt = self._kernel_receipt(
@@ -678,6 +752,7 @@ class LocalSidecar:
             tool=tool_name,
             parameters=parameters,
             request_id=request_id,
+            policy_hash=policy_hash,
         )
         if self._log_receipts:
             text = json.dumps(receipt, separators=(",", ":"), ensure_ascii=False)
@@ -702,6 +777,21 @@ class LocalSidecar:
             guard=decision.guard,
             execution_nonce=nonce,
         )
+
+
+def _temporal_context(request: EvaluationRequest) -> dict[str, Any]:
+    """The attempt's Temporal context as the guards see it."""
+    return {
+        "namespace": request.namespace,
+        "workflow_id": request.workflow_id,
+        "run_id": request.run_id,
+        "workflow_type": request.workflow_type,
+        "task_queue": request.task_queue,
+        "activity_id": request.activity_id,
+        "activity_type": request.activity_type,
+        "attempt": request.attempt,
+        "is_local": request.is_local,
+    }
 
 
 def _fresh_key() -> KeyPair:
