@@ -266,7 +266,7 @@ class ReadServer(AsyncService):
         location = f"{os.path.realpath(self._path)}?{options}"
         for _ in range(cfg.sessions):
             try:
-                conn = chdb.connect(location)
+                conn = chdb.connect(location)  # type: ignore[no-untyped-call]
             except Exception as exc:
                 raise ConfigError(f"cannot open a read session on {self._path}: {exc}") from exc
             session = _Session(conn, "default")
