@@ -33,6 +33,7 @@ import contextlib
 import email.parser
 import email.policy
 import hmac
+import importlib
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ import re
 import socket
 import time
 import uuid
+import zlib
 from base64 import b64decode
 from collections.abc import Generator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -357,15 +359,18 @@ class ReadServer(AsyncService):
             raise _Failure(1, "UNSUPPORTED_METHOD", f"HTTP method {request.method}", 405)
         self._authenticate(request)
         fields = dict(request.query_params)
-        body = await self._body(request)
+        body = _decompressed(
+            await self._body(request),
+            request.headers.get("content-encoding", ""),
+            self._config.max_request_bytes,
+        )
         content_type = request.headers.get("content-type", "")
         if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             fields.update(_form_fields(content_type, body))
             body = b""
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _Failure(62, "SYNTAX_ERROR", "the query is not UTF-8 text", 400) from None
+        # The body follows the ``query`` parameter (ClickHouse reads an INSERT's data so): an
+        # INSERT with binary data is refused as an INSERT before its bytes matter.
+        text = body.decode("utf-8", errors="replace")
         sql = fields.get("query", "") + text
         if not sql.strip() and request.method == "GET":
             return Response("Ok.\n", media_type="text/html; charset=UTF-8")
@@ -373,6 +378,8 @@ class ReadServer(AsyncService):
             statement = check_read(sql)
         except Refused as refused:
             raise _Failure(refused.code, refused.name, refused.reason, refused.status) from None
+        if "\ufffd" in text and text.encode("utf-8") != body:
+            raise _Failure(62, "SYNTAX_ERROR", "the query is not UTF-8 text", 400)
         fmt = statement.output_format or fields.get("default_format") or "TabSeparated"
         if not _NAME_RE.fullmatch(fmt) or fmt.lower() in _PYTHON_FORMATS:
             raise _Failure(73, "UNKNOWN_FORMAT", f"Unknown format {fmt[:60]}", 404)
@@ -476,6 +483,36 @@ class ReadServer(AsyncService):
             text = text[found.start() :]
             name = _ERROR_NAME_RE.search(text)
             raise _Failure(code, name.group(1) if name else "", text[:4000]) from None
+
+
+def _decompressed(body: bytes, encoding: str, limit: int) -> bytes:
+    """``body`` decoded from its ``Content-Encoding`` (as clickhouse-connect compresses an
+    insert: an INSERT is then refused as one, not as unreadable bytes), at most ``limit``
+    bytes."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity") or not body:
+        return body
+    out: bytes
+    try:
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            out = zlib.decompressobj(47 if encoding != "deflate" else 15).decompress(
+                body, limit + 1
+            )
+        elif encoding == "lz4":
+            frame = importlib.import_module("lz4.frame")
+            out = frame.LZ4FrameDecompressor().decompress(body, max_length=limit + 1)
+        elif encoding == "zstd":
+            zstd = importlib.import_module("backports.zstd")
+            out = zstd.ZstdDecompressor().decompress(body, max_length=limit + 1)
+        else:
+            raise _Failure(48, "NOT_IMPLEMENTED", f"Content-Encoding {encoding[:40]}", 415)
+    except (ImportError, zlib.error, RuntimeError, ValueError, OSError) as exc:
+        raise _Failure(
+            62, "SYNTAX_ERROR", f"cannot decode the {encoding[:40]} body: {type(exc).__name__}"
+        ) from None
+    if len(out) > limit:
+        raise _Failure(62, "SYNTAX_ERROR", f"request larger than {limit} bytes", 413)
+    return out
 
 
 def _form_fields(content_type: str, body: bytes) -> dict[str, str]:
