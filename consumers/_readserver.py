@@ -103,6 +103,7 @@ _TRANSPORT = frozenset(
         "http_response_buffer_size",
     }
 )
+_DRAIN_SECONDS = 10.0
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CODE_RE = re.compile(r"Code: (\d+)")
 _ERROR_NAME_RE = re.compile(r"\(([A-Z][A-Z0-9_]+)\)\s*$")
@@ -303,12 +304,35 @@ class ReadServer(AsyncService):
                     await task
         executor, self._executor = self._executor, None
         if executor is not None:
-            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+            executor.shutdown(wait=False, cancel_futures=True)
         opened, self._opened = self._opened, []
-        for session in opened:
+        # A read in flight keeps its session (closing it under a running query is not safe):
+        # wait a bounded time for each to come back, close those, leave the rest to the exit.
+        idle = await asyncio.to_thread(self._collect, len(opened), _DRAIN_SECONDS)
+        if len(idle) < len(opened):
+            _log.warning(
+                "%d read(s) still running after %.0f s; their sessions stay open",
+                len(opened) - len(idle),
+                _DRAIN_SECONDS,
+            )
+        for session in idle:
             with contextlib.suppress(Exception):
                 session.conn.close()
         self._sessions = queue.Queue()
+
+    def _collect(self, count: int, timeout: float) -> list[_Session]:
+        """Up to ``count`` sessions as they become free, within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        idle: list[_Session] = []
+        while len(idle) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                idle.append(self._sessions.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return idle
 
     # -- HTTP ---------------------------------------------------------------------------
 
