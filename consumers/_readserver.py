@@ -7,8 +7,8 @@ interface serves for reads, so ``query``, ``verify``, the report and any ClickHo
 (``clickhouse_connect.get_client(host=..., port=...)``) read through it:
 
 * ``POST /`` (the SQL in the body, after the ``query`` parameter if both are given) and
-  ``GET /?query=...``; ``multipart/form-data`` and url-encoded forms (``query`` and
-  ``param_*`` fields) as clickhouse-connect sends long bound parameters; ``GET /ping``.
+  ``GET /?query=...``; ``multipart/form-data`` forms (``query`` and ``param_*`` fields) as
+  clickhouse-connect sends long bound parameters; ``GET /ping``.
 * ``database``, ``default_format`` (TabSeparated), ``query_id`` and ``param_<name>`` parameters;
   other parameters are settings: one equal to the session's value is accepted, another is
   refused as ClickHouse refuses a change in ``readonly=1`` (transport parameters such as
@@ -49,7 +49,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 import chdb
 import uvicorn
@@ -106,6 +105,7 @@ _TRANSPORT = frozenset(
 _DRAIN_SECONDS = 10.0
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CODE_RE = re.compile(r"Code: (\d+)")
+_QUERY_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _ERROR_NAME_RE = re.compile(r"\(([A-Z][A-Z0-9_]+)\)\s*$")
 # chdb's query() gives these names a Python meaning instead of a ClickHouse output format.
 _PYTHON_FORMATS = frozenset({"dataframe", "datastore", "arrowtable", "debug"})
@@ -340,7 +340,9 @@ class ReadServer(AsyncService):
         if scope["type"] != "http":
             return
         request = Request(dict(scope), receive)
-        query_id = request.query_params.get("query_id") or str(uuid.uuid4())
+        query_id = request.query_params.get("query_id", "")
+        if not _QUERY_ID_RE.fullmatch(query_id):  # it goes back in a header
+            query_id = str(uuid.uuid4())
         try:
             response = await self._handle(request, query_id)
         except _Failure as failure:
@@ -389,7 +391,9 @@ class ReadServer(AsyncService):
             self._config.max_request_bytes,
         )
         content_type = request.headers.get("content-type", "")
-        if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        # As ClickHouse: a multipart form carries fields; any other body (``curl -d`` sends
+        # form-urlencoded) is SQL text.
+        if content_type.startswith("multipart/form-data"):
             fields.update(_form_fields(content_type, body))
             body = b""
         # The body follows the ``query`` parameter (ClickHouse reads an INSERT's data so): an
@@ -418,9 +422,13 @@ class ReadServer(AsyncService):
         if executor is None:
             raise _Failure(210, "NETWORK_ERROR", "the read endpoint is stopping", 503)
         start = time.monotonic_ns()
-        result = await asyncio.get_running_loop().run_in_executor(
-            executor, self._run, sql, fmt, params, database
-        )
+        try:
+            work = asyncio.get_running_loop().run_in_executor(
+                executor, self._run, sql, fmt, params, database
+            )
+        except RuntimeError:  # the executor was shut down: stopping
+            raise _Failure(210, "NETWORK_ERROR", "the read endpoint is stopping", 503) from None
+        result = await work
         summary = {**result.summary, "elapsed_ns": str(time.monotonic_ns() - start)}
         headers = {
             **self._headers(query_id),
@@ -540,13 +548,8 @@ def _decompressed(body: bytes, encoding: str, limit: int) -> bytes:
 
 
 def _form_fields(content_type: str, body: bytes) -> dict[str, str]:
-    """The text fields of a form body (``query``, ``param_*``); a file part (external data)
-    is refused."""
-    if content_type.startswith("application/x-www-form-urlencoded"):
-        try:
-            return dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
-        except UnicodeDecodeError:
-            raise _Failure(62, "SYNTAX_ERROR", "the form is not UTF-8 text", 400) from None
+    """The text fields of a multipart form body (``query``, ``param_*``); a file part
+    (external data) is refused."""
     head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
     if not message.is_multipart():

@@ -114,17 +114,20 @@ def _builder_config(bootstrap: str, dsn: str, topics: TopicNames) -> BuilderConf
     )
 
 
-async def _python(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+async def _python(
+    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None
+) -> tuple[int, str, str]:
     """Run ``python args`` in a child without blocking the loop (the owner serves on it)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         *args,
         cwd=REPO,
         env={**os.environ, **(env or {})},
+        stdin=asyncio.subprocess.PIPE if stdin is not None else None,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 120)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -335,3 +338,119 @@ async def test_query_verify_and_the_report_read_through_the_running_builder(
     direct_summary = await read_summary_from(dsn, run_ids)
     assert live_summary.step_rows == 9
     assert live_summary == direct_summary
+
+
+# Raw HTTP, as any ClickHouse HTTP client speaks it: (method, path, body, headers).
+PROBES = r"""
+import json, sys, urllib.error, urllib.request
+base = f"http://{sys.argv[1]}:{sys.argv[2]}"
+probes = json.loads(sys.stdin.read())
+out = {}
+for name, (method, path, body, headers) in probes.items():
+    data = body.encode("latin-1") if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req) as resp:
+            out[name] = [resp.status, dict(resp.headers), resp.read().decode()]
+    except urllib.error.HTTPError as err:
+        out[name] = [err.code, dict(err.headers), err.read().decode()]
+    out[name][1] = {k.lower(): v for k, v in out[name][1].items()}  # names are case-blind
+print(json.dumps(out))
+"""
+
+_FORM = (
+    '--b\r\nContent-Disposition: form-data; name="query"\r\n\r\nSELECT {x:String} AS x\r\n'
+    '--b\r\nContent-Disposition: form-data; name="param_x"\r\n\r\nfrom a form\r\n--b--\r\n'
+)
+
+
+async def test_the_http_protocol_answers_like_clickhouse_and_never_500(
+    clickhouse_dsn: str,
+) -> None:
+    path = _embedded(clickhouse_dsn)
+    form = {"Content-Type": "multipart/form-data; boundary=b"}
+    probes: dict[str, tuple[str, str, str | None, dict[str, str]]] = {
+        "ping": ("GET", "/ping", None, {}),
+        "root": ("GET", "/", None, {}),
+        "get": ("GET", "/?query=SELECT%2040%2B2%20AS%20n&query_id=q-1", None, {}),
+        "json": ("POST", "/?default_format=JSONEachRow", "SELECT 1 AS a, 'x' AS b", {}),
+        "own_format": ("POST", "/", "SELECT 7 AS s FORMAT CSVWithNames", {}),
+        "form": ("POST", "/", _FORM, form),
+        "same_setting": ("POST", "/?readonly=1", "SELECT 3", {}),
+        "database": ("POST", "/?database=system", "SELECT currentDatabase()", {}),
+        "empty": ("POST", "/", "", {}),
+        "unterminated": ("POST", "/", "SELECT 'open", {}),
+        "syntax": ("POST", "/", "SELECT FROM WHERE", {}),
+        "unknown_table": ("POST", "/", "SELECT * FROM no_such_table", {}),
+        "unknown_database": ("POST", "/?database=nope", "SELECT 1", {}),
+        "changed_setting": ("POST", "/?max_threads=1", "SELECT 1", {}),
+        "unknown_setting": ("POST", "/?no_such_setting=1", "SELECT 1", {}),
+        "bad_format": ("POST", "/?default_format=Dataframe", "SELECT 1", {}),
+        "not_utf8": ("POST", "/", "SELECT '\xff'", {}),
+        "big": ("POST", "/", "SELECT '" + "x" * (1024 * 1024 + 10) + "'", {}),
+        "encoding": ("POST", "/", "SELECT 1", {"Content-Encoding": "xz"}),
+        "bad_gzip": ("POST", "/", "SELECT 1", {"Content-Encoding": "gzip"}),
+        "file_part": ("POST", "/", _FORM.replace('name="param_x"', 'name="t"; filename="t"'), form),
+        "path": ("GET", "/replicas_status", None, {}),
+        "method": ("PUT", "/", "SELECT 1", {}),
+        "insert": (
+            "POST",
+            "/?query=INSERT%20INTO%20step_receipts%20FORMAT%20Native",
+            "\x00\xff",
+            {},
+        ),
+    }
+    async with ClickHouseSink(
+        ClickHouseConfig(dsn=clickhouse_dsn, read_endpoint=ReadEndpointConfig())
+    ) as sink:
+        assert sink.reader is not None
+        endpoint = read_endpoint(path)
+        assert endpoint is not None
+        code, out, err = await _python(
+            "-c", PROBES, endpoint.host, str(endpoint.port), stdin=json.dumps(probes).encode()
+        )
+    assert code == 0, err
+    seen = json.loads(out)
+    assert seen["ping"][0] == seen["root"][0] == 200
+    assert seen["ping"][2] == seen["root"][2] == "Ok.\n"
+    status, headers, body = seen["get"]
+    assert (status, body) == (200, "42\n")
+    assert headers["x-clickhouse-query-id"] == "q-1"
+    assert headers["x-clickhouse-format"] == "TabSeparated"
+    assert headers["x-clickhouse-timezone"]
+    assert headers["x-clickhouse-server-display-name"]
+    assert json.loads(headers["x-clickhouse-summary"])["read_rows"] == "1"
+    assert seen["json"][:1] == [200]
+    assert json.loads(seen["json"][2]) == {"a": 1, "b": "x"}
+    assert seen["json"][1]["x-clickhouse-format"] == "JSONEachRow"
+    assert seen["own_format"][2] == '"s"\n7\n'
+    assert seen["own_format"][1]["x-clickhouse-format"] == "CSVWithNames"
+    assert seen["form"][:3:2] == [200, "from a form\n"]
+    assert seen["same_setting"][:3:2] == [200, "3\n"]
+    assert seen["database"][:3:2] == [200, "system\n"]
+    expected = {
+        "empty": (400, 62, "empty query"),
+        "unterminated": (400, 62, "unterminated quoted text"),
+        "syntax": (400, 62, "SYNTAX_ERROR"),
+        "unknown_table": (404, 60, "UNKNOWN_TABLE"),
+        "unknown_database": (404, 81, "UNKNOWN_DATABASE"),
+        "changed_setting": (403, 164, "Cannot modify 'max_threads' setting in readonly mode"),
+        "unknown_setting": (404, 115, "Unknown setting 'no_such_setting'"),
+        "bad_format": (404, 73, "Unknown format Dataframe"),
+        "not_utf8": (400, 62, "not UTF-8"),
+        "big": (413, 62, "request larger than"),
+        "encoding": (415, 48, "Content-Encoding xz"),
+        "bad_gzip": (400, 62, "cannot decode the gzip body"),
+        "file_part": (400, 48, "external data is not supported"),
+        "path": (404, 1, "There is no handle /replicas_status"),
+        "method": (405, 1, "HTTP method PUT"),
+        "insert": (403, 164, "not INSERT"),
+    }
+    for name, (want_status, want_code, says) in expected.items():
+        status, headers, body = seen[name]
+        assert (status, headers.get("x-clickhouse-exception-code")) == (
+            want_status,
+            str(want_code),
+        ), (name, body)
+        assert body.startswith(f"Code: {want_code}. DB::Exception: "), (name, body)
+        assert says in body, (name, body)
