@@ -37,17 +37,19 @@ from chio_receipts.cli_streamer import (
     wire_format_of,
 )
 from chio_receipts.consumers import (
+    DEFAULT_READ_BIND,
     BuilderConfig,
     ClickHouseConfig,
     ConsumerError,
     DatabaseBusy,
     KeyRing,
+    ReadEndpointConfig,
     ReceiptBuilderService,
     chdb_path,
     load_keys_file,
-    open_client,
-    owner_pid,
+    open_reader,
     parse_kernel_keys,
+    parse_read_bind,
     verify_run,
 )
 from chio_receipts.schemas import (
@@ -57,6 +59,7 @@ from chio_receipts.schemas import (
     KeyPair,
     RetryPolicy,
     SchemaRegistryClient,
+    Secret,
     SubjectStrategy,
     TopicNames,
     retry_async,
@@ -107,6 +110,27 @@ Cluster = Annotated[
         help="ClickHouse cluster the migrations target (server DSN only): ON CLUSTER, "
         "Replicated* local tables <name>_local, Distributed tables <name>; inserts go to the "
         "local tables of the DSN's node",
+    ),
+]
+ReadBind = Annotated[
+    str,
+    typer.Option(
+        "--read-bind",
+        envvar="CHIO_READ_BIND",
+        help="HOST:PORT where the owner of an embedded database serves read-only queries over "
+        "ClickHouse's HTTP interface (port 0: any free port; 'off': none); beyond loopback it "
+        "needs a read token. Advertised in <database>/chio-read-endpoint.json.",
+    ),
+]
+ReadTokenFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--read-token-file",
+        envvar="CHIO_READ_TOKEN_FILE",
+        exists=True,
+        dir_okay=False,
+        readable=True,
+        help="File holding the read endpoint's token (or CHIO_READ_TOKEN, environment only).",
     ),
 ]
 KeysFile = Annotated[
@@ -188,6 +212,20 @@ def _kernel_keys(values: Sequence[str] | None) -> frozenset[str]:
         raise ConsumerError(str(exc)) from None
 
 
+def _read_token(path: Path | None) -> Secret | None:
+    """The read endpoint's token: the file's first line, else CHIO_READ_TOKEN (never printed)."""
+    if path is not None:
+        try:
+            text = path.read_text("utf-8").strip()
+        except OSError as exc:
+            raise ConsumerError(f"cannot read the read token file {path}: {exc}") from None
+        if not text:
+            raise ConsumerError(f"the read token file {path} is empty")
+        return Secret(text.splitlines()[0].strip())
+    value = os.environ.get("CHIO_READ_TOKEN", "").strip()
+    return Secret(value) if value else None
+
+
 def _fail(message: str, code: int = 2) -> typer.Exit:
     _err.print(f"error: {message}", markup=False, soft_wrap=True)
     return typer.Exit(code)
@@ -252,6 +290,8 @@ def consume(
     ] = 60.0,
     ttl_days: Annotated[int | None, typer.Option(help="ClickHouse TTL of receipts")] = None,
     cluster: Cluster = None,
+    read_bind: ReadBind = DEFAULT_READ_BIND,
+    read_token_file: ReadTokenFile = None,
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = DEFAULT_METRICS_HOST,
     registry_url: RegistryUrl = None,
@@ -273,7 +313,12 @@ def consume(
         public = load_keys_file(keys) if keys else {}
         config = BuilderConfig(
             kafka=kafka,
-            clickhouse=_clickhouse_config(dsn or _default_dsn(), ttl_days, cluster),
+            clickhouse=_clickhouse_config(
+                dsn or _default_dsn(),
+                ttl_days,
+                cluster,
+                parse_read_bind(read_bind, _read_token(read_token_file)),
+            ),
             builder_key=builder_key(builder_key_file),
             public_keys=public,
             key_url=key_url,
@@ -292,11 +337,22 @@ def consume(
         raise _fail(str(exc)) from None
 
 
-def _clickhouse_config(dsn: str, ttl_days: int | None, cluster: str | None) -> ClickHouseConfig:
+def _clickhouse_config(
+    dsn: str,
+    ttl_days: int | None,
+    cluster: str | None,
+    read_endpoint: ReadEndpointConfig | None = None,
+) -> ClickHouseConfig:
     if cluster and dsn.startswith("chdb:"):
         raise ConsumerError("--cluster needs a ClickHouse server DSN (--dsn http(s)://...)")
     try:
-        return ClickHouseConfig(dsn=dsn, ttl_days=ttl_days, cluster=cluster or None)
+        return ClickHouseConfig(
+            dsn=dsn,
+            ttl_days=ttl_days,
+            cluster=cluster or None,
+            # A server serves reads itself: the read endpoint is for an embedded database.
+            read_endpoint=read_endpoint if dsn.startswith("chdb:") else None,
+        )
     except ValueError as exc:
         raise ConsumerError(str(exc)) from None
 
@@ -367,22 +423,19 @@ def _serve(service: _Service, metrics_port: int | None, metrics_host: str) -> No
     asyncio.run(_run_until_signalled(service))
 
 
-def _open_for_read(dsn: str) -> Any:
+def _open_for_read(dsn: str, token_file: Path | None = None) -> Any:
+    """A client reading ``dsn``: directly, or through the read endpoint of the process that
+    owns the embedded database while it runs."""
     path = chdb_path(dsn)
-    if path is not None:
-        if not path.exists():
-            raise _fail(f"no ClickHouse database at {path} (has the consumer run yet?)")
-        pid = owner_pid(path)
-        if pid is not None:
-            who = f"the running consumer (pid {pid})" if pid > 0 else "another process"
-            raise _fail(
-                f"the ClickHouse database at {path} is in use by {who}; "
-                "chDB allows one process per path: stop it, or use a ClickHouse server DSN"
-            )
+    if path is not None and not path.exists():
+        raise _fail(f"no ClickHouse database at {path} (has the consumer run yet?)")
     try:
-        return open_client(dsn)
+        return open_reader(dsn, token=_read_token(token_file))
     except DatabaseBusy as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(
+            f"{exc}; it serves no read endpoint (started with --read-bind off?). chDB allows "
+            "one process per path"
+        ) from None
     except ConsumerError as exc:
         raise _fail(f"cannot open ClickHouse: {exc}") from None
 
@@ -401,9 +454,14 @@ def query(
             "jsonl (one object per line)",
         ),
     ] = "table",
+    read_token_file: ReadTokenFile = None,
 ) -> None:
-    """Run a SQL query on the receipt database and print the result (a table by default)."""
-    client = _open_for_read(dsn or _default_dsn())
+    """Run a SQL query on the receipt database and print the result (a table by default).
+
+    While ``consume`` owns the embedded database, the query runs through its read endpoint
+    (read-only: anything but one SELECT, WITH, SHOW, DESCRIBE, EXISTS or EXPLAIN is refused).
+    """
+    client = _open_for_read(dsn or _default_dsn(), read_token_file)
     try:
         result = client.query(sql)
     except Exception as exc:  # noqa: BLE001 - any engine error becomes one line, no traceback
@@ -490,6 +548,7 @@ def verify(
     trusted_kernel_key: TrustedKernelKeys = None,
     builder_key_file: BuilderKeyFile = _BUILDER_KEY_DEFAULT,
     registry_url: RegistryUrl = None,
+    read_token_file: ReadTokenFile = None,
 ) -> None:
     """Verify a workflow's receipts from ClickHouse rows alone: OK or exactly what is wrong.
 
@@ -497,7 +556,8 @@ def verify(
     record (its Chio receipt and the decision it follows), and each envelope's steps, outcome
     records, attempt accounts, chain root and builder signature. Every attempt Temporal started
     that nothing accounts for is named (workflow, run, activity, attempt) and fails the check;
-    unsigned outcome records are listed as notes.
+    unsigned outcome records are listed as notes. While ``consume`` owns the embedded database,
+    the rows are read through its read endpoint.
     """
     try:
         ring = KeyRing(
@@ -511,7 +571,7 @@ def verify(
         trusted = ring.trusted_hex
     except ConsumerError as exc:
         raise _fail(str(exc)) from None
-    client = _open_for_read(dsn or _default_dsn())
+    client = _open_for_read(dsn or _default_dsn(), read_token_file)
     # Stored Confluent-framed steps of another writer schema are read through the registry.
     codec = Codec(SchemaRegistryClient(registry_url)) if registry_url else None
     try:

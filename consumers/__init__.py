@@ -17,6 +17,7 @@ from chio_receipts.consumers._clickhouse import (
     ClickHouseSink,
     chdb_path,
     open_client,
+    open_reader,
     owner_pid,
 )
 from chio_receipts.consumers._consumer import BuilderConfig, ReceiptBuilderService
@@ -49,6 +50,13 @@ from chio_receipts.consumers._keys import (
     load_keys_file,
 )
 from chio_receipts.consumers._metrics import ConsumerMetrics
+from chio_receipts.consumers._readendpoint import (
+    DEFAULT_READ_BIND,
+    ReadEndpoint,
+    ReadEndpointConfig,
+    parse_read_bind,
+    read_endpoint,
+)
 from chio_receipts.consumers._rows import (
     EnvelopeRow,
     StepRow,
@@ -68,6 +76,7 @@ from chio_receipts.consumers._runner import (
 from chio_receipts.consumers._verify import VerifyReport, verify_run
 
 __all__ = [
+    "DEFAULT_READ_BIND",
     "DLQ_HEADER_PREFIX",
     "Batch",
     "BatchHandler",
@@ -92,6 +101,8 @@ __all__ = [
     "OutputRejected",
     "OutputUnavailable",
     "PartitionBatch",
+    "ReadEndpoint",
+    "ReadEndpointConfig",
     "Reason",
     "ReceiptBuilder",
     "ReceiptBuilderService",
@@ -111,10 +122,13 @@ __all__ = [
     "fetch_public_keys",
     "load_keys_file",
     "open_client",
+    "open_reader",
     "owner_pid",
     "parse_dead_letter_headers",
     "parse_kernel_keys",
+    "parse_read_bind",
     "partition_counts",
+    "read_endpoint",
     "receipt_from_row",
     "signed_by",
     "step_row",

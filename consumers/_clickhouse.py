@@ -4,7 +4,10 @@ One client per process, driven from one worker thread (the chDB engine releases 
 inserts overlap decoding on the event loop). clickhouse-connect errors never escape: they become
 :class:`SinkDataError` (the rows are bad: dead-letter them) or :class:`SinkUnavailable` (retry,
 commit nothing). An embedded ``chdb://`` path is owned by one process; the owner holds an
-advisory lock file ``chio-owner.lock`` in the data directory so other processes can say so.
+advisory lock file ``chio-owner.lock`` in the data directory so other processes can say so, and
+serves read-only queries over ClickHouse's HTTP interface while it runs (``read_endpoint``; see
+``_readserver``). :func:`open_reader` is how every read tool opens the database: directly, or
+through the owner's advertised endpoint when another live process owns it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from chio_receipts.consumers._errors import (
     SinkUnavailable,
 )
 from chio_receipts.consumers._failpoints import failpoint
+from chio_receipts.consumers._readendpoint import ReadEndpointConfig, read_endpoint
+from chio_receipts.consumers._readserver import ReadServer
 from chio_receipts.consumers._rows import (
     ENVELOPE_COLUMNS,
     OUTCOME_COLUMNS,
@@ -45,7 +50,7 @@ from chio_receipts.consumers._rows import (
     OutcomeRow,
     StepRow,
 )
-from chio_receipts.schemas import AsyncService
+from chio_receipts.schemas import AsyncService, Secret
 
 __all__ = [
     "ClickHouseConfig",
@@ -57,6 +62,7 @@ __all__ = [
     "cluster_statements",
     "migrations",
     "open_client",
+    "open_reader",
     "owner_pid",
 ]
 
@@ -118,6 +124,9 @@ class ClickHouseConfig:
     # A ClickHouse cluster name: migrations run ON CLUSTER with replicated local tables and
     # Distributed read tables (see cluster_ddl), and inserts go to the local tables.
     cluster: str | None = None
+    # Where the owner of an embedded database serves read-only queries (None: nowhere). Has no
+    # effect with a server DSN: the server serves reads itself.
+    read_endpoint: ReadEndpointConfig | None = None
 
     def __post_init__(self) -> None:
         if self.cluster is not None:
@@ -235,6 +244,50 @@ def open_client(
         if isinstance(err, DatabaseBusy) and path is not None:
             raise DatabaseBusy(_busy_message(path, owner_pid(path))) from exc
         raise err from exc
+
+
+def open_reader(
+    dsn: str,
+    *,
+    token: Secret | None = None,
+    connect_timeout: float = 10.0,
+    timeout: float = 60.0,
+) -> Any:
+    """A clickhouse-connect client to read ``dsn`` with (blocking; errors translated).
+
+    An embedded database owned by another live process is read through the owner's advertised
+    read endpoint (an HTTP client; ``token`` when the endpoint wants one), else it is opened
+    directly as :func:`open_client` does. The owner alive with no endpoint advertised is
+    :class:`DatabaseBusy`, as before."""
+    path = chdb_path(dsn)
+    if path is not None:
+        pid = owner_pid(path)
+        if pid is not None and pid != os.getpid():
+            endpoint = read_endpoint(path)
+            if endpoint is None or (pid > 0 and endpoint.pid != pid):
+                raise DatabaseBusy(_busy_message(path, pid))
+            if endpoint.token_required and token is None:
+                raise ConfigError(
+                    f"the process owning {path} (pid {endpoint.pid}) serves reads with a token: "
+                    "set CHIO_READ_TOKEN or --read-token-file"
+                )
+            try:
+                return clickhouse_connect.get_client(
+                    host=endpoint.connect_host,
+                    port=endpoint.port,
+                    username="default",
+                    password=token.reveal() if token is not None else "",
+                    connect_timeout=connect_timeout,
+                    send_receive_timeout=timeout,
+                    compress=False,
+                    autogenerate_session_id=False,
+                )
+            except (ClickHouseError, OSError) as exc:
+                where = f"{endpoint.connect_host}:{endpoint.port}"
+                raise translate(
+                    exc, f"read through pid {endpoint.pid} ({where}) owning {path}"
+                ) from exc
+    return open_client(dsn, connect_timeout=connect_timeout, timeout=timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,11 +503,17 @@ class ClickHouseSink(AsyncService):
         self._executor: ThreadPoolExecutor | None = None
         self._lock_fd: int | None = None
         self._types: dict[str, Any] = {}
+        self._reader: ReadServer | None = None
 
     @property
     def client(self) -> Any:
         """The underlying clickhouse-connect client (for read-only tools)."""
         return self._client
+
+    @property
+    def reader(self) -> ReadServer | None:
+        """The read endpoint this sink serves (embedded database it owns), while started."""
+        return self._reader
 
     async def start(self) -> None:
         """Take ownership (embedded), connect and migrate. Idempotent."""
@@ -463,6 +522,12 @@ class ClickHouseSink(AsyncService):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
         try:
             await self._run(self._start_sync)
+            path = chdb_path(self._config.dsn)
+            endpoint = self._config.read_endpoint
+            # Only the owner serves reads (another sink of this process shares its engine).
+            if endpoint is not None and path is not None and self._lock_fd is not None:
+                self._reader = ReadServer(path, endpoint)
+                await self._reader.start()
         except BaseException:
             await self.close()
             raise
@@ -666,7 +731,10 @@ class ClickHouseSink(AsyncService):
         return await self._run(lambda: load_runs_sync(self._client, keys))
 
     async def close(self) -> None:
-        """Close the client, release ownership. Idempotent."""
+        """Stop serving reads, close the client, release ownership. Idempotent."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.stop()
         client, self._client = self._client, None
         executor, self._executor = self._executor, None
         if client is not None and executor is not None:

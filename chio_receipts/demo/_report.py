@@ -1,7 +1,14 @@
-"""The demo's summary (read from ClickHouse) and its one-file HTML report (matplotlib SVG)."""
+"""The demo's summary (read from ClickHouse) and its one-file HTML report (matplotlib SVG).
+
+:func:`read_summary` reads through any :data:`QueryFn`: the running builder's sink in the demo,
+or :func:`read_summary_from` a DSN, which reads an embedded database through the read endpoint of
+the process owning it while that process runs (``open_reader``).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import html
 import io
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -10,6 +17,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from chio_receipts.consumers import open_reader
+from chio_receipts.schemas import Secret
+
 __all__ = [
     "QueryFn",
     "RunAccountRow",
@@ -17,11 +27,39 @@ __all__ = [
     "StepRow",
     "Summary",
     "ToolOutcomeRow",
+    "client_query",
     "read_summary",
+    "read_summary_from",
     "write_html_report",
 ]
 
 QueryFn = Callable[[str, Mapping[str, Any]], Awaitable[tuple[list[str], list[tuple[Any, ...]]]]]
+
+
+def client_query(client: Any) -> QueryFn:
+    """A :data:`QueryFn` over a clickhouse-connect client (each query on a worker thread)."""
+
+    async def query(sql: str, params: Mapping[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
+        def run() -> tuple[list[str], list[tuple[Any, ...]]]:
+            result = client.query(sql, parameters=params)
+            return list(result.column_names), [tuple(r) for r in result.result_rows]
+
+        return await asyncio.to_thread(run)
+
+    return query
+
+
+async def read_summary_from(
+    dsn: str, run_ids: Sequence[str], *, token: Secret | None = None
+) -> Summary:
+    """:func:`read_summary` of the database at ``dsn``: directly, or through the read endpoint
+    of the process owning the embedded database while it runs."""
+    client = await asyncio.to_thread(open_reader, dsn, token=token)
+    try:
+        return await read_summary(client_query(client), run_ids)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(client.close)
 
 
 @dataclass(frozen=True, slots=True)

@@ -259,7 +259,8 @@ async def test_query_says_when_the_consumer_owns_the_database(
     if path is None:
         pytest.skip("only embedded chDB has a single owner")
     topics = await make_topics(kafka_bootstrap, unique, partitions=1)
-    child = _child(kafka_bootstrap, clickhouse_dsn, topics, tmp_path)
+    # No read endpoint (with one, `query` reads through it: see test_read_owner.py).
+    child = _child(kafka_bootstrap, clickhouse_dsn, topics, tmp_path, {"CHIO_READ_BIND": "off"})
     try:
         await eventually(lambda: owner_pid(path) == child.pid, timeout=60)
         app = typer.Typer()
