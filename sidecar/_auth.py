@@ -199,10 +199,18 @@ class CredentialSet:
 
     def _merge(self, rows: Iterable[StoredCredential]) -> tuple[tuple[bytes, Credential], ...]:
         merged: dict[str, StoredCredential] = {}
+        hashes: dict[str, str] = {}
         for row in (*self._extra, *rows):
             if row.name in merged:
                 raise CredentialError(f"credential name {row.name!r} is given twice")
+            if row.hash in hashes:
+                # One secret, two roles: which one a caller gets would be ambiguous (and the
+                # deprecated admin token must never be a worker's secret).
+                raise CredentialError(
+                    f"credentials {hashes[row.hash]!r} and {row.name!r} have the same secret"
+                )
             merged[row.name] = row
+            hashes[row.hash] = row.name
         return tuple(
             (row.hash.encode("ascii"), Credential(row.name, row.role)) for row in merged.values()
         )
