@@ -194,8 +194,13 @@ class CredentialSet:
 
     def add_token(self, token: str) -> None:
         """Accept the deprecated shared ``token`` too, as the admin credential ``token``."""
-        self._extra = (*self._extra, token_credential(token))
-        self._rows = self._merge(self._file_rows)
+        before = self._extra
+        self._extra = (*before, token_credential(token))
+        try:
+            self._rows = self._merge(self._file_rows)
+        except CredentialError:
+            self._extra = before
+            raise
 
     def _merge(self, rows: Iterable[StoredCredential]) -> tuple[tuple[bytes, Credential], ...]:
         merged: dict[str, StoredCredential] = {}
