@@ -478,21 +478,25 @@ def create_sidecar_app(
         return _json(Health(key_id=sidecar.key_id), status["livez"])
 
     def readiness() -> dict[str, str]:
+        # Open to anyone: the answer names the failed check, the log says why (paths, errors).
         checks = {"store": "ok", "signing_key": "ok"}
         try:
             sidecar.store.check_writable()
         except StoreError as exc:
             meter.store_error("readyz")
-            checks["store"] = str(exc)
+            _log.warning("not ready: the store cannot be written: %s", exc)
+            checks["store"] = "cannot be written"
         try:
             published = sidecar.store.keys()
             current = [k.key_id for k in published if k.retired_at is None]
             if current != [sidecar.key_id]:
-                checks["signing_key"] = f"the signing key {sidecar.key_id} is not published"
+                checks["signing_key"] = "not published"
         except StoreError as exc:
-            checks["signing_key"] = f"the published keys cannot be read: {exc}"
+            _log.warning("not ready: the published keys cannot be read: %s", exc)
+            checks["signing_key"] = "published keys cannot be read"
         if data_dir is not None and not data_dir.seed_path.is_file():
-            checks["signing_key"] = f"the signing key seed {data_dir.seed_path} is missing"
+            _log.warning("not ready: the signing key seed %s is missing", data_dir.seed_path)
+            checks["signing_key"] = "seed file missing"
         return checks
 
     async def readyz(request: Request) -> Response:
