@@ -290,7 +290,7 @@ def _row(item: object, where: str) -> StoredCredential:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise CredentialError(f"{where}: a credential name must match {_NAME.pattern}")
     try:
-        parsed = Role(role)
+        parsed = Role(str(role))
     except ValueError:
         roles = ", ".join(r.value for r in Role)
         raise CredentialError(
