@@ -15,7 +15,9 @@ receipt verification) need no credential.
 
 Without credentials (none configured) every loopback caller is :data:`~._auth.LOCAL` (admin),
 and a caller from elsewhere gets 401: the served sidecar refuses to bind anything but loopback
-without credentials (:func:`check_bind`).
+without credentials (:func:`check_bind`). A row marked ``local=False`` refuses even a loopback
+caller then (403): ``/v1/reconcile`` settles budget holds, and the controlled agent is itself on
+loopback, so, as the kernel's reconcile gate, it needs a configured ``tool_server`` credential.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "check_bind",
     "is_loopback_host",
     "roles_for",
+    "rule_for",
 ]
 
 OPEN: Final[frozenset[Role]] = frozenset()
@@ -56,6 +59,8 @@ class Rule:
     path: str
     roles: frozenset[Role]
     """Who may call it (admin always may); empty: open to everyone."""
+    local: bool = True
+    """Whether the loopback caller passes when no credentials are configured."""
 
     def pattern(self) -> re.Pattern[str]:
         """The template as a regular expression."""
@@ -64,9 +69,9 @@ class Rule:
         return re.compile(body)
 
 
-def _rule(method: str, path: str, *roles: Role) -> Rule:
+def _rule(method: str, path: str, *roles: Role, local: bool = True) -> Rule:
     # Admin may call every route; an open route is written as Rule(..., OPEN).
-    return Rule(method, path, frozenset({*roles, _A}))
+    return Rule(method, path, frozenset({*roles, _A}), local)
 
 
 ROUTE_ROLES: Final[tuple[Rule, ...]] = (
@@ -100,31 +105,32 @@ ROUTE_ROLES: Final[tuple[Rule, ...]] = (
     _rule("POST", "/approvals/{approval_id}/respond", _O),
     _rule("POST", "/approvals/{approval_id}/operator-respond", _O),
     # tool_server: settle a budget hold at the realized cost.
-    _rule("POST", "/v1/reconcile", _T),
+    _rule("POST", "/v1/reconcile", _T, local=False),
     # admin: key rotation (and, by default, any path without a row).
     _rule("POST", "/v1/keys/rotate"),
 )
 """Every route and who may call it; the first row that matches decides."""
 
 _COMPILED: Final = tuple((rule, rule.pattern()) for rule in ROUTE_ROLES)
-_EXACT: Final = {
-    (rule.method, rule.path): rule.roles for rule in ROUTE_ROLES if "{" not in rule.path
-}
+_EXACT: Final = {(rule.method, rule.path): rule for rule in ROUTE_ROLES if "{" not in rule.path}
+_NO_ROW: Final = Rule("*", "*", _ADMIN)
 
 
-def roles_for(method: str, path: str) -> frozenset[Role]:
-    """The roles that may call ``method path`` (:data:`OPEN` for an open route).
-
-    A path without a row needs admin. HEAD is looked up as GET.
-    """
+def rule_for(method: str, path: str) -> Rule:
+    """The row that decides ``method path``; a path without a row needs admin. HEAD is GET."""
     method = "GET" if method == "HEAD" else method
     found = _EXACT.get((method, path))
     if found is not None:
         return found
     for rule, pattern in _COMPILED:
         if rule.method in (method, "*") and pattern.fullmatch(path):
-            return rule.roles
-    return _ADMIN
+            return rule
+    return _NO_ROW
+
+
+def roles_for(method: str, path: str) -> frozenset[Role]:
+    """The roles that may call ``method path`` (:data:`OPEN` for an open route)."""
+    return rule_for(method, path).roles
 
 
 def is_loopback_host(host: str) -> bool:
@@ -198,8 +204,19 @@ class AccessControl:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        roles = roles_for(scope["method"], scope["path"])
+        rule = rule_for(scope["method"], scope["path"])
+        roles = rule.roles
         credential = self._credential(scope)
+        if credential is LOCAL and roles and not rule.local:
+            self._refused(403)
+            await _refuse(
+                send,
+                403,
+                "forbidden",
+                f"{scope['method']} {scope['path']} needs a credential: the sidecar has none "
+                "configured (--credentials)",
+            )
+            return
         if credential is None and roles:
             self._refused(401)
             await _refuse(send, 401, "unauthorized", "missing or wrong credential")

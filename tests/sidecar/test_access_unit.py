@@ -71,6 +71,12 @@ def test_the_route_table(method: str, path: str, roles: set[Role]) -> None:
     assert roles_for(method, path) == roles
 
 
+def test_only_reconcile_refuses_the_local_caller() -> None:
+    from chio_receipts.sidecar._access import ROUTE_ROLES
+
+    assert [(r.method, r.path) for r in ROUTE_ROLES if not r.local] == [("POST", "/v1/reconcile")]
+
+
 def test_every_operation_has_a_row_that_agrees_with_its_auth_flag() -> None:
     for op in OPERATIONS:
         path = op.path.replace("{cap_id}", "cap-1")

@@ -262,6 +262,12 @@ async def test_without_credentials_loopback_callers_are_admin(tmp_path: Path) ->
             "/v1/capabilities", json={"subject": "s", "scope": ["read"], "ttl_seconds": 60}
         )
         assert minted.status_code == 201
+        # Except reconcile: the controlled agent is on loopback too, so settling a budget hold
+        # needs a configured tool_server credential (fail closed, as the kernel's gate).
+        reconcile = await http.post("/v1/reconcile", json={})
+        assert reconcile.status_code == 403
+        assert reconcile.json()["error"] == "forbidden"
+        assert "--credentials" in reconcile.json()["reason"]
 
 
 async def test_the_embedded_server_refuses_other_binds_without_credentials() -> None:
