@@ -230,8 +230,8 @@ class AccessControl:
                 f"role {credential.role.value} may not call {scope['method']} {scope['path']}",
             )
             return
-        if credential is not None:
-            scope.setdefault("state", {})["credential"] = credential
+        # None on an open route called without a credential: credential_of then refuses.
+        scope.setdefault("state", {})["credential"] = credential
         await self.app(scope, receive, send)
 
     def _credential(self, scope: Scope) -> Credential | None:

@@ -98,10 +98,22 @@ TOKEN_CREDENTIAL = "token"  # noqa: S105 - a credential's name, not a secret
 """Name of the credential the deprecated ``--token`` option stands for (role admin)."""
 
 
+_UNSET = object()
+
+
 def credential_of(request: Request) -> Credential:
-    """The credential the request was authenticated with (:data:`LOCAL` without credentials)."""
-    found = getattr(request.state, "credential", None)
-    return found if isinstance(found, Credential) else LOCAL
+    """The credential the request was authenticated with (:data:`LOCAL` without credentials).
+
+    Every route that needs a role has one. On an open route called without a credential there
+    is none: that is a :class:`PermissionError`, never a default caller. An app served without
+    the access middleware (a handler under test) gets :data:`LOCAL`.
+    """
+    found = getattr(request.state, "credential", _UNSET)
+    if isinstance(found, Credential):
+        return found
+    if found is None:
+        raise PermissionError("the request carries no credential")
+    return LOCAL
 
 
 class CredentialError(SidecarError):

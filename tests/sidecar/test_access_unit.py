@@ -186,3 +186,25 @@ def test_one_secret_cannot_be_two_credentials(tmp_path: Path) -> None:
         creds.add_token(secret)
     with pytest.raises(CredentialError, match=r"no credentials file"):
         CredentialSet(path=tmp_path / "absent.json")
+
+
+def test_credential_of_never_invents_a_caller() -> None:
+    from starlette.requests import Request
+
+    from chio_receipts.sidecar import Credential, credential_of
+    from chio_receipts.sidecar._auth import LOCAL
+
+    def request(state: dict[str, object] | None) -> Request:
+        scope: dict[str, object] = {"type": "http", "method": "GET", "path": "/", "headers": []}
+        if state is not None:
+            scope["state"] = state
+        return Request(scope)
+
+    alice = Credential("alice", Role.OPERATOR)
+    assert credential_of(request({"credential": alice})) is alice
+    # An open route called without a credential (the middleware set None): no default caller.
+    with pytest.raises(PermissionError):
+        credential_of(request({"credential": None}))
+    # No access middleware at all (a handler under test): the local admin.
+    assert credential_of(request(None)) is LOCAL
+    assert credential_of(request({})) is LOCAL

@@ -411,3 +411,22 @@ def test_secrets_never_reach_the_served_sidecars_log(tmp_path: Path) -> None:
     for secret in (worker, admin, legacy, wrong):
         assert secret not in output
     assert "sha256:" not in output
+
+
+def test_serve_refuses_an_unreadable_credentials_file_in_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "creds.json"
+    for content, expected in ((None, "no credentials file"), ("{}", "expected an object")):
+        if content is not None:
+            bad.write_text(content)
+        done = subprocess.run(
+            _cli("sidecar", "serve", "--ephemeral", "--credentials", str(bad)),
+            env=_clean_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert lines[0].startswith("error: ")
+        assert expected in lines[0]
