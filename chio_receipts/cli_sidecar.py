@@ -148,6 +148,10 @@ def serve(
         check_bind(host, accepted)
     except SidecarError as exc:
         raise _fail(str(exc)) from None
+    if accepted is None:
+        log.info("no credentials: loopback callers only, each as the admin 'local'")
+    else:
+        log.info("access by %d named credential(s)", len(accepted))
     metrics = SidecarMetrics()
     if metrics_port is not None:
         start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
