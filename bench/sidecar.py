@@ -169,7 +169,9 @@ def _client(url: str) -> httpx.AsyncClient:
     transport = httpx.AsyncHTTPTransport(
         limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
     )
-    return httpx.AsyncClient(base_url=url, timeout=30, transport=transport)
+    # Our sidecar takes evaluations from a credential only (the kernel ignores the header there).
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    return httpx.AsyncClient(base_url=url, timeout=30, transport=transport, headers=headers)
 
 
 async def _mint(http: httpx.AsyncClient) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 :func:`option_group` makes a decorator that replaces a command's ``<name>: <Settings>`` parameter by
 a set of typer options, and builds the settings object from them when the command runs. The Kafka
 and Temporal connection flags are two such groups. ``MetricsPort`` and ``MetricsHost`` are the
-Prometheus endpoint of every long-running service.
+Prometheus endpoint of every long-running service. ``SidecarTokenOption`` is the secret of the
+sidecar credential a client command calls with.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-__all__ = ["DEFAULT_METRICS_HOST", "MetricsHost", "MetricsPort", "option_group"]
+__all__ = [
+    "DEFAULT_METRICS_HOST",
+    "MetricsHost",
+    "MetricsPort",
+    "SidecarTokenOption",
+    "option_group",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -61,3 +68,14 @@ MetricsHost = Annotated[
     ),
 ]
 DEFAULT_METRICS_HOST = "127.0.0.1"
+
+SidecarTokenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--sidecar-token",
+        envvar="CHIO_SIDECAR_TOKEN",
+        help="Secret of the sidecar credential to call with, sent as a bearer token and never "
+        "printed (CHIO_SIDECAR_TOKEN; made by 'sidecar credential add').",
+        show_default=False,
+    ),
+]

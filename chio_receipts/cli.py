@@ -17,7 +17,12 @@ from chio_receipts._config import load_config
 from chio_receipts._kafka_options import kafka_options
 from chio_receipts._logging import LogFormat
 from chio_receipts._logging import configure as configure_logging
-from chio_receipts._options import DEFAULT_METRICS_HOST, MetricsHost, MetricsPort
+from chio_receipts._options import (
+    DEFAULT_METRICS_HOST,
+    MetricsHost,
+    MetricsPort,
+    SidecarTokenOption,
+)
 from chio_receipts._temporal import TemporalConnection
 from chio_receipts._temporal_options import temporal_options
 from chio_receipts.schemas import KafkaConnection, SubjectStrategy
@@ -205,6 +210,7 @@ def worker_command(
     sidecar_url: Annotated[
         str, typer.Option(envvar="CHIO_SIDECAR_URL", help="Policy sidecar URL.")
     ] = "http://127.0.0.1:9090",
+    sidecar_token: SidecarTokenOption = None,
     spool_dir: Annotated[
         Path | None, typer.Option(help="Receipt spool directory (<data dir>/spool-<queue>).")
     ] = None,
@@ -255,7 +261,7 @@ def worker_command(
     async def main() -> None:
         capability = default_capability
         if capability is None:
-            async with ChioClient(sidecar_url) as chio:
+            async with ChioClient(sidecar_url, token=sidecar_token) as chio:
                 token = await chio.create_capability(
                     f"agent:{task_queue}", DEFAULT_SCOPE, 24 * 3600
                 )
@@ -271,6 +277,7 @@ def worker_command(
                 temporal=temporal,
                 metrics=metrics,
                 sidecar_url=sidecar_url,
+                sidecar_token=sidecar_token,
                 kafka=kafka,
                 spool_dir=spool_dir or cfg.data_dir / f"spool-{task_queue}",
                 task_queue=task_queue,

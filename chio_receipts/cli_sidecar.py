@@ -1,4 +1,5 @@
-"""``chio-receipts sidecar``: serve the policy sidecar over HTTP; list and rotate its keys."""
+"""``chio-receipts sidecar``: serve the policy sidecar over HTTP; list and rotate its keys; add,
+list and remove its named credentials."""
 
 from __future__ import annotations
 
@@ -17,10 +18,16 @@ from chio_receipts._logging import use_level as use_log_level
 from chio_receipts._options import DEFAULT_METRICS_HOST, MetricsHost, MetricsPort
 from chio_receipts.sidecar import (
     DEFAULT_MAX_BODY,
+    CredentialSet,
     DataDir,
     LocalSidecar,
+    Role,
     SidecarError,
     SidecarMetrics,
+    add_credential,
+    check_bind,
+    load_credentials,
+    remove_credential,
     rotate_key,
     serve_sidecar,
 )
@@ -36,6 +43,11 @@ keys_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(keys_app, name="keys")
+credential_app = typer.Typer(
+    help="The sidecar's named credentials (name, role, hash of the secret): add, list, remove.",
+    no_args_is_help=True,
+)
+app.add_typer(credential_app, name="credential")
 
 DataDirOption = Annotated[
     Path | None,
@@ -45,6 +57,18 @@ DataDirOption = Annotated[
         file_okay=False,
         help="Directory of the sidecar's state and signing key "
         "(CHIO_SIDECAR_DATA_DIR; default: <CHIO_DATA_DIR>/sidecar).",
+        show_default=False,
+    ),
+]
+
+
+CredentialsFileOption = Annotated[
+    Path,
+    typer.Option(
+        "--file",
+        envvar="CHIO_SIDECAR_CREDENTIALS",
+        dir_okay=False,
+        help="The credentials file (CHIO_SIDECAR_CREDENTIALS).",
         show_default=False,
     ),
 ]
@@ -68,11 +92,23 @@ def _fail(message: str) -> typer.Exit:
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 9090,
+    credentials: Annotated[
+        Path | None,
+        typer.Option(
+            "--credentials",
+            envvar="CHIO_SIDECAR_CREDENTIALS",
+            dir_okay=False,
+            help="Credentials file (names, roles, secret hashes; made by 'sidecar credential "
+            "add'). Callers send 'Authorization: Bearer <secret>' (CHIO_SIDECAR_CREDENTIALS).",
+            show_default=False,
+        ),
+    ] = None,
     token: Annotated[
         str | None,
         typer.Option(
             envvar="CHIO_SIDECAR_TOKEN",
-            help="Require 'Authorization: Bearer <token>' (read from CHIO_SIDECAR_TOKEN).",
+            help="Deprecated: one shared secret, accepted as the admin credential 'token' "
+            "(CHIO_SIDECAR_TOKEN). Use --credentials.",
             show_default=False,
         ),
     ] = None,
@@ -94,15 +130,28 @@ def serve(
 
     State (capabilities, revocations, public keys, the receipt log) and the signing key live in
     the data directory and survive restarts; SIGHUP loads a key made by ``sidecar keys rotate``.
-    Prometheus metrics are at /metrics, and on --metrics-port when given.
+    Prometheus metrics are at /metrics, and on --metrics-port when given. Anything but a
+    loopback address needs --credentials; each route is open to the roles of the access table.
     """
     use_log_level(log_level)
     log = logging.getLogger(__name__)
-    if host not in ("127.0.0.1", "::1", "localhost") and token is None:
-        log.warning(
-            "serving on %s without a bearer token: anyone who can reach it can mint capabilities",
-            host,
-        )
+    accepted: CredentialSet | None = None
+    try:
+        if credentials is not None:
+            accepted = CredentialSet(path=credentials)
+        if token:
+            log.warning("--token (CHIO_SIDECAR_TOKEN) is deprecated: use --credentials")
+            if accepted is None:
+                accepted = CredentialSet.from_token(token)
+            else:
+                accepted.add_token(token)
+        check_bind(host, accepted)
+    except SidecarError as exc:
+        raise _fail(str(exc)) from None
+    if accepted is None:
+        log.info("no credentials: loopback callers only, each as the admin 'local'")
+    else:
+        log.info("access by %d named credential(s)", len(accepted))
     metrics = SidecarMetrics()
     if metrics_port is not None:
         start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
@@ -112,7 +161,7 @@ def serve(
                 LocalSidecar(),
                 host=host,
                 port=port,
-                token=token,
+                credentials=accepted,
                 max_body_bytes=max_body_bytes,
                 log_level=log_level.lower(),
                 metrics=metrics,
@@ -138,7 +187,8 @@ def serve(
                 sidecar,
                 host=host,
                 port=port,
-                token=token,
+                credentials=accepted,
+                data_dir=directory,
                 max_body_bytes=max_body_bytes,
                 log_level=log_level.lower(),
                 on_reload=reload,
@@ -207,6 +257,53 @@ def rotate(
         typer.echo(f"the serving sidecar (pid {done.signalled_pid}) was sent SIGHUP")
     else:
         typer.echo("no sidecar serves this directory now: the new key is used from its next start")
+
+
+@credential_app.command("add")
+def credential_add(
+    name: Annotated[str, typer.Argument(help="The credential's name (recorded as the caller).")],
+    role: Annotated[Role, typer.Option("--role", help="What it may do.", case_sensitive=False)],
+    file: CredentialsFileOption,
+) -> None:
+    """Make a credential: a new 256-bit secret, printed once on stdout; the file keeps its hash.
+
+    Give the secret to its holder (for example CHIO_SIDECAR_TOKEN of a worker); it is never
+    shown again. A serving sidecar picks up the change within a second.
+    """
+    try:
+        secret = add_credential(file, name, role)
+    except SidecarError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(
+        f"credential {name!r} ({role.value}) added to {file}; its secret, shown once:", err=True
+    )
+    sys.stdout.write(secret + "\n")
+
+
+@credential_app.command("list")
+def credential_list(file: CredentialsFileOption) -> None:
+    """Print the credentials' names, roles and creation times (never a secret or a hash)."""
+    try:
+        rows = load_credentials(file)
+    except SidecarError as exc:
+        raise _fail(str(exc)) from None
+    for row in rows:
+        typer.echo(f"{row.name}  {row.role.value:<11}  {row.created_at}")
+
+
+@credential_app.command("remove")
+def credential_remove(
+    name: Annotated[str, typer.Argument(help="The credential to remove.")],
+    file: CredentialsFileOption,
+) -> None:
+    """Remove a credential: its secret stops working (on a serving sidecar within a second)."""
+    try:
+        removed = remove_credential(file, name)
+    except SidecarError as exc:
+        raise _fail(str(exc)) from None
+    if not removed:
+        raise _fail(f"no credential named {name!r} in {file}")
+    typer.echo(f"credential {name!r} removed from {file}")
 
 
 @app.command("verify-log")

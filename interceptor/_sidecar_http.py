@@ -7,6 +7,9 @@ later) or :class:`~interceptor.ChioSidecarRejected` (the request is wrong). Ever
 receipt is checked: its wire body must be the canonical encoding of the returned fields, its
 signature must verify under the sidecar's published keys, and the Chio kernel receipt it carries
 must pass ``schemas.check_chio_step`` under those keys.
+
+The sidecar credential's secret (``token=``, or ``CHIO_SIDECAR_TOKEN`` when not given) is sent
+as ``Authorization: Bearer`` and never printed or logged.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import base64
 import binascii
 import dataclasses
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -47,7 +51,10 @@ from chio_receipts.schemas import (
     verify_body,
 )
 
-__all__ = ["HttpSidecar"]
+__all__ = ["SIDECAR_TOKEN_ENV", "HttpSidecar"]
+
+SIDECAR_TOKEN_ENV = "CHIO_SIDECAR_TOKEN"  # noqa: S105 - a variable name, not a secret
+"""Where the credential's secret is read from when ``token`` is not given."""
 
 _log = logging.getLogger(__name__)
 
@@ -56,7 +63,8 @@ class HttpSidecar(PooledHttpClient):
     """Client of a remote chio sidecar (for example ``chio-receipts sidecar serve``).
 
     An idempotent async context manager; it also works without ``async with`` (the client is
-    opened on first use) and must then be closed with :meth:`aclose`.
+    opened on first use) and must then be closed with :meth:`aclose`. ``token`` is the secret of
+    the sidecar credential to call with (default: ``CHIO_SIDECAR_TOKEN``; none when unset).
     """
 
     def __init__(
@@ -74,7 +82,7 @@ class HttpSidecar(PooledHttpClient):
     ) -> None:
         super().__init__(
             base_url,
-            bearer=token,
+            bearer=token if token is not None else os.environ.get(SIDECAR_TOKEN_ENV),
             timeout=timeout,
             connect_timeout=connect_timeout,
             retries=retries,

@@ -12,6 +12,8 @@ inside an event loop and :func:`serve_sidecar` as a process (uvicorn; the ``chio
 sidecar serve`` command). :func:`openapi_document` describes the API; it is built from the same
 typed models that validate request bodies. :class:`SidecarMetrics` holds its Prometheus metrics
 (a private registry per app unless one is shared), served at ``GET /metrics``.
+Access is by named credentials (``CredentialSet``: a file of names, roles and secret hashes) and
+one route → role table (``ROUTE_ROLES``), enforced before any route runs.
 
 The wire objects (capability tokens, evaluation requests, signed receipts) are the contract's,
 in ``chio_receipts.schemas``; this package and the worker's ``chio_receipts.interceptor`` never
@@ -20,8 +22,19 @@ import each other.
 
 from __future__ import annotations
 
+from chio_receipts.sidecar._access import ROUTE_ROLES, check_bind, roles_for
 from chio_receipts.sidecar._api import openapi_document
 from chio_receipts.sidecar._app import DEFAULT_MAX_BODY, create_sidecar_app
+from chio_receipts.sidecar._auth import (
+    Credential,
+    CredentialError,
+    CredentialSet,
+    Role,
+    add_credential,
+    credential_of,
+    load_credentials,
+    remove_credential,
+)
 from chio_receipts.sidecar._datadir import DataDir, Rotation, key_id_for, rotate_key
 from chio_receipts.sidecar._errors import (
     InvalidCapability,
@@ -37,10 +50,15 @@ from chio_receipts.sidecar._store import LogReport, SidecarStore, StoredKey
 
 __all__ = [
     "DEFAULT_MAX_BODY",
+    "ROUTE_ROLES",
+    "Credential",
+    "CredentialError",
+    "CredentialSet",
     "DataDir",
     "InvalidCapability",
     "LocalSidecar",
     "LogReport",
+    "Role",
     "Rotation",
     "ScopeWidening",
     "SidecarError",
@@ -50,9 +68,15 @@ __all__ = [
     "StoreError",
     "StoredKey",
     "UnknownCapability",
+    "add_credential",
+    "check_bind",
     "create_sidecar_app",
+    "credential_of",
     "key_id_for",
+    "load_credentials",
     "openapi_document",
+    "remove_credential",
+    "roles_for",
     "rotate_key",
     "serve_sidecar",
 ]

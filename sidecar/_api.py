@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from chio_receipts.schemas import CapabilityToken, EvaluationRequest, StepOutcome, StepStatus
+from chio_receipts.sidecar._access import roles_for
 
 __all__ = [
     "OPERATIONS",
@@ -45,11 +46,13 @@ __all__ = [
     "Evaluation",
     "EvaluationRequestBody",
     "Health",
+    "KeyRotation",
     "Keys",
     "Operation",
     "OutcomeBody",
     "OutcomeRecord",
     "PublicKey",
+    "Readiness",
     "Revoked",
     "SignedOutcome",
     "openapi_document",
@@ -289,6 +292,23 @@ class Health(_Body):
 
     status: Literal["ok"] = "ok"
     key_id: str
+
+
+class Readiness(_Body):
+    """Readiness: 200 ``ready`` when the store can be written and the signing key is published,
+    else 503 ``not_ready``; ``checks`` says which part failed."""
+
+    status: Literal["ready", "not_ready"]
+    key_id: str
+    checks: dict[str, str] = Field(description="'ok' or why not, by check (store, signing_key)")
+
+
+class KeyRotation(_Body):
+    """Answer of a key rotation: the new signing key, published before anything is signed."""
+
+    old_key_id: str
+    current: str
+    public_key: str = Field(description="hex")
 
 
 class Error(_Body):
@@ -617,6 +637,34 @@ OPERATIONS: tuple[Operation, ...] = (
         auth=False,
     ),
     Operation(
+        name="livez",
+        method="GET",
+        path="/livez",
+        summary="Liveness: the process answers",
+        response=Health,
+        description="alive",
+        auth=False,
+    ),
+    Operation(
+        name="readyz",
+        method="GET",
+        path="/readyz",
+        summary="Readiness: the store can be written and the signing key is published",
+        response=Readiness,
+        description="ready",
+        errors=(503,),
+        auth=False,
+    ),
+    Operation(
+        name="keys_rotate",
+        method="POST",
+        path="/v1/keys/rotate",
+        summary="Rotate to a fresh signing key (admin); earlier public keys stay published",
+        response=KeyRotation,
+        description="rotated",
+        errors=(503,),
+    ),
+    Operation(
         name="chio_health",
         method="GET",
         path="/chio/health",
@@ -726,8 +774,12 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _operation(op: Operation) -> dict[str, Any]:
     out: dict[str, Any] = {"operationId": op.name, "summary": op.summary}
-    if not op.auth:
+    # Who may call it comes from the one access table (``_access.ROUTE_ROLES``).
+    roles = roles_for(op.method, op.path)
+    if not roles:
         out["security"] = []
+    else:
+        out["x-chio-roles"] = sorted(role.value for role in roles)
     if op.path_params:
         out["parameters"] = [
             {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
@@ -743,11 +795,18 @@ def _operation(op: Operation) -> dict[str, Any]:
     elif op.text is not None:
         ok["content"] = {op.text: {"schema": {"type": "string"}}}
     error = ChioError if op.chio else Error
-    gate = (403 if op.chio else 401,) if op.auth else ()
+    # The access middleware's refusals are {error, reason} on every route.
+    gate = (401, 403) if roles else ()
     errors = sorted({*op.errors, *gate})
+
+    def shape(code: int) -> dict[str, Any]:
+        models = ([Error] if code in gate else []) + ([error] if code in op.errors else [])
+        unique = list(dict.fromkeys(models))
+        return _ref(unique[0]) if len(unique) == 1 else {"oneOf": [_ref(m) for m in unique]}
+
     responses: dict[str, Any] = {
         str(op.status): ok,
-        **{str(c): {"description": "error", "content": _json(_ref(error))} for c in errors},
+        **{str(c): {"description": "error", "content": _json(shape(c))} for c in errors},
     }
     for code, model in op.chio_responses:
         responses[str(code)] = {
@@ -784,7 +843,9 @@ def _document() -> dict[str, Any]:
             "version": "1",
             "description": "Capabilities, attenuation, and Ed25519-signed allow/deny receipts "
             "for Temporal activity attempts. Errors are {error, reason} objects; "
-            "authenticated endpoints take 'Authorization: Bearer <token>' when configured. "
+            "authenticated endpoints take 'Authorization: Bearer <secret>' of a named "
+            "credential when credentials are configured (x-chio-roles: the roles that may "
+            "call it; 401 missing or wrong credential, 403 a role that may not). "
             "The Chio kernel's routes (chio-api-protect 0.1.2) are served too, with its "
             "bodies, status codes and {error, message} errors; /v1/capabilities and "
             "/v1/evaluate take either the project's body or the kernel's.",

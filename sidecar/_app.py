@@ -9,7 +9,9 @@ Endpoints (JSON; OpenAPI 3.1 document at ``GET /openapi.json``, built from ``_ap
     POST /v1/evaluate                      decide one attempt and sign its receipt
     POST /v1/outcomes                      sign how one attempt ended (an outcome record)
     GET  /v1/keys                          Ed25519 public keys by key id
-    GET  /healthz                          liveness
+    POST /v1/keys/rotate                   rotate to a fresh signing key (admin)
+    GET  /healthz, /livez                  liveness
+    GET  /readyz                           readiness (503: store not writable, key not published)
     GET  /metrics                          Prometheus metrics (text exposition format)
 
 and the Chio kernel's routes (chio-api-protect 0.1.2 shapes, ``{"error", "message"}`` errors):
@@ -28,9 +30,12 @@ and answer in the shape of the body they got.
 Request bodies are validated with the document's pydantic models. Bad input never yields a
 500: malformed JSON is 400, a body that is not an object, a missing or mistyped field 422, a
 body over ``max_body_bytes`` 413, an unknown capability 404, a widening attenuation 409, a
-refused capability request 422, a missing or wrong bearer token 401, a store that cannot be
-written 503 (nothing is handed out that was not stored); every error is
-``{"error": <code>, "reason": <text>}``.
+refused capability request 422, a store that cannot be written 503 (nothing is handed out that
+was not stored); every error is ``{"error": <code>, "reason": <text>}``.
+
+Who may call which route is decided before the route runs, by the access middleware and its one
+route → role table (``_access``): 401 for a missing or wrong credential, 403 for a credential
+whose role may not call the route. Handlers read the caller with ``_auth.credential_of``.
 """
 
 from __future__ import annotations
@@ -38,9 +43,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -48,18 +53,22 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from chio_receipts.schemas import (
     ChioReceiptsError,
+    KeyPair,
     Verdict,
+    chio_step_fields,
     parameter_hash,
     receipt_to_json,
     verify_kernel_receipt,
 )
 from chio_receipts.sidecar import _chio
+from chio_receipts.sidecar._access import AccessControl
 from chio_receipts.sidecar._api import (
     OPERATIONS,
     Attenuate,
@@ -77,14 +86,18 @@ from chio_receipts.sidecar._api import (
     Evaluation,
     EvaluationRequestBody,
     Health,
+    KeyRotation,
     Keys,
     OutcomeBody,
     OutcomeRecord,
     PublicKey,
+    Readiness,
     Revoked,
     openapi_document,
 )
+from chio_receipts.sidecar._auth import CredentialSet, credential_of, with_token
 from chio_receipts.sidecar._chio import ChioRequestError
+from chio_receipts.sidecar._datadir import DataDir, key_id_for, rotate_key
 from chio_receipts.sidecar._errors import (
     InvalidCapability,
     ScopeWidening,
@@ -195,9 +208,8 @@ def _ttl(ttl_seconds: int | None, ttl_nanos: int | None = None) -> int:
     return 3600
 
 
-def _is_loopback(request: Request) -> bool:
-    host = request.client.host if request.client is not None else ""
-    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+def _guard_of(decision: ChioDecision) -> str | None:
+    return None if decision.allowed else decision.guard
 
 
 def _decision_label(decision: object) -> str:
@@ -316,38 +328,39 @@ def _sdk_answer(decision: ChioDecision) -> Response:
     )
 
 
+def _fresh_key() -> KeyPair:
+    seed = os.urandom(32)
+    return KeyPair.from_seed(key_id_for(KeyPair.from_seed("", seed).public_key), seed)
+
+
 def create_sidecar_app(
     sidecar: LocalSidecar,
     *,
+    credentials: CredentialSet | None = None,
     token: str | None = None,
+    data_dir: DataDir | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     metrics: SidecarMetrics | None = None,
 ) -> Starlette:
-    """The ASGI app serving ``sidecar``; ``token`` enables bearer authentication.
+    """The ASGI app serving ``sidecar``.
 
+    ``credentials`` (named, hashed; see ``_auth``) are what the access middleware accepts;
+    without any, loopback callers are admin and other callers are refused. ``token`` is the
+    deprecated single shared token: it is accepted as the admin credential ``token``.
+    ``data_dir`` is where ``POST /v1/keys/rotate`` records a new key (in memory without one).
     ``metrics`` (a private :class:`SidecarMetrics` by default; ``app.state.metrics``) counts
-    what the app decides, mints, revokes and fails to store; ``GET /metrics`` serves it.
+    what the app decides, mints, revokes, fails to store and refuses; ``GET /metrics`` serves it.
     """
     meter = metrics if metrics is not None else SidecarMetrics()
     meter.watch_key(lambda: sidecar.key_id)
-    expected = f"Bearer {token}".encode() if token else None
+    meter.watch_policy(lambda: sidecar.policy_hash)
+    credentials = with_token(credentials, token)
     status = {op.name: op.status for op in OPERATIONS}
     # Serialized once: the document is static, and the same object the tests compare with.
     document = json.dumps(openapi_document()).encode()
 
-    def bearer_ok(request: Request) -> bool:
-        if expected is None:
-            return True
-        return hmac.compare_digest(request.headers.get("authorization", "").encode(), expected)
-
-    def control_ok(request: Request) -> bool:
-        # The kernel's control gate: the token when one is set, else loopback peers only.
-        return bearer_ok(request) if expected is not None else _is_loopback(request)
-
-    def guarded(fn: Handler, name: str, *, auth: bool = True) -> Handler:
+    def guarded(fn: Handler, name: str) -> Handler:
         async def endpoint(request: Request) -> Response:
-            if auth and not bearer_ok(request):
-                return _error(401, "unauthorized", "missing or wrong bearer token")
             try:
                 return await fn(request)
             except _BadRequest as exc:
@@ -377,18 +390,11 @@ def create_sidecar_app(
         except ChioReceiptsError as exc:
             return _chio_error(400, "chio_bad_request", str(exc))
 
-    def chio_route(fn: Handler, name: str, *, control: bool) -> Handler:
+    def chio_route(fn: Handler, name: str) -> Handler:
         async def endpoint(request: Request) -> Response:
-            if control and not control_ok(request):
-                return forbidden()
             return await chio_call(lambda: fn(request), name)
 
         return endpoint
-
-    def forbidden() -> Response:
-        return _chio_error(
-            403, "chio_control_forbidden", "sidecar control request is not authorized"
-        )
 
     async def read_any(request: Request) -> tuple[dict[str, Any] | None, _BadRequest | None]:
         # The body of a route shared by the project's and the kernel's shapes, or why it could
@@ -399,15 +405,10 @@ def create_sidecar_app(
             return None, exc
 
     async def create_capability(request: Request) -> Response:
-        authed = bearer_ok(request)
         data, unreadable = await read_any(request)
         if data is not None and ("scopes" in data or isinstance(data.get("scope"), dict)):
-            if not control_ok(request):
-                return forbidden()
             kernel_body = data
             return await chio_call(lambda: chio_create(kernel_body), "create_capability")
-        if not authed:
-            return _error(401, "unauthorized", "missing or wrong bearer token")
         if data is None:
             raise unreadable or _BadRequest(400, "bad_request", "bad request")
         body = _validate(CreateCapability, data)
@@ -439,20 +440,16 @@ def create_sidecar_app(
             mediated = data
             return await chio_call(lambda: chio_mediated(mediated), "evaluate")
         if data is not None and "tool_name" in data and "tool" not in data:
-            # chio-sdk-python's body names the capability by id, so it is gated like the
-            # project's own evaluate: the token when one is set (403 in the kernel's shape).
-            if not bearer_ok(request):
-                return forbidden()
             sdk_body = data
             return await chio_call(lambda: chio_sdk_evaluate(sdk_body), "evaluate")
-        if not bearer_ok(request):
-            return _error(401, "unauthorized", "missing or wrong bearer token")
         if data is None:
             raise unreadable or _BadRequest(400, "bad_request", "bad request")
         body = _validate(EvaluationRequestBody, data)
         started = time.perf_counter()
         signed = sidecar.evaluate_now(body.to_request())
-        meter.decision("project", signed.receipt.verdict is Verdict.ALLOW, started)
+        allowed = signed.receipt.verdict is Verdict.ALLOW
+        guard = None if allowed else chio_step_fields(signed.receipt).guard
+        meter.decision("project", allowed, started, guard=guard)
         answer = Evaluation(
             receipt=receipt_to_json(signed.receipt),
             body=base64.b64encode(signed.body).decode("ascii"),
@@ -476,6 +473,52 @@ def create_sidecar_app(
 
     async def healthz(request: Request) -> Response:
         return _json(Health(key_id=sidecar.key_id), status["healthz"])
+
+    async def livez(request: Request) -> Response:
+        return _json(Health(key_id=sidecar.key_id), status["livez"])
+
+    def readiness() -> dict[str, str]:
+        # Open to anyone: the answer names the failed check, the log says why (paths, errors).
+        checks = {"store": "ok", "signing_key": "ok"}
+        try:
+            sidecar.store.check_writable()
+        except StoreError as exc:
+            meter.store_error("readyz")
+            _log.warning("not ready: the store cannot be written: %s", exc)
+            checks["store"] = "cannot be written"
+        try:
+            published = sidecar.store.keys()
+            current = [k.key_id for k in published if k.retired_at is None]
+            if current != [sidecar.key_id]:
+                checks["signing_key"] = "not published"
+        except StoreError as exc:
+            _log.warning("not ready: the published keys cannot be read: %s", exc)
+            checks["signing_key"] = "published keys cannot be read"
+        if data_dir is not None and not data_dir.seed_path.is_file():
+            _log.warning("not ready: the signing key seed %s is missing", data_dir.seed_path)
+            checks["signing_key"] = "seed file missing"
+        return checks
+
+    async def readyz(request: Request) -> Response:
+        checks = readiness()
+        ready = all(v == "ok" for v in checks.values())
+        body = Readiness(
+            status="ready" if ready else "not_ready", key_id=sidecar.key_id, checks=checks
+        )
+        return _json(body, status["readyz"] if ready else 503)
+
+    async def keys_rotate(request: Request) -> Response:
+        old = sidecar.key_id
+        if data_dir is not None:
+            rotate_key(data_dir, signal_server=False)
+            key = data_dir.signing_key()
+        else:
+            key = _fresh_key()
+        sidecar.use_key(key)
+        who = credential_of(request).name
+        _log.info("signing key rotated %s -> %s by credential %s", old, key.key_id, who)
+        answer = KeyRotation(old_key_id=old, current=key.key_id, public_key=key.public_key.hex())
+        return _json(answer, status["keys_rotate"])
 
     async def openapi(request: Request) -> Response:
         return Response(document, media_type="application/json")
@@ -588,7 +631,7 @@ def create_sidecar_app(
             parameters=data.get("parameters", {}),
             request_id=body.request_id,
         )
-        meter.decision("kernel", decision.allowed, started)
+        meter.decision("kernel", decision.allowed, started, guard=_guard_of(decision))
         if decision.revoked:
             # The kernel's 403 for a revoked capability; the signed deny receipt rides along.
             return JSONResponse(
@@ -623,7 +666,7 @@ def create_sidecar_app(
             tool_name=body.tool_name,
             parameters=parameters,
         )
-        meter.decision("sdk", decision.allowed, started)
+        meter.decision("sdk", decision.allowed, started, guard=_guard_of(decision))
         return _sdk_answer(decision)
 
     handlers: dict[str, Handler] = {
@@ -635,6 +678,9 @@ def create_sidecar_app(
         "outcomes": outcomes,
         "keys": keys,
         "healthz": healthz,
+        "livez": livez,
+        "readyz": readyz,
+        "keys_rotate": keys_rotate,
         "openapi": openapi,
         "metrics": metrics_text,
         "chio_health": chio_health,
@@ -645,13 +691,12 @@ def create_sidecar_app(
         "chio_attenuate": chio_attenuate,
         "chio_verify_receipt": chio_verify_receipt,
     }
-    shared = {"create_capability", "evaluate"}
 
     def endpoint_for(op: Any) -> Handler:
+        # Who may call it is the access middleware's (one table, before routing).
         if op.chio:
-            return chio_route(handlers[op.name], op.name, control=op.auth)
-        # The shared routes authenticate after reading the body: its shape says which gate.
-        return guarded(handlers[op.name], op.name, auth=op.auth and op.name not in shared)
+            return chio_route(handlers[op.name], op.name)
+        return guarded(handlers[op.name], op.name)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, HTTPException):
@@ -668,7 +713,11 @@ def create_sidecar_app(
     ]
     app = Starlette(
         routes=routes,
+        middleware=[
+            Middleware(AccessControl, credentials=credentials, on_refused=meter.auth_failure)
+        ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
     )
     app.state.metrics = meter
+    app.state.credentials = credentials
     return app

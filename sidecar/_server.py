@@ -12,7 +12,10 @@ from collections.abc import Callable, Generator
 import uvicorn
 
 from chio_receipts.schemas import AsyncService
+from chio_receipts.sidecar._access import check_bind
 from chio_receipts.sidecar._app import DEFAULT_MAX_BODY, create_sidecar_app
+from chio_receipts.sidecar._auth import CredentialSet, with_token
+from chio_receipts.sidecar._datadir import DataDir
 from chio_receipts.sidecar._errors import SidecarError
 from chio_receipts.sidecar._local import LocalSidecar
 from chio_receipts.sidecar._metrics import SidecarMetrics
@@ -35,7 +38,9 @@ class SidecarServer(AsyncService):
 
     An idempotent async context manager. ``port=0`` picks a free port; the bound port stays the
     same across :meth:`stop` / :meth:`start`, so a client can see the sidecar go away and come
-    back. Listens on 127.0.0.1 unless told otherwise.
+    back. Listens on 127.0.0.1 unless told otherwise; any other address needs ``credentials``
+    (:class:`SidecarError` otherwise). ``token`` is the deprecated shared token (the admin
+    credential ``token``).
     """
 
     def __init__(
@@ -45,17 +50,25 @@ class SidecarServer(AsyncService):
         host: str = "127.0.0.1",
         port: int = 0,
         token: str | None = None,
+        credentials: CredentialSet | None = None,
+        data_dir: DataDir | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY,
         shutdown_timeout: float = 5.0,
         metrics: SidecarMetrics | None = None,
     ) -> None:
+        credentials = with_token(credentials, token)
+        check_bind(host, credentials)
         self.sidecar = sidecar
         self.host = host
         self.port = port
         self.metrics = metrics if metrics is not None else SidecarMetrics()
         """What ``GET /metrics`` serves (a private registry unless one is given)."""
         self._app = create_sidecar_app(
-            sidecar, token=token, max_body_bytes=max_body_bytes, metrics=self.metrics
+            sidecar,
+            credentials=credentials,
+            data_dir=data_dir,
+            max_body_bytes=max_body_bytes,
+            metrics=self.metrics,
         )
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -125,6 +138,8 @@ async def serve_sidecar(
     host: str = "127.0.0.1",
     port: int = 9090,
     token: str | None = None,
+    credentials: CredentialSet | None = None,
+    data_dir: DataDir | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     log_level: str = "info",
     on_reload: Callable[[], None] | None = None,
@@ -136,9 +151,20 @@ async def serve_sidecar(
     sends it so the new signing key is used at once); a failed reload is logged and the
     sidecar keeps its current key. ``metrics`` is what ``GET /metrics`` serves (the caller may
     serve its registry on a port of its own too). uvicorn installs no handlers of its own: its
-    records go to the root logger, in the one format the process chose.
+    records go to the root logger, in the one format the process chose. ``credentials`` (and the
+    deprecated ``token``) are what the access middleware accepts; binding anything but loopback
+    without them is refused (:class:`SidecarError`). ``data_dir`` is where ``POST
+    /v1/keys/rotate`` records the new key.
     """
-    app = create_sidecar_app(sidecar, token=token, max_body_bytes=max_body_bytes, metrics=metrics)
+    credentials = with_token(credentials, token)
+    check_bind(host, credentials)
+    app = create_sidecar_app(
+        sidecar,
+        credentials=credentials,
+        data_dir=data_dir,
+        max_body_bytes=max_body_bytes,
+        metrics=metrics,
+    )
     config = uvicorn.Config(
         app,
         host=host,

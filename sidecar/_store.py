@@ -285,6 +285,15 @@ class SidecarStore(Closeable):
         """A trivial read: raises :class:`StoreError` when the store cannot be used."""
         self._read("SELECT 1")
 
+    def check_writable(self) -> None:
+        """A small write (the time of the last check): raises :class:`StoreError` when the store
+        cannot be written (the readiness probe)."""
+        with self._tx(durable=False) as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES ('checked_at', ?)",
+                (str(now_us()),),
+            )
+
     def revoke(self, capability_id: str) -> None:
         """Record a revocation (idempotent)."""
         with self._tx() as conn:

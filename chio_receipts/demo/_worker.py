@@ -60,6 +60,8 @@ class WorkerSettings:
     temporal_address: str
     namespace: str = "default"
     sidecar_url: str
+    sidecar_token: str | None = field(default=None, repr=False)
+    """Secret of the sidecar credential (a worker's); None: ``CHIO_SIDECAR_TOKEN`` if set."""
     kafka: KafkaConnection
     topics: TopicsConfig = field(default_factory=TopicsConfig)
     spool_dir: Path
@@ -105,7 +107,9 @@ async def demo_worker(
 ) -> AsyncIterator[tuple[Worker, ChioActivityInterceptor, ChioClient]]:
     """A running worker with the interceptor, its sidecar client and its Kafka streamer."""
     async with contextlib.AsyncExitStack() as stack:
-        chio = await stack.enter_async_context(ChioClient(settings.sidecar_url))
+        chio = await stack.enter_async_context(
+            ChioClient(settings.sidecar_url, token=settings.sidecar_token)
+        )
         streamer = await stack.enter_async_context(
             ReceiptStreamer(
                 StreamerConfig(

@@ -26,8 +26,15 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def _decisions(samples: dict[Any, float], verdict: str, family: str) -> float:
-    key = ("chio_sidecar_decisions_total", (("family", family), ("verdict", verdict)))
-    return samples[key]
+    # Summed over the guard label (the guard that decided a deny; "none" for an allow).
+    found = [
+        value
+        for (name, labels), value in samples.items()
+        if name == "chio_sidecar_decisions_total"
+        and dict(labels)["family"] == family
+        and dict(labels)["verdict"] == verdict
+    ]
+    return sum(found)
 
 
 async def test_served_metrics_move_after_an_allow_and_a_deny() -> None:

@@ -144,7 +144,7 @@ def test_the_route_is_documented() -> None:
     assert post["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/OutcomeBody"
     }
-    assert set(post["responses"]) == {"200", "400", "401", "413", "422"}
+    assert set(post["responses"]) == {"200", "400", "401", "403", "413", "422"}
     fields = doc["components"]["schemas"]["OutcomeBody"]["properties"]
     assert "result_digest" in fields
     assert "result" not in fields
