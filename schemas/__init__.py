@@ -24,10 +24,12 @@ from chio_receipts.schemas._chio_outcome import (
     sign_chio_outcome,
 )
 from chio_receipts.schemas._chio_step import (
+    APPROVAL_REQUIRED,
     REQUEST_ID_PREFIX,
     ChioStepFields,
     check_chio_step,
     chio_step_fields,
+    approval_state,
     chio_step_payload,
     chio_verdict,
     request_id_for,
@@ -154,6 +156,7 @@ from chio_receipts.schemas._sink import ReceiptSink, ReceiptSinkError
 from chio_receipts.schemas._stepcodec import avro_long
 
 __all__ = [
+    "APPROVAL_REQUIRED",
     "CAPABILITY_SCHEMA",
     "CE_HEADERS",
     "CONFLUENT_MAGIC",
@@ -230,6 +233,7 @@ __all__ = [
     "UnknownSchema",
     "Verdict",
     "WireFormat",
+    "approval_state",
     "avro_long",
     "canonical_json",
     "chain_root",
