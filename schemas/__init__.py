@@ -25,11 +25,12 @@ from chio_receipts.schemas._chio_outcome import (
 )
 from chio_receipts.schemas._chio_step import (
     APPROVAL_REQUIRED,
+    APPROVAL_SIGNAL,
     REQUEST_ID_PREFIX,
     ChioStepFields,
+    approval_state,
     check_chio_step,
     chio_step_fields,
-    approval_state,
     chio_step_payload,
     chio_verdict,
     request_id_for,
@@ -157,6 +158,7 @@ from chio_receipts.schemas._stepcodec import avro_long
 
 __all__ = [
     "APPROVAL_REQUIRED",
+    "APPROVAL_SIGNAL",
     "CAPABILITY_SCHEMA",
     "CE_HEADERS",
     "CONFLUENT_MAGIC",

@@ -37,12 +37,13 @@ from chio_receipts.schemas._records import StepReceipt, Verdict
 
 __all__ = [
     "APPROVAL_REQUIRED",
+    "APPROVAL_SIGNAL",
     "REQUEST_ID_PREFIX",
     "ChioStepFields",
+    "approval_state",
     "check_chio_step",
     "check_signed_receipt",
     "chio_step_fields",
-    "approval_state",
     "chio_step_payload",
     "chio_verdict",
     "request_id_for",
@@ -92,6 +93,8 @@ _ID_SUFFIX_LEN: Final = len(b',"id":"') + 64 + len(b'"}')
 _VERDICTS: Final = {Verdict.ALLOW: ("allow", "incomplete"), Verdict.DENY: ("deny",)}
 APPROVAL_REQUIRED: Final = "approval_required"
 """``metadata.approval.state`` of a receipt whose call waits for a person's approval."""
+APPROVAL_SIGNAL: Final = "chio_approval"
+"""Name of the Temporal signal that brings a person's decision to the waiting workflow."""
 
 
 def request_id_for(step: StepReceipt) -> str:
