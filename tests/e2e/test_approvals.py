@@ -9,8 +9,10 @@ shows every attempt as attempt 1: no retry is burned while waiting.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,6 +26,7 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
+from chio_receipts.cli_approvals import answer_approval
 from chio_receipts.interceptor import (
     DENIED_ERROR_TYPE,
     ChioActivityInterceptor,
@@ -257,3 +260,54 @@ async def test_a_local_activity_waits_for_its_approval_too(
             (Verdict.PENDING_APPROVAL, 1, True),
             (Verdict.ALLOW, 1, True),
         ]
+
+
+async def test_the_cli_answers_through_the_sidecar_and_signals_the_workflow(
+    temporal_client: Client, temporal_address: str, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """``chio-receipts approve`` against a sidecar that does not signal: the CLI's signal is the
+    one that resumes the run; ``reject`` via the same code path ends the next payment."""
+    workflow_id = unique("cli")
+    async with _stack(
+        tmp_path / "sidecar", temporal_client, temporal_address, unique("q"), signal=False
+    ) as stack:
+        handle = await _start(stack, workflow_id, Payments(amounts=["5", "6"]))
+        seen: set[str] = set()
+        async with httpx.AsyncClient(base_url=stack.url) as http:
+            first = await _pending(http, workflow_id, seen)
+            proc = await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).parent / "chio-receipts"),
+                "approve",
+                workflow_id,
+                "--receipt",
+                first["request_receipt_id"],
+                "--reason",
+                "looks right",
+                "--sidecar-url",
+                stack.url,
+                "--temporal-address",
+                temporal_address,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, errors = await proc.communicate()
+            assert proc.returncode == 0, errors.decode()
+            assert f"approved {first['approval_id']}" in out.decode()
+            assert "by local" in out.decode()
+            second = await _pending(http, workflow_id, seen)
+            done = await answer_approval(
+                sidecar_url=stack.url,
+                credential=None,
+                workflow_id=workflow_id,
+                receipt_id=second["request_chio_id"],
+                approve=False,
+                reason="twice is too many",
+                temporal_client=temporal_client,
+            )
+            assert (done.outcome, done.approver, done.signalled) == ("denied", "local", True)
+            assert not done.signalled_by_sidecar
+        with pytest.raises(WorkflowFailureError) as failed:
+            await handle.result()
+        assert isinstance(failed.value.cause, ApplicationError)
+        assert failed.value.cause.type == DENIED_ERROR_TYPE
+        assert PAID[workflow_id] == ["5"]
