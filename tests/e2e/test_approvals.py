@@ -24,7 +24,7 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
-from temporalio.worker import Worker
+from temporalio.worker import Replayer, Worker
 
 from chio_receipts.cli_approvals import answer_approval
 from chio_receipts.interceptor import (
@@ -206,6 +206,10 @@ async def test_approve_on_the_http_route_resumes_the_run_and_binds_each_approval
             -1
         ].items()
         assert stack.interceptor.stats.pending_approval == 2
+        # The wait, the signal and the re-run replay deterministically.
+        replayer = Replayer(workflows=[PaymentsWorkflow], interceptors=[stack.interceptor])
+        replayed = await replayer.replay_workflow(await handle.fetch_history())
+        assert replayed.replay_failure is None
 
 
 async def test_reject_ends_the_run_with_chio_capability_denied(
