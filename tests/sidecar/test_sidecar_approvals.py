@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from chio_receipts.interceptor import ChioKernelSidecar
 from chio_receipts.schemas import (
     EvaluationRequest,
     Verdict,
@@ -17,12 +18,11 @@ from chio_receipts.schemas import (
     chio_verdict,
     verify_kernel_receipt,
 )
-from chio_receipts.sidecar import LocalSidecar, SidecarStore, create_sidecar_app
+from chio_receipts.sidecar import LocalSidecar, SidecarServer, SidecarStore, create_sidecar_app
 from chio_receipts.sidecar._approvals import RequireApproval
 from chio_receipts.sidecar._auth import Credential, Role
 from chio_receipts.sidecar._guards import CallContext, GuardResult, GuardVerdict
-
-pytestmark = pytest.mark.unit
+from tests.support.kernel_evaluator import request as kernel_request
 
 GUARDS = [RequireApproval(frozenset({"pay"}))]
 
@@ -61,6 +61,7 @@ def _answer(side: LocalSidecar, approval_id: str, approve: bool, reason: str = "
     )
 
 
+@pytest.mark.unit
 def test_a_held_call_is_pending_and_the_receipt_says_so() -> None:
     side = LocalSidecar(guards=GUARDS)
     cap = side.mint("agent", ["pay", "read"], 60)
@@ -89,6 +90,7 @@ def test_a_held_call_is_pending_and_the_receipt_says_so() -> None:
     assert "sekrit" not in pending.to_json()  # the request keeps the hash, never the argument
 
 
+@pytest.mark.unit
 def test_an_approval_allows_its_own_call_once_and_nothing_else() -> None:
     side = LocalSidecar(guards=GUARDS)
     cap = side.mint("agent", ["pay"], 60)
@@ -111,6 +113,7 @@ def test_an_approval_allows_its_own_call_once_and_nothing_else() -> None:
     assert side.approvals.get(_approval_id(held)).state == "consumed"
 
 
+@pytest.mark.unit
 def test_a_rejection_denies_with_the_approver_and_reason() -> None:
     side = LocalSidecar(guards=GUARDS)
     cap = side.mint("agent", ["pay"], 60)
@@ -129,6 +132,7 @@ def test_a_rejection_denies_with_the_approver_and_reason() -> None:
         _answer(side, _approval_id(held), True)
 
 
+@pytest.mark.unit
 def test_a_later_guard_still_decides_after_an_approval() -> None:
     class DenyBig:
         name = "limit"
@@ -150,6 +154,7 @@ def test_a_later_guard_still_decides_after_an_approval() -> None:
     assert side.approvals.get(_approval_id(held)).state == "approved"  # not used by a deny
 
 
+@pytest.mark.unit
 def test_requests_and_answers_survive_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     with SidecarStore(path) as store:
@@ -179,6 +184,7 @@ def _as(name: str, app: Any) -> Any:
     return wrapped
 
 
+@pytest.mark.unit
 async def test_the_routes_take_the_approver_from_the_credential() -> None:
     side = LocalSidecar(guards=GUARDS)
     cap = side.mint("agent", ["pay"], 60)
@@ -229,3 +235,23 @@ async def test_the_routes_take_the_approver_from_the_credential() -> None:
         assert "pending" not in resolved
         assert resolved["resolution"]["outcome"] == "approved"
         assert resolved["resolution"]["approver"] == "ops-alice"
+
+
+@pytest.mark.e2e
+async def test_the_kernel_mediated_route_holds_a_call_too() -> None:
+    """A worker deciding on the kernel's mediated ``/v1/evaluate`` (``ChioKernelSidecar``) gets
+    the held call as the kernel would sign it: a deny marked approval_required, which its step
+    reads as PENDING_APPROVAL; the request is stored and answerable."""
+    side = LocalSidecar(guards=GUARDS)
+    async with SidecarServer(side) as server:
+        evaluator = ChioKernelSidecar(
+            server.url, kernel_key=side._key.public_key.hex(), tool_server="temporal"
+        )
+        async with evaluator:
+            cap = await evaluator.create_capability("agent:k", ["pay"], 600)
+            signed = await evaluator.evaluate(kernel_request(cap.id, "pay"))
+    held = signed.receipt
+    assert held.verdict is Verdict.PENDING_APPROVAL
+    assert check_chio_step(held, trusted_keys=side.trusted_keys()) is None
+    (pending,) = side.approvals.pending(receipt_id=_approval_id(held))
+    assert pending.request_chio_id == json.loads(held.chio_receipt)["id"]
