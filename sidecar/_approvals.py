@@ -30,6 +30,7 @@ The rows live in the store's ``approvals`` table; this module holds the logic.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -442,10 +443,10 @@ class ApprovalBook:
             resolved_at=now,
             decision_receipt=receipt,
         )
-        if self._log is not None:
-            self._log(receipt)
         if not self._store.move_approval(approval_id, "pending", state, answered.to_json()):
             raise ChioRequestError(409, "conflict", f"already resolved: {approval_id}")
+        if self._log is not None:
+            self._log(receipt)  # only an answer that was stored is logged
         return answered
 
     def _decision_receipt(
@@ -554,20 +555,22 @@ class TemporalSignaller:
     and reported as False: the answer is stored and signed either way, and ``chio-receipts
     approve|reject`` can send the signal again."""
 
-    def __init__(self, connect: Callable[[], Any]) -> None:
+    def __init__(self, connect: Callable[[], Any], *, timeout: float = 5.0) -> None:
         self._connect = connect
         self._client: Any = None
+        self._timeout = timeout
 
     async def notify(self, approval: Approval) -> bool:
         if not approval.workflow_id:
             return False
         try:
-            if self._client is None:
-                self._client = await self._connect()
-            handle = self._client.get_workflow_handle(
-                approval.workflow_id, run_id=approval.run_id or None
-            )
-            await handle.signal(APPROVAL_SIGNAL, approval.signal_payload())
+            async with asyncio.timeout(self._timeout):  # the answer is not held up by Temporal
+                if self._client is None:
+                    self._client = await self._connect()
+                handle = self._client.get_workflow_handle(
+                    approval.workflow_id, run_id=approval.run_id or None
+                )
+                await handle.signal(APPROVAL_SIGNAL, approval.signal_payload())
         except Exception as exc:  # noqa: BLE001 - the answer stands; the signal can be re-sent
             _log.warning(
                 "approval %s: signalling workflow %s failed (%s)",
