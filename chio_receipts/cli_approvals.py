@@ -1,10 +1,11 @@
 """``chio-receipts approve|reject WORKFLOW_ID --receipt RECEIPT_ID [--reason ...]``.
 
 Answers a pending approval through the sidecar's ``POST /approvals/{id}/respond`` (the
-credential given names the approver; the sidecar signs the decision) and sends the signed
-decision to the waiting workflow as the ``chio_approval`` Temporal signal. The sidecar signals
-the workflow itself when it was started with a Temporal address; a second signal for the same
-approval is ignored by the workflow, so both paths may run.
+credential given, ``--sidecar-token`` / ``CHIO_SIDECAR_TOKEN``, names the approver; the sidecar
+signs the decision) and sends the signed decision to the waiting workflow as the
+``chio_approval`` Temporal signal. The sidecar signals the workflow itself when it was started
+with a Temporal address; a second signal for the same approval is ignored by the workflow, so
+both paths may run.
 
 ``RECEIPT_ID`` is the held attempt's receipt id (the step's ``receipt_id`` or its Chio receipt
 id, as ``verify`` and the report print them) or the approval id.
@@ -129,10 +130,11 @@ SidecarUrl = Annotated[str, typer.Option(envvar="CHIO_SIDECAR_URL", help="Policy
 Credential = Annotated[
     str | None,
     typer.Option(
+        "--sidecar-token",
         "--credential",
-        envvar="CHIO_SIDECAR_CREDENTIAL",
-        help="The operator credential presented to the sidecar (CHIO_SIDECAR_CREDENTIAL); "
-        "its name is recorded as the approver.",
+        envvar="CHIO_SIDECAR_TOKEN",
+        help="The operator credential's secret, sent as 'Authorization: Bearer' "
+        "(CHIO_SIDECAR_TOKEN); the credential's name is recorded as the approver.",
         show_default=False,
     ),
 ]
