@@ -18,7 +18,13 @@ from chio_receipts.schemas import (
     chio_verdict,
     verify_kernel_receipt,
 )
-from chio_receipts.sidecar import LocalSidecar, SidecarServer, SidecarStore, create_sidecar_app
+from chio_receipts.sidecar import (
+    LocalSidecar,
+    SidecarServer,
+    SidecarStore,
+    _auth,
+    create_sidecar_app,
+)
 from chio_receipts.sidecar._approvals import RequireApproval
 from chio_receipts.sidecar._auth import Credential, Role
 from chio_receipts.sidecar._guards import CallContext, GuardResult, GuardVerdict
@@ -172,6 +178,12 @@ def test_requests_and_answers_survive_a_restart(tmp_path: Path) -> None:
         assert third.evaluate_now(_request(cap.id, [10])).receipt.verdict is Verdict.ALLOW
 
 
+# Named credentials (the access-roles work) set the caller before routing. Until they are in
+# the tree, a stand-in sets it; once they are, the real credentials file and middleware do.
+_ROLES = hasattr(_auth, "add_credential")
+_roles_api: Any = _auth
+
+
 def _as(name: str, app: Any) -> Any:
     """The app behind a stand-in for the credential check (which the roles work provides):
     every request is authenticated as ``name``."""
@@ -185,14 +197,34 @@ def _as(name: str, app: Any) -> Any:
 
 
 @pytest.mark.unit
-async def test_the_routes_take_the_approver_from_the_credential() -> None:
+async def test_the_routes_take_the_approver_from_the_credential(tmp_path: Path) -> None:
     side = LocalSidecar(guards=GUARDS)
     cap = side.mint("agent", ["pay"], 60)
     held = side.evaluate_now(_request(cap.id, [10])).receipt
     approval_id = _approval_id(held)
-    app = _as("ops-alice", create_sidecar_app(side))
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://sidecar") as http:
+    headers: dict[str, str] = {}
+    if _ROLES:
+        creds = tmp_path / "credentials.json"
+        operator = _roles_api.add_credential(creds, "ops-alice", Role.OPERATOR)
+        worker = _roles_api.add_credential(creds, "worker-1", Role.WORKER)
+        make_app: Any = create_sidecar_app
+        app = make_app(side, credentials=_roles_api.CredentialSet(path=creds))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport,
+            base_url="http://sidecar",
+            headers={"authorization": f"Bearer {worker}"},
+        ) as http:
+            answer = await http.post(
+                f"/approvals/{approval_id}/respond", json={"outcome": "approved"}
+            )
+            assert answer.status_code == 403  # a worker cannot answer
+        headers = {"authorization": f"Bearer {operator}"}
+    else:
+        transport = httpx.ASGITransport(app=_as("ops-alice", create_sidecar_app(side)))
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://sidecar", headers=headers
+    ) as http:
         listed = await http.get("/approvals/pending", params={"receipt_id": held.receipt_id})
         assert listed.json()["count"] == 1
         view = listed.json()["approvals"][0]
