@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.table import Table
 
-from chio_receipts import cli_consumers, cli_sidecar, cli_streamer
+from chio_receipts import cli_approvals, cli_consumers, cli_sidecar, cli_streamer
 from chio_receipts._config import load_config
 from chio_receipts._kafka_options import kafka_options
 from chio_receipts._logging import LogFormat
@@ -57,6 +57,7 @@ app.add_typer(dev, name="dev")
 app.add_typer(cli_sidecar.app, name="sidecar")
 cli_streamer.register(app)
 cli_consumers.register(app)
+cli_approvals.register(app)
 
 
 @app.callback()

@@ -16,6 +16,8 @@ from prometheus_client import start_http_server
 from chio_receipts._config import load_config
 from chio_receipts._logging import use_level as use_log_level
 from chio_receipts._options import DEFAULT_METRICS_HOST, MetricsHost, MetricsPort
+from chio_receipts._temporal import TemporalConnection
+from chio_receipts._temporal_options import temporal_options
 from chio_receipts.sidecar import (
     DEFAULT_MAX_BODY,
     CredentialSet,
@@ -89,7 +91,17 @@ def _fail(message: str) -> typer.Exit:
 
 
 @app.command()
+@temporal_options
 def serve(
+    *,
+    temporal: TemporalConnection,
+    approval_signals: Annotated[
+        bool,
+        typer.Option(
+            envvar="CHIO_APPROVAL_SIGNALS",
+            help="Signal an answered approval to its waiting workflow (Temporal flags).",
+        ),
+    ] = True,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 9090,
     credentials: Annotated[
@@ -156,9 +168,11 @@ def serve(
     if metrics_port is not None:
         start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
     if ephemeral:
+        memory = LocalSidecar()
+        _signal_approvals(memory, temporal if approval_signals else None)
         asyncio.run(
             serve_sidecar(
-                LocalSidecar(),
+                memory,
                 host=host,
                 port=port,
                 credentials=accepted,
@@ -175,6 +189,7 @@ def serve(
         except SidecarError as exc:
             raise _fail(str(exc)) from None
         log.info("sidecar data directory %s, signing key %s", directory.path, sidecar.key_id)
+        _signal_approvals(sidecar, temporal if approval_signals else None)
 
         def reload() -> None:
             key = directory.signing_key()
@@ -195,6 +210,14 @@ def serve(
                 metrics=metrics,
             )
         )
+
+
+def _signal_approvals(sidecar: LocalSidecar, temporal: TemporalConnection | None) -> None:
+    """Answered approvals reach their workflows as a Temporal signal (approvals block)."""
+    if temporal is not None:
+        from chio_receipts.sidecar._approvals import TemporalSignaller
+
+        sidecar.approvals.signaller = TemporalSignaller(temporal.connect)
 
 
 @keys_app.command("list")

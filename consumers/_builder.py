@@ -399,7 +399,12 @@ class ReceiptBuilder:
         if done is None or not authoritative(done) or not done.expected_attempts:
             return ()
         receipted = {(e.activity_id, e.attempt) for e in run.steps.values()}
-        denied = {(e.activity_id, e.attempt) for e in run.steps.values() if e.verdict == "DENY"}
+        # A held attempt (PENDING_APPROVAL) is refused like a denied one: its body never ran.
+        denied = {
+            (e.activity_id, e.attempt)
+            for e in run.steps.values()
+            if e.verdict in ("DENY", "PENDING_APPROVAL")
+        }
         return account_attempts(done.expected_attempts, receipted, run.outcomes.values(), denied)
 
     @classmethod

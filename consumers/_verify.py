@@ -32,6 +32,7 @@ from typing import Any
 
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
+from chio_receipts.consumers._approvals import ApprovalFinding, ApprovalStep, check_approvals
 from chio_receipts.consumers._builder import OutcomeEntry, account_attempts, outcome_order
 from chio_receipts.consumers._chio import (
     KERNEL_SIGNED,
@@ -101,6 +102,8 @@ class VerifyReport:
     """What is worth knowing but not wrong: unsigned outcome records."""
     missing: list[tuple[str, str, str, int]] = field(default_factory=list)
     """Every attempt accounted MISSING: (workflow id, run id, activity id, attempt)."""
+    approvals: list[ApprovalFinding] = field(default_factory=list)
+    """Every approval the runs' steps carry: the request, and the signed answer once used."""
 
     @property
     def ok(self) -> bool:
@@ -112,6 +115,9 @@ class VerifyReport:
         notes = [f"NOTE: {n}" for n in self.notes]
         if self.ok:
             attempts = f", {self.attempts} attempt(s) accounted" if self.attempts else ""
+            if self.approvals:
+                answered = sum(1 for a in self.approvals if a.outcome)
+                attempts += f", {answered}/{len(self.approvals)} approval(s) answered"
             return "\n".join(
                 [
                     f"OK: {self.runs} run(s), {self.steps} step(s), {self.outcomes} outcome "
@@ -176,6 +182,7 @@ def verify_run(
         rows = by_run.get(rid, [])
         records = outcomes_by_run.get(rid, [])
         signed = _check_steps(report, rid, rows, keys, trusted, codec)
+        _check_approvals(report, rid, rows, trusted)
         _check_chain(report, rid, rows, signed)
         signed_outcomes = _check_outcomes(report, rid, records, rows, trusted, codec)
         env = envelopes.get(rid)
@@ -273,6 +280,32 @@ def _check_steps(
             body = encode_plain(STEP_SCHEMA, columns)
             signed[row.receipt_id] = _Signed(body=body, hash=receipt_hash(body))
     return signed
+
+
+def _check_approvals(
+    report: VerifyReport, rid: str, rows: list[StepRow], trusted: frozenset[str]
+) -> None:
+    """Each signed approval decision a step carries holds (see ``_approvals``); a request
+    never answered in the run is a note."""
+    steps = [
+        ApprovalStep(
+            receipt_id=r.receipt_id,
+            activity_id=r.activity_id,
+            attempt=r.attempt,
+            verdict=r.verdict,
+            chio_receipt=r.chio_receipt,
+        )
+        for r in rows
+    ]
+    found, problems = check_approvals(steps, trusted)
+    report.approvals.extend(found)
+    report.problems.extend(f"run {rid}: {p}" for p in problems)
+    for approval in found:
+        if not approval.outcome:
+            report.notes.append(
+                f"run {rid}: approval {approval.approval_id} (activity {approval.activity_id}) "
+                "was not answered in this run"
+            )
 
 
 def _check_chio(
@@ -493,7 +526,7 @@ def _check_attempts(
     denied = {
         (r.activity_id, r.attempt)
         for r in rows
-        if r.receipt_id in in_envelope and r.verdict == "DENY"
+        if r.receipt_id in in_envelope and r.verdict in ("DENY", "PENDING_APPROVAL")
     }
     records = [outcomes[o] for o in listed_outcomes if o in outcomes]
     expected = account_attempts(expected_from_accounts(env.attempts), receipted, records, denied)

@@ -27,6 +27,7 @@ from chio_receipts.interceptor._digest import (
     result_digest,
 )
 from chio_receipts.interceptor._errors import (
+    APPROVAL_PENDING_ERROR_TYPE,
     CONFIG_ERROR_TYPE,
     DENIED_ERROR_TYPE,
     SIDECAR_ERROR_TYPE,
@@ -72,6 +73,7 @@ from chio_receipts.interceptor._worker import build_chio_worker
 from chio_receipts.schemas import verify_receipt
 
 __all__ = [
+    "APPROVAL_PENDING_ERROR_TYPE",
     "CONFIG_ERROR_TYPE",
     "DENIED_ERROR_TYPE",
     "ENVELOPE_KEYS",

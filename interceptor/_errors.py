@@ -20,7 +20,8 @@ Only ``ChioSidecarUnavailable`` is retriable; code that branches on it reads
 
 Inside an activity attempt these surface to Temporal as ``ApplicationError`` with a ``type`` the
 workflow can match on: :data:`DENIED_ERROR_TYPE` (non-retryable), :data:`SIDECAR_ERROR_TYPE`
-(retryable), :data:`SINK_ERROR_TYPE` (retryable) and :data:`CONFIG_ERROR_TYPE` (non-retryable).
+(retryable), :data:`SINK_ERROR_TYPE` (retryable), :data:`CONFIG_ERROR_TYPE` (non-retryable) and
+:data:`APPROVAL_PENDING_ERROR_TYPE` (non-retryable; handled by the workflow-side interceptor).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 from chio_receipts.schemas import ChioReceiptsError
 
 __all__ = [
+    "APPROVAL_PENDING_ERROR_TYPE",
     "CONFIG_ERROR_TYPE",
     "DENIED_ERROR_TYPE",
     "SIDECAR_ERROR_TYPE",
@@ -54,6 +56,11 @@ SINK_ERROR_TYPE = "ChioReceiptSinkError"
 
 CONFIG_ERROR_TYPE = "ChioTemporalConfigError"
 """``ApplicationError.type`` of a misconfigured grant override (non-retryable)."""
+
+APPROVAL_PENDING_ERROR_TYPE = "ChioApprovalPending"
+"""``ApplicationError.type`` of an attempt held for a person's approval (non-retryable; details:
+``{"approval_id", "receipt_id", "chio_receipt_id"}``). The workflow-side interceptor catches it,
+waits for the decision signal and schedules the activity again; workflow code never sees it."""
 
 
 class ChioTemporalError(ChioReceiptsError):

@@ -65,6 +65,7 @@ from temporalio.exceptions import ApplicationError
 from chio_receipts.interceptor._client import ChioClient
 from chio_receipts.interceptor._digest import ArgumentKey, argument_digest, result_digest
 from chio_receipts.interceptor._errors import (
+    APPROVAL_PENDING_ERROR_TYPE,
     CONFIG_ERROR_TYPE,
     DENIED_ERROR_TYPE,
     SIDECAR_ERROR_TYPE,
@@ -93,7 +94,10 @@ from chio_receipts.interceptor._receipt import WorkflowReceipt
 from chio_receipts.interceptor._run_ledger import RunLedger, RunState
 from chio_receipts.interceptor._sdk import AnyClient, evaluator_for
 from chio_receipts.interceptor._trace import current_trace_ids
-from chio_receipts.interceptor._workflow_side import DenialUnwrappingWorkflowInterceptor
+from chio_receipts.interceptor._workflow_side import (
+    DenialUnwrappingWorkflowInterceptor,
+    _ApprovalsOnly,
+)
 from chio_receipts.schemas import (
     AsyncCloseable,
     ChioWireError,
@@ -101,6 +105,7 @@ from chio_receipts.schemas import (
     ReceiptSinkError,
     StepReceipt,
     Verdict,
+    approval_state,
     parameter_hash,
 )
 
@@ -126,6 +131,8 @@ class InterceptorStats:
     evaluations: int = 0
     allowed: int = 0
     denied: int = 0
+    pending_approval: int = 0
+    """Attempts held for a person's approval (each fails non-retryably; the workflow waits)."""
     sidecar_errors: int = 0
     sink_errors: int = 0
     evicted_runs: int = 0
@@ -273,8 +280,9 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
     def workflow_interceptor_class(
         self, input: temporalio.worker.WorkflowInterceptorClassInput
     ) -> type[temporalio.worker.WorkflowInboundInterceptor] | None:
-        """Unwrap denials for workflow code (see ``unwrap_denials``)."""
-        return DenialUnwrappingWorkflowInterceptor if self._unwrap_denials else None
+        """Wait for approval decisions, and unwrap denials for workflow code (see
+        ``unwrap_denials``)."""
+        return DenialUnwrappingWorkflowInterceptor if self._unwrap_denials else _ApprovalsOnly
 
     # -- grants (the GrantRegistry) --------------------------------------------------------------
 
@@ -499,6 +507,19 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
         if receipt.verdict is Verdict.ALLOW:
             self.stats.allowed += 1
             return
+        if receipt.verdict is Verdict.PENDING_APPROVAL:
+            self.stats.pending_approval += 1
+            raise ApplicationError(
+                f"approval required: {receipt.reason}",
+                {
+                    "approval_id": _approval_id(receipt),
+                    "receipt_id": receipt.receipt_id,
+                    "chio_receipt_id": _chio_id(receipt),
+                    "activity_type": receipt.activity_type,
+                },
+                type=APPROVAL_PENDING_ERROR_TYPE,
+                non_retryable=True,
+            )
         self.stats.denied += 1
         details = {
             "receipt_id": receipt.receipt_id,
@@ -573,10 +594,32 @@ def _check_answer(request: EvaluationRequest, receipt: StepReceipt) -> None:
         raise ChioSidecarProtocolError("the sidecar's receipt does not match the request")
     if request.deny_reason is not None and receipt.verdict is not Verdict.DENY:
         raise ChioSidecarProtocolError("the sidecar allowed an attempt the worker denied")
-    if receipt.verdict not in (Verdict.ALLOW, Verdict.DENY):
+    if receipt.verdict not in (Verdict.ALLOW, Verdict.DENY, Verdict.PENDING_APPROVAL):
         raise ChioSidecarProtocolError(f"the sidecar answered verdict {receipt.verdict}")
     if receipt.chio_receipt:
         _check_parameters(request, receipt.chio_receipt)
+    if receipt.verdict is Verdict.PENDING_APPROVAL and not _approval_id(receipt):
+        raise ChioSidecarProtocolError("the sidecar held the attempt without an approval id")
+
+
+def _chio_json(receipt: StepReceipt) -> dict[str, Any]:
+    try:
+        found = json.loads(receipt.chio_receipt) if receipt.chio_receipt else {}
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _approval_id(receipt: StepReceipt) -> str:
+    """The approval id a held attempt's Chio receipt names (empty if none)."""
+    approval = approval_state(_chio_json(receipt))
+    value = approval.get("approval_id") if approval is not None else None
+    return value if isinstance(value, str) else ""
+
+
+def _chio_id(receipt: StepReceipt) -> str:
+    value = _chio_json(receipt).get("id")
+    return value if isinstance(value, str) else ""
 
 
 def _check_parameters(request: EvaluationRequest, chio_receipt: str) -> None:

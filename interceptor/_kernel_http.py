@@ -389,6 +389,8 @@ class ChioKernelSidecar(PooledHttpClient):
         if status != 200 or not isinstance(payload, dict) or not isinstance(receipt, dict):
             raise self._rejected(status, payload, "the evaluation")
         verdict = _STATUS_VERDICT.get(str(payload.get("status")))
+        if verdict is Verdict.DENY and chio_verdict(receipt) is Verdict.PENDING_APPROVAL:
+            verdict = Verdict.PENDING_APPROVAL  # a held call: a deny marked approval_required
         if verdict is None or chio_verdict(receipt) is not verdict:
             raise ChioSidecarProtocolError("the kernel's status and receipt disagree")
         decision = receipt.get("decision")

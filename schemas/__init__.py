@@ -24,8 +24,11 @@ from chio_receipts.schemas._chio_outcome import (
     sign_chio_outcome,
 )
 from chio_receipts.schemas._chio_step import (
+    APPROVAL_REQUIRED,
+    APPROVAL_SIGNAL,
     REQUEST_ID_PREFIX,
     ChioStepFields,
+    approval_state,
     check_chio_step,
     chio_step_fields,
     chio_step_payload,
@@ -154,6 +157,8 @@ from chio_receipts.schemas._sink import ReceiptSink, ReceiptSinkError
 from chio_receipts.schemas._stepcodec import avro_long
 
 __all__ = [
+    "APPROVAL_REQUIRED",
+    "APPROVAL_SIGNAL",
     "CAPABILITY_SCHEMA",
     "CE_HEADERS",
     "CONFLUENT_MAGIC",
@@ -230,6 +235,7 @@ __all__ = [
     "UnknownSchema",
     "Verdict",
     "WireFormat",
+    "approval_state",
     "avro_long",
     "canonical_json",
     "chain_root",

@@ -36,8 +36,11 @@ from chio_receipts.schemas._chio_wire import (
 from chio_receipts.schemas._records import StepReceipt, Verdict
 
 __all__ = [
+    "APPROVAL_REQUIRED",
+    "APPROVAL_SIGNAL",
     "REQUEST_ID_PREFIX",
     "ChioStepFields",
+    "approval_state",
     "check_chio_step",
     "check_signed_receipt",
     "chio_step_fields",
@@ -88,6 +91,10 @@ _ID_SUFFIX_LEN: Final = len(b',"id":"') + 64 + len(b'"}')
 # Decision verdicts that an ALLOW / DENY step may carry. The kernel's mediated route signs an
 # authorized call as "incomplete" (authorized before execution, with an execution nonce).
 _VERDICTS: Final = {Verdict.ALLOW: ("allow", "incomplete"), Verdict.DENY: ("deny",)}
+APPROVAL_REQUIRED: Final = "approval_required"
+"""``metadata.approval.state`` of a receipt whose call waits for a person's approval."""
+APPROVAL_SIGNAL: Final = "chio_approval"
+"""Name of the Temporal signal that brings a person's decision to the waiting workflow."""
 
 
 def request_id_for(step: StepReceipt) -> str:
@@ -109,10 +116,25 @@ def request_id_for(step: StepReceipt) -> str:
     return REQUEST_ID_PREFIX + hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
+def approval_state(receipt: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The ``metadata.approval`` object of a kernel receipt (``None`` when it has none)."""
+    metadata = receipt.get("metadata")
+    approval = metadata.get("approval") if isinstance(metadata, Mapping) else None
+    return approval if isinstance(approval, Mapping) else None
+
+
 def chio_verdict(receipt: Mapping[str, Any]) -> Verdict:
-    """The step verdict a kernel receipt's decision stands for (UNKNOWN when it is neither)."""
+    """The step verdict a kernel receipt's decision stands for (UNKNOWN when it is neither).
+
+    The kernel has no pending decision: like its pending-approval response, a receipt of a
+    call held for approval is a ``deny`` whose ``metadata.approval.state`` is
+    ``approval_required``; it stands for PENDING_APPROVAL."""
     decision = receipt.get("decision")
     verdict = decision.get("verdict") if isinstance(decision, Mapping) else None
+    if verdict == "deny":
+        approval = approval_state(receipt)
+        if approval is not None and approval.get("state") == APPROVAL_REQUIRED:
+            return Verdict.PENDING_APPROVAL
     for step_verdict, names in _VERDICTS.items():
         if verdict in names:
             return step_verdict
@@ -216,7 +238,7 @@ def check_chio_step(
     if chio_verdict(body) is not step.verdict:
         return "the Chio receipt's decision is not the step's verdict"
     decision = body.get("decision")
-    if step.verdict is Verdict.DENY and (
+    if step.verdict in (Verdict.DENY, Verdict.PENDING_APPROVAL) and (
         not isinstance(decision, dict) or decision.get("reason", "") != step.reason
     ):
         return "the step's deny reason is not the one the Chio receipt signed"

@@ -73,6 +73,12 @@ class _Resolver:
             return schema["type"]
         if isinstance(schema, dict) and isinstance(schema.get("type"), dict | list):
             return self._deref(schema["type"], ns, names)
+        if isinstance(schema, dict) and schema.get("type") in ("record", "error", "enum", "fixed"):
+            # A named type declared inline (an array's items): the registered copy knows its
+            # namespace, which the names its fields refer to are resolved in.
+            name = str(schema.get("name", ""))
+            full = name if "." in name else f"{schema.get('namespace', ns)}.{name}"
+            return names.get(full, schema)
         return schema
 
     @staticmethod

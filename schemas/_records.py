@@ -39,6 +39,8 @@ class Verdict(enum.StrEnum):
     UNKNOWN = "UNKNOWN"
     ALLOW = "ALLOW"
     DENY = "DENY"
+    PENDING_APPROVAL = "PENDING_APPROVAL"
+    """A guard asked for a person's approval: the attempt did not run (schema v4)."""
 
 
 class Outcome(enum.StrEnum):

@@ -22,7 +22,12 @@ _INT32 = (-(1 << 31), (1 << 31) - 1)
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 # Zig-zag varints of 0..63 are one byte: most string lengths and counts.
 _ONE_BYTE = tuple(bytes([n << 1]) for n in range(64))
-_VERDICT = {Verdict.UNKNOWN: b"\x00", Verdict.ALLOW: b"\x02", Verdict.DENY: b"\x04"}
+_VERDICT = {
+    Verdict.UNKNOWN: b"\x00",
+    Verdict.ALLOW: b"\x02",
+    Verdict.DENY: b"\x04",
+    Verdict.PENDING_APPROVAL: b"\x06",
+}
 
 
 def avro_long(n: int) -> bytes:

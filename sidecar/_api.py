@@ -517,6 +517,74 @@ class ChioError(_Body):
     message: str
 
 
+# -- approvals (the kernel's /approvals routes; see ``_approvals``) ---------------------------
+
+
+class ApprovalRespond(_Body):
+    """Body of ``POST /approvals/{approval_id}/respond``: the kernel's operator-respond shape.
+    The approver is the credential the request was authenticated with; a body naming one
+    (``approver``, ``token``) is refused."""
+
+    outcome: Literal["approved", "denied"]
+    reason: str | None = Field(None, max_length=1000)
+
+
+class ApprovalRequestView(_Open):
+    """A pending approval (the kernel's ``ApprovalRequest``) with its Temporal binding."""
+
+    approval_id: str
+    capability_id: str
+    tool_server: str
+    tool_name: str
+    parameter_hash: str
+    expires_at: int = Field(description="unix seconds")
+    created_at: int = Field(description="unix seconds")
+    workflow: dict[str, Any]
+    request_receipt_id: str
+    request_chio_id: str
+
+
+class ApprovalList(_Body):
+    """Answer to ``GET /approvals/pending`` (the kernel's ``PendingListResponse``)."""
+
+    approvals: list[ApprovalRequestView]
+    count: int
+
+
+class ApprovalResolution(_Open):
+    """An answered approval (the kernel's ``ResolvedApproval``), with the approver's name and
+    the signed decision receipt."""
+
+    approval_id: str
+    outcome: Literal["approved", "denied"]
+    resolved_at: int
+    approver: str
+    receipt: ChioReceipt
+
+
+class ApprovalState(_Body):
+    """Answer to ``GET /approvals/{approval_id}`` (the kernel's ``GetApprovalResponse``)."""
+
+    pending: ApprovalRequestView | None = None
+    resolution: ApprovalResolution | None = None
+    request: ApprovalRequestView | None = None
+
+
+class ApprovalResponded(_Body):
+    """Answer to ``POST /approvals/{approval_id}/respond`` (the kernel's ``RespondResponse``)
+    with who answered, the signed decision receipt, the bound workflow and whether the sidecar
+    signalled it."""
+
+    approval_id: str
+    outcome: Literal["approved", "denied"]
+    resolved_at: int
+    approver: str
+    receipt: ChioReceipt
+    workflow_id: str
+    run_id: str
+    signalled: bool
+
+
 # -- the operation table -----------------------------------------------------------------------
 
 
@@ -740,6 +808,40 @@ OPERATIONS: tuple[Operation, ...] = (
         description="the report (an invalid receipt is a 200 with valid false)",
         errors=(400,),
         auth=False,
+        chio=True,
+    ),
+    # -- approvals: role operator (``_access.ROUTE_ROLES``) --------------------------------
+    Operation(
+        name="approvals_pending",
+        method="GET",
+        path="/approvals/pending",
+        summary="List pending approval requests (filters: tool_server, tool_name, "
+        "workflow_id, receipt_id, not_expired_at, limit)",
+        response=ApprovalList,
+        description="pending requests, oldest first",
+        errors=(400,),
+        chio=True,
+    ),
+    Operation(
+        name="approval_get",
+        method="GET",
+        path="/approvals/{approval_id}",
+        summary="An approval request and, once answered, its resolution",
+        response=ApprovalState,
+        description="the request or its resolution",
+        errors=(404,),
+        chio=True,
+    ),
+    Operation(
+        name="approval_respond",
+        method="POST",
+        path="/approvals/{approval_id}/respond",
+        summary="Approve or deny a pending request; the approver is the authenticated "
+        "credential. Signs the decision and signals the waiting workflow",
+        request=ApprovalRespond,
+        response=ApprovalResponded,
+        description="answered",
+        errors=(400, 404, 409),
         chio=True,
     ),
     Operation(

@@ -22,6 +22,9 @@ and the Chio kernel's routes (chio-api-protect 0.1.2 shapes, ``{"error", "messag
     POST /v1/capabilities/release          revoke a token (durable)
     POST /v1/capabilities/attenuate        a narrower child token (the kernel refuses: 403)
     POST /v1/receipts/verify               verify a kernel receipt signed by this sidecar
+    GET  /approvals/pending                pending approval requests (role: operator)
+    GET  /approvals/{id}                   a request, or its resolution (role: operator)
+    POST /approvals/{id}/respond           approve or deny; the approver is the credential
 
 ``POST /v1/capabilities`` and ``POST /v1/evaluate`` take the project's body or the kernel's
 (``scope`` object / ``scopes`` list; ``capability`` token / ``capability_id`` + ``tool_name``)
@@ -71,6 +74,7 @@ from chio_receipts.sidecar import _chio
 from chio_receipts.sidecar._access import AccessControl
 from chio_receipts.sidecar._api import (
     OPERATIONS,
+    ApprovalRespond,
     Attenuate,
     Capability,
     ChioAttenuate,
@@ -95,6 +99,7 @@ from chio_receipts.sidecar._api import (
     Revoked,
     openapi_document,
 )
+from chio_receipts.sidecar._approvals import Approval
 from chio_receipts.sidecar._auth import CredentialSet, credential_of, with_token
 from chio_receipts.sidecar._chio import ChioRequestError
 from chio_receipts.sidecar._datadir import DataDir, key_id_for, rotate_key
@@ -669,6 +674,69 @@ def create_sidecar_app(
         meter.decision("sdk", decision.allowed, started, guard=_guard_of(decision))
         return _sdk_answer(decision)
 
+    # -- approvals (the kernel's /approvals routes; role operator) ----------------------------
+
+    def query_int(request: Request, name: str) -> int | None:
+        raw = request.query_params.get(name)
+        if raw is None:
+            return None
+        if not raw.isdigit():
+            raise ChioRequestError(400, "bad_request", f"query parameter {name!r} must be a number")
+        return int(raw)
+
+    async def approvals_pending(request: Request) -> Response:
+        q = request.query_params
+        found = sidecar.approvals.pending(
+            tool_server=q.get("tool_server"),
+            tool_name=q.get("tool_name"),
+            workflow_id=q.get("workflow_id"),
+            receipt_id=q.get("receipt_id"),
+            not_expired_at=query_int(request, "not_expired_at"),
+            limit=query_int(request, "limit"),
+        )
+        views = [a.request_view() for a in found]
+        return JSONResponse({"approvals": views, "count": len(views)})
+
+    async def approval_get(request: Request) -> Response:
+        approval = sidecar.approvals.get(request.path_params["approval_id"])
+        answer: dict[str, Any] = {"request": approval.request_view()}
+        if approval.state == "pending":
+            answer["pending"] = approval.request_view()
+        resolution = approval.resolution_view()
+        if resolution is not None:
+            answer["resolution"] = resolution
+        return JSONResponse(answer)
+
+    async def approval_respond(request: Request) -> Response:
+        data = await _read_json(request, max_body_bytes)
+        if "approver" in data or "token" in data:
+            raise ChioRequestError(
+                400,
+                "bad_request",
+                "the approver is the authenticated credential; the body names none",
+            )
+        body = _chio_body(ApprovalRespond, data)
+        answered: Approval = sidecar.approvals.respond(
+            request.path_params["approval_id"],
+            approved=body.outcome == "approved",
+            approver=credential_of(request).name,
+            reason=body.reason or "",
+            policy_hash=sidecar.policy_hash,
+        )
+        signalled = await sidecar.approvals.notify(answered)
+        return JSONResponse(
+            {
+                "approval_id": answered.approval_id,
+                "outcome": answered.outcome,
+                "resolved_at": answered.resolved_at,
+                "approver": answered.approver,
+                "receipt": dict(answered.decision_receipt or {}),
+                "workflow_id": answered.workflow_id,
+                "run_id": answered.run_id,
+                "signalled": signalled,
+            }
+        )
+
     handlers: dict[str, Handler] = {
         "create_capability": create_capability,
         "get_capability": get_capability,
@@ -690,6 +758,9 @@ def create_sidecar_app(
         "chio_release": chio_release,
         "chio_attenuate": chio_attenuate,
         "chio_verify_receipt": chio_verify_receipt,
+        "approvals_pending": approvals_pending,
+        "approval_get": approval_get,
+        "approval_respond": approval_respond,
     }
 
     def endpoint_for(op: Any) -> Handler:

@@ -44,6 +44,7 @@ from chio_receipts.schemas import (
     verify_capability_token,
 )
 from chio_receipts.sidecar import _chio
+from chio_receipts.sidecar._approvals import ApprovalBook, Hold
 from chio_receipts.sidecar._chio import ChioRequestError
 from chio_receipts.sidecar._datadir import key_id_for
 from chio_receipts.sidecar._errors import InvalidCapability, ScopeWidening, UnknownCapability
@@ -53,7 +54,6 @@ from chio_receipts.sidecar._guards import (
     GuardResult,
     GuardVerdict,
     evidence_json,
-    run_guards,
 )
 from chio_receipts.sidecar._store import ChioTokenRow, SidecarStore
 
@@ -69,6 +69,8 @@ class ChioDecision:
     reason: str
     guard: str
     execution_nonce: dict[str, Any] | None = None
+    approval_id: str | None = None
+    """Set when the call waits for a person's approval (the receipt is then a deny)."""
 
     @property
     def revoked(self) -> bool:
@@ -90,7 +92,9 @@ class _Decision:
     evidence: tuple[GuardResult, ...] = ()
     """The results of the guards that ran (the receipt's ``evidence``)."""
     approval: GuardResult | None = None
-    """The guard result that asked for a person's approval (the verdict is then a deny)."""
+    """The guard result that asked for a person's approval (verdict PENDING_APPROVAL)."""
+    hold: Hold | None = None
+    """What the approval step decided: a request (new or still pending), or an answer used."""
 
 
 _MAX_TTL_SECONDS = 366 * 24 * 3600
@@ -141,6 +145,20 @@ class LocalSidecar:
         self._grace_us = int(expired_grace_seconds * 1_000_000)
         self._key = key or _fresh_key()
         self.use_key(self._key)
+        self._approvals = ApprovalBook(
+            self._store,
+            lambda body: sign_kernel_receipt(body, self._key),
+            log=self._log_chio if self._log_receipts else None,
+        )
+
+    @property
+    def approvals(self) -> ApprovalBook:
+        """The approval requests and their answers (see ``_approvals``)."""
+        return self._approvals
+
+    def _log_chio(self, receipt: Mapping[str, Any]) -> None:
+        text = json.dumps(receipt, separators=(",", ":"), ensure_ascii=False)
+        self._store.log_receipt(str(receipt["id"]), self._key.key_id, text.encode(), fmt="chio")
 
     def __repr__(self) -> str:
         return f"LocalSidecar(key_id={self._key.key_id!r}, capabilities={len(self._caps)})"
@@ -458,6 +476,7 @@ class LocalSidecar:
                 )
         evidence: tuple[GuardResult, ...] = ()
         approval: GuardResult | None = None
+        hold: Hold | None = None
         if verdict is Verdict.ALLOW and guards:
             call = CallContext(
                 capability_id=capability_id,
@@ -473,11 +492,11 @@ class LocalSidecar:
                 request_id=request_id,
                 at_us=at_us,
             )
-            stopped, evidence = run_guards(guards, call)
+            stopped, evidence, hold = self._approvals.run(guards, call)
             if stopped is not None:
                 verdict, guard, reason = Verdict.DENY, stopped.guard, stopped.reason
                 if stopped.verdict is GuardVerdict.APPROVAL_REQUIRED:
-                    approval = stopped
+                    verdict, approval = Verdict.PENDING_APPROVAL, stopped
         return _Decision(
             verdict=verdict,
             reason=reason,
@@ -488,6 +507,7 @@ class LocalSidecar:
             grant_index=grant_index,
             evidence=evidence,
             approval=approval,
+            hold=hold,
         )
 
     def _kernel_receipt(
@@ -519,6 +539,8 @@ class LocalSidecar:
             evidence=evidence_json(decision.evidence),
             policy_hash=policy_hash,
         )
+        if decision.hold is not None:
+            body["metadata"]["approval"] = decision.hold.metadata()
         return sign_kernel_receipt(body, self._key)
 
     def evaluate_now(self, request: EvaluationRequest) -> SignedReceipt:
@@ -577,6 +599,10 @@ class LocalSidecar:
             latency_us=(time.perf_counter_ns() - t0) // 1000,
         )
         step, body = sign_receipt(step, self._key)
+        if decision.hold is not None:
+            self._approvals.open(
+                decision.hold, request_receipt_id=step.receipt_id, request_chio_id=chio["id"]
+            )
         if self._log_receipts:
             self._store.log_receipt(step.receipt_id, step.key_id, body)
         return SignedReceipt(receipt=step, body=body)
@@ -754,9 +780,12 @@ class LocalSidecar:
             request_id=request_id,
             policy_hash=policy_hash,
         )
+        if decision.hold is not None:
+            self._approvals.open(
+                decision.hold, request_receipt_id=receipt["id"], request_chio_id=receipt["id"]
+            )
         if self._log_receipts:
-            text = json.dumps(receipt, separators=(",", ":"), ensure_ascii=False)
-            self._store.log_receipt(receipt["id"], self._key.key_id, text.encode(), fmt="chio")
+            self._log_chio(receipt)
         nonce = None
         kernel = decision.kernel
         if allowed:
@@ -776,6 +805,9 @@ class LocalSidecar:
             reason="" if allowed else decision.reason,
             guard=decision.guard,
             execution_nonce=nonce,
+            approval_id=decision.hold.approval_id
+            if decision.hold is not None and decision.verdict is Verdict.PENDING_APPROVAL
+            else None,
         )
 
 

@@ -88,6 +88,23 @@ CREATE TABLE IF NOT EXISTS chio_tokens (
 );
 """
 
+# -- approvals (their own block) -------------------------------------------------------------
+# One row per approval request. ``binding`` is the SHA-256 hex of the call it answers
+# (capability, tool server, tool, parameter hash, namespace, workflow id); ``record`` the JSON
+# of the request, its decision and its receipts (see ``_approvals``). ``state`` moves
+# pending -> approved | denied, and approved -> consumed, each move one guarded UPDATE.
+_APPROVALS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS approvals (
+    approval_id TEXT PRIMARY KEY,
+    binding     TEXT NOT NULL,
+    state       TEXT NOT NULL,              -- pending | approved | denied | consumed
+    created_at  INTEGER NOT NULL,           -- µs since the epoch
+    record      TEXT NOT NULL               -- JSON
+);
+CREATE INDEX IF NOT EXISTS approvals_binding ON approvals (binding);
+CREATE INDEX IF NOT EXISTS approvals_state ON approvals (state, created_at);
+"""
+
 # Schema 1 had no kernel tokens and only step receipts in the log.
 _MIGRATE_FROM_1 = """
 ALTER TABLE receipt_log ADD COLUMN format TEXT NOT NULL DEFAULT 'step';
@@ -159,6 +176,7 @@ class SidecarStore(Closeable):
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=10000")
             conn.executescript(_SCHEMA)
+            conn.executescript(_APPROVALS_SCHEMA)
             found = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
             if found is not None and int(found[0]) == 1:
                 columns = {r[1] for r in conn.execute("PRAGMA table_info(receipt_log)")}
@@ -420,3 +438,52 @@ class SidecarStore(Closeable):
                     report.problems.append(f"{label}: signature invalid")
                 prev = bytes(content_hash)
         return report
+
+    # -- approvals ---------------------------------------------------------------------------
+
+    def put_approval(self, approval_id: str, binding: str, created_at: int, record: str) -> None:
+        """Store a new pending approval request (committed before it is answered)."""
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO approvals VALUES (?, ?, 'pending', ?, ?)",
+                (approval_id, binding, created_at, record),
+            )
+
+    def approval(self, approval_id: str) -> tuple[str, str] | None:
+        """``(state, record)`` of an approval, or ``None``."""
+        rows = self._read(
+            "SELECT state, record FROM approvals WHERE approval_id = ?", (approval_id,)
+        )
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
+
+    def approvals_for(self, binding: str) -> list[tuple[str, str, str]]:
+        """``(approval_id, state, record)`` of every approval of one call, oldest first."""
+        rows = self._read(
+            "SELECT approval_id, state, record FROM approvals WHERE binding = ? "
+            "ORDER BY created_at, approval_id",
+            (binding,),
+        )
+        return [(str(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+    def approvals(self, state: str | None = None, limit: int = 1000) -> list[tuple[str, str]]:
+        """``(state, record)`` of approvals (of one ``state`` when given), oldest first."""
+        if state is None:
+            rows = self._read(
+                "SELECT state, record FROM approvals ORDER BY created_at LIMIT ?", (limit,)
+            )
+        else:
+            rows = self._read(
+                "SELECT state, record FROM approvals WHERE state = ? ORDER BY created_at LIMIT ?",
+                (state, limit),
+            )
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    def move_approval(self, approval_id: str, from_state: str, to_state: str, record: str) -> bool:
+        """Move an approval from ``from_state`` to ``to_state`` with its new record, atomically;
+        False (nothing written) when it is not in ``from_state``."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE approvals SET state = ?, record = ? WHERE approval_id = ? AND state = ?",
+                (to_state, record, approval_id, from_state),
+            )
+            return cur.rowcount == 1

@@ -21,12 +21,15 @@ from chio_receipts.consumers import open_reader
 from chio_receipts.schemas import Secret
 
 __all__ = [
+    "APPROVAL_HEAD",
+    "ApprovalRow",
     "QueryFn",
     "RunAccountRow",
     "RunRow",
     "StepRow",
     "Summary",
     "ToolOutcomeRow",
+    "approval_table_rows",
     "client_query",
     "read_summary",
     "read_summary_from",
@@ -130,6 +133,30 @@ class RunAccountRow:
     missing: int
 
 
+@dataclass(frozen=True, slots=True)
+class ApprovalRow:
+    """One approval a run's steps carry: who answered, and what (read from the signed
+    decision the step that ran after the answer carries)."""
+
+    workflow_id: str
+    activity_type: str
+    approval_id: str
+    outcome: str
+    approver: str
+    reason: str
+
+
+APPROVAL_HEAD = ("workflow", "activity", "approval", "decision", "approver", "reason")
+
+
+def approval_table_rows(s: Summary) -> list[tuple[str, ...]]:
+    """The approvals table: one row per answered approval."""
+    return [
+        (a.workflow_id, a.activity_type, a.approval_id, a.outcome, a.approver, a.reason)
+        for a in s.approvals
+    ]
+
+
 @dataclass(slots=True)
 class Summary:
     """Everything the demo prints and draws, read from ClickHouse only."""
@@ -148,6 +175,9 @@ class Summary:
     """The database has the outcome records' table and views."""
     tool_outcomes: list[ToolOutcomeRow] = field(default_factory=list)
     run_accounts: list[RunAccountRow] = field(default_factory=list)
+    approvals: list[ApprovalRow] = field(default_factory=list)
+    pending_approval: int = 0
+    """Steps held for a person's approval (PENDING_APPROVAL)."""
 
     @property
     def outcome_count(self) -> int:
@@ -250,8 +280,33 @@ async def read_summary(query: QueryFn, run_ids: Sequence[str]) -> Summary:
         params,
     )
     s.deny_rate_over_time = [(t, int(n), int(d)) for t, n, d in rows]
+    await _read_approvals(query, params, s)
     await _read_outcomes(query, params, s)
     return s
+
+
+async def _read_approvals(query: QueryFn, params: Mapping[str, Any], s: Summary) -> None:
+    """Held steps, and every answered approval with its approver, from the signed decision
+    (``metadata.approval.decision_receipt``) of the step that used it."""
+    _, rows = await query(
+        "SELECT countIf(toString(verdict) = 'PENDING_APPROVAL') FROM step_receipts FINAL "
+        "WHERE has({ids:Array(String)}, run_id)",
+        params,
+    )
+    s.pending_approval = int(rows[0][0])
+    _, rows = await query(
+        "SELECT workflow_id, activity_type, "
+        "JSONExtractString(chio_receipt, 'metadata', 'approval', 'approval_id') AS id, "
+        "JSONExtractRaw(chio_receipt, 'metadata', 'approval', 'decision_receipt') AS d, "
+        "JSONExtractString(d, 'metadata', 'approval', 'state'), "
+        "JSONExtractString(d, 'metadata', 'approval', 'approver'), "
+        "JSONExtractString(d, 'metadata', 'approval', 'reason') "
+        "FROM step_receipts FINAL WHERE has({ids:Array(String)}, run_id) AND d != '' "
+        "ORDER BY evaluated_at",
+        params,
+    )
+    rows = [(r[0], r[1], r[2], r[4], r[5], r[6]) for r in rows]
+    s.approvals = [ApprovalRow(*(str(v) for v in r)) for r in rows]
 
 
 _OUTCOME_VIEWS = ("tool_failure_rate", "tool_duration", "tool_denials_vs_failures")
@@ -584,6 +639,10 @@ def write_html_report(s: Summary, path: Path) -> Path:
         _table(OUTCOME_HEAD, outcome_table_rows(s)) if s.tool_outcomes else "",
         "<h2 id='attempts'>Attempts accounted per run</h2>",
         _table(ACCOUNT_HEAD, account_table_rows(s)),
+        "<h2 id='approvals'>Approvals</h2>",
+        f"<p>{s.pending_approval} attempt(s) held for a person's approval; every decision "
+        "below is signed by the sidecar and names the approver's credential.</p>",
+        _table(APPROVAL_HEAD, approval_table_rows(s)),
     ]
     for title, svg in _charts(s):
         parts.append(f"<h2>{html.escape(title)}</h2>{svg}")

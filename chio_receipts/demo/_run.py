@@ -27,6 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -41,6 +42,7 @@ from temporalio.client import (
 )
 
 from chio_receipts._config import AppConfig
+from chio_receipts.cli_approvals import answer_approval
 from chio_receipts.consumers import (
     BuilderConfig,
     ClickHouseConfig,
@@ -51,9 +53,11 @@ from chio_receipts.consumers import (
 from chio_receipts.demo import _workflows as wf
 from chio_receipts.demo._report import (
     ACCOUNT_HEAD,
+    APPROVAL_HEAD,
     OUTCOME_HEAD,
     Summary,
     account_table_rows,
+    approval_table_rows,
     outcome_table_rows,
     outcomes_note,
     read_summary,
@@ -68,6 +72,7 @@ from chio_receipts.interceptor import (
 )
 from chio_receipts.schemas import KafkaConnection, KeyPair, TopicNames
 from chio_receipts.sidecar import LocalSidecar, SidecarServer
+from chio_receipts.sidecar._approvals import RequireApproval
 from chio_receipts.stack import LocalStack, StackConfig, StackError, read_state
 from chio_receipts.streamer import (
     CompletionWatcher,
@@ -197,6 +202,7 @@ def _refuse_if_kept_stack_running(cfg: AppConfig) -> None:
 @dataclass(slots=True)
 class _Pipe:
     client: Client
+    sidecar_url: str
     chio: ChioClient
     interceptor: ChioActivityInterceptor
     builder: ReceiptBuilderService
@@ -220,7 +226,7 @@ async def _pipeline(
     stop = asyncio.Event()
     async with contextlib.AsyncExitStack() as exits:
         sidecar = await exits.enter_async_context(
-            SidecarServer(LocalSidecar(KeyPair.generate("demo-sidecar")))
+            SidecarServer(LocalSidecar(KeyPair.generate("demo-sidecar"), guards=DEMO_GUARDS))
         )
         chio = await exits.enter_async_context(ChioClient(sidecar.url))
         default = await chio.create_capability("agent:demo-default", DEFAULT_SCOPE, 3600)
@@ -293,6 +299,7 @@ async def _pipeline(
         )
         yield _Pipe(
             client=client,
+            sidecar_url=sidecar.url,
             chio=chio,
             interceptor=interceptor,
             builder=builder,
@@ -437,8 +444,9 @@ async def _run_scenarios(
         prefix="approval-no",
         scope=approval_scope,
     )
-    await approve.signal(wf.ApprovalWorkflow.decide, True)
-    await reject.signal(wf.ApprovalWorkflow.decide, False)
+    # A person answers each held action the way `chio-receipts approve|reject` does.
+    await _answer(pipe, approve.id, approve=True, reason="refund verified with the customer")
+    await _answer(pipe, reject.id, approve=False, reason="over the refund limit")
     await _start(
         pipe,
         wf.DeniedFirstStepWorkflow.run,
@@ -477,6 +485,35 @@ async def _run_scenarios(
                 await updater
         progress.update(bars["closed"], total=len(result.runs), completed=len(result.runs))
         await _refresh(pipe, progress, bars, final=True)
+
+
+DEMO_APPROVAL_GUARD = RequireApproval(frozenset({"execute_action"}), name="demo_approval")
+"""The demo's sidecar asks a person to approve every ``execute_action`` (a stand-in for a
+policy or constraint that answers "approval required")."""
+DEMO_GUARDS = (DEMO_APPROVAL_GUARD,)
+
+
+async def _answer(pipe: _Pipe, workflow_id: str, *, approve: bool, reason: str) -> None:
+    """Wait for the run's held action, then answer it through the sidecar and signal the run
+    (``cli_approvals.answer_approval``, what ``chio-receipts approve|reject`` runs)."""
+    async with httpx.AsyncClient(base_url=pipe.sidecar_url, timeout=10) as http:
+        held: list[dict[str, Any]] = []
+
+        async def pending() -> bool:
+            answer = await http.get("/approvals/pending", params={"workflow_id": workflow_id})
+            held[:] = answer.json().get("approvals", []) if answer.status_code == 200 else []
+            return bool(held)
+
+        await _poll(pending, 60, f"the approval request of {workflow_id}")
+    await answer_approval(
+        sidecar_url=pipe.sidecar_url,
+        credential=None,
+        workflow_id=workflow_id,
+        receipt_id=str(held[0]["request_receipt_id"]),
+        approve=approve,
+        reason=reason,
+        temporal_client=pipe.client,
+    )
 
 
 def _expected_runs(opts: DemoOptions) -> int:
@@ -645,6 +682,10 @@ def _print_outcomes(console: Console, s: Summary) -> None:
         console.print(table)
     table = Table(*ACCOUNT_HEAD, title="Attempts accounted per run")
     for row in account_table_rows(s):
+        table.add_row(*row)
+    console.print(table)
+    table = Table(*APPROVAL_HEAD, title="Approvals (signed decisions, by approver)")
+    for row in approval_table_rows(s):
         table.add_row(*row)
     console.print(table)
 

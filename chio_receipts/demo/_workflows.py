@@ -1,5 +1,6 @@
 """The demo's workflows: the Temporal patterns real workflows use (saga, fan-out, child,
-continue-as-new, human approval by signal, schedules, retries, two worker processes)."""
+continue-as-new, human approval through the sidecar and a signal, schedules, retries, two
+worker processes)."""
 
 from __future__ import annotations
 
@@ -140,27 +141,24 @@ class ContinueAsNewWorkflow:
 
 @workflow.defn
 class ApprovalWorkflow:
-    """Human in the loop: wait for an approve/reject signal, then act or notify."""
-
-    def __init__(self) -> None:
-        self._decision: bool | None = None
-
-    @workflow.signal
-    def decide(self, approved: bool) -> None:
-        """The human's decision."""
-        self._decision = approved
+    """Human in the loop: the action needs a person's approval (a guard in the sidecar asks for
+    it). The worker holds the attempt, the run waits for the decision signal without burning a
+    retry, and the action runs once approved; a rejection is a ``ChioCapabilityDenied`` naming
+    the approver, and the requester is notified."""
 
     @workflow.run
     async def run(self, action: str) -> str:
-        """Check, wait for the decision, then execute or notify."""
+        """Check, then execute (held until a person decides), or notify a rejection."""
         await workflow.execute_activity(
             acts.read_database, f"context for {action}", start_to_close_timeout=_T
         )
-        await workflow.wait_condition(lambda: self._decision is not None)
-        if self._decision:
+        try:
             return await workflow.execute_activity(
                 acts.execute_action, action, start_to_close_timeout=_T
             )
+        except ApplicationError as exc:
+            if exc.type != DENIED_ERROR_TYPE:
+                raise
         return await workflow.execute_activity(
             acts.notify_rejection, action, start_to_close_timeout=_T
         )

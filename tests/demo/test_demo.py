@@ -56,9 +56,14 @@ def test_summary_matches_the_designed_workflows(demo: tuple[DemoResult, str, Pat
     assert len(s.runs) == 14
     assert s.incomplete == 0
     assert s.step_rows == s.distinct_receipts  # nothing counted twice
-    # Exactly two denies: the transfer's credit and the first step of the denied request.
+    # Exactly three denies: the transfer's credit, the first step of the denied request, and
+    # the action a person rejected.
     denied = {(ts, t): d for ts, t, _a, d in s.by_tool if d}
-    assert denied == {("payments", "credit_account"): 1, ("email-outbound", "send_email"): 1}
+    assert denied == {
+        ("payments", "credit_account"): 1,
+        ("email-outbound", "send_email"): 1,
+        ("agent-tools", "execute_action"): 1,
+    }
     # The saga ran its compensation after the deny.
     (transfer,) = s.runs_of("TransferWorkflow")
     assert (transfer.outcome, transfer.step_count, transfer.deny_count) == ("failure", 3, 1)
@@ -86,6 +91,25 @@ def test_summary_matches_the_designed_workflows(demo: tuple[DemoResult, str, Pat
     assert workers == {"demo-worker-a", "demo-worker-b"}
     assert len(s.runs_of("ScheduledReportWorkflow")) == 2
     assert {r.outcome for r in s.runs_of("ApprovalWorkflow")} == {"success"}
+    # Each approval: the held action (PENDING_APPROVAL, attempt 1), then the answer: the approved
+    # action ran once, the rejected one was denied naming the approver, and the requester was
+    # notified. The report shows who answered, from the signed decisions.
+    assert s.pending_approval == 2
+    by_workflow = {a.workflow_id.split("-")[1]: a for a in s.approvals}
+    assert sorted(by_workflow) == ["no", "yes"]
+    yes, no = by_workflow["yes"], by_workflow["no"]
+    assert (yes.activity_type, yes.outcome, yes.approver) == ("execute_action", "approved", "local")
+    assert (no.activity_type, no.outcome, no.approver) == ("execute_action", "denied", "local")
+    assert no.reason == "over the refund limit"
+    for run in s.runs_of("ApprovalWorkflow"):
+        held = [
+            (st.activity_type, st.verdict, st.attempt) for st in s.steps if st.run_id == run.run_id
+        ]
+        assert held[:2] == [
+            ("read_database", "ALLOW", 1),
+            ("execute_action", "PENDING_APPROVAL", 1),
+        ]
+    assert "Approvals (signed decisions, by approver)" in output
     # Every run verified from ClickHouse rows alone, and the output says so.
     assert result.verified == 14
     assert result.verify_failures == []
@@ -111,7 +135,7 @@ def test_summary_shows_outcomes_and_durations_per_tool(
     assert "Outcomes and durations per tool" in output
     assert "Attempts accounted per run" in output
     allowed = sum(a for _ts, _t, a, _d in s.by_tool)
-    assert allowed == s.step_rows - 2
+    assert allowed == s.step_rows - 3 - s.pending_approval
     by_tool = {(t.tool_server, t.tool): t for t in s.tool_outcomes}
     assert sum(t.calls for t in by_tool.values()) == allowed
     assert all(t.gate_failed == 0 for t in by_tool.values())

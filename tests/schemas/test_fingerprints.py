@@ -35,16 +35,18 @@ FILES = {
 
 # Java Avro 1.12.1, SchemaNormalization.parsingFingerprint64, little-endian.
 JAVA_FINGERPRINTS = {
-    STEP: "dd52140b2d1b51c2",
+    STEP: "48acd5891234c069",
     OUTCOME: "bf1f0538b35d23d1",
     RUN: "805d9cf57d23e9c1",
-    ENVELOPE: "f8fcfc5f41602dff",
+    ENVELOPE: "78f2843b056759c5",
 }
 # Released versions, as Java Avro printed them when each was current.
 RELEASED_FINGERPRINTS = {
     "step_receipt.v2": "6468879d1f00e5b2",
+    "step_receipt.v3": "dd52140b2d1b51c2",
     "run_completion.v1": "1a1eab650f9f6638",
     "workflow_receipt.v2": "e2da6419c50121d3",
+    "workflow_receipt.v3": "f8fcfc5f41602dff",
 }
 # What WorkflowReceipt envelopes were framed with before (StepReceipt named, not inlined; the
 # steps were still StepReceipt v1).
