@@ -19,10 +19,14 @@ from chio_receipts.sidecar import (
     DEFAULT_MAX_BODY,
     DataDir,
     LocalSidecar,
+    PolicyError,
+    PolicyReloader,
     SidecarError,
     SidecarMetrics,
+    build_guards,
     rotate_key,
     serve_sidecar,
+    validate_policy_path,
 )
 
 __all__ = ["app"]
@@ -36,6 +40,11 @@ keys_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(keys_app, name="keys")
+policy_app = typer.Typer(
+    help="The sidecar's Cedar policies: validate them against the shipped schema.",
+    no_args_is_help=True,
+)
+app.add_typer(policy_app, name="policy")
 
 DataDirOption = Annotated[
     Path | None,
@@ -89,15 +98,29 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = DEFAULT_METRICS_HOST,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            envvar="CHIO_SIDECAR_POLICY",
+            help="Cedar policies (a .cedar file or a directory of them) decided inside the "
+            "grants; SIGHUP reloads them (CHIO_SIDECAR_POLICY).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve the policy sidecar API (OpenAPI at /openapi.json) until interrupted.
 
     State (capabilities, revocations, public keys, the receipt log) and the signing key live in
-    the data directory and survive restarts; SIGHUP loads a key made by ``sidecar keys rotate``.
-    Prometheus metrics are at /metrics, and on --metrics-port when given.
+    the data directory and survive restarts; SIGHUP loads a key made by ``sidecar keys rotate``
+    and reloads the --policy set (a set that does not load leaves the old one active).
+    Every call is checked against its grant's Chio constraints. Prometheus metrics are at
+    /metrics, and on --metrics-port when given.
     """
     use_log_level(log_level)
     log = logging.getLogger(__name__)
+    if policy is not None:
+        _check_policy(policy)
     if host not in ("127.0.0.1", "::1", "localhost") and token is None:
         log.warning(
             "serving on %s without a bearer token: anyone who can reach it can mint capabilities",
@@ -107,14 +130,17 @@ def serve(
     if metrics_port is not None:
         start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
     if ephemeral:
+        sidecar = LocalSidecar()
+        policies = _use_policy(sidecar, policy)
         asyncio.run(
             serve_sidecar(
-                LocalSidecar(),
+                sidecar,
                 host=host,
                 port=port,
                 token=token,
                 max_body_bytes=max_body_bytes,
                 log_level=log_level.lower(),
+                on_reload=lambda: None if policies.reload() else None,
                 metrics=metrics,
             )
         )
@@ -126,8 +152,10 @@ def serve(
         except SidecarError as exc:
             raise _fail(str(exc)) from None
         log.info("sidecar data directory %s, signing key %s", directory.path, sidecar.key_id)
+        policies = _use_policy(sidecar, policy)
 
         def reload() -> None:
+            policies.reload()
             key = directory.signing_key()
             if key.key_id != sidecar.key_id:
                 sidecar.use_key(key)
@@ -145,6 +173,40 @@ def serve(
                 metrics=metrics,
             )
         )
+
+
+def _check_policy(path: Path) -> None:
+    problems = validate_policy_path(path)
+    if problems:
+        for problem in problems:
+            typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(2)
+
+
+def _use_policy(sidecar: LocalSidecar, path: Path | None) -> PolicyReloader:
+    """The constraints guard and, with ``path``, the Cedar guard, installed in ``sidecar``."""
+    policies = PolicyReloader(sidecar, path)
+    try:
+        digest = policies.load()
+    except PolicyError as exc:
+        raise _fail(str(exc)) from None
+    logging.getLogger(__name__).info("policy_hash %s", digest)
+    return policies
+
+
+@policy_app.command("validate")
+def validate_policy(
+    path: Annotated[Path, typer.Argument(help="A .cedar file or a directory of .cedar files.")],
+) -> None:
+    """Check Cedar policies against the sidecar's schema: exit 0 when they load, else 1 with
+    each problem's file, policy and reason."""
+    problems = validate_policy_path(path)
+    if problems:
+        for problem in problems:
+            typer.echo(f"FAIL: {problem}")
+        raise typer.Exit(1)
+    _, digest = build_guards(path)
+    typer.echo(f"OK: {path} loads and validates; policy_hash {digest}")
 
 
 @keys_app.command("list")

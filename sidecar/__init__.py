@@ -12,6 +12,9 @@ inside an event loop and :func:`serve_sidecar` as a process (uvicorn; the ``chio
 sidecar serve`` command). :func:`openapi_document` describes the API; it is built from the same
 typed models that validate request bodies. :class:`SidecarMetrics` holds its Prometheus metrics
 (a private registry per app unless one is shared), served at ``GET /metrics``.
+Guards decide inside the grants: :class:`ConstraintGuard` (the grant's Chio constraints) and
+:class:`CedarGuard` (a :class:`CedarPolicySet` loaded from ``.cedar`` files, reloaded by
+:class:`PolicyReloader`); :func:`build_guards` makes both and their ``policy_hash``.
 
 The wire objects (capability tokens, evaluation requests, signed receipts) are the contract's,
 in ``chio_receipts.schemas``; this package and the worker's ``chio_receipts.interceptor`` never
@@ -22,6 +25,17 @@ from __future__ import annotations
 
 from chio_receipts.sidecar._api import openapi_document
 from chio_receipts.sidecar._app import DEFAULT_MAX_BODY, create_sidecar_app
+from chio_receipts.sidecar._cedar import (
+    CedarGuard,
+    CedarPolicySet,
+    PolicyError,
+    PolicyProblem,
+    PolicyReloader,
+    build_guards,
+    policy_hash,
+    validate_policy_path,
+)
+from chio_receipts.sidecar._constraints import ConstraintGuard
 from chio_receipts.sidecar._datadir import DataDir, Rotation, key_id_for, rotate_key
 from chio_receipts.sidecar._errors import (
     InvalidCapability,
@@ -37,10 +51,16 @@ from chio_receipts.sidecar._store import LogReport, SidecarStore, StoredKey
 
 __all__ = [
     "DEFAULT_MAX_BODY",
+    "CedarGuard",
+    "CedarPolicySet",
+    "ConstraintGuard",
     "DataDir",
     "InvalidCapability",
     "LocalSidecar",
     "LogReport",
+    "PolicyError",
+    "PolicyProblem",
+    "PolicyReloader",
     "Rotation",
     "ScopeWidening",
     "SidecarError",
@@ -50,9 +70,12 @@ __all__ = [
     "StoreError",
     "StoredKey",
     "UnknownCapability",
+    "build_guards",
     "create_sidecar_app",
     "key_id_for",
     "openapi_document",
+    "policy_hash",
     "rotate_key",
     "serve_sidecar",
+    "validate_policy_path",
 ]
