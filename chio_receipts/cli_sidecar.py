@@ -132,6 +132,10 @@ def serve(
     if ephemeral:
         sidecar = LocalSidecar()
         policies = _use_policy(sidecar, policy)
+
+        def reload_policy() -> None:
+            policies.reload()
+
         asyncio.run(
             serve_sidecar(
                 sidecar,
@@ -140,7 +144,7 @@ def serve(
                 token=token,
                 max_body_bytes=max_body_bytes,
                 log_level=log_level.lower(),
-                on_reload=lambda: None if policies.reload() else None,
+                on_reload=reload_policy,
                 metrics=metrics,
             )
         )
