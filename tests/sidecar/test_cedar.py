@@ -183,3 +183,27 @@ def test_build_guards(tmp_path: Path) -> None:
     assert len(digest) == 64
     with pytest.raises(PolicyError, match="no such file"):
         build_guards(tmp_path / "missing.cedar")
+
+
+def test_reloader_swaps_whole_sets_and_keeps_the_old_one_on_error(tmp_path: Path) -> None:
+    from chio_receipts.sidecar import LocalSidecar, PolicyReloader
+
+    (tmp_path / "a.cedar").write_text(SEED_003)
+    side = LocalSidecar()
+    results: list[str] = []
+    reloader = PolicyReloader(side, tmp_path, on_reload=results.append)
+    first = reloader.load()
+    assert side.policy_hash == first
+    assert [g.name for g in side.guards] == ["constraints", "cedar"]
+    (tmp_path / "b.cedar").write_text('@id("q") forbid(principal, action, resource);')
+    assert reloader.reload()
+    second = side.policy_hash
+    assert second != first
+    (tmp_path / "c.cedar").write_text("forbid(principal, action")
+    guards = side.guards
+    assert not reloader.reload()
+    assert side.policy_hash == second
+    assert side.guards is guards
+    assert reloader.last_error is not None
+    assert "c.cedar" in str(reloader.last_error)
+    assert results == ["ok", "error"]
