@@ -12,9 +12,9 @@ same in-scope call (``tool_server``, ``tool_name``, ``parameters`` as in ``bench
    child process per configuration, repetitions interleaved; at full size also at 100/s, below
    the rate our served sidecar saturates at on a 2-core machine, where the ratios are the
    guards' cost rather than queueing. The load is sent by a minimal HTTP/1.1 client on raw
-   asyncio streams (``httpx`` costs the sending process too much CPU to hold 500/s here). Where ``make kernel`` built the
-   Chio kernel's sidecar (``chio-kernel-sidecar --ephemeral-receipts``), it is measured in the
-   same run at the same rate, with the same body.
+   asyncio streams (``httpx`` costs the sending process too much CPU to hold 500/s here).
+   Where ``make kernel`` built the Chio kernel's sidecar (``chio-kernel-sidecar
+   --ephemeral-receipts``), it is measured in the same run at the same rates, same body.
 
 Configurations: ``baseline`` (no guard), ``constraints`` (the constraints guard; the grant
 carries five constraints, all satisfied: ``max_length``, ``regex_match``, ``max_args_size``,
