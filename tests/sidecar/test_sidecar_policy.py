@@ -312,3 +312,18 @@ async def test_sighup_reloads_without_dropping_a_request(
     log = (tmp_path / "sidecar.log").read_text()
     assert "policy reload failed" in log
     assert "broken.cedar" in log
+
+
+def test_serve_refuses_a_policy_set_that_does_not_load(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.cedar"
+    bad.write_text('@id("typo") forbid(principal, action, resource) when { context.nope };')
+    r = subprocess.run(
+        [*CLI, "serve", "--ephemeral", "--port", str(_free_port()), "--policy", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 2
+    assert "bad.cedar: policy0 (@id 'typo'):" in r.stderr
+    assert "nope" in r.stderr
