@@ -31,7 +31,9 @@ ones, chio-guards ``content_review.rs`` for the approval threshold):
 Regular expressions use RE2 (PyPI ``google-re2``), whose syntax is the Rust ``regex`` crate's
 (no look-around, no back-references, linear time): a pattern the kernel refuses is refused here
 too, and no pattern can backtrack. A pattern that does not compile denies (the kernel's
-``InvalidConstraint``).
+``InvalidConstraint``). One difference remains: the Perl classes ``\d``, ``\w``, ``\s`` and
+``\b`` are ASCII in RE2 and Unicode in Rust's ``regex`` (``\p{N}``, ``\p{L}`` mean the same in
+both); Python's ``re`` would match the Unicode classes but backtracks and accepts look-around.
 
 Amounts are read where the kernel reads them: top-level keys of the parameters, and, for the
 Temporal activity shape ``{"args": [...]}``, top-level keys of each object argument.
