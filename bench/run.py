@@ -2,9 +2,9 @@
 
     python -m bench.run [--size small|full] [--only NAME] [--out bench/results/latest.json]
 
-NAME is one of: micro, interceptor, outcomes, producer, consumer, memory, e2e, sidecar, watcher. The
-stack (a real Kafka broker and a real Temporal dev server) is started in a temporary directory
-and stopped at the end. A full run of everything also rewrites the generated part of
+NAME is one of: micro, interceptor, outcomes, producer, consumer, memory, e2e, sidecar, watcher,
+policy. The stack (a real Kafka broker and a real Temporal dev server) is started in a temporary
+directory and stopped at the end. A full run of everything also rewrites the generated part of
 ``docs/BENCHMARKS.md``.
 """
 
@@ -45,6 +45,7 @@ SECTIONS: dict[str, bool] = {
     "e2e": True,
     "sidecar": True,
     "watcher": True,
+    "policy": False,
 }
 
 

@@ -23,15 +23,19 @@ from chio_receipts.sidecar import (
     CredentialSet,
     DataDir,
     LocalSidecar,
+    PolicyError,
+    PolicyReloader,
     Role,
     SidecarError,
     SidecarMetrics,
     add_credential,
+    build_guards,
     check_bind,
     load_credentials,
     remove_credential,
     rotate_key,
     serve_sidecar,
+    validate_policy_path,
 )
 
 __all__ = ["app"]
@@ -50,6 +54,11 @@ credential_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(credential_app, name="credential")
+policy_app = typer.Typer(
+    help="The sidecar's Cedar policies: validate them against the shipped schema.",
+    no_args_is_help=True,
+)
+app.add_typer(policy_app, name="policy")
 
 DataDirOption = Annotated[
     Path | None,
@@ -137,16 +146,30 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = DEFAULT_METRICS_HOST,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            envvar="CHIO_SIDECAR_POLICY",
+            help="Cedar policies (a .cedar file or a directory of them) decided inside the "
+            "grants; SIGHUP reloads them (CHIO_SIDECAR_POLICY).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve the policy sidecar API (OpenAPI at /openapi.json) until interrupted.
 
     State (capabilities, revocations, public keys, the receipt log) and the signing key live in
-    the data directory and survive restarts; SIGHUP loads a key made by ``sidecar keys rotate``.
-    Prometheus metrics are at /metrics, and on --metrics-port when given. Anything but a
-    loopback address needs --credentials; each route is open to the roles of the access table.
+    the data directory and survive restarts; SIGHUP loads a key made by ``sidecar keys rotate``
+    and reloads the --policy set (a set that does not load leaves the old one active).
+    Every call is checked against its grant's Chio constraints. Prometheus metrics are at
+    /metrics, and on --metrics-port when given. Anything but a loopback address needs
+    --credentials; each route is open to the roles of the access table.
     """
     use_log_level(log_level)
     log = logging.getLogger(__name__)
+    if policy is not None:
+        _check_policy(policy)
     accepted: CredentialSet | None = None
     try:
         if credentials is not None:
@@ -170,6 +193,11 @@ def serve(
     if ephemeral:
         memory = LocalSidecar()
         _signal_approvals(memory, temporal if approval_signals else None)
+        memory_policies = _use_policy(memory, policy, metrics)
+
+        def reload_policy() -> None:
+            memory_policies.reload()
+
         asyncio.run(
             serve_sidecar(
                 memory,
@@ -178,6 +206,7 @@ def serve(
                 credentials=accepted,
                 max_body_bytes=max_body_bytes,
                 log_level=log_level.lower(),
+                on_reload=reload_policy,
                 metrics=metrics,
             )
         )
@@ -190,8 +219,10 @@ def serve(
             raise _fail(str(exc)) from None
         log.info("sidecar data directory %s, signing key %s", directory.path, sidecar.key_id)
         _signal_approvals(sidecar, temporal if approval_signals else None)
+        policies = _use_policy(sidecar, policy, metrics)
 
         def reload() -> None:
+            policies.reload()
             key = directory.signing_key()
             if key.key_id != sidecar.key_id:
                 sidecar.use_key(key)
@@ -218,6 +249,45 @@ def _signal_approvals(sidecar: LocalSidecar, temporal: TemporalConnection | None
         from chio_receipts.sidecar._approvals import TemporalSignaller
 
         sidecar.approvals.signaller = TemporalSignaller(temporal.connect)
+
+
+def _check_policy(path: Path) -> None:
+    problems = validate_policy_path(path)
+    if problems:
+        for problem in problems:
+            typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(2)
+
+
+def _use_policy(
+    sidecar: LocalSidecar, path: Path | None, metrics: SidecarMetrics
+) -> PolicyReloader:
+    """The constraints guard and, with ``path``, the Cedar guard, installed in ``sidecar``;
+    each reload is counted in ``metrics``."""
+    policies = PolicyReloader(
+        sidecar, path, on_reload=lambda result: metrics.policy_reloaded(result == "ok")
+    )
+    try:
+        digest = policies.load()
+    except PolicyError as exc:
+        raise _fail(str(exc)) from None
+    logging.getLogger(__name__).info("policy_hash %s", digest)
+    return policies
+
+
+@policy_app.command("validate")
+def validate_policy(
+    path: Annotated[Path, typer.Argument(help="A .cedar file or a directory of .cedar files.")],
+) -> None:
+    """Check Cedar policies against the sidecar's schema: exit 0 when they load, else 1 with
+    each problem's file, policy and reason."""
+    problems = validate_policy_path(path)
+    if problems:
+        for problem in problems:
+            typer.echo(f"FAIL: {problem}")
+        raise typer.Exit(1)
+    _, digest = build_guards(path)
+    typer.echo(f"OK: {path} loads and validates; policy_hash {digest}")
 
 
 @keys_app.command("list")

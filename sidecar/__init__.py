@@ -15,6 +15,10 @@ typed models that validate request bodies. :class:`SidecarMetrics` holds its Pro
 Access is by named credentials (``CredentialSet``: a file of names, roles and secret hashes) and
 one route → role table (``ROUTE_ROLES``), enforced before any route runs.
 
+Guards decide inside the grants: :class:`ConstraintGuard` (the grant's Chio constraints) and
+:class:`CedarGuard` (a :class:`CedarPolicySet` loaded from ``.cedar`` files, reloaded by
+:class:`PolicyReloader`); :func:`build_guards` makes both and their ``policy_hash``.
+
 The wire objects (capability tokens, evaluation requests, signed receipts) are the contract's,
 in ``chio_receipts.schemas``; this package and the worker's ``chio_receipts.interceptor`` never
 import each other.
@@ -35,6 +39,17 @@ from chio_receipts.sidecar._auth import (
     load_credentials,
     remove_credential,
 )
+from chio_receipts.sidecar._cedar import (
+    CedarGuard,
+    CedarPolicySet,
+    PolicyError,
+    PolicyProblem,
+    PolicyReloader,
+    build_guards,
+    policy_hash,
+    validate_policy_path,
+)
+from chio_receipts.sidecar._constraints import ConstraintGuard
 from chio_receipts.sidecar._datadir import DataDir, Rotation, key_id_for, rotate_key
 from chio_receipts.sidecar._errors import (
     InvalidCapability,
@@ -51,6 +66,9 @@ from chio_receipts.sidecar._store import LogReport, SidecarStore, StoredKey
 __all__ = [
     "DEFAULT_MAX_BODY",
     "ROUTE_ROLES",
+    "CedarGuard",
+    "CedarPolicySet",
+    "ConstraintGuard",
     "Credential",
     "CredentialError",
     "CredentialSet",
@@ -58,6 +76,9 @@ __all__ = [
     "InvalidCapability",
     "LocalSidecar",
     "LogReport",
+    "PolicyError",
+    "PolicyProblem",
+    "PolicyReloader",
     "Role",
     "Rotation",
     "ScopeWidening",
@@ -69,14 +90,17 @@ __all__ = [
     "StoredKey",
     "UnknownCapability",
     "add_credential",
+    "build_guards",
     "check_bind",
     "create_sidecar_app",
     "credential_of",
     "key_id_for",
     "load_credentials",
     "openapi_document",
+    "policy_hash",
     "remove_credential",
     "roles_for",
     "rotate_key",
     "serve_sidecar",
+    "validate_policy_path",
 ]

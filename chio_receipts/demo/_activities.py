@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from temporalio import activity
@@ -14,6 +15,7 @@ from temporalio.exceptions import ApplicationError
 
 __all__ = [
     "ALL_ACTIVITIES",
+    "Payment",
     "call_tool",
     "check_balance",
     "credit_account",
@@ -21,6 +23,7 @@ __all__ = [
     "execute_action",
     "flaky_tool",
     "notify_rejection",
+    "pay",
     "read_database",
     "refund_account",
     "send_email",
@@ -89,6 +92,21 @@ async def notify_rejection(action: str) -> str:
     return f"rejected {action}"
 
 
+@dataclass
+class Payment:
+    """A payment to ``payee`` of ``amount_usd`` dollars (one keyed argument, so a grant's
+    ``max_transaction_amount_usd`` constraint and a Cedar policy can read its fields)."""
+
+    payee: str
+    amount_usd: int
+
+
+@activity.defn
+async def pay(payment: Payment) -> str:
+    """Pay ``payment.payee`` (the grant caps the amount; a Cedar policy blocks a payee)."""
+    return f"paid {payment.amount_usd} USD to {payment.payee}"
+
+
 @activity.defn
 async def flaky_tool(name: str) -> str:
     """Fails on its first two attempts, then succeeds: every attempt gets a receipt."""
@@ -110,4 +128,5 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     execute_action,
     notify_rejection,
     flaky_tool,
+    pay,
 ]

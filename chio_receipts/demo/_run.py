@@ -66,13 +66,13 @@ from chio_receipts.demo._report import (
 from chio_receipts.demo._worker import DEFAULT_SCOPE, WorkerSettings, demo_worker
 from chio_receipts.interceptor import (
     ArgumentKey,
+    CapabilityToken,
     ChioActivityInterceptor,
     ChioClient,
     WorkflowGrant,
 )
 from chio_receipts.schemas import KafkaConnection, KeyPair, TopicNames
-from chio_receipts.sidecar import LocalSidecar, SidecarServer
-from chio_receipts.sidecar._approvals import RequireApproval
+from chio_receipts.sidecar import LocalSidecar, SidecarServer, build_guards
 from chio_receipts.stack import LocalStack, StackConfig, StackError, read_state
 from chio_receipts.streamer import (
     CompletionWatcher,
@@ -84,6 +84,13 @@ from chio_receipts.streamer import (
 )
 
 __all__ = ["DemoOptions", "DemoResult", "run_demo"]
+
+DEMO_POLICY = Path(__file__).with_name("policy.cedar")
+"""The demo sidecar's Cedar policies (package data beside this module)."""
+SEED_003_CONSTRAINT = {"type": "memory_write_deny_patterns", "value": ["^forbidden"]}
+"""Seed 003's rule as a Chio constraint: no argument may start with "forbidden"."""
+PAYMENT_CEILING = {"type": "max_transaction_amount_usd", "value": "1000.00"}
+"""The payment ceiling as a Chio constraint: a payment above 1000 USD is denied."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -225,8 +232,14 @@ async def _pipeline(
     client = await Client.connect(stack.temporal_address)
     stop = asyncio.Event()
     async with contextlib.AsyncExitStack() as exits:
+        # Every call is checked against its grant's constraints, then the demo's Cedar policies.
+        guards, policy_hash = build_guards(DEMO_POLICY)
         sidecar = await exits.enter_async_context(
-            SidecarServer(LocalSidecar(KeyPair.generate("demo-sidecar"), guards=DEMO_GUARDS))
+            SidecarServer(
+                LocalSidecar(
+                    KeyPair.generate("demo-sidecar"), guards=guards, policy_hash=policy_hash
+                )
+            )
         )
         chio = await exits.enter_async_context(ChioClient(sidecar.url))
         default = await chio.create_capability("agent:demo-default", DEFAULT_SCOPE, 3600)
@@ -377,14 +390,22 @@ async def _start(
     prefix: str,
     scope: tuple[str, ...],
     child_scope: tuple[str, ...] | None = None,
+    constraints: dict[str, list[dict[str, Any]]] | None = None,
 ) -> WorkflowHandle[Any, Any]:
-    """Mint and register a grant for a new workflow id (and its child), then start it."""
+    """Mint and register a grant for a new workflow id (and its child), then start it.
+
+    With ``constraints`` (tool -> Chio constraints) the grant is minted in the kernel's form,
+    one ``ToolGrant`` per tool carrying its constraints, which the sidecar checks on every call.
+    """
     workflow_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
     grants = {workflow_id: scope}
     if child_scope is not None:
         grants[f"{workflow_id}-child"] = child_scope
     for wid, tools in grants.items():
-        token = await pipe.chio.create_capability(f"agent:{prefix}", tools, 3600)
+        if constraints is None:
+            token = await pipe.chio.create_capability(f"agent:{prefix}", tools, 3600)
+        else:
+            token = await _mint_constrained(pipe, f"agent:{prefix}", tools, constraints)
         pipe.interceptor.register_workflow_grant(
             WorkflowGrant(workflow_id=wid, token=token, tool_server="agent-tools")
         )
@@ -394,6 +415,24 @@ async def _start(
     )
     pipe.handles.append(handle)
     return handle
+
+
+async def _mint_constrained(
+    pipe: _Pipe, subject: str, tools: tuple[str, ...], constraints: dict[str, list[dict[str, Any]]]
+) -> CapabilityToken:
+    """A capability whose kernel-format grants carry ``constraints`` (``POST /v1/capabilities``
+    with a ``ChioScope`` object), as the worker's client sees it."""
+    grants = []
+    for tool in tools:
+        grant: dict[str, Any] = {"server_id": "*", "tool_name": tool, "operations": ["invoke"]}
+        if constraints.get(tool):
+            grant["constraints"] = constraints[tool]
+        grants.append(grant)
+    body = {"subject": subject, "scope": {"grants": grants}, "ttl_seconds": 3600}
+    async with httpx.AsyncClient(base_url=pipe.sidecar_url, timeout=10) as http:
+        answer = await http.post("/v1/capabilities", json=body)
+        answer.raise_for_status()
+    return await pipe.chio.get_capability(str(answer.json()["id"]))
 
 
 async def _run_scenarios(
@@ -457,6 +496,29 @@ async def _run_scenarios(
     await _start(
         pipe, wf.FlakyToolWorkflow.run, "weather-api", prefix="flaky", scope=("flaky_tool",)
     )
+    # Seed 003's rule, as a constraint of the grant: a task whose input starts with
+    # "forbidden" is denied before the tool runs.
+    await _start(
+        pipe,
+        wf.GuardedTaskWorkflow.run,
+        "forbidden: delete every backup",
+        prefix="seed003",
+        scope=("execute_action",),
+        constraints={"execute_action": [SEED_003_CONSTRAINT]},
+    )
+    # A payment ceiling, as a constraint of the grant; a blocked payee, as a Cedar policy.
+    for prefix, payment in (
+        ("ceiling", wf.Payment(payee="acct-dave", amount_usd=5000)),
+        ("blocked-payee", wf.Payment(payee="acct-mallory", amount_usd=20)),
+    ):
+        await _start(
+            pipe,
+            wf.PaymentWorkflow.run,
+            payment,
+            prefix=prefix,
+            scope=("pay",),
+            constraints={"pay": [PAYMENT_CEILING]},
+        )
     await _start(
         pipe,
         wf.SplitWorkersWorkflow.run,
@@ -487,12 +549,6 @@ async def _run_scenarios(
         await _refresh(pipe, progress, bars, final=True)
 
 
-DEMO_APPROVAL_GUARD = RequireApproval(frozenset({"execute_action"}), name="demo_approval")
-"""The demo's sidecar asks a person to approve every ``execute_action`` (a stand-in for a
-policy or constraint that answers "approval required")."""
-DEMO_GUARDS = (DEMO_APPROVAL_GUARD,)
-
-
 async def _answer(pipe: _Pipe, workflow_id: str, *, approve: bool, reason: str) -> None:
     """Wait for the run's held action, then answer it through the sidecar and signal the run
     (``cli_approvals.answer_approval``, what ``chio-receipts approve|reject`` runs)."""
@@ -518,8 +574,8 @@ async def _answer(pipe: _Pipe, workflow_id: str, *, approve: bool, reason: str) 
 
 def _expected_runs(opts: DemoOptions) -> int:
     # transfer, fan-out, parent + child, the loop's runs, two approvals, denied, flaky, split,
-    # and the schedule's runs.
-    return 1 + 1 + 2 + opts.loop_iterations + 2 + 1 + 1 + 1 + opts.schedule_fires
+    # seed 003's task, the two payments, and the schedule's runs.
+    return 1 + 1 + 2 + opts.loop_iterations + 2 + 1 + 1 + 1 + 1 + 2 + opts.schedule_fires
 
 
 async def _run_schedule(pipe: _Pipe, opts: DemoOptions) -> None:

@@ -46,6 +46,7 @@ TOOL_SERVERS = {
     "credit_account": "payments",
     "refund_account": "payments",
     "check_balance": "payments",
+    "pay": "payments",
     "send_email": "email-outbound",
     "read_database": "db-readonly",
 }

@@ -14,6 +14,7 @@ from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from chio_receipts.demo import _activities as acts
+    from chio_receipts.demo._activities import Payment
 
 __all__ = [
     "ALL_WORKFLOWS",
@@ -24,7 +25,10 @@ __all__ = [
     "DeniedFirstStepWorkflow",
     "FanOutWorkflow",
     "FlakyToolWorkflow",
+    "GuardedTaskWorkflow",
     "ParentWorkflow",
+    "Payment",
+    "PaymentWorkflow",
     "ScheduledReportWorkflow",
     "SplitWorkersWorkflow",
     "Transfer",
@@ -175,6 +179,27 @@ class DeniedFirstStepWorkflow:
 
 
 @workflow.defn
+class GuardedTaskWorkflow:
+    """Seed 003's task: its input is checked by the grant's constraint, not by a mock policy
+    activity (an input starting with ``forbidden`` is denied before the tool runs)."""
+
+    @workflow.run
+    async def run(self, task: str) -> str:
+        """Run the task as an action."""
+        return await workflow.execute_activity(acts.execute_action, task, start_to_close_timeout=_T)
+
+
+@workflow.defn
+class PaymentWorkflow:
+    """One payment, inside the grant's ceiling and the policy's blocked payees."""
+
+    @workflow.run
+    async def run(self, payment: Payment) -> str:
+        """Pay."""
+        return await workflow.execute_activity(acts.pay, payment, start_to_close_timeout=_T)
+
+
+@workflow.defn
 class ScheduledReportWorkflow:
     """Started by a Temporal schedule; its grant comes from the task-queue resolver."""
 
@@ -235,4 +260,6 @@ ALL_WORKFLOWS = [
     ScheduledReportWorkflow,
     FlakyToolWorkflow,
     SplitWorkersWorkflow,
+    GuardedTaskWorkflow,
+    PaymentWorkflow,
 ]

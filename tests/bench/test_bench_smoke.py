@@ -138,6 +138,24 @@ def test_sidecar_decisions_and_worker_throughput(results: dict[str, Any]) -> Non
 
 
 @pytest.mark.integration
+def test_policy_guards_cost(results: dict[str, Any]) -> None:
+    pol = results["results"]["policy"]
+    inproc = pol["in_process"]
+    for config in ("baseline", "constraints", "cedar_50"):
+        assert _positive(inproc[config]["decision_us"])
+        assert _positive(inproc[config]["decision_ratio"])
+        assert inproc[config]["first_verdict"] == {"allow": 1}
+    assert _positive(inproc["cedar_50_parse"]["ratio"])
+    at = pol["http"]["at_500_per_s"]
+    for config in ("baseline", "constraints", "cedar_50"):
+        assert at[config]["all_allow"]  # every call is in scope and satisfies every guard
+        assert _positive(at[config]["p50_ratio"])
+        assert _positive(at[config]["achieved_rate_per_s"])
+    assert "skipped" in at["kernel"] or at["kernel"]["all_allow"]
+    assert pol["budget"]["skipped"]
+
+
+@pytest.mark.integration
 def test_micro_benchmarks(results: dict[str, Any]) -> None:
     micro = results["results"]["micro"]
     assert _positive(micro["codec"]["encode_per_s"]["ratio"])

@@ -51,19 +51,27 @@ def test_summary_matches_the_designed_workflows(demo: tuple[DemoResult, str, Pat
     result, output, _data = demo
     s = result.summary
     assert s is not None
-    # transfer, fan-out, parent + child, 3 loop runs, 2 approvals, denied, flaky, split, 2 scheduled
-    assert len(result.runs) == 14
-    assert len(s.runs) == 14
+    # transfer, fan-out, parent + child, 3 loop runs, 2 approvals, denied, flaky, split, seed 003's
+    # task, 2 payments, 2 scheduled
+    assert len(result.runs) == 17
+    assert len(s.runs) == 17
     assert s.incomplete == 0
     assert s.step_rows == s.distinct_receipts  # nothing counted twice
-    # Exactly three denies: the transfer's credit, the first step of the denied request, and
-    # the action a person rejected.
+    # The denies: the transfer's credit and the first step of the denied request (scope), seed
+    # 003's forbidden task and the payment above the ceiling (constraints), the blocked payee
+    # (Cedar), and the action a person rejected.
     denied = {(ts, t): d for ts, t, _a, d in s.by_tool if d}
     assert denied == {
         ("payments", "credit_account"): 1,
         ("email-outbound", "send_email"): 1,
-        ("agent-tools", "execute_action"): 1,
+        ("agent-tools", "execute_action"): 2,
+        ("payments", "pay"): 2,
     }
+    for workflow_type, count in (("GuardedTaskWorkflow", 1), ("PaymentWorkflow", 2)):
+        runs = s.runs_of(workflow_type)
+        assert [(r.outcome, r.step_count, r.deny_count) for r in runs] == [
+            ("failure", 1, 1)
+        ] * count
     # The saga ran its compensation after the deny.
     (transfer,) = s.runs_of("TransferWorkflow")
     assert (transfer.outcome, transfer.step_count, transfer.deny_count) == ("failure", 3, 1)
@@ -111,9 +119,9 @@ def test_summary_matches_the_designed_workflows(demo: tuple[DemoResult, str, Pat
         ]
     assert "Approvals (signed decisions, by approver)" in output
     # Every run verified from ClickHouse rows alone, and the output says so.
-    assert result.verified == 14
+    assert result.verified == 17
     assert result.verify_failures == []
-    assert "verify: 14/14 runs verified" in output
+    assert "verify: 17/17 runs verified" in output
     assert "0 incomplete envelopes" in output
 
 
@@ -135,7 +143,7 @@ def test_summary_shows_outcomes_and_durations_per_tool(
     assert "Outcomes and durations per tool" in output
     assert "Attempts accounted per run" in output
     allowed = sum(a for _ts, _t, a, _d in s.by_tool)
-    assert allowed == s.step_rows - 3 - s.pending_approval
+    assert allowed == s.step_rows - 6 - s.pending_approval
     by_tool = {(t.tool_server, t.tool): t for t in s.tool_outcomes}
     assert sum(t.calls for t in by_tool.values()) == allowed
     assert all(t.gate_failed == 0 for t in by_tool.values())
@@ -150,7 +158,7 @@ def test_summary_shows_outcomes_and_durations_per_tool(
     # The denied credit ran nothing: no outcome for it.
     assert ("payments", "credit_account") not in by_tool
     # Every attempt of every run is accounted for by its receipts.
-    assert len(s.run_accounts) == 14
+    assert len(s.run_accounts) == 17
     steps = {r.run_id: r.step_count for r in s.runs}
     for account in s.run_accounts:
         assert (account.gate_failed, account.missing) == (0, 0), account
@@ -222,6 +230,32 @@ def test_every_demo_receipt_checks_in_the_pipeline(
     # The sidecar's keys are the only trusted signers: under another key nothing checks.
     for item in originals:
         assert schemas.check_chio_step(item.step, trusted_keys={"00" * 32}) is not None
+
+
+@pytest.mark.e2e
+def test_policy_denies_name_their_guard_and_constraint(
+    demo_receipts: tuple[list[DemoReceipt], set[str]],
+) -> None:
+    """The demo's constraint and Cedar denies: each receipt names the guard that decided and
+    the constraint or policy id in its evidence, under the policy hash of the active set."""
+    items, _keys = demo_receipts
+    denies: list[tuple[str, str]] = []
+    hashes = set()
+    for item in items:
+        if not item.valid:
+            continue
+        hashes.add(item.receipt["policy_hash"])
+        decision = item.receipt["decision"]
+        if decision["verdict"] != "deny" or decision["guard"] not in ("constraints", "cedar"):
+            continue
+        evidence = {e["guard_name"]: json.loads(e["details"]) for e in item.receipt["evidence"]}
+        denies.append((decision["guard"], evidence[decision["guard"]]["constraint"]))
+    assert sorted(denies) == [
+        ("cedar", "demo.blocked-payee"),
+        ("constraints", "max_transaction_amount_usd[0]"),
+        ("constraints", "memory_write_deny_patterns[0]"),
+    ]
+    assert len(hashes) == 1  # one policy set for the whole run
 
 
 @pytest.mark.e2e

@@ -36,6 +36,11 @@ from chio_receipts.schemas import STEP_SCHEMA, TopicNames, parsed_schema
 parsed_schema(STEP_SCHEMA)  # the Avro schemas ship as package data
 from chio_receipts.consumers._clickhouse import migrations
 assert migrations(), "the SQL migrations ship as package data"
+from chio_receipts.sidecar import CedarPolicySet
+from chio_receipts.sidecar._cedar import schema_text
+assert "namespace Chio" in schema_text(), "the Cedar schema ships as package data"
+from chio_receipts.demo._run import DEMO_POLICY
+assert len(CedarPolicySet.load(DEMO_POLICY)) == 3, "the demo's policies ship and validate"
 for bare in ("interceptor", "streamer", "consumers", "schemas"):
     try:
         __import__(bare)
