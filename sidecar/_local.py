@@ -43,7 +43,7 @@ from chio_receipts.schemas import (
     uuid7,
     verify_capability_token,
 )
-from chio_receipts.sidecar import _chio
+from chio_receipts.sidecar import _budgets, _chio
 from chio_receipts.sidecar._chio import ChioRequestError
 from chio_receipts.sidecar._datadir import key_id_for
 from chio_receipts.sidecar._errors import InvalidCapability, ScopeWidening, UnknownCapability
@@ -569,7 +569,15 @@ class LocalSidecar:
             )
             chio_text, chio_signed = chio_step_payload(chio)
         except ChioWireError:
+            self._finish_guards(guards, decision, allowed=False)
             raise ProtocolError("the parameters have no canonical JSON form") from None
+        self._finish_guards(
+            guards,
+            decision,
+            allowed=decision.verdict is Verdict.ALLOW,
+            receipt_id=step.receipt_id,
+            chio_receipt_id=str(chio["id"]),
+        )
         step = dataclasses.replace(
             step,
             chio_receipt=chio_text,
@@ -694,6 +702,11 @@ class LocalSidecar:
                 "chio_scope_not_narrower",
                 "new_scope must be a strict subset of the parent token's scope",
             )
+        over = _budgets.remaining_over(
+            stored["scope"], child, lambda index: self._store.budget_usage(cap_id, index)
+        )
+        if over is not None:
+            raise ChioRequestError(409, "chio_budget_exceeds_parent", over)
         row = self._chio_rows[cap_id]
         tools = _chio.tool_names(child)
         if not tools:
@@ -745,14 +758,25 @@ class LocalSidecar:
             guards=guards,
         )
         allowed = decision.verdict is Verdict.ALLOW
-        receipt = self._kernel_receipt(
+        try:
+            receipt = self._kernel_receipt(
+                decision,
+                at_us=at_us,
+                tool_server=tool_server,
+                tool=tool_name,
+                parameters=parameters,
+                request_id=request_id,
+                policy_hash=policy_hash,
+            )
+        except BaseException:
+            self._finish_guards(guards, decision, allowed=False)
+            raise
+        self._finish_guards(
+            guards,
             decision,
-            at_us=at_us,
-            tool_server=tool_server,
-            tool=tool_name,
-            parameters=parameters,
-            request_id=request_id,
-            policy_hash=policy_hash,
+            allowed=allowed,
+            receipt_id=receipt["id"],
+            chio_receipt_id=receipt["id"],
         )
         if self._log_receipts:
             text = json.dumps(receipt, separators=(",", ":"), ensure_ascii=False)
@@ -769,6 +793,7 @@ class LocalSidecar:
                 tool_server=tool_server,
                 tool_name=tool_name,
                 parameter_hash=param_hash,
+                reserved_hold_id=_budgets.hold_of(decision.evidence),
             )
         return ChioDecision(
             allowed=allowed,
@@ -777,6 +802,43 @@ class LocalSidecar:
             guard=decision.guard,
             execution_nonce=nonce,
         )
+
+    # -- budgets (see _budgets) ----------------------------------------------------------------
+
+    def lineage(self, capability_id: str) -> list[tuple[str, Mapping[str, Any] | None]]:
+        """The ancestors of a capability, nearest first, each with its kernel-format token
+        (``None`` for one without): what a budget charge also counts against."""
+        token = self._caps.get(capability_id)
+        if token is None:
+            return []
+        return [(a, self._chio.get(a)) for a in reversed(token.chain)]
+
+    def sign_chio_receipt(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Sign a kernel-format receipt ``body`` with the current key and append it to the
+        receipt log (a settlement's or a refund's receipt)."""
+        receipt = sign_kernel_receipt(body, self._key)
+        if self._log_receipts:
+            text = json.dumps(receipt, separators=(",", ":"), ensure_ascii=False)
+            self._store.log_receipt(receipt["id"], self._key.key_id, text.encode(), fmt="chio")
+        return receipt
+
+    @staticmethod
+    def _finish_guards(
+        guards: Sequence[Guard],
+        decision: _Decision,
+        *,
+        allowed: bool,
+        receipt_id: str = "",
+        chio_receipt_id: str = "",
+    ) -> None:
+        """Tell each guard that ran and has a ``finish`` hook how its decision ended (a budget
+        hold is keyed by the signed receipt, or released when the call was not allowed)."""
+        for guard, result in zip(guards, decision.evidence, strict=False):
+            finish = getattr(guard, "finish", None)
+            if finish is not None:
+                finish(
+                    result, allowed=allowed, receipt_id=receipt_id, chio_receipt_id=chio_receipt_id
+                )
 
 
 def _temporal_context(request: EvaluationRequest) -> dict[str, Any]:
