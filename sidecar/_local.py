@@ -111,7 +111,9 @@ class LocalSidecar:
     ``expired_grace_seconds`` are dropped, and then creation is refused.
     ``guards`` run in order on every call that scope and expiry allow (see ``_guards``);
     ``policy_hash`` names the policy they enforce in every receipt (:meth:`use_guards` swaps
-    both at once, for a reload).
+    both at once, for a reload). Budgets of kernel-format grants (``max_invocations``,
+    ``max_cost_per_invocation``, ``max_total_cost``) are charged after the guards by a
+    built-in :class:`~chio_receipts.sidecar._budgets.BudgetGuard`, in the store.
     """
 
     def __init__(
@@ -141,6 +143,7 @@ class LocalSidecar:
         self._grace_us = int(expired_grace_seconds * 1_000_000)
         self._key = key or _fresh_key()
         self.use_key(self._key)
+        self._budget = _budgets.BudgetGuard(self._store, self.lineage)
 
     def __repr__(self) -> str:
         return f"LocalSidecar(key_id={self._key.key_id!r}, capabilities={len(self._caps)})"
@@ -458,7 +461,8 @@ class LocalSidecar:
                 )
         evidence: tuple[GuardResult, ...] = ()
         approval: GuardResult | None = None
-        if verdict is Verdict.ALLOW and guards:
+        budgeted = verdict is Verdict.ALLOW and self._budgeted(cap, kernel, grant_index)
+        if verdict is Verdict.ALLOW and (guards or budgeted):
             call = CallContext(
                 capability_id=capability_id,
                 tool_server=tool_server,
@@ -474,6 +478,13 @@ class LocalSidecar:
                 at_us=at_us,
             )
             stopped, evidence = run_guards(guards, call)
+            if stopped is None and budgeted:
+                # Budgets are the grant's, not a policy's: charged last, once every guard
+                # allowed, so a hold only opens for a call that is allowed.
+                charged = self._budget.check(call)
+                if charged.details or not charged.allowed:
+                    evidence = (*evidence, charged)
+                stopped = None if charged.allowed else charged
             if stopped is not None:
                 verdict, guard, reason = Verdict.DENY, stopped.guard, stopped.reason
                 if stopped.verdict is GuardVerdict.APPROVAL_REQUIRED:
@@ -544,7 +555,7 @@ class LocalSidecar:
             at_us=evaluated_at,
             deny_reason=request.deny_reason,
             parameters=request.parameters,
-            temporal=_temporal_context(request) if guards else None,
+            temporal=_temporal_context(request),
             guards=guards,
         )
         token = decision.token
@@ -822,8 +833,23 @@ class LocalSidecar:
             self._store.log_receipt(receipt["id"], self._key.key_id, text.encode(), fmt="chio")
         return receipt
 
-    @staticmethod
+    def _budgeted(
+        self,
+        cap: CapabilityToken | None,
+        kernel: Mapping[str, Any] | None,
+        grant_index: int | None,
+    ) -> bool:
+        """Whether a call may count against a budget: its grant has one, or it has ancestors
+        (whose grants may). Nothing is charged otherwise, and no evidence is added."""
+        if cap is not None and cap.chain:
+            return True
+        if kernel is None or grant_index is None:
+            return False
+        grant = kernel["scope"]["grants"][grant_index]
+        return any(grant.get(f) is not None for f in _budgets.BUDGET_FIELDS)
+
     def _finish_guards(
+        self,
         guards: Sequence[Guard],
         decision: _Decision,
         *,
@@ -831,9 +857,9 @@ class LocalSidecar:
         receipt_id: str = "",
         chio_receipt_id: str = "",
     ) -> None:
-        """Tell each guard that ran and has a ``finish`` hook how its decision ended (a budget
-        hold is keyed by the signed receipt, or released when the call was not allowed)."""
-        for guard, result in zip(guards, decision.evidence, strict=False):
+        """Tell each guard that ran and has a ``finish`` hook how its decision ended; a budget
+        hold is keyed by the signed receipt, or released when the call was not allowed."""
+        for guard, result in zip((*guards, self._budget), decision.evidence, strict=False):
             finish = getattr(guard, "finish", None)
             if finish is not None:
                 finish(
