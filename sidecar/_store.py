@@ -662,8 +662,11 @@ class SidecarStore(Closeable):
         return None
 
     def bind_budget_charge(self, hold_id: str, receipt_id: str, chio_receipt_id: str) -> None:
-        """Record the receipt ids of the decision that made the hold (after it is signed)."""
-        with self._tx() as conn:
+        """Record the receipt ids of the decision that made the hold (after it is signed).
+
+        Committed like a receipt-log append (``synchronous=NORMAL``): it only indexes a hold
+        that is already durable, which stays reachable by its hold id."""
+        with self._tx(durable=False) as conn:
             conn.execute(
                 "UPDATE budget_charges SET receipt_id = ?, chio_receipt_id = ? WHERE hold_id = ?",
                 (receipt_id, chio_receipt_id, hold_id),
