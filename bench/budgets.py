@@ -14,7 +14,8 @@ answer). Both are decided on the kernel-shaped mediated ``POST /v1/evaluate``.
    data directory), an open-loop client sending 500 evaluations/s (one request every 2 ms,
    each on its own task; latency counted from the request's scheduled time, so a slow answer
    delays nothing and is not hidden), blocks of the two capabilities interleaved; p50/p99 (ms)
-   and their ratios to the baseline.
+   and their ratios to the baseline. The same at 100/s, below what one served sidecar
+   sustains on a small machine, so the budget's own cost is seen apart from queueing.
 
 The Chio kernel's sidecar is not measured here: its mint route takes scope strings, which
 cannot carry a budget, so it cannot be given a budgeted grant over HTTP.
@@ -43,10 +44,13 @@ from bench._env import Env
 from bench.sidecar import PARAMETERS, TOKEN, TOOL, TOOL_SERVER, _verdict, serve_ours
 from chio_receipts.sidecar import LocalSidecar, SidecarStore
 
-__all__ = ["RATE", "run"]
+__all__ = ["RATE", "UNSATURATED_RATE", "run"]
 
 RATE = 500
-"""Evaluations per second of the HTTP blocks."""
+"""Evaluations per second of the HTTP blocks (the issue's figure)."""
+UNSATURATED_RATE = 100
+"""A second rate, under what one served sidecar sustains on a small machine, so the budget's
+cost is seen apart from queueing."""
 
 _BIG = 10**15
 BASELINE_GRANT: dict[str, Any] = {
@@ -161,11 +165,12 @@ async def _open_loop(
     return latencies, mix, n / (perf() - start)
 
 
-async def bench_http(size: Size, scratch: Path) -> dict[str, Any]:
-    """p50/p99 of the mediated evaluate at 500/s, baseline vs budget, on a served sidecar."""
+async def bench_http(size: Size, scratch: Path, rate: int = RATE) -> dict[str, Any]:
+    """p50/p99 of the mediated evaluate at ``rate``/s, baseline vs budget, on a served
+    sidecar (a fresh one per rate)."""
     seconds = 4.0 if size.name == "full" else 1.0
     reps = max(size.reps, 3) if size.name == "full" else 2
-    async with serve_ours(scratch / "served") as url, _http(url) as http:
+    async with serve_ours(scratch / f"served-{rate}") as url, _http(url) as http:
         bodies = {}
         for name, grant in (("baseline", BASELINE_GRANT), ("budget", BUDGET_GRANT)):
             token = await _mint(http, grant)
@@ -182,13 +187,13 @@ async def bench_http(size: Size, scratch: Path) -> dict[str, Any]:
         mix: dict[str, Counter[str]] = {name: Counter() for name in bodies}
         for _ in range(reps):
             for name, body in bodies.items():
-                lat, got, achieved = await _open_loop(http, body, RATE, seconds)
+                lat, got, achieved = await _open_loop(http, body, rate, seconds)
                 samples[name].extend(lat)
                 mix[name].update(got)
                 rates[name].append(round(achieved, 1))
     pct = {name: percentiles(lat) for name, lat in samples.items()}
     return {
-        "rate_per_s": RATE,
+        "rate_per_s": rate,
         "seconds_per_block": seconds,
         "reps": reps,
         "latency_ms": pct,
@@ -210,7 +215,8 @@ async def run(size: Size, env: Env | None) -> dict[str, Any]:
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-bu-")))
         return {
             "in_process": bench_in_process(size, scratch),
-            "http": await bench_http(size, scratch),
+            "http": await bench_http(size, scratch, RATE),
+            f"http_{UNSATURATED_RATE}": await bench_http(size, scratch, UNSATURATED_RATE),
         }
 
 

@@ -22,6 +22,7 @@ from chio_receipts.demo._activities import ALL_ACTIVITIES
 from chio_receipts.demo._workflows import ALL_WORKFLOWS
 from chio_receipts.interceptor import (
     ArgumentKey,
+    BudgetReversal,
     CapabilityToken,
     ChioActivityInterceptor,
     ChioClient,
@@ -143,7 +144,8 @@ async def demo_worker(
             client,
             task_queue=settings.task_queue,
             workflows=list(workflows),
-            activities=list(activities),
+            # Saga compensation refunds budgets through this worker's sidecar.
+            activities=[*activities, BudgetReversal(settings.sidecar_url).reverse_budget_charge],
             interceptors=[interceptor],
             identity=settings.identity,
         )

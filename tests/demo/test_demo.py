@@ -51,19 +51,28 @@ def test_summary_matches_the_designed_workflows(demo: tuple[DemoResult, str, Pat
     result, output, _data = demo
     s = result.summary
     assert s is not None
-    # transfer, fan-out, parent + child, 3 loop runs, 2 approvals, denied, flaky, split, 2 scheduled
-    assert len(result.runs) == 14
-    assert len(s.runs) == 14
+    # transfer, budgeted, fan-out, parent + child, 3 loop runs, 2 approvals, denied, flaky, split,
+    # 2 scheduled
+    assert len(result.runs) == 15
+    assert len(s.runs) == 15
     assert s.incomplete == 0
     assert s.step_rows == s.distinct_receipts  # nothing counted twice
-    # Exactly two denies: the transfer's credit and the first step of the denied request.
+    # Exactly three denies: the transfer's credit, the first step of the denied request, and
+    # the budgeted run's call past its budget.
     denied = {(ts, t): d for ts, t, _a, d in s.by_tool if d}
-    assert denied == {("payments", "credit_account"): 1, ("email-outbound", "send_email"): 1}
-    # The saga ran its compensation after the deny.
+    assert denied == {
+        ("payments", "credit_account"): 1,
+        ("email-outbound", "send_email"): 1,
+        ("agent-tools", "call_tool"): 1,
+    }
+    # The saga ran its compensation after the deny: the money back, then the debit's budget.
     (transfer,) = s.runs_of("TransferWorkflow")
-    assert (transfer.outcome, transfer.step_count, transfer.deny_count) == ("failure", 3, 1)
+    assert (transfer.outcome, transfer.step_count, transfer.deny_count) == ("failure", 4, 1)
     steps = [st.activity_type for st in s.steps if st.run_id == transfer.run_id]
-    assert steps == ["debit_account", "credit_account", "refund_account"]
+    assert steps == ["debit_account", "credit_account", "refund_account", "reverse_budget_charge"]
+    # Two calls fit the budget; the third is denied by the budget guard.
+    (budgeted,) = s.runs_of("BudgetedToolWorkflow")
+    assert (budgeted.outcome, budgeted.step_count, budgeted.deny_count) == ("failure", 3, 1)
     (first_denied,) = s.runs_of("DeniedFirstStepWorkflow")
     assert (first_denied.outcome, first_denied.step_count) == ("failure", 1)
     # The child carries its parent; the loop's runs are linked run to run.
@@ -87,9 +96,9 @@ def test_summary_matches_the_designed_workflows(demo: tuple[DemoResult, str, Pat
     assert len(s.runs_of("ScheduledReportWorkflow")) == 2
     assert {r.outcome for r in s.runs_of("ApprovalWorkflow")} == {"success"}
     # Every run verified from ClickHouse rows alone, and the output says so.
-    assert result.verified == 14
+    assert result.verified == 15
     assert result.verify_failures == []
-    assert "verify: 14/14 runs verified" in output
+    assert "verify: 15/15 runs verified" in output
     assert "0 incomplete envelopes" in output
 
 
@@ -111,7 +120,7 @@ def test_summary_shows_outcomes_and_durations_per_tool(
     assert "Outcomes and durations per tool" in output
     assert "Attempts accounted per run" in output
     allowed = sum(a for _ts, _t, a, _d in s.by_tool)
-    assert allowed == s.step_rows - 2
+    assert allowed == s.step_rows - 3
     by_tool = {(t.tool_server, t.tool): t for t in s.tool_outcomes}
     assert sum(t.calls for t in by_tool.values()) == allowed
     assert all(t.gate_failed == 0 for t in by_tool.values())
@@ -126,7 +135,7 @@ def test_summary_shows_outcomes_and_durations_per_tool(
     # The denied credit ran nothing: no outcome for it.
     assert ("payments", "credit_account") not in by_tool
     # Every attempt of every run is accounted for by its receipts.
-    assert len(s.run_accounts) == 14
+    assert len(s.run_accounts) == 15
     steps = {r.run_id: r.step_count for r in s.runs}
     for account in s.run_accounts:
         assert (account.gate_failed, account.missing) == (0, 0), account
