@@ -20,7 +20,7 @@ answer). Both are decided on the kernel-shaped mediated ``POST /v1/evaluate``.
 The Chio kernel's sidecar is not measured here: its mint route takes scope strings, which
 cannot carry a budget, so it cannot be given a budgeted grant over HTTP.
 
-    python -m bench.budgets [--size small|full] [--out FILE]
+    python -m bench.budgets [--size small|full] [--out FILE] [--in-process-only]
 """
 
 from __future__ import annotations
@@ -73,9 +73,11 @@ def _ratio(value: float, baseline: float) -> float:
 # -- in process ----------------------------------------------------------------------------------
 
 
-def bench_in_process(size: Size, scratch: Path) -> dict[str, Any]:
-    """Median µs per mediated decision, baseline vs budget, on a file-backed store."""
-    store = SidecarStore(scratch / "in-process.db")
+def bench_in_process(size: Size, scratch: Path | None) -> dict[str, Any]:
+    """Median µs per mediated decision, baseline vs budget, on a file-backed store (in
+    ``scratch``) or, with ``scratch`` None, on SQLite's ``:memory:`` (no fsync: what the
+    budget costs besides the durable commit of its hold)."""
+    store = SidecarStore(scratch / "in-process.db" if scratch is not None else ":memory:")
     side = LocalSidecar(store=store)
     tokens = {
         "baseline": side.chio_mint("svc-bench", {"grants": [BASELINE_GRANT]}, 3600),
@@ -99,7 +101,7 @@ def bench_in_process(size: Size, scratch: Path) -> dict[str, Any]:
         block(name, 20)
     for name in tokens:
         mix[name].clear()
-    for _ in range(max(size.reps, 3)):
+    for _ in range(3):
         for name in tokens:
             per_rep[name].append(block(name, n))
     store.close()
@@ -149,7 +151,16 @@ async def _open_loop(
     perf = time.perf_counter
 
     async def one(scheduled: float) -> None:
-        answer = await http.post("/v1/evaluate", json=body)
+        for attempt in (1, 2):
+            try:
+                answer = await http.post("/v1/evaluate", json=body)
+                break
+            except (httpx.ReadError, httpx.RemoteProtocolError):
+                # A kept-alive connection the server closed (uvicorn's keep-alive timeout)
+                # between two requests: the request never reached it, send it again.
+                if attempt == 2:
+                    mix["transport_error"] += 1
+                    return
         latencies.append((perf() - scheduled) * 1000)
         mix[_verdict(answer)] += 1
 
@@ -169,7 +180,7 @@ async def bench_http(size: Size, scratch: Path, rate: int = RATE) -> dict[str, A
     """p50/p99 of the mediated evaluate at ``rate``/s, baseline vs budget, on a served
     sidecar (a fresh one per rate)."""
     seconds = 4.0 if size.name == "full" else 1.0
-    reps = max(size.reps, 3) if size.name == "full" else 2
+    reps = 3 if size.name == "full" else 2
     async with serve_ours(scratch / f"served-{rate}") as url, _http(url) as http:
         bodies = {}
         for name, grant in (("baseline", BASELINE_GRANT), ("budget", BUDGET_GRANT)):
@@ -206,26 +217,32 @@ async def bench_http(size: Size, scratch: Path, rate: int = RATE) -> dict[str, A
     }
 
 
-async def run(size: Size, env: Env | None) -> dict[str, Any]:
+async def run(size: Size, env: Env | None, *, in_process_only: bool = False) -> dict[str, Any]:
     """Both blocks (no stack needed: the sidecar is started here)."""
     async with contextlib.AsyncExitStack() as stack:
         if env is not None:
             scratch = env.directory("budgets")
         else:
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-bu-")))
-        return {
+        out: dict[str, Any] = {
             "in_process": bench_in_process(size, scratch),
-            "http": await bench_http(size, scratch, RATE),
-            f"http_{UNSATURATED_RATE}": await bench_http(size, scratch, UNSATURATED_RATE),
+            "in_process_memory_store": bench_in_process(size, None),
         }
+        if not in_process_only:
+            out["http"] = await bench_http(size, scratch, RATE)
+            out[f"http_{UNSATURATED_RATE}"] = await bench_http(size, scratch, UNSATURATED_RATE)
+        return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="full", choices=["small", "full"])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--in-process-only", action="store_true", help="skip the HTTP blocks")
     args = parser.parse_args()
-    result = {"machine": machine(), "budgets": asyncio.run(run(Size.of(args.size), None))}
+    size = Size.of(args.size)
+    found = asyncio.run(run(size, None, in_process_only=args.in_process_only))
+    result = {"machine": machine(), "budgets": found}
     text = json.dumps(result, indent=2)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -105,6 +105,8 @@ def _refusal_reason(refusal: BudgetRefusal, capability_id: str, currency: str) -
         if refusal.capability_id == capability_id
         else f"ancestor capability {refusal.capability_id}"
     )
+    if refusal.constraint == "request_id":
+        return "request_id already backs a budget hold; choose a fresh request_id"
     if refusal.constraint == "max_invocations":
         return (
             f"invocation budget exhausted for {whose}: grant {refusal.grant_index} "

@@ -189,7 +189,8 @@ class BudgetRefusal:
     capability_id: str
     grant_index: int
     constraint: str
-    """``max_invocations`` or ``max_total_cost``."""
+    """``max_invocations`` or ``max_total_cost`` (``request_id`` when the hold's id, made of
+    the request id, is taken already)."""
     limit: int
     used: int
     requested: int
@@ -605,6 +606,19 @@ class SidecarStore(Closeable):
         written and the first account without room is returned. Concurrent charges on the
         same accounts serialize on the write lock, so none overspends."""
         with self._tx() as conn:
+            taken = conn.execute(
+                "SELECT 1 FROM budget_charges WHERE hold_id = ?", (charge.hold_id,)
+            ).fetchone()
+            if taken is not None:
+                # The kernel's 409 chio_request_id_reused: one request id, one reservation.
+                return BudgetRefusal(
+                    capability_id=charge.capability_id,
+                    grant_index=charge.grant_index,
+                    constraint="request_id",
+                    limit=1,
+                    used=1,
+                    requested=1,
+                )
             for account in accounts:
                 row = conn.execute(
                     "SELECT invocations, committed_units FROM budget_usage "

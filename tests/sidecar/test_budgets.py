@@ -184,6 +184,21 @@ async def test_a_cost_budget_holds_the_worst_case_and_names_the_constraint(
     assert side.store.budget_usage(free["id"], 0) == (0, 0)
 
 
+async def test_a_reused_request_id_opens_no_second_hold(
+    served: tuple[LocalSidecar, httpx.AsyncClient],
+) -> None:
+    side, client = served
+    token = side.chio_mint("agent", {"grants": [_grant("pay", max_invocations=5)]}, 600)
+    first = await _mediated(client, token, "pay", {"n": 1}, request_id="req-1")
+    assert first["status"] == "authorized"
+    again = await _mediated(client, token, "pay", {"n": 1}, request_id="req-1")
+    assert again["status"] == "deny"
+    assert again["receipt"]["decision"]["reason"] == (
+        "request_id already backs a budget hold; choose a fresh request_id"
+    )
+    assert side.store.budget_usage(token["id"], 0) == (1, 0)
+
+
 # -- settlement ----------------------------------------------------------------------------------
 
 
