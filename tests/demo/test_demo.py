@@ -73,6 +73,8 @@ def test_summary_matches_the_designed_workflows(demo: tuple[DemoResult, str, Pat
     # Two calls fit the budget; the third is denied by the budget guard.
     (budgeted,) = s.runs_of("BudgetedToolWorkflow")
     assert (budgeted.outcome, budgeted.step_count, budgeted.deny_count) == ("failure", 3, 1)
+    guards = {(t, g) for _ts, t, g, _r, _n in s.denies}
+    assert guards == {("credit_account", "scope"), ("send_email", "scope"), ("call_tool", "budget")}
     (first_denied,) = s.runs_of("DeniedFirstStepWorkflow")
     assert (first_denied.outcome, first_denied.step_count) == ("failure", 1)
     # The child carries its parent; the loop's runs are linked run to run.
@@ -238,6 +240,11 @@ def test_report_is_one_html_file_with_charts(demo: tuple[DemoResult, str, Path])
     timed = any(t.p50_us is not None for t in result.summary.tool_outcomes)
     assert text.count("<svg") == 3 + timed  # + call durations per tool, once there are outcomes
     assert "credit_account" in text
+    # The exhausted budget's deny names its guard and budget; the saga's refund is a step.
+    assert "<h2 id='denies'>Denies: the guard that decided, and why</h2>" in text
+    assert "<td>budget</td>" in text
+    assert "grant 0 max_invocations 2 reached" in text
+    assert "<td>reverse_budget_charge</td>" in text
     assert "<h2 id='outcomes'>Outcomes and durations per tool</h2>" in text
     assert "<h2 id='attempts'>Attempts accounted per run</h2>" in text
     # One file: no external stylesheet, script or image.
