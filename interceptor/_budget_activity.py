@@ -138,16 +138,23 @@ class BudgetReversal:
                 non_retryable=False,
             ) from None
         if answer.status_code == 200:
-            data = answer.json()
-            return BudgetRefund(
-                status=str(data["status"]),
-                refunded=bool(data["refunded"]),
-                receipt_id=str(data["receipt_id"]),
-                refund_receipt_id=str(data["refund_receipt_id"]),
-                refunded_units=int(data["refunded_units"]),
-                refunded_invocations=int(data["refunded_invocations"]),
-                currency=str(data["currency"]),
-            )
+            try:
+                data = answer.json()
+                return BudgetRefund(
+                    status=str(data["status"]),
+                    refunded=bool(data["refunded"]),
+                    receipt_id=str(data["receipt_id"]),
+                    refund_receipt_id=str(data["refund_receipt_id"]),
+                    refunded_units=int(data["refunded_units"]),
+                    refunded_invocations=int(data["refunded_invocations"]),
+                    currency=str(data["currency"]),
+                )
+            except (ValueError, KeyError, TypeError):
+                raise ApplicationError(
+                    "the sidecar's refund answer does not hold, the refund will be retried",
+                    type=SIDECAR_ERROR_TYPE,
+                    non_retryable=False,
+                ) from None
         error = _error_code(answer)
         if answer.status_code in (400, 401, 403, 404, 409, 413, 422):
             raise ApplicationError(
