@@ -24,6 +24,10 @@ from chio_receipts.sidecar._budgets import remaining_over
 from chio_receipts.sidecar._store import BudgetAccount, BudgetCharge
 
 USD = "USD"
+# Served with a bearer token sent on every request: the kernel's control gate here, an admin
+# credential where the sidecar has named credentials (reconcile needs one even on loopback).
+TOKEN = "budget-tests-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
 def _grant(tool: str, **budget: Any) -> dict[str, Any]:
@@ -42,7 +46,10 @@ def store_path(tmp_path: Path) -> Path:
 @pytest.fixture
 async def served(store_path: Path) -> AsyncIterator[tuple[LocalSidecar, httpx.AsyncClient]]:
     side = LocalSidecar(store=SidecarStore(store_path))
-    async with SidecarServer(side) as server, httpx.AsyncClient(base_url=server.url) as client:
+    async with (
+        SidecarServer(side, token=TOKEN) as server,
+        httpx.AsyncClient(base_url=server.url, headers=AUTH) as client,
+    ):
         yield side, client
     side.store.close()
 
@@ -84,10 +91,10 @@ async def test_concurrent_charges_on_one_capability_never_overspend(store_path: 
     )
     second = LocalSidecar(store=SidecarStore(store_path))  # reads the capabilities back
     async with (
-        SidecarServer(first) as a,
-        SidecarServer(second) as b,
-        httpx.AsyncClient(base_url=a.url) as ca,
-        httpx.AsyncClient(base_url=b.url) as cb,
+        SidecarServer(first, token=TOKEN) as a,
+        SidecarServer(second, token=TOKEN) as b,
+        httpx.AsyncClient(base_url=a.url, headers=AUTH) as ca,
+        httpx.AsyncClient(base_url=b.url, headers=AUTH) as cb,
     ):
 
         async def one(i: int, tok: dict[str, Any]) -> bool:
@@ -322,7 +329,8 @@ async def test_a_refund_is_made_exactly_once_with_a_signed_receipt(
     reversal = refund["metadata"]["budget_reversal"]
     assert reversal["decision_receipt_id"] == step.receipt_id
     assert reversal["decision_chio_id"] == json.loads(step.chio_receipt)["id"]
-    assert reversal["reversed_by"] == "local"
+    # The credential that asked: the token (its name where credentials are named).
+    assert reversal["reversed_by"] in {"local", "token"}
     assert refund["metadata"]["budget_authority"]["terminal"]["disposition"] == "reversed"
     assert side.store.log_length() == log_rows + 1
     assert side.store.verify_log().ok
@@ -351,7 +359,8 @@ async def test_a_refund_is_made_exactly_once_with_a_signed_receipt(
 
 class _As:
     """ASGI wrapper authenticating every request as ``credential`` (what the roles
-    middleware does for a named credential)."""
+    middleware does for a named credential). Where the app has the access middleware of
+    named credentials, serve it with a worker credential instead."""
 
     def __init__(self, app: ASGIApp, credential: Credential) -> None:
         self.app = app
