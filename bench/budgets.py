@@ -124,7 +124,9 @@ def _http(url: str) -> httpx.AsyncClient:
     transport = httpx.AsyncHTTPTransport(
         limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
     )
-    return httpx.AsyncClient(base_url=url, timeout=30, transport=transport)
+    # The credential on every request: where evaluations need one, both blocks present it.
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    return httpx.AsyncClient(base_url=url, timeout=30, transport=transport, headers=headers)
 
 
 async def _mint(http: httpx.AsyncClient, grant: dict[str, Any]) -> dict[str, Any]:
