@@ -46,6 +46,7 @@ SECTIONS: dict[str, bool] = {
     "sidecar": True,
     "watcher": True,
     "policy": False,
+    "budgets": False,
 }
 
 

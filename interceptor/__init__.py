@@ -13,12 +13,23 @@ retryable ``ApplicationError(type=SIDECAR_ERROR_TYPE)``, never an allow.
 builds a ``chio_sdk.models.ChioScope`` (grants on server ``"*"``). The seed's import path,
 ``chio_temporal``, re-exports this package's public surface.
 
+``reverse_budget_charge`` is a ready activity for saga compensation: it refunds the budget
+charge of a decision (``current_receipt_id()`` inside the activity that was charged) exactly
+once, and the refund leaves a signed receipt (see ``_budget_activity``).
+
 The sidecar itself (``LocalSidecar``, its HTTP app and server) is ``chio_receipts.sidecar``; this
 package talks to any :class:`Evaluator` and imports no web server.
 """
 
 from __future__ import annotations
 
+from chio_receipts.interceptor._budget_activity import (
+    BUDGET_REFUSED_ERROR_TYPE,
+    BudgetRefund,
+    BudgetReversal,
+    current_receipt_id,
+    reverse_budget_charge,
+)
 from chio_receipts.interceptor._client import ChioClient
 from chio_receipts.interceptor._digest import (
     ArgumentKey,
@@ -74,6 +85,7 @@ from chio_receipts.schemas import verify_receipt
 
 __all__ = [
     "APPROVAL_PENDING_ERROR_TYPE",
+    "BUDGET_REFUSED_ERROR_TYPE",
     "CONFIG_ERROR_TYPE",
     "DENIED_ERROR_TYPE",
     "ENVELOPE_KEYS",
@@ -84,6 +96,8 @@ __all__ = [
     "SINK_REFUSED",
     "ActivityGrantOverride",
     "ArgumentKey",
+    "BudgetRefund",
+    "BudgetReversal",
     "CapabilityToken",
     "ChioActivityInterceptor",
     "ChioClient",
@@ -113,9 +127,11 @@ __all__ = [
     "build_chio_worker",
     "canonical_arguments",
     "classify_end",
+    "current_receipt_id",
     "envelope_to_json",
     "raw_token",
     "result_digest",
+    "reverse_budget_charge",
     "scope_for",
     "tool_names",
     "uuid7",

@@ -62,6 +62,7 @@ import temporalio.converter
 import temporalio.worker
 from temporalio.exceptions import ApplicationError
 
+from chio_receipts.interceptor._budget_activity import CURRENT_DECISION
 from chio_receipts.interceptor._client import ChioClient
 from chio_receipts.interceptor._digest import ArgumentKey, argument_digest, result_digest
 from chio_receipts.interceptor._errors import (
@@ -683,6 +684,8 @@ class _ActivityInbound(temporalio.worker.ActivityInboundInterceptor):
         beats = self._beats
         if beats is not None:
             beats.last_ns = started
+        # The body can read its decision's receipt id (current_receipt_id, for budget refunds).
+        CURRENT_DECISION.set(decision.receipt)
         try:
             result = await super().execute_activity(input)
         except BaseException as exc:

@@ -106,6 +106,8 @@ ROUTE_ROLES: Final[tuple[Rule, ...]] = (
     _rule("POST", "/approvals/{approval_id}/operator-respond", _O),
     # tool_server: settle a budget hold at the realized cost.
     _rule("POST", "/v1/reconcile", _T, local=False),
+    # worker (its own run's charges only) and operator: refund a decision's budget charge.
+    _rule("POST", "/v1/budgets/reverse", _W, _O),
     # admin: key rotation (and, by default, any path without a row).
     _rule("POST", "/v1/keys/rotate"),
 )

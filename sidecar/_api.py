@@ -22,9 +22,12 @@ from chio_receipts.sidecar._access import roles_for
 __all__ = [
     "OPERATIONS",
     "Attenuate",
+    "BudgetReverse",
+    "BudgetReversed",
     "Capability",
     "ChioAttenuate",
     "ChioCapability",
+    "ChioCost",
     "ChioCreateCapability",
     "ChioDenied",
     "ChioError",
@@ -35,6 +38,8 @@ __all__ = [
     "ChioMinted",
     "ChioReceipt",
     "ChioReceiptReport",
+    "ChioReconcile",
+    "ChioReconciled",
     "ChioRelease",
     "ChioReleased",
     "ChioSdkEvaluate",
@@ -53,6 +58,7 @@ __all__ = [
     "OutcomeRecord",
     "PublicKey",
     "Readiness",
+    "ReceiptReconcile",
     "Revoked",
     "SignedOutcome",
     "openapi_document",
@@ -585,6 +591,73 @@ class ApprovalResponded(_Body):
     signalled: bool
 
 
+# -- budgets: settlement at the realized cost and refunds ----------------------------------------
+
+
+class ChioCost(_Body):
+    """A ``ToolInvocationCost``: what a call cost, in the currency's smallest unit."""
+
+    units: Annotated[int, Field(ge=0, le=2**64 - 1)]
+    currency: str
+    breakdown: Any = None
+
+
+class ChioReconcile(_Body):
+    """The kernel's body of ``POST /v1/reconcile``: the execution nonce ``/v1/evaluate``
+    minted (naming its ``reserved_hold_id``), the exact ``arguments`` it authorized and the
+    ``realized_cost``."""
+
+    execution_nonce: dict[str, Any]
+    arguments: Any = Field(default_factory=dict)
+    realized_cost: ChioCost
+
+
+class ReceiptReconcile(_Body):
+    """The project's body of ``POST /v1/reconcile``: the hold of a decision made on the
+    project's ``/v1/evaluate`` (no nonce), named by its receipt id or Chio receipt id."""
+
+    receipt_id: str
+    realized_cost: ChioCost
+
+
+class ChioReconciled(_Body):
+    """Answer of ``POST /v1/reconcile``: the settlement's signed receipt (decision allow,
+    ``metadata.budget_authority.terminal.disposition`` ``reconciled``)."""
+
+    status: Literal["reconciled"]
+    receipt: ChioReceipt
+
+
+class BudgetReverse(_Body):
+    """Body of ``POST /v1/budgets/reverse``: refund the budget charge of one decision.
+
+    A worker credential must name the run the charge was made for (``workflow_id``,
+    ``run_id``); operators and administrators may refund any charge."""
+
+    receipt_id: str = Field(description="the decision's receipt id or Chio receipt id")
+    workflow_id: str = ""
+    run_id: str = ""
+
+
+class BudgetReversed(_Body):
+    """Answer of ``POST /v1/budgets/reverse``. ``refunded`` is False (status
+    ``already_reversed``) when the charge had been refunded before: nothing is refunded twice,
+    and ``refund_receipt_id`` names the first refund's receipt."""
+
+    status: Literal["reversed", "already_reversed"]
+    refunded: bool
+    receipt_id: str
+    hold_id: str
+    capability_id: str
+    refunded_units: int
+    refunded_invocations: int
+    currency: str
+    refund_receipt_id: str
+    receipt: dict[str, Any] | None = Field(
+        default=None, description="the refund's signed Chio receipt (first refund only)"
+    )
+
+
 # -- the operation table -----------------------------------------------------------------------
 
 
@@ -843,6 +916,29 @@ OPERATIONS: tuple[Operation, ...] = (
         description="answered",
         errors=(400, 404, 409),
         chio=True,
+    ),
+    Operation(
+        name="reconcile",
+        method="POST",
+        path="/v1/reconcile",
+        summary="Settle a budget hold at the call's realized cost (the trusted tool-server "
+        "side); a closed hold, another currency or a cost over the hold is refused",
+        request=ChioReconcile,
+        response=ChioReconciled,
+        description="settled",
+        errors=(400,),
+        chio=True,
+        chio_requests=(ReceiptReconcile,),
+    ),
+    Operation(
+        name="budget_reverse",
+        method="POST",
+        path="/v1/budgets/reverse",
+        summary="Refund the budget charge of one decision, exactly once, with a signed receipt",
+        request=BudgetReverse,
+        response=BudgetReversed,
+        description="refunded, or already refunded (nothing refunded twice)",
+        errors=(*_BODY_ERRORS, 403, 404),
     ),
     Operation(
         name="metrics",

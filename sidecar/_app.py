@@ -25,6 +25,11 @@ and the Chio kernel's routes (chio-api-protect 0.1.2 shapes, ``{"error", "messag
     GET  /approvals/pending                pending approval requests (role: operator)
     GET  /approvals/{id}                   a request, or its resolution (role: operator)
     POST /approvals/{id}/respond           approve or deny; the approver is the credential
+    POST /v1/reconcile                     settle a budget hold at its realized cost
+
+and the budget refund of a decision (saga compensation's ``reverse_budget_charge``):
+
+    POST /v1/budgets/reverse               refund one decision's budget charge, exactly once
 
 ``POST /v1/capabilities`` and ``POST /v1/evaluate`` take the project's body or the kernel's
 (``scope`` object / ``scopes`` list; ``capability`` token / ``capability_id`` + ``tool_name``)
@@ -70,18 +75,21 @@ from chio_receipts.schemas import (
     receipt_to_json,
     verify_kernel_receipt,
 )
-from chio_receipts.sidecar import _chio
+from chio_receipts.sidecar import _budgets, _chio
 from chio_receipts.sidecar._access import AccessControl
 from chio_receipts.sidecar._api import (
     OPERATIONS,
     ApprovalRespond,
     Attenuate,
+    BudgetReverse,
+    BudgetReversed,
     Capability,
     ChioAttenuate,
     ChioCreateCapability,
     ChioEvaluate,
     ChioHealth,
     ChioMint,
+    ChioReconcile,
     ChioRelease,
     ChioSdkEvaluate,
     ChioValidate,
@@ -96,11 +104,12 @@ from chio_receipts.sidecar._api import (
     OutcomeRecord,
     PublicKey,
     Readiness,
+    ReceiptReconcile,
     Revoked,
     openapi_document,
 )
 from chio_receipts.sidecar._approvals import Approval
-from chio_receipts.sidecar._auth import CredentialSet, credential_of, with_token
+from chio_receipts.sidecar._auth import CredentialSet, Role, credential_of, with_token
 from chio_receipts.sidecar._chio import ChioRequestError
 from chio_receipts.sidecar._datadir import DataDir, key_id_for, rotate_key
 from chio_receipts.sidecar._errors import (
@@ -737,6 +746,55 @@ def create_sidecar_app(
             }
         )
 
+    # -- budgets: settlement at the realized cost and refunds (see _budgets) ------------------
+
+    async def reconcile(request: Request) -> Response:
+        data = await _read_json(request, max_body_bytes)
+        if "execution_nonce" in data:
+            kernel = _chio_body(ChioReconcile, data)
+            receipt = _budgets.reconcile(
+                sidecar,
+                realized_units=kernel.realized_cost.units,
+                currency=kernel.realized_cost.currency,
+                execution_nonce=kernel.execution_nonce,
+                arguments=data.get("arguments", {}),
+            )
+        else:
+            project = _chio_body(ReceiptReconcile, data)
+            receipt = _budgets.reconcile(
+                sidecar,
+                realized_units=project.realized_cost.units,
+                currency=project.realized_cost.currency,
+                receipt_id=project.receipt_id,
+            )
+        return JSONResponse({"status": "reconciled", "receipt": receipt})
+
+    async def budget_reverse(request: Request) -> Response:
+        body = _validate(BudgetReverse, await _read_json(request, max_body_bytes))
+        who = credential_of(request)
+        if who.role is Role.WORKER and not (body.workflow_id and body.run_id):
+            raise _BadRequest(
+                422, "missing_field", "a worker refunds its run's charges: name workflow_id, run_id"
+            )
+        run = (body.workflow_id, body.run_id) if body.workflow_id and body.run_id else None
+        try:
+            done = _budgets.reverse(sidecar, body.receipt_id, run=run, reversed_by=who.name)
+        except _budgets.ReversalRefused as exc:
+            return _error(exc.status, exc.error, exc.reason)
+        answer = BudgetReversed(
+            status="reversed" if done.refunded else "already_reversed",
+            refunded=done.refunded,
+            receipt_id=body.receipt_id,
+            hold_id=done.charge.hold_id,
+            capability_id=done.charge.capability_id,
+            refunded_units=done.refunded_units,
+            refunded_invocations=1 if done.refunded else 0,
+            currency=done.charge.currency,
+            refund_receipt_id=done.refund_receipt_id,
+            receipt=done.receipt,
+        )
+        return _json(answer, status["budget_reverse"])
+
     handlers: dict[str, Handler] = {
         "create_capability": create_capability,
         "get_capability": get_capability,
@@ -761,6 +819,8 @@ def create_sidecar_app(
         "approvals_pending": approvals_pending,
         "approval_get": approval_get,
         "approval_respond": approval_respond,
+        "reconcile": reconcile,
+        "budget_reverse": budget_reverse,
     }
 
     def endpoint_for(op: Any) -> Handler:

@@ -419,9 +419,14 @@ def execution_nonce(
     tool_server: str,
     tool_name: str,
     parameter_hash: str,
+    reserved_hold_id: str | None = None,
 ) -> dict[str, Any]:
-    """A signed execution nonce as the kernel mints one: Ed25519 over ``JCS(nonce)``."""
-    nonce = {
+    """A signed execution nonce as the kernel mints one: Ed25519 over ``JCS(nonce)``.
+
+    With ``reserved_hold_id`` (the budget hold the authorization opened) the nonce names it,
+    and the request that reserved it, as the kernel's reserving authorization does: the tool
+    server presents it to ``/v1/reconcile``."""
+    nonce: dict[str, Any] = {
         "schema": EXECUTION_NONCE_SCHEMA,
         "nonce_id": uuid7(),
         "issued_at": now,
@@ -435,4 +440,7 @@ def execution_nonce(
             "parameter_hash": parameter_hash,
         },
     }
+    if reserved_hold_id is not None:
+        nonce["reserved_hold_id"] = reserved_hold_id
+        nonce["reserving_request_id"] = request_id
     return {"nonce": nonce, "signature": key.sign(canonical_json(nonce)).hex()}

@@ -43,7 +43,7 @@ from chio_receipts.schemas import (
     uuid7,
     verify_capability_token,
 )
-from chio_receipts.sidecar import _chio
+from chio_receipts.sidecar import _budgets, _chio
 from chio_receipts.sidecar._approvals import ApprovalBook, Hold
 from chio_receipts.sidecar._chio import ChioRequestError
 from chio_receipts.sidecar._datadir import key_id_for
@@ -115,7 +115,9 @@ class LocalSidecar:
     ``expired_grace_seconds`` are dropped, and then creation is refused.
     ``guards`` run in order on every call that scope and expiry allow (see ``_guards``);
     ``policy_hash`` names the policy they enforce in every receipt (:meth:`use_guards` swaps
-    both at once, for a reload).
+    both at once, for a reload). Budgets of kernel-format grants (``max_invocations``,
+    ``max_cost_per_invocation``, ``max_total_cost``) are charged after the guards by a
+    built-in :class:`~chio_receipts.sidecar._budgets.BudgetGuard`, in the store.
     """
 
     def __init__(
@@ -150,6 +152,7 @@ class LocalSidecar:
             lambda body: sign_kernel_receipt(body, self._key),
             log=self._log_chio if self._log_receipts else None,
         )
+        self._budget = _budgets.BudgetGuard(self._store, self.lineage)
 
     @property
     def approvals(self) -> ApprovalBook:
@@ -477,7 +480,8 @@ class LocalSidecar:
         evidence: tuple[GuardResult, ...] = ()
         approval: GuardResult | None = None
         hold: Hold | None = None
-        if verdict is Verdict.ALLOW and guards:
+        budgeted = verdict is Verdict.ALLOW and self._budgeted(cap, kernel, grant_index)
+        if verdict is Verdict.ALLOW and (guards or budgeted):
             call = CallContext(
                 capability_id=capability_id,
                 tool_server=tool_server,
@@ -493,6 +497,14 @@ class LocalSidecar:
                 at_us=at_us,
             )
             stopped, evidence, hold = self._approvals.run(guards, call)
+            if stopped is None and budgeted:
+                # Budgets are the grant's, not a policy's: charged last, once every guard
+                # allowed (an approval included), so a hold only opens for a call that is
+                # allowed.
+                charged = self._budget.check(call)
+                if charged.details or not charged.allowed:
+                    evidence = (*evidence, charged)
+                stopped = None if charged.allowed else charged
             if stopped is not None:
                 verdict, guard, reason = Verdict.DENY, stopped.guard, stopped.reason
                 if stopped.verdict is GuardVerdict.APPROVAL_REQUIRED:
@@ -566,7 +578,7 @@ class LocalSidecar:
             at_us=evaluated_at,
             deny_reason=request.deny_reason,
             parameters=request.parameters,
-            temporal=_temporal_context(request) if guards else None,
+            temporal=_temporal_context(request),
             guards=guards,
         )
         token = decision.token
@@ -591,7 +603,15 @@ class LocalSidecar:
             )
             chio_text, chio_signed = chio_step_payload(chio)
         except ChioWireError:
+            self._finish_guards(guards, decision, allowed=False)
             raise ProtocolError("the parameters have no canonical JSON form") from None
+        self._finish_guards(
+            guards,
+            decision,
+            allowed=decision.verdict is Verdict.ALLOW,
+            receipt_id=step.receipt_id,
+            chio_receipt_id=str(chio["id"]),
+        )
         step = dataclasses.replace(
             step,
             chio_receipt=chio_text,
@@ -720,6 +740,11 @@ class LocalSidecar:
                 "chio_scope_not_narrower",
                 "new_scope must be a strict subset of the parent token's scope",
             )
+        over = _budgets.remaining_over(
+            stored["scope"], child, lambda index: self._store.budget_usage(cap_id, index)
+        )
+        if over is not None:
+            raise ChioRequestError(409, "chio_budget_exceeds_parent", over)
         row = self._chio_rows[cap_id]
         tools = _chio.tool_names(child)
         if not tools:
@@ -771,14 +796,25 @@ class LocalSidecar:
             guards=guards,
         )
         allowed = decision.verdict is Verdict.ALLOW
-        receipt = self._kernel_receipt(
+        try:
+            receipt = self._kernel_receipt(
+                decision,
+                at_us=at_us,
+                tool_server=tool_server,
+                tool=tool_name,
+                parameters=parameters,
+                request_id=request_id,
+                policy_hash=policy_hash,
+            )
+        except BaseException:
+            self._finish_guards(guards, decision, allowed=False)
+            raise
+        self._finish_guards(
+            guards,
             decision,
-            at_us=at_us,
-            tool_server=tool_server,
-            tool=tool_name,
-            parameters=parameters,
-            request_id=request_id,
-            policy_hash=policy_hash,
+            allowed=allowed,
+            receipt_id=receipt["id"],
+            chio_receipt_id=receipt["id"],
         )
         if decision.hold is not None:
             self._approvals.open(
@@ -798,6 +834,7 @@ class LocalSidecar:
                 tool_server=tool_server,
                 tool_name=tool_name,
                 parameter_hash=param_hash,
+                reserved_hold_id=_budgets.hold_of(decision.evidence),
             )
         return ChioDecision(
             allowed=allowed,
@@ -809,6 +846,57 @@ class LocalSidecar:
             if decision.hold is not None and decision.verdict is Verdict.PENDING_APPROVAL
             else None,
         )
+
+    # -- budgets (see _budgets) ----------------------------------------------------------------
+
+    def lineage(self, capability_id: str) -> list[tuple[str, Mapping[str, Any] | None]]:
+        """The ancestors of a capability, nearest first, each with its kernel-format token
+        (``None`` for one without): what a budget charge also counts against."""
+        token = self._caps.get(capability_id)
+        if token is None:
+            return []
+        return [(a, self._chio.get(a)) for a in reversed(token.chain)]
+
+    def sign_chio_receipt(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Sign a kernel-format receipt ``body`` with the current key and append it to the
+        receipt log (a settlement's or a refund's receipt)."""
+        receipt = sign_kernel_receipt(body, self._key)
+        if self._log_receipts:
+            self._log_chio(receipt)
+        return receipt
+
+    def _budgeted(
+        self,
+        cap: CapabilityToken | None,
+        kernel: Mapping[str, Any] | None,
+        grant_index: int | None,
+    ) -> bool:
+        """Whether a call may count against a budget: its grant has one, or it has ancestors
+        (whose grants may). Nothing is charged otherwise, and no evidence is added."""
+        if cap is not None and cap.chain:
+            return True
+        if kernel is None or grant_index is None:
+            return False
+        grant = kernel["scope"]["grants"][grant_index]
+        return any(grant.get(f) is not None for f in _budgets.BUDGET_FIELDS)
+
+    def _finish_guards(
+        self,
+        guards: Sequence[Guard],
+        decision: _Decision,
+        *,
+        allowed: bool,
+        receipt_id: str = "",
+        chio_receipt_id: str = "",
+    ) -> None:
+        """Tell each guard that ran and has a ``finish`` hook how its decision ended; a budget
+        hold is keyed by the signed receipt, or released when the call was not allowed."""
+        for guard, result in zip((*guards, self._budget), decision.evidence, strict=False):
+            finish = getattr(guard, "finish", None)
+            if finish is not None:
+                finish(
+                    result, allowed=allowed, receipt_id=receipt_id, chio_receipt_id=chio_receipt_id
+                )
 
 
 def _temporal_context(request: EvaluationRequest) -> dict[str, Any]:

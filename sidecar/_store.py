@@ -20,11 +20,12 @@ inserted or reordered row breaks the chain, a changed body its hash and its sign
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +40,20 @@ from chio_receipts.schemas import (
 )
 from chio_receipts.sidecar._errors import StoreError
 
-__all__ = ["ChioTokenRow", "LogFormat", "LogReport", "SidecarStore", "StoredKey"]
+__all__ = [
+    "BudgetAccount",
+    "BudgetCharge",
+    "BudgetRefusal",
+    "BudgetReversal",
+    "BudgetSettlement",
+    "ChioTokenRow",
+    "LogFormat",
+    "LogReport",
+    "SidecarStore",
+    "StoredKey",
+]
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 GENESIS = b"\x00" * 32
 """``prev_hash`` of the first row of the receipt log."""
 
@@ -86,6 +98,36 @@ CREATE TABLE IF NOT EXISTS chio_tokens (
     requested_subject TEXT NOT NULL,
     job_uid           TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS budget_usage (
+    capability_id   TEXT NOT NULL,
+    grant_index     INTEGER NOT NULL,
+    invocations     INTEGER NOT NULL DEFAULT 0,  -- charges counted (held, settled)
+    committed_units INTEGER NOT NULL DEFAULT 0,  -- held exposure plus settled spend
+    PRIMARY KEY (capability_id, grant_index)
+);
+CREATE TABLE IF NOT EXISTS budget_charges (
+    hold_id            TEXT PRIMARY KEY,     -- budget-hold:{request}:{capability}:{grant}
+    capability_id      TEXT NOT NULL,
+    grant_index        INTEGER NOT NULL,
+    accounts           TEXT NOT NULL,        -- JSON [[capability_id, grant_index], ...]
+    units              INTEGER NOT NULL,     -- the hold's exposure (worst case)
+    currency           TEXT NOT NULL,
+    state              TEXT NOT NULL,        -- 'held', 'settled', 'reversed'
+    realized_units     INTEGER,              -- set when settled
+    receipt_id         TEXT NOT NULL DEFAULT '',  -- the decision's receipt id
+    chio_receipt_id    TEXT NOT NULL DEFAULT '',  -- the decision's Chio receipt id
+    workflow_id        TEXT NOT NULL DEFAULT '',
+    run_id             TEXT NOT NULL DEFAULT '',
+    tool_server        TEXT NOT NULL,
+    tool_name          TEXT NOT NULL,
+    parameter_hash     TEXT NOT NULL,
+    request_id         TEXT NOT NULL DEFAULT '',
+    created_at         INTEGER NOT NULL,
+    closed_at          INTEGER,
+    closing_receipt_id TEXT NOT NULL DEFAULT ''  -- the settlement's or the refund's receipt
+);
+CREATE INDEX IF NOT EXISTS budget_charges_receipt ON budget_charges (receipt_id);
+CREATE INDEX IF NOT EXISTS budget_charges_chio ON budget_charges (chio_receipt_id);
 """
 
 # -- approvals (their own block) -------------------------------------------------------------
@@ -146,6 +188,144 @@ class StoredKey:
     retired_at: int | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BudgetAccount:
+    """One grant a charge counts against: the call's own grant or an ancestor's grant that
+    covers the same call. ``None`` limits are not enforced (but still counted)."""
+
+    capability_id: str
+    grant_index: int
+    max_invocations: int | None = None
+    max_total_units: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BudgetRefusal:
+    """Why a charge was refused: the account and the constraint that has no room left."""
+
+    capability_id: str
+    grant_index: int
+    constraint: str
+    """``max_invocations`` or ``max_total_cost`` (``request_id`` when the hold's id, made of
+    the request id, is taken already)."""
+    limit: int
+    used: int
+    requested: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BudgetCharge:
+    """A budget charge as stored (``state``: ``held``, ``settled`` or ``reversed``)."""
+
+    hold_id: str
+    capability_id: str
+    grant_index: int
+    accounts: tuple[tuple[str, int], ...]
+    units: int
+    currency: str
+    tool_server: str
+    tool_name: str
+    parameter_hash: str
+    state: str = "held"
+    realized_units: int | None = None
+    receipt_id: str = ""
+    chio_receipt_id: str = ""
+    workflow_id: str = ""
+    run_id: str = ""
+    request_id: str = ""
+    created_at: int = 0
+    closed_at: int | None = None
+    closing_receipt_id: str = ""
+
+    @property
+    def spent_units(self) -> int:
+        """What the charge holds against its accounts now (0 once reversed)."""
+        if self.state == "held":
+            return self.units
+        if self.state == "settled":
+            return self.realized_units or 0
+        return 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BudgetSettlement:
+    """A hold settled at its realized cost (or why it was not: ``refusal`` set)."""
+
+    charge: BudgetCharge | None
+    refusal: str = ""
+    committed_after: int = 0
+    """``committed_units`` of the charge's first account (its own grant, when it has a budget)
+    after the settlement."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BudgetReversal:
+    """A charge refunded, or found already refunded (``refunded`` False)."""
+
+    charge: BudgetCharge | None
+    refunded: bool = False
+    refusal: str = ""
+    refunded_units: int = 0
+    committed_after: int = 0
+
+
+_SELECT_CHARGE = (
+    "SELECT hold_id, capability_id, grant_index, accounts, units, currency, state, "
+    "realized_units, receipt_id, chio_receipt_id, workflow_id, run_id, tool_server, tool_name, "
+    "parameter_hash, request_id, created_at, closed_at, closing_receipt_id FROM budget_charges "
+)
+_SELECT_CHARGE_BY_KEY = (
+    _SELECT_CHARGE + "WHERE hold_id = ? OR receipt_id = ? OR chio_receipt_id = ? LIMIT 1"
+)
+_INSERT_CHARGE = (
+    "INSERT INTO budget_charges (hold_id, capability_id, grant_index, accounts, units, "
+    "currency, state, realized_units, receipt_id, chio_receipt_id, workflow_id, run_id, "
+    "tool_server, tool_name, parameter_hash, request_id, created_at, closed_at, "
+    "closing_receipt_id) VALUES (?, ?, ?, ?, ?, ?, 'held', NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+    "NULL, '')"
+)
+
+
+def _charge_of(row: tuple[Any, ...]) -> BudgetCharge:
+    return BudgetCharge(
+        hold_id=str(row[0]),
+        capability_id=str(row[1]),
+        grant_index=int(row[2]),
+        accounts=tuple((str(a), int(i)) for a, i in json.loads(str(row[3]))),
+        units=int(row[4]),
+        currency=str(row[5]),
+        state=str(row[6]),
+        realized_units=None if row[7] is None else int(row[7]),
+        receipt_id=str(row[8]),
+        chio_receipt_id=str(row[9]),
+        workflow_id=str(row[10]),
+        run_id=str(row[11]),
+        tool_server=str(row[12]),
+        tool_name=str(row[13]),
+        parameter_hash=str(row[14]),
+        request_id=str(row[15]),
+        created_at=int(row[16]),
+        closed_at=None if row[17] is None else int(row[17]),
+        closing_receipt_id=str(row[18]),
+    )
+
+
+def _move(conn: sqlite3.Connection, accounts: Any, invocations: int, units: int) -> None:
+    conn.executemany(
+        "UPDATE budget_usage SET invocations = invocations + ?, "
+        "committed_units = committed_units + ? WHERE capability_id = ? AND grant_index = ?",
+        [(invocations, units, cap, index) for cap, index in accounts],
+    )
+
+
+def _committed(conn: sqlite3.Connection, capability_id: str, grant_index: int) -> int:
+    row = conn.execute(
+        "SELECT committed_units FROM budget_usage WHERE capability_id = ? AND grant_index = ?",
+        (capability_id, grant_index),
+    ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
 @dataclass(slots=True, kw_only=True)
 class LogReport:
     """What :meth:`SidecarStore.verify_log` found; ``problems`` is empty when the log holds."""
@@ -184,6 +364,10 @@ class SidecarStore(Closeable):
                     conn.executescript(_MIGRATE_FROM_1)
                 conn.execute("UPDATE meta SET value = ? WHERE name = 'schema'", ("2",))
                 found = ("2",)
+            if found is not None and int(found[0]) == 2:
+                # Schema 3 adds the budget and approval tables (created above), nothing else.
+                conn.execute("UPDATE meta SET value = ? WHERE name = 'schema'", ("3",))
+                found = ("3",)
             if found is None:
                 conn.execute(
                     "INSERT INTO meta (name, value) VALUES ('schema', ?)", (str(_SCHEMA_VERSION),)
@@ -487,3 +671,198 @@ class SidecarStore(Closeable):
                 (to_state, record, approval_id, from_state),
             )
             return cur.rowcount == 1
+
+    # -- budgets -----------------------------------------------------------------------------
+
+    def charge_budget(
+        self, charge: BudgetCharge, accounts: Sequence[BudgetAccount]
+    ) -> BudgetRefusal | None:
+        """Hold ``charge`` (one invocation, ``charge.units`` of cost) against every account, in
+        one transaction: either every account has room and all are charged, or nothing is
+        written and the first account without room is returned. Concurrent charges on the
+        same accounts serialize on the write lock, so none overspends."""
+        with self._tx() as conn:
+            taken = conn.execute(
+                "SELECT 1 FROM budget_charges WHERE hold_id = ?", (charge.hold_id,)
+            ).fetchone()
+            if taken is not None:
+                # The kernel's 409 chio_request_id_reused: one request id, one reservation.
+                return BudgetRefusal(
+                    capability_id=charge.capability_id,
+                    grant_index=charge.grant_index,
+                    constraint="request_id",
+                    limit=1,
+                    used=1,
+                    requested=1,
+                )
+            for account in accounts:
+                row = conn.execute(
+                    "SELECT invocations, committed_units FROM budget_usage "
+                    "WHERE capability_id = ? AND grant_index = ?",
+                    (account.capability_id, account.grant_index),
+                ).fetchone()
+                invocations, committed = (0, 0) if row is None else (int(row[0]), int(row[1]))
+                cap = account.max_invocations
+                if cap is not None and invocations + 1 > cap:
+                    return BudgetRefusal(
+                        capability_id=account.capability_id,
+                        grant_index=account.grant_index,
+                        constraint="max_invocations",
+                        limit=cap,
+                        used=invocations,
+                        requested=1,
+                    )
+                if (
+                    account.max_total_units is not None
+                    and committed + charge.units > account.max_total_units
+                ):
+                    return BudgetRefusal(
+                        capability_id=account.capability_id,
+                        grant_index=account.grant_index,
+                        constraint="max_total_cost",
+                        limit=account.max_total_units,
+                        used=committed,
+                        requested=charge.units,
+                    )
+            conn.executemany(
+                "INSERT OR IGNORE INTO budget_usage (capability_id, grant_index) VALUES (?, ?)",
+                [(a.capability_id, a.grant_index) for a in accounts],
+            )
+            _move(conn, charge.accounts, 1, charge.units)
+            conn.execute(
+                _INSERT_CHARGE,
+                (
+                    charge.hold_id,
+                    charge.capability_id,
+                    charge.grant_index,
+                    json.dumps([list(a) for a in charge.accounts]),
+                    charge.units,
+                    charge.currency,
+                    charge.receipt_id,
+                    charge.chio_receipt_id,
+                    charge.workflow_id,
+                    charge.run_id,
+                    charge.tool_server,
+                    charge.tool_name,
+                    charge.parameter_hash,
+                    charge.request_id,
+                    charge.created_at or now_us(),
+                ),
+            )
+        return None
+
+    def bind_budget_charge(self, hold_id: str, receipt_id: str, chio_receipt_id: str) -> None:
+        """Record the receipt ids of the decision that made the hold (after it is signed).
+
+        Committed like a receipt-log append (``synchronous=NORMAL``): it only indexes a hold
+        that is already durable, which stays reachable by its hold id."""
+        with self._tx(durable=False) as conn:
+            conn.execute(
+                "UPDATE budget_charges SET receipt_id = ?, chio_receipt_id = ? WHERE hold_id = ?",
+                (receipt_id, chio_receipt_id, hold_id),
+            )
+
+    def release_budget_charge(self, hold_id: str) -> None:
+        """Undo a hold whose decision did not end in an allow (a later guard denied, or the
+        receipt could not be signed): the charge is forgotten and its accounts refunded."""
+        with self._tx() as conn:
+            row = conn.execute(_SELECT_CHARGE + "WHERE hold_id = ?", (hold_id,)).fetchone()
+            if row is None:
+                return
+            charge = _charge_of(row)
+            if charge.state == "held":
+                _move(conn, charge.accounts, -1, -charge.units)
+            conn.execute("DELETE FROM budget_charges WHERE hold_id = ?", (hold_id,))
+
+    def budget_charge(self, key: str) -> BudgetCharge | None:
+        """The charge with this hold id, decision receipt id or decision Chio receipt id."""
+        rows = self._read(
+            _SELECT_CHARGE_BY_KEY,
+            (key, key, key),
+        )
+        return _charge_of(rows[0]) if rows else None
+
+    def budget_usage(self, capability_id: str, grant_index: int) -> tuple[int, int]:
+        """``(invocations, committed_units)`` counted against one grant."""
+        rows = self._read(
+            "SELECT invocations, committed_units FROM budget_usage "
+            "WHERE capability_id = ? AND grant_index = ?",
+            (capability_id, grant_index),
+        )
+        return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
+
+    def settle_budget_charge(self, hold_id: str, realized_units: int) -> BudgetSettlement:
+        """Settle an open hold at ``realized_units`` (at most the hold): the difference goes
+        back to every account. A closed hold or a cost over the hold is refused."""
+        with self._tx() as conn:
+            row = conn.execute(_SELECT_CHARGE + "WHERE hold_id = ?", (hold_id,)).fetchone()
+            if row is None:
+                return BudgetSettlement(charge=None, refusal=f"no budget hold {hold_id}")
+            charge = _charge_of(row)
+            if charge.state != "held":
+                return BudgetSettlement(
+                    charge=charge,
+                    refusal=f"budget hold {hold_id} is {charge.state} and cannot be reconciled",
+                )
+            if realized_units > charge.units:
+                return BudgetSettlement(
+                    charge=charge,
+                    refusal=f"realized cost {realized_units} is over the hold of {charge.units} "
+                    f"{charge.currency} units",
+                )
+            at = now_us()
+            _move(conn, charge.accounts, 0, realized_units - charge.units)
+            conn.execute(
+                "UPDATE budget_charges SET state = 'settled', realized_units = ?, closed_at = ? "
+                "WHERE hold_id = ?",
+                (realized_units, at, hold_id),
+            )
+            after = _committed(conn, *charge.accounts[0])
+        settled = dataclasses.replace(
+            charge, state="settled", realized_units=realized_units, closed_at=at
+        )
+        return BudgetSettlement(charge=settled, committed_after=after)
+
+    def reverse_budget_charge(
+        self, key: str, *, run: tuple[str, str] | None = None
+    ) -> BudgetReversal:
+        """Refund the charge of a decision (by receipt id, Chio receipt id or hold id) exactly
+        once: its invocation and what it holds go back to every account. A charge already
+        refunded is returned with ``refunded`` False. With ``run`` (workflow id, run id), a
+        charge made for another run is refused."""
+        with self._tx() as conn:
+            row = conn.execute(
+                _SELECT_CHARGE_BY_KEY,
+                (key, key, key),
+            ).fetchone()
+            if row is None:
+                return BudgetReversal(charge=None, refusal=f"no budget charge for receipt {key}")
+            charge = _charge_of(row)
+            if run is not None and (charge.workflow_id, charge.run_id) != run:
+                return BudgetReversal(
+                    charge=None,
+                    refusal=f"the budget charge of receipt {key} belongs to another run",
+                )
+            if charge.state == "reversed":
+                after = _committed(conn, *charge.accounts[0])
+                return BudgetReversal(charge=charge, committed_after=after)
+            refund = charge.spent_units
+            at = now_us()
+            _move(conn, charge.accounts, -1, -refund)
+            conn.execute(
+                "UPDATE budget_charges SET state = 'reversed', closed_at = ? WHERE hold_id = ?",
+                (at, charge.hold_id),
+            )
+            after = _committed(conn, *charge.accounts[0])
+        reversed_ = dataclasses.replace(charge, state="reversed", closed_at=at)
+        return BudgetReversal(
+            charge=reversed_, refunded=True, refunded_units=refund, committed_after=after
+        )
+
+    def close_budget_charge(self, hold_id: str, closing_receipt_id: str) -> None:
+        """Record the receipt that settled or refunded a charge."""
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE budget_charges SET closing_receipt_id = ? WHERE hold_id = ?",
+                (closing_receipt_id, hold_id),
+            )

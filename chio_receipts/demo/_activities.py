@@ -13,8 +13,11 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from chio_receipts.interceptor import current_receipt_id
+
 __all__ = [
     "ALL_ACTIVITIES",
+    "Debit",
     "Payment",
     "call_tool",
     "check_balance",
@@ -31,10 +34,19 @@ __all__ = [
 ]
 
 
+@dataclass
+class Debit:
+    """What a debit did, and the receipt id of its decision (whose budget charge a saga's
+    compensation refunds with ``reverse_budget_charge``)."""
+
+    text: str
+    receipt_id: str
+
+
 @activity.defn
-async def debit_account(account: str, amount: int) -> str:
+async def debit_account(account: str, amount: int) -> Debit:
     """Take ``amount`` from ``account``."""
-    return f"debited {amount} from {account}"
+    return Debit(text=f"debited {amount} from {account}", receipt_id=current_receipt_id())
 
 
 @activity.defn

@@ -178,6 +178,8 @@ class Summary:
     approvals: list[ApprovalRow] = field(default_factory=list)
     pending_approval: int = 0
     """Steps held for a person's approval (PENDING_APPROVAL)."""
+    denies: list[tuple[str, str, str, str, int]] = field(default_factory=list)
+    """Denied steps by tool server, tool, guard and reason (a budget's deny names ``budget``)."""
 
     @property
     def outcome_count(self) -> int:
@@ -219,6 +221,13 @@ async def read_summary(query: QueryFn, run_ids: Sequence[str]) -> Summary:
         params,
     )
     s.by_tool = [(str(a), str(b), int(c), int(d)) for a, b, c, d in rows]
+    _, rows = await query(
+        "SELECT tool_server, tool, guard, reason, count() FROM step_receipts FINAL "
+        "WHERE has({ids:Array(String)}, run_id) AND verdict = 'DENY' "
+        "GROUP BY tool_server, tool, guard, reason ORDER BY tool_server, tool, guard, reason",
+        params,
+    )
+    s.denies = [(str(a), str(b), str(g), str(r), int(n)) for a, b, g, r, n in rows]
     s.most_denied = sorted(
         ((f"{ts}/{t}", d) for ts, t, _a, d in s.by_tool if d), key=lambda x: (-x[1], x[0])
     )[:5]
@@ -629,6 +638,8 @@ def write_html_report(s: Summary, path: Path) -> Path:
         _table(["outcome", "runs"], s.runs_by_outcome),
         "<h2>Allow / deny per tool server and tool</h2>",
         _table(["tool server", "tool", "allowed", "denied"], s.by_tool),
+        "<h2 id='denies'>Denies: the guard that decided, and why</h2>",
+        _table(["tool server", "tool", "guard", "reason", "steps"], s.denies),
         "<h2>Policy latency per activity type</h2>",
         _table(
             ["activity type", "evaluations", "p50 µs", "p95 µs"],

@@ -217,6 +217,8 @@ class _Pipe:
     task_queue: str
     other_queue: str
     handles: list[WorkflowHandle[Any, Any]] = field(default_factory=list)
+    sidecar: LocalSidecar | None = None
+    """The served sidecar, in process: grants with budgets are minted on it directly."""
 
 
 @contextlib.asynccontextmanager
@@ -319,6 +321,7 @@ async def _pipeline(
             builder_key=builder_key,
             task_queue=result.task_queue,
             other_queue=other_queue,
+            sidecar=sidecar.sidecar,
         )
 
 
@@ -382,30 +385,59 @@ def _stop_child(child: subprocess.Popen[bytes]) -> None:
             child.wait(timeout=5)
 
 
+def _grant(server: str, tool: str, **budget: Any) -> dict[str, Any]:
+    return {"server_id": server, "tool_name": tool, "operations": ["invoke"], **budget}
+
+
+TRANSFER_GRANTS = [
+    # One debit of at most 250.00 EUR: the saga's compensation refunds its budget.
+    _grant(
+        "payments",
+        "debit_account",
+        max_invocations=1,
+        max_cost_per_invocation={"units": 25_000, "currency": "EUR"},
+        max_total_cost={"units": 25_000, "currency": "EUR"},
+    ),
+    _grant("payments", "refund_account"),
+    _grant("payments", "check_balance"),
+    _grant("agent-tools", "reverse_budget_charge"),
+]
+"""The transfer's grants (kernel format; credit_account is not granted, so it is denied)."""
+
+BUDGETED_GRANTS = [_grant("agent-tools", "call_tool", max_invocations=2)]
+"""Two tool calls: the budgeted run's third is denied, its budget exhausted."""
+
+
 async def _start(
     pipe: _Pipe,
     fn: Any,
     arg: Any,
     *,
     prefix: str,
-    scope: tuple[str, ...],
+    scope: tuple[str, ...] = (),
     child_scope: tuple[str, ...] | None = None,
     constraints: dict[str, list[dict[str, Any]]] | None = None,
+    kernel_grants: list[dict[str, Any]] | None = None,
 ) -> WorkflowHandle[Any, Any]:
     """Mint and register a grant for a new workflow id (and its child), then start it.
 
     With ``constraints`` (tool -> Chio constraints) the grant is minted in the kernel's form,
     one ``ToolGrant`` per tool carrying its constraints, which the sidecar checks on every call.
+    With ``kernel_grants`` (kernel ``ToolGrant`` objects, budgets included) the workflow's
+    capability is minted in the kernel's format instead of from ``scope``.
     """
     workflow_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
     grants = {workflow_id: scope}
     if child_scope is not None:
         grants[f"{workflow_id}-child"] = child_scope
     for wid, tools in grants.items():
-        if constraints is None:
-            token = await pipe.chio.create_capability(f"agent:{prefix}", tools, 3600)
-        else:
+        if kernel_grants is not None and wid == workflow_id and pipe.sidecar is not None:
+            minted = pipe.sidecar.chio_mint(f"agent:{prefix}", {"grants": kernel_grants}, 3600)
+            token = await pipe.chio.get_capability(minted["id"])
+        elif constraints is not None:
             token = await _mint_constrained(pipe, f"agent:{prefix}", tools, constraints)
+        else:
+            token = await pipe.chio.create_capability(f"agent:{prefix}", tools, 3600)
         pipe.interceptor.register_workflow_grant(
             WorkflowGrant(workflow_id=wid, token=token, tool_server="agent-tools")
         )
@@ -444,7 +476,10 @@ async def _run_scenarios(
         wf.TransferWorkflow.run,
         wf.Transfer(source="acct-alice", destination="acct-bob", amount=250),
         prefix="transfer",
-        scope=("debit_account", "refund_account", "check_balance"),
+        kernel_grants=TRANSFER_GRANTS,
+    )
+    await _start(
+        pipe, wf.BudgetedToolWorkflow.run, 3, prefix="budget", kernel_grants=BUDGETED_GRANTS
     )
     await _start(
         pipe,
@@ -573,9 +608,9 @@ async def _answer(pipe: _Pipe, workflow_id: str, *, approve: bool, reason: str) 
 
 
 def _expected_runs(opts: DemoOptions) -> int:
-    # transfer, fan-out, parent + child, the loop's runs, two approvals, denied, flaky, split,
-    # seed 003's task, the two payments, and the schedule's runs.
-    return 1 + 1 + 2 + opts.loop_iterations + 2 + 1 + 1 + 1 + 1 + 2 + opts.schedule_fires
+    # transfer, budgeted, fan-out, parent + child, the loop's runs, two approvals, denied,
+    # flaky, split, seed 003's task, the two payments, and the schedule's runs.
+    return 1 + 1 + 1 + 2 + opts.loop_iterations + 2 + 1 + 1 + 1 + 1 + 2 + opts.schedule_fires
 
 
 async def _run_schedule(pipe: _Pipe, opts: DemoOptions) -> None:

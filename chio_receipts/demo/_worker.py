@@ -22,6 +22,7 @@ from chio_receipts.demo._activities import ALL_ACTIVITIES
 from chio_receipts.demo._workflows import ALL_WORKFLOWS
 from chio_receipts.interceptor import (
     ArgumentKey,
+    BudgetReversal,
     CapabilityToken,
     ChioActivityInterceptor,
     ChioClient,
@@ -148,7 +149,13 @@ async def demo_worker(
             client,
             task_queue=settings.task_queue,
             workflows=list(workflows),
-            activities=list(activities),
+            # Saga compensation refunds budgets through this worker's sidecar.
+            activities=[
+                *activities,
+                BudgetReversal(
+                    settings.sidecar_url, token=settings.sidecar_token
+                ).reverse_budget_charge,
+            ],
             interceptors=[interceptor],
             identity=settings.identity,
         )

@@ -20,6 +20,7 @@ __all__ = [
     "ALL_WORKFLOWS",
     "DENIED_ERROR_TYPE",
     "ApprovalWorkflow",
+    "BudgetedToolWorkflow",
     "ChildWorkflow",
     "ContinueAsNewWorkflow",
     "DeniedFirstStepWorkflow",
@@ -52,7 +53,11 @@ class Transfer:
 
 @workflow.defn
 class TransferWorkflow:
-    """The seed's saga: debit, credit; a denied credit runs the compensation and re-raises."""
+    """The seed's saga: debit, credit; a denied credit runs the compensation and re-raises.
+
+    The compensation gives the money back (``refund_account``) and the debit's budget too:
+    ``reverse_budget_charge`` refunds the charge of the debit's decision (its receipt id, which
+    the debit returns), exactly once, with a signed receipt of the refund."""
 
     @workflow.run
     async def run(self, transfer: Transfer) -> str:
@@ -64,6 +69,7 @@ class TransferWorkflow:
             start_to_close_timeout=_T,
         )
         compensations.append(("refund_account", [transfer.source, transfer.amount]))
+        compensations.append(("reverse_budget_charge", [debit.receipt_id]))
         try:
             credit = await workflow.execute_activity(
                 acts.credit_account,
@@ -73,10 +79,25 @@ class TransferWorkflow:
         except ApplicationError as exc:
             # The interceptor hands a deny to workflow code as the ApplicationError itself.
             if exc.type == DENIED_ERROR_TYPE:
-                for name, args in reversed(compensations):
+                for name, args in compensations:  # the money first, then its budget
                     await workflow.execute_activity(name, args=args, start_to_close_timeout=_T)
             raise
-        return f"{debit}; {credit}"
+        return f"{debit.text}; {credit}"
+
+
+@workflow.defn
+class BudgetedToolWorkflow:
+    """Tool calls under a grant with ``max_invocations``: the call past the budget is denied
+    (guard ``budget``) and the run fails with that deny."""
+
+    @workflow.run
+    async def run(self, calls: int) -> str:
+        """Call the tool ``calls`` times, one after the other."""
+        for i in range(calls):
+            await workflow.execute_activity(
+                acts.call_tool, f"budgeted-{i}", start_to_close_timeout=_T
+            )
+        return f"{calls} calls"
 
 
 @workflow.defn
@@ -262,4 +283,5 @@ ALL_WORKFLOWS = [
     SplitWorkersWorkflow,
     GuardedTaskWorkflow,
     PaymentWorkflow,
+    BudgetedToolWorkflow,
 ]

@@ -51,32 +51,38 @@ def test_summary_matches_the_designed_workflows(demo: tuple[DemoResult, str, Pat
     result, output, _data = demo
     s = result.summary
     assert s is not None
-    # transfer, fan-out, parent + child, 3 loop runs, 2 approvals, denied, flaky, split, seed 003's
-    # task, 2 payments, 2 scheduled
-    assert len(result.runs) == 17
-    assert len(s.runs) == 17
+    # transfer, budgeted, fan-out, parent + child, 3 loop runs, 2 approvals, denied, flaky, split,
+    # seed 003's task, 2 payments, 2 scheduled
+    assert len(result.runs) == 18
+    assert len(s.runs) == 18
     assert s.incomplete == 0
     assert s.step_rows == s.distinct_receipts  # nothing counted twice
     # The denies: the transfer's credit and the first step of the denied request (scope), seed
     # 003's forbidden task and the payment above the ceiling (constraints), the blocked payee
-    # (Cedar), and the action a person rejected.
+    # (Cedar), the action a person rejected, and the budgeted run's call past its budget.
     denied = {(ts, t): d for ts, t, _a, d in s.by_tool if d}
     assert denied == {
         ("payments", "credit_account"): 1,
         ("email-outbound", "send_email"): 1,
         ("agent-tools", "execute_action"): 2,
         ("payments", "pay"): 2,
+        ("agent-tools", "call_tool"): 1,
     }
     for workflow_type, count in (("GuardedTaskWorkflow", 1), ("PaymentWorkflow", 2)):
         runs = s.runs_of(workflow_type)
         assert [(r.outcome, r.step_count, r.deny_count) for r in runs] == [
             ("failure", 1, 1)
         ] * count
-    # The saga ran its compensation after the deny.
+    # The saga ran its compensation after the deny: the money back, then the debit's budget.
     (transfer,) = s.runs_of("TransferWorkflow")
-    assert (transfer.outcome, transfer.step_count, transfer.deny_count) == ("failure", 3, 1)
+    assert (transfer.outcome, transfer.step_count, transfer.deny_count) == ("failure", 4, 1)
     steps = [st.activity_type for st in s.steps if st.run_id == transfer.run_id]
-    assert steps == ["debit_account", "credit_account", "refund_account"]
+    assert steps == ["debit_account", "credit_account", "refund_account", "reverse_budget_charge"]
+    # Two calls fit the budget; the third is denied by the budget guard.
+    (budgeted,) = s.runs_of("BudgetedToolWorkflow")
+    assert (budgeted.outcome, budgeted.step_count, budgeted.deny_count) == ("failure", 3, 1)
+    guards = {(t, g) for _ts, t, g, _r, _n in s.denies}
+    assert guards == {("credit_account", "scope"), ("send_email", "scope"), ("call_tool", "budget")}
     (first_denied,) = s.runs_of("DeniedFirstStepWorkflow")
     assert (first_denied.outcome, first_denied.step_count) == ("failure", 1)
     # The child carries its parent; the loop's runs are linked run to run.
@@ -119,9 +125,9 @@ def test_summary_matches_the_designed_workflows(demo: tuple[DemoResult, str, Pat
         ]
     assert "Approvals (signed decisions, by approver)" in output
     # Every run verified from ClickHouse rows alone, and the output says so.
-    assert result.verified == 17
+    assert result.verified == 18
     assert result.verify_failures == []
-    assert "verify: 17/17 runs verified" in output
+    assert "verify: 18/18 runs verified" in output
     assert "0 incomplete envelopes" in output
 
 
@@ -143,7 +149,7 @@ def test_summary_shows_outcomes_and_durations_per_tool(
     assert "Outcomes and durations per tool" in output
     assert "Attempts accounted per run" in output
     allowed = sum(a for _ts, _t, a, _d in s.by_tool)
-    assert allowed == s.step_rows - 6 - s.pending_approval
+    assert allowed == s.step_rows - 7 - s.pending_approval
     by_tool = {(t.tool_server, t.tool): t for t in s.tool_outcomes}
     assert sum(t.calls for t in by_tool.values()) == allowed
     assert all(t.gate_failed == 0 for t in by_tool.values())
@@ -158,7 +164,7 @@ def test_summary_shows_outcomes_and_durations_per_tool(
     # The denied credit ran nothing: no outcome for it.
     assert ("payments", "credit_account") not in by_tool
     # Every attempt of every run is accounted for by its receipts.
-    assert len(s.run_accounts) == 17
+    assert len(s.run_accounts) == 18
     steps = {r.run_id: r.step_count for r in s.runs}
     for account in s.run_accounts:
         assert (account.gate_failed, account.missing) == (0, 0), account
@@ -287,6 +293,11 @@ def test_report_is_one_html_file_with_charts(demo: tuple[DemoResult, str, Path])
     timed = any(t.p50_us is not None for t in result.summary.tool_outcomes)
     assert text.count("<svg") == 3 + timed  # + call durations per tool, once there are outcomes
     assert "credit_account" in text
+    # The exhausted budget's deny names its guard and budget; the saga's refund is a step.
+    assert "<h2 id='denies'>Denies: the guard that decided, and why</h2>" in text
+    assert "<td>budget</td>" in text
+    assert "grant 0 max_invocations 2 reached" in text
+    assert "<td>reverse_budget_charge</td>" in text
     assert "<h2 id='outcomes'>Outcomes and durations per tool</h2>" in text
     assert "<h2 id='attempts'>Attempts accounted per run</h2>" in text
     # One file: no external stylesheet, script or image.

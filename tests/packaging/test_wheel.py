@@ -64,7 +64,7 @@ assert SEED_DENIED == DENIED_ERROR_TYPE
 assert sorted(chio_temporal.__all__) == sorted([
     "ChioActivityInterceptor", "ActivityGrantOverride", "WorkflowGrant", "WorkflowReceipt",
     "WorkflowStepReceipt", "build_chio_worker", "DENIED_ERROR_TYPE", "ChioTemporalError",
-    "ChioTemporalConfigError", "scope_for",
+    "ChioTemporalConfigError", "scope_for", "reverse_budget_charge", "current_receipt_id",
 ])
 assert (pathlib.Path(chio_temporal.__file__).parent / "py.typed").is_file()
 from chio_sdk.models import ChioScope

@@ -173,8 +173,9 @@ def test_every_route_is_documented_and_every_documented_operation_is_served() ->
     documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
     served = _served_operations(LocalSidecar())
     assert served == documented
-    assert len(served) == len(OPERATIONS) == 23
+    assert len(served) == len(OPERATIONS) == 25
     assert ("/v1/capabilities/{cap_id}/revoke", "post") in served
+    assert {("/v1/reconcile", "post"), ("/v1/budgets/reverse", "post")} <= served
     assert ("/metrics", "get") in served
     # The Chio kernel's routes (chio-api-protect 0.1.2) are in the same table.
     assert {
