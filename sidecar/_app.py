@@ -226,6 +226,11 @@ def _guard_of(decision: ChioDecision) -> str | None:
     return None if decision.allowed else decision.guard
 
 
+def _verdict_of(decision: ChioDecision) -> str | None:
+    """``pending`` for a call held for a person's approval (its receipt is a deny)."""
+    return "pending" if decision.approval_id else None
+
+
 def _decision_label(decision: object) -> str:
     if isinstance(decision, Mapping) and isinstance(decision.get("verdict"), str):
         return str(decision["verdict"])
@@ -463,7 +468,10 @@ def create_sidecar_app(
         signed = sidecar.evaluate_now(body.to_request())
         allowed = signed.receipt.verdict is Verdict.ALLOW
         guard = None if allowed else chio_step_fields(signed.receipt).guard
-        meter.decision("project", allowed, started, guard=guard)
+        pending = signed.receipt.verdict is Verdict.PENDING_APPROVAL
+        meter.decision(
+            "project", allowed, started, guard=guard, verdict="pending" if pending else None
+        )
         answer = Evaluation(
             receipt=receipt_to_json(signed.receipt),
             body=base64.b64encode(signed.body).decode("ascii"),
@@ -645,7 +653,13 @@ def create_sidecar_app(
             parameters=data.get("parameters", {}),
             request_id=body.request_id,
         )
-        meter.decision("kernel", decision.allowed, started, guard=_guard_of(decision))
+        meter.decision(
+            "kernel",
+            decision.allowed,
+            started,
+            guard=_guard_of(decision),
+            verdict=_verdict_of(decision),
+        )
         if decision.revoked:
             # The kernel's 403 for a revoked capability; the signed deny receipt rides along.
             return JSONResponse(
@@ -680,7 +694,13 @@ def create_sidecar_app(
             tool_name=body.tool_name,
             parameters=parameters,
         )
-        meter.decision("sdk", decision.allowed, started, guard=_guard_of(decision))
+        meter.decision(
+            "sdk",
+            decision.allowed,
+            started,
+            guard=_guard_of(decision),
+            verdict=_verdict_of(decision),
+        )
         return _sdk_answer(decision)
 
     # -- approvals (the kernel's /approvals routes; role operator) ----------------------------

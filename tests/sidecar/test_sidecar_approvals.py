@@ -4,6 +4,7 @@ durability, and the /approvals routes (ASGI transport; the served stack is in te
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -282,6 +283,11 @@ async def test_the_kernel_mediated_route_holds_a_call_too() -> None:
         async with evaluator:
             cap = await evaluator.create_capability("agent:k", ["pay"], 600)
             signed = await evaluator.evaluate(kernel_request(cap.id, "pay"))
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            metrics = (await http.get("/metrics")).text
+    # The held call is counted as pending, not as a deny.
+    assert re.search(r'chio_sidecar_decisions_total\{[^}]*verdict="pending"[^}]*\} 1\.0', metrics)
+    assert 'verdict="deny"' not in metrics
     held = signed.receipt
     assert held.verdict is Verdict.PENDING_APPROVAL
     assert check_chio_step(held, trusted_keys=side.trusted_keys()) is None
