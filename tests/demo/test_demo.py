@@ -82,7 +82,15 @@ def test_summary_matches_the_designed_workflows(demo: tuple[DemoResult, str, Pat
     (budgeted,) = s.runs_of("BudgetedToolWorkflow")
     assert (budgeted.outcome, budgeted.step_count, budgeted.deny_count) == ("failure", 3, 1)
     guards = {(t, g) for _ts, t, g, _r, _n in s.denies}
-    assert guards == {("credit_account", "scope"), ("send_email", "scope"), ("call_tool", "budget")}
+    assert guards == {
+        ("credit_account", "scope"),
+        ("send_email", "scope"),
+        ("call_tool", "budget"),
+        ("execute_action", "constraints"),  # seed 003's forbidden task
+        ("execute_action", "approval"),  # the action a person rejected
+        ("pay", "constraints"),  # the payment above the ceiling
+        ("pay", "cedar"),  # the blocked payee
+    }
     (first_denied,) = s.runs_of("DeniedFirstStepWorkflow")
     assert (first_denied.outcome, first_denied.step_count) == ("failure", 1)
     # The child carries its parent; the loop's runs are linked run to run.
@@ -256,7 +264,11 @@ def test_policy_denies_name_their_guard_and_constraint(
             continue
         evidence = {e["guard_name"]: json.loads(e["details"]) for e in item.receipt["evidence"]}
         denies.append((decision["guard"], evidence[decision["guard"]]["constraint"]))
+    # The two approval scenarios' held actions are signed as the kernel signs a held call: a
+    # deny by the deciding guard (here the Cedar policy annotated @approval), marked pending.
     assert sorted(denies) == [
+        ("cedar", "demo.actions-need-a-person"),
+        ("cedar", "demo.actions-need-a-person"),
         ("cedar", "demo.blocked-payee"),
         ("constraints", "max_transaction_amount_usd[0]"),
         ("constraints", "memory_write_deny_patterns[0]"),
