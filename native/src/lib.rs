@@ -63,9 +63,23 @@ const SMALL_ORDER: [[u8; 32]; 7] = [
 ];
 
 fn small_order(encoding: &[u8]) -> bool {
-    SMALL_ORDER.iter().any(|bad| {
-        encoding[..31] == bad[..31] && (encoding[31] & 0x7f) == bad[31]
-    })
+    SMALL_ORDER
+        .iter()
+        .any(|bad| encoding[..31] == bad[..31] && (encoding[31] & 0x7f) == bad[31])
+}
+
+/// True when the y coordinate of a point encoding is not reduced (y >= p = 2^255 - 19), which
+/// libsodium refuses for keys and which no honest signer writes for R. Checked before the batch
+/// equation so that it and the single check decide alike (the batch would decompress such an R).
+fn non_canonical(encoding: &[u8]) -> bool {
+    (encoding[31] & 0x7f) == 0x7f
+        && encoding[1..31].iter().all(|&b| b == 0xff)
+        && encoding[0] >= 0xed
+}
+
+/// A key or R that no check accepts: small order, or not reduced.
+fn refused_point(encoding: &[u8]) -> bool {
+    small_order(encoding) || non_canonical(encoding)
 }
 
 /// One checked item: its key, message and signature, ready for an equation.
@@ -76,7 +90,12 @@ struct Ready<'a> {
 }
 
 /// The item as Ed25519 inputs, or None when it cannot verify (sizes, a key that does not
-/// decompress, a small-order key or R). Keys are decompressed once per distinct key.
+/// decompress, a small-order or unreduced key or R). Keys are decompressed once per distinct key.
+///
+/// What is left between the batch equation and the single check: a signer holding the key can
+/// write an R with a small-order component that one accepts and the other refuses (the batch
+/// equation is not cofactored either, so it depends on the random coefficients). No one without
+/// the key can, so this decides nothing about forgery; libsodium refuses such an R too.
 fn prepare<'a>(
     key: &[u8],
     message: &'a [u8],
@@ -85,11 +104,11 @@ fn prepare<'a>(
 ) -> Option<Ready<'a>> {
     let key: [u8; 32] = key.try_into().ok()?;
     let signature: [u8; 64] = signature.try_into().ok()?;
-    if small_order(&signature[..32]) {
+    if refused_point(&signature[..32]) {
         return None;
     }
     let key = *keys.entry(key).or_insert_with(|| {
-        if small_order(&key) {
+        if refused_point(&key) {
             None
         } else {
             VerifyingKey::from_bytes(&key).ok()
@@ -252,7 +271,9 @@ fn canonical_json<'py>(
     });
     match result {
         Ok(bytes) => Ok(PyBytes::new(py, &bytes)),
-        Err(reason) => Err(PyValueError::new_err(format!("no canonical JSON: {reason}"))),
+        Err(reason) => Err(PyValueError::new_err(format!(
+            "no canonical JSON: {reason}"
+        ))),
     }
 }
 
@@ -290,7 +311,10 @@ fn verify_kernel_receipt(
         if let Some(trusted) = trusted_keys {
             let signer = normal_key(&receipt.kernel_key.to_hex());
             if !trusted.iter().any(|k| normal_key(k) == signer) {
-                return (false, Some("kernel_key is not a trusted signer".to_string()));
+                return (
+                    false,
+                    Some("kernel_key is not a trusted signer".to_string()),
+                );
             }
         }
         (true, None)

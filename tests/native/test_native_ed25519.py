@@ -32,7 +32,9 @@ def _triple(seed: bytes, message: bytes) -> tuple[bytes, bytes, bytes]:
 def items(draw: st.DrawFn) -> tuple[tuple[bytes, bytes, bytes], str]:
     """A (public key, message, signature) triple: valid, or spoiled in one of several ways."""
     public_key, message, signature = _triple(draw(seeds), draw(messages))
-    how = draw(st.sampled_from(["valid", "message", "signature", "wrong key", "r", "sizes"]))
+    how = draw(
+        st.sampled_from(["valid", "message", "signature", "wrong key", "r", "unreduced", "sizes"])
+    )
     if how == "message":
         message = message + b"x" if not message else bytes([message[0] ^ 1]) + message[1:]
     elif how == "signature":
@@ -47,6 +49,12 @@ def items(draw: st.DrawFn) -> tuple[tuple[bytes, bytes, bytes], str]:
         public_key = bytes(nacl.signing.SigningKey(other).verify_key)
     elif how == "r":
         signature = bytes(32) + signature[32:]  # R of small order
+    elif how == "unreduced":  # an R or a key with y >= p
+        point = bytes([0xED + draw(st.integers(0, 18))]) + b"\xff" * 30 + b"\x7f"
+        if draw(st.booleans()):
+            signature = point + signature[32:]
+        else:
+            public_key = point
     elif how == "sizes":
         signature = signature[: draw(st.integers(0, 63))]
     return (public_key, message, signature), how
