@@ -25,7 +25,9 @@ from chio_receipts.schemas._chio_outcome import (
 )
 from chio_receipts.schemas._chio_step import (
     REQUEST_ID_PREFIX,
+    SIGNATURE_REFUSAL,
     ChioStepFields,
+    SignatureCheck,
     check_chio_step,
     chio_step_fields,
     chio_step_payload,
@@ -175,6 +177,7 @@ __all__ = [
     "RUN_COMPLETION_SCHEMA",
     "SCHEMA_FILES",
     "SDK_OPERATION_SPELLING",
+    "SIGNATURE_REFUSAL",
     "SIGNATURE_SIZE",
     "SINGLE_OBJECT_MAGIC",
     "STEPS_TOPIC",
@@ -220,6 +223,7 @@ __all__ = [
     "Scope",
     "Secret",
     "SecurityProtocol",
+    "SignatureCheck",
     "SignedReceipt",
     "StepOutcome",
     "StepReceipt",
