@@ -148,11 +148,23 @@ def signature_refusal() -> ChioRefusal:
     return ChioRefusal(Reason.BAD_CHIO_RECEIPT, SIGNATURE_REFUSAL)
 
 
-def outcome_refusal(record: Mapping[str, Any], trusted: Collection[str]) -> ChioRefusal | None:
+def outcome_refusal(
+    record: Mapping[str, Any], trusted: Collection[str], verify: SignatureCheck | None = None
+) -> ChioRefusal | None:
     """Why the plain outcome ``record``'s Chio receipt does not hold, or None (also for a record
-    without one: an unsigned record is the caller's to flag). ``trusted`` as for
+    without one: an unsigned record is the caller's to flag). ``trusted`` and ``verify`` as for
     :func:`chio_refusal`."""
-    return _refusal(record, trusted, "outcome", StepOutcome.from_avro, check_chio_outcome)
+    if verify is None:
+        return _refusal(record, trusted, "outcome", StepOutcome.from_avro, check_chio_outcome)
+    return _refusal(
+        record,
+        trusted,
+        "outcome",
+        StepOutcome.from_avro,
+        lambda outcome, trusted_keys: check_chio_outcome(
+            outcome, trusted_keys=trusted_keys, verify=verify
+        ),
+    )
 
 
 def _refusal(

@@ -932,6 +932,17 @@ def _stored_outcome(row: OutcomeRow) -> OutcomeEntry:
 def _outcome_refusals(
     records: Sequence[Message], trusted: frozenset[str]
 ) -> list[ChioRefusal | None]:
-    """Each outcome record's Chio check (None for a good or an unsigned record); runs on the
-    verify threads for big batches."""
-    return [outcome_refusal(m.plain.record, trusted) for m in records]
+    """Each outcome record's Chio check (None for a good or an unsigned record), their
+    signatures verified with one ``verify_batch`` as for steps (:func:`_verify_all`); runs on
+    the verify threads for big batches."""
+    triples: list[tuple[bytes, bytes, bytes]] = []
+    plans: list[tuple[int, ChioRefusal | None]] = []
+    for message in records:
+        recorded = _Recorded(triples)
+        refusal = outcome_refusal(message.plain.record, trusted, recorded)
+        plans.append((recorded.index, refusal))
+    valid = verify_batch(triples)
+    return [
+        signature_refusal() if index >= 0 and not valid[index] else refusal
+        for index, refusal in plans
+    ]

@@ -1,4 +1,5 @@
-"""The builder's batch verification gives each step the verdict the one-by-one check gives.
+"""The builder's batch verification gives each step (and outcome record) the verdict the
+one-by-one check gives.
 
 ``_verify_all`` verifies every Ed25519 signature of a poll batch (Avro and Chio) with one native
 ``verify_batch``; the oracle below checks each step alone with PyNaCl: the Avro signature first,
@@ -8,18 +9,32 @@ detail, for every kind of bad step, wherever it sits in the batch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+from types import SimpleNamespace
 
 import nacl.exceptions
 import nacl.signing
 import pytest
 
-from chio_receipts.consumers._chio import SIDECAR_SIGNED, ChioRefusal, chio_refusal, signed_by
-from chio_receipts.consumers._consumer import _verify_all
+from chio_receipts.consumers._chio import (
+    SIDECAR_SIGNED,
+    ChioRefusal,
+    chio_refusal,
+    outcome_refusal,
+    signed_by,
+)
+from chio_receipts.consumers._consumer import _outcome_refusals, _verify_all
 from chio_receipts.consumers._dlq import Reason
 from chio_receipts.consumers._wire import Plain, decode_plain
-from chio_receipts.schemas import KeyPair, signed_body
+from chio_receipts.schemas import (
+    KeyPair,
+    StepOutcome,
+    StepStatus,
+    sign_chio_outcome,
+    signed_body,
+)
 from tests.support.chio_runs import chio_run, resign, tampered_receipt, v1_run
 
 pytestmark = pytest.mark.unit
@@ -125,3 +140,69 @@ def test_batch_verdicts_are_the_one_by_one_verdicts(repeat: int) -> None:
     assert isinstance(untrusted, ChioRefusal)
     assert untrusted.reason == Reason.UNTRUSTED_KERNEL_KEY
     assert untrusted.untrusted_key == ROGUE.public_key.hex()
+
+
+def _outcome(i: int, **overrides: object) -> StepOutcome:
+    fields: dict[str, object] = {
+        "outcome_id": f"0190c0de-0000-7000-8000-{i:012d}",
+        "namespace": "default",
+        "workflow_id": f"order-{i // 4}",
+        "run_id": "run-1",
+        "workflow_type": "OrderWorkflow",
+        "task_queue": "orders",
+        "activity_id": str(i % 4),
+        "activity_type": "charge_card",
+        "attempt": 1,
+        "is_local": False,
+        "tool_server": "payments",
+        "tool": "charge_card",
+        "capability_id": "cap-1",
+        "decision_receipt_id": "0190c0de-0000-7000-8000-0000000000aa",
+        "decision_chio_id": "ab" * 32,
+        "status": StepStatus.COMPLETED,
+        "error_type": "",
+        "started_at": 1_763_000_000_000_000,
+        "ended_at": 1_763_000_000_250_000,
+        "duration_us": 250_000,
+        "result_digest": "",
+        "result_key_id": "hmac-1",
+        "worker_identity": "worker-1@host",
+        "trace_id": "",
+        "span_id": "",
+    }
+    fields.update(overrides)
+    return StepOutcome(**fields)  # type: ignore[arg-type]
+
+
+def _signed(i: int, key: KeyPair) -> StepOutcome:
+    return sign_chio_outcome(_outcome(i), key, policy_hash="11" * 32)
+
+
+def test_outcome_batch_verdicts_are_the_one_by_one_verdicts() -> None:
+    records = [_signed(i, KERNEL) for i in range(300)]
+    wrong_sig = KERNEL.sign(b"another message").hex()
+    rogue = _signed(41, ROGUE)
+    bad = {
+        17: dataclasses.replace(
+            records[17], chio_receipt=_with_signature(records[17].chio_receipt, wrong_sig)
+        ),
+        40: _signed(40, ROGUE),
+        41: dataclasses.replace(rogue, chio_receipt=_with_signature(rogue.chio_receipt, wrong_sig)),
+        99: dataclasses.replace(records[99], error_type="rewritten"),
+        250: _outcome(250),  # unsigned: not refused here
+    }
+    for i, outcome in bad.items():
+        records[i] = outcome
+    messages = [SimpleNamespace(plain=SimpleNamespace(record=o.to_avro())) for o in records]
+    got = _outcome_refusals(messages, TRUSTED)
+    expected = [outcome_refusal(m.plain.record, TRUSTED, _nacl) for m in messages]
+    assert got == expected
+    assert {i for i, r in enumerate(got) if r is not None} == {17, 40, 41, 99}
+    for i in (17, 41):
+        assert got[i] is not None
+        assert got[i].reason == Reason.BAD_CHIO_RECEIPT
+        assert "signature does not verify" in got[i].detail
+    assert got[40] is not None
+    assert got[40].reason == Reason.UNTRUSTED_KERNEL_KEY
+    assert got[99] is not None
+    assert "signature" not in got[99].detail
