@@ -2,10 +2,10 @@
 
     python -m bench.run [--size small|full] [--only NAME] [--out bench/results/latest.json]
 
-NAME is one of: micro, interceptor, outcomes, producer, consumer, memory, e2e, sidecar, watcher,
-policy. The stack (a real Kafka broker and a real Temporal dev server) is started in a temporary
-directory and stopped at the end. A full run of everything also rewrites the generated part of
-``docs/BENCHMARKS.md``.
+NAME is one of: micro, native, interceptor, outcomes, producer, consumer, memory, e2e, sidecar,
+watcher, policy, budgets. The stack (a real Kafka broker and a real Temporal dev server) is
+started in a temporary directory and stopped at the end. A full run of everything also rewrites
+the generated part of ``docs/BENCHMARKS.md``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ Section = Callable[[Size, Env | None], Awaitable[dict[str, Any]]]
 # name: needs the stack (each is the module bench.<name> with ``async def run(size, env)``)
 SECTIONS: dict[str, bool] = {
     "micro": False,
+    "native": False,
     "interceptor": True,
     "outcomes": True,
     "producer": True,

@@ -33,7 +33,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from chio_receipts.consumers._dlq import Reason
-from chio_receipts.schemas import StepOutcome, StepReceipt, check_chio_outcome, check_chio_step
+from chio_receipts.schemas import (
+    SIGNATURE_REFUSAL,
+    SignatureCheck,
+    StepOutcome,
+    StepReceipt,
+    check_chio_outcome,
+    check_chio_step,
+)
 
 __all__ = [
     "KERNEL_SIGNED",
@@ -44,6 +51,7 @@ __all__ = [
     "chio_refusal",
     "outcome_refusal",
     "parse_kernel_keys",
+    "signature_refusal",
     "signed_by",
 ]
 
@@ -116,17 +124,47 @@ class ChioRefusal:
         return f"ChioReceipt: {self.detail}"
 
 
-def chio_refusal(record: Mapping[str, Any], trusted: Collection[str]) -> ChioRefusal | None:
+def chio_refusal(
+    record: Mapping[str, Any], trusted: Collection[str], verify: SignatureCheck | None = None
+) -> ChioRefusal | None:
     """Why the plain step ``record``'s Chio receipt does not hold, or None (also for a step
-    without one). ``trusted`` holds the lowercase hex public keys allowed to sign receipts."""
-    return _refusal(record, trusted, "step", StepReceipt.from_avro, check_chio_step)
+    without one). ``trusted`` holds the lowercase hex public keys allowed to sign receipts.
+    ``verify``: the Ed25519 check, when not the default (``schemas.SignatureCheck``: a batch
+    verifier records the signature here and settles it with :func:`signature_refusal`)."""
+    if verify is None:
+        return _refusal(record, trusted, "step", StepReceipt.from_avro, check_chio_step)
+    return _refusal(
+        record,
+        trusted,
+        "step",
+        StepReceipt.from_avro,
+        lambda step, trusted_keys: check_chio_step(step, trusted_keys=trusted_keys, verify=verify),
+    )
 
 
-def outcome_refusal(record: Mapping[str, Any], trusted: Collection[str]) -> ChioRefusal | None:
+def signature_refusal() -> ChioRefusal:
+    """The refusal of a Chio receipt whose Ed25519 signature does not verify (what
+    :func:`chio_refusal` says for it when it verifies the signature itself)."""
+    return ChioRefusal(Reason.BAD_CHIO_RECEIPT, SIGNATURE_REFUSAL)
+
+
+def outcome_refusal(
+    record: Mapping[str, Any], trusted: Collection[str], verify: SignatureCheck | None = None
+) -> ChioRefusal | None:
     """Why the plain outcome ``record``'s Chio receipt does not hold, or None (also for a record
-    without one: an unsigned record is the caller's to flag). ``trusted`` as for
+    without one: an unsigned record is the caller's to flag). ``trusted`` and ``verify`` as for
     :func:`chio_refusal`."""
-    return _refusal(record, trusted, "outcome", StepOutcome.from_avro, check_chio_outcome)
+    if verify is None:
+        return _refusal(record, trusted, "outcome", StepOutcome.from_avro, check_chio_outcome)
+    return _refusal(
+        record,
+        trusted,
+        "outcome",
+        StepOutcome.from_avro,
+        lambda outcome, trusted_keys: check_chio_outcome(
+            outcome, trusted_keys=trusted_keys, verify=verify
+        ),
+    )
 
 
 def _refusal(

@@ -38,7 +38,13 @@ from collections.abc import Collection
 from dataclasses import replace
 from typing import Any, Final
 
-from chio_receipts.schemas._chio_step import check_signed_receipt, chio_step_payload
+import chio_receipts_native
+
+from chio_receipts.schemas._chio_step import (
+    SignatureCheck,
+    check_signed_receipt,
+    chio_step_payload,
+)
 from chio_receipts.schemas._chio_wire import SigningKey, content_hash, sign_kernel_receipt
 from chio_receipts.schemas._records import StepOutcome
 
@@ -139,7 +145,10 @@ def sign_chio_outcome(
 
 
 def check_chio_outcome(
-    outcome: StepOutcome, *, trusted_keys: Collection[str] | None = None
+    outcome: StepOutcome,
+    *,
+    trusted_keys: Collection[str] | None = None,
+    verify: SignatureCheck = chio_receipts_native.verify,
 ) -> str | None:
     """Why ``outcome``'s receipt does not hold, or ``None`` when it does.
 
@@ -147,11 +156,14 @@ def check_chio_outcome(
     trusted, when ``trusted_keys`` is given); that it is a ``trace_observation`` receipt; that
     its request id binds every field of the event; and that capability, tool server and tool are
     the event's. An event without a receipt (an unsigned gate failure) is refused here: callers
-    decide whether an unsigned record may stand (see the builder's gap accounting).
+    decide whether an unsigned record may stand (see the builder's gap accounting). ``verify``
+    is the Ed25519 check (``SignatureCheck``: a batch verifier records it, as for steps).
     """
     if not outcome.chio_receipt:
         return "the outcome record carries no Chio receipt"
-    checked = check_signed_receipt(outcome.chio_receipt, outcome.chio_signed, trusted_keys)
+    checked = check_signed_receipt(
+        outcome.chio_receipt, outcome.chio_signed, trusted_keys, verify=verify
+    )
     if isinstance(checked, str):
         return checked
     body = checked

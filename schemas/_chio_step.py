@@ -23,14 +23,15 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Final
+
+import chio_receipts_native
 
 from chio_receipts.schemas._chio_wire import (
     ChioWireError,
     _receipt_signing_bytes,
     _receipt_view,
-    _verifies,
     parameter_hash,
 )
 from chio_receipts.schemas._records import StepReceipt, Verdict
@@ -39,7 +40,9 @@ __all__ = [
     "APPROVAL_REQUIRED",
     "APPROVAL_SIGNAL",
     "REQUEST_ID_PREFIX",
+    "SIGNATURE_REFUSAL",
     "ChioStepFields",
+    "SignatureCheck",
     "approval_state",
     "check_chio_step",
     "check_signed_receipt",
@@ -95,6 +98,16 @@ APPROVAL_REQUIRED: Final = "approval_required"
 """``metadata.approval.state`` of a receipt whose call waits for a person's approval."""
 APPROVAL_SIGNAL: Final = "chio_approval"
 """Name of the Temporal signal that brings a person's decision to the waiting workflow."""
+
+SIGNATURE_REFUSAL: Final = "the Chio receipt signature does not verify under kernel_key"
+"""Why a carried receipt is refused when its Ed25519 signature does not verify."""
+
+SignatureCheck = Callable[[bytes, bytes, bytes], bool]
+"""An Ed25519 check ``(public key, message, signature) -> valid`` (raw bytes). The default is
+``chio_receipts_native.verify``; a caller checking many receipts passes one that records the
+triple and answers ``True``, then verifies all of them with one ``verify_batch`` and refuses
+the receipts whose signature failed with :data:`SIGNATURE_REFUSAL` (every check that follows the
+signature's in :func:`check_signed_receipt` is then moot: the signature's refusal comes first)."""
 
 
 def request_id_for(step: StepReceipt) -> str:
@@ -201,7 +214,10 @@ def _normal(receipt: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_chio_step(
-    step: StepReceipt, *, trusted_keys: Collection[str] | None = None
+    step: StepReceipt,
+    *,
+    trusted_keys: Collection[str] | None = None,
+    verify: SignatureCheck = chio_receipts_native.verify,
 ) -> str | None:
     """Why ``step``'s Chio receipt does not hold, or ``None`` when it does.
 
@@ -211,10 +227,11 @@ def check_chio_step(
     is given); the parameter hash (unless the sidecar redacted the parameters); the binding
     ``request_id``; and that capability, tool server, tool and verdict are the step's own.
     A step without a Chio receipt (schema v1) is not checked here: it returns ``None``.
+    ``verify`` is the Ed25519 check (see :data:`SignatureCheck`).
     """
     if not step.chio_receipt:
         return None
-    checked = check_signed_receipt(step.chio_receipt, step.chio_signed, trusted_keys)
+    checked = check_signed_receipt(step.chio_receipt, step.chio_signed, trusted_keys, verify=verify)
     if isinstance(checked, str):
         return checked
     body = checked
@@ -246,7 +263,11 @@ def check_chio_step(
 
 
 def check_signed_receipt(
-    chio_receipt: str, signed: bytes, trusted_keys: Collection[str] | None
+    chio_receipt: str,
+    signed: bytes,
+    trusted_keys: Collection[str] | None,
+    *,
+    verify: SignatureCheck = chio_receipts_native.verify,
 ) -> dict[str, Any] | str:
     """The signed body of a carried Chio receipt, or why it does not hold.
 
@@ -255,6 +276,7 @@ def check_signed_receipt(
     message of this receipt (its id is the SHA-256 of the body, the body is the receipt's); the
     Ed25519 signature of ``kernel_key`` over it; and that ``kernel_key`` is trusted (when
     ``trusted_keys``, lowercase hex, is given). Shared by decisions and outcome records.
+    ``verify`` is the Ed25519 check (see :data:`SignatureCheck`).
     """
     try:
         receipt = json.loads(chio_receipt)
@@ -282,21 +304,24 @@ def check_signed_receipt(
         return "chio_receipt differs from the body it claims was signed"
     key_hex = str(body.get("kernel_key", "")).removeprefix("0x").lower()
     signature = receipt.get("signature")
-    if not _signature_verifies(key_hex, signed, signature):
-        return "the Chio receipt signature does not verify under kernel_key"
+    if not _signature_verifies(key_hex, signed, signature, verify):
+        return SIGNATURE_REFUSAL
     if trusted_keys is not None and key_hex not in trusted_keys:
         return f"kernel_key {key_hex[:16]}… is not a trusted signer"
     return body
 
 
-def _signature_verifies(key_hex: str, message: bytes, signature: object) -> bool:
+def _signature_verifies(
+    key_hex: str, message: bytes, signature: object, verify: SignatureCheck
+) -> bool:
     if not isinstance(signature, str) or len(key_hex) != 64:
         return False
     try:
         raw = bytes.fromhex(signature.removeprefix("0x"))
+        key = bytes.fromhex(key_hex)
     except ValueError:
         return False
-    return _verifies(key_hex, message, raw)
+    return verify(key, message, raw)
 
 
 def chio_step_payload(receipt: Mapping[str, Any]) -> tuple[str, bytes]:

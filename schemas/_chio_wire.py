@@ -35,6 +35,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias
 
+import chio_receipts_native
 import nacl.exceptions
 import nacl.signing
 
@@ -268,10 +269,10 @@ def _sign(key: SigningKey, message: bytes) -> str:
 
 def _verifies(key_hex: str, message: bytes, signature: bytes) -> bool:
     try:
-        nacl.signing.VerifyKey(bytes.fromhex(key_hex)).verify(message, signature)
-    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError):
+        key = bytes.fromhex(key_hex)
+    except ValueError:
         return False
-    return True
+    return chio_receipts_native.verify(key, message, signature)
 
 
 # ---------------------------------------------------------------- typed views of raw JSON

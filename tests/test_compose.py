@@ -240,6 +240,7 @@ def test_wheel_from_the_docker_context_has_every_subpackage(tmp_path: Path) -> N
     for src, dest in _dockerfile_copies():
         source = REPO / src
         target = context / (src if dest.endswith("/") else dest)
+        target.parent.mkdir(parents=True, exist_ok=True)  # as COPY does
         if source.is_dir():
             shutil.copytree(
                 source,

@@ -87,6 +87,27 @@ def test_producer_and_consumer_rates(results: dict[str, Any]) -> None:
 
 
 @pytest.mark.integration
+def test_native_core_rates(results: dict[str, Any]) -> None:
+    native = results["results"]["native"]
+    verify = native["verify"]
+    assert set(verify["per_cpu_second"]) == {
+        "pynacl_one_at_a_time",
+        "native_one_at_a_time",
+        "native_batch_64",
+        "native_batch_256",
+        "native_batch_256_two_threads",
+        "native_batch_256_one_bad",
+    }
+    assert all(_positive(v) for v in verify["per_cpu_second"].values())
+    assert verify["ratio_to_pynacl_cpu"]["pynacl_one_at_a_time"] == 1.0
+    builder = native["builder_verify"]
+    assert all(_positive(v) for v in builder["us_per_step_cpu"].values())
+    assert _positive(builder["ratio_cpu"])
+    assert _positive(native["sign"]["ratio_cpu"])
+    assert _positive(native["receipts"]["verify_kernel_receipt"]["ratio_cpu"])
+
+
+@pytest.mark.integration
 def test_end_to_end_and_memory(results: dict[str, Any]) -> None:
     e2e = results["results"]["e2e"]
     ours = e2e["to_clickhouse"]
