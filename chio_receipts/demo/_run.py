@@ -72,7 +72,14 @@ from chio_receipts.interceptor import (
     WorkflowGrant,
 )
 from chio_receipts.schemas import KafkaConnection, KeyPair, TopicNames
-from chio_receipts.sidecar import LocalSidecar, SidecarServer, build_guards
+from chio_receipts.sidecar import (
+    CredentialSet,
+    LocalSidecar,
+    Role,
+    SidecarServer,
+    add_credential,
+    build_guards,
+)
 from chio_receipts.stack import LocalStack, StackConfig, StackError, read_state
 from chio_receipts.streamer import (
     CompletionWatcher,
@@ -206,6 +213,30 @@ def _refuse_if_kept_stack_running(cfg: AppConfig) -> None:
         )
 
 
+DEMO_APPROVER = "ops-alice"
+"""The operator credential that answers the demo's approvals: the approver its receipts name."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Credentials:
+    """The demo sidecar's secrets (never printed): the pipeline's own clients, the second worker
+    process, and the person who answers approvals."""
+
+    pipeline: str
+    worker_b: str
+    approver: str
+
+    @classmethod
+    def create(cls, path: Path) -> _Credentials:
+        """A fresh credentials file at ``path`` (hashes only) and the secrets it accepts."""
+        path.unlink(missing_ok=True)
+        return cls(
+            pipeline=add_credential(path, "demo-pipeline", Role.ADMIN),
+            worker_b=add_credential(path, "demo-worker-b", Role.WORKER),
+            approver=add_credential(path, DEMO_APPROVER, Role.OPERATOR),
+        )
+
+
 @dataclass(slots=True)
 class _Pipe:
     client: Client
@@ -217,6 +248,7 @@ class _Pipe:
     task_queue: str
     other_queue: str
     handles: list[WorkflowHandle[Any, Any]] = field(default_factory=list)
+    credentials: _Credentials | None = field(default=None, repr=False)
     sidecar: LocalSidecar | None = None
     """The served sidecar, in process: grants with budgets are minted on it directly."""
 
@@ -236,14 +268,20 @@ async def _pipeline(
     async with contextlib.AsyncExitStack() as exits:
         # Every call is checked against its grant's constraints, then the demo's Cedar policies.
         guards, policy_hash = build_guards(DEMO_POLICY)
+        # Named credentials, as a deployment has them: the pipeline's clients (admin: they mint
+        # and evaluate), the second worker process (worker: it only evaluates) and the operator
+        # who answers the approvals, whose name each approval receipt records.
+        creds_path = demo_dir / "sidecar-credentials.json"
+        creds = _Credentials.create(creds_path)
         sidecar = await exits.enter_async_context(
             SidecarServer(
                 LocalSidecar(
                     KeyPair.generate("demo-sidecar"), guards=guards, policy_hash=policy_hash
-                )
+                ),
+                credentials=CredentialSet(path=creds_path),
             )
         )
-        chio = await exits.enter_async_context(ChioClient(sidecar.url))
+        chio = await exits.enter_async_context(ChioClient(sidecar.url, token=creds.pipeline))
         default = await chio.create_capability("agent:demo-default", DEFAULT_SCOPE, 3600)
         builder = await exits.enter_async_context(
             ReceiptBuilderService(
@@ -288,7 +326,14 @@ async def _pipeline(
 
         other_queue = f"{result.task_queue}-b"
         child = _start_second_worker(
-            stack, sidecar.url, topics, demo_dir, other_queue, argument_key, default.id
+            stack,
+            sidecar.url,
+            creds.worker_b,
+            topics,
+            demo_dir,
+            other_queue,
+            argument_key,
+            default.id,
         )
         result.worker_pids.append(child.pid)
         exits.callback(_stop_child, child)
@@ -304,6 +349,7 @@ async def _pipeline(
                     argument_key=argument_key,
                     default_capability_id=default.id,
                     identity="demo-worker-a",
+                    sidecar_token=creds.pipeline,
                 ),
                 client=client,
             )
@@ -321,6 +367,7 @@ async def _pipeline(
             builder_key=builder_key,
             task_queue=result.task_queue,
             other_queue=other_queue,
+            credentials=creds,
             sidecar=sidecar.sidecar,
         )
 
@@ -338,6 +385,7 @@ async def _stop_tasks(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> N
 def _start_second_worker(
     stack: LocalStack,
     sidecar_url: str,
+    sidecar_token: str,
     topics: TopicsConfig,
     demo_dir: Path,
     queue: str,
@@ -349,6 +397,7 @@ def _start_second_worker(
     # The argument key is a secret: it travels in the environment, never on the command line.
     env["CHIO_ARGUMENT_KEY"] = argument_key.secret.hex()
     env["CHIO_ARGUMENT_KEY_ID"] = argument_key.key_id
+    env["CHIO_SIDECAR_TOKEN"] = sidecar_token
     argv = [
         sys.executable,
         "-m",
@@ -461,7 +510,8 @@ async def _mint_constrained(
             grant["constraints"] = constraints[tool]
         grants.append(grant)
     body = {"subject": subject, "scope": {"grants": grants}, "ttl_seconds": 3600}
-    async with httpx.AsyncClient(base_url=pipe.sidecar_url, timeout=10) as http:
+    headers = _bearer(pipe.credentials.pipeline if pipe.credentials else None)
+    async with httpx.AsyncClient(base_url=pipe.sidecar_url, headers=headers, timeout=10) as http:
         answer = await http.post("/v1/capabilities", json=body)
         answer.raise_for_status()
     return await pipe.chio.get_capability(str(answer.json()["id"]))
@@ -586,8 +636,12 @@ async def _run_scenarios(
 
 async def _answer(pipe: _Pipe, workflow_id: str, *, approve: bool, reason: str) -> None:
     """Wait for the run's held action, then answer it through the sidecar and signal the run
-    (``cli_approvals.answer_approval``, what ``chio-receipts approve|reject`` runs)."""
-    async with httpx.AsyncClient(base_url=pipe.sidecar_url, timeout=10) as http:
+    (``cli_approvals.answer_approval``, what ``chio-receipts approve|reject`` runs), as the
+    operator :data:`DEMO_APPROVER`."""
+    approver = pipe.credentials.approver if pipe.credentials else None
+    async with httpx.AsyncClient(
+        base_url=pipe.sidecar_url, headers=_bearer(approver), timeout=10
+    ) as http:
         held: list[dict[str, Any]] = []
 
         async def pending() -> bool:
@@ -598,13 +652,17 @@ async def _answer(pipe: _Pipe, workflow_id: str, *, approve: bool, reason: str) 
         await _poll(pending, 60, f"the approval request of {workflow_id}")
     await answer_approval(
         sidecar_url=pipe.sidecar_url,
-        credential=None,
+        credential=approver,
         workflow_id=workflow_id,
         receipt_id=str(held[0]["request_receipt_id"]),
         approve=approve,
         reason=reason,
         temporal_client=pipe.client,
     )
+
+
+def _bearer(secret: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {secret}"} if secret else {}
 
 
 def _expected_runs(opts: DemoOptions) -> int:

@@ -120,8 +120,12 @@ def test_summary_matches_the_designed_workflows(demo: tuple[DemoResult, str, Pat
     by_workflow = {a.workflow_id.split("-")[1]: a for a in s.approvals}
     assert sorted(by_workflow) == ["no", "yes"]
     yes, no = by_workflow["yes"], by_workflow["no"]
-    assert (yes.activity_type, yes.outcome, yes.approver) == ("execute_action", "approved", "local")
-    assert (no.activity_type, no.outcome, no.approver) == ("execute_action", "denied", "local")
+    assert (yes.activity_type, yes.outcome, yes.approver) == (
+        "execute_action",
+        "approved",
+        "ops-alice",
+    )
+    assert (no.activity_type, no.outcome, no.approver) == ("execute_action", "denied", "ops-alice")
     assert no.reason == "over the refund limit"
     for run in s.runs_of("ApprovalWorkflow"):
         held = [
