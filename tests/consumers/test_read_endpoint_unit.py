@@ -81,7 +81,7 @@ def test_reads_pass(sql: str, keyword: str, fmt: str | None) -> None:
         ("SELECT $$'$$; DROP TABLE t -- '", "multi-statements"),
         ("SELECT $x$ a $x$; DROP TABLE t", "multi-statements"),
         ("SELECT 1 /* nested /* */ ; DROP TABLE t */", "multi-statements"),
-        ("SELECT 1 INTO OUTFILE '/tmp/x'", "INTO OUTFILE"),
+        ("SELECT 1 INTO OUTFILE 'out.csv'", "INTO OUTFILE"),
         ("WITH 1 AS x SELECT x into outfile 'y'", "INTO OUTFILE"),
         ("'SELECT'", "not 'SELECT'"),
     ],

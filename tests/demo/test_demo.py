@@ -20,7 +20,6 @@ from rich.console import Console
 from chio_receipts import schemas
 from chio_receipts._config import AppConfig
 from chio_receipts.consumers import open_client
-from chio_receipts.consumers._clickhouse import migrations
 from chio_receipts.consumers._wire import decode_plain
 from chio_receipts.demo._run import DemoOptions, DemoResult, run_demo
 from chio_receipts.stack import default_clickhouse_dsn
@@ -150,10 +149,6 @@ def test_summary_shows_outcomes_and_durations_per_tool(
     """What the demo's workflows do, as outcome records: every allowed attempt ran and left one
     outcome; only the flaky tool failed (twice, then completed); nothing was refused at the gate
     and no attempt is unaccounted for."""
-    # For the lead: the outcome records' table comes with migration 0005 and the records with
-    # the worker's outcome emission; in a tree without 0005 there is nothing to show yet.
-    if not any(m.version == 5 for m in migrations()):
-        pytest.skip("no step_outcomes table in this tree (migration 0005 is not here yet)")
     result, output, _data = demo
     s = result.summary
     assert s is not None
