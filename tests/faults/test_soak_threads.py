@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -73,6 +74,11 @@ def python_threads() -> dict[str, int]:
     return dict(sorted(names.items()))
 
 
+def _say(line: str) -> None:
+    """A line of the row's report (shown with ``-s``, and under a failure's captured output)."""
+    sys.stdout.write(line + "\n")
+
+
 def _round(prefix: str, runs: int) -> tuple[list[Any], list[Any]]:
     steps: list[Any] = []
     completions: list[Any] = []
@@ -109,7 +115,8 @@ async def test_f22b_builder_threads_and_descriptors_flat(
     engine: dict[str, int] = {}
     async with Running(config) as running:
         reader = running.service.sink.reader
-        assert reader is not None and reader.endpoint is not None
+        assert reader is not None
+        assert reader.endpoint is not None
         endpoint = reader.endpoint
 
         def read() -> int:
@@ -117,7 +124,7 @@ async def test_f22b_builder_threads_and_descriptors_flat(
                 host=endpoint.connect_host, port=endpoint.port, autogenerate_session_id=False
             )
             try:
-                return int(client.command("SELECT count() FROM step_receipts"))
+                return int(str(client.command("SELECT count() FROM step_receipts")))
             finally:
                 client.close()
 
@@ -131,7 +138,7 @@ async def test_f22b_builder_threads_and_descriptors_flat(
             want = runs * (rounds + 1)
 
             async def written(want: int = want) -> bool:
-                return await running.scalar("SELECT count() FROM workflow_receipts") >= want
+                return bool(await running.scalar("SELECT count() FROM workflow_receipts") >= want)
 
             await eventually(written, timeout=120)
             counts = await asyncio.gather(*(asyncio.to_thread(read) for _ in range(3)))
@@ -149,13 +156,13 @@ async def test_f22b_builder_threads_and_descriptors_flat(
         engine = {str(k): int(v) for k, v in rows}
         py_end = python_threads()
     assert "warm" in at, f"the soak ended within its {WARM_UP_SECONDS:.0f} s warm-up"
-    print(f"\nF22b: {rounds} rounds of {runs} runs x 4 steps in {minutes:g} min")
+    _say(f"\nF22b: {rounds} rounds of {runs} runs x 4 steps in {minutes:g} min")
     for when, s in series:
-        print(f"  {when:6.1f} s  {s}")
+        _say(f"  {when:6.1f} s  {s}")
     for label in ("start", "warm", "end"):
-        print(f"  {label:5}  {at[label]}  {names[label]}")
-    print(f"  Python threads at the end: {py_end}")
-    print(f"  chDB global thread pool at the end: {engine}")
+        _say(f"  {label:5}  {at[label]}  {names[label]}")
+    _say(f"  Python threads at the end: {py_end}")
+    _say(f"  chDB global thread pool at the end: {engine}")
     grew = {k: at["end"][k] - at["warm"][k] for k in ("os_threads", "py_threads", "fds")}
     flat = (
         grew["os_threads"] <= THREAD_SLACK
