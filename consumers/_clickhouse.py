@@ -69,6 +69,7 @@ __all__ = [
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 LOCK_NAME = "chio-owner.lock"
+_NEVER_WIDE = 1 << 62
 # Server error codes meaning "these rows are wrong" (retrying the same rows cannot help).
 _DATA_CODES = frozenset({6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 190, 349, 354, 395, 691})
 _CODE_RE = re.compile(r"Code: (\d+)")
@@ -556,6 +557,8 @@ class ClickHouseSink(AsyncService):
             cluster=self._config.cluster,
         )
         self._migrate_sync()
+        if self._config.embedded:
+            self._compact_parts()
         if self._config.cluster:
             self._sync_replica()
         for table, columns in _COLUMNS.items():
@@ -563,6 +566,32 @@ class ClickHouseSink(AsyncService):
                 partial(self._client.create_insert_context, self._table(table), columns)
             )
             self._types[table] = ctx.column_types
+
+    def _compact_parts(self) -> None:
+        """Keep every part of an embedded database compact (one file for all its columns).
+
+        A part past ``min_bytes_for_wide_part`` (10 MB) is written wide, one file per column;
+        merging and reading it fans out over the engine's global thread pool, which keeps
+        every thread it ever started (three procfs descriptors each): from the first wide part
+        on, the builder's threads and descriptors would keep growing."""
+        c = self._client
+        tables = self._call(
+            lambda: (
+                c.query(
+                    "SELECT name FROM system.tables WHERE database = currentDatabase() "
+                    "AND engine LIKE '%MergeTree'"
+                ).result_rows
+            ),
+            "part format settings",
+        )
+        for (table,) in tables:
+            self._call(
+                partial(
+                    c.command,
+                    f"ALTER TABLE `{table}` MODIFY SETTING min_bytes_for_wide_part = {_NEVER_WIDE}",
+                ),
+                "part format settings",
+            )
 
     def _call(self, fn: Callable[[], _T], what: str = "clickhouse") -> _T:
         try:
