@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,28 +94,17 @@ async def _wait_ready(url: str, proc: asyncio.subprocess.Process) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def serve_ours(data_dir: Path) -> AsyncIterator[str]:
-    """Our sidecar as a child process on a free loopback port; yields its base URL."""
-    log = (data_dir.parent / f"{data_dir.name}.log").open("ab")
+async def serve_on_free_port(
+    argv_for: Callable[[int], list[str]], log_path: Path, what: str
+) -> AsyncIterator[str]:
+    """A sidecar child process (``argv_for(port)``) on a free loopback port, its output
+    appended to ``log_path``; yields its base URL once it is live, stops it on exit."""
+    log = log_path.open("ab")
     try:
         for attempt in range(3):
             port = _free_port()
             proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "chio_receipts",
-                "sidecar",
-                "serve",
-                "--data-dir",
-                str(data_dir),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--token",
-                TOKEN,
-                "--log-level",
-                "warning",
+                *argv_for(port),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -129,9 +118,37 @@ async def serve_ours(data_dir: Path) -> AsyncIterator[str]:
                 await _stop(proc)
             # The port was picked then bound: another process may have taken it in between.
             if attempt == 2:
-                raise RuntimeError(f"our sidecar did not start (exit {proc.returncode})")
+                raise RuntimeError(f"{what} did not start (exit {proc.returncode})")
     finally:
         log.close()
+
+
+@contextlib.asynccontextmanager
+async def serve_ours(data_dir: Path) -> AsyncIterator[str]:
+    """Our sidecar as a child process on a free loopback port; yields its base URL."""
+
+    def argv(port: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "chio_receipts",
+            "sidecar",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--token",
+            TOKEN,
+            "--log-level",
+            "warning",
+        ]
+
+    log_path = data_dir.parent / f"{data_dir.name}.log"
+    async with serve_on_free_port(argv, log_path, "our sidecar") as url:
+        yield url
 
 
 @contextlib.asynccontextmanager
