@@ -1,10 +1,12 @@
 """The Chio receipt check every consumer runs on a step (pure): who may sign, and why not.
 
 A step event (``StepReceipt`` v2) may carry the Chio kernel receipt of its decision
-(``chio_receipt`` and its signed bytes ``chio_signed``). :func:`chio_refusal` runs
+(``chio_receipt`` and its signed bytes ``chio_signed``). :func:`chio_refusal` runs the check of
 ``schemas.check_chio_step`` on a plain decoded step record and says why the step must be
 refused, or nothing. It is the one check the receipt builder, ``verify`` and the SIEM exporter
-share, so they agree on every step.
+share, so they agree on every step. The check is compiled (``chio_receipts_native.check_steps``,
+which reads the record's fields itself); :func:`step_verdicts` runs it on a whole batch, with
+every Ed25519 signature of the batch (the Avro ones too) in one batch equation.
 
 Which steps are accepted (:func:`signed_by`):
 
@@ -28,19 +30,16 @@ it flagged unsigned (a gate failure the sidecar could not sign).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+import chio_receipts_native
 
 from chio_receipts.consumers._dlq import Reason
-from chio_receipts.schemas import (
-    SIGNATURE_REFUSAL,
-    SignatureCheck,
-    StepOutcome,
-    StepReceipt,
-    check_chio_outcome,
-    check_chio_step,
-)
+from chio_receipts.schemas import SIGNATURE_REFUSAL, SignatureCheck, StepStatus
+
+STATUSES = frozenset(status.value for status in StepStatus)
 
 __all__ = [
     "KERNEL_SIGNED",
@@ -48,11 +47,14 @@ __all__ = [
     "UNSIGNED",
     "UNSIGNED_DETAIL",
     "ChioRefusal",
+    "StepVerdict",
     "chio_refusal",
     "outcome_refusal",
+    "outcome_refusals",
     "parse_kernel_keys",
     "signature_refusal",
     "signed_by",
+    "step_verdicts",
 ]
 
 SIDECAR_SIGNED = "sidecar"
@@ -88,28 +90,6 @@ def parse_kernel_keys(values: Collection[str]) -> frozenset[str]:
     return frozenset(keys)
 
 
-class _Trust(Collection[str]):
-    """The trusted keys, remembering the one key a check asked for and did not find."""
-
-    __slots__ = ("keys", "missed")
-
-    def __init__(self, keys: Collection[str]) -> None:
-        self.keys = keys
-        self.missed: str | None = None
-
-    def __contains__(self, key: object) -> bool:
-        if key in self.keys:
-            return True
-        self.missed = str(key)
-        return False
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
 @dataclass(frozen=True, slots=True)
 class ChioRefusal:
     """Why a step's Chio receipt is refused: the dead-letter ``reason`` label, the check's own
@@ -124,22 +104,60 @@ class ChioRefusal:
         return f"ChioReceipt: {self.detail}"
 
 
+StepVerdict = Literal[False] | ChioRefusal | None
+"""A step's verdict: None (it holds), False (its Avro signature does not verify), or the refusal
+of its Chio receipt."""
+
+
+def _refusal_of(result: Any) -> ChioRefusal | None:
+    # A native result: None, or (detail, untrusted key).
+    if result is None:
+        return None
+    detail, untrusted = result
+    if untrusted is not None:
+        return ChioRefusal(Reason.UNTRUSTED_KERNEL_KEY, detail, untrusted)
+    return ChioRefusal(Reason.BAD_CHIO_RECEIPT, detail)
+
+
+def _one(result: Any, verify: SignatureCheck | None) -> ChioRefusal | None:
+    if verify is not None:
+        result, triple = result
+        if triple is not None and not verify(*triple):
+            return signature_refusal()
+    return _refusal_of(result)
+
+
+def _plain(record: Mapping[str, Any]) -> Any:
+    # The native reader takes a dict (or a StepReceipt / StepOutcome) as it is.
+    return record if isinstance(record, dict) else dict(record)
+
+
 def chio_refusal(
     record: Mapping[str, Any], trusted: Collection[str], verify: SignatureCheck | None = None
 ) -> ChioRefusal | None:
     """Why the plain step ``record``'s Chio receipt does not hold, or None (also for a step
     without one). ``trusted`` holds the lowercase hex public keys allowed to sign receipts.
-    ``verify``: the Ed25519 check, when not the default (``schemas.SignatureCheck``: a batch
-    verifier records the signature here and settles it with :func:`signature_refusal`)."""
-    if verify is None:
-        return _refusal(record, trusted, "step", StepReceipt.from_avro, check_chio_step)
-    return _refusal(
-        record,
-        trusted,
-        "step",
-        StepReceipt.from_avro,
-        lambda step, trusted_keys: check_chio_step(step, trusted_keys=trusted_keys, verify=verify),
+    ``verify``: the Ed25519 check, when not the native one (``schemas.SignatureCheck``)."""
+    if not record.get("chio_receipt"):
+        return None
+    [result] = chio_receipts_native.check_steps(
+        ((_plain(record), None),), trusted, defer=verify is not None
     )
+    return _one(result, verify)
+
+
+def step_verdicts(
+    items: Sequence[tuple[Mapping[str, Any], tuple[bytes, bytes, bytes] | Literal[False] | None]],
+    trusted: Collection[str],
+) -> list[StepVerdict]:
+    """Each plain step record's verdict: its Avro signature (``(public_key, message,
+    signature)``; ``False`` for a body that is not signed; ``None`` for a step without one),
+    then its Chio receipt (when it carries one) as :func:`chio_refusal` checks it. Every Ed25519
+    signature of the batch is verified with one batch equation; the GIL is released meanwhile."""
+    return [
+        r if r is None or r is False else _refusal_of(r)
+        for r in chio_receipts_native.check_steps(items, trusted)
+    ]
 
 
 def signature_refusal() -> ChioRefusal:
@@ -154,36 +172,17 @@ def outcome_refusal(
     """Why the plain outcome ``record``'s Chio receipt does not hold, or None (also for a record
     without one: an unsigned record is the caller's to flag). ``trusted`` and ``verify`` as for
     :func:`chio_refusal`."""
-    if verify is None:
-        return _refusal(record, trusted, "outcome", StepOutcome.from_avro, check_chio_outcome)
-    return _refusal(
-        record,
-        trusted,
-        "outcome",
-        StepOutcome.from_avro,
-        lambda outcome, trusted_keys: check_chio_outcome(
-            outcome, trusted_keys=trusted_keys, verify=verify
-        ),
-    )
-
-
-def _refusal(
-    record: Mapping[str, Any],
-    trusted: Collection[str],
-    kind: str,
-    parse: Callable[[dict[str, Any]], Any],
-    check: Callable[..., str | None],
-) -> ChioRefusal | None:
     if not record.get("chio_receipt"):
         return None
-    try:
-        parsed = parse(dict(record))
-    except (KeyError, TypeError, ValueError) as exc:
-        return ChioRefusal(Reason.BAD_CHIO_RECEIPT, f"the {kind} record is not readable: {exc}")
-    trust = _Trust(trusted)
-    why = check(parsed, trusted_keys=trust)
-    if why is None:
-        return None
-    if trust.missed is not None:
-        return ChioRefusal(Reason.UNTRUSTED_KERNEL_KEY, why, trust.missed)
-    return ChioRefusal(Reason.BAD_CHIO_RECEIPT, why)
+    [result] = chio_receipts_native.check_outcomes(
+        (_plain(record),), STATUSES, trusted, defer=verify is not None
+    )
+    return _one(result, verify)
+
+
+def outcome_refusals(
+    records: Sequence[Mapping[str, Any]], trusted: Collection[str]
+) -> list[ChioRefusal | None]:
+    """:func:`outcome_refusal` of each plain outcome record, their signatures verified with one
+    batch equation (the GIL released meanwhile)."""
+    return [_refusal_of(r) for r in chio_receipts_native.check_outcomes(records, STATUSES, trusted)]

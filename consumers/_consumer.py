@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiokafka import TopicPartition
-from chio_receipts_native import verify_batch
 
 from chio_receipts.consumers._builder import (
     DECLARED_OUTCOME,
@@ -43,10 +42,12 @@ from chio_receipts.consumers._chio import (
     UNSIGNED,
     UNSIGNED_DETAIL,
     ChioRefusal,
+    StepVerdict,
     chio_refusal,
     outcome_refusal,
-    signature_refusal,
+    outcome_refusals,
     signed_by,
+    step_verdicts,
 )
 from chio_receipts.consumers._clickhouse import ClickHouseConfig, ClickHouseSink
 from chio_receipts.consumers._dlq import DeadLetter, Reason
@@ -819,7 +820,7 @@ def _run_id(plain: Plain) -> _RunId:
 
 # A step's verification result: None (it holds), False (bad Avro signature) or a refusal of
 # its Chio receipt.
-_Verdict = ChioRefusal | Literal[False] | None
+_Verdict = StepVerdict
 
 
 def _verify_all(
@@ -827,58 +828,17 @@ def _verify_all(
 ) -> list[_Verdict]:
     """Each step's Avro signature (when it has a key), then its Chio receipt (when it has one).
 
-    Every Ed25519 signature of the steps (the Avro one and the Chio receipt's) is verified in one
-    ``verify_batch``; the Chio receipt's other checks run first with its signature recorded, and
-    a receipt whose signature then fails is refused as :func:`chio_refusal` would refuse it. Runs
-    on the verify threads: the native verification releases the GIL."""
-    triples: list[tuple[bytes, bytes, bytes]] = []
-    # Per step: None (no signature to settle: False), or the indices of its Avro and Chio
-    # signatures in ``triples`` and the refusal of its Chio receipt's other checks.
-    plans: list[tuple[int, int, ChioRefusal | None] | None] = []
+    One native call (``step_verdicts``): the Chio check of every step, and every Ed25519
+    signature of the steps (the Avro one and the Chio receipt's) in one batch equation. Runs on
+    the verify threads: the native check releases the GIL."""
+    items: list[tuple[Mapping[str, Any], tuple[bytes, bytes, bytes] | Literal[False] | None]] = []
     for plain, key in checks:
-        avro = -1
-        if key is not None:
-            parts = signed_body(plain.body)
-            if parts is None:
-                plans.append(None)
-                continue
-            avro = len(triples)
-            triples.append((key, *parts))
-        chio, refusal = -1, None
-        if plain.record["chio_receipt"]:
-            recorded = _Recorded(triples)
-            refusal = chio_refusal(plain.record, trusted, recorded)
-            chio = recorded.index
-        plans.append((avro, chio, refusal))
-    valid = verify_batch(triples)
-    out: list[_Verdict] = []
-    for plan in plans:
-        if plan is None:
-            out.append(False)
+        if key is None:
+            items.append((plain.record, None))
             continue
-        avro, chio, refused = plan
-        if avro >= 0 and not valid[avro]:
-            out.append(False)
-        elif chio >= 0 and not valid[chio]:
-            out.append(signature_refusal())
-        else:
-            out.append(refused)
-    return out
-
-
-class _Recorded:
-    """An Ed25519 check that records its triple for the batch and answers True."""
-
-    __slots__ = ("index", "triples")
-
-    def __init__(self, triples: list[tuple[bytes, bytes, bytes]]) -> None:
-        self.triples = triples
-        self.index = -1
-
-    def __call__(self, public_key: bytes, message: bytes, signature: bytes) -> bool:
-        self.index = len(self.triples)
-        self.triples.append((public_key, message, signature))
-        return True
+        parts = signed_body(plain.body)
+        items.append((plain.record, False if parts is None else (key, *parts)))
+    return step_verdicts(items, trusted)
 
 
 def _stored_entry(row: StepRow, codec: Codec | None = None) -> StepEntry:
@@ -933,16 +893,6 @@ def _outcome_refusals(
     records: Sequence[Message], trusted: frozenset[str]
 ) -> list[ChioRefusal | None]:
     """Each outcome record's Chio check (None for a good or an unsigned record), their
-    signatures verified with one ``verify_batch`` as for steps (:func:`_verify_all`); runs on
+    signatures verified with one batch equation as for steps (:func:`_verify_all`); runs on
     the verify threads for big batches."""
-    triples: list[tuple[bytes, bytes, bytes]] = []
-    plans: list[tuple[int, ChioRefusal | None]] = []
-    for message in records:
-        recorded = _Recorded(triples)
-        refusal = outcome_refusal(message.plain.record, trusted, recorded)
-        plans.append((recorded.index, refusal))
-    valid = verify_batch(triples)
-    return [
-        signature_refusal() if index >= 0 and not valid[index] else refusal
-        for index, refusal in plans
-    ]
+    return outcome_refusals([message.plain.record for message in records], trusted)

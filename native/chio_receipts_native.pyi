@@ -2,7 +2,9 @@
 kernel's own receipt verifier (chio-core-types). Pure functions; the non-trivial ones release
 the GIL."""
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
+from typing import Any
 
 __version__: str
 
@@ -32,3 +34,38 @@ def verify_kernel_receipt(
 ) -> tuple[bool, str | None]:
     """chio-core-types' ``ChioReceipt`` deserialisation and ``verify_signature``, plus the
     trusted-signer check: ``(valid, reason)``."""
+
+def check_steps(
+    items: Iterable[tuple[object, tuple[bytes, bytes, bytes] | bool | None]],
+    trusted_keys: Iterable[str] | None = None,
+    defer: bool = False,
+) -> list[Any]:
+    """The Chio check of each step (``schemas.check_chio_step``) and its Avro signature, every
+    Ed25519 signature in one batch. ``items``: ``(record, avro)``, ``record`` a plain step dict
+    or a ``StepReceipt``, ``avro`` ``None`` (none to check), ``False`` (unsigned body) or
+    ``(public_key, message, signature)``. Per item: ``None`` (holds), ``False`` (bad Avro
+    signature) or ``(detail, untrusted_key | None)``. ``defer=True``: no signature is verified;
+    each item is ``(verdict, (key, message, signature) | None)``."""
+
+def check_outcomes(
+    records: Iterable[object],
+    statuses: AbstractSet[str],
+    trusted_keys: Iterable[str] | None = None,
+    defer: bool = False,
+) -> list[Any]:
+    """The Chio check of each outcome record (``schemas.check_chio_outcome``); ``None`` for a
+    record without a receipt. Results and ``defer`` as for :func:`check_steps`."""
+
+def check_signed(
+    chio_receipt: str,
+    signed: bytes,
+    trusted_keys: Iterable[str] | None = None,
+    defer: bool = False,
+) -> Any:
+    """``schemas.check_signed_receipt``'s checks: ``None`` or ``(detail, untrusted_key)``."""
+
+def step_request_id(step: object) -> str:
+    """``schemas.request_id_for`` of a ``StepReceipt`` or a plain step record."""
+
+def outcome_request_id(outcome: object, statuses: AbstractSet[str]) -> str:
+    """``schemas.outcome_request_id`` of a ``StepOutcome`` or a plain outcome record."""

@@ -26,31 +26,27 @@ the decision (our sidecar's), like the decision's own receipt in ``StepReceipt``
   of the result travels in the event and is bound through the request id;
 * ``action.parameters`` is ``{}``: the decision's receipt holds the call's parameters.
 
-:func:`check_chio_outcome` is the check the builder, ``verify`` and the SIEM exporter share.
+:func:`check_chio_outcome` is the check the builder, ``verify`` and the SIEM exporter share; it
+is compiled (``chio_receipts_native.check_outcomes``, with :func:`outcome_request_id`'s binding),
+like the step's (see :mod:`._chio_step` for where its wording departs from Python's).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import operator
 from collections.abc import Collection
 from dataclasses import replace
 from typing import Any, Final
 
 import chio_receipts_native
 
-from chio_receipts.schemas._chio_step import (
-    SignatureCheck,
-    check_signed_receipt,
-    chio_step_payload,
-)
+from chio_receipts.schemas._chio_step import SignatureCheck, chio_step_payload, settle
 from chio_receipts.schemas._chio_wire import SigningKey, content_hash, sign_kernel_receipt
-from chio_receipts.schemas._records import StepOutcome
+from chio_receipts.schemas._records import StepOutcome, StepStatus
 
 __all__ = [
     "OUTCOME_METADATA_KEY",
     "OUTCOME_REQUEST_ID_PREFIX",
+    "STATUSES",
     "check_chio_outcome",
     "outcome_receipt_body",
     "outcome_request_id",
@@ -60,46 +56,16 @@ __all__ = [
 OUTCOME_REQUEST_ID_PREFIX: Final = "chio-temporal-v1-outcome:"
 OUTCOME_METADATA_KEY: Final = "chio_temporal_outcome"
 
-# Every field of the event except the receipt itself, in schema order.
-_BOUND_FIELDS: Final = (
-    "outcome_id",
-    "namespace",
-    "workflow_id",
-    "run_id",
-    "workflow_type",
-    "task_queue",
-    "activity_id",
-    "activity_type",
-    "attempt",
-    "is_local",
-    "tool_server",
-    "tool",
-    "capability_id",
-    "decision_receipt_id",
-    "decision_chio_id",
-    "status",
-    "error_type",
-    "started_at",
-    "ended_at",
-    "duration_us",
-    "result_digest",
-    "result_key_id",
-    "worker_identity",
-    "trace_id",
-    "span_id",
-)
-_get_bound = operator.attrgetter(*_BOUND_FIELDS)
-_STATUS: Final = _BOUND_FIELDS.index("status")
+# The request id binds every field of the event except the receipt itself, in schema order
+# (the native ``outcome_request_id``); ``status`` as its symbol, one of these.
+STATUSES: Final = frozenset(status.value for status in StepStatus)
 _NULL_CONTENT_HASH: Final = content_hash(None)
 
 
 def outcome_request_id(outcome: StepOutcome) -> str:
     """``"chio-temporal-v1-outcome:"`` + SHA-256 hex of the compact JSON array of every field of
     ``outcome`` but its receipt (schema order, ``status`` as its symbol)."""
-    values = list(_get_bound(outcome))
-    values[_STATUS] = outcome.status.value
-    text = json.dumps(values, ensure_ascii=True, separators=(",", ":"))
-    return OUTCOME_REQUEST_ID_PREFIX + hashlib.sha256(text.encode("ascii")).hexdigest()
+    return chio_receipts_native.outcome_request_id(outcome, STATUSES)
 
 
 def outcome_receipt_body(outcome: StepOutcome, *, policy_hash: str) -> dict[str, Any]:
@@ -161,20 +127,9 @@ def check_chio_outcome(
     """
     if not outcome.chio_receipt:
         return "the outcome record carries no Chio receipt"
-    checked = check_signed_receipt(
-        outcome.chio_receipt, outcome.chio_signed, trusted_keys, verify=verify
+    return settle(
+        chio_receipts_native.check_outcomes(
+            (outcome,), STATUSES, trusted_keys, defer=verify is not chio_receipts_native.verify
+        )[0],
+        verify,
     )
-    if isinstance(checked, str):
-        return checked
-    body = checked
-    if body.get("receipt_kind") != "trace_observation" or "decision" in body:
-        return "the outcome's Chio receipt is not a trace observation"
-    metadata = body.get("metadata")
-    context = metadata.get("receipt_context") if isinstance(metadata, dict) else None
-    if not isinstance(context, dict) or context.get("request_id") != outcome_request_id(outcome):
-        return "the Chio receipt is not bound to this outcome record"
-    if body.get("capability_id") != outcome.capability_id:
-        return "the Chio receipt names another capability"
-    if body.get("tool_server") != outcome.tool_server or body.get("tool_name") != outcome.tool:
-        return "the Chio receipt names another tool"
-    return None

@@ -16,13 +16,19 @@ it needs no canonicalization of the body: ``JCS`` writes ``"body"`` before ``"id
 body's canonical JSON is a slice of those bytes, and the receipt id is its SHA-256. It agrees with
 :func:`._chio_wire.verify_kernel_receipt` (and with the kernel's own verifier, which the tests use
 as an oracle) on every receipt.
+
+The check itself is compiled: ``chio_receipts_native.check_steps`` (``native/src/check.rs``)
+runs it, a batch of steps at a time for the builder, with every Ed25519 signature in one batch
+equation. The functions here are its Python face. Where a refusal quotes a parser's own error
+(``chio_receipt is not JSON: ...``, ``... is not readable: ...``, ``... no canonical form:
+...``), the text after the colon is serde_json's or the native reader's; and receipts that
+Python's ``json`` reads but serde_json does not (NaN, Infinity, numbers beyond a double, lone
+surrogates, nesting deeper than 128) are refused as not JSON. No kernel writes such a receipt.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import operator
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Final
 
@@ -32,7 +38,6 @@ from chio_receipts.schemas._chio_wire import (
     ChioWireError,
     _receipt_signing_bytes,
     _receipt_view,
-    parameter_hash,
 )
 from chio_receipts.schemas._records import StepReceipt, Verdict
 
@@ -50,44 +55,18 @@ __all__ = [
     "chio_step_payload",
     "chio_verdict",
     "request_id_for",
+    "settle",
     "signed_message",
 ]
 
 REQUEST_ID_PREFIX: Final = "chio-temporal-v1:"
 """Prefix of a ``request_id`` that binds a receipt to a step event's Temporal context."""
 
-# The step fields the request id covers: every field known before the decision. Tool server,
-# tool, capability and verdict are in the signed body itself (and compared with the step's);
-# a deny's reason is compared with the signed decision's. Left unbound: the allow reason (the
-# sidecar's wording), latency_us (measured after the decision), and the v1 Avro signature
-# fields. ``prev_hash`` is bound as hex.
-_BOUND_FIELDS: Final = (
-    "receipt_id",
-    "namespace",
-    "workflow_id",
-    "run_id",
-    "workflow_type",
-    "task_queue",
-    "activity_id",
-    "activity_type",
-    "attempt",
-    "is_local",
-    "action",
-    "resource",
-    "subject",
-    "capability_chain",
-    "scope",
-    "argument_digest",
-    "argument_key_id",
-    "scheduled_at",
-    "started_at",
-    "evaluated_at",
-    "worker_identity",
-)
-_get_bound = operator.attrgetter(*_BOUND_FIELDS)
-
-_CHAIN: Final = _BOUND_FIELDS.index("capability_chain")
-_SCOPE: Final = _BOUND_FIELDS.index("scope")
+# The step fields the request id covers (the native ``step_request_id`` binds them): every field
+# known before the decision. Tool server, tool, capability and verdict are in the signed body
+# itself (and compared with the step's); a deny's reason is compared with the signed decision's.
+# Left unbound: the allow reason (the sidecar's wording), latency_us (measured after the
+# decision), and the v1 Avro signature fields.
 _BODY_PREFIX: Final = b'{"body":'
 _ID_SUFFIX_LEN: Final = len(b',"id":"') + 64 + len(b'"}')
 
@@ -121,12 +100,7 @@ def request_id_for(step: StepReceipt) -> str:
     then prev_hash as lowercase hex. It is the project's own digest (the kernel only signs the
     string), so plain JSON of a fixed array is enough: deterministic, no key order to sort.
     """
-    values = list(_get_bound(step))
-    values[_CHAIN] = list(values[_CHAIN])
-    values[_SCOPE] = list(values[_SCOPE])
-    values.append(step.prev_hash.hex())
-    text = json.dumps(values, ensure_ascii=True, separators=(",", ":"))
-    return REQUEST_ID_PREFIX + hashlib.sha256(text.encode("ascii")).hexdigest()
+    return chio_receipts_native.step_request_id(step)
 
 
 def approval_state(receipt: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -204,15 +178,6 @@ def chio_step_fields(step: StepReceipt) -> ChioStepFields:
     return ChioStepFields(json.loads(step.chio_receipt) if step.chio_receipt else None)
 
 
-def _normal(receipt: Mapping[str, Any]) -> dict[str, Any]:
-    # The body as serde writes it: no id/signature, no null optional field, no empty list.
-    return {
-        k: v
-        for k, v in receipt.items()
-        if k not in ("id", "signature") and v is not None and v != []
-    }
-
-
 def check_chio_step(
     step: StepReceipt,
     *,
@@ -227,39 +192,28 @@ def check_chio_step(
     is given); the parameter hash (unless the sidecar redacted the parameters); the binding
     ``request_id``; and that capability, tool server, tool and verdict are the step's own.
     A step without a Chio receipt (schema v1) is not checked here: it returns ``None``.
-    ``verify`` is the Ed25519 check (see :data:`SignatureCheck`).
+    ``verify`` is the Ed25519 check (see :data:`SignatureCheck`). The check is the native
+    ``check_steps`` (see the module's docstring for where its wording departs from Python's).
     """
     if not step.chio_receipt:
         return None
-    checked = check_signed_receipt(step.chio_receipt, step.chio_signed, trusted_keys, verify=verify)
-    if isinstance(checked, str):
-        return checked
-    body = checked
-    action = body.get("action")
-    if not isinstance(action, dict):
-        return "the Chio receipt has no action"
-    if body.get("redaction_mode", "none") == "none":
-        try:
-            if parameter_hash(action.get("parameters")) != action.get("parameter_hash"):
-                return "parameter_hash does not match the receipt's parameters"
-        except ChioWireError as exc:
-            return f"the receipt's parameters have no canonical form: {exc}"
-    metadata = body.get("metadata")
-    context = metadata.get("receipt_context") if isinstance(metadata, dict) else None
-    if not isinstance(context, dict) or context.get("request_id") != request_id_for(step):
-        return "the Chio receipt is not bound to this step's Temporal context"
-    if body.get("capability_id") != step.capability_id:
-        return "the Chio receipt names another capability"
-    if body.get("tool_server") != step.tool_server or body.get("tool_name") != step.tool:
-        return "the Chio receipt names another tool"
-    if chio_verdict(body) is not step.verdict:
-        return "the Chio receipt's decision is not the step's verdict"
-    decision = body.get("decision")
-    if step.verdict in (Verdict.DENY, Verdict.PENDING_APPROVAL) and (
-        not isinstance(decision, dict) or decision.get("reason", "") != step.reason
-    ):
-        return "the step's deny reason is not the one the Chio receipt signed"
-    return None
+    return settle(
+        chio_receipts_native.check_steps(
+            ((step, None),), trusted_keys, defer=verify is not chio_receipts_native.verify
+        )[0],
+        verify,
+    )
+
+
+def settle(result: Any, verify: SignatureCheck = chio_receipts_native.verify) -> str | None:
+    """The refusal text of one native check result (``None`` when it holds). With a ``verify``
+    other than the native one the result was computed with ``defer=True``: ``(verdict,
+    triple)``, and the receipt's signature is checked here with ``verify``."""
+    if verify is not chio_receipts_native.verify:
+        result, triple = result
+        if triple is not None and not verify(*triple):
+            return SIGNATURE_REFUSAL
+    return None if result is None else str(result[0])
 
 
 def check_signed_receipt(
@@ -275,53 +229,19 @@ def check_signed_receipt(
     (``JCS({"body", "id"})``). Checks that the receipt parses; that ``signed`` is the signed
     message of this receipt (its id is the SHA-256 of the body, the body is the receipt's); the
     Ed25519 signature of ``kernel_key`` over it; and that ``kernel_key`` is trusted (when
-    ``trusted_keys``, lowercase hex, is given). Shared by decisions and outcome records.
+    ``trusted_keys``, lowercase hex, is given). The check is the native ``check_signed``.
     ``verify`` is the Ed25519 check (see :data:`SignatureCheck`).
     """
-    try:
-        receipt = json.loads(chio_receipt)
-    except ValueError as exc:
-        return f"chio_receipt is not JSON: {exc}"
-    if not isinstance(receipt, dict):
-        return "chio_receipt is not a JSON object"
-    claimed = receipt.get("id")
-    if not isinstance(claimed, str) or len(claimed) != 64:
-        return "chio_receipt has no receipt id"
-    if (
-        len(signed) <= len(_BODY_PREFIX) + _ID_SUFFIX_LEN
-        or not signed.startswith(_BODY_PREFIX)
-        or signed[-_ID_SUFFIX_LEN:] != b',"id":"' + claimed.encode("ascii", "replace") + b'"}'
-    ):
-        return "chio_signed is not the signed message of this receipt"
-    body_json = signed[len(_BODY_PREFIX) : -_ID_SUFFIX_LEN]
-    if hashlib.sha256(body_json).hexdigest() != claimed:
-        return "the receipt id is not the hash of the signed body"
-    try:
-        body = json.loads(body_json)
-    except ValueError:
-        return "chio_signed does not hold a JSON body"
-    if not isinstance(body, dict) or body != _normal(receipt):
-        return "chio_receipt differs from the body it claims was signed"
-    key_hex = str(body.get("kernel_key", "")).removeprefix("0x").lower()
-    signature = receipt.get("signature")
-    if not _signature_verifies(key_hex, signed, signature, verify):
-        return SIGNATURE_REFUSAL
-    if trusted_keys is not None and key_hex not in trusted_keys:
-        return f"kernel_key {key_hex[:16]}… is not a trusted signer"
+    why = settle(
+        chio_receipts_native.check_signed(
+            chio_receipt, signed, trusted_keys, defer=verify is not chio_receipts_native.verify
+        ),
+        verify,
+    )
+    if why is not None:
+        return why
+    body: dict[str, Any] = json.loads(signed[len(_BODY_PREFIX) : -_ID_SUFFIX_LEN])
     return body
-
-
-def _signature_verifies(
-    key_hex: str, message: bytes, signature: object, verify: SignatureCheck
-) -> bool:
-    if not isinstance(signature, str) or len(key_hex) != 64:
-        return False
-    try:
-        raw = bytes.fromhex(signature.removeprefix("0x"))
-        key = bytes.fromhex(key_hex)
-    except ValueError:
-        return False
-    return verify(key, message, raw)
 
 
 def chio_step_payload(receipt: Mapping[str, Any]) -> tuple[str, bytes]:

@@ -12,6 +12,8 @@
 //! Every function is pure; the non-trivial ones release the GIL while they work.
 use std::collections::HashMap;
 
+mod check;
+
 use chio_core_types::canonical::{canonical_json_bytes_from_str, canonicalize};
 use chio_core_types::receipt::body::ChioReceipt;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
@@ -155,11 +157,14 @@ fn settle(ready: &[Option<Ready<'_>>], idx: &[usize], out: &mut [bool]) {
     settle(ready, right, out);
 }
 
-fn verify_all(items: &[(PyBackedBytes, PyBackedBytes, PyBackedBytes)], chunk: usize) -> Vec<bool> {
+pub(crate) fn verify_all<K: AsRef<[u8]>, M: AsRef<[u8]>, S: AsRef<[u8]>>(
+    items: &[(K, M, S)],
+    chunk: usize,
+) -> Vec<bool> {
     let mut keys = HashMap::new();
     let ready: Vec<Option<Ready<'_>>> = items
         .iter()
-        .map(|(key, message, signature)| prepare(key, message, signature, &mut keys))
+        .map(|(k, m, s)| prepare(k.as_ref(), m.as_ref(), s.as_ref(), &mut keys))
         .collect();
     let mut out = vec![false; items.len()];
     let candidates: Vec<usize> = (0..items.len()).filter(|&i| ready[i].is_some()).collect();
@@ -328,6 +333,11 @@ fn chio_receipts_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sign, m)?)?;
     m.add_function(wrap_pyfunction!(canonical_json, m)?)?;
     m.add_function(wrap_pyfunction!(verify_kernel_receipt, m)?)?;
+    m.add_function(wrap_pyfunction!(check::check_steps, m)?)?;
+    m.add_function(wrap_pyfunction!(check::check_outcomes, m)?)?;
+    m.add_function(wrap_pyfunction!(check::check_signed, m)?)?;
+    m.add_function(wrap_pyfunction!(check::step_request_id, m)?)?;
+    m.add_function(wrap_pyfunction!(check::outcome_request_id, m)?)?;
     m.add_class::<Signer>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
