@@ -1,0 +1,132 @@
+"""The builder's step verification before and after the Chio check moved into compiled code.
+
+Both variants verify the same poll batch of steps our in-process sidecar signed (each with its
+Avro signature and its Chio receipt, 2,000 in the full size), as ``_verify_all`` does:
+
+* ``python_check_verify_batch`` (before): the former pure-Python check of each step
+  (``StepReceipt.from_avro``, ``json.loads`` twice, the parameter hash's canonical JSON, the
+  request id, the comparisons; kept as the tests' oracle in ``tests/native/_oracle_check.py``),
+  every Ed25519 signature of the batch then settled by one native ``verify_batch``;
+* ``native_check_steps`` (after): today's ``_verify_all``, one ``check_steps`` call that does all
+  of it in Rust, the signatures in the same batch equation.
+
+Figures are steps per CPU-second of the process and per wall-clock second, medians over rounds
+that run the two variants in turn (so a change of load hits both alike), with their ratio.
+
+    python -m bench.native_check [--size small|full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bench._common import machine
+from chio_receipts import schemas
+from chio_receipts.consumers._consumer import _verify_all
+from chio_receipts.consumers._wire import Plain, decode_plain
+from chio_receipts.sidecar import LocalSidecar
+from tests.native import _oracle_check
+
+__all__ = ["run"]
+
+SIZES = {"small": 500, "full": 2_000}
+
+
+def _request(cap_id: str, i: int) -> schemas.EvaluationRequest:
+    return schemas.EvaluationRequest(
+        capability_id=cap_id,
+        tool_server="payments",
+        tool="charge",
+        namespace="ns",
+        workflow_id=f"wf-bench-{i // 5}",
+        run_id="run-1",
+        workflow_type="Pay",
+        task_queue="q",
+        activity_id=str(i % 5),
+        activity_type="charge",
+        attempt=1,
+        argument_digest="d" * 64,
+        argument_key_id="args-1",
+        scheduled_at=1_700_000_000_000_000,
+        started_at=1_700_000_000_000_100,
+        worker_identity="w@h",
+        prev_hash=bytes(32),
+        parameters={"args": [{"order": {"card": "tok_4242", "amount": 12.5, "items": [1, 2, 3]}}]},
+    )
+
+
+def _steps(n: int) -> tuple[list[tuple[Plain, bytes | None]], frozenset[str]]:
+    side = LocalSidecar()
+    cap = side.mint("agent:bench", ["charge"], 3600)
+    trusted = frozenset(side.trusted_keys())
+    public_key = bytes.fromhex(next(iter(trusted)))
+    checks: list[tuple[Plain, bytes | None]] = []
+    for i in range(n):
+        body = side.evaluate_now(_request(cap.id, i)).body
+        checks.append((decode_plain(schemas.frame(schemas.STEP_SCHEMA, body)), public_key))
+    return checks, trusted
+
+
+def _race(
+    variants: dict[str, Callable[[], None]], items: int, rounds: int
+) -> dict[str, dict[str, float]]:
+    for fn in variants.values():
+        fn()
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            w1, c1 = time.perf_counter(), time.process_time()
+            wall[name].append(items / (w1 - w0))
+            cpu[name].append(items / max(c1 - c0, 1e-9))
+    return {
+        "per_second": {name: statistics.median(v) for name, v in wall.items()},
+        "per_cpu_second": {name: statistics.median(v) for name, v in cpu.items()},
+    }
+
+
+def run(size: str = "full", rounds: int = 9) -> dict[str, Any]:
+    """Steps per second of the builder's verification, before and after, on ``size`` steps."""
+    n = SIZES[size]
+    checks, trusted = _steps(n)
+
+    def before() -> None:
+        if any(v is not None for v in _oracle_check.verify_all(checks, trusted)):
+            raise AssertionError("the Python check refused a valid step")
+
+    def after() -> None:
+        if any(v is not None for v in _verify_all(checks, trusted)):
+            raise AssertionError("the native check refused a valid step")
+
+    rates = _race({"python_check_verify_batch": before, "native_check_steps": after}, n, rounds)
+    cpu, wall = rates["per_cpu_second"], rates["per_second"]
+    return {
+        "steps": n,
+        "signatures_per_step": 2,
+        "rounds": rounds,
+        **rates,
+        "us_per_step_cpu": {k: 1e6 / v for k, v in cpu.items()},
+        "ratio_cpu": cpu["native_check_steps"] / cpu["python_check_verify_batch"],
+        "ratio_wall": wall["native_check_steps"] / wall["python_check_verify_batch"],
+    }
+
+
+def main() -> None:
+    """``python -m bench.native_check``: print the figures as JSON, with the machine."""
+    parser = argparse.ArgumentParser(prog="python -m bench.native_check", description=__doc__)
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--rounds", type=int, default=9)
+    args = parser.parse_args()
+    doc = {"machine": machine(), "native_check": run(args.size, args.rounds)}
+    print(json.dumps(doc, indent=2))
+
+
+if __name__ == "__main__":
+    main()
