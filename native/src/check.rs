@@ -19,6 +19,12 @@
 //! f64, lone surrogates, nesting deeper than 128, non-UTF-8 bodies), the receipt is refused here
 //! with the parser's own message; Python would have parsed it and refused it later, or (for a
 //! UTF-16 body) accepted it. No kernel writes such a receipt.
+//!
+//! The record is read field by field (a dict by key, a `StepReceipt`/`StepOutcome` by attribute):
+//! a missing field the request id or a comparison needs, a value that is not None, bool, int, str
+//! or a list of them, or a string with a lone surrogate makes the record "not readable" (the
+//! text after the colon is this module's: `'name'` for a missing field). `from_avro` refused
+//! missing fields too; the Avro decoder never yields the others.
 use std::collections::HashSet;
 
 use chio_core_types::canonical::canonicalize;
