@@ -408,6 +408,14 @@ fn sha256_hex(data: &[u8]) -> String {
 /// `json.dumps(text, ensure_ascii=True)`.
 fn dump_str(text: &str, out: &mut String) {
     out.push('"');
+    if text
+        .bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push_str(text);
+        out.push('"');
+        return;
+    }
     for c in text.chars() {
         match c {
             '"' => out.push_str("\\\""),
