@@ -64,7 +64,8 @@ _NULL_CONTENT_HASH: Final = content_hash(None)
 
 def outcome_request_id(outcome: StepOutcome) -> str:
     """``"chio-temporal-v1-outcome:"`` + SHA-256 hex of the compact JSON array of every field of
-    ``outcome`` but its receipt (schema order, ``status`` as its symbol)."""
+    ``outcome`` but its receipt (schema order, ``status`` as its symbol), computed natively
+    (``chio_receipts_native.outcome_request_id``, the check's own binding)."""
     return chio_receipts_native.outcome_request_id(outcome, STATUSES)
 
 

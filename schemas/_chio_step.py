@@ -99,6 +99,7 @@ def request_id_for(step: StepReceipt) -> str:
     argument_digest, argument_key_id, scheduled_at, started_at, evaluated_at, worker_identity,
     then prev_hash as lowercase hex. It is the project's own digest (the kernel only signs the
     string), so plain JSON of a fixed array is enough: deterministic, no key order to sort.
+    Computed natively (``chio_receipts_native.step_request_id``, the check's own binding).
     """
     return chio_receipts_native.step_request_id(step)
 
