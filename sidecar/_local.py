@@ -10,7 +10,6 @@ bounded: expired capabilities are dropped after a grace period.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -29,7 +28,6 @@ from chio_receipts.schemas import (
     SignedReceipt,
     StepOutcome,
     Verdict,
-    chio_step_payload,
     is_subset,
     normalize_scope,
     now_us,
@@ -39,10 +37,11 @@ from chio_receipts.schemas import (
     sign_chio_outcome,
     sign_delegation_link,
     sign_kernel_receipt,
-    sign_receipt,
     uuid7,
     verify_capability_token,
 )
+from chio_receipts.schemas._chio_wire import sign_kernel_receipt_text
+from chio_receipts.schemas._signing import seal_receipt
 from chio_receipts.sidecar import _budgets, _chio
 from chio_receipts.sidecar._approvals import ApprovalBook, Hold
 from chio_receipts.sidecar._chio import ChioRequestError
@@ -535,6 +534,31 @@ class LocalSidecar:
         redact: bool = False,
     ) -> dict[str, Any]:
         """The decision as a kernel-format receipt signed with the sidecar's key."""
+        body = self._kernel_body(
+            decision,
+            at_us=at_us,
+            tool_server=tool_server,
+            tool=tool,
+            parameters=parameters,
+            request_id=request_id,
+            policy_hash=policy_hash,
+            redact=redact,
+        )
+        return sign_kernel_receipt(body, self._key)
+
+    def _kernel_body(
+        self,
+        decision: _Decision,
+        *,
+        at_us: int,
+        tool_server: str,
+        tool: str,
+        parameters: object,
+        request_id: str,
+        policy_hash: str,
+        redact: bool = False,
+    ) -> dict[str, Any]:
+        """The decision's kernel-format receipt body, unsigned."""
         body = _chio.receipt_body(
             timestamp=at_us // 1_000_000,
             token=decision.kernel,
@@ -553,7 +577,7 @@ class LocalSidecar:
         )
         if decision.hold is not None:
             body["metadata"]["approval"] = decision.hold.metadata()
-        return sign_kernel_receipt(body, self._key)
+        return body
 
     def evaluate_now(self, request: EvaluationRequest) -> SignedReceipt:
         """Synchronous :meth:`evaluate`: decide once, sign a Chio receipt, sign the step.
@@ -591,17 +615,19 @@ class LocalSidecar:
             key_id=self._key.key_id,
         )
         try:
-            chio = self._kernel_receipt(
-                decision,
-                at_us=evaluated_at,
-                tool_server=request.tool_server,
-                tool=request.tool,
-                parameters=request.parameters,
-                request_id=request_id_for(step),
-                policy_hash=policy_hash,
-                redact=request.redact_parameters,
+            chio_id, chio_text, chio_signed = sign_kernel_receipt_text(
+                self._kernel_body(
+                    decision,
+                    at_us=evaluated_at,
+                    tool_server=request.tool_server,
+                    tool=request.tool,
+                    parameters=request.parameters,
+                    request_id=request_id_for(step),
+                    policy_hash=policy_hash,
+                    redact=request.redact_parameters,
+                ),
+                self._key,
             )
-            chio_text, chio_signed = chio_step_payload(chio)
         except ChioWireError:
             self._finish_guards(guards, decision, allowed=False)
             raise ProtocolError("the parameters have no canonical JSON form") from None
@@ -610,18 +636,20 @@ class LocalSidecar:
             decision,
             allowed=decision.verdict is Verdict.ALLOW,
             receipt_id=step.receipt_id,
-            chio_receipt_id=str(chio["id"]),
+            chio_receipt_id=chio_id,
         )
-        step = dataclasses.replace(
+        # The receipt was made above and is still this call's alone: it is finished and signed
+        # in place (one record per attempt, no unsigned copy).
+        body = seal_receipt(
             step,
+            self._key,
             chio_receipt=chio_text,
             chio_signed=chio_signed,
             latency_us=(time.perf_counter_ns() - t0) // 1000,
         )
-        step, body = sign_receipt(step, self._key)
         if decision.hold is not None:
             self._approvals.open(
-                decision.hold, request_receipt_id=step.receipt_id, request_chio_id=chio["id"]
+                decision.hold, request_receipt_id=step.receipt_id, request_chio_id=chio_id
             )
         if self._log_receipts:
             self._store.log_receipt(step.receipt_id, step.key_id, body)
