@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal, overload
 
 from chio_receipts.schemas import (
     CapabilityToken,
@@ -521,29 +521,25 @@ class LocalSidecar:
             hold=hold,
         )
 
+    @overload
     def _kernel_receipt(
-        self,
-        decision: _Decision,
-        *,
-        at_us: int,
-        tool_server: str,
-        tool: str,
-        parameters: object,
-        request_id: str,
-        policy_hash: str,
-        redact: bool = False,
-    ) -> dict[str, Any]:
-        """The decision as a kernel-format receipt signed with the sidecar's key."""
-        body = self._kernel_body(
-            decision,
-            at_us=at_us,
-            tool_server=tool_server,
-            tool=tool,
-            parameters=parameters,
-            request_id=request_id,
-            policy_hash=policy_hash,
-            redact=redact,
-        )
+        self, decision: _Decision, *, as_text: Literal[False] = False, **fields: Any
+    ) -> dict[str, Any]: ...
+
+    @overload
+    def _kernel_receipt(
+        self, decision: _Decision, *, as_text: Literal[True], **fields: Any
+    ) -> tuple[str, str, bytes]: ...
+
+    def _kernel_receipt(
+        self, decision: _Decision, *, as_text: bool = False, **fields: Any
+    ) -> dict[str, Any] | tuple[str, str, bytes]:
+        """The decision as a kernel-format receipt signed with the sidecar's key (``fields``:
+        :meth:`_kernel_body`'s). ``as_text``: ``(id, compact JSON, signed bytes)`` for a step
+        event instead of the receipt's dict (one canonicalization, no copy)."""
+        body = self._kernel_body(decision, **fields)
+        if as_text:
+            return sign_kernel_receipt_text(body, self._key)
         return sign_kernel_receipt(body, self._key)
 
     def _kernel_body(
@@ -615,18 +611,16 @@ class LocalSidecar:
             key_id=self._key.key_id,
         )
         try:
-            chio_id, chio_text, chio_signed = sign_kernel_receipt_text(
-                self._kernel_body(
-                    decision,
-                    at_us=evaluated_at,
-                    tool_server=request.tool_server,
-                    tool=request.tool,
-                    parameters=request.parameters,
-                    request_id=request_id_for(step),
-                    policy_hash=policy_hash,
-                    redact=request.redact_parameters,
-                ),
-                self._key,
+            chio_id, chio_text, chio_signed = self._kernel_receipt(
+                decision,
+                as_text=True,
+                at_us=evaluated_at,
+                tool_server=request.tool_server,
+                tool=request.tool,
+                parameters=request.parameters,
+                request_id=request_id_for(step),
+                policy_hash=policy_hash,
+                redact=request.redact_parameters,
             )
         except ChioWireError:
             self._finish_guards(guards, decision, allowed=False)

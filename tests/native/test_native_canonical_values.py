@@ -1,5 +1,6 @@
-"""The native canonical JSON of Python values (``canonical_json_of``, what ``schemas.canonical_json``
-calls) against the former pure-Python canonicalizer, chio-sdk and the native text path.
+"""The native canonical JSON of Python values (``canonical_json_of``, which
+``schemas.canonical_json`` calls) against the former pure-Python canonicalizer, chio-sdk and the
+native text path.
 
 The native function turns the value into a ``serde_json::Value`` and lets chio-core-types write
 it, so it is the kernel's canonicalizer; the Python oracle was checked against the kernel in

@@ -116,7 +116,8 @@ def test_seal_signs_in_place_as_sign_receipt_signs_a_copy() -> None:
     body = seal_receipt(unsigned, key, chio_receipt="{}", latency_us=7)
     assert body == copy_body
     assert unsigned == copy_signed
-    assert unsigned.signature == copy_signed.signature and unsigned.key_id == "k1"
+    assert unsigned.signature == copy_signed.signature
+    assert unsigned.key_id == "k1"
     with pytest.raises(TypeError, match="not fields"):
         seal_receipt(sample_step(), key, signature=b"x")
 
