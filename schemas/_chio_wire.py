@@ -499,7 +499,11 @@ def sign_kernel_receipt_text(
     new_id, view, message = _signed_view(body, signing_key, nonce)
     signature = _sign(signing_key, message)
     receipt = {"id": new_id, **_in_struct_order(view), "signature": signature}
-    return new_id, json.dumps(receipt, separators=(",", ":"), ensure_ascii=False), message
+    return new_id, _COMPACT.encode(receipt), message
+
+
+# json.dumps(separators=(",", ":"), ensure_ascii=False), made once instead of per call.
+_COMPACT: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _signed_view(
