@@ -11,12 +11,12 @@
 //!
 //! Values of a type the schema does not take as is make the encoders return `None`: the caller
 //! then asks fastavro, which encodes them or raises as it always did.
+use crate::Signer;
 use chio_core_types::canonical::canonicalize;
 use ed25519_dalek::{Signer as _, SigningKey};
 use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use crate::Signer;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyMapping, PyString, PyTuple};
 
 /// Avro's encoding of a 64-byte `bytes`: the zig-zag varint of 64, then the bytes.
@@ -203,7 +203,10 @@ pub fn sign_step<'py>(
     out.push(0); // the empty signature
     let key = &signer.get().key;
     let (signature, body) = py.detach(|| seal(key, out));
-    Ok(Some((PyBytes::new(py, &signature), PyBytes::new(py, &body))))
+    Ok(Some((
+        PyBytes::new(py, &signature),
+        PyBytes::new(py, &body),
+    )))
 }
 
 /// Sign `body` (ending with the empty signature) with `key`; returns the signature and the
@@ -237,9 +240,9 @@ fn to_value(value: &Bound<'_, PyAny>, safe: bool, depth: usize) -> PyResult<serd
         return Ok(Value::Bool(b.is_true()));
     }
     if let Ok(s) = value.cast::<PyString>() {
-        let text = s.to_str().map_err(|_| {
-            wire_error("a string holds a lone UTF-16 surrogate, which is not JSON")
-        })?;
+        let text = s
+            .to_str()
+            .map_err(|_| wire_error("a string holds a lone UTF-16 surrogate, which is not JSON"))?;
         return Ok(Value::String(text.to_owned()));
     }
     if value.is_instance_of::<PyInt>() {
@@ -263,9 +266,11 @@ fn to_value(value: &Bound<'_, PyAny>, safe: bool, depth: usize) -> PyResult<serd
     }
     if let Ok(f) = value.cast::<PyFloat>() {
         let x = f.value();
-        return serde_json::Number::from_f64(x).map(Value::Number).ok_or_else(|| {
-            wire_error("NaN and Infinity have no JSON form (they are not JSON numbers)")
-        });
+        return serde_json::Number::from_f64(x)
+            .map(Value::Number)
+            .ok_or_else(|| {
+                wire_error("NaN and Infinity have no JSON form (they are not JSON numbers)")
+            });
     }
     if let Ok(dict) = value.cast::<PyDict>() {
         let mut map = serde_json::Map::with_capacity(dict.len());
