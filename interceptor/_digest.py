@@ -121,15 +121,29 @@ def _plain_json_arguments(args: Sequence[Any]) -> bytes | None:
     so the caller takes the converter's own path. Same bytes as framing each part with
     :func:`_frame` (a unit test compares it with the converter's path).
     """
-    parts = [_MAGIC, len(args).to_bytes(4, "big")]
+    data = plain_json_data(args)
+    return None if data is None else frame_plain_json(data)
+
+
+def plain_json_data(args: Sequence[Any]) -> list[bytes] | None:
+    """Each argument's payload data as the default converter writes it (JSON, sorted keys,
+    compact), or None when one is not a plain JSON value (see :func:`_plain_json_arguments`)."""
+    out = []
     for arg in args:
         if type(arg) not in _PLAIN_TYPES:
             return None
         try:
-            data = _JSON.encode(arg).encode()
+            out.append(_JSON.encode(arg).encode())
         except (TypeError, ValueError, RecursionError):
             return None
-        parts += (_JSON_PLAIN_HEAD, len(data).to_bytes(4, "big"), data)
+    return out
+
+
+def frame_plain_json(data: Sequence[bytes]) -> bytes:
+    """:func:`canonical_arguments` of plain JSON arguments whose payload data is ``data``."""
+    parts = [_MAGIC, len(data).to_bytes(4, "big")]
+    for item in data:
+        parts += (_JSON_PLAIN_HEAD, len(item).to_bytes(4, "big"), item)
     return b"".join(parts)
 
 

@@ -64,7 +64,7 @@ from temporalio.exceptions import ApplicationError
 
 from chio_receipts.interceptor._budget_activity import CURRENT_DECISION
 from chio_receipts.interceptor._client import ChioClient
-from chio_receipts.interceptor._digest import ArgumentKey, argument_digest, result_digest
+from chio_receipts.interceptor._digest import ArgumentKey, result_digest
 from chio_receipts.interceptor._errors import (
     APPROVAL_PENDING_ERROR_TYPE,
     CONFIG_ERROR_TYPE,
@@ -90,7 +90,7 @@ from chio_receipts.interceptor._outcomes import (
     classify_end,
     gate_outcome,
 )
-from chio_receipts.interceptor._parameters import activity_parameters
+from chio_receipts.interceptor._parameters import call_parameters
 from chio_receipts.interceptor._receipt import WorkflowReceipt
 from chio_receipts.interceptor._run_ledger import RunLedger, RunState
 from chio_receipts.interceptor._sdk import AnyClient, evaluator_for
@@ -331,10 +331,10 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
         self._present(resolution.grant)
         run = self._runs.open(info.namespace, info.workflow_id or "", info.workflow_run_id or "")
         async with run.lock:  # one attempt of a run at a time: receipts chain in order
-            request = self._request(
+            request, sent_hash = self._request(
                 info, args, resolution, run.last_hash, started_at, (trace_id, span_id)
             )
-            signed = await self._evaluate(request)
+            signed = await self._evaluate(request, sent_hash)
             await self._record(run, signed, request)
         self._raise_unless_allowed(signed.receipt, resolution)
         return signed
@@ -437,10 +437,11 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
         prev_hash: bytes,
         started_at: int,
         trace: tuple[str, str] = ("", ""),
-    ) -> EvaluationRequest:
+    ) -> tuple[EvaluationRequest, str]:
+        """The attempt's evaluation request, and the ``parameter_hash`` of its parameters."""
         grant = resolution.grant
-        digest = argument_digest(self._argument_key, args, self._converter)
-        return EvaluationRequest(
+        digest, parameters, sent_hash = call_parameters(self._argument_key, args, self._converter)
+        request = EvaluationRequest(
             capability_id=grant.capability_id if grant else "",
             tool_server=self.tool_server_for(info.activity_type),
             tool=info.activity_type,
@@ -460,19 +461,22 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
             worker_identity=self.identity,
             prev_hash=prev_hash,
             deny_reason=resolution.deny_reason,
-            parameters=activity_parameters(args, digest, self._converter),
+            parameters=parameters,
             redact_parameters=self.redact_parameters,
             trace_id=trace[0],
             span_id=trace[1],
         )
+        return request, sent_hash
 
-    async def _evaluate(self, request: EvaluationRequest) -> SignedReceipt:
+    async def _evaluate(
+        self, request: EvaluationRequest, sent_hash: str | None = None
+    ) -> SignedReceipt:
         """The sidecar's signed decision; a sidecar failure is a retryable error, never an
         allow."""
         self.stats.evaluations += 1
         try:
             signed = await self._evaluator.evaluate(request)
-            _check_answer(request, signed.receipt)
+            _check_answer(request, signed.receipt, sent_hash)
         except ChioSidecarError as exc:
             self.stats.sidecar_errors += 1
             unreachable = isinstance(exc, ChioSidecarUnavailable)
@@ -589,7 +593,9 @@ class ChioActivityInterceptor(AsyncCloseable, temporalio.worker.Interceptor):
             await self._owned.aclose()
 
 
-def _check_answer(request: EvaluationRequest, receipt: StepReceipt) -> None:
+def _check_answer(
+    request: EvaluationRequest, receipt: StepReceipt, sent_hash: str | None = None
+) -> None:
     """Refuse a sidecar answer that is not a receipt of this request with a possible verdict."""
     if not request.matches(receipt):
         raise ChioSidecarProtocolError("the sidecar's receipt does not match the request")
@@ -598,7 +604,7 @@ def _check_answer(request: EvaluationRequest, receipt: StepReceipt) -> None:
     if receipt.verdict not in (Verdict.ALLOW, Verdict.DENY, Verdict.PENDING_APPROVAL):
         raise ChioSidecarProtocolError(f"the sidecar answered verdict {receipt.verdict}")
     if receipt.chio_receipt:
-        _check_parameters(request, receipt.chio_receipt)
+        _check_parameters(request, receipt.chio_receipt, sent_hash)
     if receipt.verdict is Verdict.PENDING_APPROVAL and not _approval_id(receipt):
         raise ChioSidecarProtocolError("the sidecar held the attempt without an approval id")
 
@@ -623,7 +629,9 @@ def _chio_id(receipt: StepReceipt) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _check_parameters(request: EvaluationRequest, chio_receipt: str) -> None:
+def _check_parameters(
+    request: EvaluationRequest, chio_receipt: str, sent_hash: str | None = None
+) -> None:
     """Refuse a Chio receipt that signs other parameters than the ones sent, or carries them
     when the worker asked for redaction (the messages never quote parameters)."""
     try:
@@ -631,7 +639,8 @@ def _check_parameters(request: EvaluationRequest, chio_receipt: str) -> None:
         action = receipt["action"]
         mode = receipt.get("redaction_mode", "none")
         signed_hash = action["parameter_hash"]
-        sent_hash = parameter_hash(request.parameters)
+        if sent_hash is None:  # the hash of the parameters sent, unless the caller kept it
+            sent_hash = parameter_hash(request.parameters)
     except (ValueError, KeyError, TypeError, AttributeError, ChioWireError):
         raise ChioSidecarProtocolError(
             "the sidecar's Chio receipt has no readable action"

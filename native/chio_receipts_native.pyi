@@ -69,3 +69,17 @@ def step_request_id(step: object) -> str:
 
 def outcome_request_id(outcome: object, statuses: AbstractSet[str]) -> str:
     """``schemas.outcome_request_id`` of a ``StepOutcome`` or a plain outcome record."""
+def encode_step(receipt: object, key_id: str, signature: bytes) -> bytes | None:
+    """The schemaless Avro body of a ``StepReceipt`` (read by attribute) with ``key_id`` and
+    ``signature`` in place of its own, byte for byte fastavro's; ``None`` when a value is not of a
+    type the schema takes as is."""
+
+def sign_step(receipt: object, key_id: str, signer: Signer) -> tuple[bytes, bytes] | None:
+    """``(signature, wire_body)``: the body with ``key_id`` and an empty signature, signed by
+    ``signer``, and the same bytes with the signature in place; ``None`` as for
+    :func:`encode_step`."""
+
+def canonical_json_of(value: object, safe_integers: bool = False) -> bytes:
+    """The kernel's RFC 8785 canonical JSON of a Python value (dicts and other mappings with
+    ``str`` keys, lists, tuples, str, 64-bit int, finite float, bool, None); ``ValueError`` when
+    it has none."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
+import json
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -57,6 +57,7 @@ __all__ = [
     "sign_capability_token",
     "sign_delegation_link",
     "sign_kernel_receipt",
+    "sign_kernel_receipt_text",
     "stream_content_hash",
     "verify_capability_token",
     "verify_kernel_receipt",
@@ -78,8 +79,6 @@ SDK_OPERATION_SPELLING: Final = {
 RECEIPT_NONCE_KEY: Final = "chio_receipt_signing_nonce"
 """The metadata key the signer's nonce is bound under before the receipt id is computed."""
 
-_MAX_SAFE_INTEGER: Final = (1 << 53) - 1
-_I64_MIN: Final = -(1 << 63)
 _U64_MAX: Final = (1 << 64) - 1
 
 SigningKey: TypeAlias = nacl.signing.SigningKey | KeyPair
@@ -95,109 +94,24 @@ class ChioWireError(ProtocolError):
 
 # ---------------------------------------------------------------- canonical JSON (RFC 8785)
 
-_ESCAPES: Final = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r"}
-_ESCAPES["\t"] = "\\t"
-# Rust's char::is_control() is the Unicode Cc category: C0 controls, DEL and the C1 controls.
-_NEEDS_ESCAPE: Final = re.compile('["\\\\\x00-\x1f\x7f-\x9f]')
-
-
-def _escape_char(match: re.Match[str]) -> str:
-    ch = match.group()
-    return _ESCAPES.get(ch) or f"\\u{ord(ch):04x}"
-
-
-def _string(value: str) -> str:
-    return '"' + _NEEDS_ESCAPE.sub(_escape_char, value) + '"'
-
-
-def _utf16_key(key: str) -> bytes:
-    # Big-endian UTF-16 bytes compare like the sequence of UTF-16 code units (RFC 8785 3.2.3).
-    return key.encode("utf-16-be", "surrogatepass")
-
-
-def _float(value: float) -> str:
-    if not math.isfinite(value):
-        raise ChioWireError(f"{value!r} has no JSON form (NaN and Infinity are not JSON numbers)")
-    if value == 0.0:
-        return "0"  # -0 too
-    magnitude = abs(value)
-    # repr() is the shortest decimal that round-trips, the same digits ryu gives the kernel.
-    mantissa, _, exponent = repr(magnitude).partition("e")
-    int_part, _, frac_part = mantissa.partition(".")
-    raw = int_part + frac_part
-    digits = raw.lstrip("0")
-    point = len(int_part) + (int(exponent) if exponent else 0) - (len(raw) - len(digits))
-    digits = digits.rstrip("0")
-    sign = "-" if value < 0 else ""
-    if 1e-6 <= magnitude < 1e21:
-        if point <= 0:
-            return f"{sign}0.{'0' * -point}{digits}"
-        if point >= len(digits):
-            return sign + digits + "0" * (point - len(digits))
-        return f"{sign}{digits[:point]}.{digits[point:]}"
-    exp = point - 1
-    head = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
-    return f"{sign}{head}e{'+' if exp >= 0 else ''}{exp}"
-
-
-def _write(value: object, out: list[str], safe_integers: bool) -> None:
-    if value is None:
-        out.append("null")
-    elif value is True:
-        out.append("true")
-    elif value is False:
-        out.append("false")
-    elif isinstance(value, str):
-        out.append(_string(value))
-    elif isinstance(value, int):
-        if safe_integers and abs(value) > _MAX_SAFE_INTEGER:
-            raise ChioWireError(f"integer {value} is outside the I-JSON range +-(2**53 - 1)")
-        if not _I64_MIN <= value <= _U64_MAX:
-            raise ChioWireError(f"integer {value} does not fit a 64-bit JSON number")
-        out.append(str(int(value)))
-    elif isinstance(value, float):
-        out.append(_float(value))
-    elif isinstance(value, Mapping):
-        out.append("{")
-        try:
-            items = sorted(value.items(), key=lambda item: _utf16_key(item[0]))
-        except (TypeError, AttributeError) as exc:
-            raise ChioWireError("JSON object keys must be strings") from exc
-        for index, (key, item) in enumerate(items):
-            if index:
-                out.append(",")
-            out.append(_string(key))
-            out.append(":")
-            _write(item, out, safe_integers)
-        out.append("}")
-    elif isinstance(value, list | tuple):
-        out.append("[")
-        for index, item in enumerate(value):
-            if index:
-                out.append(",")
-            _write(item, out, safe_integers)
-        out.append("]")
-    else:
-        raise ChioWireError(f"a {type(value).__name__} has no JSON form")
-
 
 def canonical_json(value: object, *, safe_integers: bool = False) -> bytes:
     """The RFC 8785 canonical JSON bytes of ``value``, as chio-core-types 0.1.2 writes them.
 
-    ``value`` is what :func:`json.loads` returns (dict, list, str, int, float, bool, None; tuples
-    count as lists). Integers must fit a 64-bit integer, as in the kernel's ``serde_json`` values;
+    Written by the kernel's own canonicalizer in the native core
+    (``chio_receipts_native.canonical_json_of``: the value becomes a ``serde_json::Value`` and
+    chio-core-types ``canonicalize`` writes it). ``value`` is what :func:`json.loads` returns
+    (dict, list, str, int, float, bool, None; tuples count as lists, other mappings as dicts).
+    Integers must fit a 64-bit integer, as in the kernel's ``serde_json`` values;
     ``safe_integers=True`` also rejects magnitudes above 2**53 - 1 like the kernel's strict text
     path (``canonical_json_bytes_from_str``). Raises :class:`ChioWireError` for NaN, Infinity,
-    non-string keys, strings with lone surrogates and values that are not JSON.
+    non-string keys, strings with lone surrogates, values that are not JSON and nesting deeper
+    than 900 levels; the message never quotes the value.
     """
-    out: list[str] = []
     try:
-        _write(value, out, safe_integers)
-        return "".join(out).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ChioWireError("a string holds a lone UTF-16 surrogate, which is not JSON") from exc
-    except RecursionError as exc:
-        raise ChioWireError("the value is nested too deeply") from exc
+        return chio_receipts_native.canonical_json_of(value, safe_integers)
+    except ValueError as exc:
+        raise ChioWireError(str(exc)) from None
 
 
 def _sha256_hex(data: bytes) -> str:
@@ -215,7 +129,12 @@ def content_hash(output: object = None) -> str:
     With no output (an authorization or a deny) the kernel hashes ``null``:
     ``74234e98afe7498fb5daf1f36ac2d78acc339464f950703b8c019892f982b90b``.
     """
+    if output is None:
+        return _NULL_HASH
     return _sha256_hex(canonical_json(output))
+
+
+_NULL_HASH: Final = hashlib.sha256(b"null").hexdigest()
 
 
 def stream_content_hash(chunks: Iterable[object]) -> str:
@@ -262,9 +181,10 @@ def _public_hex(key: SigningKey) -> str:
 
 
 def _sign(key: SigningKey, message: bytes) -> str:
+    # The native core signs for both kinds of key (PyNaCl's key by its seed).
     if isinstance(key, KeyPair):
         return key.sign(message).hex()
-    return bytes(key.sign(message).signature).hex()
+    return chio_receipts_native.sign(bytes(key), message).hex()
 
 
 def _verifies(key_hex: str, message: bytes, signature: bytes) -> bool:
@@ -564,6 +484,33 @@ def sign_kernel_receipt(
     Raises :class:`ChioWireError` for unknown fields, wrong types, unsignable semantics (e.g. a
     mediated decision without a decision), or a ``kernel_key`` that is not the signer's.
     """
+    new_id, view, message = _signed_view(body, signing_key, nonce)
+    signature = _sign(signing_key, message)
+    # A deep copy: later changes to the caller's body must not reach the signed receipt.
+    return copy.deepcopy({"id": new_id, **_in_struct_order(view), "signature": signature})
+
+
+def sign_kernel_receipt_text(
+    body: Mapping[str, Any], signing_key: KeyPair, *, nonce: str | None = None
+) -> tuple[str, str, bytes]:
+    """:func:`sign_kernel_receipt` for a step event: ``(receipt id, receipt as compact JSON,
+    signed bytes)``, what ``chio_step_payload`` gives for the signed receipt, without the
+    receipt's dict (nor its deep copy) and with the body canonicalized once."""
+    new_id, view, message = _signed_view(body, signing_key, nonce)
+    signature = _sign(signing_key, message)
+    receipt = {"id": new_id, **_in_struct_order(view), "signature": signature}
+    return new_id, _COMPACT.encode(receipt), message
+
+
+# json.dumps(separators=(",", ":"), ensure_ascii=False), made once instead of per call.
+_COMPACT: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def _signed_view(
+    body: Mapping[str, Any], signing_key: SigningKey, nonce: str | None
+) -> tuple[str, dict[str, Any], bytes]:
+    """The receipt id, the checked id input of ``body`` with the nonce bound, and the bytes the
+    signature covers (``JCS({"body": view, "id": id})``, from one canonicalization)."""
     unknown = set(body) - _RECEIPT_INPUT_FIELDS
     if unknown:
         raise ChioWireError(f"fields that a kernel receipt does not sign: {sorted(unknown)}")
@@ -593,10 +540,11 @@ def sign_kernel_receipt(
         if not isinstance(metadata, Mapping):
             metadata = {} if metadata is None else {"original_metadata": metadata}
         view["metadata"] = {**metadata, RECEIPT_NONCE_KEY: bound}
-    new_id = _receipt_id(view)
-    signature = _sign(signing_key, _receipt_signing_bytes(new_id, view))
-    # A deep copy: later changes to the caller's body must not reach the signed receipt.
-    return copy.deepcopy({"id": new_id, **_in_struct_order(view), "signature": signature})
+    canonical = canonical_json(view)
+    new_id = _sha256_hex(canonical)
+    # "body" sorts before "id"; the id is lowercase hex, which JSON writes as is.
+    message = b'{"body":' + canonical + b',"id":"' + new_id.encode("ascii") + b'"}'
+    return new_id, view, message
 
 
 def _new_nonce() -> str:

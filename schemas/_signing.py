@@ -3,19 +3,22 @@
 The signature is the schema's last field. The signed bytes are the Avro body with an empty
 signature, so a signed body is ``signed_bytes[:-1] + <avro bytes of the signature>``: signing
 encodes once, and a verifier can check the wire body without decoding or re-encoding it.
-Signing is PyNaCl's (measured on a 2-core machine, 34k sign / 13k verify per second vs 22k / 6.8k
-with ``cryptography``); verification is the native core's (``chio_receipts_native``, ed25519-dalek),
-which the consumers also use to verify a whole poll batch at once.
+Signing and verification are the native core's (``chio_receipts_native``, ed25519-dalek; Ed25519
+is deterministic, so its signatures are byte for byte PyNaCl's, which the tests check): one call
+encodes a receipt and signs it (``sign_step``). Keys load and print as before: a
+:class:`KeyPair` is made from PyNaCl's ``SigningKey`` (or a 32-byte seed) and holds a native
+``Signer`` of the same seed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import chio_receipts_native
-import nacl.bindings
 import nacl.signing
 
 from chio_receipts.schemas._avro import encode_body
@@ -29,6 +32,7 @@ __all__ = [
     "KeyPair",
     "chain_root",
     "receipt_hash",
+    "seal_receipt",
     "sign_receipt",
     "signed_body",
     "step_body",
@@ -48,13 +52,12 @@ class KeyPair:
 
     key_id: str
     _signing_key: nacl.signing.SigningKey = field(repr=False)
-    # libsodium's 64-byte secret key, derived once: signing calls the binding directly instead
-    # of building a SignedMessage per call (same signature, Ed25519 is deterministic).
-    _secret: bytes = field(init=False, repr=False, compare=False)
+    # The same seed held by the native core, which signs (same signatures: Ed25519 is
+    # deterministic). Made once per key.
+    _signer: chio_receipts_native.Signer = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _, secret = nacl.bindings.crypto_sign_seed_keypair(bytes(self._signing_key))
-        object.__setattr__(self, "_secret", secret)
+        object.__setattr__(self, "_signer", chio_receipts_native.Signer(bytes(self._signing_key)))
 
     @classmethod
     def generate(cls, key_id: str) -> KeyPair:
@@ -73,7 +76,7 @@ class KeyPair:
 
     def sign(self, message: bytes) -> bytes:
         """Detached 64-byte signature of ``message``."""
-        return nacl.bindings.crypto_sign(message, self._secret)[:SIGNATURE_SIZE]
+        return self._signer.sign(message)
 
 
 def step_body(receipt: StepReceipt) -> bytes:
@@ -88,15 +91,44 @@ def sign_receipt(receipt: StepReceipt, key: KeyPair) -> tuple[StepReceipt, bytes
     The signed bytes are the receipt's body with ``key.key_id`` and an empty signature; the wire
     body is the same bytes with the signature in place of the empty one.
     """
-    to_sign = encode_step(receipt, key.key_id, b"")
-    if to_sign is None:  # a value the direct writer does not take: fastavro decides
-        record = receipt.to_avro()
-        record["key_id"] = key.key_id
-        record["signature"] = b""
-        to_sign = encode_body(STEP_SCHEMA, record)
-    signature = key.sign(to_sign)
-    body = to_sign[:-1] + _SIG_PREFIX + signature
+    signature, body = _sign_body(receipt, key)
     return receipt.with_signature(key_id=key.key_id, signature=signature), body
+
+
+def seal_receipt(receipt: StepReceipt, key: KeyPair, **fields: Any) -> bytes:
+    """Finish and sign a receipt its caller has just made, in place; returns its wire body.
+
+    For the sidecar's decision, which builds each receipt once: ``fields`` (the values known
+    only once the decision is signed, e.g. ``chio_receipt`` and ``latency_us``), then ``key_id``
+    and ``signature`` are set on ``receipt`` itself instead of on copies. ``receipt`` must not
+    have been handed to anyone yet (nor hashed): it is a frozen record from this call on.
+    """
+    unknown = set(fields) - _SEALABLE
+    if unknown:
+        raise TypeError(f"not fields of a step receipt: {sorted(unknown)}")
+    for name, value in fields.items():
+        object.__setattr__(receipt, name, value)
+    signature, body = _sign_body(receipt, key)
+    object.__setattr__(receipt, "key_id", key.key_id)
+    object.__setattr__(receipt, "signature", signature)
+    return body
+
+
+_SEALABLE = frozenset(f.name for f in dataclasses.fields(StepReceipt)) - {"key_id", "signature"}
+
+
+def _sign_body(receipt: StepReceipt, key: KeyPair) -> tuple[bytes, bytes]:
+    """``(signature, wire body)`` of ``receipt`` signed by ``key``: one native call."""
+    signed = chio_receipts_native.sign_step(receipt, key.key_id, key._signer)
+    if signed is not None:
+        return signed
+    # A value the native writer does not take: fastavro decides (encodes or raises).
+    record = receipt.to_avro()
+    record["key_id"] = key.key_id
+    record["signature"] = b""
+    to_sign = encode_body(STEP_SCHEMA, record)
+    signature = key.sign(to_sign)
+    return signature, to_sign[:-1] + _SIG_PREFIX + signature
 
 
 def signed_body(body: bytes) -> tuple[bytes, bytes] | None:

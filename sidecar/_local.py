@@ -10,7 +10,6 @@ bounded: expired capabilities are dropped after a grace period.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -18,7 +17,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal, overload
 
 from chio_receipts.schemas import (
     CapabilityToken,
@@ -29,7 +28,6 @@ from chio_receipts.schemas import (
     SignedReceipt,
     StepOutcome,
     Verdict,
-    chio_step_payload,
     is_subset,
     normalize_scope,
     now_us,
@@ -39,10 +37,11 @@ from chio_receipts.schemas import (
     sign_chio_outcome,
     sign_delegation_link,
     sign_kernel_receipt,
-    sign_receipt,
     uuid7,
     verify_capability_token,
 )
+from chio_receipts.schemas._chio_wire import sign_kernel_receipt_text
+from chio_receipts.schemas._signing import seal_receipt
 from chio_receipts.sidecar import _budgets, _chio
 from chio_receipts.sidecar._approvals import ApprovalBook, Hold
 from chio_receipts.sidecar._chio import ChioRequestError
@@ -522,7 +521,28 @@ class LocalSidecar:
             hold=hold,
         )
 
+    @overload
     def _kernel_receipt(
+        self, decision: _Decision, *, as_text: Literal[False] = False, **fields: Any
+    ) -> dict[str, Any]: ...
+
+    @overload
+    def _kernel_receipt(
+        self, decision: _Decision, *, as_text: Literal[True], **fields: Any
+    ) -> tuple[str, str, bytes]: ...
+
+    def _kernel_receipt(
+        self, decision: _Decision, *, as_text: bool = False, **fields: Any
+    ) -> dict[str, Any] | tuple[str, str, bytes]:
+        """The decision as a kernel-format receipt signed with the sidecar's key (``fields``:
+        :meth:`_kernel_body`'s). ``as_text``: ``(id, compact JSON, signed bytes)`` for a step
+        event instead of the receipt's dict (one canonicalization, no copy)."""
+        body = self._kernel_body(decision, **fields)
+        if as_text:
+            return sign_kernel_receipt_text(body, self._key)
+        return sign_kernel_receipt(body, self._key)
+
+    def _kernel_body(
         self,
         decision: _Decision,
         *,
@@ -534,7 +554,7 @@ class LocalSidecar:
         policy_hash: str,
         redact: bool = False,
     ) -> dict[str, Any]:
-        """The decision as a kernel-format receipt signed with the sidecar's key."""
+        """The decision's kernel-format receipt body, unsigned."""
         body = _chio.receipt_body(
             timestamp=at_us // 1_000_000,
             token=decision.kernel,
@@ -553,7 +573,7 @@ class LocalSidecar:
         )
         if decision.hold is not None:
             body["metadata"]["approval"] = decision.hold.metadata()
-        return sign_kernel_receipt(body, self._key)
+        return body
 
     def evaluate_now(self, request: EvaluationRequest) -> SignedReceipt:
         """Synchronous :meth:`evaluate`: decide once, sign a Chio receipt, sign the step.
@@ -591,8 +611,9 @@ class LocalSidecar:
             key_id=self._key.key_id,
         )
         try:
-            chio = self._kernel_receipt(
+            chio_id, chio_text, chio_signed = self._kernel_receipt(
                 decision,
+                as_text=True,
                 at_us=evaluated_at,
                 tool_server=request.tool_server,
                 tool=request.tool,
@@ -601,7 +622,6 @@ class LocalSidecar:
                 policy_hash=policy_hash,
                 redact=request.redact_parameters,
             )
-            chio_text, chio_signed = chio_step_payload(chio)
         except ChioWireError:
             self._finish_guards(guards, decision, allowed=False)
             raise ProtocolError("the parameters have no canonical JSON form") from None
@@ -610,18 +630,20 @@ class LocalSidecar:
             decision,
             allowed=decision.verdict is Verdict.ALLOW,
             receipt_id=step.receipt_id,
-            chio_receipt_id=str(chio["id"]),
+            chio_receipt_id=chio_id,
         )
-        step = dataclasses.replace(
+        # The receipt was made above and is still this call's alone: it is finished and signed
+        # in place (one record per attempt, no unsigned copy).
+        body = seal_receipt(
             step,
+            self._key,
             chio_receipt=chio_text,
             chio_signed=chio_signed,
             latency_us=(time.perf_counter_ns() - t0) // 1000,
         )
-        step, body = sign_receipt(step, self._key)
         if decision.hold is not None:
             self._approvals.open(
-                decision.hold, request_receipt_id=step.receipt_id, request_chio_id=chio["id"]
+                decision.hold, request_receipt_id=step.receipt_id, request_chio_id=chio_id
             )
         if self._log_receipts:
             self._store.log_receipt(step.receipt_id, step.key_id, body)

@@ -10,6 +10,8 @@
 //!   `ChioReceipt::verify_signature`, plus an optional trusted-signer check.
 //!
 //! Every function is pure; the non-trivial ones release the GIL while they work.
+mod encode;
+
 use std::collections::HashMap;
 
 mod check;
@@ -339,6 +341,9 @@ fn chio_receipts_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check::step_request_id, m)?)?;
     m.add_function(wrap_pyfunction!(check::outcome_request_id, m)?)?;
     m.add_class::<Signer>()?;
+    m.add_function(wrap_pyfunction!(encode::encode_step, m)?)?;
+    m.add_function(wrap_pyfunction!(encode::sign_step, m)?)?;
+    m.add_function(wrap_pyfunction!(encode::canonical_json_of, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -2,8 +2,8 @@
 
 chio-sdk 0.1.0's ``chio.invariants`` canonicalizer is the oracle where it follows RFC 8785; it
 departs from the kernel on floats (``.15g``) and leaves U+007F-U+009F raw (docs/CHIO_PROTOCOL.md,
-row 10). There the project's kernel-checked ``schemas.canonical_json`` is the oracle, and the
-departure of chio-sdk is pinned so a fixed chio-sdk shows up.
+row 10). There the project's former kernel-checked Python canonicalizer (``_canonical_oracle``)
+is the oracle, and the departure of chio-sdk is pinned so a fixed chio-sdk shows up.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chio_receipts import schemas
+from tests.native._canonical_oracle import canonical_json as oracle
 
 pytestmark = pytest.mark.unit
 
@@ -58,7 +59,8 @@ def test_byte_identical_to_chio_sdk(value: object) -> None:
 @given(kernel_values)
 def test_byte_identical_to_the_projects_kernel_canonicalizer(value: object) -> None:
     # Floats and U+007F-U+009F included; key order and whitespace of the input do not matter.
-    expected = schemas.canonical_json(value)
+    expected = oracle(value)
+    assert schemas.canonical_json(value) == expected
     assert native.canonical_json(json.dumps(value, ensure_ascii=False)) == expected
     assert native.canonical_json(json.dumps(value, indent=2, ensure_ascii=True)) == expected
 
@@ -73,7 +75,8 @@ def test_byte_identical_to_the_projects_kernel_canonicalizer(value: object) -> N
     ],
 )
 def test_where_chio_sdk_departs_from_the_kernel(value: object, kernel: bytes, sdk: str) -> None:
-    assert native.canonical_json(json.dumps(value)) == kernel == schemas.canonical_json(value)
+    assert native.canonical_json(json.dumps(value)) == kernel == oracle(value)
+    assert schemas.canonical_json(value) == kernel
     assert canonicalize_json(value) == sdk
 
 
