@@ -69,6 +69,7 @@ def step_request_id(step: object) -> str:
 
 def outcome_request_id(outcome: object, statuses: AbstractSet[str]) -> str:
     """``schemas.outcome_request_id`` of a ``StepOutcome`` or a plain outcome record."""
+
 def encode_step(receipt: object, key_id: str, signature: bytes) -> bytes | None:
     """The schemaless Avro body of a ``StepReceipt`` (read by attribute) with ``key_id`` and
     ``signature`` in place of its own, byte for byte fastavro's; ``None`` when a value is not of a
