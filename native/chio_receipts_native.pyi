@@ -3,6 +3,7 @@ kernel's own receipt verifier (chio-core-types). Pure functions; the non-trivial
 the GIL."""
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 __version__: str
 
@@ -32,3 +33,24 @@ def verify_kernel_receipt(
 ) -> tuple[bool, str | None]:
     """chio-core-types' ``ChioReceipt`` deserialisation and ``verify_signature``, plus the
     trusted-signer check: ``(valid, reason)``."""
+
+class PlainDecoder:
+    """Framed Avro events of known plain schemas, decoded in batches (GIL released)."""
+
+    OK: ClassVar[int]
+    DEFER: ClassVar[int]
+    UNKNOWN_FORMAT: ClassVar[int]
+    UNKNOWN_SCHEMA: ClassVar[int]
+    MALFORMED: ClassVar[int]
+
+    def __init__(
+        self,
+        schemas: Sequence[tuple[str, str, Sequence[bytes]]],
+        known: Sequence[bytes] | None = None,
+    ) -> None:
+        """``(name, schema_json, fingerprints)`` in dependency order; ``known``: fingerprints
+        left to the library reader (``None``: every one not decoded here)."""
+
+    def decode_batch(self, values: Sequence[bytes]) -> list[tuple[int, Any, Any, Any]]:
+        """Per message ``(OK, schema_name, record, body)``, ``(DEFER, None, None, None)`` or
+        ``(UNKNOWN_FORMAT | UNKNOWN_SCHEMA | MALFORMED, detail, None, None)``."""

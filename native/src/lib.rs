@@ -10,6 +10,8 @@
 //!   `ChioReceipt::verify_signature`, plus an optional trusted-signer check.
 //!
 //! Every function is pure; the non-trivial ones release the GIL while they work.
+mod decode;
+
 use std::collections::HashMap;
 
 use chio_core_types::canonical::{canonical_json_bytes_from_str, canonicalize};
@@ -329,6 +331,7 @@ fn chio_receipts_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(canonical_json, m)?)?;
     m.add_function(wrap_pyfunction!(verify_kernel_receipt, m)?)?;
     m.add_class::<Signer>()?;
+    m.add_class::<decode::PlainDecoder>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
