@@ -16,6 +16,7 @@ CPU-second of this process and per wall-second.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import tempfile
@@ -25,12 +26,13 @@ from itertools import count
 from typing import Any
 
 from bench._common import Size, machine, signed_batch
+from bench._env import Env
 from chio_receipts import schemas
 from chio_receipts.consumers._clickhouse import _COLUMNS, ClickHouseConfig, ClickHouseSink
 from chio_receipts.consumers._rows import StepRow, step_row
 from chio_receipts.consumers._wire import Plain, decode_plain, decode_plain_batch
 
-__all__ = ["run"]
+__all__ = ["run", "section"]
 
 MESSAGES = 20_000
 INSERT_BATCH = 5_000
@@ -103,8 +105,6 @@ def _insert(values: list[bytes], reps: int) -> dict[str, Any]:
     tokens = count()
     with tempfile.TemporaryDirectory(prefix="bench-insert-") as tmp:
         sink = ClickHouseSink(ClickHouseConfig(dsn=f"chdb://{tmp}/db"))
-        import asyncio
-
         loop = asyncio.new_event_loop()
         loop.run_until_complete(sink.start())
         client = sink.client
@@ -153,6 +153,12 @@ def run(size: Size | str = "small") -> dict[str, Any]:
         "decode": _decode(values, reps),
         "insert": _insert(values, max(3, reps // 2)),
     }
+
+
+async def section(size: Size, env: Env | None) -> dict[str, Any]:
+    """The same as :func:`run`, with the signature of a ``bench.run`` section (no services)."""
+    del env
+    return run(size)
 
 
 def main() -> None:
