@@ -186,7 +186,11 @@ impl Tree {
                             .and_then(Json::as_array)
                             .ok_or("an enum without symbols")?
                             .iter()
-                            .map(|s| s.as_str().map(str::to_string).ok_or("a symbol not a string"))
+                            .map(|s| {
+                                s.as_str()
+                                    .map(str::to_string)
+                                    .ok_or("a symbol not a string")
+                            })
                             .collect::<Result<Vec<_>, _>>()?;
                         self.nodes[id] = Node::Enum(symbols.len());
                         self.symbols.insert(id, symbols);
@@ -203,7 +207,8 @@ impl Tree {
                         Ok(id)
                     }
                     "array" => {
-                        let items = self.parse(obj.get("items").ok_or("an array without items")?, ns)?;
+                        let items =
+                            self.parse(obj.get("items").ok_or("an array without items")?, ns)?;
                         Ok(self.push(Node::Array(items)))
                     }
                     "map" => {
@@ -309,7 +314,11 @@ impl Reader<'_> {
             }
             _ => Err(Fail::Malformed(format!(
                 "EOFError: Expected {size} bytes, read {}",
-                if size < 0 { rest } else { rest.min(size as usize) }
+                if size < 0 {
+                    rest
+                } else {
+                    rest.min(size as usize)
+                }
             ))),
         }
     }
@@ -462,7 +471,11 @@ impl PlainDecoder {
         }
         if value.len() < HEADER || value[..2] != MAGIC {
             let shown: String = value.iter().take(2).map(|b| format!("{b:02x}")).collect();
-            let shown = if shown.is_empty() { "none".to_string() } else { shown };
+            let shown = if shown.is_empty() {
+                "none".to_string()
+            } else {
+                shown
+            };
             return Outcome::Code(
                 UNKNOWN_FORMAT,
                 format!("not an Avro single-object message (first bytes {shown})"),
@@ -492,7 +505,10 @@ impl PlainDecoder {
             Err(Fail::Malformed(detail)) => Outcome::Code(MALFORMED, detail),
             Ok(_) if reader.pos != body.len() => Outcome::Code(
                 MALFORMED,
-                format!("{} trailing bytes after the record", body.len() - reader.pos),
+                format!(
+                    "{} trailing bytes after the record",
+                    body.len() - reader.pos
+                ),
             ),
             Ok(_) if reader.int_outside => Outcome::Code(
                 MALFORMED,
@@ -591,7 +607,9 @@ impl PlainDecoder {
         if tree.nodes.iter().any(|n| matches!(n, Node::Pending)) {
             return Err(PyValueError::new_err("a named type is not complete"));
         }
-        let zero = (0..tree.nodes.len()).map(|i| tree.zero_width(i, 0)).collect();
+        let zero = (0..tree.nodes.len())
+            .map(|i| tree.zero_width(i, 0))
+            .collect();
         let known = known
             .map(|list| {
                 list.iter()
@@ -600,10 +618,16 @@ impl PlainDecoder {
             })
             .transpose()?;
         let intern = |list: &Vec<String>| -> Vec<Py<PyString>> {
-            list.iter().map(|s| PyString::intern(py, s).unbind()).collect()
+            list.iter()
+                .map(|s| PyString::intern(py, s).unbind())
+                .collect()
         };
         let keys = tree.fields.iter().map(|(&id, f)| (id, intern(f))).collect();
-        let symbols = tree.symbols.iter().map(|(&id, s)| (id, intern(s))).collect();
+        let symbols = tree
+            .symbols
+            .iter()
+            .map(|(&id, s)| (id, intern(s)))
+            .collect();
         Ok(Self {
             tree,
             zero,
@@ -646,7 +670,12 @@ impl PlainDecoder {
                     };
                     PyTuple::new(
                         py,
-                        [code.into_pyobject(py)?.into_any(), detail, none.clone(), none.clone()],
+                        [
+                            code.into_pyobject(py)?.into_any(),
+                            detail,
+                            none.clone(),
+                            none.clone(),
+                        ],
                     )?
                 }
             };
