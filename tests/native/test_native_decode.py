@@ -32,7 +32,7 @@ from chio_receipts.consumers._wire import (
 )
 from chio_receipts.schemas._codec import _writers
 from tests.fuzz import fuzz_decode
-from tests.support.avro_strategies import sample_step, strategy
+from tests.support.avro_strategies import sample_run, sample_step, strategy
 
 pytestmark = pytest.mark.unit
 
@@ -266,3 +266,22 @@ def test_schemas_the_decoder_cannot_read_are_refused() -> None:
         PlainDecoder([("x", dangling, [])])
     with pytest.raises(ValueError, match="8 bytes"):
         PlainDecoder([("x", '"int"', [b"short"])])
+
+
+@pytest.mark.parametrize(
+    ("branch", "code"),
+    [
+        (b"\x02", PlainDecoder.OK),  # the int branch, as written
+        (b"\x00", PlainDecoder.MALFORMED),  # null: the int's byte is then left over
+        (b"\x04", PlainDecoder.MALFORMED),  # no third branch
+        (b"\x01", PlainDecoder.OK),  # -1, a Python index: the last branch (int)
+        (b"\x05", PlainDecoder.MALFORMED),  # -3: out of range
+    ],
+)
+def test_union_indices_as_fastavro_reads_them(branch: bytes, code: int) -> None:
+    """``expected_steps`` of a completion is the union ``["null", "int"]``."""
+    body = schemas.encode_body(RUN_SCHEMA, sample_run(expected_steps=4).to_avro())
+    marker = b"\x02" + schemas.avro_long(4)
+    at = body.rindex(marker)
+    spoiled = body[:at] + branch + body[at + 1 :]
+    assert assert_agrees(schemas.frame(RUN_SCHEMA, spoiled)) == code
