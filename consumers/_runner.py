@@ -1,6 +1,7 @@
 """One consumer loop for every consumer of the package: poll, decode, deliver, dead-letter, commit.
 
-A :class:`BatchRunner` is one member of a consumer group. Each poll it decodes the messages (bad
+A :class:`BatchRunner` is one member of a consumer group. Each poll it decodes the messages (the
+whole poll in one native call, ``consumers._wire.decode_plain_batch``; bad
 bytes, oversized values and unexpected schemas are data errors: dead-lettered, or skipped when
 the consumer is not the one that owns them), hands the :class:`Batch` to its deliver step (a
 :class:`BatchHandler`: the receipt builder, the SIEM exporter), publishes the batch's dead
@@ -40,7 +41,7 @@ from chio_receipts.consumers._dlq import (
 )
 from chio_receipts.consumers._errors import ConsumerError, KafkaUnavailable
 from chio_receipts.consumers._metrics import ConsumerMetrics
-from chio_receipts.consumers._wire import Plain, decode_plain
+from chio_receipts.consumers._wire import Plain, decode_plain_batch
 from chio_receipts.schemas import (
     ChioReceiptsError,
     Codec,
@@ -403,6 +404,13 @@ class BatchRunner:
     async def _process(self, data: Mapping[TopicPartition, Sequence[Any]]) -> int:
         batch = Batch(parts={}, stop=self._stop)
         await self._fetch_writer_schemas(data)
+        # The whole poll is decoded in one native call; the results are taken in record order.
+        decoded = iter(
+            decode_plain_batch(
+                [r.value for records in data.values() for r in records if self._decodable(r)],
+                self._codec,
+            )
+        )
         for tp, records in data.items():
             if not records:
                 continue
@@ -412,7 +420,7 @@ class BatchRunner:
             batch.parts[tp] = part
             accepted = self._config.schemas.get(tp.topic)
             for record in records:
-                plain = self._decode(part, record, accepted)
+                plain = self._decode(part, record, accepted, decoded)
                 if plain is not None:
                     part.messages.append(Message(tp, record, plain))
         await self._handler.deliver(batch)
@@ -435,9 +443,20 @@ class BatchRunner:
                 record.offset,
             )
 
+    def _decodable(self, record: Any) -> bool:
+        """Whether ``record``'s value is decoded at all (not empty, not oversized)."""
+        value = record.value
+        return value is not None and len(value) <= self._config.max_message_bytes
+
     def _decode(
-        self, part: PartitionBatch, record: Any, accepted: frozenset[str] | None
+        self,
+        part: PartitionBatch,
+        record: Any,
+        accepted: frozenset[str] | None,
+        decoded: Iterator[Plain | DecodeError],
     ) -> Plain | None:
+        """The decoded event of ``record`` (the next of ``decoded`` when it is decodable), or
+        None when it is refused."""
         value = record.value
         if value is None:
             self._refuse(part, record, "EmptyMessage", Reason.MALFORMED)
@@ -445,16 +464,15 @@ class BatchRunner:
         if len(value) > self._config.max_message_bytes:
             self._refuse(part, record, "OversizedMessage", Reason.OVERSIZED)
             return None
-        try:
-            plain = decode_plain(value, self._codec)
-        except UnknownFormat as exc:
-            self._refuse(part, record, exc, Reason.UNKNOWN_FORMAT)
+        plain = next(decoded)
+        if isinstance(plain, UnknownFormat):
+            self._refuse(part, record, plain, Reason.UNKNOWN_FORMAT)
             return None
-        except UnknownSchema as exc:
-            self._refuse(part, record, exc, Reason.UNKNOWN_SCHEMA)
+        if isinstance(plain, UnknownSchema):
+            self._refuse(part, record, plain, Reason.UNKNOWN_SCHEMA)
             return None
-        except DecodeError as exc:
-            self._refuse(part, record, exc, Reason.MALFORMED)
+        if isinstance(plain, DecodeError):
+            self._refuse(part, record, plain, Reason.MALFORMED)
             return None
         if accepted is not None and plain.schema_name not in accepted:
             self._refuse(part, record, f"WrongSchema: {plain.schema_name}", Reason.WRONG_SCHEMA)

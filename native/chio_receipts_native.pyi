@@ -4,7 +4,7 @@ the GIL."""
 
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Any
+from typing import Any, ClassVar
 
 __version__: str
 
@@ -84,3 +84,23 @@ def canonical_json_of(value: object, safe_integers: bool = False) -> bytes:
     """The kernel's RFC 8785 canonical JSON of a Python value (dicts and other mappings with
     ``str`` keys, lists, tuples, str, 64-bit int, finite float, bool, None); ``ValueError`` when
     it has none."""
+class PlainDecoder:
+    """Framed Avro events of known plain schemas, decoded in batches (GIL released)."""
+
+    OK: ClassVar[int]
+    DEFER: ClassVar[int]
+    UNKNOWN_FORMAT: ClassVar[int]
+    UNKNOWN_SCHEMA: ClassVar[int]
+    MALFORMED: ClassVar[int]
+
+    def __init__(
+        self,
+        schemas: Sequence[tuple[str, str, Sequence[bytes]]],
+        known: Sequence[bytes] | None = None,
+    ) -> None:
+        """``(name, schema_json, fingerprints)`` in dependency order; ``known``: fingerprints
+        left to the library reader (``None``: every one not decoded here)."""
+
+    def decode_batch(self, values: Sequence[bytes]) -> list[tuple[int, Any, Any, Any]]:
+        """Per message ``(OK, schema_name, record, body)``, ``(DEFER, None, None, None)`` or
+        ``(UNKNOWN_FORMAT | UNKNOWN_SCHEMA | MALFORMED, detail, None, None)``."""

@@ -8,13 +8,19 @@
 //! * `canonical_json`: the kernel's RFC 8785 canonical JSON (chio-core-types `canonical`).
 //! * `verify_kernel_receipt`: chio-core-types' own `ChioReceipt` deserialisation and
 //!   `ChioReceipt::verify_signature`, plus an optional trusted-signer check.
+//! * `check_steps` / `check_outcomes` / `check_signed` (module `check`): the builder's whole Chio
+//!   receipt check of a poll batch in one pass, every signature in one batch equation.
+//! * `PlainDecoder` (module `decode`): a poll batch of single-object Avro messages decoded into
+//!   plain records, fastavro's results and errors.
+//! * `encode_step` / `sign_step` / `canonical_json_of` (module `encode`): the step event's Avro
+//!   body and its signature in one call, and the kernel's canonical JSON of Python values.
 //!
 //! Every function is pure; the non-trivial ones release the GIL while they work.
+mod check;
+mod decode;
 mod encode;
 
 use std::collections::HashMap;
-
-mod check;
 
 use chio_core_types::canonical::{canonical_json_bytes_from_str, canonicalize};
 use chio_core_types::receipt::body::ChioReceipt;
@@ -344,6 +350,7 @@ fn chio_receipts_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode::encode_step, m)?)?;
     m.add_function(wrap_pyfunction!(encode::sign_step, m)?)?;
     m.add_function(wrap_pyfunction!(encode::canonical_json_of, m)?)?;
+    m.add_class::<decode::PlainDecoder>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
