@@ -84,6 +84,7 @@ def canonical_json_of(value: object, safe_integers: bool = False) -> bytes:
     """The kernel's RFC 8785 canonical JSON of a Python value (dicts and other mappings with
     ``str`` keys, lists, tuples, str, 64-bit int, finite float, bool, None); ``ValueError`` when
     it has none."""
+
 class PlainDecoder:
     """Framed Avro events of known plain schemas, decoded in batches (GIL released)."""
 
