@@ -69,8 +69,9 @@ def test_interceptor_rates_and_ratios(results: dict[str, Any]) -> None:
         assert _positive(sink["gate_attempts_per_s"])
         assert _positive(sink["yardstick_cpu_us"])
         assert _positive(sink["ratio_cpu_vs_yardstick"])
+        # The ratio divides the median of the samples (p50 is the nearest sample to it).
         assert sink["ratio_cpu_vs_yardstick"] == pytest.approx(
-            sink["cpu_us"]["p50"] / sink["yardstick_cpu_us"]
+            sink["cpu_us"]["p50"] / sink["yardstick_cpu_us"], rel=0.05
         )
         if name == "streamer_before_execute":  # an upper bound: judged on the other sinks
             assert sink["target_met"] is None
