@@ -69,11 +69,16 @@ _FLOOR_DB = "floor"
 _ORDERS = (("raw", "builder", "floor"), ("floor", "builder", "raw"), ("builder", "floor", "raw"))
 
 
+_Batch = list[tuple[Any, bytes]]
+
+
 async def _fill(
-    env: Env, topics: TopicsConfig, key: KeyPair, n: int, *, start: int = 0
+    env: Env, topics: TopicsConfig, batch: _Batch, *, start: int = 0
 ) -> tuple[int, list[bytes]]:
-    """Produce ``n`` steps and one completion per run; returns (messages, step values)."""
-    batch = signed_batch(n, key, steps_per_run=STEPS_PER_RUN, start=start)
+    """Produce the signed steps of ``batch`` and one completion per run; returns (messages,
+    step values). The batch is signed beforehand: signing thousands of receipts here would hold
+    the event loop while the consumers under test wait in their groups (their heartbeats
+    expire and they rebalance inside the timed window)."""
     producer = AIOKafkaProducer(
         bootstrap_servers=env.kafka_bootstrap, acks="all", linger_ms=5, compression_type="lz4"
     )
@@ -244,7 +249,7 @@ async def _builder_rows(service: ReceiptBuilderService, where: str, warm: str) -
 async def _rep(
     env: Env,
     key: KeyPair,
-    n: int,
+    batches: tuple[_Batch, _Batch],
     path: str,
     *,
     order: tuple[str, ...],
@@ -269,6 +274,8 @@ async def _rep(
         group_id=env.unique("bench-builder"),
         grace_seconds=30.0,
     )
+    warm_batch, main_batch = batches
+    n = len(main_batch)
     max_records = config.max_batch
     warm_wf = f"order-{10**9 // STEPS_PER_RUN:08d}"
     raw = _kafka_consumer(env, topics, config)
@@ -289,12 +296,12 @@ async def _rep(
             try:
                 floor = _Floor(floor_consumer, floor_sink, topics.steps)
                 await floor.prepare()
-                warm, _ = await _fill(env, topics, key, STEPS_PER_RUN, start=10**9)
+                warm, _ = await _fill(env, topics, warm_batch, start=10**9)
                 await _drain_raw(raw, warm, max_records)
                 await _drain_builder(service, warm)
                 warm_rows = await _builder_rows(service, "workflow_id = {warm:String}", warm_wf)
                 await floor.drain(_columns(warm_rows), warm, max_records)
-                total, values = await _fill(env, topics, key, n)
+                total, values = await _fill(env, topics, main_batch)
                 columns = floor_rows
                 floor_written = 0
                 for who in order:
@@ -415,11 +422,16 @@ async def run(size: Size, env: Env | None) -> dict[str, Any]:
     steps = size.consumer_n
     reps: list[dict[str, Any]] = []
     rows: list[list[Any]] | None = None
+    # Signed once, before any consumer joins (the same receipts in every repetition).
+    batches = (
+        signed_batch(STEPS_PER_RUN, key, steps_per_run=STEPS_PER_RUN, start=10**9),
+        signed_batch(steps, key, steps_per_run=STEPS_PER_RUN),
+    )
     for r in range(max(1, min(size.reps, 3))):
         rep = await _rep(
             env,
             key,
-            steps,
+            batches,
             str(env.directory(f"ch{r}")),
             order=_ORDERS[r % len(_ORDERS)],
             floor_rows=rows,
