@@ -1,6 +1,7 @@
 """End to end: latency from an attempt's completion to its step row being queryable.
 
-Attempts go through the interceptor's gate (LocalSidecar, signing) at a fixed rate into
+Attempts go through the interceptor's gate (LocalSidecar, signing) at a fixed rate (issue 19:
+2,000 attempts/s at the full size, ``Size.e2e_target_rate``) into
 ``ReceiptStreamer`` with default settings (``before_execute``: fsync'd spool first), through the
 real Kafka broker, into ``ReceiptBuilderService`` (verification, aggregation, chDB insert) running
 in the same process. A poller queries ``step_receipts`` every ``poll_s`` and records when each
@@ -8,8 +9,11 @@ receipt id first appears. Latency = first seen - the moment the gate returned (t
 is empty, so that is when the activity completed). The poll interval bounds the resolution.
 
 The attempts are driven through the gate directly rather than through Temporal workflows: on the
-2-core benchmark machine the dev server itself cannot schedule 500 activities/s next to the
-rest of the pipeline (see the worker throughput benchmark for the rate it reaches).
+2-core benchmark machine the dev server itself cannot schedule such rates next to the rest of
+the pipeline (see the worker throughput benchmark for the rate it reaches). The rate reached is
+reported beside the one asked for: attempts started per second of the driving window (at most
+``SLOTS`` in flight, so a gate that cannot keep up starts fewer), and attempts completed per
+second until the last one returned.
 Baseline: the same path with a raw aiokafka consumer in place of the builder (Kafka transit
 only), measured in the same run.
 """
@@ -37,6 +41,8 @@ __all__ = ["run"]
 
 POLL_S = 0.05
 SLOTS = 200  # attempts in flight at most (the worker's activity slots)
+TARGET_RATE = 2_000  # issue 19: p95 at most 1 s at 2,000 attempts/s
+RATE_REACHED = 0.95  # the rate counts as reached at 95 % of the one asked for
 
 
 class _Recording:
@@ -69,17 +75,28 @@ async def _drive_recorded(
     all_seen: asyncio.Event,
     *,
     wait_s: float,
-) -> int:
+) -> tuple[int, float]:
     """Warm up, drive ``rate`` attempts/s for ``seconds`` while recording, then wait up to
-    ``wait_s`` for every recorded receipt to be seen. Returns the attempts started."""
+    ``wait_s`` for every recorded receipt to be seen. Returns (attempts started, seconds until
+    the last of them finished)."""
     # Warm-up: the consumer joins its group and the first inserts create parts.
     await _drive(gate, 50, 2.0, offset=10_000_000)
     sink.recording = True
+    t0 = time.monotonic()
     sent = await _drive(gate, rate, seconds, offset=0)
+    finished = time.monotonic() - t0
     sink.recording = False
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(all_seen.wait(), wait_s)
-    return sent
+    return sent, finished
+
+
+def _rates(sent: int, seconds: float, finished: float) -> dict[str, float]:
+    return {
+        "achieved_rate": sent / seconds,
+        "completed_rate": sent / finished if finished > 0 else 0.0,
+        "seconds_until_last_finished": finished,
+    }
 
 
 async def _drive(gate: Any, rate: int, seconds: float, offset: int) -> int:
@@ -166,7 +183,9 @@ async def _builder_path(env: Env, size: Size, rate: int) -> dict[str, Any]:
     watcher = asyncio.create_task(watch())
     try:
         gate = _interceptor(sidecar, grant, sink)
-        sent = await _drive_recorded(gate, sink, rate, size.e2e_seconds, all_seen, wait_s=60)
+        sent, finished = await _drive_recorded(
+            gate, sink, rate, size.e2e_seconds, all_seen, wait_s=60
+        )
     finally:
         stop.set()
         watcher.cancel()
@@ -180,7 +199,7 @@ async def _builder_path(env: Env, size: Size, rate: int) -> dict[str, Any]:
     latencies = [(seen_at[r] - t) * 1000 for r, t in done_at.items() if r in seen_at]
     return {
         "attempts": sent,
-        "achieved_rate": sent / size.e2e_seconds,
+        **_rates(sent, size.e2e_seconds, finished),
         "rows_seen": len(latencies),
         "latency_ms": percentiles(latencies),
     }
@@ -230,7 +249,9 @@ async def _kafka_path(env: Env, size: Size, rate: int) -> dict[str, Any]:
     task = asyncio.create_task(consume())
     try:
         gate = _interceptor(sidecar, grant, sink)
-        sent = await _drive_recorded(gate, sink, rate, size.e2e_seconds, all_seen, wait_s=30)
+        sent, finished = await _drive_recorded(
+            gate, sink, rate, size.e2e_seconds, all_seen, wait_s=30
+        )
     finally:
         stop.set()
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
@@ -240,21 +261,25 @@ async def _kafka_path(env: Env, size: Size, rate: int) -> dict[str, Any]:
     latencies = [(seen_at[r] - t) * 1000 for r, t in done_at.items() if r in seen_at]
     return {
         "attempts": sent,
-        "achieved_rate": sent / size.e2e_seconds,
+        **_rates(sent, size.e2e_seconds, finished),
         "rows_seen": len(latencies),
         "latency_ms": percentiles(latencies),
     }
 
 
 async def run(size: Size, env: Env | None) -> dict[str, Any]:
-    """Completion-to-queryable latency at ``e2e_rate`` attempts/s, vs Kafka transit alone."""
+    """Completion-to-queryable latency at ``e2e_target_rate`` attempts/s, vs Kafka transit
+    alone."""
     assert env is not None, "the end-to-end benchmark needs the local stack"
-    rate = size.e2e_rate
+    rate = size.e2e_target_rate
     ours = await _builder_path(env, size, rate)
     kafka = await _kafka_path(env, size, rate)
     p95 = ours["latency_ms"]["p95"]
+    rate_reached = ours["achieved_rate"] >= RATE_REACHED * rate
     return {
         "rate": rate,
+        "achieved_rate": ours["achieved_rate"],
+        "rate_reached": rate_reached,
         "seconds": size.e2e_seconds,
         "poll_interval_ms": POLL_S * 1000,
         "durability": "before_execute (default)",
@@ -262,5 +287,6 @@ async def run(size: Size, env: Env | None) -> dict[str, Any]:
         "to_kafka_consumer_baseline": kafka,
         "ratio_p95_vs_kafka_transit": p95 / max(kafka["latency_ms"]["p95"], 1e-9),
         "target_p95_ms": 1000,
-        "target_met": p95 <= 1000 and ours["rows_seen"] == ours["attempts"],
+        "target_rate": TARGET_RATE,
+        "target_met": p95 <= 1000 and ours["rows_seen"] == ours["attempts"] and rate_reached,
     }

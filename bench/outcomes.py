@@ -9,6 +9,12 @@
    a no-op sink, and with the stack the ``ReceiptStreamer`` (``queued``) into the real broker.
 2. With the stack: activities/s on the real Temporal dev server, the same workflows on a worker
    with the gate and outcome records vs the gate alone (receipts and records to Kafka).
+
+Yardstick (issue 19): one PyNaCl Ed25519 signature of the bytes the gate signs for a receipt,
+thread CPU, a block before every repetition. The target with the outcome record, at most 2.6x
+the yardstick, is judged on the whole process's CPU per attempt with the no-op sink: the
+record's signature is made by a background task, so the activity's path alone would leave it
+out. The path's ratio is reported beside it.
 """
 
 from __future__ import annotations
@@ -20,16 +26,26 @@ from typing import Any
 
 from temporalio.worker import Worker
 
-from bench._common import Size, cpu_seconds, percentiles
+from bench._common import Size, cpu_seconds, percentiles, yardstick_sign
 from bench._env import Env
 from bench._workflows import BenchWorkflow, bench_step
-from bench.interceptor import _ARG_KEY, _ARGS, NullSink, _info, _run_workflows
+from bench.interceptor import (
+    _ARG_KEY,
+    _ARGS,
+    NullSink,
+    _info,
+    _run_workflows,
+    signed_bytes_of_one_attempt,
+)
 from chio_receipts.interceptor import ChioActivityInterceptor, WorkflowGrant
 from chio_receipts.schemas import StepOutcome
 from chio_receipts.sidecar import LocalSidecar
 from chio_receipts.streamer import ReceiptStreamer
 
-__all__ = ["bench_outcome_cost", "bench_outcome_throughput", "run"]
+__all__ = ["OUTCOME_TARGET_RATIO", "bench_outcome_cost", "bench_outcome_throughput", "run"]
+
+OUTCOME_TARGET_RATIO = 2.6
+"""Issue 19: CPU per attempt with the outcome record at most 2.6x the yardstick signature."""
 
 _RESULT = {"order_id": "o-123456", "status": "charged", "authorization": "A-998877"}
 _VARIANTS = ("decision_only", "with_outcomes")
@@ -87,7 +103,14 @@ async def bench_outcome_cost(size: Size, env: Env | None) -> dict[str, Any]:
     token = sidecar.mint("svc-orders", ["charge_card"], 3600)
     grant = WorkflowGrant(workflow_id="*", token=token)
     n = size.attempts
-    out: dict[str, Any] = {"attempts": n, "sinks": {}}
+    message = await signed_bytes_of_one_attempt(_gate(sidecar, grant, NullOutcomeSink(), False))
+    out: dict[str, Any] = {
+        "attempts": n,
+        "yardstick_message_bytes": len(message),
+        "target_ratio_vs_yardstick": OUTCOME_TARGET_RATIO,
+        "target_judged_on": "process_cpu_us_per_attempt, sink none, with_outcomes",
+        "sinks": {},
+    }
     sinks: list[tuple[str, str | None]] = [("none", None)]
     if env is not None:
         sinks.append(("streamer_queued", "queued"))
@@ -108,7 +131,9 @@ async def bench_outcome_cost(size: Size, env: Env | None) -> dict[str, Any]:
             totals: dict[str, list[float]] = {v: [] for v in _VARIANTS}
             ends: dict[str, list[float]] = {v: [] for v in _VARIANTS}
             stats: dict[str, dict[str, int]] = {}
+            yard: list[float] = []
             for _ in range(max(1, size.reps)):
+                yard.append(yardstick_sign(message, n)[0])
                 for variant in _VARIANTS:  # interleaved: noise hits both alike
                     gate = _gate(sidecar, grant, sink, variant != "decision_only")
                     wall, cpu, end, total = await _block(gate, n)
@@ -125,7 +150,15 @@ async def bench_outcome_cost(size: Size, env: Env | None) -> dict[str, Any]:
                     }
             path = {v: statistics.median(cpus[v]) for v in _VARIANTS}
             process = {v: statistics.median(totals[v]) for v in _VARIANTS}
+            yard_us = statistics.median(yard)
+            judged = name == "none"
+            with_ratio = process["with_outcomes"] / yard_us
             out["sinks"][name] = {
+                "yardstick_cpu_us": yard_us,
+                "yardstick_cpu_us_per_rep": yard,
+                "ratio_path_cpu_vs_yardstick": {v: path[v] / yard_us for v in _VARIANTS},
+                "ratio_process_cpu_vs_yardstick": {v: process[v] / yard_us for v in _VARIANTS},
+                "target_met": with_ratio <= OUTCOME_TARGET_RATIO if judged else None,
                 "path_cpu_us": {v: percentiles(cpus[v]) for v in _VARIANTS},
                 "path_wall_us": {v: percentiles(walls[v]) for v in _VARIANTS},
                 "body_end_cpu_us": {v: percentiles(ends[v]) for v in _VARIANTS},

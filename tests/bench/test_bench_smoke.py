@@ -55,12 +55,28 @@ def test_interceptor_rates_and_ratios(results: dict[str, Any]) -> None:
     r = results["results"]["interceptor"]
     gate = r["attempt_cpu"]
     assert _positive(gate["floor_sign_receipt_us"])
+    # The yardstick: one PyNaCl signature of the bytes the gate signed, measured in this run.
+    yard = gate["yardstick"]
+    assert _positive(yard["cpu_us"])
+    assert yard["message_bytes"] > 64
+    assert len(yard["cpu_us_per_block"]) >= 2
+    assert gate["target_ratio_vs_yardstick"] == 2.0
     assert set(gate["sinks"]) == {"none", "streamer_queued", "streamer_before_execute"}
-    for sink in gate["sinks"].values():
+    for name, sink in gate["sinks"].items():
         assert _positive(sink["cpu_us"]["p50"])
         assert sink["cpu_us"]["p99"] >= sink["cpu_us"]["p50"]
         assert _positive(sink["ratio_cpu_vs_floor"])
         assert _positive(sink["gate_attempts_per_s"])
+        assert _positive(sink["yardstick_cpu_us"])
+        assert _positive(sink["ratio_cpu_vs_yardstick"])
+        # The ratio divides the median of the samples (p50 is the nearest sample to it).
+        assert sink["ratio_cpu_vs_yardstick"] == pytest.approx(
+            sink["cpu_us"]["p50"] / sink["yardstick_cpu_us"], rel=0.05
+        )
+        if name == "streamer_before_execute":  # an upper bound: judged on the other sinks
+            assert sink["target_met"] is None
+        else:
+            assert isinstance(sink["target_met"], bool)
     wt = r["worker_throughput"]
     assert all(_positive(v) for v in wt["activities_per_s"].values())
     assert set(wt["ratio_vs_without"]) == {"queued", "before_execute"}
@@ -72,15 +88,48 @@ def test_interceptor_rates_and_ratios(results: dict[str, Any]) -> None:
 
 
 @pytest.mark.integration
+def test_outcome_cost_against_the_yardstick(results: dict[str, Any]) -> None:
+    cost = results["results"]["outcomes"]["attempt_cost"]
+    assert cost["target_ratio_vs_yardstick"] == 2.6
+    assert set(cost["sinks"]) == {"none", "streamer_queued"}
+    for name, sink in cost["sinks"].items():
+        assert _positive(sink["yardstick_cpu_us"])
+        for key in ("ratio_path_cpu_vs_yardstick", "ratio_process_cpu_vs_yardstick"):
+            assert set(sink[key]) == {"decision_only", "with_outcomes"}
+            assert all(_positive(v) for v in sink[key].values())
+        # Judged on the whole process with the no-op sink; the streamer's row is for reading.
+        judged = sink["target_met"]
+        assert isinstance(judged, bool) if name == "none" else judged is None
+
+
+@pytest.mark.integration
 def test_producer_and_consumer_rates(results: dict[str, Any]) -> None:
     prod = results["results"]["producer"]
     assert all(_positive(v) for v in prod["receipts_per_s"].values())
     assert set(prod["ratio_vs_raw_keyed"]) == {"streamer_queued", "streamer_before_execute"}
     assert all(_positive(v) for v in prod["ratio_vs_raw_keyed"].values())
     cons = results["results"]["consumer"]
+    assert set(cons["steps_per_s"]) == {
+        "builder_with_verification",
+        "floor_kafka_and_chdb_insert",
+        "raw_aiokafka",
+    }
     assert all(_positive(v) for v in cons["steps_per_s"].values())
     assert _positive(cons["ratio_vs_raw"])
+    assert _positive(cons["ratio_vs_floor"])
+    assert cons["ratio_vs_floor"] == pytest.approx(
+        cons["steps_per_s"]["builder_with_verification"]
+        / cons["steps_per_s"]["floor_kafka_and_chdb_insert"]
+    )
+    assert set(cons["target_met"]) == {"steps_per_s", "ratio_vs_floor"}
+    assert cons["target_steps_per_s"] == 20_000
+    assert cons["target_ratio_vs_floor"] == 0.3
     assert cons["rows_written_last_rep"] == cons["steps"]
+    # The floor inserted one row per step message, into a table that holds them (and the
+    # warm-up run's rows).
+    assert cons["floor_rows_inserted_last_rep"] == cons["steps"]
+    assert cons["floor_rows_in_table_last_rep"] >= cons["steps"]
+    assert cons["floor_inserts_last_rep"] >= 1
     stages = cons["stages"]
     assert all(_positive(v) for v in stages["us_per_step"].values())
     assert _positive(stages["bound_steps_per_s_one_core"])
@@ -110,7 +159,13 @@ def test_native_core_rates(results: dict[str, Any]) -> None:
 @pytest.mark.integration
 def test_end_to_end_and_memory(results: dict[str, Any]) -> None:
     e2e = results["results"]["e2e"]
+    assert e2e["rate"] == Size.of("small").e2e_target_rate
+    assert e2e["target_rate"] == 2_000
+    assert _positive(e2e["achieved_rate"])
+    assert isinstance(e2e["rate_reached"], bool)
     ours = e2e["to_clickhouse"]
+    assert _positive(ours["completed_rate"])
+    assert ours["seconds_until_last_finished"] >= e2e["seconds"] * 0.9
     assert ours["attempts"] > 0
     assert ours["rows_seen"] == ours["attempts"]
     assert _positive(ours["latency_ms"]["p50"])
@@ -192,6 +247,10 @@ def test_micro_benchmarks(results: dict[str, Any]) -> None:
 def test_markdown_block_is_replaced_in_place(results: dict[str, Any], tmp_path: Path) -> None:
     table = render(results)
     assert "| benchmark | ours | baseline (same run) | ratio | target | met |" in table
+    assert "(floor: raw aiokafka + chDB insert of the same rows)" in table
+    assert "median ≤ 2x yardstick" in table
+    assert "whole process ≤ 2.6x yardstick" in table
+    assert "p95 ≤ 1,000 ms at 2,000/s" in table
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text(f"# Benchmarks\n\nprose before\n\n{BEGIN}\nstale-table\n{END}\n\nprose after\n")
     update_markdown(doc, results)
