@@ -21,6 +21,7 @@ that run the two variants in turn (so a change of load hits both alike), with th
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import time
@@ -29,7 +30,8 @@ from typing import Any
 
 import chio_receipts_native as native
 
-from bench._common import machine
+from bench._common import Size, machine
+from bench._env import Env
 from chio_receipts import schemas
 from chio_receipts.consumers._consumer import _verify_all
 from chio_receipts.consumers._wire import Plain, decode_plain
@@ -140,6 +142,12 @@ def run(size: str = "full", rounds: int = 9) -> dict[str, Any]:
         "ratio_wall": wall["native_check_steps"] / wall["python_check_verify_batch"],
         "native_vs_floor_cpu": cpu["native_check_steps"] / cpu["verify_batch_only"],
     }
+
+
+async def section(size: Size, env: Env | None) -> dict[str, Any]:
+    """:func:`run` with the signature of a ``bench.run`` section (no services)."""
+    del env
+    return await asyncio.to_thread(run, size.name)
 
 
 def main() -> None:

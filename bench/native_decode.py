@@ -20,10 +20,12 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from itertools import count
+from pathlib import Path
 from typing import Any
 
 from bench._common import Size, machine, signed_batch
@@ -162,10 +164,29 @@ def run(size: Size | str = "small") -> dict[str, Any]:
     }
 
 
+_REPO = str(Path(__file__).resolve().parent.parent)
+
+
 async def section(size: Size, env: Env | None) -> dict[str, Any]:
-    """The same as :func:`run`, with the signature of a ``bench.run`` section (no services)."""
+    """The same as :func:`run`, with the signature of a ``bench.run`` section (no services).
+
+    It runs in a child process: chDB opens one data path per process, and the consumer's
+    section of the same run holds another."""
     del env
-    return run(size)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.native_decode",
+        "--size",
+        size.name,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=_REPO,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.native_decode exited with {proc.returncode}")
+    result: dict[str, Any] = json.loads(out)["native_decode"]
+    return result
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ from typing import Any
 import nacl.signing
 
 from bench._common import Size, machine
+from bench._env import Env
 from bench.interceptor import NullSink, _gate_samples, _interceptor
 from chio_receipts import schemas
 from chio_receipts.interceptor import WorkflowGrant
@@ -158,6 +159,13 @@ def run(size: Size, before: str | None = None) -> dict[str, Any]:
             if out["after"][k]
         }
     return out
+
+
+async def section(size: Size, env: Env | None) -> dict[str, Any]:
+    """:func:`run` with the signature of a ``bench.run`` section (no services; it runs its own
+    event loops, so on a worker thread)."""
+    del env
+    return await asyncio.to_thread(run, size)
 
 
 def main() -> None:

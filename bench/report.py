@@ -290,7 +290,8 @@ def _details(doc: dict[str, Any]) -> list[str]:
             "",
             "Consumer stages, each measured alone in the same run (µs per step, one core):",
             "",
-            "| decode | verify (Ed25519) | aggregate + row | chDB insert | sum | bound, steps/s |",
+            "| decode (per batch) | Chio check + Ed25519 (per batch) | aggregate + row "
+            "| chDB insert | sum | bound, steps/s |",
             "|---:|---:|---:|---:|---:|---:|",
             "| "
             + " | ".join(
@@ -382,10 +383,60 @@ def _details(doc: dict[str, Any]) -> list[str]:
                     f"| {server} | {callers} | {_n(lat['p50'], 2)} | {_n(lat['p99'], 2)} | "
                     f"{_n(lat['mean'], 2)} | {_n(b['requests_per_s'])} | {mix} |"
                 )
+    out += _native_rounds(r)
     if doc.get("errors"):
         out += ["", "Benchmarks that failed in this run:", ""]
         out += [f"- `{k}`: {v}" for k, v in doc["errors"].items()]
     return out
+
+
+def _native_rounds(r: dict[str, Any]) -> list[str]:
+    """The native core's pieces against the Python they replaced (or a library), same run."""
+    rows: list[str] = []
+    check = r.get("native_check")
+    if check:
+        us = check["us_per_step_cpu"]
+        rows.append(
+            f"| builder's Chio check + Ed25519 of a step | Python check + `verify_batch` "
+            f"{_n(us['python_check_verify_batch'], 1)} | native `check_steps` "
+            f"{_n(us['native_check_steps'], 1)} | {_x(check['ratio_cpu'])} |"
+        )
+    decode = _get(r, "native_decode", "decode")
+    if decode:
+        us = decode["us_per_item_cpu"]
+        rows.append(
+            f"| decode of a step message | fastavro {_n(us['fastavro'], 1)} | native "
+            f"{_n(us['native'], 1)} | {_x(decode['ratio_cpu'])} |"
+        )
+    insert = _get(r, "native_decode", "insert")
+    if insert:
+        us = insert["us_per_item_cpu"]
+        rows.append(
+            f"| chDB insert of a step row | rows {_n(us['rows'], 1)} | columns "
+            f"{_n(us['columns'], 1)} (not applied) | {_x(insert['ratio_cpu'])} |"
+        )
+    gate = _get(r, "native_gate", "after")
+    if gate:
+        rows.append(
+            f"| step event Avro encode | fastavro {_n(gate['encode_fastavro_us'], 1)} | native "
+            f"{_n(gate['encode_step_us'], 1)} | "
+            f"{_x(gate['encode_fastavro_us'] / gate['encode_step_us'])} |"
+        )
+        rows.append(
+            f"| gate CPU per attempt (no-op sink) | one PyNaCl signature "
+            f"{_n(gate['yardstick_pynacl_sign_us'], 1)} | {_n(gate['gate_cpu_us_median'], 1)} | "
+            f"{_x(gate['gate_ratio_vs_yardstick'])} the yardstick |"
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "Native core, µs of CPU per item, each against what it replaced in the same run:",
+        "",
+        "| piece | before / baseline | native | speed-up |",
+        "|---|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def render(doc: dict[str, Any]) -> str:

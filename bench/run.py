@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 Section = Callable[[Size, Env | None], Awaitable[dict[str, Any]]]
 
 
-# name: needs the stack (each is the module bench.<name> with ``async def run(size, env)``)
+# name: needs the stack (each is the module bench.<name> with ``async def run(size, env)``, or
+# ``async def section(size, env)`` when its ``run`` is a plain function)
 SECTIONS: dict[str, bool] = {
     "micro": False,
     "native": False,
@@ -48,12 +49,16 @@ SECTIONS: dict[str, bool] = {
     "watcher": True,
     "policy": False,
     "budgets": False,
+    "native_check": False,
+    "native_decode": False,
+    "native_gate": False,
 }
 
 
 def _section(name: str) -> Section:
     module = importlib.import_module(f"bench.{name}")
-    fn: Section = module.run
+    # A module whose ``run`` is a plain function gives its section as ``section``.
+    fn: Section = getattr(module, "section", module.run)
     return fn
 
 

@@ -157,6 +157,28 @@ def test_native_core_rates(results: dict[str, Any]) -> None:
 
 
 @pytest.mark.integration
+def test_native_pieces_against_what_they_replaced(results: dict[str, Any]) -> None:
+    r = results["results"]
+    check = r["native_check"]
+    assert set(check["us_per_step_cpu"]) == {
+        "python_check_verify_batch",
+        "native_check_steps",
+        "verify_batch_only",
+    }
+    assert all(_positive(v) for v in check["us_per_step_cpu"].values())
+    assert _positive(check["ratio_cpu"])
+    decode = r["native_decode"]
+    assert set(decode["decode"]["us_per_item_cpu"]) == {"fastavro", "native"}
+    assert _positive(decode["decode"]["ratio_cpu"])
+    assert set(decode["insert"]["us_per_item_cpu"]) == {"rows", "columns"}
+    gate = r["native_gate"]["after"]
+    for key in ("yardstick_pynacl_sign_us", "gate_cpu_us_median", "encode_step_us"):
+        assert _positive(gate[key])
+    assert _positive(gate["gate_ratio_vs_yardstick"])
+    assert "Native core, µs of CPU per item" in render(results)
+
+
+@pytest.mark.integration
 def test_end_to_end_and_memory(results: dict[str, Any]) -> None:
     e2e = results["results"]["e2e"]
     assert e2e["rate"] == Size.of("small").e2e_target_rate
