@@ -15,8 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import nacl.exceptions
-import nacl.signing
+import chio_receipts_native
 
 from chio_receipts.consumers._wire import (
     ENVELOPE_SCHEMA,
@@ -205,10 +204,6 @@ def _map_bytes(meta: dict[str, str]) -> bytes:
 
 def verify_envelope_signature(envelope: Envelope, public_key: bytes) -> bool:
     """True when ``envelope.signature`` is the builder's signature of its canonical bytes."""
-    try:
-        nacl.signing.VerifyKey(public_key).verify(
-            envelope.avro_body(signed=False), envelope.signature
-        )
-    except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
-        return False
-    return True
+    return chio_receipts_native.verify(
+        bytes(public_key), envelope.avro_body(signed=False), bytes(envelope.signature)
+    )

@@ -32,13 +32,13 @@ parameters. Nothing here quotes a parameter value.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-import nacl.exceptions
-import nacl.signing
+import chio_receipts_native
 
 from chio_receipts.schemas import ChioWireError, canonical_json, content_hash, parameter_hash, uuid7
 from chio_receipts.sidecar import _chio
@@ -336,11 +336,9 @@ def _verify_nonce(
     except (ChioWireError, ValueError):
         raise _rejected("reconcile-by-nonce rejected the nonce: malformed") from None
     for key in signer.trusted_keys():
-        try:
-            nacl.signing.VerifyKey(bytes.fromhex(key)).verify(message, sig)
-            break
-        except (nacl.exceptions.BadSignatureError, ValueError):
-            continue
+        with contextlib.suppress(ValueError):
+            if chio_receipts_native.verify(bytes.fromhex(key), message, sig):
+                break
     else:
         raise _rejected("reconcile-by-nonce rejected the nonce: signature did not verify")
     expires = nonce.get("expires_at")
