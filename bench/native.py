@@ -184,21 +184,28 @@ def _request(cap_id: str, i: int) -> schemas.EvaluationRequest:
     )
 
 
+def signed_steps(n: int) -> tuple[list[tuple[Plain, bytes | None]], frozenset[str]]:
+    """``n`` steps signed by an in-process sidecar (Avro signature and Chio receipt), decoded as
+    the builder receives them, with the sidecar's public key; and the trusted kernel keys."""
+    side = LocalSidecar()
+    cap = side.mint("agent:bench", ["charge"], 3600)
+    trusted = frozenset(side.trusted_keys())
+    public_key = bytes.fromhex(next(iter(trusted)))
+    checks: list[tuple[Plain, bytes | None]] = []
+    for i in range(n):
+        body = side.evaluate_now(_request(cap.id, i)).body
+        checks.append((decode_plain(schemas.frame(schemas.STEP_SCHEMA, body)), public_key))
+    return checks, trusted
+
+
 def _builder_verify(size: Size) -> dict[str, Any]:
     """The builder's verification of a poll batch of steps our sidecar signed (each with its Avro
     signature and its Chio receipt): today's ``_verify_all`` (one native ``verify_batch`` for
     the batch) against the same checks one step at a time with PyNaCl, as the builder did before
     (``verify_body``, then ``chio_refusal`` verifying with PyNaCl)."""
-    side = LocalSidecar()
-    cap = side.mint("agent:bench", ["charge"], 3600)
     n = 2_000 if size.name == "full" else 500
-    key = side.trusted_keys()
-    public_key = bytes.fromhex(next(iter(key)))
-    trusted = frozenset(key)
-    checks: list[tuple[Plain, bytes | None]] = []
-    for i in range(n):
-        body = side.evaluate_now(_request(cap.id, i)).body
-        checks.append((decode_plain(schemas.frame(schemas.STEP_SCHEMA, body)), public_key))
+    checks, trusted = signed_steps(n)
+    public_key = bytes.fromhex(next(iter(trusted)))
     verify_key = nacl.signing.VerifyKey(public_key)
     keys: dict[bytes, nacl.signing.VerifyKey] = {public_key: verify_key}
 

@@ -32,50 +32,14 @@ import chio_receipts_native as native
 
 from bench._common import Size, machine
 from bench._env import Env
+from bench.native import signed_steps
 from chio_receipts import schemas
 from chio_receipts.consumers._consumer import _verify_all
-from chio_receipts.consumers._wire import Plain, decode_plain
-from chio_receipts.sidecar import LocalSidecar
 from tests.native import _oracle_check
 
 __all__ = ["run"]
 
 SIZES = {"small": 500, "full": 2_000}
-
-
-def _request(cap_id: str, i: int) -> schemas.EvaluationRequest:
-    return schemas.EvaluationRequest(
-        capability_id=cap_id,
-        tool_server="payments",
-        tool="charge",
-        namespace="ns",
-        workflow_id=f"wf-bench-{i // 5}",
-        run_id="run-1",
-        workflow_type="Pay",
-        task_queue="q",
-        activity_id=str(i % 5),
-        activity_type="charge",
-        attempt=1,
-        argument_digest="d" * 64,
-        argument_key_id="args-1",
-        scheduled_at=1_700_000_000_000_000,
-        started_at=1_700_000_000_000_100,
-        worker_identity="w@h",
-        prev_hash=bytes(32),
-        parameters={"args": [{"order": {"card": "tok_4242", "amount": 12.5, "items": [1, 2, 3]}}]},
-    )
-
-
-def _steps(n: int) -> tuple[list[tuple[Plain, bytes | None]], frozenset[str]]:
-    side = LocalSidecar()
-    cap = side.mint("agent:bench", ["charge"], 3600)
-    trusted = frozenset(side.trusted_keys())
-    public_key = bytes.fromhex(next(iter(trusted)))
-    checks: list[tuple[Plain, bytes | None]] = []
-    for i in range(n):
-        body = side.evaluate_now(_request(cap.id, i)).body
-        checks.append((decode_plain(schemas.frame(schemas.STEP_SCHEMA, body)), public_key))
-    return checks, trusted
 
 
 def _race(
@@ -101,7 +65,7 @@ def _race(
 def run(size: str = "full", rounds: int = 9) -> dict[str, Any]:
     """Steps per second of the builder's verification, before and after, on ``size`` steps."""
     n = SIZES[size]
-    checks, trusted = _steps(n)
+    checks, trusted = signed_steps(n)
 
     def before() -> None:
         if any(v is not None for v in _oracle_check.verify_all(checks, trusted)):

@@ -3,18 +3,16 @@
 The product checks steps and outcome records with ``chio_receipts_native.check_steps`` /
 ``check_outcomes`` (``schemas.check_chio_step``, ``consumers._chio.chio_refusal`` and the
 builder's ``_verify_all`` call them). This module is the former pure-Python implementation, line
-for line, with its own canonical JSON writer (RFC 8785 as the kernel writes it), so that the
-tests compare the native check with an independent one. It is test code: nothing in the product
-imports it.
+for line, with the former Python canonical JSON writer (``_canonical_oracle``, RFC 8785 as the
+kernel writes it), so that the tests compare the native check with an independent one. It is
+test code: nothing in the product imports it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import operator
-import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, Final
 
@@ -24,6 +22,8 @@ from chio_receipts.consumers._chio import ChioRefusal
 from chio_receipts.consumers._dlq import Reason
 from chio_receipts.consumers._wire import Plain
 from chio_receipts.schemas import StepOutcome, StepReceipt, Verdict, signed_body
+from tests.native._canonical_oracle import OracleError as CanonicalError
+from tests.native._canonical_oracle import canonical_json
 
 SignatureCheck = Callable[[bytes, bytes, bytes], bool]
 
@@ -31,95 +31,6 @@ SIGNATURE_REFUSAL: Final = "the Chio receipt signature does not verify under ker
 REQUEST_ID_PREFIX: Final = "chio-temporal-v1:"
 OUTCOME_REQUEST_ID_PREFIX: Final = "chio-temporal-v1-outcome:"
 APPROVAL_REQUIRED: Final = "approval_required"
-
-
-class CanonicalError(ValueError):
-    """A value without canonical JSON."""
-
-
-# ---------------------------------------------------------------- canonical JSON (RFC 8785)
-
-_ESCAPES: Final = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r"}
-_ESCAPES["\t"] = "\\t"
-_NEEDS_ESCAPE: Final = re.compile('["\\\\\x00-\x1f\x7f-\x9f]')
-
-
-def _escape_char(match: re.Match[str]) -> str:
-    ch = match.group()
-    return _ESCAPES.get(ch) or f"\\u{ord(ch):04x}"
-
-
-def _string(value: str) -> str:
-    return '"' + _NEEDS_ESCAPE.sub(_escape_char, value) + '"'
-
-
-def _float(value: float) -> str:
-    if not math.isfinite(value):
-        raise CanonicalError(f"{value!r} has no JSON form")
-    if value == 0.0:
-        return "0"
-    magnitude = abs(value)
-    mantissa, _, exponent = repr(magnitude).partition("e")
-    int_part, _, frac_part = mantissa.partition(".")
-    raw = int_part + frac_part
-    digits = raw.lstrip("0")
-    point = len(int_part) + (int(exponent) if exponent else 0) - (len(raw) - len(digits))
-    digits = digits.rstrip("0")
-    sign = "-" if value < 0 else ""
-    if 1e-6 <= magnitude < 1e21:
-        if point <= 0:
-            return f"{sign}0.{'0' * -point}{digits}"
-        if point >= len(digits):
-            return sign + digits + "0" * (point - len(digits))
-        return f"{sign}{digits[:point]}.{digits[point:]}"
-    exp = point - 1
-    head = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
-    return f"{sign}{head}e{'+' if exp >= 0 else ''}{exp}"
-
-
-def _write(value: object, out: list[str]) -> None:
-    if value is None:
-        out.append("null")
-    elif value is True:
-        out.append("true")
-    elif value is False:
-        out.append("false")
-    elif isinstance(value, str):
-        out.append(_string(value))
-    elif isinstance(value, int):
-        if not -(1 << 63) <= value <= (1 << 64) - 1:
-            raise CanonicalError(f"integer {value} does not fit a 64-bit JSON number")
-        out.append(str(value))
-    elif isinstance(value, float):
-        out.append(_float(value))
-    elif isinstance(value, Mapping):
-        out.append("{")
-        items = sorted(value.items(), key=lambda item: item[0].encode("utf-16-be", "surrogatepass"))
-        for index, (key, item) in enumerate(items):
-            if index:
-                out.append(",")
-            out.append(_string(key))
-            out.append(":")
-            _write(item, out)
-        out.append("}")
-    elif isinstance(value, list | tuple):
-        out.append("[")
-        for index, item in enumerate(value):
-            if index:
-                out.append(",")
-            _write(item, out)
-        out.append("]")
-    else:
-        raise CanonicalError(f"a {type(value).__name__} has no JSON form")
-
-
-def canonical_json(value: object) -> bytes:
-    out: list[str] = []
-    try:
-        _write(value, out)
-        return "".join(out).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise CanonicalError("a string holds a lone UTF-16 surrogate") from exc
 
 
 def parameter_hash(parameters: object) -> str:
