@@ -47,7 +47,7 @@ def _triples(n: int) -> tuple[nacl.signing.SigningKey, list[tuple[bytes, bytes, 
     return key, out
 
 
-def _race(variants: dict[str, Any], items: int, reps: int) -> dict[str, dict[str, float]]:
+def race(variants: dict[str, Any], items: int, reps: int) -> dict[str, dict[str, float]]:
     """Items per second of each ``variants[name]()`` (each handles ``items`` items): medians over
     ``reps`` rounds that run every variant in turn, so a change of load hits all of them alike.
     ``per_cpu_second`` divides by the process's CPU time (steadier on a shared machine; for a
@@ -116,7 +116,7 @@ def _verify(size: Size) -> dict[str, Any]:
                 raise AssertionError("the bad signature was not named")
 
     try:
-        rates = _race(
+        rates = race(
             {
                 "pynacl_one_at_a_time": nacl_each,
                 "native_one_at_a_time": native_each,
@@ -156,7 +156,7 @@ def _sign(size: Size) -> dict[str, Any]:
         for _ in range(n):
             signer.sign(message)
 
-    rates = _race({"pynacl": py, "native": nat}, n, max(5, size.reps * 2))
+    rates = race({"pynacl": py, "native": nat}, n, max(5, size.reps * 2))
     cpu = rates["per_cpu_second"]
     return {**rates, "ratio_cpu": cpu["native"] / cpu["pynacl"]}
 
@@ -228,7 +228,7 @@ def _builder_verify(size: Size) -> dict[str, Any]:
         if any(v is not None for v in _verify_all(checks, trusted)):
             raise AssertionError("a valid step was refused")
 
-    rates = _race(
+    rates = race(
         {"pynacl_one_step_at_a_time": one_by_one_pynacl, "native_verify_batch": batch_native},
         n,
         max(5, size.reps * 2),
@@ -272,8 +272,8 @@ def _receipts(size: Size) -> dict[str, Any]:
         for _ in range(n):
             native.canonical_json(text)
 
-    verify = _race({"python": py_verify, "native": nat_verify}, n, reps)
-    jcs = _race({"python_parse_and_canonicalize": py_jcs, "native": nat_jcs}, n, reps)
+    verify = race({"python": py_verify, "native": nat_verify}, n, reps)
+    jcs = race({"python_parse_and_canonicalize": py_jcs, "native": nat_jcs}, n, reps)
     return {
         "receipt_bytes": len(text.encode()),
         "receipt_fields": len(receipt),

@@ -23,16 +23,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import chio_receipts_native as native
 
 from bench._common import Size, machine
 from bench._env import Env
-from bench.native import signed_steps
+from bench.native import race, signed_steps
 from chio_receipts import schemas
 from chio_receipts.consumers._consumer import _verify_all
 from tests.native import _oracle_check
@@ -40,26 +37,6 @@ from tests.native import _oracle_check
 __all__ = ["run"]
 
 SIZES = {"small": 500, "full": 2_000}
-
-
-def _race(
-    variants: dict[str, Callable[[], None]], items: int, rounds: int
-) -> dict[str, dict[str, float]]:
-    for fn in variants.values():
-        fn()
-    wall: dict[str, list[float]] = {name: [] for name in variants}
-    cpu: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            w1, c1 = time.perf_counter(), time.process_time()
-            wall[name].append(items / (w1 - w0))
-            cpu[name].append(items / max(c1 - c0, 1e-9))
-    return {
-        "per_second": {name: statistics.median(v) for name, v in wall.items()},
-        "per_cpu_second": {name: statistics.median(v) for name, v in cpu.items()},
-    }
 
 
 def run(size: str = "full", rounds: int = 9) -> dict[str, Any]:
@@ -86,7 +63,7 @@ def run(size: str = "full", rounds: int = 9) -> dict[str, Any]:
         if not all(native.verify_batch(triples)):
             raise AssertionError("a valid signature did not verify")
 
-    rates = _race(
+    rates = race(
         {
             "python_check_verify_batch": before,
             "native_check_steps": after,

@@ -22,7 +22,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from itertools import count
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 from bench._common import Size, machine, signed_batch
 from bench._env import Env
+from bench.native import race
 from chio_receipts import schemas
 from chio_receipts.consumers._clickhouse import _COLUMNS, ClickHouseConfig, ClickHouseSink
 from chio_receipts.consumers._rows import StepRow, step_row
@@ -42,23 +42,12 @@ INSERT_BATCH = 5_000
 
 
 def _race(variants: dict[str, Callable[[], Any]], items: int, reps: int) -> dict[str, Any]:
-    """Items per second of each variant (each handles ``items`` items): medians over ``reps``
-    rounds that run every variant in turn, per CPU-second and per wall-second."""
-    for fn in variants.values():
-        fn()
-    wall: dict[str, list[float]] = {name: [] for name in variants}
-    cpu: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(max(1, reps)):
-        for name, fn in variants.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            w1, c1 = time.perf_counter(), time.process_time()
-            wall[name].append(items / (w1 - w0))
-            cpu[name].append(items / max(c1 - c0, 1e-9))
+    """:func:`bench.native.race`, rounded, with the CPU µs per item."""
+    rates = race(variants, items, reps)
     return {
-        "per_second": {name: round(statistics.median(v)) for name, v in wall.items()},
-        "per_cpu_second": {name: round(statistics.median(v)) for name, v in cpu.items()},
-        "us_per_item_cpu": {name: round(1e6 / statistics.median(v), 2) for name, v in cpu.items()},
+        "per_second": {name: round(v) for name, v in rates["per_second"].items()},
+        "per_cpu_second": {name: round(v) for name, v in rates["per_cpu_second"].items()},
+        "us_per_item_cpu": {name: round(1e6 / v, 2) for name, v in rates["per_cpu_second"].items()},
     }
 
 
