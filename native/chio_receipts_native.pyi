@@ -105,3 +105,8 @@ class PlainDecoder:
     def decode_batch(self, values: Sequence[bytes]) -> list[tuple[int, Any, Any, Any]]:
         """Per message ``(OK, schema_name, record, body)``, ``(DEFER, None, None, None)`` or
         ``(UNKNOWN_FORMAT | UNKNOWN_SCHEMA | MALFORMED, detail, None, None)``."""
+
+def chio_header_values(text: str) -> tuple[str, str] | None:
+    """``(receipt id, verdict)`` of a Chio receipt's JSON text (top-level ``id``,
+    ``decision.verdict``; ``""`` where absent or null), read in one validating pass without
+    building the document; ``None`` when only ``json.loads`` can settle it."""

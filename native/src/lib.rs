@@ -19,6 +19,7 @@
 mod check;
 mod decode;
 mod encode;
+mod headers;
 
 use std::collections::HashMap;
 
@@ -351,6 +352,7 @@ fn chio_receipts_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode::sign_step, m)?)?;
     m.add_function(wrap_pyfunction!(encode::canonical_json_of, m)?)?;
     m.add_class::<decode::PlainDecoder>()?;
+    m.add_function(wrap_pyfunction!(headers::chio_header_values, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
