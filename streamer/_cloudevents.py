@@ -60,7 +60,14 @@ Framer = Callable[[str, bytes, str], bytes]
 
 def single_object(name: str, body: bytes, topic: str) -> bytes:
     """The default :data:`Framer`: Avro single-object encoding (no registry)."""
-    return schemas.frame(name, body)
+    return _frame_header(name) + body
+
+
+@functools.cache
+def _frame_header(name: str) -> bytes:
+    """The single-object header of schema ``name`` (``schemas.frame`` of an empty body: the
+    magic and the schema's fingerprint), computed once per schema."""
+    return schemas.frame(name, b"")
 
 
 def _body(name: str, record: dict[str, Any]) -> bytes:
