@@ -19,6 +19,7 @@
 mod check;
 mod decode;
 mod encode;
+mod rows;
 
 use std::collections::HashMap;
 
@@ -346,6 +347,7 @@ fn chio_receipts_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check::check_signed, m)?)?;
     m.add_function(wrap_pyfunction!(check::step_request_id, m)?)?;
     m.add_function(wrap_pyfunction!(check::outcome_request_id, m)?)?;
+    m.add_function(wrap_pyfunction!(rows::chio_columns, m)?)?;
     m.add_class::<Signer>()?;
     m.add_function(wrap_pyfunction!(encode::encode_step, m)?)?;
     m.add_function(wrap_pyfunction!(encode::sign_step, m)?)?;
