@@ -86,7 +86,14 @@ class Envelope(RunHeader):
 
     def metadata(self, *, signed: bool = True) -> dict[str, str]:
         """The metadata map in ascending key order (with ``signature`` when ``signed``)."""
-        meta = {
+        meta = self._metadata(self.key_id)
+        if signed:
+            meta["signature"] = self.signature.hex()
+        return dict(sorted(meta.items()))
+
+    def _metadata(self, key_id: str) -> dict[str, str]:
+        """The metadata entries but ``signature``, unsorted, ``key_id`` as given."""
+        return {
             "namespace": self.namespace,
             "workflow_type": self.workflow_type,
             "revision": str(self.revision),
@@ -94,12 +101,9 @@ class Envelope(RunHeader):
             "missing_steps": str(self.missing_steps),
             "expected_steps": "" if self.expected_steps is None else str(self.expected_steps),
             "chain_root": self.chain_root.hex(),
-            "key_id": self.key_id,
+            "key_id": key_id,
             **dict(self.extra),
         }
-        if signed:
-            meta["signature"] = self.signature.hex()
-        return dict(sorted(meta.items()))
 
     def _header(self) -> dict[str, Any]:
         return {
@@ -126,24 +130,30 @@ class Envelope(RunHeader):
         return self._head() + _map_bytes(self.metadata(signed=signed)) + self._tail()
 
     def _head(self) -> bytes:
-        # Empty steps, metadata, outcomes and attempts end the body with four 0x00
-        # terminators: splice the steps in before the last four.
-        prefix = encode_plain(ENVELOPE_SCHEMA, self._header())[:-4]
+        """The body up to the metadata map: the header fields, then the steps spliced in."""
+        prefix = _header_bytes(self)
+        if prefix is None:
+            # Empty steps, metadata, outcomes and attempts end the body with four 0x00
+            # terminators: splice the steps in before the last four.
+            prefix = encode_plain(ENVELOPE_SCHEMA, self._header())[:-4]
         return prefix + _array(self.steps)
 
     def _tail(self) -> bytes:
         return _array(self.outcomes) + _array(tuple(_account_bytes(a) for a in self.attempts))
 
     def signed_by(self, key: KeyPair) -> Envelope:
-        """A copy signed by ``key`` (the builder's key), its Avro body encoded once."""
-        unsigned = replace(self, key_id=key.key_id, signature=b"", encoded=b"")
-        head = unsigned._head()
-        meta = unsigned.metadata(signed=False)
-        tail = unsigned._tail()
-        signature = key.sign(head + _map_bytes(meta) + tail)
-        meta["signature"] = signature.hex()
-        encoded = head + _map_bytes(dict(sorted(meta.items()))) + tail
-        return replace(unsigned, signature=signature, encoded=encoded)
+        """A copy signed by ``key`` (the builder's key), its Avro body encoded once.
+
+        The metadata entries are encoded once: the signed map is the unsigned one with the
+        ``signature`` entry in its sorted place (what :meth:`metadata` gives, encoded)."""
+        head = self._head()
+        tail = self._tail()
+        meta = self._metadata(key.key_id)
+        entries = {k: avro_string(k) + avro_string(v) for k, v in meta.items()}
+        signature = key.sign(head + _entries_bytes(entries) + tail)
+        entries["signature"] = _SIGNATURE_KEY + avro_string(signature.hex())
+        encoded = head + _entries_bytes(entries) + tail
+        return replace(self, key_id=key.key_id, signature=signature, encoded=encoded)
 
     def framed(self) -> bytes:
         """The envelope in Avro single-object encoding, for the envelopes topic."""
@@ -193,6 +203,50 @@ def _account_bytes(a: AttemptAccount) -> bytes:
         + avro_string(a.reason)
         + avro_long(_STATUS_INDEX[a.outcome])
     )
+
+
+_SIGNATURE_KEY = avro_string("signature")
+_LONG = range(-(2**63), 2**63)
+_INT = range(-(2**31), 2**31)
+
+
+def _header_bytes(envelope: Envelope) -> bytes | None:
+    """The Avro bytes of the envelope's header fields (``version`` through ``deny_count``), as
+    fastavro writes them; ``None`` for a value of another type or range than the schema's, which
+    is then left to fastavro (its conversions and errors)."""
+    e = envelope
+    completed = e.completed_at
+    strings = (e.workflow_id, e.run_id, e.outcome, *e.parent_workflow_ids)
+    longs = (e.started_at,) if completed is None else (e.started_at, completed)
+    ints = (len(e.steps), e.allow_count, e.deny_count)
+    if (
+        any(type(v) is not str for v in strings)
+        or any(type(v) is not int or v not in _LONG for v in longs)
+        or any(type(v) is not int or v not in _INT for v in ints)
+    ):
+        return None
+    try:
+        return b"".join(
+            (
+                avro_string(ENVELOPE_VERSION),
+                avro_string(e.workflow_id),
+                avro_string(e.run_id),
+                _array(tuple(avro_string(p) for p in e.parent_workflow_ids)),
+                avro_long(e.started_at),
+                b"\x00" if completed is None else b"\x02" + avro_long(completed),
+                avro_string(e.outcome),
+                *(avro_long(v) for v in ints),
+            )
+        )
+    except UnicodeEncodeError:
+        return None
+
+
+def _entries_bytes(entries: dict[str, bytes]) -> bytes:
+    """An Avro map, in one block, of already encoded entries, in ascending key order."""
+    if not entries:
+        return b"\x00"
+    return avro_long(len(entries)) + b"".join(entries[k] for k in sorted(entries)) + b"\x00"
 
 
 def _map_bytes(meta: dict[str, str]) -> bytes:

@@ -28,8 +28,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any, Self
+
+import chio_receipts_native
 
 from chio_receipts.consumers._envelope import Envelope, RunHeader
 from chio_receipts.consumers._wire import STEP_OUTCOME_SCHEMA, Plain, encode_plain
@@ -57,6 +59,7 @@ __all__ = [
     "OutcomeRow",
     "StepRow",
     "chio_columns",
+    "chio_columns_batch",
     "completion_from_row",
     "envelope_from_row",
     "envelope_row",
@@ -312,6 +315,18 @@ ENVELOPE_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(EnvelopeRow))
 OUTCOME_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(OutcomeRow))
 # Avro field order of StepOutcome: the leading columns of step_outcomes.
 OUTCOME_FIELDS: tuple[str, ...] = OUTCOME_COLUMNS[: OUTCOME_COLUMNS.index("chio_signed") + 1]
+# step_row: the record's fields, then wire and the Kafka position, then the Chio columns.
+if STEP_COLUMNS[len(STEP_FIELDS) :] != ("wire", "kafka_partition", "kafka_offset", *CHIO_COLUMNS):
+    raise RuntimeError("StepRow's columns are not the record's, the position's and Chio's")
+_RECORD_VALUES = itemgetter(*STEP_FIELDS)
+_CHAIN = STEP_FIELDS.index("capability_chain")
+_SCOPE = STEP_FIELDS.index("scope")
+_RECEIPT = STEP_FIELDS.index("chio_receipt")
+_NO_CHIO: tuple[str, ...] = ("",) * len(CHIO_COLUMNS)
+_STEP_SLOTS: tuple[Callable[[StepRow, Any], None], ...] = tuple(
+    getattr(StepRow, name).__set__ for name in STEP_COLUMNS
+)
+_new_row = object.__new__
 _STEP_VALUES = attrgetter(*STEP_COLUMNS)
 _ENVELOPE_VALUES = attrgetter(*ENVELOPE_COLUMNS)
 _OUTCOME_VALUES = attrgetter(*OUTCOME_COLUMNS)
@@ -323,17 +338,33 @@ _CONVERTERS: dict[type[Any], dict[str, Callable[[Any], Any]]] = {
 }
 
 
-def step_row(record: Mapping[str, Any], wire: bytes, partition: int, offset: int) -> StepRow:
+def step_row(
+    record: Mapping[str, Any],
+    wire: bytes,
+    partition: int,
+    offset: int,
+    chio: Sequence[str] | None = None,
+) -> StepRow:
     """The step_receipts row of a plain decoded step record (fields taken by name).
 
     A decoded record already has the fields' types (ids as str, timestamps as int µs), so only
-    the arrays are converted: this runs once per consumed step."""
-    values = {name: record[name] for name in STEP_FIELDS}
-    values["capability_chain"] = tuple(values["capability_chain"])
-    values["scope"] = tuple(values["scope"])
-    if values["chio_receipt"]:
-        values.update(chio_columns(record))
-    return StepRow(**values, wire=wire, kafka_partition=partition, kafka_offset=offset)
+    the arrays are converted: this runs once per consumed step. ``chio``: the record's Chio
+    analytics columns in ``CHIO_COLUMNS`` order when the caller read them already
+    (:func:`chio_columns_batch`); otherwise they are read here."""
+    values = list(_RECORD_VALUES(record))
+    values[_CHAIN] = tuple(values[_CHAIN])
+    values[_SCOPE] = tuple(values[_SCOPE])
+    if not values[_RECEIPT]:
+        chio = _NO_CHIO
+    elif chio is None:
+        chio = tuple(chio_columns(record).values())
+    values += (wire, partition, offset, *chio)
+    # StepRow(**columns) without the keyword call: every slot set in column order (StepRow has
+    # no __post_init__, and every field is set, so this is the same row).
+    row = _new_row(StepRow)
+    for set_slot, value in zip(_STEP_SLOTS, values, strict=True):
+        set_slot(row, value)
+    return row
 
 
 def chio_columns(record: Mapping[str, Any]) -> dict[str, str]:
@@ -341,6 +372,18 @@ def chio_columns(record: Mapping[str, Any]) -> dict[str, str]:
     text = record["chio_receipt"]
     fields_ = ChioStepFields(json.loads(text) if text else None)
     return {column: getattr(fields_, attr) for column, attr in CHIO_COLUMNS.items()}
+
+
+def chio_columns_batch(records: Sequence[Mapping[str, Any]]) -> list[Sequence[str] | None]:
+    """:func:`chio_columns` of each plain step record carrying a Chio receipt, as values in
+    ``CHIO_COLUMNS`` order, for :func:`step_row`'s ``chio``.
+
+    The receipts are read natively (``chio_receipts_native.chio_columns``: one parse each, the
+    GIL released). ``None`` for a record without a receipt, and for one the native reader leaves
+    to Python's ``json`` (:func:`step_row` then reads it with :func:`chio_columns`)."""
+    texts = [r["chio_receipt"] for r in records]
+    native = iter(chio_receipts_native.chio_columns([t for t in texts if t]))
+    return [next(native) if text else None for text in texts]
 
 
 def receipt_from_row(row: StepRow) -> StepReceipt:

@@ -70,6 +70,11 @@ def step_request_id(step: object) -> str:
 def outcome_request_id(outcome: object, statuses: AbstractSet[str]) -> str:
     """``schemas.outcome_request_id`` of a ``StepOutcome`` or a plain outcome record."""
 
+def chio_columns(texts: Iterable[object]) -> list[tuple[str, ...] | None]:
+    """The Chio analytics columns (``consumers._rows.CHIO_COLUMNS`` order) of each receipt
+    text, one parse each, the GIL released; ``None`` where the text must be read with Python's
+    ``json`` (a number or a non-empty array/object in a column, not a JSON object, unreadable)."""
+
 def encode_step(receipt: object, key_id: str, signature: bytes) -> bytes | None:
     """The schemaless Avro body of a ``StepReceipt`` (read by attribute) with ``key_id`` and
     ``signature`` in place of its own, byte for byte fastavro's; ``None`` when a value is not of a

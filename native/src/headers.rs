@@ -153,7 +153,11 @@ impl<'a> Scan<'a> {
     }
 
     /// An object at `i`; `each(key, value)` for each member (key `None` when it had an escape).
-    fn object(&mut self, depth: u32, mut each: impl FnMut(Option<&'a [u8]>, Seen<'a>)) -> Option<()> {
+    fn object(
+        &mut self,
+        depth: u32,
+        mut each: impl FnMut(Option<&'a [u8]>, Seen<'a>),
+    ) -> Option<()> {
         self.eat(b'{')?;
         self.ws();
         if self.eat(b'}').is_some() {

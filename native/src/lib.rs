@@ -14,12 +14,17 @@
 //!   plain records, fastavro's results and errors.
 //! * `encode_step` / `sign_step` / `canonical_json_of` (module `encode`): the step event's Avro
 //!   body and its signature in one call, and the kernel's canonical JSON of Python values.
+//! * `chio_header_values` (module `headers`): the Chio receipt id and verdict for a step's Kafka
+//!   headers, without parsing the whole receipt in Python.
+//! * `chio_columns` (module `rows`): the Chio analytics columns of a batch of receipts, parsed once
+//!   with the GIL released.
 //!
 //! Every function is pure; the non-trivial ones release the GIL while they work.
 mod check;
 mod decode;
 mod encode;
 mod headers;
+mod rows;
 
 use std::collections::HashMap;
 
@@ -347,6 +352,7 @@ fn chio_receipts_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check::check_signed, m)?)?;
     m.add_function(wrap_pyfunction!(check::step_request_id, m)?)?;
     m.add_function(wrap_pyfunction!(check::outcome_request_id, m)?)?;
+    m.add_function(wrap_pyfunction!(rows::chio_columns, m)?)?;
     m.add_class::<Signer>()?;
     m.add_function(wrap_pyfunction!(encode::encode_step, m)?)?;
     m.add_function(wrap_pyfunction!(encode::sign_step, m)?)?;
