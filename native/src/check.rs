@@ -20,6 +20,11 @@
 //! with the parser's own message; Python would have parsed it and refused it later, or (for a
 //! UTF-16 body) accepted it. No kernel writes such a receipt.
 //!
+//! One difference in the other direction: an integer literal beyond u64 (the kernel writes the
+//! float 2**64 as `18446744073709552000`) is an f64 here, as in the kernel, where Python reads
+//! an exact int that no float equals; such a receipt holds here and was refused by the Python
+//! check as differing from its signed body (pinned in `tests/native/test_native_check.py`).
+//!
 //! The record is read field by field (a dict by key, a `StepReceipt`/`StepOutcome` by attribute):
 //! a missing field the request id or a comparison needs, a value that is not None, bool, int, str
 //! or a list of them, or a string with a lone surrogate makes the record "not readable" (the
